@@ -1,0 +1,351 @@
+"""ADOPT: Adam that converges for any beta2.
+
+Taniguchi, Harada, Minegishi, Oshima, Jeong, Nagahara, Iiyama, Suzuki, Iwasawa & Matsuo,
+"ADOPT: Modified Adam Can Converge with Any beta2 with the Optimal Rate", NeurIPS 2024
+(arXiv:2411.02853, Algorithm 1 and the clipped variant of its v3).
+
+Adam's failure on the counterexamples of Reddi et al. (2018) comes from the correlation between the
+current gradient and the second-moment estimate that divides it. ADOPT removes it in two moves:
+the gradient is normalised by the *previous* second moment ``v_{t-1}`` (which excludes ``g_t``),
+and the normalisation happens *before* the momentum average, not after.
+
+For parameter ``x`` with gradient ``g_t`` (``t = 0`` is the first step this parameter has a
+gradient)::
+
+    t = 0:   v_0 = g_0^2                                  # no parameter update
+    t >= 1:  u_t = clip(g_t / max(sqrt(v_{t-1}), eps), c_t)   # c_t = t ** clip_exponent
+             m_t = beta1 * m_{t-1} + (1 - beta1) * u_t     # m_0 = 0
+             x_t = x_{t-1} - lr * m_t                       # (AdamW-style decay: x *= 1 - lr*wd)
+             v_t = beta2 * v_{t-1} + (1 - beta2) * g_t^2    # updated after its use
+
+``eps`` is a floor on ``sqrt(v)``, not added to it. Clipping by ``t**0.25`` is the authors'
+default: it keeps the guarantee and makes early steps stable when ``v`` is still tiny. Unclipped
+ADOPT (``clip_exponent=None``) is the algorithm of the first arXiv version.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.optim.optimizer import ParamsT
+
+from .base import (
+    StepBatch,
+    TuningFreeOptimizer,
+    bucket_by_device_and_dtype,
+    compute_dtype,
+    scalar_state,
+)
+from .distributed import local_view
+from .kernels import IMPLEMENTATIONS, CompiledKernel, order_for_compile, resolve_implementation
+from .validation import (
+    check_betas,
+    check_bool,
+    check_choice,
+    check_nonnegative,
+    check_positive,
+)
+
+__all__ = ["ADOPT", "adopt_tensor_update"]
+
+
+def adopt_tensor_update(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    ok: torch.Tensor,
+    clip: torch.Tensor,
+    w_m: torch.Tensor,
+    lr_eff: torch.Tensor,
+    lr_wd: torch.Tensor,
+    w_v: torch.Tensor,
+    *,
+    eps: float,
+    coupled_wd: float,
+    maximize: bool,
+    decoupled: bool,
+) -> None:
+    """One tensor's ADOPT update, in place; the eager per-tensor path and the compiled kernel.
+
+    The per-step scalars come from ``_coefficients`` so that the first step (``v = g^2`` only), a
+    skipped step (``ok`` False: nothing changes) and clipping need no branch on device values:
+    ``clip`` is 0 at the first step (``u = 0``), ``+inf`` when unclipped; ``w_m = (1-beta1)``,
+    ``lr_eff = lr`` and ``lr_wd = lr*wd`` on real updates, else 0; ``w_v`` is 1 at
+    the first step, ``1 - beta2`` after, 0 when skipped.
+    """
+    cdt = compute_dtype(param.dtype)
+    g = grad.to(cdt)
+    if maximize:
+        g = -g
+    g = torch.where(ok, g, 0.0)  # a skipped step's NaN/Inf never reaches the state
+    p = param.to(cdt)
+    if coupled_wd != 0.0:
+        g = g + coupled_wd * p
+    m = exp_avg.to(cdt)
+    v = exp_avg_sq.to(cdt)
+    u = g / torch.clamp(v.sqrt(), min=eps)  # normalise by v_{t-1}, before the momentum
+    u = torch.clamp(u, -clip, clip)
+    m = m + w_m * (u - m)
+    if decoupled:
+        p = p - lr_wd * p  # (not p * (1 - lr*wd): rounding 1 - lr*wd biases every step)
+    p = p - lr_eff * m
+    v = v + w_v * (g * g - v)  # v_t after its use
+    param.copy_(p)
+    exp_avg.copy_(m)
+    exp_avg_sq.copy_(v)
+
+
+def _coefficients(
+    s: torch.Tensor,
+    ok: torch.Tensor,
+    lr: float | torch.Tensor,
+    bound: torch.Tensor | None,
+    *,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+) -> dict[str, torch.Tensor]:
+    """This step's scalars for step counters ``s`` (one 0-dim counter, or a 1-D tensor of them)
+    and clip bounds ``bound = s**clip_exponent`` (None: unclipped). No host reads."""
+    okf = ok.to(s.dtype)
+    started = (s > 0).to(s.dtype)
+    live = started * okf
+    limit = bound if bound is not None else torch.full_like(s, float("inf"))
+    lr_eff = live * lr
+    return {
+        "clip": torch.where(started > 0, limit, 0.0),
+        "w_m": live * (1.0 - beta1),
+        "lr_eff": lr_eff,
+        "lr_wd": lr_eff * weight_decay,
+        "w_v": okf * (1.0 - beta2 * started),
+    }
+
+
+def _adopt_step_one(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    ok: torch.Tensor,
+    step: torch.Tensor,
+    bound: torch.Tensor,
+    lr: torch.Tensor,
+    *,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    clipped: bool,
+    eps: float,
+    coupled_wd: float,
+    maximize: bool,
+    decoupled: bool,
+) -> None:
+    """Coefficients and update of one tensor: what the compiled kernel runs. Its tensor inputs
+    are all standalone (no views of a stacked tensor, whose size dynamo would guard on) and ``lr``
+    is a tensor, so a learning-rate schedule never triggers a recompile."""
+    cdt = compute_dtype(param.dtype)
+    coef = _coefficients(
+        step.to(cdt),
+        ok,
+        lr.to(cdt),
+        bound.to(cdt) if clipped else None,
+        beta1=beta1,
+        beta2=beta2,
+        weight_decay=weight_decay,
+    )
+    adopt_tensor_update(
+        param,
+        grad,
+        exp_avg,
+        exp_avg_sq,
+        ok,
+        coef["clip"],
+        coef["w_m"],
+        coef["lr_eff"],
+        coef["lr_wd"],
+        coef["w_v"],
+        eps=eps,
+        coupled_wd=coupled_wd,
+        maximize=maximize,
+        decoupled=decoupled,
+    )
+
+
+_compiled_adopt = CompiledKernel(_adopt_step_one, "ADOPT")
+
+
+def _foreach_adopt(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    ok: torch.Tensor,
+    coef: dict[str, list[torch.Tensor]],
+    *,
+    eps: float,
+    coupled_wd: float,
+    maximize: bool,
+    decoupled: bool,
+) -> None:
+    """The same update as ``adopt_tensor_update`` for a device/dtype bucket, with foreach ops
+    (arithmetic in the parameters' dtype, as torch's foreach Adam)."""
+    g = torch._foreach_neg(grads) if maximize else list(grads)
+    g = [torch.where(ok, x, 0.0) for x in g]
+    if coupled_wd != 0.0:
+        torch._foreach_add_(g, params, alpha=coupled_wd)
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_maximum_(denom, eps)
+    u = torch._foreach_div(g, denom)  # normalise by v_{t-1}, before the momentum
+    del denom
+    neg_clip = torch._foreach_neg(coef["clip"])
+    torch._foreach_maximum_(u, neg_clip)
+    torch._foreach_minimum_(u, coef["clip"])
+    torch._foreach_sub_(u, exp_avgs)
+    torch._foreach_mul_(u, coef["w_m"])
+    torch._foreach_add_(exp_avgs, u)
+    if decoupled:
+        torch._foreach_sub_(params, torch._foreach_mul(params, coef["lr_wd"]))
+    torch._foreach_sub_(params, torch._foreach_mul(exp_avgs, coef["lr_eff"]))
+    g2 = torch._foreach_mul(g, g)
+    torch._foreach_sub_(g2, exp_avg_sqs)
+    torch._foreach_mul_(g2, coef["w_v"])
+    torch._foreach_add_(exp_avg_sqs, g2)
+
+
+class ADOPT(TuningFreeOptimizer):
+    r"""ADOPT (Taniguchi et al., NeurIPS 2024) with the authors' clipped update.
+
+    Args:
+        params: parameters or param groups.
+        lr: step size (default 1e-3, the authors' recommendation; an LR schedule multiplies it).
+        betas: ``(beta1, beta2)``, default ``(0.9, 0.9999)``: ADOPT converges for any beta2, and
+            the authors recommend 0.9999.
+        eps: floor on ``sqrt(v)`` (default 1e-6, as the authors); must be > 0.
+        weight_decay: weight decay coefficient (default 0).
+        decoupled_weight_decay: True (default) applies AdamW-style ``x *= 1 - lr*wd`` on update
+            steps, what users of AdamW and of the Trainer expect; False adds ``wd * x`` to the
+            gradient before normalisation (Adam-style, the authors' default).
+        clip_exponent: clip the normalised gradient to ``[-t**e, t**e]`` (default ``0.25``, the
+            authors' clipped ADOPT); ``None`` turns clipping off (the original algorithm). Stored
+            in ``param_groups`` so checkpoints keep it.
+        maximize: maximize the objective instead of minimising it.
+        implementation: ``"auto"``, ``"foreach"``, ``"loop"`` or ``"compiled"``; see
+            :mod:`hf_tuningfree.optim.kernels`.
+        skip_nonfinite, global_reduce: see :class:`~hf_tuningfree.optim.base.TuningFreeOptimizer`.
+
+    Per-parameter state: ``step`` (0-dim fp32), ``exp_avg`` (m), ``exp_avg_sq`` (v).
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.9999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        decoupled_weight_decay: bool = True,
+        clip_exponent: float | None = 0.25,
+        maximize: bool = False,
+        implementation: str = "auto",
+        *,
+        skip_nonfinite: bool = True,
+        global_reduce: object = "auto",
+    ) -> None:
+        defaults = {
+            "lr": check_nonnegative("lr", lr),
+            "betas": check_betas("betas", betas),
+            "eps": check_positive("eps", eps),
+            "weight_decay": check_nonnegative("weight_decay", weight_decay),
+            "decoupled_weight_decay": check_bool("decoupled_weight_decay", decoupled_weight_decay),
+            "clip_exponent": None
+            if clip_exponent is None
+            else check_nonnegative("clip_exponent", clip_exponent),
+            "maximize": check_bool("maximize", maximize),
+            "implementation": check_choice("implementation", implementation, IMPLEMENTATIONS),
+        }
+        super().__init__(
+            params, defaults, skip_nonfinite=skip_nonfinite, global_reduce=global_reduce
+        )
+
+    def _init_param_state(self, param: torch.Tensor, state: dict[str, Any], group: dict) -> None:
+        state["step"] = scalar_state(local_view(param).device)
+        state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+    def _update(self, batch: StepBatch, stats: dict[str, torch.Tensor], ok: torch.Tensor) -> None:
+        for gb in batch.groups:
+            if not gb.params:
+                continue
+            group = gb.group
+            beta1, beta2 = group["betas"]
+            decoupled = group["decoupled_weight_decay"]
+            exponent = group["clip_exponent"]
+            static = {
+                "eps": group["eps"],
+                "coupled_wd": 0.0 if decoupled else group["weight_decay"],
+                "maximize": group["maximize"],
+                "decoupled": decoupled and group["weight_decay"] != 0.0,
+            }
+            hyper = {"beta1": beta1, "beta2": beta2, "weight_decay": group["weight_decay"]}
+            steps = [s["step"] for s in gb.states]
+            lists = [gb.params, gb.grads, gb.state_list("exp_avg"), gb.state_list("exp_avg_sq")]
+            for (device, dtype), (bucket, idx) in bucket_by_device_and_dtype(lists).items():
+                bucket_steps = [steps[i] for i in idx]
+                ok_d = ok.to(device)
+                numel = sum(p.numel() for p in bucket[0])
+                impl = resolve_implementation(group["implementation"], device, numel)
+                if impl == "compiled":
+                    self._compiled(bucket, bucket_steps, ok_d, group, hyper, static)
+                else:
+                    s = torch.stack(bucket_steps).to(compute_dtype(dtype))
+                    bound = s.pow(exponent) if exponent is not None else None
+                    coef = _coefficients(s, ok_d, group["lr"], bound, **hyper)
+                    cols = {k: list(v.unbind(0)) for k, v in coef.items()}
+                    if impl == "foreach":
+                        _foreach_adopt(*bucket, ok_d, cols, **static)
+                    else:
+                        for i, tensors in enumerate(zip(*bucket, strict=True)):
+                            adopt_tensor_update(
+                                *tensors,
+                                ok_d,
+                                *(cols[k][i] for k in ("clip", "w_m", "lr_eff", "lr_wd", "w_v")),
+                                **static,
+                            )
+                torch._foreach_add_(bucket_steps, ok_d.to(torch.float32))
+
+    @staticmethod
+    def _compiled(
+        bucket: list[list[torch.Tensor]],
+        steps: list[torch.Tensor],
+        ok: torch.Tensor,
+        group: dict[str, Any],
+        hyper: dict[str, float],
+        static: dict[str, Any],
+    ) -> None:
+        exponent = group["clip_exponent"]
+        bounds = torch._foreach_pow(steps, exponent) if exponent is not None else steps
+        lr = torch.full((), group["lr"], dtype=torch.float32, device=ok.device)
+        for i in order_for_compile(_compiled_adopt, [p.numel() for p in bucket[0]]):
+            _compiled_adopt(
+                [t[i] for t in bucket],
+                ok,
+                steps[i],
+                bounds[i],
+                lr,
+                clipped=exponent is not None,
+                **hyper,
+                **static,
+            )
+
+    def stats(self) -> dict[str, float]:
+        out = super().stats()
+        steps = [s["step"] for s in self.state.values() if isinstance(s, dict) and "step" in s]
+        if steps:
+            t = max(float(s) for s in steps)
+            out["step"] = t
+            exponent = self.param_groups[0]["clip_exponent"]
+            if exponent is not None:
+                out["clip"] = max(t - 1.0, 0.0) ** exponent if t > 1 else 0.0
+        return out

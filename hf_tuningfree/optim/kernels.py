@@ -1,0 +1,186 @@
+"""Which code path runs an optimizer's elementwise update, and the compiled per-tensor kernel.
+
+Every optimizer here writes its elementwise update once, as a function of ONE parameter tensor and
+its state (plus 0-dim tensors for the per-step coefficients). That function runs in three ways:
+
+``"loop"``
+    eagerly, tensor by tensor (the readable reference path);
+``"foreach"``
+    a multi-tensor version written with ``torch._foreach_*`` (one launch per op for the whole
+    list on GPUs; on CPUs torch loops internally, so it is no faster than ``"loop"`` there);
+``"compiled"``
+    the per-tensor function compiled once with ``torch.compile(dynamic=True)`` and called on
+    flattened views, so one compiled kernel serves every shape. Inductor emits one fused loop (C++
+    with OpenMP on CPU, Triton on GPU) that reads and writes each tensor once, like the fused AdamW.
+
+``"auto"`` picks the fastest measured path for the device (see ``resolve_implementation`` and the
+benchmark in ``benchmarks/step_time.py``). Compilation that fails (no C++ compiler, no Triton, an
+unsupported torch) warns once and falls back to ``"loop"``: training never stops for it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+IMPLEMENTATIONS = ("auto", "foreach", "loop", "compiled")
+
+#: Environment variable that overrides what ``"auto"`` resolves to (e.g. ``loop`` in quick tests).
+IMPL_ENV_VAR = "HF_TUNINGFREE_IMPL"
+
+#: On CPU, compile only when a parameter group holds at least this many elements: below it the
+#: one-off compile (seconds) costs more than the per-step saving. Measured in
+#: benchmarks/step_time.py; see README "Performance".
+CPU_COMPILE_MIN_NUMEL = 1 << 22
+
+
+def _compile_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = []
+    try:
+        import torch._dynamo.exc as dynamo_exc
+
+        errors += [dynamo_exc.TorchDynamoException]
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        import torch._inductor.exc as inductor_exc
+
+        errors += [inductor_exc.InductorError, inductor_exc.CppCompileError]
+    except (ImportError, AttributeError):  # pragma: no cover
+        pass
+    # A missing compiler or Triton surfaces as one of these before any tensor is written.
+    errors += [ImportError, OSError, NotImplementedError]
+    return tuple(errors)
+
+
+def compile_available(device: torch.device) -> bool:
+    """Whether ``torch.compile`` can be tried for kernels on ``device``."""
+    if not hasattr(torch, "compile"):
+        return False
+    if device.type == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return False
+        return True
+    return device.type == "cpu"
+
+
+def resolve_implementation(requested: str, device: torch.device, numel: int) -> str:
+    """Turn a group's ``implementation`` setting into the path to run on ``device``.
+
+    ``"auto"``: the environment variable ``HF_TUNINGFREE_IMPL`` if set; on CUDA the compiled kernel
+    (Triton) when available, else foreach; on CPU the compiled kernel for groups of at least
+    ``CPU_COMPILE_MIN_NUMEL`` elements, else the per-tensor loop (faster than foreach on CPU);
+    other devices foreach.
+    """
+    if requested != "auto":
+        return requested
+    env = os.environ.get(IMPL_ENV_VAR, "").strip()
+    if env:
+        if env not in IMPLEMENTATIONS or env == "auto":
+            raise ValueError(
+                f"Invalid {IMPL_ENV_VAR}={env!r}; allowed: one of {list(IMPLEMENTATIONS[1:])}"
+            )
+        return env
+    if device.type == "cuda":
+        return "compiled" if compile_available(device) else "foreach"
+    if device.type == "cpu":
+        if numel >= CPU_COMPILE_MIN_NUMEL and compile_available(device):
+            return "compiled"
+        return "loop"
+    return "foreach"
+
+
+class CompiledKernel:
+    """A per-tensor update function, compiled lazily on first use.
+
+    ``kernel(tensors, *args, **kwargs)`` calls ``fn(*flat_tensors, *args, **kwargs)`` where every
+    tensor in ``tensors`` is passed as a flat 1-D alias (see ``flat_alias``); tensors that cannot
+    be flattened without a copy (non-contiguous) go through ``fn`` eagerly. Compile time is recorded in ``compile_seconds``.
+    """
+
+    def __init__(self, fn: Callable[..., None], name: str | None = None) -> None:
+        self.fn = fn
+        self.name = name or fn.__name__
+        self._compiled: Callable[..., None] | None = None
+        self._failed = False
+        self._warmed: set[tuple[Any, ...]] = set()
+        self.compile_seconds = 0.0
+
+    @property
+    def failed(self) -> bool:
+        return self._failed
+
+    def _get(self) -> Callable[..., None]:
+        if self._compiled is None:
+            self._compiled = torch.compile(self.fn, dynamic=True, fullgraph=True)
+        return self._compiled
+
+    def __call__(self, tensors: Sequence[torch.Tensor], *args: Any, **kwargs: Any) -> None:
+        # Tensors of 0 or 1 elements would each cost a specialised recompile (dynamo treats sizes
+        # 0 and 1 specially) for no speed-up; non-contiguous ones cannot be viewed flat.
+        if self._failed or tensors[0].numel() <= 1 or not all(t.is_contiguous() for t in tensors):
+            self.fn(*tensors, *args, **kwargs)
+            return
+        flat = [flat_alias(t) for t in tensors]
+        # A (dtype, device, static-arguments) combination compiles once; time its first call.
+        key = (tensors[0].dtype, tensors[0].device.type, *sorted(kwargs.items()))
+        if key in self._warmed:
+            self._get()(*flat, *args, **kwargs)
+            return
+        start = time.perf_counter()
+        try:
+            with _room_for_variants():
+                self._get()(*flat, *args, **kwargs)
+        except _compile_errors() as exc:
+            self._failed = True
+            warnings.warn(
+                f"hf_tuningfree: compiling the {self.name} kernel failed ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}); falling back to the eager "
+                "per-tensor path for the rest of this process.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            self.fn(*tensors, *args, **kwargs)
+            return
+        self._warmed.add(key)
+        self.compile_seconds += time.perf_counter() - start
+
+
+def flat_alias(t: torch.Tensor) -> torch.Tensor:
+    """A 1-D tensor over the same memory as contiguous ``t`` that is not a *view* of it.
+
+    ``t.view(-1)`` would do, but dynamo guards on a view's base, so every parameter rank would
+    compile its own kernel; an alias made with ``set_`` has no base and one kernel serves all."""
+    out = torch.empty(0, dtype=t.dtype, device=t.device)
+    return out.set_(t.untyped_storage(), t.storage_offset(), (t.numel(),), (1,))
+
+
+def _room_for_variants() -> Any:
+    """Each (dtype, flags) variant of a kernel is one dynamo cache entry; allow more than the
+    default 8 so a process that trains several kinds of models keeps every variant compiled."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    return config.patch(**{name: max(getattr(config, name), 64)})
+
+
+def order_for_compile(kernel: CompiledKernel, sizes: Sequence[int]) -> list[int]:
+    """Index order for calling ``kernel`` over tensors of ``sizes``.
+
+    Inductor sizes its CPU parallelisation from the first example it compiles for; compiling on
+    the largest tensor first keeps a leading bias vector from producing a single-threaded kernel.
+    """
+    order = list(range(len(sizes)))
+    if not kernel._warmed and sizes:
+        largest = max(order, key=lambda i: sizes[i])
+        order.remove(largest)
+        order.insert(0, largest)
+    return order

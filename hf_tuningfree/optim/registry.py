@@ -1,0 +1,301 @@
+"""The one registry of optimizers: name -> class, defaults, recommended lr, description, paper.
+
+The Trainer integration, the scripts, the CLI help and the README table all read this registry, so
+a new optimizer appears everywhere once it has one entry here (see ``_BUILTIN`` at the bottom).
+
+Hyperparameters and their types are read from the class constructor's signature, so they are never
+written twice; an entry only adds what the constructor cannot say (the recommended learning rate,
+registry-level defaults such as T-DoG's taming switch, and Trainer recommendations).
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.optim.optimizer import ParamsT
+
+__all__ = [
+    "OptimizerSpec",
+    "available_optimizers",
+    "create_optimizer",
+    "get_optimizer_spec",
+    "parse_hyperparameter",
+    "register_optimizer",
+]
+
+_NOT_HYPERPARAMETERS = {"self", "params"}
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """One registry entry.
+
+    Attributes:
+        name: registry name (``optim="adopt"``).
+        cls: the ``torch.optim.Optimizer`` subclass.
+        lr: recommended learning rate (for the tuning-free ones: the multiplier, usually 1.0).
+        description: one line for tables and ``--help``.
+        paper: citation of the paper the algorithm comes from.
+        defaults: registry-level defaults that differ from the constructor's.
+        trainer_defaults: recommended ``TrainingArguments`` values (scheduler, warm-up, clipping,
+            iterate averaging) applied by the Trainer integration where the user set nothing.
+        tuning_free: False for baselines that need a tuned learning rate.
+    """
+
+    name: str
+    cls: type[torch.optim.Optimizer]
+    lr: float
+    description: str
+    paper: str
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    trainer_defaults: Mapping[str, Any] = field(default_factory=dict)
+    tuning_free: bool = True
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """Every keyword the optimizer accepts (besides ``params``) with its default here."""
+        out: dict[str, Any] = {}
+        for pname, param in inspect.signature(self.cls.__init__).parameters.items():
+            if pname in _NOT_HYPERPARAMETERS or param.kind in (
+                param.VAR_POSITIONAL,
+                param.VAR_KEYWORD,
+            ):
+                continue
+            out[pname] = None if param.default is inspect.Parameter.empty else param.default
+        out.update(self.defaults)
+        out["lr"] = self.lr
+        return out
+
+    def annotations(self) -> dict[str, Any]:
+        """Constructor type annotations, resolved (``float``, ``tuple[float, float]``, ...)."""
+        try:
+            hints = typing.get_type_hints(self.cls.__init__)
+        except Exception:  # unresolvable annotations: fall back to the defaults' types
+            hints = {}
+        return {k: hints.get(k, type(v)) for k, v in self.hyperparameters().items()}
+
+    def validate_overrides(self, overrides: Mapping[str, Any]) -> dict[str, Any]:
+        """Check names and types of ``overrides`` (aliases like ``beta2`` folded into ``betas``).
+
+        Raises ``ValueError`` naming an unknown key and the valid ones, ``TypeError`` naming a key
+        whose value has the wrong type.
+        """
+        hp = self.hyperparameters()
+        hints = self.annotations()
+        folded = _fold_beta_aliases(self.name, dict(overrides), hp)
+        for key, value in folded.items():
+            if key not in hp:
+                raise ValueError(
+                    f"Unknown hyperparameter {key!r} for optimizer {self.name!r}; valid: "
+                    f"{sorted(hp)}"
+                )
+            folded[key] = _check_type(self.name, key, value, hints[key])
+        return folded
+
+    def build(self, params: ParamsT, **overrides: Any) -> torch.optim.Optimizer:
+        """Instantiate with registry defaults updated by ``overrides`` (validated)."""
+        kwargs = {**self.defaults, "lr": self.lr, **self.validate_overrides(overrides)}
+        return self.cls(params, **kwargs)
+
+
+_REGISTRY: dict[str, OptimizerSpec] = {}
+
+
+def register_optimizer(spec: OptimizerSpec, *, replace: bool = False) -> OptimizerSpec:
+    """Add ``spec`` to the registry (``replace=True`` to redefine an existing name)."""
+    if not spec.name or not spec.name.replace("_", "").isalnum() or spec.name != spec.name.lower():
+        raise ValueError(
+            f"Invalid optimizer name {spec.name!r}: use lower-case letters, digits and '_'"
+        )
+    if spec.name in _REGISTRY and not replace:
+        raise ValueError(f"Optimizer {spec.name!r} is already registered (pass replace=True)")
+    if not (isinstance(spec.cls, type) and issubclass(spec.cls, torch.optim.Optimizer)):
+        raise TypeError(
+            f"{spec.name}: cls must be a torch.optim.Optimizer subclass, got {spec.cls}"
+        )
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def available_optimizers(tuning_free_only: bool = False) -> list[str]:
+    """Registered names, in registration order."""
+    return [n for n, s in _REGISTRY.items() if s.tuning_free or not tuning_free_only]
+
+
+def get_optimizer_spec(name: str) -> OptimizerSpec:
+    """The registry entry for ``name``; ``ValueError`` listing the valid names otherwise."""
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise ValueError(
+            f"Unknown optimizer {name!r}; valid names: {', '.join(available_optimizers())}"
+        )
+    return _REGISTRY[name]
+
+
+def create_optimizer(name: str, params: ParamsT, **overrides: Any) -> torch.optim.Optimizer:
+    """Build the registered optimizer ``name`` for ``params``.
+
+    Example::
+
+        opt = create_optimizer("adopt", model.parameters(), lr=3e-4, beta2=0.999)
+    """
+    return get_optimizer_spec(name).build(params, **overrides)
+
+
+# ---------------------------------------------------------------------- typing of hyperparameters
+def _fold_beta_aliases(
+    name: str, overrides: dict[str, Any], hp: Mapping[str, Any]
+) -> dict[str, Any]:
+    """``beta1=..``/``beta2=..`` set one entry of a ``betas`` tuple (``optim_args`` cannot carry
+    a tuple: it splits on commas)."""
+    aliases = {k: v for k, v in overrides.items() if k.startswith("beta") and k[4:].isdigit()}
+    if not aliases or "betas" not in hp or hp["betas"] is None:
+        return overrides
+    betas = list(overrides.pop("betas", hp["betas"]))
+    for key in aliases:
+        index = int(key[4:]) - 1
+        if not 0 <= index < len(betas):
+            raise ValueError(
+                f"Unknown hyperparameter {key!r} for optimizer {name!r}: betas has "
+                f"{len(betas)} entries (beta1..beta{len(betas)})"
+            )
+        betas[index] = overrides.pop(key)
+    overrides["betas"] = tuple(betas)
+    return overrides
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is None and hasattr(hint, "__name__"):
+        return hint.__name__
+    return str(hint).replace("typing.", "")
+
+
+def _check_type(opt: str, key: str, value: Any, hint: Any) -> Any:
+    """``value`` (lists made tuples) if it fits ``hint``; else ``TypeError`` naming ``key``."""
+    if _fits(value, hint):
+        return tuple(value) if isinstance(value, list) else value
+    raise TypeError(
+        f"Hyperparameter {key!r} of optimizer {opt!r} must be {_type_name(hint)}, got "
+        f"{type(value).__name__} {value!r}"
+    )
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if hint is Any or hint is object:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, h) for h in typing.get_args(hint))
+    if hint is type(None) or hint is None:
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, (tuple, list)):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_fits(v, args[0]) for v in value)
+        return len(value) == len(args) and all(
+            _fits(v, a) for v, a in zip(value, args, strict=True)
+        )
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def parse_hyperparameter(name: str, key: str, text: str) -> Any:
+    """Parse a hyperparameter given as text (``optim_args``, command lines) using the registry's
+    type for ``key`` of optimizer ``name``; errors name the key and the expected type."""
+    spec = get_optimizer_spec(name)
+    hints = spec.annotations()
+    lookup = "betas" if (key.startswith("beta") and key[4:].isdigit() and "betas" in hints) else key
+    if lookup not in hints:
+        raise ValueError(
+            f"Unknown hyperparameter {key!r} for optimizer {name!r}; valid: "
+            f"{sorted(spec.hyperparameters())}"
+        )
+    hint = hints[lookup]
+    if lookup != key:  # betaN alias: one float
+        hint = float
+    value = _parse_text(text.strip(), hint)
+    if value is _NO_PARSE:
+        raise TypeError(
+            f"Hyperparameter {key!r} of optimizer {name!r} must be {_type_name(hint)}, got {text!r}"
+        )
+    return value
+
+
+_NO_PARSE = object()
+
+
+def _parse_text(text: str, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for h in typing.get_args(hint):
+            v = _parse_text(text, h)
+            if v is not _NO_PARSE:
+                return v
+        return _NO_PARSE
+    if hint is type(None) or hint is None:
+        return None if text.lower() in {"none", "null"} else _NO_PARSE
+    if hint is bool:
+        low = text.lower()
+        return True if low in _TRUE else False if low in _FALSE else _NO_PARSE
+    if hint in (float, int):
+        try:
+            return hint(text) if hint is float else int(text)
+        except ValueError:
+            return _NO_PARSE
+    if origin is tuple:
+        parts = [p for p in text.replace("(", "").replace(")", "").split(",") if p]
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            args = (args[0],) * len(parts)
+        if len(parts) != len(args):
+            return _NO_PARSE
+        vals = [_parse_text(p.strip(), a) for p, a in zip(parts, args, strict=True)]
+        return _NO_PARSE if any(v is _NO_PARSE for v in vals) else tuple(vals)
+    if hint is str or hint is Any or hint is object:
+        return text
+    return _NO_PARSE
+
+
+def registry_table(names: Iterable[str] | None = None) -> str:
+    """A markdown table of the registry (used by the README and ``--help``)."""
+    rows = ["| name | class | default lr | what it is | paper |", "|---|---|---|---|---|"]
+    for n in names or available_optimizers():
+        s = get_optimizer_spec(n)
+        rows.append(f"| `{n}` | `{s.cls.__name__}` | {s.lr:g} | {s.description} | {s.paper} |")
+    return "\n".join(rows)
+
+
+# ---------------------------------------------------------------------- built-in entries
+def _register_builtins() -> None:
+    from .adopt import ADOPT
+
+    register_optimizer(
+        OptimizerSpec(
+            name="adopt",
+            cls=ADOPT,
+            lr=1e-3,
+            description="Adam variant that converges for any beta2; clipped update (t^0.25)",
+            paper="Taniguchi et al., ADOPT: Modified Adam Can Converge with Any beta2 with the "
+            "Optimal Rate, NeurIPS 2024",
+        )
+    )
+
+
+_register_builtins()
