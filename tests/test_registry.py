@@ -1,0 +1,133 @@
+"""The optimizer registry: lookup, overrides, typed parsing, registration, import footprint."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from hf_tuningfree.optim import (
+    ADOPT,
+    OptimizerSpec,
+    available_optimizers,
+    create_optimizer,
+    get_optimizer_spec,
+    parse_hyperparameter,
+    register_optimizer,
+    registry_table,
+)
+from hf_tuningfree.optim import registry as registry_module
+
+
+def _params():
+    return [torch.nn.Parameter(torch.zeros(3))]
+
+
+def test_unknown_name_lists_the_valid_names():
+    with pytest.raises(ValueError, match="Unknown optimizer 'adam_x'.*adopt"):
+        create_optimizer("adam_x", _params())
+
+
+def test_overrides_are_applied_and_registry_defaults_kept():
+    opt = create_optimizer("adopt", _params(), weight_decay=0.1, beta2=0.999)
+    group = opt.param_groups[0]
+    assert isinstance(opt, ADOPT)
+    assert group["lr"] == get_optimizer_spec("adopt").lr == 1e-3
+    assert group["weight_decay"] == 0.1
+    assert group["betas"] == (0.9, 0.999)
+
+
+def test_unknown_override_names_the_key_and_the_valid_ones():
+    with pytest.raises(ValueError, match="Unknown hyperparameter 'd0'.*'betas'"):
+        create_optimizer("adopt", _params(), d0=1e-6)
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ({"lr": "1e-3"}, "'lr' of optimizer 'adopt' must be float"),
+        ({"maximize": 1}, "'maximize' of optimizer 'adopt' must be bool"),
+        (
+            {"betas": (0.9, 0.99, 0.9)},
+            r"'betas' of optimizer 'adopt' must be tuple\[float, float\]",
+        ),
+        ({"clip_exponent": "off"}, "'clip_exponent'"),
+    ],
+)
+def test_ill_typed_override_names_the_key(override, match):
+    with pytest.raises(TypeError, match=match):
+        create_optimizer("adopt", _params(), **override)
+
+
+def test_beta_alias_out_of_range_is_an_error():
+    with pytest.raises(ValueError, match="beta3"):
+        create_optimizer("adopt", _params(), beta3=0.9)
+
+
+def test_lists_are_accepted_for_tuples():
+    opt = create_optimizer("adopt", _params(), betas=[0.8, 0.99])
+    assert opt.param_groups[0]["betas"] == (0.8, 0.99)
+
+
+@pytest.mark.parametrize(
+    "key, text, expected",
+    [
+        ("lr", "3e-4", 3e-4),
+        ("beta2", "0.999", 0.999),
+        ("betas", "(0.8,0.95)", (0.8, 0.95)),
+        ("clip_exponent", "None", None),
+        ("clip_exponent", "0.5", 0.5),
+        ("maximize", "true", True),
+        ("decoupled_weight_decay", "0", False),
+        ("implementation", "foreach", "foreach"),
+    ],
+)
+def test_parse_hyperparameter_types_text_from_the_signature(key, text, expected):
+    assert parse_hyperparameter("adopt", key, text) == expected
+
+
+def test_parse_hyperparameter_errors_name_key_and_type():
+    with pytest.raises(TypeError, match="'lr' of optimizer 'adopt' must be float, got 'fast'"):
+        parse_hyperparameter("adopt", "lr", "fast")
+    with pytest.raises(ValueError, match="Unknown hyperparameter 'gamma'"):
+        parse_hyperparameter("adopt", "gamma", "1")
+
+
+def test_register_rejects_duplicates_and_bad_names(monkeypatch):
+    monkeypatch.setattr(registry_module, "_REGISTRY", dict(registry_module._REGISTRY))
+    spec = OptimizerSpec("my_sgd", torch.optim.SGD, 0.1, "plain SGD for a test", "Robbins 1951")
+    register_optimizer(spec)
+    assert "my_sgd" in available_optimizers()
+    assert "my_sgd" not in available_optimizers(tuning_free_only=True) or spec.tuning_free
+    with pytest.raises(ValueError, match="already registered"):
+        register_optimizer(spec)
+    with pytest.raises(ValueError, match="Invalid optimizer name"):
+        register_optimizer(OptimizerSpec("My-SGD", torch.optim.SGD, 0.1, "x", "y"))
+    with pytest.raises(TypeError, match="Optimizer subclass"):
+        register_optimizer(OptimizerSpec("not_opt", dict, 0.1, "x", "y"))  # type: ignore[arg-type]
+    opt = create_optimizer("my_sgd", _params(), momentum=0.9)
+    assert opt.param_groups[0]["momentum"] == 0.9
+
+
+def test_registry_table_lists_every_optimizer():
+    table = registry_table()
+    for name in available_optimizers():
+        assert f"`{name}`" in table
+    assert table.count("\n") == len(available_optimizers()) + 1
+
+
+def test_optim_package_imports_with_torch_only():
+    code = (
+        "import sys\n"
+        "for m in ('transformers', 'accelerate', 'datasets', 'peft', 'evaluate'):\n"
+        "    sys.modules[m] = None\n"
+        "import hf_tuningfree, hf_tuningfree.optim\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('transformers','accelerate','datasets','peft','evaluate') and sys.modules[m]))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.strip() == "[]"
