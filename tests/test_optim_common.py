@@ -63,7 +63,7 @@ def _train(model, opt, steps, x, y):
 
 def _state_snapshot(opt):
     snap = {}
-    for i, (p, st) in enumerate(opt.state.items()):
+    for i, st in enumerate(opt.state.values()):
         for k, v in st.items():
             snap[(i, k)] = v.clone() if isinstance(v, torch.Tensor) else v
     if isinstance(opt, TuningFreeOptimizer):

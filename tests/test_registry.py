@@ -26,7 +26,7 @@ def _params():
 
 
 def test_unknown_name_lists_the_valid_names():
-    with pytest.raises(ValueError, match="Unknown optimizer 'adam_x'.*adopt"):
+    with pytest.raises(ValueError, match=r"Unknown optimizer 'adam_x'.*adopt"):
         create_optimizer("adam_x", _params())
 
 
@@ -40,7 +40,7 @@ def test_overrides_are_applied_and_registry_defaults_kept():
 
 
 def test_unknown_override_names_the_key_and_the_valid_ones():
-    with pytest.raises(ValueError, match="Unknown hyperparameter 'd0'.*'betas'"):
+    with pytest.raises(ValueError, match=r"Unknown hyperparameter 'd0'.*'betas'"):
         create_optimizer("adopt", _params(), d0=1e-6)
 
 

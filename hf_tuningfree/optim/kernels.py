@@ -102,7 +102,8 @@ class CompiledKernel:
 
     ``kernel(tensors, *args, **kwargs)`` calls ``fn(*flat_tensors, *args, **kwargs)`` where every
     tensor in ``tensors`` is passed as a flat 1-D alias (see ``flat_alias``); tensors that cannot
-    be flattened without a copy (non-contiguous) go through ``fn`` eagerly. Compile time is recorded in ``compile_seconds``.
+    be flattened without a copy (non-contiguous) go through ``fn`` eagerly.
+    Compile time is recorded in ``compile_seconds``.
     """
 
     def __init__(self, fn: Callable[..., None], name: str | None = None) -> None:
