@@ -137,9 +137,9 @@ def test_deterministic_from_seed_and_seed_matters(rows):
     assert same < len(rows["test"]) // 10
 
 
-def test_test_split_does_not_depend_on_train_size(rows):
-    smaller = synthetic_mc_rows(7, n_validation=20, n_test=60, n_train=10)
-    assert smaller["test"] == rows["test"]
+def test_test_split_does_not_depend_on_validation_or_train_size(rows):
+    smaller = synthetic_mc_rows(7, n_validation=3, n_test=60, n_train=10)
+    assert smaller["test"] == rows["test"] and smaller["dev"] == rows["dev"]
 
 
 def test_answer_positions_are_balanced(rows):

@@ -287,12 +287,16 @@ def synthetic_mc_rows(
     subjects: Sequence[str] | None = None,
 ) -> dict[str, list[dict]]:
     """Rows of the synthetic benchmark by split: ``dev`` (5 per subject), ``validation``, ``test``,
-    ``auxiliary_train``; all sizes are per subject. Question texts never repeat across splits."""
+    ``auxiliary_train``; all sizes are per subject. Question texts never repeat across splits.
+
+    The splits are cut in the order dev, test, validation, auxiliary_train from one stream of
+    distinct questions, so ``dev`` and ``test`` depend only on ``seed`` and ``n_test``: changing
+    the validation or training size never changes the benchmark's test questions."""
     _check_sizes(n_validation=n_validation, n_test=n_test, n_train=n_train)
     sizes = {
         "dev": DEV_PER_SUBJECT,
-        "validation": n_validation,
         "test": n_test,
+        "validation": n_validation,
         "auxiliary_train": n_train,
     }
     splits: dict[str, list[dict]] = {name: [] for name in sizes}
