@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from datasets import DatasetDict
 from helpers import (
     boundary_merge_tokenizer,
     char_tokenizer,
@@ -13,7 +14,7 @@ from helpers import (
     trained_bpe_tokenizer,
 )
 
-from hf_tuningfree.data import synthetic_mc_rows
+from hf_tuningfree.data import make_synthetic_mc, synthetic_mc_rows
 from hf_tuningfree.eval import score_mmlu
 from hf_tuningfree.eval.loglikelihood import PromptTooLongError
 from hf_tuningfree.eval.scorer import build_prompts, summarise
@@ -202,3 +203,16 @@ def test_model_object_needs_a_tokenizer_and_known_options(data):
         )
     with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
         score_mmlu(model, test, tokenizer=tokenizer, fewshot=dev, batch_size=0, progress=False)
+
+
+def test_dataset_dict_means_test_split_with_dev_shots():
+    data = make_synthetic_mc(2, n_validation=1, n_test=1, n_train=0, subjects=["arithmetic"])
+    tokenizer = trained_bpe_tokenizer()
+    model = tiny_gpt2(len(tokenizer))
+    whole = score_mmlu(model, data, tokenizer=tokenizer, shots=3, progress=False)
+    split = score_mmlu(
+        model, data["test"], tokenizer=tokenizer, fewshot=data["dev"], shots=3, progress=False
+    )
+    assert whole.loglikelihoods == split.loglikelihoods and whole.count == 1
+    with pytest.raises(ValueError, match="needs a 'test' split to score; it has \\['dev'"):
+        score_mmlu(model, DatasetDict(dev=data["dev"]), tokenizer=tokenizer, progress=False)

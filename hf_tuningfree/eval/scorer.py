@@ -160,10 +160,9 @@ def process_state() -> PartialState:
 
 
 def _pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if candidate is not None:
-            return int(candidate)
-    return 0
+    """Any id will do (padded positions are masked and never scored): pad, else EOS, else 0."""
+    candidates = (tokenizer.pad_token_id, tokenizer.eos_token_id)
+    return next((int(c) for c in candidates if c is not None), 0)
 
 
 def multiple_choice_loglikelihoods(
@@ -266,9 +265,17 @@ def _resolve_model(
     return model, tokenizer
 
 
+def _split_dataset_dict(data: Any, fewshot: Rows | None) -> tuple[Rows, Rows | None]:
+    if not isinstance(data, datasets.DatasetDict):
+        return data, fewshot
+    if "test" not in data:
+        raise ValueError(f"a DatasetDict needs a 'test' split to score; it has {sorted(data)}")
+    return data["test"], fewshot if fewshot is not None else data.get("dev")
+
+
 def score_mmlu(
     model: torch.nn.Module | str | os.PathLike,
-    data: Rows,
+    data: Rows | datasets.DatasetDict,
     *,
     tokenizer: PreTrainedTokenizerBase | None = None,
     fewshot: Rows | None = None,
@@ -284,7 +291,8 @@ def score_mmlu(
 
     Args:
         model: a causal LM object, a model directory, or a base model directory with ``adapter``.
-        data: the questions (``cais/mmlu`` schema), e.g. ``dataset["test"]``.
+        data: the questions (``cais/mmlu`` schema), e.g. ``dataset["test"]``; a whole
+            ``DatasetDict`` means its ``test`` split, with ``dev`` as the default ``fewshot``.
         tokenizer: required with a model object; a model directory brings its own.
         fewshot: the pool of solved examples, e.g. ``dataset["dev"]`` (first ``shots`` per subject).
         shots: k of the k-shot prompt (5 in the MMLU paper; 0 allowed).
@@ -298,6 +306,7 @@ def score_mmlu(
         progress: show a progress bar on the main process.
     """
     get_format(variant)
+    data, fewshot = _split_dataset_dict(data, fewshot)
     model, tokenizer = _resolve_model(model, tokenizer, adapter)
     prompts = build_prompts(
         as_rows(data, "data"),
