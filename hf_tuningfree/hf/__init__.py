@@ -1,0 +1,1 @@
+"""Hugging Face integration: argument groups for the scripts (:mod:`.arguments`)."""
