@@ -355,6 +355,13 @@ def test_resolve_dataset_offline_and_local_files(tmp_path: Path):
     rows.write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(5)))
     both = resolve.resolve_dataset(train_file=str(rows), validation_file=str(rows))
     assert (both["train"].num_rows, both["validation"].num_rows) == (5, 5)
+    folder = tmp_path / "folder"  # a directory: datasets infers the splits from the file names
+    folder.mkdir()
+    (folder / "train.txt").write_text("a\nb\nc\n")
+    (folder / "validation.txt").write_text("d\n")
+    inferred = resolve.resolve_dataset(str(folder))
+    assert inferred["train"]["text"] == ["a\n", "b\n", "c\n"]
+    assert inferred["validation"]["text"] == ["d\n"]
     with pytest.raises(ValueError, match="either a dataset name or train/validation files"):
         resolve.resolve_dataset("offline:kjv", train_file=str(rows))
     with pytest.raises(FileNotFoundError, match=r"missing\.txt"):

@@ -434,7 +434,7 @@ def resolve_dataset(
         validation_split_percentage: when the source has no ``validation`` split, the first this
             many percent of ``train`` become one (as ``run_clm.py``); the offline corpora already
             have a fixed by-document split.
-        keep_linebreaks: for ``.txt`` files, keep each line's ``"\\n"``.
+        keep_linebreaks: for ``.txt`` files (or a directory of them), keep each line's ``"\\n"``.
 
     Returns:
         A ``DatasetDict``: ``train``/``validation`` with a ``text`` column for the offline corpora;
@@ -464,8 +464,10 @@ def resolve_dataset(
     path = Path(text).expanduser()
     if path.is_file():
         data = _load_files({"train": [str(path)]}, keep_linebreaks, cache_dir)
-    elif path.is_dir():
-        data = datasets.load_dataset(str(path), config_name, cache_dir=cache_dir)
+    elif path.is_dir():  # datasets infers the splits from the file names (train, validation...)
+        suffixes = {p.suffix.lower() for p in path.rglob("*") if p.is_file()}
+        kwargs = {"keep_linebreaks": keep_linebreaks} if suffixes == {".txt"} else {}
+        data = datasets.load_dataset(str(path), config_name, cache_dir=cache_dir, **kwargs)
     else:
         try:
             data = datasets.load_dataset(text, config_name, cache_dir=cache_dir)
