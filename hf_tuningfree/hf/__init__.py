@@ -6,6 +6,8 @@
   averaging for evaluation and saving, an optimizer section in the model card.
 - :func:`install`: the same optimizers for the stock ``Trainer`` and its subclasses.
 - :class:`OptimizerFactory`: for ``Trainer(optimizers=...)`` / ``optimizer_cls_and_kwargs=...``.
+- :mod:`.arguments`: the scripts' argument groups (``ModelArguments``, ``DataArguments``,
+  ``LoraArguments``).
 """
 
 from hf_tuningfree.hf.args import OptimChoices, TuningFreeTrainingArguments
