@@ -9,8 +9,6 @@ step in the output layer). Everything is built locally; nothing touches the mode
 
 from __future__ import annotations
 
-import hashlib
-import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,16 +33,16 @@ class BuiltTask:
     mc_dev: datasets.Dataset | None
 
 
-def _corpus_texts(name: str) -> list[str]:
-    """Paragraphs of an offline corpus (``pydoc``: the standard library's pydoc topics)."""
-    if name in ("pydoc", "offline:pydoc"):
-        from pydoc_data.topics import topics
+def _corpus_name(data: str) -> str:
+    from hf_tuningfree.data.corpora import available_corpora
 
-        paragraphs = []
-        for key in sorted(topics):
-            paragraphs += [p.strip() for p in topics[key].split("\n\n") if len(p.strip()) > 40]
-        return paragraphs
-    raise ValueError(f"Unknown offline corpus {name!r}; available: offline:pydoc")
+    name = data.removeprefix("offline:")
+    if name not in available_corpora():
+        raise ValueError(
+            f"Unknown offline corpus {data!r}; available: "
+            + ", ".join(f"offline:{c}" for c in available_corpora())
+        )
+    return name
 
 
 def _mc_texts(rows: list[dict]) -> list[str]:
@@ -58,85 +56,62 @@ def _mc_texts(rows: list[dict]) -> list[str]:
     ]
 
 
-def _train_tokenizer(texts: list[str], vocab_size: int, path: Path) -> Any:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    if not (path / "tokenizer.json").exists():
-        tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size,
-            special_tokens=["<|endoftext|>"],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        )
-        tok.train_from_iterator(texts, trainer=trainer)
-        path.mkdir(parents=True, exist_ok=True)
-        wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
-        wrapped.pad_token = wrapped.eos_token
-        wrapped.save_pretrained(str(path))
-    return PreTrainedTokenizerFast.from_pretrained(str(path))
-
-
-def group_texts(texts: list[str], tokenizer: Any, block_size: int) -> datasets.Dataset:
+def group_texts(
+    texts: list[str], tokenizer: Any, block_size: int, max_blocks: int | None = None
+) -> datasets.Dataset:
     """Tokenise, join with EOS and cut into ``block_size`` blocks (labels = inputs), as
-    ``run_clm.py`` does; the remainder shorter than a block is dropped."""
+    ``run_clm.py`` does; the remainder shorter than a block is dropped. Stops after
+    ``max_blocks`` blocks (a run of N steps with batch B reads N*B blocks)."""
     ids: list[int] = []
+    limit = None if max_blocks is None else (max_blocks + 1) * block_size
     for t in texts:
         ids += tokenizer(t)["input_ids"] + [tokenizer.eos_token_id]
+        if limit is not None and len(ids) >= limit:
+            break
     n = len(ids) // block_size
+    if max_blocks is not None:
+        n = min(n, max_blocks)
     blocks = [ids[i * block_size : (i + 1) * block_size] for i in range(n)]
     return datasets.Dataset.from_dict({"input_ids": blocks, "labels": blocks})
 
 
-def _digest(data: Any) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
-
-
 def build_offline_gpt2(spec: TaskSpec, cache_dir: Path) -> BuiltTask:
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel
 
     from hf_tuningfree.data import make_synthetic_mc
+    from hf_tuningfree.data.assets import load_corpus_tokenizer
+    from hf_tuningfree.data.corpora import load_text_corpus
+    from hf_tuningfree.data.model_configs import small_gpt2_config
 
     opts = spec.options
-    paragraphs = _corpus_texts(spec.data)
-    random.Random(0).shuffle(paragraphs)
-    n_eval = max(1, len(paragraphs) // 20)
+    corpus = _corpus_name(spec.data)
+    text = load_text_corpus(corpus)
     mc = make_synthetic_mc(
         0,
         n_test=spec.mc_questions_per_subject,
         n_validation=opts.get("mc_validation", 10),
         n_train=opts.get("mc_train", 150),
     )
-    train_texts = paragraphs[n_eval:] + _mc_texts(list(mc["auxiliary_train"]))
-    eval_texts = paragraphs[:n_eval] + _mc_texts(list(mc["validation"]))
+    train_texts = list(text["train"]["text"]) + _mc_texts(list(mc["auxiliary_train"]))
+    eval_texts = list(text["validation"]["text"]) + _mc_texts(list(mc["validation"]))
     random.Random(1).shuffle(train_texts)
-    vocab = opts.get("vocab_size", 2048)
-    tokenizer = _train_tokenizer(
-        train_texts, vocab, cache_dir / f"tokenizer-{_digest([spec.data, vocab, len(train_texts)])}"
+    random.Random(2).shuffle(eval_texts)
+    tokenizer = load_corpus_tokenizer(corpus, opts.get("vocab_size", 4096))
+    # one pass over the data: every run reads the same blocks in the same order
+    max_train = opts.get("max_train_blocks", spec.max_steps * spec.batch_size)
+    train = group_texts(train_texts, tokenizer, spec.block_size, max_blocks=max_train)
+    evaluation = group_texts(
+        eval_texts, tokenizer, spec.block_size, max_blocks=opts.get("max_eval_blocks", 48)
     )
-    train = group_texts(train_texts, tokenizer, spec.block_size)
-    evaluation = group_texts(eval_texts, tokenizer, spec.block_size)
-    max_eval = opts.get("max_eval_blocks", 48)
-    evaluation = evaluation.select(range(min(max_eval, len(evaluation))))
+    overrides = {k: opts[k] for k in ("n_embd", "n_layer", "n_head") if k in opts}
 
     def make_model(seed: int) -> torch.nn.Module:
         torch.manual_seed(seed)
-        config = GPT2Config(
-            vocab_size=len(tokenizer),
-            # room for multiple-choice prompts longer than a training block
-            n_positions=max(spec.block_size, opts.get("n_positions", 256)),
-            n_embd=opts.get("n_embd", 64),
-            n_layer=opts.get("n_layer", 2),
-            n_head=opts.get("n_head", 4),
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-            bos_token_id=tokenizer.eos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
+        # room for multiple-choice prompts longer than a training block
+        positions = max(spec.block_size, opts.get("n_positions", 256))
+        return GPT2LMHeadModel(
+            small_gpt2_config(len(tokenizer), n_positions=positions, **overrides)
         )
-        return GPT2LMHeadModel(config)
 
     return BuiltTask(tokenizer, train, evaluation, make_model, mc["test"], mc["dev"])
 
@@ -162,7 +137,7 @@ def offline_default_task(max_steps: int = 150) -> TaskSpec:
     return TaskSpec(
         kind="offline-gpt2",
         model="gpt2-small-from-scratch",
-        data="offline:pydoc",
+        data="offline:shakespeare",
         max_steps=max_steps,
         batch_size=8,
         block_size=128,
