@@ -198,52 +198,6 @@ def test_peft_lora_trains_only_the_adapters(tmp_path):
             assert torch.equal(p, frozen_before[n])
 
 
-def _eval_loss(model, dataset) -> float:
-    batch = {k: torch.stack([dataset[i][k] for i in range(len(dataset))]) for k in ("input_ids",)}
-    with torch.no_grad():
-        return model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss.item()
-
-
-def test_iterate_average_is_used_for_evaluation_and_saving(tmp_path):
-    from safetensors.torch import load_file
-
-    data = PatternDataset(n=16, seed=3)
-    trainer = _trainer(
-        _args(tmp_path, optim="adopt", average_weights=True, max_steps=20, learning_rate=1e-2),
-        eval_dataset=data,
-    )
-    trainer.train()
-    assert trainer.averager is not None and trainer.averager.num_updates == 20
-    training = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    with trainer.averager.swapped():
-        averaged = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-        expected = _eval_loss(trainer.model, data)
-    assert not torch.equal(averaged["transformer.h.0.attn.c_attn.weight"],
-                           training["transformer.h.0.attn.c_attn.weight"])  # fmt: skip
-    metrics = trainer.evaluate()
-    assert metrics["eval_loss"] == pytest.approx(expected, rel=1e-5)
-    assert metrics["eval_loss"] != pytest.approx(_eval_loss(trainer.model, data), rel=1e-4)
-    for n, p in trainer.model.named_parameters():  # training weights are back, bit-exactly
-        assert torch.equal(p, training[n])
-    trainer.save_model(str(tmp_path / "final"))
-    saved = load_file(str(tmp_path / "final" / "model.safetensors"))
-    assert torch.equal(saved["transformer.h.0.attn.c_attn.weight"],
-                       averaged["transformer.h.0.attn.c_attn.weight"])  # fmt: skip
-
-
-def test_dog_family_averages_by_default_and_checkpoints_carry_it(tmp_path):
-    if "dog" not in NAMES:
-        pytest.fail("the DoG optimizers are not registered")
-    trainer = _trainer(_args(tmp_path, optim="dog", max_steps=10, save_strategy="steps",
-                             save_steps=10))  # fmt: skip
-    trainer.train()
-    assert trainer.averager is not None
-    ckpt = tmp_path / "checkpoint-10"
-    assert (ckpt / "averager.pt").exists() and (ckpt / "training_weights.pt").exists()
-    no_avg = _trainer(_args(tmp_path / "b", optim="dog", max_steps=2, average_weights=False))
-    assert no_avg.averager is None
-
-
 def test_install_works_for_trl_sft_trainer(tmp_path):
     """TRL's SFTTrainer (a Trainer subclass with its own config defaults: lr 2e-5)."""
     import datasets
