@@ -36,6 +36,7 @@ import torch
 from hf_tuningfree.data.mmlu_format import validate_row
 from hf_tuningfree.eval.loglikelihood import split_continuation
 from hf_tuningfree.eval.prompts import build_prompt, get_format
+from hf_tuningfree.hf.clm import map_fingerprint, tokenizer_fingerprint
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -52,6 +53,7 @@ INSTRUCTION_WITH_INPUT_TEMPLATE = (
 )
 
 _MMLU_COLUMNS = {"question", "choices", "answer"}
+_FORMAT_VERSION = 1  # part of the cache fingerprint: bump when the rendering/tokenising changes
 _MMLU_HEADER_WITHOUT_SUBJECT = "The following are multiple choice questions (with answers).\n\n"
 
 
@@ -216,6 +218,17 @@ def tokenize_supervised(
             num_proc=num_proc,
             load_from_cache_file=load_from_cache_file,
             desc=desc,
+            new_fingerprint=map_fingerprint(
+                dataset,
+                "supervised",
+                _FORMAT_VERSION,
+                tokenizer_fingerprint(tokenizer),
+                data_format,
+                variant,
+                max_length,
+                completion_only_loss,
+                add_eos,
+            ),
         )
     dropped = len(dataset) - len(tokenized)
     if dropped:
