@@ -6,6 +6,10 @@ file (``configs/experiments/*.yaml``) together with the training arguments::
     parser = HfArgumentParser((ModelArguments, DataArguments, LoraArguments, TrainingArgs))
     model_args, data_args, lora_args, training_args = parser.parse_yaml_file("configs/....yaml")
 
+The scripts parse with :func:`hf_tuningfree.hf.pipeline.parse_script_arguments` (a config file
+plus command-line overrides) and use :class:`FinetuneTrainingArguments` (training and evaluation on
+by default, ``overwrite_output_dir``); the LoRA script adds :class:`MMLUScoringArguments`.
+
 ``model_name_or_path``, ``tokenizer_name`` and ``dataset_name`` accept an offline default
 (``offline:NAME``), a local path or a hub name; see :mod:`hf_tuningfree.data.resolve`, whose
 :func:`~hf_tuningfree.data.resolve.resolve_model_source` and
