@@ -75,7 +75,7 @@ DEFAULT_MODEL = "offline:smollm2-135m-instruct"
 DEFAULT_DATASET = "offline:synthetic-mc"
 BASE_MODEL_DIR = "base_model"
 MERGED_DIR = "merged"
-MMLU_RESULTS_FILE = "mmlu_results.json"
+MMLU_SCORES_FILE = "mmlu_scores.json"
 
 
 def build_parser() -> HfArgumentParser:
@@ -186,7 +186,7 @@ def score_after_training(
     }
     if trainer.args.should_save:
         report = {"data": scoring.mmlu_data or "training data", "split": scoring.mmlu_split}
-        path = Path(trainer.args.output_dir) / MMLU_RESULTS_FILE
+        path = Path(trainer.args.output_dir) / MMLU_SCORES_FILE
         path.write_text(json.dumps({**report, **result.to_dict()}, indent=2) + "\n")
         save_extra_metrics(trainer, "mmlu", metrics)
     logger.info("MMLU-style scores:\n%s", result.format_table())
@@ -215,9 +215,13 @@ def run(
     tokenized, data_format = prepare_splits(
         raw, splits, tokenizer, block_size, data_args, training_args
     )
-    # A random-init base exists only in memory: keep a copy to save beside the adapter.
+    # A random-init base exists only in memory: save it beside the adapter (before training, so
+    # that checkpoints' adapters have it too) and keep a copy for merging.
     base_copy = copy.deepcopy(resolved.model) if resolved.kind == "offline-random-init" else None
     base_path = str(Path(training_args.output_dir) / BASE_MODEL_DIR) if base_copy else None
+    if base_copy is not None and training_args.should_save:
+        base_copy.save_pretrained(base_path)
+        tokenizer.save_pretrained(base_path)
     model = apply_lora(resolved.model, lora_args, base_model_name_or_path=base_path)
     if data_format == "text":
         collator: Any = default_data_collator
@@ -257,9 +261,6 @@ def run(
             resolved, training_args.output_dir, str(dataset), tags=["lora", "peft"]
         ),
     )
-    if base_copy is not None and training_args.should_save:
-        base_copy.save_pretrained(base_path)
-        tokenizer.save_pretrained(base_path)
     if scoring.score_mmlu:
         metrics.update(score_after_training(trainer, tokenizer, raw, scoring))
     if lora_args.merge_adapter and training_args.should_save:
