@@ -6,6 +6,10 @@ file (``configs/experiments/*.yaml``) together with the training arguments::
     parser = HfArgumentParser((ModelArguments, DataArguments, LoraArguments, TrainingArgs))
     model_args, data_args, lora_args, training_args = parser.parse_yaml_file("configs/....yaml")
 
+The scripts parse with :func:`hf_tuningfree.hf.pipeline.parse_script_arguments` (a config file
+plus command-line overrides) and use :class:`FinetuneTrainingArguments` (training and evaluation on
+by default, ``overwrite_output_dir``); the LoRA script adds :class:`MMLUScoringArguments`.
+
 ``model_name_or_path``, ``tokenizer_name`` and ``dataset_name`` accept an offline default
 (``offline:NAME``), a local path or a hub name; see :mod:`hf_tuningfree.data.resolve`, whose
 :func:`~hf_tuningfree.data.resolve.resolve_model_source` and
@@ -18,6 +22,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from hf_tuningfree.data.resolve import offline_names
+from hf_tuningfree.hf.args import TuningFreeTrainingArguments
 
 _OFFLINE_MODELS = ", ".join(offline_names("model"))
 _OFFLINE_DATASETS = ", ".join(offline_names("dataset"))
@@ -151,6 +156,14 @@ class DataArguments:
     overwrite_cache: bool = field(
         default=False, metadata={"help": "Recompute tokenisation instead of reusing the cache."}
     )
+    completion_only_loss: bool = field(
+        default=True,
+        metadata={
+            "help": "LoRA script, prompt/completion data (MMLU-format questions, prompt/completion "
+            "or instruction/output columns): compute the loss on the completion and its EOS only "
+            "(as TRL's SFTTrainer does); false: on the prompt too."
+        },
+    )
 
 
 @dataclass
@@ -174,9 +187,76 @@ class LoraArguments:
     )
 
 
-ARGUMENT_GROUPS: tuple[type, ...] = (ModelArguments, DataArguments, LoraArguments)
+@dataclass
+class MMLUScoringArguments:
+    """Optional MMLU-style scoring of the fine-tuned model after training (LoRA script)."""
+
+    score_mmlu: bool = field(
+        default=False,
+        metadata={
+            "help": "After training, score the model with the MMLU-style log-likelihood "
+            "evaluation (hf_tuningfree.eval.score_mmlu) and add mmlu_* to the metrics."
+        },
+    )
+    mmlu_data: str | None = field(
+        default=None,
+        metadata={
+            "help": "MMLU-format data to score (same kinds as dataset_name); default: the "
+            "training data, which then needs the test split."
+        },
+    )
+    mmlu_split: str = field(default="test", metadata={"help": "Split to score."})
+    mmlu_fewshot_split: str = field(
+        default="dev", metadata={"help": "Split the few-shot examples come from."}
+    )
+    mmlu_shots: int = field(default=5, metadata={"help": "k of the k-shot prompt (0 allowed)."})
+    mmlu_variant: str = field(
+        default="letters",
+        metadata={
+            "help": "Score the letters (MMLU) or the answer texts (lm-eval's mmlu_continuation).",
+            "choices": ["letters", "continuation"],
+        },
+    )
+    mmlu_max_questions: int | None = field(
+        default=None, metadata={"help": "Score only the first N questions of the split."}
+    )
+    mmlu_batch_size: int = field(default=16, metadata={"help": "Rows per scoring forward pass."})
+
+
+ARGUMENT_GROUPS: tuple[type, ...] = (
+    ModelArguments,
+    DataArguments,
+    LoraArguments,
+    MMLUScoringArguments,
+)
 
 
 def field_names(*groups: type) -> set[str]:
     """Every field name of the given dataclasses (default: :data:`ARGUMENT_GROUPS`)."""
     return {f.name for group in (groups or ARGUMENT_GROUPS) for f in dataclasses.fields(group)}
+
+
+@dataclass
+class FinetuneTrainingArguments(TuningFreeTrainingArguments):
+    """``TuningFreeTrainingArguments`` for the fine-tuning scripts.
+
+    - ``do_train`` / ``do_eval`` default to true (the scripts train, then evaluate; pass
+      ``--do_train false`` to only evaluate a model);
+    - ``overwrite_output_dir`` (transformers 5 removed it from ``TrainingArguments``): the scripts
+      resume from the last ``checkpoint-N`` in ``output_dir`` and refuse a non-empty
+      ``output_dir`` without checkpoints unless it is set.
+    """
+
+    do_train: bool = field(
+        default=True, metadata={"help": "Train (default true; false: evaluate only)."}
+    )
+    do_eval: bool = field(
+        default=True, metadata={"help": "Evaluate after training (loss and perplexity)."}
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Start from scratch in a non-empty output_dir instead of resuming from its "
+            "last checkpoint (or refusing, when it has none)."
+        },
+    )
