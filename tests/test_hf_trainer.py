@@ -109,6 +109,7 @@ def test_model_card_names_optimizer_values_and_paper(tmp_path):
     assert "**ADOPT**" in text
     assert "| betas | (0.9, 0.999) |" in text
     assert "| clip_exponent | 0.25 |" in text
+    assert "| lr | 0.001 |" in text  # the configured lr, not the end of the linear schedule
     assert "| step | 30 |" in text  # a final value from optimizer.stats()
     assert "Taniguchi et al." in text and "NeurIPS 2024" in text
     assert "- optimizer: ADOPT (hf_tuningfree `optim=adopt`)" in text
