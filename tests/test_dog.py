@@ -15,12 +15,13 @@ from hf_tuningfree.optim import dog as dog_module
 
 @pytest.fixture(autouse=True)
 def _compile_small_tensors_too(monkeypatch):
-    """Under "compiled", tensors below COMPILE_MIN_TENSOR_NUMEL take the foreach path; the test
-    tensors are small, so lower the threshold to exercise the compiled kernels."""
-    monkeypatch.setattr(dog_module, "COMPILE_MIN_TENSOR_NUMEL", 2)
+    """Under "compiled", tensors below COMPILE_MIN_TENSOR_NUMEL take the foreach path; lower the
+    threshold so that the (70, 100) test tensor goes through the compiled kernel (its first
+    4096 elements; the remaining 2904 through the foreach path)."""
+    monkeypatch.setattr(dog_module, "COMPILE_MIN_TENSOR_NUMEL", dog_module.BLOCK)
 
 
-SHAPES = [[(3, 4), (5,), (2, 2, 2)], [(4,), (1,)], [(6,), (2, 3)]]
+SHAPES = [[(3, 4), (5,), (2, 2, 2), (70, 100)], [(4,), (1,)], [(6,), (2, 3)]]
 STEPS = 30
 
 
@@ -220,7 +221,7 @@ def test_ldog_etas_differ_per_tensor_and_match_one_tensor_dog():
     assert torch.allclose(p_l[0][0], p_d[0][0], rtol=0, atol=1e-12)
     _, opt = _run_ours([init[0]], [[st[0]] for st in grads], hp, "ldog", "loop")
     etas = [eta for _, eta in opt.etas()]
-    assert len(etas) == 3 and len({round(e, 12) for e in etas}) == 3
+    assert len(etas) == len(SHAPES[0]) and len({round(e, 12) for e in etas}) == len(etas)
 
 
 @pytest.mark.parametrize("mode", ["dog", "ldog"])
@@ -236,6 +237,19 @@ def test_paths_agree_in_fp32(mode):
             (a - b).abs().max().item() for a, b in zip(finals["loop"], finals[impl], strict=True)
         )
         assert diff <= 1e-5, f"{impl} differs from loop by {diff:.2e}"
+
+
+@pytest.mark.parametrize("impl", ["loop", "foreach", "compiled"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_parameters_are_updated_in_full(impl, dtype):
+    """Every element of a 16-bit tensor moves (torch 2.13's CPU fused SGD skips the vectorised
+    part of 16-bit tensors, so those take the per-tensor path)."""
+    p = torch.nn.Parameter(torch.ones(64, dtype=dtype))
+    opt = DoG([p], reps_rel=0.5, implementation=impl)
+    p.grad = torch.full((64,), 0.5, dtype=dtype)
+    opt.step()
+    expected = 1.0 - 4.5 * 0.5 / 4.0  # x - r_eps g/||g||: r_eps = 0.5 (1 + 8), ||g|| = 4
+    assert torch.allclose(p.detach().float(), torch.full((64,), expected), atol=1e-2)
 
 
 def test_first_step_size_is_r_eps_over_gradient_norm():
@@ -274,16 +288,26 @@ def test_weight_decay_does_not_touch_grad():
                 assert torch.equal(p.grad, g)
 
 
-def test_refresh_distances_after_editing_parameters():
+def test_parameters_edited_between_steps_are_measured_as_they_are():
+    """Distances are taken from the parameters at each step, not tracked from the updates."""
     init, grads = _make_problem(seed=2)
     hp = _groups_hp("dog")
     params, opt = _run_ours(init, grads[:5], hp, "dog", "loop")
     with torch.no_grad():
-        params[0][0].add_(0.5)  # an edit outside step()
-    opt.refresh_distances()
-    st = opt.state[params[0][0]]
-    expected = ((params[0][0] - st["x0"]) ** 2).sum()
-    assert torch.allclose(st["dist_sq"], expected, rtol=1e-12)
+        params[0][0].add_(3.0)  # an edit outside step(): far from x0
+    expected = math.sqrt(
+        sum(
+            ((p.detach() - opt.state[p]["x0"]) ** 2).sum().item()
+            for ps in params
+            for p in ps
+            if "x0" in opt.state[p]
+        )
+    )
+    for ps, gs in zip(params, grads[5], strict=True):
+        for p, g in zip(ps, gs, strict=True):
+            p.grad = g
+    opt.step()
+    assert opt.stats()["rbar"] == pytest.approx(expected, rel=1e-12)
 
 
 # --------------------------------------------------------------------------- skipped steps
@@ -425,7 +449,8 @@ def test_bf16_resume_keeps_fp32_statistics_exact(name):
     model_b = [torch.nn.Parameter(p.detach().clone()) for p in model_a]
     opt_b = create_optimizer(name, model_b, reps_rel=1e-2)
     opt_b.load_state_dict(torch.load(buf, weights_only=True))
-    assert opt_b.state[model_b[0]]["dist_sq"].dtype == torch.float32
+    if name == "ldog":
+        assert opt_b.state[model_b[0]]["rbar"].dtype == torch.float32
     run(model_a, opt_a, grads[4:])
     run(model_b, opt_b, grads[4:])
     for a, b in zip(model_a, model_b, strict=True):
