@@ -9,17 +9,8 @@ import math
 import pytest
 import torch
 
-from hf_tuningfree.optim import DoG, LDoG, PolynomialDecayAverager, TDoG, create_optimizer
-from hf_tuningfree.optim import dog as dog_module
-
-
-@pytest.fixture(autouse=True)
-def _compile_small_tensors_too(monkeypatch):
-    """Under "compiled", tensors below COMPILE_MIN_TENSOR_NUMEL take the foreach path; lower the
-    threshold so that the (70, 100) test tensor goes through the compiled kernel (its first
-    4096 elements; the remaining 2904 through the foreach path)."""
-    monkeypatch.setattr(dog_module, "COMPILE_MIN_TENSOR_NUMEL", dog_module.BLOCK)
-
+from hf_tuningfree.optim import DoG, LDoG, PolynomialDecayAverager, TDoG, _native, create_optimizer
+from hf_tuningfree.optim.dog import dog_tensor_update as dog_module_update
 
 SHAPES = [[(3, 4), (5,), (2, 2, 2), (70, 100)], [(4,), (1,)], [(6,), (2, 3)]]
 STEPS = 30
@@ -288,13 +279,17 @@ def test_weight_decay_does_not_touch_grad():
                 assert torch.equal(p.grad, g)
 
 
-def test_parameters_edited_between_steps_are_measured_as_they_are():
-    """Distances are taken from the parameters at each step, not tracked from the updates."""
+def test_refresh_distances_after_editing_parameters():
+    """Distances are measured by the pass that writes the parameters; after an edit outside
+    step(), refresh_distances() measures them anew and the next step sees the edit."""
     init, grads = _make_problem(seed=2)
     hp = _groups_hp("dog")
     params, opt = _run_ours(init, grads[:5], hp, "dog", "loop")
     with torch.no_grad():
         params[0][0].add_(3.0)  # an edit outside step(): far from x0
+    opt.refresh_distances()
+    st = opt.state[params[0][0]]
+    assert torch.allclose(st["dist_sq"], ((params[0][0] - st["x0"]) ** 2).sum(), rtol=1e-12)
     expected = math.sqrt(
         sum(
             ((p.detach() - opt.state[p]["x0"]) ** 2).sum().item()
@@ -308,6 +303,34 @@ def test_parameters_edited_between_steps_are_measured_as_they_are():
             p.grad = g
     opt.step()
     assert opt.stats()["rbar"] == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_cpu_kernel_matches_the_per_tensor_path(dtype):
+    """The C loop (one call per bucket) against dog_tensor_update, with a skipped call."""
+    if _native.load() is None:
+        pytest.skip("no C compiler")
+    torch.manual_seed(0)
+    shapes = [(70, 100), (3,), (40000,)]
+    xs = [torch.randn(s, dtype=dtype) for s in shapes]
+    gs = [torch.randn(s, dtype=dtype) for s in shapes]
+    x0s = [x + 0.1 * torch.randn_like(x) for x in xs]
+    steps = torch.tensor([0.3, 0.02, 1e-3], dtype=dtype)
+    ok = torch.tensor(True)
+    ref_x = [x.clone() for x in xs]
+    ref_d = [torch.zeros((), dtype=torch.float64) for _ in xs]
+    for k in range(3):
+        dog_module_update(ref_x[k], gs[k], x0s[k], ref_d[k], ok, steps[k], weight_decay=0.05)
+    out = torch.zeros(3, dtype=torch.float64)
+    _native.dog_update(xs, gs, x0s, steps, 0.05, ok, out)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for a, b in zip(xs, ref_x, strict=True):
+        assert torch.allclose(a, b, rtol=0, atol=tol)
+    assert torch.allclose(out, torch.stack(ref_d), rtol=tol)
+    before = [x.clone() for x in xs]
+    _native.dog_update(xs, gs, x0s, steps, 0.05, torch.tensor(False), out.fill_(-1.0))
+    assert all(torch.equal(a, b) for a, b in zip(xs, before, strict=True))
+    assert torch.equal(out, torch.full((3,), -1.0, dtype=torch.float64))
 
 
 # --------------------------------------------------------------------------- skipped steps
@@ -449,8 +472,7 @@ def test_bf16_resume_keeps_fp32_statistics_exact(name):
     model_b = [torch.nn.Parameter(p.detach().clone()) for p in model_a]
     opt_b = create_optimizer(name, model_b, reps_rel=1e-2)
     opt_b.load_state_dict(torch.load(buf, weights_only=True))
-    if name == "ldog":
-        assert opt_b.state[model_b[0]]["rbar"].dtype == torch.float32
+    assert opt_b.state[model_b[0]]["dist_sq"].dtype == torch.float32
     run(model_a, opt_a, grads[4:])
     run(model_b, opt_b, grads[4:])
     for a, b in zip(model_a, model_b, strict=True):

@@ -31,21 +31,26 @@ mixed precision keeps them), or raise ``reps_rel``. Statistics are fp32 (fp64 fo
 Polynomial-decay iterate averaging, which the paper pairs with DoG for its results, is
 :class:`hf_tuningfree.optim.averaging.PolynomialDecayAverager`.
 
-How a step runs, without reading device memory on the host and in two passes over memory:
+How a step runs, without reading device memory on the host, in as few passes as possible:
 
-1. one reduction pass per tensor (``dog_statistics``: ``torch.compile``d for large tensors, a few
-   ``torch._foreach_*`` ops for small ones) reads ``x``, ``x_0`` and ``g`` and returns
-   ``||x - x_0||^2``, ``||g||^2`` and, with weight decay, ``||g + wd x||^2``. The gradient norms
-   also serve the base class's non-finite guard, which therefore reads ``g`` no second time.
-   These per-tensor sums are added up (and, when sharded, all-reduced once) by the base class.
-2. one update pass: torch's fused multi-tensor SGD kernel, ``x <- x - lr*eta*(g + wd x)``, with
-   ``lr*eta`` a device tensor and the skip decided on the device (reads ``x, g``, writes ``x``).
-
-Six streams over memory in all, against seven for fused AdamW. ``x_0`` is per-parameter state,
-created at the parameter's first step with a gradient; ``r_eps`` is taken from the parameters
-that have a gradient at the optimizer's first step, and a parameter whose first gradient comes
-later starts its own distance at that point. Distances are always measured from the parameters
-as they are, so parameters edited between steps (or swapped with an average and back) are fine.
+* ``||g||^2`` (and, with weight decay, ``||g + wd x||^2``) per tensor: one reduction pass, whose
+  plain gradient norms also serve the base class's non-finite guard (which therefore does not
+  read the gradients again).
+* ``||x_t - x_0||^2`` was measured by the previous step: the pass that writes ``x_t`` also sums
+  ``(x_t - x_0)^2`` per tensor into ``state["dist_sq"]``. The step therefore reads one scalar
+  per tensor, and the update is ONE pass that reads ``x, g, x_0`` and writes ``x``. On CPU both
+  passes are fused C loops over every tensor of a group in one call each (:mod:`._native`,
+  ``implementation="compiled"``, the CPU default): four streams read and one written per step,
+  against fused AdamW's four read and three written. ``torch.compile`` cannot do this: inductor
+  splits "store x and sum (x - x0)^2" into two loops. Elsewhere (CUDA, 16-bit parameters, no C
+  compiler) torch's fused SGD kernel or per-tensor ops update ``x`` and foreach ops measure the
+  distance.
+* The stored distance assumes that parameters change only through ``step()`` between steps; an
+  averager's swap restores them bit-exactly, which keeps it valid. After editing parameters by
+  hand (or loading other weights into the model), call :meth:`DoG.refresh_distances`.
+* ``x_0`` is per-parameter state created at the parameter's first step with a gradient. ``r_eps``
+  is taken from the parameters that have a gradient at the optimizer's first step; a parameter
+  whose first gradient comes later starts its own distance at that point.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ from typing import Any
 import torch
 from torch.optim.optimizer import ParamsT
 
+from . import _native
 from .base import (
     StepBatch,
     TuningFreeOptimizer,
@@ -66,197 +72,47 @@ from .base import (
     statistic_dtype,
 )
 from .distributed import local_view
-from .kernels import (
-    IMPL_ENV_VAR,
-    IMPLEMENTATIONS,
-    CompiledKernel,
-    order_for_compile,
-    resolve_implementation,
-)
+from .kernels import IMPL_ENV_VAR, IMPLEMENTATIONS, resolve_implementation
 from .validation import check_choice, check_in_range, check_nonnegative, check_positive
 
-__all__ = ["DoG", "LDoG", "TDoG", "dog_statistics", "dog_tensor_update", "taming_factor"]
+__all__ = ["DoG", "LDoG", "TDoG", "dog_tensor_update", "taming_factor"]
 
-#: Per-parameter 0-dim statistics (L-DoG) kept in their own (fp32/fp64) dtype across
-#: ``load_state_dict`` (torch casts floating per-parameter state to the parameter's dtype, which
-#: would round them to bf16 for bf16 parameters).
-_SCALAR_STATE_KEYS = ("rbar", "G")
-
-#: Tensors below this size take the foreach path even under ``"compiled"``: a compiled call
-#: costs tens of microseconds of Python and guard overhead, more than a small tensor's work.
-COMPILE_MIN_TENSOR_NUMEL = 1 << 16
+#: Per-parameter 0-dim statistics kept in their own (fp32/fp64) dtype across ``load_state_dict``
+#: (torch casts floating per-parameter state to the parameter's dtype, which would round them to
+#: bf16 for bf16 parameters).
+_SCALAR_STATE_KEYS = ("dist_sq", "rbar", "G")
 
 
 # --------------------------------------------------------------------------- kernels
-def dog_statistics(
-    param: torch.Tensor,
-    grad: torch.Tensor,
-    x0: torch.Tensor,
-    out: torch.Tensor,
-    *,
-    weight_decay: float,
-) -> None:
-    """``out <- [||x - x0||^2, ||g||^2, ||g + weight_decay * x||^2]`` for one tensor, summed in
-    ``out``'s dtype (``out`` has shape ``(3,)``). One pass over ``x``, ``x0`` and ``g``: the
-    per-tensor path and, under ``torch.compile``, one fused reduction loop."""
-    sdt = out.dtype
-    x = param.to(sdt)
-    g = grad.to(sdt)
-    diff = x - x0.to(sdt)
-    g2 = (g * g).sum()
-    if weight_decay != 0.0:
-        eff = g + weight_decay * x
-        eff2 = (eff * eff).sum()
-    else:
-        eff2 = g2
-    out.copy_(torch.stack([(diff * diff).sum(), g2, eff2]))
-
-
 def dog_tensor_update(
     param: torch.Tensor,
     grad: torch.Tensor,
+    x0: torch.Tensor,
+    dist_sq: torch.Tensor,
     ok: torch.Tensor,
     step_size: torch.Tensor,
     *,
     weight_decay: float,
 ) -> None:
-    """One tensor's update in place, ``x <- x - step_size * (g + weight_decay * x)``; nothing
-    changes where ``ok`` is False. The per-tensor ("loop") path; the others use torch's fused
-    multi-tensor SGD kernel, which computes the same."""
+    """One tensor's DoG update in place, and the squared distance of the result from ``x0``.
+
+    ``x <- x - step_size * (g + weight_decay * x)`` then ``dist_sq <- ||x - x0||^2`` (summed in
+    ``dist_sq``'s dtype, from ``x`` as stored). Where ``ok`` is False (a NaN/Inf gradient
+    somewhere) nothing changes. The per-tensor ("loop") path, and the reference for the others.
+    """
     g = torch.where(ok, grad, 0.0)  # a private copy: a skipped step's NaN/Inf never reaches x
     if weight_decay != 0.0:
         g = g.add_(param, alpha=weight_decay)  # coupled decay: the paper's g + wd * x
     param.addcmul_(g, step_size, value=-1.0)
-
-
-#: Row length of the compiled reduction: the kernel sees each tensor as ``(rows, BLOCK)`` with
-#: ``rows`` dynamic and ``BLOCK`` static, which compiles once for every size and runs about 1.6x
-#: faster on CPU than a fully dynamic flat reduction (measured with torch 2.13).
-BLOCK = 4096
-
-
-def _dog_statistics_blocked(
-    param: torch.Tensor,
-    grad: torch.Tensor,
-    x0: torch.Tensor,
-    out: torch.Tensor,
-    *,
-    weight_decay: float,
-) -> None:
-    """``dog_statistics`` of flat tensors whose length is a multiple of ``BLOCK``."""
-    sdt = out.dtype
-    x = param.to(sdt).view(-1, BLOCK)
-    g = grad.to(sdt).view(-1, BLOCK)
-    diff = x - x0.to(sdt).view(-1, BLOCK)
-    g2 = (g * g).sum(1).sum()
-    if weight_decay != 0.0:
-        eff = g + weight_decay * x
-        eff2 = (eff * eff).sum(1).sum()
-    else:
-        eff2 = g2
-    out.copy_(torch.stack([(diff * diff).sum(1).sum(), g2, eff2]))
-
-
-_compiled_statistics = CompiledKernel(_dog_statistics_blocked, "DoG statistics")
-
-
-def _foreach_statistics(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    x0s: list[torch.Tensor],
-    sdt: torch.dtype,
-    *,
-    weight_decay: float,
-) -> torch.Tensor:
-    """``dog_statistics`` of a bucket with ``torch._foreach_*`` ops: an ``(n, 3)`` matrix."""
-    dist = torch._foreach_norm(torch._foreach_sub(params, x0s), 2, dtype=sdt)
-    gnorm = torch._foreach_norm(grads, 2, dtype=sdt)
-    if weight_decay != 0.0:
-        eff = torch._foreach_add(grads, params, alpha=weight_decay)
-        enorm = torch._foreach_norm(eff, 2, dtype=sdt)
-        del eff
-    else:
-        enorm = gnorm
-    cols = [torch.stack(dist), torch.stack(gnorm), torch.stack(enorm)]
-    return torch.stack(cols, dim=1).square()
-
-
-def _bucket_statistics(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    x0s: list[torch.Tensor],
-    sdt: torch.dtype,
-    impl: str,
-    weight_decay: float,
-) -> torch.Tensor:
-    """Per-tensor ``[||x - x0||^2, ||g||^2, ||g + wd x||^2]`` of a device/dtype bucket as an
-    ``(n, 3)`` matrix. ``"loop"``: tensor by tensor; ``"foreach"``: foreach ops; ``"compiled"``:
-    the compiled kernel over the first ``BLOCK``-multiple elements of each large contiguous
-    tensor, foreach ops for the small tensors and those tensors' remainders."""
-    n = len(params)
-    device = params[0].device
-    if impl == "loop":
-        rows = []
-        for p, g, x0 in zip(params, grads, x0s, strict=True):
-            row = torch.empty(3, dtype=sdt, device=device)
-            dog_statistics(p, g, x0, row, weight_decay=weight_decay)
-            rows.append(row)
-        return torch.stack(rows)
-    big: list[int] = []
-    if impl == "compiled":
-        big = [
-            i
-            for i in range(n)
-            if params[i].numel() >= COMPILE_MIN_TENSOR_NUMEL
-            and all(t.is_contiguous() for t in (params[i], grads[i], x0s[i]))
-        ]
-    if not big:
-        return _foreach_statistics(params, grads, x0s, sdt, weight_decay=weight_decay)
-    chosen = set(big)
-    # the foreach part: small tensors whole, and the last numel % BLOCK elements of large ones
-    rest_idx = [i for i in range(n) if i not in chosen]
-    rest = [[t[i] for i in rest_idx] for t in (params, grads, x0s)]
-    heads: list[list[torch.Tensor]] = []
-    for i in big:
-        flat = [t.reshape(-1) for t in (params[i], grads[i], x0s[i])]
-        m = flat[0].numel() - flat[0].numel() % BLOCK
-        heads.append([f[:m] for f in flat])
-        if m < flat[0].numel():
-            rest_idx.append(i)
-            for lst, f in zip(rest, flat, strict=True):
-                lst.append(f[m:])
-    rows: list[torch.Tensor] = [params[0]] * len(big)
-    for j in order_for_compile(_compiled_statistics, [h[0].numel() for h in heads]):
-        # a fresh (3,) output per call: a view of a shared tensor would make dynamo guard on
-        # its base (and a 0-dim fp64 output is not written back by inductor, torch 2.13)
-        row = torch.empty(3, dtype=sdt, device=device)
-        _compiled_statistics(heads[j], row, weight_decay=weight_decay)
-        rows[j] = row
-    out = torch.zeros(n, 3, dtype=sdt, device=device)
-    out[big] = torch.stack(rows)
-    if rest_idx:
-        part = _foreach_statistics(*rest, sdt, weight_decay=weight_decay)
-        out.index_add_(0, torch.tensor(rest_idx, device=device), part)
-    return out
-
-
-def _resolve(requested: str, device: torch.device, numel: int) -> str:
-    """The code path for a bucket. ``"auto"`` follows ``resolve_implementation`` (and its
-    environment override), except that DoG prefers foreach ops to the per-tensor loop (its
-    reductions are a few multi-tensor calls instead of ~8 ops per tensor) and takes foreach on
-    CUDA, where one compiled call per large tensor would cost more in launch overhead than the
-    few multi-tensor kernels it saves."""
-    impl = resolve_implementation(requested, device, numel)
-    overridden = bool(os.environ.get(IMPL_ENV_VAR, "").strip())
-    if requested == "auto" and not overridden and (impl == "loop" or device.type != "cpu"):
-        impl = "foreach"
-    return impl
+    sdt = dist_sq.dtype
+    diff = param.to(sdt) - x0.to(sdt)
+    dist_sq.copy_(torch.where(ok, (diff * diff).sum(), dist_sq))
 
 
 def _fused_sgd_available(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether torch's fused SGD kernel takes this bucket: fp32/fp64 only, because on CPU (torch
     2.13) it leaves the vectorised part of bf16/fp16 tensors unchanged (``SGD(fused=True)`` has
-    the same defect); 16-bit parameters take the per-tensor path."""
+    the same defect)."""
     return (
         hasattr(torch, "_fused_sgd_")
         and device.type in ("cpu", "cuda", "xpu", "mps")
@@ -288,6 +144,24 @@ def _sgd_step_(
         grad_scale=None,
         found_inf=skip,
     )
+
+
+def _foreach_distances(
+    params: list[torch.Tensor], x0s: list[torch.Tensor], sdt: torch.dtype
+) -> torch.Tensor:
+    """``||x - x0||^2`` of each tensor (a vector), with foreach ops."""
+    norms = torch._foreach_norm(torch._foreach_sub(params, x0s), 2, dtype=sdt)
+    return torch.stack(norms).square()
+
+
+def _resolve(requested: str, device: torch.device, numel: int) -> str:
+    """The code path for a bucket. ``"auto"``: on CPU the fused C loop (``"compiled"``): it
+    costs a one-off ~1 s build per machine, not a compilation per process, so it pays for every
+    model size; elsewhere foreach ops (torch's fused SGD + multi-tensor norms). The environment
+    override of :func:`~hf_tuningfree.optim.kernels.resolve_implementation` applies."""
+    if requested == "auto" and not os.environ.get(IMPL_ENV_VAR, "").strip():
+        return "compiled" if device.type == "cpu" else "foreach"
+    return resolve_implementation(requested, device, numel)
 
 
 # --------------------------------------------------------------------------- T-DoG
@@ -337,13 +211,18 @@ class DoG(TuningFreeOptimizer):
         weight_decay: coupled weight decay (added to the gradient, also in ``G``), per group.
         eps: added to ``G`` for numerical safety (default 1e-8, as the authors); must be the same
             in every param group.
-        implementation: ``"auto"``, ``"foreach"``, ``"loop"`` or ``"compiled"``; see
-            :mod:`hf_tuningfree.optim.kernels`.
+        implementation: ``"auto"`` (CPU: ``"compiled"``; elsewhere ``"foreach"``),
+            ``"compiled"`` (on CPU, fp32/fp64: the fused C loops of
+            :mod:`hf_tuningfree.optim._native`, built once per machine with the system C
+            compiler; otherwise as ``"foreach"``), ``"foreach"`` (torch's fused SGD kernel and
+            multi-tensor norms) or ``"loop"`` (tensor by tensor, the reference). The environment
+            variable ``HF_TUNINGFREE_IMPL`` overrides ``"auto"``.
         skip_nonfinite, global_reduce: see :class:`~hf_tuningfree.optim.base.TuningFreeOptimizer`.
 
-    Per-parameter state: ``x0`` (the parameter at its first step with a gradient). Model-wide
-    state (``global_state``): ``rbar``, ``G``, ``eta`` (0-dim, on the parameters' device) and
-    ``step`` (steps applied).
+    Per-parameter state: ``x0`` (the parameter at its first step with a gradient) and
+    ``dist_sq`` (``||x - x0||^2`` of this tensor, this rank's part). Model-wide state
+    (``global_state``): ``rbar``, ``G``, ``eta`` (0-dim, on the parameters' device) and ``step``
+    (steps applied).
     ``stats()`` reports ``eta`` (without the ``lr`` multiplier), ``rbar``, ``G`` and ``step``.
     """
 
@@ -401,6 +280,7 @@ class DoG(TuningFreeOptimizer):
         device = local_view(param).device
         sdt = statistic_dtype(param.dtype)
         state["x0"] = param.detach().clone(memory_format=torch.preserve_format)
+        state["dist_sq"] = torch.zeros((), dtype=sdt, device=device)  # ||x - x0||^2, local part
         if self._layerwise:
             state["rbar"] = torch.zeros((), dtype=sdt, device=device)  # 0 until initialised
             state["G"] = torch.zeros((), dtype=sdt, device=device)
@@ -416,66 +296,63 @@ class DoG(TuningFreeOptimizer):
         fp64 = any(p.dtype == torch.float64 for gb in batch.groups for p in gb.params)
         return torch.float64 if fp64 else torch.float32
 
-    def _tensor_statistics(self, batch: StepBatch, sdt: torch.dtype) -> torch.Tensor:
-        """``[||x - x0||^2, ||g||^2, ||g + wd x||^2]`` of every tensor of the batch, as an
-        ``(n, 3)`` matrix in batch order. The gradient norms are handed to the base class's
-        non-finite guard (``batch.grad_norms()``), so it does not read the gradients again."""
-        mats: list[torch.Tensor] = []
+    def _grad_sq(self, batch: StepBatch, sdt: torch.dtype) -> torch.Tensor:
+        """``||g + wd x||^2`` of every tensor of the batch (a vector in batch order).
+
+        One reduction pass per bucket: the C loop on CPU (fp32/fp64), foreach norms elsewhere.
+        The plain gradient norms it yields are handed to the base class's non-finite guard
+        (``batch.grad_norms()``), so the gradients are read once for both."""
         guard: list[list[torch.Tensor]] = []
+        parts: list[torch.Tensor] = []
         for gb in batch.groups:
             n = len(gb.params)
             if n == 0:
-                mats.append(torch.zeros(0, 3, dtype=sdt, device=batch.device))
                 guard.append([])
                 continue
             wd = gb.group["weight_decay"]
-            lists = [gb.params, gb.grads, gb.state_list("x0")]
-            buckets = bucket_by_device_and_dtype(lists)
-            mat = None
-            for (device, _), (bucket, idx) in buckets.items():
-                numel = sum(p.numel() for p in bucket[0])
-                impl = _resolve(gb.group["implementation"], device, numel)
-                part = _bucket_statistics(*bucket, sdt, impl, wd).to(batch.device)
-                if len(buckets) == 1:
-                    mat = part
+            raw = torch.empty(n, dtype=sdt, device=batch.device)
+            eff = torch.empty(n, dtype=sdt, device=batch.device)
+            buckets = bucket_by_device_and_dtype([gb.params, gb.grads])
+            for (device, _), ([ps, gs], idx) in buckets.items():
+                impl = _resolve(gb.group["implementation"], device, sum(p.numel() for p in ps))
+                if impl == "compiled" and _native.available([*ps, *gs]):
+                    both = torch.empty(len(ps), 2, dtype=torch.float64)
+                    _native.grad_sq(ps, gs, wd, both)
+                    r, e = both[:, 0].to(sdt), both[:, 1].to(sdt)
                 else:
-                    if mat is None:
-                        mat = torch.empty(n, 3, dtype=sdt, device=batch.device)
-                    mat[idx] = part
-            assert mat is not None
-            mats.append(mat)
-            guard.append(list(mat[:, 1].sqrt().unbind(0)))
+                    r = torch.stack(torch._foreach_norm(gs, 2, dtype=sdt)).square()
+                    e = r
+                    if wd != 0.0:
+                        added = torch._foreach_add(gs, ps, alpha=wd)
+                        e = torch.stack(torch._foreach_norm(added, 2, dtype=sdt)).square()
+                        del added
+                if len(buckets) == 1:
+                    raw, eff = r.to(batch.device), e.to(batch.device)
+                else:
+                    where = torch.tensor(idx, device=batch.device)
+                    raw[where], eff[where] = r.to(batch.device), e.to(batch.device)
+            guard.append(list(raw.sqrt().unbind(0)))
+            parts.append(eff)
         batch._grad_norms = guard
-        return torch.cat(mats)
-
-    def _resting_distance_sq(self, batch: StepBatch, sdt: torch.dtype) -> torch.Tensor | None:
-        """``||x - x0||^2`` summed over the tensors that have ``x0`` but no gradient this step:
-        they are part of the model's distance from its start."""
-        resting = [
-            (local_view(p), local_view(s["x0"]))
-            for group in self.param_groups
-            for p in group["params"]
-            if p.grad is None and (s := self.state.get(p)) and "x0" in s
-        ]
-        if not resting:
-            return None
-        xs, x0s = [x for x, _ in resting], [x0 for _, x0 in resting]
-        total = torch.zeros((), dtype=sdt, device=batch.device)
-        for _, ([bx, bx0], _) in bucket_by_device_and_dtype([xs, x0s]).items():
-            norms = torch._foreach_norm(torch._foreach_sub(bx, bx0), 2, dtype=sdt)
-            total = total + torch.stack(norms).square().sum().to(batch.device)
-        return total
+        if not parts:
+            return torch.zeros(0, dtype=sdt, device=batch.device)
+        return torch.cat(parts)
 
     def _local_statistics(self, batch: StepBatch) -> dict[str, torch.Tensor]:
         sdt = self._stat_dtype(batch)
         zero = torch.zeros((), dtype=sdt, device=batch.device)
-        out = {"d2": zero, "g2": zero}
-        if batch.num_tensors:
-            stats = self._tensor_statistics(batch, sdt)
-            out = {"d2": stats[:, 0].sum(), "g2": stats[:, 2].sum()}
-        resting = self._resting_distance_sq(batch, sdt)
-        if resting is not None:
-            out["d2"] = out["d2"] + resting
+        # ||x_t - x_0||^2 over every parameter with state (also those without a gradient now:
+        # they did not move since their last update, which stored their distance)
+        dists = [
+            s["dist_sq"]
+            for group in self.param_groups
+            for p in group["params"]
+            if (s := self.state.get(p)) and "dist_sq" in s
+        ]
+        out = {
+            "g2": self._grad_sq(batch, sdt).sum(),
+            "d2": torch.stack([d.to(batch.device, sdt) for d in dists]).sum() if dists else zero,
+        }
         if "rbar" not in self.global_state:  # first step: ||x_0|| for r_eps
             norms = [n for gb in batch.groups for n in foreach_norms(gb.params)]
             out["x0_sq"] = (
@@ -485,7 +362,6 @@ class DoG(TuningFreeOptimizer):
             )
         return out
 
-    # ------------------------------------------------------------------ update
     def _eta(
         self, stats: dict[str, torch.Tensor], ok: torch.Tensor, device: torch.device
     ) -> torch.Tensor:
@@ -537,29 +413,57 @@ class DoG(TuningFreeOptimizer):
         self, gb: Any, step_sizes: list[torch.Tensor], ok: torch.Tensor, *, shared: bool
     ) -> None:
         """``x -= step_size * (g + wd x)`` for every tensor of a group (``shared``: one step size
-        for the group). ``"loop"``: ``dog_tensor_update`` tensor by tensor; otherwise torch's
-        fused multi-tensor SGD kernel, one call per group (per tensor for L-DoG)."""
+        for the group), then ``dist_sq = ||x - x0||^2`` for each.
+
+        ``"compiled"`` on CPU (fp32/fp64): the fused C loop, one call for the bucket.
+        ``"loop"`` and 16-bit parameters: ``dog_tensor_update`` tensor by tensor. Otherwise
+        (``"foreach"``, CUDA): torch's fused multi-tensor SGD kernel, then foreach ops for the
+        distances.
+        """
         group = gb.group
         wd = group["weight_decay"]
-        for (device, dtype), (bucket, idx) in bucket_by_device_and_dtype(
-            [gb.params, gb.grads]
-        ).items():
+        lists = [gb.params, gb.grads, gb.state_list("x0"), gb.state_list("dist_sq")]
+        for (device, dtype), (bucket, idx) in bucket_by_device_and_dtype(lists).items():
             ok_d = ok.to(device)
             cdt = compute_dtype(dtype)
             sizes = [step_sizes[i].to(device, cdt) for i in idx]
-            numel = sum(p.numel() for p in bucket[0])
-            impl = _resolve(group["implementation"], device, numel)
-            params, grads = bucket
-            if impl == "loop" or not _fused_sgd_available(device, dtype):
-                for j, (p, g) in enumerate(zip(params, grads, strict=True)):
-                    dog_tensor_update(p, g, ok_d, sizes[j], weight_decay=wd)
-                continue
-            skip = (~ok_d).to(torch.float32)
-            if shared:
-                _sgd_step_(params, grads, sizes[0], skip, wd)
+            params, grads, x0s, dists = bucket
+            impl = _resolve(group["implementation"], device, sum(p.numel() for p in params))
+            if impl == "compiled" and _native.available([*params, *grads, *x0s]):
+                steps = sizes[0] if shared else torch.stack(sizes)
+                new = torch.stack(dists).to(torch.float64)  # kept as is on a skipped step
+                _native.dog_update(params, grads, x0s, steps, wd, ok_d, new)
+                torch._foreach_copy_(dists, list(new.to(dists[0].dtype).unbind(0)))
+            elif impl == "loop" or not _fused_sgd_available(device, dtype):
+                for j, (p, g, x0, d) in enumerate(zip(*bucket, strict=True)):
+                    dog_tensor_update(p, g, x0, d, ok_d, sizes[j], weight_decay=wd)
             else:
-                for j in range(len(params)):
-                    _sgd_step_(params[j : j + 1], grads[j : j + 1], sizes[j], skip, wd)
+                skip = (~ok_d).to(torch.float32)
+                if shared:
+                    _sgd_step_(params, grads, sizes[0], skip, wd)
+                else:
+                    for j in range(len(params)):
+                        _sgd_step_(params[j : j + 1], grads[j : j + 1], sizes[j], skip, wd)
+                new = _foreach_distances(params, x0s, dists[0].dtype)
+                kept = torch.where(ok_d, new, torch.stack(dists))
+                torch._foreach_copy_(dists, list(kept.unbind(0)))
+
+    # ------------------------------------------------------------------ maintenance
+    @torch.no_grad()
+    def refresh_distances(self) -> None:
+        """Recompute every stored ``||x - x0||^2`` from the parameters as they are now.
+
+        ``step()`` keeps these distances current by itself; call this after changing parameters
+        outside ``step()`` (editing them by hand, loading other weights into the model).
+        """
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if not state or "x0" not in state:
+                    continue
+                d = state["dist_sq"]
+                diff = local_view(p).to(d.dtype) - local_view(state["x0"]).to(d.dtype)
+                d.copy_((diff * diff).sum())
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # torch casts floating per-parameter state to the parameter's dtype; keep the 0-dim
@@ -695,13 +599,14 @@ class LDoG(DoG):
     :math:`\bar r^k_t = \max(r^k_\epsilon, \max_{i\le t}\|x^k_i - x^k_0\|)`,
     :math:`r^k_\epsilon = \texttt{reps\_rel}\,(1 + \|x^k_0\|)` and
     :math:`G^k_t = \sum_{i\le t}\|g^k_i\|^2`. Under FSDP a tensor's norms run over all its shards.
-    The per-tensor norms come from DoG's reduction pass (compiled, or ``torch._foreach_norm``),
-    the per-tensor scalars are computed as vectors over the tensors (one stack, a few vector ops,
-    no per-tensor Python arithmetic), and each tensor's update is one fused-SGD call.
+    The gradient norms are the base class's ``torch._foreach_norm`` results, the distances those
+    stored by the previous update; the per-tensor scalars are computed as vectors over the
+    tensors (one stack, a few vector ops, no per-tensor Python arithmetic), and the update is
+    DoG's fused pass with one step size per tensor.
 
     Args: as :class:`DoG`; ``reps_rel`` and ``eps`` may differ between param groups.
 
-    Per-parameter state: ``x0``, ``rbar`` and ``G`` (0-dim). ``stats()`` reports
+    Per-parameter state: ``x0``, ``dist_sq``, ``rbar`` and ``G`` (0-dim). ``stats()`` reports
     ``eta_min``, ``eta_median``, ``eta_max`` over tensors (without the ``lr`` multiplier),
     ``rbar_median``, ``rbar_max``, ``G_median`` and ``step``.
     """
@@ -712,8 +617,10 @@ class LDoG(DoG):
         sdt = self._stat_dtype(batch)
         if batch.num_tensors == 0:
             return {}
-        stats = self._tensor_statistics(batch, sdt)
-        out = {"d2": stats[:, 0].contiguous(), "g2": stats[:, 2].contiguous()}
+        d2 = torch.stack(
+            [d.to(batch.device, sdt) for gb in batch.groups for d in gb.state_list("dist_sq")]
+        )
+        out = {"g2": self._grad_sq(batch, sdt), "d2": d2}
         fresh = [id(p) in self._fresh for gb in batch.groups for p in gb.originals]
         if any(fresh):  # r_eps of the tensors at their first step: ||x_0||^2 per tensor
             params = [p for gb in batch.groups for p in gb.params]
