@@ -243,6 +243,19 @@ def test_16bit_parameters_are_updated_in_full(impl, dtype):
     assert torch.allclose(p.detach().float(), torch.full((64,), expected), atol=1e-2)
 
 
+@pytest.mark.parametrize("cls", [DoG, LDoG, TDoG])
+def test_zero_gradients_with_eps_zero_do_not_produce_nan(cls):
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = cls([p], eps=0.0, reps_rel=0.5)
+    for _ in range(2):
+        p.grad = torch.zeros(3)
+        opt.step()
+    assert torch.equal(p.detach(), torch.ones(3))
+    p.grad = torch.ones(3)
+    opt.step()
+    assert torch.isfinite(p.detach()).all() and not torch.equal(p.detach(), torch.ones(3))
+
+
 def test_first_step_size_is_r_eps_over_gradient_norm():
     """x_1 = x_0 - r_eps * g_0 / ||g_0||: the first move has length r_eps (eps aside)."""
     p = torch.nn.Parameter(torch.tensor([3.0, 4.0], dtype=torch.float64))  # ||x_0|| = 5

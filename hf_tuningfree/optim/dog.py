@@ -381,7 +381,7 @@ class DoG(TuningFreeOptimizer):
         step = self.global_tensor("step", device, _missing)
         new_rbar = torch.where(ok, torch.maximum(rbar, d2.sqrt()), rbar)
         new_G = torch.where(ok, G + g2, G)
-        eta = new_rbar / torch.sqrt(new_G + eps)
+        eta = _safe_div(new_rbar, torch.sqrt(new_G + eps))
         eta = self._tame(eta, new_rbar, new_G, g2, ok, step, device)
         gs["rbar"], gs["G"] = new_rbar, new_G
         gs["eta"] = torch.where(ok, eta, self.global_tensor("eta", device, _missing))
@@ -579,8 +579,8 @@ class TDoG(DoG):
         factor = taming_factor(step, new_lbar, new_l0, delta=self.param_groups[0]["delta"])
         gs["lbar"], gs["l0"] = new_lbar, new_l0
         gs["taming"] = torch.where(ok, factor, self.global_tensor("taming", device, lambda d: zero))
-        return rbar / (
-            factor * torch.sqrt(G + 16.0 * new_lbar * new_lbar + self.param_groups[0]["eps"])
+        return _safe_div(
+            rbar, factor * torch.sqrt(G + 16.0 * new_lbar * new_lbar + self.param_groups[0]["eps"])
         )
 
     def stats(self) -> dict[str, float]:
@@ -661,7 +661,7 @@ class LDoG(DoG):
             base = torch.where(rbar == 0, r_eps, rbar)
         new_rbar = torch.where(ok, torch.maximum(base, d2.sqrt()), base)
         new_G = torch.where(ok, G + g2, G)
-        eta = new_rbar / torch.sqrt(new_G + eps)
+        eta = _safe_div(new_rbar, torch.sqrt(new_G + eps))
         sizes = torch.where(ok, lr * eta, torch.zeros_like(eta))
         torch._foreach_copy_(rbar_states, list(new_rbar.unbind(0)))
         torch._foreach_copy_(G_states, list(new_G.unbind(0)))
@@ -711,6 +711,12 @@ class LDoG(DoG):
         if "step" in self.global_state:
             out["step"] = float(self.global_state["step"])
         return out
+
+
+def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """``num / den``, 0 where ``den`` is 0 (``eps=0`` with only zero gradients so far: no step,
+    rather than ``inf * 0 = NaN``)."""
+    return torch.where(den > 0, num / torch.where(den > 0, den, 1.0), 0.0)
 
 
 def _missing(device: torch.device) -> torch.Tensor:
