@@ -306,6 +306,7 @@ class TuningFreeOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._last_ok = None
         batch = self._collect()
         plan = plan_reduction(
             (p for g in self.param_groups for p in g["params"]), self.global_reduce
@@ -336,8 +337,9 @@ class TuningFreeOptimizer(torch.optim.Optimizer):
     @property
     def last_step_skipped(self) -> torch.Tensor | bool:
         """Whether the last ``step()`` was skipped for a NaN/Inf gradient: a 0-dim bool tensor on
-        the parameters' device (reading it on the host syncs), or False before any step. Pass it
-        to ``PolynomialDecayAverager.update(skipped=...)`` to keep the average sync-free."""
+        the parameters' device (reading it on the host syncs), or False before any step and after
+        a step that had no gradients to apply. Pass it to
+        ``PolynomialDecayAverager.update(skipped=...)`` to keep the average sync-free."""
         ok = getattr(self, "_last_ok", None)
         return False if ok is None else ~ok
 
