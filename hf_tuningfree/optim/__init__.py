@@ -1,13 +1,17 @@
 """Tuning-free optimizers in pure PyTorch (importable with only torch installed).
 
 - :class:`ADOPT` (Taniguchi et al., NeurIPS 2024)
+- :class:`DoG`, :class:`LDoG`, :class:`TDoG` (Ivgi, Hinder & Carmon, ICML 2023) and
+  :class:`PolynomialDecayAverager`, the iterate averaging they are used with
 
 Every optimizer is registered in :mod:`hf_tuningfree.optim.registry`;
 ``create_optimizer(name, params, **overrides)`` builds one by name.
 """
 
 from .adopt import ADOPT
+from .averaging import PolynomialDecayAverager
 from .base import TuningFreeOptimizer
+from .dog import DoG, LDoG, TDoG
 from .registry import (
     OptimizerSpec,
     available_optimizers,
@@ -20,7 +24,11 @@ from .registry import (
 
 __all__ = [
     "ADOPT",
+    "DoG",
+    "LDoG",
     "OptimizerSpec",
+    "PolynomialDecayAverager",
+    "TDoG",
     "TuningFreeOptimizer",
     "available_optimizers",
     "create_optimizer",

@@ -220,7 +220,8 @@ class TuningFreeOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     def _local_statistics(self, batch: StepBatch) -> dict[str, torch.Tensor]:
-        """Model-wide sums this rank contributes (0-dim fp32 tensors on ``batch.device``)."""
+        """Model-wide sums this rank contributes (fp32/fp64 tensors on ``batch.device``): 0-dim,
+        or 1-D for per-tensor statistics; each is summed elementwise across ranks."""
         return {}
 
     def _update(self, batch: StepBatch, stats: dict[str, torch.Tensor], ok: torch.Tensor) -> None:
@@ -286,10 +287,17 @@ class TuningFreeOptimizer(torch.optim.Optimizer):
             return {}
         names = sorted(local)
         dtype = _common_dtype(list(local.values()))
-        stacked = torch.stack([local[n].to(device, dtype) for n in names])
+        # 0-dim sums and per-tensor vectors (layer-wise statistics) travel in one flat tensor
+        flat = [local[n].to(device, dtype).reshape(-1) for n in names]
+        stacked = torch.cat(flat)
         if plan.is_sharded:
             stacked = all_reduce_sum(stacked, plan)
-        return dict(zip(names, stacked.unbind(0), strict=True))
+        out: dict[str, torch.Tensor] = {}
+        start = 0
+        for n, f in zip(names, flat, strict=True):
+            out[n] = stacked[start : start + f.numel()].reshape(local[n].shape)
+            start += f.numel()
+        return out
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
@@ -298,6 +306,7 @@ class TuningFreeOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._last_ok = None
         batch = self._collect()
         plan = plan_reduction(
             (p for g in self.param_groups for p in g["params"]), self.global_reduce
@@ -315,6 +324,7 @@ class TuningFreeOptimizer(torch.optim.Optimizer):
         else:
             ok = torch.ones((), dtype=torch.bool, device=batch.device)
         self._update(batch, stats, ok)
+        self._last_ok = ok
         skipped = self.global_tensor(
             "skipped_steps",
             batch.device,
@@ -323,6 +333,15 @@ class TuningFreeOptimizer(torch.optim.Optimizer):
         skipped.add_((~ok).to(torch.int64))
         self._notice.watch(skipped)
         return loss
+
+    @property
+    def last_step_skipped(self) -> torch.Tensor | bool:
+        """Whether the last ``step()`` was skipped for a NaN/Inf gradient: a 0-dim bool tensor on
+        the parameters' device (reading it on the host syncs), or False before any step and after
+        a step that had no gradients to apply. Pass it to
+        ``PolynomialDecayAverager.update(skipped=...)`` to keep the average sync-free."""
+        ok = getattr(self, "_last_ok", None)
+        return False if ok is None else ~ok
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:

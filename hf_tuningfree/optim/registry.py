@@ -289,6 +289,7 @@ def registry_table(names: Iterable[str] | None = None) -> str:
 # ---------------------------------------------------------------------- built-in entries
 def _register_builtins() -> None:
     from .adopt import ADOPT
+    from .dog import DoG, LDoG, TDoG
 
     register_optimizer(
         OptimizerSpec(
@@ -298,6 +299,39 @@ def _register_builtins() -> None:
             description="Adam variant that converges for any beta2; clipped update (t^0.25)",
             paper="Taniguchi et al., ADOPT: Modified Adam Can Converge with Any beta2 with the "
             "Optimal Rate, NeurIPS 2024",
+        )
+    )
+    dog_paper = (
+        "Ivgi, Hinder & Carmon, DoG is SGD's Best Friend: A Parameter-Free Dynamic Step Size "
+        "Schedule, ICML 2023"
+    )
+    register_optimizer(
+        OptimizerSpec(
+            name="dog",
+            cls=DoG,
+            lr=1.0,
+            description="SGD with step = max distance from x0 / sqrt(sum of squared grad norms), "
+            "one step for the whole model; use with iterate averaging",
+            paper=dog_paper,
+        )
+    )
+    register_optimizer(
+        OptimizerSpec(
+            name="ldog",
+            cls=LDoG,
+            lr=1.0,
+            description="Layer-wise DoG: the DoG step computed for each tensor separately",
+            paper=dog_paper,
+        )
+    )
+    register_optimizer(
+        OptimizerSpec(
+            name="tdog",
+            cls=TDoG,
+            lr=1.0,
+            description="Tamed DoG: DoG's step divided by the log factor of the paper's theory "
+            "(very small steps; for experiments)",
+            paper=dog_paper,
         )
     )
 
