@@ -18,11 +18,10 @@ from hf_tuningfree.optim.base import TuningFreeOptimizer, _NonfiniteNotice
 
 NAMES = available_optimizers()
 
-#: Optimizers whose steps are tiny by design: they must run correctly, but cannot be expected to
-#: lower the loss of a small model within a few dozen steps (tested in their own test files).
-TINY_STEPS = {
-    "tdog": "T-DoG divides DoG's step by its theory's taming factor (~1e5-1e6)",
-}
+#: Learning-rate multipliers for the training test. T-DoG divides DoG's step by its theory's
+#: taming factor (~1e5-1e6 on this problem, see test_dog.py); multiplying it back checks that the
+#: rest of the machinery trains.
+TRAINING_TEST_LR = {"tdog": 1e6}
 
 
 def _model(dtype=torch.float32) -> torch.nn.Module:
@@ -81,11 +80,10 @@ def _state_snapshot(opt):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_trains_a_small_model(name):
-    if name in TINY_STEPS:
-        pytest.skip(TINY_STEPS[name])
     model = _model()
     x, y = _data()
-    opt = create_optimizer(name, _groups(model, 0.01))
+    extra = {"lr": TRAINING_TEST_LR[name]} if name in TRAINING_TEST_LR else {}
+    opt = create_optimizer(name, _groups(model, 0.01), **extra)
     losses = _train(model, opt, 60, x, y)
     assert losses[-1] < 0.8 * losses[0], f"{name}: loss {losses[0]:.3f} -> {losses[-1]:.3f}"
 
@@ -170,25 +168,26 @@ def test_checkpoint_round_trip_continues_bit_exactly(name):
 def test_grad_none_params_and_empty_groups_are_left_alone(name):
     model = _model()
     frozen = torch.nn.Parameter(torch.randn(4))
+    before = frozen.detach().clone()
     x, y = _data()
     groups = [*_groups(model), {"params": [frozen]}, {"params": []}]
     opt = create_optimizer(name, groups)
     _train(model, opt, 3, x, y)  # `frozen` never receives a gradient
     assert frozen.grad is None
     assert len(opt.state[frozen]) == 0
-    assert torch.equal(frozen.detach(), frozen.detach().clone())
+    assert torch.equal(frozen.detach(), before)
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_bf16_parameters(name):
     model = _model(torch.bfloat16)
     x, y = _data()
-    opt = create_optimizer(name, _groups(model, 0.01))
+    extra = {"lr": TRAINING_TEST_LR[name]} if name in TRAINING_TEST_LR else {}
+    opt = create_optimizer(name, _groups(model, 0.01), **extra)
     losses = _train(model, opt, 30, x, y)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     assert torch.isfinite(torch.tensor(losses)).all()
-    if name not in TINY_STEPS:
-        assert losses[-1] < losses[0]
+    assert losses[-1] < losses[0]
 
 
 @pytest.mark.parametrize("name", NAMES)

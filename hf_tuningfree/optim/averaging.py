@@ -145,6 +145,10 @@ class PolynomialDecayAverager:
         self._tensors = tensors
         return tensors
 
+    def tracked_tensors(self) -> dict[str, torch.Tensor]:
+        """The live tensors being averaged (the model's, not the average), by name."""
+        return dict(self._tracked())
+
     @property
     def names(self) -> list[str]:
         """Names of the averaged tensors (parameter/buffer names; indices for a tensor list)."""
