@@ -1,6 +1,8 @@
 """Tuning-free optimizers in pure PyTorch (importable with only torch installed).
 
 - :class:`ADOPT` (Taniguchi et al., NeurIPS 2024)
+- :class:`HyperSGD`, :class:`HyperAdam`, :class:`HyperAdaGrad`, :class:`HyperRMSProp`:
+  hypergradient descent with hyperoptimizer towers (Chandra et al., NeurIPS 2022)
 
 Every optimizer is registered in :mod:`hf_tuningfree.optim.registry`;
 ``create_optimizer(name, params, **overrides)`` builds one by name.
@@ -8,6 +10,7 @@ Every optimizer is registered in :mod:`hf_tuningfree.optim.registry`;
 
 from .adopt import ADOPT
 from .base import TuningFreeOptimizer
+from .hypergradient import HyperAdaGrad, HyperAdam, HypergradientOptimizer, HyperRMSProp, HyperSGD
 from .registry import (
     OptimizerSpec,
     available_optimizers,
@@ -20,6 +23,11 @@ from .registry import (
 
 __all__ = [
     "ADOPT",
+    "HyperAdaGrad",
+    "HyperAdam",
+    "HyperRMSProp",
+    "HyperSGD",
+    "HypergradientOptimizer",
     "OptimizerSpec",
     "TuningFreeOptimizer",
     "available_optimizers",

@@ -285,6 +285,7 @@ def registry_table(names: Iterable[str] | None = None) -> str:
 # ---------------------------------------------------------------------- built-in entries
 def _register_builtins() -> None:
     from .adopt import ADOPT
+    from .hypergradient import HyperAdaGrad, HyperAdam, HyperRMSProp, HyperSGD
 
     register_optimizer(
         OptimizerSpec(
@@ -296,6 +297,29 @@ def _register_builtins() -> None:
             "Optimal Rate, NeurIPS 2024",
         )
     )
+
+    for name, cls, lr, what in (
+        ("hyper_sgd", HyperSGD, 1e-2, "SGD with momentum"),
+        ("hyper_adam", HyperAdam, 1e-3, "Adam(W)"),
+        ("hyper_adagrad", HyperAdaGrad, 1e-2, "AdaGrad"),
+        ("hyper_rmsprop", HyperRMSProp, 1e-3, "RMSProp"),
+    ):
+        register_optimizer(
+            OptimizerSpec(
+                name=name,
+                cls=cls,
+                lr=lr,
+                description=f"{what} whose step size is learned by a tower of hyperoptimizers "
+                "(hypergradient descent)",
+                paper=_HYPER_PAPER,
+            )
+        )
+
+
+_HYPER_PAPER = (
+    "Chandra, Xie, Ragan-Kelley & Meijer, Gradient Descent: The Ultimate Optimizer, NeurIPS 2022; "
+    "Baydin et al., Online Learning Rate Adaptation with Hypergradient Descent, ICLR 2018"
+)
 
 
 _register_builtins()
