@@ -507,17 +507,19 @@ def test_bad_input_in_param_groups():
     with pytest.raises(ValueError, match="Invalid lr"):
         HyperSGD([{"params": [a]}, {"params": [b], "lr": 0.0}])
     # shared hyperparameters must start from one value; per group they may differ
-    opt = HyperSGD(
-        [{"params": [a], "momentum": 0.9}, {"params": [b], "momentum": 0.5}], learn="momentum"
-    )
-    a.grad, b.grad = torch.ones(2), torch.ones(2)
     with pytest.raises(ValueError, match="same momentum"):
-        opt.step()
+        HyperSGD(
+            [{"params": [a], "momentum": 0.9}, {"params": [b], "momentum": 0.5}], learn="momentum"
+        )
+    opt = HyperSGD([{"params": [a], "momentum": 0.9}], learn="momentum")
+    with pytest.raises(ValueError, match="same momentum"):  # a group added later is checked too
+        opt.add_param_group({"params": [b], "momentum": 0.5})
     opt = HyperSGD(
         [{"params": [a], "momentum": 0.9}, {"params": [b], "momentum": 0.5}],
         learn="momentum",
         per_group=True,
     )
+    a.grad, b.grad = torch.ones(2), torch.ones(2)
     opt.step()
     stats = opt.stats()
     assert stats["hyper/group0/level0/momentum"] == pytest.approx(0.9, rel=1e-6)

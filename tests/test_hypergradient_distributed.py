@@ -34,8 +34,7 @@ CONFIGS = [
     ("hyper_sgd", {"learn": "lr+momentum", "height": 3, "hyper_optimizer": "adam/sgd/adam",
                    "hyper_lr": (0.05, 1.0, 0.02), "weight_decay": 0.01}),
     ("hyper_adam", {"learn": "lr+beta1+beta2", "height": 2, "weight_decay": 0.01}),
-    ("hyper_rmsprop", {"learn": "lr+decay", "height": 2}),
-    ("hyper_adagrad", {"height": 2}),
+    ("hyper_rmsprop", {"learn": "lr+decay", "height": 2}),  # (AdaGrad's dots are the same kind)
 ]  # fmt: skip
 
 

@@ -312,6 +312,10 @@ def _register_builtins() -> None:
                 description=f"{what} whose step size is learned by a tower of hyperoptimizers "
                 "(hypergradient descent)",
                 paper=_HYPER_PAPER,
+                # The tower adapts the step size; a schedule multiplies what it learned, and the
+                # stock linear decay to 0 would also stop the learning (the hypergradient of the
+                # step size is proportional to the multiplier).
+                trainer_defaults={"lr_scheduler_type": "constant"},
             )
         )
 
