@@ -649,7 +649,7 @@ def test_taller_towers_are_less_sensitive_to_the_initial_step_size(kind):
         rows[f"height {height}"] = [
             _claim_final_loss(
                 lambda p, lr=lr, h=height: CLASSES[kind](
-                    p, lr=lr, height=h, hyper_lr=CLAIM_KAPPA[:h], implementation="loop"
+                    p, lr=lr, height=h, hyper_lr=CLAIM_KAPPA[:h]
                 )
             )
             for lr in lrs
