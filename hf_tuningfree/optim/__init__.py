@@ -3,6 +3,8 @@
 - :class:`ADOPT` (Taniguchi et al., NeurIPS 2024)
 - :class:`DoG`, :class:`LDoG`, :class:`TDoG` (Ivgi, Hinder & Carmon, ICML 2023) and
   :class:`PolynomialDecayAverager`, the iterate averaging they are used with
+- :class:`HyperSGD`, :class:`HyperAdam`, :class:`HyperAdaGrad`, :class:`HyperRMSProp`:
+  hypergradient descent with hyperoptimizer towers (Chandra et al., NeurIPS 2022)
 
 Every optimizer is registered in :mod:`hf_tuningfree.optim.registry`;
 ``create_optimizer(name, params, **overrides)`` builds one by name.
@@ -12,6 +14,7 @@ from .adopt import ADOPT
 from .averaging import PolynomialDecayAverager
 from .base import TuningFreeOptimizer
 from .dog import DoG, LDoG, TDoG
+from .hypergradient import HyperAdaGrad, HyperAdam, HypergradientOptimizer, HyperRMSProp, HyperSGD
 from .registry import (
     OptimizerSpec,
     available_optimizers,
@@ -25,6 +28,11 @@ from .registry import (
 __all__ = [
     "ADOPT",
     "DoG",
+    "HyperAdaGrad",
+    "HyperAdam",
+    "HyperRMSProp",
+    "HyperSGD",
+    "HypergradientOptimizer",
     "LDoG",
     "OptimizerSpec",
     "PolynomialDecayAverager",

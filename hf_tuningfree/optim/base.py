@@ -228,6 +228,13 @@ class TuningFreeOptimizer(torch.optim.Optimizer):
         """Apply the update; every write must be a no-op where ``ok`` is False."""
         raise NotImplementedError
 
+    def _finiteness_statistic(self, batch: StepBatch) -> torch.Tensor:
+        """A 0-dim tensor on ``batch.device`` that is finite iff every gradient of this rank is
+        (it is summed over ranks when sharded). Default: the sum of the gradient norms. A subclass
+        whose ``_local_statistics`` already reads every gradient element (e.g. in a dot product)
+        may return a sum of those statistics instead and save a pass over the gradients."""
+        return batch.sum_on_device(n for norms in batch.grad_norms() for n in norms)
+
     def stats(self) -> dict[str, float]:
         """Values worth logging, as Python floats. Reads device memory: call at logging time,
         not every step."""
@@ -315,9 +322,7 @@ class TuningFreeOptimizer(torch.optim.Optimizer):
             return loss
         local = dict(self._local_statistics(batch))
         if self.skip_nonfinite:
-            local["_grad_norm_sum"] = batch.sum_on_device(
-                n for norms in batch.grad_norms() for n in norms
-            )
+            local["_grad_norm_sum"] = self._finiteness_statistic(batch)
         stats = self._reduce(local, plan, batch.device)
         if self.skip_nonfinite:
             ok = torch.isfinite(stats.pop("_grad_norm_sum"))

@@ -106,10 +106,10 @@ class CompiledKernel:
     Compile time is recorded in ``compile_seconds``.
     """
 
-    def __init__(self, fn: Callable[..., None], name: str | None = None) -> None:
+    def __init__(self, fn: Callable[..., Any], name: str | None = None) -> None:
         self.fn = fn
         self.name = name or fn.__name__
-        self._compiled: Callable[..., None] | None = None
+        self._compiled: Callable[..., Any] | None = None
         self._failed = False
         self._warmed: set[tuple[Any, ...]] = set()
         self.compile_seconds = 0.0
@@ -118,27 +118,27 @@ class CompiledKernel:
     def failed(self) -> bool:
         return self._failed
 
-    def _get(self) -> Callable[..., None]:
+    def _get(self) -> Callable[..., Any]:
         if self._compiled is None:
             self._compiled = torch.compile(self.fn, dynamic=True, fullgraph=True)
         return self._compiled
 
-    def __call__(self, tensors: Sequence[torch.Tensor], *args: Any, **kwargs: Any) -> None:
+    def __call__(self, tensors: Sequence[torch.Tensor], *args: Any, **kwargs: Any) -> Any:
+        """Run the kernel; returns what ``fn`` returns (``None`` for in-place updates, 0-dim
+        tensors for reductions)."""
         # Tensors of 0 or 1 elements would each cost a specialised recompile (dynamo treats sizes
         # 0 and 1 specially) for no speed-up; non-contiguous ones cannot be viewed flat.
         if self._failed or tensors[0].numel() <= 1 or not all(t.is_contiguous() for t in tensors):
-            self.fn(*tensors, *args, **kwargs)
-            return
+            return self.fn(*tensors, *args, **kwargs)
         flat = [flat_alias(t) for t in tensors]
         # A (dtype, device, static-arguments) combination compiles once; time its first call.
         key = (tensors[0].dtype, tensors[0].device.type, *sorted(kwargs.items()))
         if key in self._warmed:
-            self._get()(*flat, *args, **kwargs)
-            return
+            return self._get()(*flat, *args, **kwargs)
         start = time.perf_counter()
         try:
             with _room_for_variants():
-                self._get()(*flat, *args, **kwargs)
+                out = self._get()(*flat, *args, **kwargs)
         except _compile_errors() as exc:
             self._failed = True
             warnings.warn(
@@ -148,10 +148,10 @@ class CompiledKernel:
                 RuntimeWarning,
                 stacklevel=3,
             )
-            self.fn(*tensors, *args, **kwargs)
-            return
+            return self.fn(*tensors, *args, **kwargs)
         self._warmed.add(key)
         self.compile_seconds += time.perf_counter() - start
+        return out
 
 
 def flat_alias(t: torch.Tensor) -> torch.Tensor:

@@ -290,6 +290,7 @@ def registry_table(names: Iterable[str] | None = None) -> str:
 def _register_builtins() -> None:
     from .adopt import ADOPT
     from .dog import DoG, LDoG, TDoG
+    from .hypergradient import HyperAdaGrad, HyperAdam, HyperRMSProp, HyperSGD
 
     register_optimizer(
         OptimizerSpec(
@@ -345,6 +346,33 @@ def _register_builtins() -> None:
             lr_is_multiplier=True,
         )
     )
+
+    for name, cls, lr, what in (
+        ("hyper_sgd", HyperSGD, 1e-2, "SGD with momentum"),
+        ("hyper_adam", HyperAdam, 1e-3, "Adam(W)"),
+        ("hyper_adagrad", HyperAdaGrad, 1e-2, "AdaGrad"),
+        ("hyper_rmsprop", HyperRMSProp, 1e-3, "RMSProp"),
+    ):
+        register_optimizer(
+            OptimizerSpec(
+                name=name,
+                cls=cls,
+                lr=lr,
+                description=f"{what} whose step size is learned by a tower of hyperoptimizers "
+                "(hypergradient descent)",
+                paper=_HYPER_PAPER,
+                # The tower adapts the step size; a schedule multiplies what it learned, and the
+                # stock linear decay to 0 would also stop the learning (the hypergradient of the
+                # step size is proportional to the multiplier).
+                trainer_defaults={"lr_scheduler_type": "constant"},
+            )
+        )
+
+
+_HYPER_PAPER = (
+    "Chandra, Xie, Ragan-Kelley & Meijer, Gradient Descent: The Ultimate Optimizer, NeurIPS 2022; "
+    "Baydin et al., Online Learning Rate Adaptation with Hypergradient Descent, ICLR 2018"
+)
 
 
 _register_builtins()
