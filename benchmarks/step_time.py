@@ -68,6 +68,14 @@ def _authors() -> dict[str, tuple[str, Factory]]:
         out["adopt"] = ("torch-adopt (authors)", lambda p: AuthorsADOPT(p, lr=1e-3))
     except ImportError:
         pass
+    try:
+        from dog import DoG as AuthorsDoG
+        from dog import LDoG as AuthorsLDoG
+
+        out["dog"] = ("dog-optimizer DoG (authors)", lambda p: AuthorsDoG(p))
+        out["ldog"] = ("dog-optimizer LDoG (authors)", lambda p: AuthorsLDoG(p))
+    except ImportError:
+        pass
     return out
 
 
@@ -76,7 +84,9 @@ def _baselines() -> dict[str, Factory]:
         "AdamW fused": lambda p: torch.optim.AdamW(p, lr=1e-3, fused=True),
         "AdamW foreach": lambda p: torch.optim.AdamW(p, lr=1e-3, foreach=True),
         "AdamW for-loop": lambda p: torch.optim.AdamW(p, lr=1e-3, foreach=False),
-        "SGD momentum (fastest path)": lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9),
+        "SGD momentum (fastest path)": lambda p: torch.optim.SGD(
+            p, lr=1e-2, momentum=0.9, fused=True
+        ),
     }
 
 
@@ -181,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     contenders = run(args)
     print(report(contenders))
-    missing = {"adopt": "torch-adopt"}
+    missing = {"adopt": "torch-adopt", "dog": "dog-optimizer"}
     absent = [pkg for name, pkg in missing.items() if name not in _authors()]
     if absent:
         print(f"\n(authors' packages not installed, skipped: {', '.join(absent)})")
