@@ -1,7 +1,10 @@
-"""Runs a comparison: every run in its own process, cached on disk, resumable, divergence-safe.
+"""Runs a comparison: runs in worker processes, cached on disk, resumable, divergence-safe.
 
-Each run executes in a fresh worker process (``spawn``), so its peak memory is its own and a crash
-or an out-of-memory kill costs one run, not the sweep. A finished run is written to
+Runs execute in ``workers`` long-lived worker processes (``spawn``): a crash or an out-of-memory
+kill costs the runs of one worker, not the sweep, and each worker imports torch and builds the task
+(tokenised data) once. Each run's peak memory is its own: on Linux the worker resets its peak
+resident-set counter before a run (``/proc/self/clear_refs``) and reads ``VmHWM`` after it;
+elsewhere the process peak so far is reported. A finished run is written to
 ``<output>/runs/<key>.json`` at once; a later invocation with the same task and runs reuses it and
 trains nothing. A run whose loss becomes NaN/Inf is recorded as ``diverged``.
 """
@@ -48,7 +51,23 @@ def _write_atomic(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def _reset_peak_rss() -> None:
+    """Start a new peak-RSS measurement (Linux: writing 5 to clear_refs resets VmHWM)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
 def _peak_rss_mb() -> float:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     try:
         import resource
     except ImportError:  # pragma: no cover - Windows
@@ -60,6 +79,7 @@ def _peak_rss_mb() -> float:
 def execute_run(task_dict: dict[str, Any], run_dict: dict[str, Any], output_dir: str) -> dict:
     """Worker entry point: train and evaluate one run, write its result, return it."""
     task, run = TaskSpec.from_dict(task_dict), RunSpec.from_dict(run_dict)
+    _reset_peak_rss()
     started = time.perf_counter()
     base = {"run": run.to_dict(), "label": run.label, "key": run.key(task)}
     try:
@@ -99,8 +119,8 @@ def run_comparison(
 ) -> list[dict[str, Any]]:
     """Execute (or reuse) every run; returns results in the order of ``runs``.
 
-    ``workers`` processes run at a time, each run in a fresh process; ``workers=0`` runs them in
-    this process, one after another (no per-run memory figure, no crash isolation)."""
+    ``workers`` processes run at a time; ``workers=0`` runs them in this process, one after
+    another (no crash isolation)."""
     output_dir.mkdir(parents=True, exist_ok=True)
     results: dict[int, dict[str, Any]] = {}
     todo: list[int] = []
@@ -139,10 +159,7 @@ def run_comparison(
         return [results[i] for i in range(total)]
 
     ctx = multiprocessing.get_context("spawn")
-    kwargs: dict[str, Any] = {"max_workers": max(1, workers), "mp_context": ctx}
-    if sys.version_info >= (3, 11):
-        kwargs["max_tasks_per_child"] = 1  # a fresh process per run: its own peak memory
-    with cf.ProcessPoolExecutor(**kwargs) as pool:
+    with cf.ProcessPoolExecutor(max_workers=max(1, workers), mp_context=ctx) as pool:
         futures = {
             pool.submit(execute_run, task.to_dict(), runs[i].to_dict(), str(output_dir)): i
             for i in todo
