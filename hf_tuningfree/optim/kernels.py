@@ -102,7 +102,8 @@ class CompiledKernel:
 
     ``kernel(tensors, *args, **kwargs)`` calls ``fn(*flat_tensors, *args, **kwargs)`` where every
     tensor in ``tensors`` is passed as a flat 1-D alias (see ``flat_alias``); tensors that cannot
-    be flattened without a copy (non-contiguous) go through ``fn`` eagerly.
+    be flattened without a copy (non-contiguous) go through ``fn`` eagerly. It returns what ``fn``
+    returns (e.g. 0-dim partial sums that an optimizer adds up across tensors).
     Compile time is recorded in ``compile_seconds``.
     """
 
@@ -123,22 +124,20 @@ class CompiledKernel:
             self._compiled = torch.compile(self.fn, dynamic=True, fullgraph=True)
         return self._compiled
 
-    def __call__(self, tensors: Sequence[torch.Tensor], *args: Any, **kwargs: Any) -> None:
+    def __call__(self, tensors: Sequence[torch.Tensor], *args: Any, **kwargs: Any) -> Any:
         # Tensors of 0 or 1 elements would each cost a specialised recompile (dynamo treats sizes
         # 0 and 1 specially) for no speed-up; non-contiguous ones cannot be viewed flat.
         if self._failed or tensors[0].numel() <= 1 or not all(t.is_contiguous() for t in tensors):
-            self.fn(*tensors, *args, **kwargs)
-            return
+            return self.fn(*tensors, *args, **kwargs)
         flat = [flat_alias(t) for t in tensors]
         # A (dtype, device, static-arguments) combination compiles once; time its first call.
         key = (tensors[0].dtype, tensors[0].device.type, *sorted(kwargs.items()))
         if key in self._warmed:
-            self._get()(*flat, *args, **kwargs)
-            return
+            return self._get()(*flat, *args, **kwargs)
         start = time.perf_counter()
         try:
             with _room_for_variants():
-                self._get()(*flat, *args, **kwargs)
+                out = self._get()(*flat, *args, **kwargs)
         except _compile_errors() as exc:
             self._failed = True
             warnings.warn(
@@ -148,10 +147,10 @@ class CompiledKernel:
                 RuntimeWarning,
                 stacklevel=3,
             )
-            self.fn(*tensors, *args, **kwargs)
-            return
+            return self.fn(*tensors, *args, **kwargs)
         self._warmed.add(key)
         self.compile_seconds += time.perf_counter() - start
+        return out
 
 
 def flat_alias(t: torch.Tensor) -> torch.Tensor:
