@@ -1,6 +1,8 @@
 """Tuning-free optimizers in pure PyTorch (importable with only torch installed).
 
 - :class:`ADOPT` (Taniguchi et al., NeurIPS 2024)
+- :class:`DAdaptSGD`, :class:`DAdaptAdam`, :class:`DAdaptAdaGrad` (Defazio & Mishchenko, ICML 2023)
+- :class:`Prodigy` (Mishchenko & Defazio, ICML 2024)
 
 Every optimizer is registered in :mod:`hf_tuningfree.optim.registry`;
 ``create_optimizer(name, params, **overrides)`` builds one by name.
@@ -8,6 +10,8 @@ Every optimizer is registered in :mod:`hf_tuningfree.optim.registry`;
 
 from .adopt import ADOPT
 from .base import TuningFreeOptimizer
+from .dadapt import DAdaptAdaGrad, DAdaptAdam, DAdaptSGD
+from .prodigy import Prodigy
 from .registry import (
     OptimizerSpec,
     available_optimizers,
@@ -20,7 +24,11 @@ from .registry import (
 
 __all__ = [
     "ADOPT",
+    "DAdaptAdaGrad",
+    "DAdaptAdam",
+    "DAdaptSGD",
     "OptimizerSpec",
+    "Prodigy",
     "TuningFreeOptimizer",
     "available_optimizers",
     "create_optimizer",
