@@ -279,13 +279,20 @@ class TuningFreeOptimizer(torch.optim.Optimizer):
         self.global_state[name] = t
         return t
 
+    def _stat_dtype(self) -> torch.dtype:
+        """Dtype of the stacked statistics: fp64 if any parameter is fp64, else fp32. Derived from
+        all parameters, not from this rank's gradients, so that a rank with no gradient (whose
+        sums are fp32 zeros) stacks the same dtype as the others for the collective."""
+        params = (p for g in self.param_groups for p in g["params"])
+        return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+
     def _reduce(
         self, local: dict[str, torch.Tensor], plan: ReducePlan, device: torch.device
     ) -> dict[str, torch.Tensor]:
         if not local:
             return {}
         names = sorted(local)
-        dtype = _common_dtype(list(local.values()))
+        dtype = self._stat_dtype()
         stacked = torch.stack([local[n].to(device, dtype) for n in names])
         if plan.is_sharded:
             stacked = all_reduce_sum(stacked, plan)
