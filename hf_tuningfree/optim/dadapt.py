@@ -39,7 +39,7 @@ its contribution to the estimate, so ``lr = 0`` freezes a group and keeps it out
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -72,10 +72,6 @@ __all__ = [
     "dadapt_adam_tensor_update",
     "dadapt_sgd_tensor_update",
 ]
-
-
-def _float_dtype(params: Sequence[torch.Tensor]) -> torch.dtype:
-    return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
 
 
 def check_growth_rate(value: object) -> float:
@@ -184,11 +180,6 @@ class DAdaptationBase(TuningFreeOptimizer):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ machinery
-    def _stat_dtype(self) -> torch.dtype:
-        """fp64 if any parameter is fp64, else fp32: the dtype of ``d`` and of every model-wide
-        sum. Derived from all parameters, so every rank stacks the same dtype."""
-        return _float_dtype([p for g in self.param_groups for p in g["params"]])
-
     def _global(self, name: str, device: torch.device, value: float = 0.0) -> torch.Tensor:
         dtype = self._stat_dtype()
         return self.global_tensor(
