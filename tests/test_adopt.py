@@ -152,9 +152,9 @@ def test_clip_bounds_the_first_update():
 
 
 def test_bf16_parameters_keep_their_dtype_and_paths_agree():
-    """bf16 parameters: state stays bf16 (step fp32); the loop and compiled paths compute in fp32
-    and round once, so they agree to one bf16 ulp; foreach computes in bf16 (like torch's foreach
-    Adam) and all three track an fp32 run to within bf16 rounding on average."""
+    """bf16 parameters: state stays bf16 (step fp32). The eager paths compute in bf16 (like
+    torch's foreach Adam), the compiled kernel in fp32 registers; all three track an fp32 run to
+    within bf16 rounding on average."""
     torch.manual_seed(1)
     shapes = [(64, 32), (32,), (7, 3)]
     init = [torch.randn(s) for s in shapes]
@@ -175,9 +175,6 @@ def test_bf16_parameters_keep_their_dtype_and_paths_agree():
     assert all(p.dtype == torch.bfloat16 for p in ps)
     assert opt.state[ps[0]]["exp_avg"].dtype == torch.bfloat16
     assert opt.state[ps[0]]["step"].dtype == torch.float32
-    for a, b in zip(runs["loop"][0], runs["compiled"][0], strict=True):
-        ulp = a.detach().float().abs().clamp_min(1e-3) * 2.0**-7
-        assert ((a.detach().float() - b.detach().float()).abs() <= ulp).all()
     for impl, (ps, _) in runs.items():
         for r, o in zip(ref, ps, strict=True):
             mean_diff = (r.detach() - o.detach().float()).abs().mean().item()

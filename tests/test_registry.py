@@ -131,3 +131,23 @@ def test_optim_package_imports_with_torch_only():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
     assert out.stdout.strip() == "[]"
+
+
+def test_readme_table_is_the_registry_table():
+    from pathlib import Path
+
+    from hf_tuningfree.cli import README_END, README_START
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    block = text.split(README_START, 1)[1].split("\n", 1)[1].split(README_END, 1)[0].strip()
+    assert block == registry_table(), "run `hf-tuningfree optimizers --readme` to update README.md"
+
+
+def test_replace_readme_table_rewrites_only_the_marked_block():
+    from hf_tuningfree.cli import replace_readme_table
+
+    text = "intro\n<!-- registry-table:start x -->\nold\n<!-- registry-table:end -->\nrest\n"
+    new = replace_readme_table(text, "NEW")
+    assert new == "intro\n<!-- registry-table:start x -->\nNEW\n<!-- registry-table:end -->\nrest\n"
+    with pytest.raises(ValueError, match="registry-table"):
+        replace_readme_table("no markers", "NEW")

@@ -69,32 +69,28 @@ def adopt_tensor_update(
 ) -> None:
     """One tensor's ADOPT update, in place; the eager per-tensor path and the compiled kernel.
 
+    Written with in-place ops (about nine passes over memory eagerly); under ``torch.compile``
+    inductor fuses it into one pass. Arithmetic happens in the parameter's dtype eagerly and in
+    fp32 registers when compiled.
+
     The per-step scalars come from ``_coefficients`` so that the first step (``v = g^2`` only), a
     skipped step (``ok`` False: nothing changes) and clipping need no branch on device values:
     ``clip`` is 0 at the first step (``u = 0``), ``+inf`` when unclipped; ``w_m = (1-beta1)``,
     ``lr_eff = lr`` and ``lr_wd = lr*wd`` on real updates, else 0; ``w_v`` is 1 at
     the first step, ``1 - beta2`` after, 0 when skipped.
     """
-    cdt = compute_dtype(param.dtype)
-    g = grad.to(cdt)
+    g = torch.where(ok, grad, 0.0)  # a skipped step's NaN/Inf never reaches the state
     if maximize:
-        g = -g
-    g = torch.where(ok, g, 0.0)  # a skipped step's NaN/Inf never reaches the state
-    p = param.to(cdt)
+        g.neg_()
     if coupled_wd != 0.0:
-        g = g + coupled_wd * p
-    m = exp_avg.to(cdt)
-    v = exp_avg_sq.to(cdt)
-    u = g / torch.clamp(v.sqrt(), min=eps)  # normalise by v_{t-1}, before the momentum
-    u = torch.clamp(u, -clip, clip)
-    m = m + w_m * (u - m)
+        g.add_(param, alpha=coupled_wd)
+    denom = exp_avg_sq.sqrt().clamp_(min=eps)  # max(sqrt(v_{t-1}), eps)
+    exp_avg_sq.lerp_(g.square(), w_v)  # v_t, once v_{t-1} has been used
+    u = g.div_(denom).clamp_(-clip, clip)  # normalise before the momentum, then clip
+    exp_avg.lerp_(u, w_m)  # m_t = m_{t-1} + (1 - beta1) (u_t - m_{t-1})
     if decoupled:
-        p = p - lr_wd * p  # (not p * (1 - lr*wd): rounding 1 - lr*wd biases every step)
-    p = p - lr_eff * m
-    v = v + w_v * (g * g - v)  # v_t after its use
-    param.copy_(p)
-    exp_avg.copy_(m)
-    exp_avg_sq.copy_(v)
+        param.addcmul_(param, lr_wd, value=-1.0)  # not p*(1 - lr*wd): that rounding biases p
+    param.addcmul_(exp_avg, lr_eff, value=-1.0)
 
 
 def _coefficients(

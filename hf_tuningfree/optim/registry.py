@@ -43,9 +43,12 @@ class OptimizerSpec:
         description: one line for tables and ``--help``.
         paper: citation of the paper the algorithm comes from.
         defaults: registry-level defaults that differ from the constructor's.
-        trainer_defaults: recommended ``TrainingArguments`` values (scheduler, warm-up, clipping,
-            iterate averaging) applied by the Trainer integration where the user set nothing.
+        trainer_defaults: recommended ``TrainingArguments`` values (``lr_scheduler_type``,
+            ``warmup_steps``, ``max_grad_norm``) and ``average_weights`` (iterate averaging for
+            evaluation and saving), applied by the Trainer integration where the user set nothing.
         tuning_free: False for baselines that need a tuned learning rate.
+        lr_is_multiplier: True when ``lr`` multiplies a step size the optimizer estimates
+            (D-Adaptation, Prodigy, DoG): 1.0 is the untuned choice and schedules act on it.
     """
 
     name: str
@@ -56,6 +59,7 @@ class OptimizerSpec:
     defaults: Mapping[str, Any] = field(default_factory=dict)
     trainer_defaults: Mapping[str, Any] = field(default_factory=dict)
     tuning_free: bool = True
+    lr_is_multiplier: bool = False
 
     def hyperparameters(self) -> dict[str, Any]:
         """Every keyword the optimizer accepts (besides ``params``) with its default here."""

@@ -1,0 +1,1 @@
+"""Metric modules shipped with the package (loaded by path with ``evaluate.load``)."""

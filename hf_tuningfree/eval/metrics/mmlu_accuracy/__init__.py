@@ -1,0 +1,1 @@
+"""The ``mmlu_accuracy`` evaluate module; see ``mmlu_accuracy.py``."""
