@@ -311,6 +311,7 @@ def _register_builtins() -> None:
             description="SGD whose step d*lr/||g0|| learns d, a lower bound on the distance "
             "to the solution",
             paper=dadapt_paper,
+            lr_is_multiplier=True,
         )
     )
     register_optimizer(
@@ -321,6 +322,7 @@ def _register_builtins() -> None:
             description="Adam with the D-Adaptation step size (one model-wide d; bias "
             "correction on)",
             paper=dadapt_paper,
+            lr_is_multiplier=True,
         )
     )
     register_optimizer(
@@ -330,6 +332,7 @@ def _register_builtins() -> None:
             lr=1.0,
             description="AdaGrad (dual averaging) with the D-Adaptation step size",
             paper=dadapt_paper,
+            lr_is_multiplier=True,
         )
     )
     register_optimizer(
@@ -341,6 +344,7 @@ def _register_builtins() -> None:
             "adapt",
             paper="Mishchenko & Defazio, Prodigy: An Expeditiously Adaptive Parameter-Free "
             "Learner, ICML 2024",
+            lr_is_multiplier=True,
         )
     )
 
