@@ -220,7 +220,12 @@ class TuningFreeOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     def _local_statistics(self, batch: StepBatch) -> dict[str, torch.Tensor]:
-        """Model-wide sums this rank contributes (0-dim fp32 tensors on ``batch.device``)."""
+        """Model-wide sums this rank contributes (0-dim fp32 tensors on ``batch.device``).
+
+        A subclass whose statistics pass already reads every gradient may also return
+        ``"_grad_norm_sum"`` (any sum over all gradients that is NaN/Inf exactly when one of them
+        is, e.g. ``sum ||g||^2``); the non-finite guard then uses it instead of computing the
+        gradient norms in a pass of its own."""
         return {}
 
     def _update(self, batch: StepBatch, stats: dict[str, torch.Tensor], ok: torch.Tensor) -> None:
@@ -312,7 +317,7 @@ class TuningFreeOptimizer(torch.optim.Optimizer):
         if batch.num_tensors == 0 and not plan.is_sharded:
             return loss
         local = dict(self._local_statistics(batch))
-        if self.skip_nonfinite:
+        if self.skip_nonfinite and "_grad_norm_sum" not in local:
             local["_grad_norm_sum"] = batch.sum_on_device(
                 n for norms in batch.grad_norms() for n in norms
             )
