@@ -375,7 +375,7 @@ def test_compiled_kernels_match_the_loop_fp32():
     """The compiled per-tensor kernels (one compile per optimizer, shared by every shape and by
     both weight-decay modes) against the eager loop, fp32, 12 steps, two groups."""
     torch.manual_seed(3)
-    shapes = [(96, 33), (33,), (4, 5, 6), (1,)]
+    shapes = [(130, 130), (96, 33), (33,), (4, 5, 6), (1,)]  # one unpacked, four packed
     init = [torch.randn(s) for s in shapes]
     targets = [torch.randn(s) for s in shapes]
     worst = {}

@@ -13,33 +13,43 @@ and the step is ``d * lr`` (``lr`` is a multiplier, default 1.0, that schedules 
 on). The three variants differ in the weighting and the norm; the class docstrings state each
 rule as math.
 
-How a step runs (see :mod:`hf_tuningfree.optim.base` for the phases)::
+How a step runs (the phases of :mod:`hf_tuningfree.optim.base`)::
 
-    phase 1  (before any state changes; the base's stacked all-reduce): the non-finite guard and,
-             for SGD, ``||g||^2`` for the scale ``||g_0||`` of its first step.
-    update   one pass over each tensor (``loop``: eager, ``compiled``: one fused kernel per tensor)
-             updates the state and the parameters with this step's ``d`` AND returns this tensor's
-             contributions to the model-wide sums that define the NEXT ``d``: the numerator terms
-             and the norm of the UPDATED ``s``.
-    phase 2  (after the update; ``_reduce_after_update``): those sums, stacked, ONE all-reduce when
-             the parameters are sharded (FSDP2 / FSDP1 / ``global_reduce``), none under DDP or in
-             one process; then ``d`` is updated. Every rank reaches this collective, also one
-             whose shard received no gradient.
+    phase 1  statistics pass, before any state changes: one read-only pass per tensor returns
+             ``||g||^2`` (the non-finite guard; SGD's ``||g_0||``) and the numerator terms, which
+             are defined on the state BEFORE the update (``<g_k, s_k>`` and its variants).
+             Reduced by the base's single stacked all-reduce (``_local_statistics``).
+    update   one pass per tensor updates the state and the parameters with this step's ``d`` and
+             returns the norm of the UPDATED ``s`` (``||s_{k+1}||``), which defines the next ``d``.
+    phase 2  those after-update sums, stacked, ONE all-reduce when the parameters are sharded
+             (FSDP2 / FSDP1 / ``global_reduce``), none under DDP or in one process
+             (``_reduce_after_update``, the same rule as phase 1); then ``d`` is updated. Every
+             rank reaches both collectives, also one whose shard received no gradient.
 
-So a sharded step makes two collectives of a few scalars each; a DDP or single-process step none.
-Nothing in ``step()`` reads a device value on the host: ``d``, the numerator and the step counter
-are 0-dim tensors in ``self.global_state`` (saved with the optimizer's state dict).
+A sharded step thus makes two collectives of a few scalars (AdaGrad one: all its sums are known
+before the update); a DDP or single-process step none. Nothing in ``step()`` reads a device value
+on the host: ``d``, the numerator and the step counter are 0-dim tensors in ``self.global_state``
+(saved with the optimizer's state dict).
+
+Each pass is one function of one tensor and its state, run eagerly (``"loop"``) or compiled
+(``"compiled"``: one fused C++/Triton loop per tensor, see :mod:`hf_tuningfree.optim.kernels`).
+Every per-step coefficient enters those functions as a 0-dim tensor computed outside them, so one
+compiled kernel serves every hyperparameter value and schedule; only booleans (``maximize``,
+coupled weight decay, momentum on/off) select variants.
 
 Hyperparameters that define the model-wide estimate (``d0``, ``growth_rate``, ``betas`` of the
 Adam variants' ``s``, ...) must be equal in every param group (checked); ``lr``, weight decay,
 ``eps``, momentum and ``maximize`` may differ per group. A group's ``lr`` scales both its step and
 its contribution to the estimate, so ``lr = 0`` freezes a group and keeps it out of ``d``.
+Parameters without a gradient in a step keep their ``s``, and it still counts in ``||s||`` (the
+authors' code leaves them out of the norm for that step, which can raise ``d`` for good).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -68,8 +78,12 @@ __all__ = [
     "DAdaptAdam",
     "DAdaptSGD",
     "DAdaptationBase",
+    "TensorPass",
+    "dadapt_adagrad_statistics",
     "dadapt_adagrad_tensor_update",
+    "dadapt_adam_statistics",
     "dadapt_adam_tensor_update",
+    "dadapt_sgd_statistics",
     "dadapt_sgd_tensor_update",
 ]
 
@@ -85,18 +99,59 @@ def check_growth_rate(value: object) -> float:
     return v
 
 
+@dataclass(frozen=True)
+class TensorPass:
+    """One per-tensor pass: ``fn(param, grad, *state[keys], *scalars, **static)`` returns a tuple
+    of 0-dim partial sums named ``sums``; ``compiled`` is the same function under
+    ``torch.compile``; ``writes`` names what it updates in place (``"param"`` and state keys)."""
+
+    fn: Callable[..., tuple[torch.Tensor, ...]]
+    compiled: CompiledKernel
+    keys: tuple[str, ...]
+    sums: tuple[str, ...]
+    writes: frozenset[str] = frozenset()
+
+
+def _pass(
+    fn: Callable[..., tuple[torch.Tensor, ...]],
+    name: str,
+    keys: tuple[str, ...],
+    sums: tuple[str, ...],
+    writes: tuple[str, ...] = (),
+) -> TensorPass:
+    return TensorPass(fn, CompiledKernel(fn, name), keys, sums, frozenset(writes))
+
+
+def _scalar(value: float, like: torch.Tensor) -> torch.Tensor:
+    return torch.full((), value, dtype=like.dtype, device=like.device)
+
+
 class DAdaptationBase(TuningFreeOptimizer):
     """What the D-Adaptation family (and Prodigy) share: the model-wide ``d`` and step counter in
-    ``global_state``, per-tensor kernels that return partial sums, the after-update reduction,
-    and the checks that model-wide hyperparameters agree across groups.
+    ``global_state``, the statistics and update passes, the after-update reduction, and the checks
+    that model-wide hyperparameters agree across groups.
 
-    A subclass sets ``_MODEL_WIDE`` (group keys that must agree), ``_SUMS`` (names of the partial
-    sums its kernel returns, in order) and implements ``_kernel``, ``_tensors``,
-    ``_group_scalars`` and ``_finish``; optionally ``_step_scalars`` and ``_local_statistics``.
+    A subclass sets ``_MODEL_WIDE`` (group keys that must agree) and ``_SUMS`` (names of the
+    after-update sums) and implements:
+
+    * ``_statistics_pass(gb, d, step)``: ``(TensorPass, scalars, static)`` of the read-only pass
+      whose first sum is ``g_sq`` (``||g||^2`` of the raw gradient);
+    * ``_combine_statistics(batch, per_group, d, step)``: this rank's phase-1 sums from the
+      per-group sums of that pass;
+    * ``_update_pass(gb, d, step, stats, ok)``: ``(TensorPass, scalars, static)`` of the update,
+      whose sums are ``_SUMS``; every write must be a no-op where ``ok`` is False;
+    * ``_finish(stats, sums, ok, d, step)``: the new ``d`` and global scalars.
+
+    Tensors of fewer than ``PACK_BELOW`` elements (biases, norms) are packed: each of their lists
+    is concatenated into one flat tensor, the pass runs once on the packed tensors and what it
+    wrote is copied back. A call costs ~50-100 us of Python and dispatch whatever the size, so one
+    call instead of one per bias is most of the step time of a small model, and of the packed part
+    of a large one; the copies are a few hundred kB.
     """
 
     _MODEL_WIDE: tuple[str, ...] = ("d0", "growth_rate")
     _SUMS: tuple[str, ...] = ()
+    PACK_BELOW = 1 << 14
 
     # ------------------------------------------------------------------ construction
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -123,33 +178,38 @@ class DAdaptationBase(TuningFreeOptimizer):
         check_choice("implementation", group["implementation"], IMPLEMENTATIONS)
 
     # ------------------------------------------------------------------ subclass hooks
-    def _kernel(self, group: dict[str, Any]) -> tuple[Callable[..., Any], CompiledKernel]:
-        """(eager per-tensor function, its compiled wrapper) for ``group``."""
+    def _statistics_pass(
+        self, gb: GroupBatch, d: torch.Tensor, step: torch.Tensor
+    ) -> tuple[TensorPass, list[torch.Tensor], dict[str, Any]]:
         raise NotImplementedError
 
-    def _tensors(self, gb: GroupBatch) -> list[list[torch.Tensor]]:
-        """Parallel tensor lists in kernel order: params, grads, then state tensors."""
-        raise NotImplementedError
-
-    def _step_scalars(
+    def _combine_statistics(
         self,
+        batch: StepBatch,
+        per_group: list[dict[str, torch.Tensor]],
+        d: torch.Tensor,
+        step: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def _update_pass(
+        self,
+        gb: GroupBatch,
         d: torch.Tensor,
         step: torch.Tensor,
         stats: dict[str, torch.Tensor],
         ok: torch.Tensor,
-    ) -> dict[str, torch.Tensor]:
-        """Model-wide 0-dim scalars of this step (bias correction, ...), from ``d`` before it
-        is updated."""
-        return {}
-
-    def _group_scalars(
-        self, group: dict[str, Any], d: torch.Tensor, scalars: dict[str, torch.Tensor]
-    ) -> list[torch.Tensor]:
-        """0-dim tensors passed to the kernel after ``ok`` for every tensor of ``group``."""
+    ) -> tuple[TensorPass, list[torch.Tensor], dict[str, Any]]:
         raise NotImplementedError
 
-    def _static(self, group: dict[str, Any]) -> dict[str, Any]:
-        """Python constants of the kernel (each combination compiles once)."""
+    def _finish(
+        self,
+        stats: dict[str, torch.Tensor],
+        sums: dict[str, torch.Tensor],
+        ok: torch.Tensor,
+        d: torch.Tensor,
+        step: torch.Tensor,
+    ) -> None:
         raise NotImplementedError
 
     def _idle_contribution(self, state: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -157,34 +217,39 @@ class DAdaptationBase(TuningFreeOptimizer):
         this step (its ``s`` is unchanged and still part of the model's ``||s||``)."""
         return {}
 
-    def _idle_sums(self, batch: StepBatch) -> dict[str, list[torch.Tensor]]:
-        out: dict[str, list[torch.Tensor]] = {}
-        for gb in batch.groups:
-            active = {id(p) for p in gb.originals}
-            for p in gb.group["params"]:
-                if id(p) in active or p not in self.state or not self.state[p]:
-                    continue
-                for name, value in self._idle_contribution(self.state[p]).items():
-                    out.setdefault(name, []).append(value)
-        return out
-
-    def _finish(
-        self,
-        sums: dict[str, torch.Tensor],
-        ok: torch.Tensor,
-        d: torch.Tensor,
-        scalars: dict[str, torch.Tensor],
-    ) -> None:
-        """Update ``d`` and the other global scalars from the reduced phase-2 ``sums``; every
-        write must be a no-op where ``ok`` is False."""
-        raise NotImplementedError
-
     # ------------------------------------------------------------------ machinery
     def _global(self, name: str, device: torch.device, value: float = 0.0) -> torch.Tensor:
         dtype = self._stat_dtype()
         return self.global_tensor(
             name, device, lambda dev: torch.full((), value, dtype=dtype, device=dev)
         )
+
+    def _d_and_step(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._global("d", device, self.param_groups[0]["d0"]), self._global("step", device)
+
+    def _local_statistics(self, batch: StepBatch) -> dict[str, torch.Tensor]:
+        d, step = self._d_and_step(batch.device)
+        per_group = self._run_pass(batch, lambda gb: self._statistics_pass(gb, d, step))
+        local = self._combine_statistics(batch, per_group, d, step)
+        # ||g||^2 is NaN/Inf exactly when a gradient is (short of |g| > 1e19): the guard's sum.
+        local["_grad_norm_sum"] = torch.stack([g["g_sq"] for g in per_group]).sum()
+        return local
+
+    def _update(self, batch: StepBatch, stats: dict[str, torch.Tensor], ok: torch.Tensor) -> None:
+        d, step = self._d_and_step(batch.device)
+        per_group = self._run_pass(batch, lambda gb: self._update_pass(gb, d, step, stats, ok))
+        sums: dict[str, torch.Tensor] = {}
+        if self._SUMS:
+            values: dict[str, list[torch.Tensor]] = {
+                n: [g[n] for g in per_group] for n in self._SUMS
+            }
+            for name, extra in self._idle_sums(batch).items():
+                values[name].extend(extra)
+            dtype = self._stat_dtype()
+            local = {n: batch.sum_on_device(v).to(dtype) for n, v in values.items()}
+            sums = self._reduce_after_update(local, batch.device)
+        self._finish(stats, sums, ok, d, step)
+        step.add_(ok.to(step.dtype))
 
     def _reduce_after_update(
         self, local: dict[str, torch.Tensor], device: torch.device
@@ -197,44 +262,86 @@ class DAdaptationBase(TuningFreeOptimizer):
         )
         return self._reduce(local, plan, device)
 
-    def _update(self, batch: StepBatch, stats: dict[str, torch.Tensor], ok: torch.Tensor) -> None:
-        device = batch.device
-        group0 = self.param_groups[0]
-        d = self._global("d", device, group0["d0"])
-        step = self._global("step", device)
-        scalars = self._step_scalars(d, step, stats, ok)
-        partial: dict[str, list[torch.Tensor]] = {name: [] for name in self._SUMS}
+    def _idle_sums(self, batch: StepBatch) -> dict[str, list[torch.Tensor]]:
+        out: dict[str, list[torch.Tensor]] = {}
         for gb in batch.groups:
-            if not gb.params:
-                continue
-            group = gb.group
-            eager, compiled = self._kernel(group)
-            static = self._static(group)
-            group_scalars = self._group_scalars(group, d, scalars)
-            lists = self._tensors(gb)
-            for (dev, dtype), (bucket, _) in bucket_by_device_and_dtype(lists).items():
-                numel = sum(p.numel() for p in bucket[0])
-                impl = resolve_implementation(group["implementation"], dev, numel)
-                cdt = compute_dtype(dtype)
-                args = [ok.to(dev), *(s.to(dev, cdt) for s in group_scalars)]
-                if impl == "compiled":
-                    order = order_for_compile(compiled, [p.numel() for p in bucket[0]])
-                    for i in order:
-                        out = compiled([t[i] for t in bucket], *args, **static)
-                        for name, value in zip(self._SUMS, out, strict=True):
-                            partial[name].append(value)
-                else:  # "loop"; "foreach" also runs here (the kernels end in reductions)
-                    for tensors in zip(*bucket, strict=True):
-                        out = eager(*tensors, *args, **static)
-                        for name, value in zip(self._SUMS, out, strict=True):
-                            partial[name].append(value)
-        for name, values in self._idle_sums(batch).items():
-            partial[name].extend(values)
+            active = {id(p) for p in gb.originals}
+            for p in gb.group["params"]:
+                if id(p) in active or p not in self.state or not self.state[p]:
+                    continue
+                for name, value in self._idle_contribution(self.state[p]).items():
+                    out.setdefault(name, []).append(value)
+        return out
+
+    def _run_pass(
+        self,
+        batch: StepBatch,
+        describe: Callable[[GroupBatch], tuple[TensorPass, list[torch.Tensor], dict[str, Any]]],
+    ) -> list[dict[str, torch.Tensor]]:
+        """Run a pass over every group; per group, its sums added over the group's tensors (0 for
+        a group without gradients, so that every rank stacks the same names)."""
         dtype = self._stat_dtype()
-        local = {name: batch.sum_on_device(values).to(dtype) for name, values in partial.items()}
-        sums = self._reduce_after_update(local, device)
-        self._finish(sums, ok, d, scalars)
-        step.add_(ok.to(step.dtype))
+        results = []
+        for gb in batch.groups:
+            tensor_pass, scalars, static = describe(gb)
+            partial: dict[str, list[torch.Tensor]] = {n: [] for n in tensor_pass.sums}
+            if gb.params:
+                keys = tensor_pass.keys
+                lists = [gb.params, gb.grads, *(gb.state_list(k) for k in keys)]
+                written = ["param" in tensor_pass.writes, False]
+                written += [k in tensor_pass.writes for k in keys]
+                for (dev, dt), (bucket, _) in bucket_by_device_and_dtype(lists).items():
+                    numel = sum(p.numel() for p in bucket[0])
+                    impl = resolve_implementation(gb.group["implementation"], dev, numel)
+                    cdt = compute_dtype(dt)
+                    args = [a.to(dev) if a.dtype == torch.bool else a.to(dev, cdt) for a in scalars]
+                    # "foreach" runs the per-tensor loop: every pass ends in reductions.
+                    kernel = tensor_pass.compiled if impl == "compiled" else tensor_pass.fn
+                    flags = {**static, "acc64": dev.type == "cpu"}
+                    for out in self._run_bucket(bucket, written, kernel, args, flags):
+                        for name, value in zip(tensor_pass.sums, out, strict=True):
+                            partial[name].append(value)
+            results.append({n: batch.sum_on_device(v).to(dtype) for n, v in partial.items()})
+        return results
+
+    def _run_bucket(
+        self,
+        bucket: list[list[torch.Tensor]],
+        written: list[bool],
+        kernel: Callable[..., Any] | CompiledKernel,
+        args: list[torch.Tensor],
+        static: dict[str, Any],
+    ) -> list[Any]:
+        """Run ``kernel`` over a device/dtype bucket: small tensors packed into one call (see the
+        class docstring), the others one call each (largest first while compiling)."""
+
+        def run(tensors: list[torch.Tensor]) -> Any:
+            if isinstance(kernel, CompiledKernel):
+                return kernel(tensors, *args, **static)
+            return kernel(*tensors, *args, **static)
+
+        sizes = [p.numel() for p in bucket[0]]
+        small = [i for i, n in enumerate(sizes) if n < self.PACK_BELOW]
+        if len(small) < 2:
+            small = []
+        packed_set = set(small)
+        order = (
+            order_for_compile(kernel, sizes)
+            if isinstance(kernel, CompiledKernel)
+            else range(len(sizes))
+        )
+        outputs = [run([t[i] for t in bucket]) for i in order if i not in packed_set]
+        if small:
+            packed = [torch.cat([t[i].reshape(-1) for i in small]) for t in bucket]
+            outputs.append(run(packed))
+            lengths = [sizes[i] for i in small]
+            for flat, tensors, is_written in zip(packed, bucket, written, strict=True):
+                if is_written:
+                    targets = [tensors[i] for i in small]
+                    pieces = flat.split(lengths)
+                    sources = [x.view(t.shape) for x, t in zip(pieces, targets, strict=True)]
+                    torch._foreach_copy_(targets, sources)
+        return outputs
 
     # ------------------------------------------------------------------ logging
     def _global_float(self, name: str, default: float = 0.0) -> float:
@@ -249,22 +356,39 @@ class DAdaptationBase(TuningFreeOptimizer):
         return out
 
 
-def _prepare_grad(
+# ---------------------------------------------------------------------- shared kernel pieces
+def effective_grad(
     grad: torch.Tensor,
     param: torch.Tensor,
-    ok: torch.Tensor,
     coupled_wd: torch.Tensor,
     *,
     maximize: bool,
+    coupled: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(gradient in the compute dtype with the coupled (L2) weight-decay term added, zero on a
-    skipped step so its NaN/Inf never reaches the state; parameter in the compute dtype)."""
+    """(gradient in the compute dtype, sign-flipped for ``maximize``, with the coupled (L2)
+    weight-decay term when ``coupled``; the parameter in the compute dtype). ``coupled`` is a
+    compile-time flag: reading the parameter into the gradient costs a separate pass in the
+    compiled kernels, so it is only done when coupled decay is on."""
     cdt = compute_dtype(param.dtype)
     g = grad.to(cdt)
     if maximize:
         g = -g
     p = param.to(cdt)
-    return torch.where(ok, g + coupled_wd * p, 0.0), p
+    if coupled:
+        g = g + coupled_wd * p
+    return g, p
+
+
+def _total(x: torch.Tensor, acc64: bool) -> torch.Tensor:
+    """``x.sum()``, accumulated in fp64 when ``acc64`` (on CPU: Inductor sums fp32 with a cascade
+    helper that made these reductions ~1.6x slower than an fp64 accumulator, which is also the
+    more accurate of the two)."""
+    return x.sum(dtype=torch.float64) if acc64 else x.sum()
+
+
+def _sq_sum(grad: torch.Tensor, acc64: bool) -> torch.Tensor:
+    g = grad.to(compute_dtype(grad.dtype))
+    return _total(g * g, acc64)
 
 
 def _d_update(
@@ -275,7 +399,36 @@ def _d_update(
     return torch.where(valid, torch.maximum(d, capped), d)
 
 
+def _weight_decay_scalars(group: dict[str, Any], rate: torch.Tensor) -> list[torch.Tensor]:
+    """``[coupled coefficient, decoupled factor rate * wd]`` of a group (one of them 0)."""
+    wd = group["weight_decay"]
+    decoupled = group.get("decoupled_weight_decay", False)
+    coupled = _scalar(0.0 if decoupled else wd, rate)
+    return [coupled, rate * (wd if decoupled else 0.0)]
+
+
+def _flags(group: dict[str, Any]) -> dict[str, bool]:
+    coupled = group["weight_decay"] != 0 and not group.get("decoupled_weight_decay", False)
+    return {"maximize": group["maximize"], "coupled": coupled}
+
+
 # ====================================================================== SGD
+def dadapt_sgd_statistics(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    s: torch.Tensor,
+    coupled_wd: torch.Tensor,
+    *,
+    maximize: bool,
+    coupled: bool,
+    acc64: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Phase 1 of D-Adapted SGD for one tensor: ``(||g||^2, <g', s_k>)`` with ``g`` the raw
+    gradient and ``g'`` the one the update uses."""
+    g, _ = effective_grad(grad, param, coupled_wd, maximize=maximize, coupled=coupled)
+    return _sq_sum(grad, acc64), _total(g * s.to(g.dtype), acc64)
+
+
 def dadapt_sgd_tensor_update(
     param: torch.Tensor,
     grad: torch.Tensor,
@@ -286,20 +439,18 @@ def dadapt_sgd_tensor_update(
     decay: torch.Tensor,
     *,
     maximize: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One tensor of D-Adapted SGD without momentum, in place (``x = z``).
-
-    ``lam`` is this group's ``lambda_k = d_k * lr / ||g_0||`` (0 on a skipped step), ``decay``
-    the decoupled factor ``lambda_k * weight_decay``. Returns ``(lam * <g, s_k>, ||s_{k+1}||^2)``.
-    """
-    g, p = _prepare_grad(grad, param, ok, coupled_wd, maximize=maximize)
-    s_old = s.to(g.dtype)
-    dot = (g * s_old).sum() * lam
-    s_new = s_old + lam * g
-    p = p - decay * p - lam * g
-    param.copy_(p)
+    coupled: bool,
+    acc64: bool,
+) -> tuple[torch.Tensor]:
+    """One tensor of D-Adapted SGD without momentum, in place (``x = z``): ``s += lam g``,
+    ``x -= lam g (+ decay x)``. ``lam`` is this group's ``d_k lr / ||g_0||`` (0 on a skipped
+    step), ``decay`` the decoupled factor ``lam * wd``. Returns ``(||s_{k+1}||^2,)``."""
+    g, p = effective_grad(grad, param, coupled_wd, maximize=maximize, coupled=coupled)
+    g = torch.where(ok, g, 0.0)  # a skipped step's NaN/Inf never reaches the state
+    s_new = s.to(g.dtype) + lam * g
+    param.copy_(p - decay * p - lam * g)
     s.copy_(s_new)
-    return dot, (s_new * s_new).sum()
+    return (_total(s_new * s_new, acc64),)
 
 
 def dadapt_sgd_momentum_tensor_update(
@@ -311,27 +462,30 @@ def dadapt_sgd_momentum_tensor_update(
     lam: torch.Tensor,
     coupled_wd: torch.Tensor,
     decay: torch.Tensor,
+    average: torch.Tensor,
     *,
-    momentum: float,
     maximize: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One tensor of D-Adapted SGD with (primal-averaging) momentum, in place:
-    ``z -= lam * g``, ``x = momentum * x + (1 - momentum) * z``."""
-    g, p = _prepare_grad(grad, param, ok, coupled_wd, maximize=maximize)
-    s_old = s.to(g.dtype)
-    dot = (g * s_old).sum() * lam
-    s_new = s_old + lam * g
+    coupled: bool,
+    acc64: bool,
+) -> tuple[torch.Tensor]:
+    """One tensor of D-Adapted SGD with primal-averaging momentum, in place: ``z -= lam g
+    (+ decay z)``, ``x += average (z - x)`` with ``average = 1 - momentum`` (0 when skipped)."""
+    g, p = effective_grad(grad, param, coupled_wd, maximize=maximize, coupled=coupled)
+    g = torch.where(ok, g, 0.0)
+    s_new = s.to(g.dtype) + lam * g
     zz = z.to(g.dtype)
     zz = zz - decay * zz - lam * g
-    p = torch.where(ok, p + (1.0 - momentum) * (zz - p), p)
-    param.copy_(p)
+    param.copy_(p + average * (zz - p))
     s.copy_(s_new)
     z.copy_(zz)
-    return dot, (s_new * s_new).sum()
+    return (_total(s_new * s_new, acc64),)
 
 
-_compiled_sgd = CompiledKernel(dadapt_sgd_tensor_update, "DAdaptSGD")
-_compiled_sgd_momentum = CompiledKernel(dadapt_sgd_momentum_tensor_update, "DAdaptSGD")
+_SGD_STATISTICS = _pass(dadapt_sgd_statistics, "DAdaptSGD statistics", ("s",), ("g_sq", "dot"))
+_SGD_UPDATE = _pass(dadapt_sgd_tensor_update, "DAdaptSGD", ("s",), ("s_sq",), ("param", "s"))
+_SGD_MOMENTUM_UPDATE = _pass(
+    dadapt_sgd_momentum_tensor_update, "DAdaptSGD", ("s", "z"), ("s_sq",), ("param", "s", "z")
+)
 
 
 class DAdaptSGD(DAdaptationBase):
@@ -374,7 +528,7 @@ class DAdaptSGD(DAdaptationBase):
     """
 
     _MODEL_WIDE = ("d0", "growth_rate")
-    _SUMS = ("numerator", "s_sq")
+    _SUMS = ("s_sq",)
 
     def __init__(
         self,
@@ -410,85 +564,91 @@ class DAdaptSGD(DAdaptationBase):
         check_in_range("momentum", group["momentum"], 0.0, 1.0)
         check_bool("decoupled_weight_decay", group["decoupled_weight_decay"])
 
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        super()._validate_group(group)
+        check_in_range("momentum", group["momentum"], 0.0, 1.0)
+        check_bool("decoupled_weight_decay", group["decoupled_weight_decay"])
+
     def _init_param_state(self, param: torch.Tensor, state: dict[str, Any], group: dict) -> None:
         state["s"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-
-    def _local_statistics(self, batch: StepBatch) -> dict[str, torch.Tensor]:
-        # Phase 1: ||g||^2 over groups with lr > 0, latched into ||g_0||^2 at the first step
-        # where it is nonzero (norms come from the non-finite guard's cache).
-        squares = [
-            n * n
-            for gb, norms in zip(batch.groups, batch.grad_norms(), strict=True)
-            if gb.group["lr"] > 0
-            for n in norms
-        ]
-        return {"grad_sq": batch.sum_on_device(squares).to(self._stat_dtype())}
-
-    def _step_scalars(
-        self,
-        d: torch.Tensor,
-        step: torch.Tensor,
-        stats: dict[str, torch.Tensor],
-        ok: torch.Tensor,
-    ) -> dict[str, torch.Tensor]:
-        g0_sq = self._global("g0_sq", d.device)
-        latched = torch.where(g0_sq > 0, g0_sq, stats["grad_sq"].to(g0_sq.dtype))
-        # lambda / lr = d / ||g_0||: 0 while no gradient was ever nonzero, and on a skipped step
-        # (so that s, z and x stay bit-identical).
-        inv_g0 = torch.where(ok & (latched > 0), latched.rsqrt(), 0.0)
-        return {"g0_sq_new": latched, "d_over_g0": d * inv_g0}
 
     def _idle_contribution(self, state: dict[str, Any]) -> dict[str, torch.Tensor]:
         s = local_view(state["s"]).to(compute_dtype(state["s"].dtype))
         return {"s_sq": (s * s).sum()}
 
-    def _kernel(self, group: dict[str, Any]) -> tuple[Callable[..., Any], CompiledKernel]:
-        if group["momentum"] > 0:
-            return dadapt_sgd_momentum_tensor_update, _compiled_sgd_momentum
-        return dadapt_sgd_tensor_update, _compiled_sgd
+    def _statistics_pass(
+        self, gb: GroupBatch, d: torch.Tensor, step: torch.Tensor
+    ) -> tuple[TensorPass, list[torch.Tensor], dict[str, Any]]:
+        coupled, _ = _weight_decay_scalars(gb.group, d)
+        return _SGD_STATISTICS, [coupled], _flags(gb.group)
 
-    def _tensors(self, gb: GroupBatch) -> list[list[torch.Tensor]]:
-        lists = [gb.params, gb.grads, gb.state_list("s")]
-        if gb.group["momentum"] > 0:
-            for p, st in zip(gb.originals, gb.states, strict=True):
-                if "z" not in st:  # momentum switched on after the first step: start z at x
-                    st["z"] = p.detach().clone(memory_format=torch.preserve_format)
-            lists.append(gb.state_list("z"))
-        return lists
+    def _combine_statistics(
+        self,
+        batch: StepBatch,
+        per_group: list[dict[str, torch.Tensor]],
+        d: torch.Tensor,
+        step: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        # lambda_k of the numerator with ||g_0|| as known before this step: while it is unknown
+        # no step was taken, s = 0 and so is <g, s>.
+        g0_sq = self._global("g0_sq", d.device)
+        inv_g0 = torch.where(g0_sq > 0, g0_sq.rsqrt(), 0.0)
+        groups = [gb.group for gb in batch.groups]
+        dots = [pg["dot"] * g["lr"] for pg, g in zip(per_group, groups, strict=True)]
+        squares = [pg["g_sq"] for pg, g in zip(per_group, groups, strict=True) if g["lr"] > 0]
+        dtype = self._stat_dtype()
+        return {
+            "numerator": d * inv_g0 * batch.sum_on_device(dots).to(dtype),
+            "grad_sq": batch.sum_on_device(squares).to(dtype),
+        }
 
-    def _group_scalars(
-        self, group: dict[str, Any], d: torch.Tensor, scalars: dict[str, torch.Tensor]
-    ) -> list[torch.Tensor]:
-        lam = scalars["d_over_g0"] * group["lr"]
-        wd = group["weight_decay"]
-        decoupled = group["decoupled_weight_decay"]
-        coupled = torch.full((), 0.0 if decoupled else wd, dtype=lam.dtype, device=lam.device)
-        return [lam, coupled, lam * (wd if decoupled else 0.0)]
+    def _latched_g0_sq(self, stats: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+        """``||g_0||^2``: fixed at the first step where the gradients of groups with lr > 0 are
+        not all zero (warm-up from lr = 0 and frozen groups are skipped over)."""
+        g0_sq = self._global("g0_sq", device)
+        return torch.where(g0_sq > 0, g0_sq, stats["grad_sq"].to(g0_sq.dtype))
 
-    def _static(self, group: dict[str, Any]) -> dict[str, Any]:
-        static: dict[str, Any] = {"maximize": group["maximize"]}
-        if group["momentum"] > 0:
-            static["momentum"] = group["momentum"]
-        return static
+    def _update_pass(
+        self,
+        gb: GroupBatch,
+        d: torch.Tensor,
+        step: torch.Tensor,
+        stats: dict[str, torch.Tensor],
+        ok: torch.Tensor,
+    ) -> tuple[TensorPass, list[torch.Tensor], dict[str, Any]]:
+        group = gb.group
+        g0_sq = self._latched_g0_sq(stats, d.device)
+        # lambda = d lr / ||g_0||: 0 until a gradient was nonzero, and on a skipped step.
+        lam = d * torch.where(ok & (g0_sq > 0), g0_sq.rsqrt(), 0.0) * group["lr"]
+        scalars = [ok, lam, *_weight_decay_scalars(group, lam)]
+        if group["momentum"] == 0:
+            return _SGD_UPDATE, scalars, _flags(group)
+        for p, st in zip(gb.originals, gb.states, strict=True):
+            if "z" not in st:  # momentum switched on after the first step: start z at x
+                st["z"] = p.detach().clone(memory_format=torch.preserve_format)
+        average = ok.to(lam.dtype) * (1.0 - group["momentum"])
+        return _SGD_MOMENTUM_UPDATE, [*scalars, average], _flags(group)
 
     def _finish(
         self,
+        stats: dict[str, torch.Tensor],
         sums: dict[str, torch.Tensor],
         ok: torch.Tensor,
         d: torch.Tensor,
-        scalars: dict[str, torch.Tensor],
+        step: torch.Tensor,
     ) -> None:
         growth = self.param_groups[0]["growth_rate"]
         numerator = self._global("numerator", d.device)
         s_sq = self._global("s_sq", d.device)
         g0_sq = self._global("g0_sq", d.device)
-        new_numerator = numerator + sums["numerator"]
+        latched = self._latched_g0_sq(stats, d.device)
+        new_numerator = numerator + stats["numerator"]
         d_hat = 2.0 * new_numerator / sums["s_sq"].sqrt()
         valid = ok & (sums["s_sq"] > 0)
         d.copy_(_d_update(d, d_hat, valid, growth))
         numerator.copy_(torch.where(ok, new_numerator, numerator))
         s_sq.copy_(torch.where(ok, sums["s_sq"], s_sq))
-        g0_sq.copy_(torch.where(ok, scalars["g0_sq_new"], g0_sq))
+        g0_sq.copy_(torch.where(ok, latched, g0_sq))
 
     def stats(self) -> dict[str, float]:
         out = super().stats()
@@ -502,6 +662,25 @@ class DAdaptSGD(DAdaptationBase):
 
 
 # ====================================================================== Adam
+def dadapt_adam_statistics(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    s: torch.Tensor,
+    coupled_wd: torch.Tensor,
+    eps: torch.Tensor,
+    *,
+    maximize: bool,
+    coupled: bool,
+    acc64: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Phase 1 of D-Adapted Adam for one tensor: ``(||g||^2, <g', s_k / (sqrt(v_k) + eps)>)``,
+    with the second moment BEFORE this step's update, as the published code."""
+    g, _ = effective_grad(grad, param, coupled_wd, maximize=maximize, coupled=coupled)
+    v = exp_avg_sq.to(g.dtype)
+    return _sq_sum(grad, acc64), _total(g * s.to(g.dtype) / (v.sqrt() + eps), acc64)
+
+
 def dadapt_adam_tensor_update(
     param: torch.Tensor,
     grad: torch.Tensor,
@@ -512,38 +691,45 @@ def dadapt_adam_tensor_update(
     dlr: torch.Tensor,
     coupled_wd: torch.Tensor,
     decay: torch.Tensor,
+    c_m: torch.Tensor,
+    c_v: torch.Tensor,
+    c_s: torch.Tensor,
+    on: torch.Tensor,
+    eps: torch.Tensor,
     *,
-    beta1: float,
-    beta2: float,
-    eps: float,
     maximize: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One tensor of D-Adapted Adam, in place.
-
-    ``dlr`` is this group's ``d_k * lr * bias_correction`` (0 on a skipped step), ``decay`` the
-    decoupled factor ``dlr * weight_decay``. Returns this tensor's ``dlr * <g, s_k / (sqrt(v_k) +
-    eps)>`` (with the second moment BEFORE this step's update, as the published code) and
-    ``||s_{k+1}||_1``.
-    """
-    g, p = _prepare_grad(grad, param, ok, coupled_wd, maximize=maximize)
-    okf = ok.to(g.dtype)
+    coupled: bool,
+    acc64: bool,
+) -> tuple[torch.Tensor]:
+    """One tensor of D-Adapted Adam, in place. ``dlr`` is this group's ``d_k lr bc_k``, ``c_m,
+    c_v, c_s`` are ``1 - beta1``, ``1 - beta2``, ``1 - sqrt(beta2)`` and ``on`` is 1: all 0 on a
+    skipped step; ``decay`` is the decoupled factor ``dlr * wd``. Returns ``(||s_{k+1}||_1,)``."""
+    g, p = effective_grad(grad, param, coupled_wd, maximize=maximize, coupled=coupled)
+    g = torch.where(ok, g, 0.0)
     m = exp_avg.to(g.dtype)
     v = exp_avg_sq.to(g.dtype)
-    s_old = s.to(g.dtype)
-    numerator = (g * s_old / (v.sqrt() + eps)).sum() * dlr
+    s_new = s.to(g.dtype)
     dg = dlr * g
-    m = m + (okf * (1.0 - beta1)) * (dg - m)
-    v = v + (okf * (1.0 - beta2)) * (g * g - v)
-    s_new = s_old + (okf * (1.0 - math.sqrt(beta2))) * (dg - s_old)
-    p = p - decay * p - okf * (m / (v.sqrt() + eps))
-    param.copy_(p)
+    m = m + c_m * (dg - m)
+    v = v + c_v * (g * g - v)
+    s_new = s_new + c_s * (dg - s_new)
+    param.copy_(p - decay * p - on * (m / (v.sqrt() + eps)))
     exp_avg.copy_(m)
     exp_avg_sq.copy_(v)
     s.copy_(s_new)
-    return numerator, s_new.abs().sum()
+    return (_total(s_new.abs(), acc64),)
 
 
-_compiled_adam = CompiledKernel(dadapt_adam_tensor_update, "DAdaptAdam")
+_ADAM_STATISTICS = _pass(
+    dadapt_adam_statistics, "DAdaptAdam statistics", ("exp_avg_sq", "s"), ("g_sq", "numerator")
+)
+_ADAM_UPDATE = _pass(
+    dadapt_adam_tensor_update,
+    "DAdaptAdam",
+    ("exp_avg", "exp_avg_sq", "s"),
+    ("s_l1",),
+    ("param", "exp_avg", "exp_avg_sq", "s"),
+)
 
 
 def adam_bias_correction(step: torch.Tensor, beta1: float, beta2: float) -> torch.Tensor:
@@ -600,7 +786,7 @@ class DAdaptAdam(DAdaptationBase):
     """
 
     _MODEL_WIDE = ("d0", "growth_rate", "betas", "use_bias_correction")
-    _SUMS = ("numerator", "s_l1")
+    _SUMS = ("s_l1",)
 
     def __init__(
         self,
@@ -641,9 +827,18 @@ class DAdaptAdam(DAdaptationBase):
         check_positive("eps", group["eps"])
         check_bool("decoupled_weight_decay", group["decoupled_weight_decay"])
 
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        super()._validate_group(group)
+        check_betas("betas", group["betas"])
+        check_positive("eps", group["eps"])
+        check_bool("decoupled_weight_decay", group["decoupled_weight_decay"])
+
     def _init_param_state(self, param: torch.Tensor, state: dict[str, Any], group: dict) -> None:
         for key in ("exp_avg", "exp_avg_sq", "s"):
             state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+    def _idle_contribution(self, state: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return {"s_l1": local_view(state["s"]).to(compute_dtype(state["s"].dtype)).abs().sum()}
 
     def _bias_correction(self, step: torch.Tensor) -> torch.Tensor | float:
         group = self.param_groups[0]
@@ -651,50 +846,62 @@ class DAdaptAdam(DAdaptationBase):
             return 1.0
         return adam_bias_correction(step, *group["betas"])
 
-    def _step_scalars(
+    def _statistics_pass(
+        self, gb: GroupBatch, d: torch.Tensor, step: torch.Tensor
+    ) -> tuple[TensorPass, list[torch.Tensor], dict[str, Any]]:
+        coupled, _ = _weight_decay_scalars(gb.group, d)
+        return _ADAM_STATISTICS, [coupled, _scalar(gb.group["eps"], d)], _flags(gb.group)
+
+    def _combine_statistics(
         self,
+        batch: StepBatch,
+        per_group: list[dict[str, torch.Tensor]],
+        d: torch.Tensor,
+        step: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        # sum over groups of dlr_k <g, s_k / (sqrt(v_k) + eps)>, dlr_k = d lr bc
+        pairs = zip(per_group, batch.groups, strict=True)
+        terms = [pg["numerator"] * gb.group["lr"] for pg, gb in pairs]
+        total = batch.sum_on_device(terms).to(d.dtype)
+        return {"numerator": d * self._bias_correction(step) * total}
+
+    def _update_pass(
+        self,
+        gb: GroupBatch,
         d: torch.Tensor,
         step: torch.Tensor,
         stats: dict[str, torch.Tensor],
         ok: torch.Tensor,
-    ) -> dict[str, torch.Tensor]:
-        # 0 on a skipped step: no parameter, moment or s changes.
-        return {"d_bc": torch.where(ok, d * self._bias_correction(step), 0.0)}
-
-    def _idle_contribution(self, state: dict[str, Any]) -> dict[str, torch.Tensor]:
-        return {"s_l1": local_view(state["s"]).to(compute_dtype(state["s"].dtype)).abs().sum()}
-
-    def _kernel(self, group: dict[str, Any]) -> tuple[Callable[..., Any], CompiledKernel]:
-        return dadapt_adam_tensor_update, _compiled_adam
-
-    def _tensors(self, gb: GroupBatch) -> list[list[torch.Tensor]]:
-        return [gb.params, gb.grads, *(gb.state_list(k) for k in ("exp_avg", "exp_avg_sq", "s"))]
-
-    def _group_scalars(
-        self, group: dict[str, Any], d: torch.Tensor, scalars: dict[str, torch.Tensor]
-    ) -> list[torch.Tensor]:
-        dlr = scalars["d_bc"] * group["lr"]
-        wd = group["weight_decay"]
-        decoupled = group["decoupled_weight_decay"]
-        coupled = torch.full((), 0.0 if decoupled else wd, dtype=dlr.dtype, device=dlr.device)
-        return [dlr, coupled, dlr * (wd if decoupled else 0.0)]
-
-    def _static(self, group: dict[str, Any]) -> dict[str, Any]:
+    ) -> tuple[TensorPass, list[torch.Tensor], dict[str, Any]]:
+        group = gb.group
         beta1, beta2 = group["betas"]
-        return {"beta1": beta1, "beta2": beta2, "eps": group["eps"], "maximize": group["maximize"]}
+        on = ok.to(d.dtype)  # every coefficient is 0 on a skipped step
+        dlr = on * d * self._bias_correction(step) * group["lr"]
+        scalars = [
+            ok,
+            dlr,
+            *_weight_decay_scalars(group, dlr),
+            on * (1.0 - beta1),
+            on * (1.0 - beta2),
+            on * (1.0 - math.sqrt(beta2)),
+            on,
+            _scalar(group["eps"], d),
+        ]
+        return _ADAM_UPDATE, scalars, _flags(group)
 
     def _finish(
         self,
+        stats: dict[str, torch.Tensor],
         sums: dict[str, torch.Tensor],
         ok: torch.Tensor,
         d: torch.Tensor,
-        scalars: dict[str, torch.Tensor],
+        step: torch.Tensor,
     ) -> None:
         group = self.param_groups[0]
         beta3 = math.sqrt(group["betas"][1])
         numerator = self._global("numerator", d.device)
         s_l1 = self._global("s_l1", d.device)
-        new_numerator = beta3 * numerator + (1.0 - beta3) * sums["numerator"]
+        new_numerator = beta3 * numerator + (1.0 - beta3) * stats["numerator"]
         d_hat = new_numerator / ((1.0 - beta3) * sums["s_l1"])
         valid = ok & (sums["s_l1"] > 0)
         d.copy_(_d_update(d, d_hat, valid, group["growth_rate"]))
@@ -717,6 +924,38 @@ class DAdaptAdam(DAdaptationBase):
 
 
 # ====================================================================== AdaGrad
+def dadapt_adagrad_statistics(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    alpha: torch.Tensor,
+    s: torch.Tensor,
+    coupled_wd: torch.Tensor,
+    dlr: torch.Tensor,
+    eps: torch.Tensor,
+    *,
+    maximize: bool,
+    coupled: bool,
+    acc64: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Phase 1 of D-Adapted AdaGrad for one tensor: ``||g||^2`` and the changes this step makes
+    to the model-wide numerator ``sum s^2 / w - sum_i dlr_i^2 g_i^2 / w_{i+1}`` (``w = sqrt(alpha)
+    + eps``) and to ``||s||_1``; all are known before the update since ``dlr = d_k lr`` is.
+
+    Written as changes, a tensor without a gradient this step keeps its earlier contribution
+    without being read; the numerator change is ``(s_k^2 + 2 dlr g s_k) / w_{k+1} - s_k^2 / w_k``,
+    in which the ``dlr^2 g^2`` terms cancel exactly."""
+    g, _ = effective_grad(grad, param, coupled_wd, maximize=maximize, coupled=coupled)
+    a = alpha.to(g.dtype)
+    s_old = s.to(g.dtype)
+    w_old = a.sqrt() + eps
+    w_new = (a + g * g).sqrt() + eps
+    dg = dlr * g
+    s_sq = s_old * s_old
+    numerator = _total((s_sq + 2.0 * dg * s_old) / w_new - s_sq / w_old, acc64)
+    l1 = _total((s_old + dg).abs() - s_old.abs(), acc64)
+    return _sq_sum(grad, acc64), numerator, l1
+
+
 def dadapt_adagrad_tensor_update(
     param: torch.Tensor,
     grad: torch.Tensor,
@@ -726,39 +965,37 @@ def dadapt_adagrad_tensor_update(
     ok: torch.Tensor,
     dlr: torch.Tensor,
     coupled_wd: torch.Tensor,
+    average: torch.Tensor,
+    eps: torch.Tensor,
     *,
-    eps: float,
-    momentum: float,
     maximize: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One tensor of D-Adapted AdaGrad, in place.
-
-    ``dlr`` is ``d_k * lr`` (0 on a skipped step). Returns the changes this step makes to the
-    model-wide ``sum s^2 / w - sum_i dlr_i^2 g_i^2 / w_{i+1}`` (the numerator; ``w = sqrt(alpha)
-    + eps``) and to ``||s||_1``. Written as changes, a tensor that gets no gradient this step
-    keeps its earlier contribution without being read; the numerator change is formed as
-    ``(s_k^2 + 2 dlr g s_k) / w_{k+1} - s_k^2 / w_k`` so the ``dlr^2 g^2`` terms cancel exactly.
-    """
-    g, p = _prepare_grad(grad, param, ok, coupled_wd, maximize=maximize)
-    a_old = alpha.to(g.dtype)
-    s_old = s.to(g.dtype)
-    w_old = a_old.sqrt() + eps
-    a_new = a_old + g * g
-    w_new = a_new.sqrt() + eps
-    dg = dlr * g
-    s_new = s_old + dg
-    s_sq = s_old * s_old
-    numerator = ((s_sq + 2.0 * dg * s_old) / w_new - s_sq / w_old).sum()
-    l1 = (s_new.abs() - s_old.abs()).sum()
-    z = x0.to(g.dtype) - s_new / w_new
-    x = z if momentum == 0.0 else p + (1.0 - momentum) * (z - p)
-    param.copy_(torch.where(ok, x, p))
+    coupled: bool,
+    averaged: bool,
+    acc64: bool,
+) -> tuple[()]:
+    """One tensor of D-Adapted AdaGrad, in place: ``alpha += g^2``, ``s += dlr g``, ``z = x0 - s
+    / (sqrt(alpha) + eps)``, ``x = z`` or, with momentum, ``x += average (z - x)`` (``average =
+    1 - momentum``). ``dlr`` and ``average`` are 0 on a skipped step."""
+    g, p = effective_grad(grad, param, coupled_wd, maximize=maximize, coupled=coupled)
+    g = torch.where(ok, g, 0.0)
+    a_new = alpha.to(g.dtype) + g * g
+    s_new = s.to(g.dtype) + dlr * g
+    z = x0.to(g.dtype) - s_new / (a_new.sqrt() + eps)
+    param.copy_(p + average * (z - p) if averaged else torch.where(ok, z, p))
     alpha.copy_(a_new)
     s.copy_(s_new)
-    return numerator, l1
+    return ()
 
 
-_compiled_adagrad = CompiledKernel(dadapt_adagrad_tensor_update, "DAdaptAdaGrad")
+_ADAGRAD_STATISTICS = _pass(
+    dadapt_adagrad_statistics,
+    "DAdaptAdaGrad statistics",
+    ("alpha", "s"),
+    ("g_sq", "numerator", "s_l1"),
+)
+_ADAGRAD_UPDATE = _pass(
+    dadapt_adagrad_tensor_update, "DAdaptAdaGrad", ("alpha", "s", "x0"), (), ("param", "alpha", "s")
+)
 
 
 class DAdaptAdaGrad(DAdaptationBase):
@@ -797,7 +1034,7 @@ class DAdaptAdaGrad(DAdaptationBase):
     """
 
     _MODEL_WIDE = ("d0", "growth_rate")
-    _SUMS = ("numerator", "s_l1")
+    _SUMS = ()  # every sum is known before the update: one collective per sharded step
 
     def __init__(
         self,
@@ -836,6 +1073,12 @@ class DAdaptAdaGrad(DAdaptationBase):
         check_positive("eps", group["eps"])
         check_nonnegative("initial_accumulator_value", group["initial_accumulator_value"])
 
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        super()._validate_group(group)
+        check_in_range("momentum", group["momentum"], 0.0, 1.0)
+        check_positive("eps", group["eps"])
+        check_nonnegative("initial_accumulator_value", group["initial_accumulator_value"])
+
     def _init_param_state(self, param: torch.Tensor, state: dict[str, Any], group: dict) -> None:
         state["alpha"] = torch.full_like(
             param, group["initial_accumulator_value"], memory_format=torch.preserve_format
@@ -843,42 +1086,56 @@ class DAdaptAdaGrad(DAdaptationBase):
         state["s"] = torch.zeros_like(param, memory_format=torch.preserve_format)
         state["x0"] = param.detach().clone(memory_format=torch.preserve_format)
 
-    def _step_scalars(
+    def _statistics_pass(
+        self, gb: GroupBatch, d: torch.Tensor, step: torch.Tensor
+    ) -> tuple[TensorPass, list[torch.Tensor], dict[str, Any]]:
+        group = gb.group
+        scalars = [_scalar(group["weight_decay"], d), d * group["lr"], _scalar(group["eps"], d)]
+        return _ADAGRAD_STATISTICS, scalars, _flags(group)
+
+    def _combine_statistics(
         self,
+        batch: StepBatch,
+        per_group: list[dict[str, torch.Tensor]],
+        d: torch.Tensor,
+        step: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        return {
+            name: torch.stack([pg[name] for pg in per_group]).sum()
+            for name in ("numerator", "s_l1")
+        }
+
+    def _update_pass(
+        self,
+        gb: GroupBatch,
         d: torch.Tensor,
         step: torch.Tensor,
         stats: dict[str, torch.Tensor],
         ok: torch.Tensor,
-    ) -> dict[str, torch.Tensor]:
-        return {"d_ok": torch.where(ok, d, 0.0)}
-
-    def _kernel(self, group: dict[str, Any]) -> tuple[Callable[..., Any], CompiledKernel]:
-        return dadapt_adagrad_tensor_update, _compiled_adagrad
-
-    def _tensors(self, gb: GroupBatch) -> list[list[torch.Tensor]]:
-        return [gb.params, gb.grads, *(gb.state_list(k) for k in ("alpha", "s", "x0"))]
-
-    def _group_scalars(
-        self, group: dict[str, Any], d: torch.Tensor, scalars: dict[str, torch.Tensor]
-    ) -> list[torch.Tensor]:
-        dlr = scalars["d_ok"] * group["lr"]
-        coupled = torch.full((), group["weight_decay"], dtype=dlr.dtype, device=dlr.device)
-        return [dlr, coupled]
-
-    def _static(self, group: dict[str, Any]) -> dict[str, Any]:
-        return {"eps": group["eps"], "momentum": group["momentum"], "maximize": group["maximize"]}
+    ) -> tuple[TensorPass, list[torch.Tensor], dict[str, Any]]:
+        group = gb.group
+        on = ok.to(d.dtype)
+        scalars = [
+            ok,
+            on * d * group["lr"],
+            _scalar(group["weight_decay"], d),
+            on * (1.0 - group["momentum"]),
+            _scalar(group["eps"], d),
+        ]
+        return _ADAGRAD_UPDATE, scalars, {**_flags(group), "averaged": group["momentum"] > 0}
 
     def _finish(
         self,
+        stats: dict[str, torch.Tensor],
         sums: dict[str, torch.Tensor],
         ok: torch.Tensor,
         d: torch.Tensor,
-        scalars: dict[str, torch.Tensor],
+        step: torch.Tensor,
     ) -> None:
         numerator = self._global("numerator", d.device)
         s_l1 = self._global("s_l1", d.device)
-        new_numerator = numerator + sums["numerator"]
-        new_l1 = s_l1 + sums["s_l1"]
+        new_numerator = numerator + stats["numerator"]
+        new_l1 = s_l1 + stats["s_l1"]
         d_hat = new_numerator / new_l1
         valid = ok & (new_l1 > 0)
         d.copy_(_d_update(d, d_hat, valid, self.param_groups[0]["growth_rate"]))

@@ -14,16 +14,26 @@ reductions are those of :mod:`hf_tuningfree.optim.dadapt`.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch.optim.optimizer import ParamsT
 
-from .base import GroupBatch, compute_dtype
-from .dadapt import DAdaptationBase, _prepare_grad, adam_bias_correction, check_growth_rate
+from .base import GroupBatch, StepBatch, compute_dtype
+from .dadapt import (
+    DAdaptationBase,
+    TensorPass,
+    _d_update,
+    _flags,
+    _pass,
+    _sq_sum,
+    _total,
+    _weight_decay_scalars,
+    adam_bias_correction,
+    check_growth_rate,
+    effective_grad,
+)
 from .distributed import local_view
-from .kernels import CompiledKernel
 from .validation import (
     check_betas,
     check_bool,
@@ -31,7 +41,22 @@ from .validation import (
     check_positive,
 )
 
-__all__ = ["Prodigy", "prodigy_tensor_update"]
+__all__ = ["Prodigy", "prodigy_statistics", "prodigy_tensor_update"]
+
+
+def prodigy_statistics(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    x0: torch.Tensor,
+    coupled_wd: torch.Tensor,
+    *,
+    maximize: bool,
+    coupled: bool,
+    acc64: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Phase 1 of Prodigy for one tensor: ``(||g||^2, <g', x_0 - x_k>)``."""
+    g, p = effective_grad(grad, param, coupled_wd, maximize=maximize, coupled=coupled)
+    return _sq_sum(grad, acc64), _total(g * (x0.to(g.dtype) - p), acc64)
 
 
 def prodigy_tensor_update(
@@ -40,48 +65,52 @@ def prodigy_tensor_update(
     exp_avg: torch.Tensor,
     exp_avg_sq: torch.Tensor,
     s: torch.Tensor,
-    x0: torch.Tensor,
     ok: torch.Tensor,
     d: torch.Tensor,
-    dlr: torch.Tensor,
-    weight: torch.Tensor,
+    step_size: torch.Tensor,
     s_weight: torch.Tensor,
     coupled_wd: torch.Tensor,
     decay: torch.Tensor,
+    c_m: torch.Tensor,
+    c_v: torch.Tensor,
+    c_s: torch.Tensor,
+    d_eps: torch.Tensor,
     *,
-    beta1: float,
-    beta2: float,
-    beta3: float,
-    eps: float,
     maximize: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    coupled: bool,
+    acc64: bool,
+) -> tuple[torch.Tensor]:
     """One tensor of Prodigy, in place.
 
-    ``d`` is ``d_k``, ``dlr`` this group's ``d_k * lr * bias_correction``, ``weight`` the
-    numerator weight ``(d_k / d0) * dlr`` and ``s_weight`` the weight of ``g`` in ``s`` (the same,
-    or ``(d_k / d0) * d_k`` with ``safeguard_warmup``); all 0 on a skipped step except ``d``.
-    ``decay`` is ``dlr * weight_decay`` (decoupled). Returns ``weight * <g_k, x_0 - x_k>`` and
-    ``||s_{k+1}||_1``.
-    """
-    g, p = _prepare_grad(grad, param, ok, coupled_wd, maximize=maximize)
-    okf = ok.to(g.dtype)
-    numerator = (g * (x0.to(g.dtype) - p)).sum() * weight
+    ``d`` is ``d_k``; ``step_size`` this group's ``dlr = d_k lr bc_k``; ``s_weight`` the weight of
+    ``g`` in ``s`` (``(d_k / d0) dlr``, or ``(d_k / d0) d_k`` with ``safeguard_warmup``); ``c_m,
+    c_v`` are ``1 - beta1, 1 - beta2`` and ``c_s`` is ``beta3 - 1``: all 0 on a skipped step;
+    ``decay`` is ``dlr * wd`` (decoupled), ``d_eps`` is ``d_k * eps``. Returns
+    ``(||s_{k+1}||_1,)``."""
+    g, p = effective_grad(grad, param, coupled_wd, maximize=maximize, coupled=coupled)
+    g = torch.where(ok, g, 0.0)
     m = exp_avg.to(g.dtype)
     v = exp_avg_sq.to(g.dtype)
     s_new = s.to(g.dtype)
     dg = d * g
-    m = m + (okf * (1.0 - beta1)) * (dg - m)
-    v = v + (okf * (1.0 - beta2)) * (dg * dg - v)
-    s_new = s_new + (okf * (beta3 - 1.0)) * s_new + s_weight * g
-    p = p - decay * p - (okf * dlr) * (m / (v.sqrt() + d * eps))
-    param.copy_(p)
+    m = m + c_m * (dg - m)
+    v = v + c_v * (dg * dg - v)
+    s_new = s_new + c_s * s_new + s_weight * g
+    param.copy_(p - decay * p - step_size * (m / (v.sqrt() + d_eps)))
     exp_avg.copy_(m)
     exp_avg_sq.copy_(v)
     s.copy_(s_new)
-    return numerator, s_new.abs().sum()
+    return (_total(s_new.abs(), acc64),)
 
 
-_compiled_prodigy = CompiledKernel(prodigy_tensor_update, "Prodigy")
+_PRODIGY_STATISTICS = _pass(prodigy_statistics, "Prodigy statistics", ("x0",), ("g_sq", "dot"))
+_PRODIGY_UPDATE = _pass(
+    prodigy_tensor_update,
+    "Prodigy",
+    ("exp_avg", "exp_avg_sq", "s"),
+    ("s_l1",),
+    ("param", "exp_avg", "exp_avg_sq", "s"),
+)
 
 
 class Prodigy(DAdaptationBase):
@@ -145,7 +174,7 @@ class Prodigy(DAdaptationBase):
         "use_bias_correction",
         "safeguard_warmup",
     )
-    _SUMS = ("numerator", "s_l1")
+    _SUMS = ("s_l1",)
 
     def __init__(
         self,
@@ -197,6 +226,9 @@ class Prodigy(DAdaptationBase):
             state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
         state["x0"] = param.detach().clone(memory_format=torch.preserve_format)
 
+    def _idle_contribution(self, state: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return {"s_l1": local_view(state["s"]).to(compute_dtype(state["s"].dtype)).abs().sum()}
+
     def _beta3(self) -> float:
         group = self.param_groups[0]
         return group["beta3"] if group["beta3"] is not None else math.sqrt(group["betas"][1])
@@ -207,71 +239,74 @@ class Prodigy(DAdaptationBase):
             return 1.0
         return adam_bias_correction(step, *group["betas"])
 
-    def _step_scalars(
+    def _statistics_pass(
+        self, gb: GroupBatch, d: torch.Tensor, step: torch.Tensor
+    ) -> tuple[TensorPass, list[torch.Tensor], dict[str, Any]]:
+        coupled, _ = _weight_decay_scalars(gb.group, d)
+        return _PRODIGY_STATISTICS, [coupled], _flags(gb.group)
+
+    def _combine_statistics(
         self,
+        batch: StepBatch,
+        per_group: list[dict[str, torch.Tensor]],
+        d: torch.Tensor,
+        step: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        # sum over groups of (d / d0) dlr <g, x0 - x>, dlr = d lr bc
+        pairs = zip(per_group, batch.groups, strict=True)
+        terms = batch.sum_on_device(pg["dot"] * gb.group["lr"] for pg, gb in pairs)
+        weight = (d / self.param_groups[0]["d0"]) * d * self._bias_correction(step)
+        return {"numerator": weight * terms.to(d.dtype)}
+
+    def _update_pass(
+        self,
+        gb: GroupBatch,
         d: torch.Tensor,
         step: torch.Tensor,
         stats: dict[str, torch.Tensor],
         ok: torch.Tensor,
-    ) -> dict[str, torch.Tensor]:
-        d0 = self.param_groups[0]["d0"]
-        d_bc = torch.where(ok, d * self._bias_correction(step), 0.0)
-        d_ratio = torch.where(ok, d / d0, 0.0)
-        return {"d_bc": d_bc, "d_ratio": d_ratio, "d_ratio_d": d_ratio * d}
-
-    def _idle_contribution(self, state: dict[str, Any]) -> dict[str, torch.Tensor]:
-        return {"s_l1": local_view(state["s"]).to(compute_dtype(state["s"].dtype)).abs().sum()}
-
-    def _kernel(self, group: dict[str, Any]) -> tuple[Callable[..., Any], CompiledKernel]:
-        return prodigy_tensor_update, _compiled_prodigy
-
-    def _tensors(self, gb: GroupBatch) -> list[list[torch.Tensor]]:
-        keys = ("exp_avg", "exp_avg_sq", "s", "x0")
-        return [gb.params, gb.grads, *(gb.state_list(k) for k in keys)]
-
-    def _group_scalars(
-        self, group: dict[str, Any], d: torch.Tensor, scalars: dict[str, torch.Tensor]
-    ) -> list[torch.Tensor]:
-        lr = group["lr"]
-        dlr = scalars["d_bc"] * lr
-        weight = scalars["d_ratio"] * dlr
-        if group["safeguard_warmup"]:
-            s_weight = scalars["d_ratio_d"] * (1.0 if lr > 0 else 0.0)
-        else:
-            s_weight = weight
-        wd = group["weight_decay"]
-        decoupled = group["decoupled_weight_decay"]
-        coupled = torch.full((), 0.0 if decoupled else wd, dtype=dlr.dtype, device=dlr.device)
-        return [d, dlr, weight, s_weight, coupled, dlr * (wd if decoupled else 0.0)]
-
-    def _static(self, group: dict[str, Any]) -> dict[str, Any]:
+    ) -> tuple[TensorPass, list[torch.Tensor], dict[str, Any]]:
+        group = gb.group
         beta1, beta2 = group["betas"]
-        return {
-            "beta1": beta1,
-            "beta2": beta2,
-            "beta3": self._beta3(),
-            "eps": group["eps"],
-            "maximize": group["maximize"],
-        }
+        on = ok.to(d.dtype)  # every coefficient is 0 on a skipped step
+        lr = group["lr"]
+        dlr = on * d * self._bias_correction(step) * lr
+        ratio = d / group["d0"]
+        if group["safeguard_warmup"]:
+            s_weight = on * ratio * d * (1.0 if lr > 0 else 0.0)
+        else:
+            s_weight = ratio * dlr
+        scalars = [
+            ok,
+            d,
+            dlr,
+            s_weight,
+            *_weight_decay_scalars(group, dlr),
+            on * (1.0 - beta1),
+            on * (1.0 - beta2),
+            on * (self._beta3() - 1.0),
+            d * group["eps"],
+        ]
+        return _PRODIGY_UPDATE, scalars, _flags(group)
 
     def _finish(
         self,
+        stats: dict[str, torch.Tensor],
         sums: dict[str, torch.Tensor],
         ok: torch.Tensor,
         d: torch.Tensor,
-        scalars: dict[str, torch.Tensor],
+        step: torch.Tensor,
     ) -> None:
         group = self.param_groups[0]
         numerator = self._global("numerator", d.device)
         s_l1 = self._global("s_l1", d.device)
         d_max = self._global("d_max", d.device, group["d0"])
-        new_numerator = self._beta3() * numerator + sums["numerator"]
+        new_numerator = self._beta3() * numerator + stats["numerator"]
         d_hat = group["d_coef"] * new_numerator / sums["s_l1"]
         valid = ok & (sums["s_l1"] > 0)
         new_max = torch.where(valid, torch.maximum(d_max, d_hat), d_max)
-        growth = group["growth_rate"]
-        grown = new_max if math.isinf(growth) else torch.minimum(new_max, d * growth)
-        d.copy_(torch.where(valid, torch.maximum(d, grown), d))
+        # d = min(d_max, growth_rate * d), never below d
+        d.copy_(_d_update(d, new_max, valid, group["growth_rate"]))
         d_max.copy_(new_max)
         numerator.copy_(torch.where(ok, new_numerator, numerator))
         s_l1.copy_(torch.where(ok, sums["s_l1"], s_l1))
