@@ -15,21 +15,23 @@ rule as math.
 
 How a step runs (the phases of :mod:`hf_tuningfree.optim.base`)::
 
-    phase 1  statistics pass, before any state changes: one read-only pass per tensor returns
-             ``||g||^2`` (the non-finite guard; SGD's ``||g_0||``) and the numerator terms, which
-             are defined on the state BEFORE the update (``<g_k, s_k>`` and its variants).
-             Reduced by the base's single stacked all-reduce (``_local_statistics``).
-    update   one pass per tensor updates the state and the parameters with this step's ``d`` and
-             returns the norm of the UPDATED ``s`` (``||s_{k+1}||``), which defines the next ``d``.
-    phase 2  those after-update sums, stacked, ONE all-reduce when the parameters are sharded
-             (FSDP2 / FSDP1 / ``global_reduce``), none under DDP or in one process
-             (``_reduce_after_update``, the same rule as phase 1); then ``d`` is updated. Every
-             rank reaches both collectives, also one whose shard received no gradient.
+    statistics  one read-only pass per tensor, before anything changes, returns this rank's
+                contributions to every model-wide sum of the step: ``||g||^2`` (the non-finite
+                guard; SGD's ``||g_0||``), the numerator terms, which the papers define on the
+                state BEFORE the update (``<g_k, s_k>`` and its variants), and the norm of the
+                UPDATED ``s``. The last one needs no second pass: ``s_{k+1}`` is an elementwise
+                function of ``s_k``, ``g_k`` and scalars that are all known before the step
+                (``d_k``, ``lr``, the bias correction), so the pass evaluates it without storing
+                it. The sums go through the base's single stacked all-reduce
+                (``_local_statistics``): ONE collective per step when the parameters are sharded
+                (FSDP2 / FSDP1 / ``global_reduce``), none under DDP or in one process; every rank
+                reaches it, also one whose shard received no gradient.
+    update      one pass per tensor updates the state and the parameters with this step's ``d``
+                (pure elementwise: nothing is reduced, so the compiled loop runs in place), then
+                ``d`` is updated from the reduced sums.
 
-A sharded step thus makes two collectives of a few scalars (AdaGrad one: all its sums are known
-before the update); a DDP or single-process step none. Nothing in ``step()`` reads a device value
-on the host: ``d``, the numerator and the step counter are 0-dim tensors in ``self.global_state``
-(saved with the optimizer's state dict).
+Nothing in ``step()`` reads a device value on the host: ``d``, the numerator and the step counter
+are 0-dim tensors in ``self.global_state`` (saved with the optimizer's state dict).
 
 Each pass is one function of one tensor and its state, run eagerly (``"loop"``) or compiled
 (``"compiled"``: one fused C++/Triton loop per tensor, see :mod:`hf_tuningfree.optim.kernels`).
@@ -62,7 +64,7 @@ from .base import (
     bucket_by_device_and_dtype,
     compute_dtype,
 )
-from .distributed import local_view, plan_reduction
+from .distributed import local_view
 from .kernels import IMPLEMENTATIONS, CompiledKernel, order_for_compile, resolve_implementation
 from .validation import (
     check_betas,
@@ -131,16 +133,15 @@ class DAdaptationBase(TuningFreeOptimizer):
     ``global_state``, the statistics and update passes, the after-update reduction, and the checks
     that model-wide hyperparameters agree across groups.
 
-    A subclass sets ``_MODEL_WIDE`` (group keys that must agree) and ``_SUMS`` (names of the
-    after-update sums) and implements:
+    A subclass sets ``_MODEL_WIDE`` (group keys that must agree) and implements:
 
     * ``_statistics_pass(gb, d, step)``: ``(TensorPass, scalars, static)`` of the read-only pass
       whose first sum is ``g_sq`` (``||g||^2`` of the raw gradient);
-    * ``_combine_statistics(batch, per_group, d, step)``: this rank's phase-1 sums from the
-      per-group sums of that pass;
-    * ``_update_pass(gb, d, step, stats, ok)``: ``(TensorPass, scalars, static)`` of the update,
-      whose sums are ``_SUMS``; every write must be a no-op where ``ok`` is False;
-    * ``_finish(stats, sums, ok, d, step)``: the new ``d`` and global scalars.
+    * ``_combine_statistics(batch, per_group, d, step)``: this rank's sums from the per-group
+      sums of that pass (plus ``_idle_contribution`` of parameters without a gradient);
+    * ``_update_pass(gb, d, step, stats, ok)``: ``(TensorPass, scalars, static)`` of the update;
+      every write must be a no-op where ``ok`` is False;
+    * ``_finish(stats, ok, d, step)``: the new ``d`` and global scalars from the reduced sums.
 
     Tensors of fewer than ``PACK_BELOW`` elements (biases, norms) are packed: each of their lists
     is concatenated into one flat tensor, the pass runs once on the packed tensors and what it
@@ -150,7 +151,6 @@ class DAdaptationBase(TuningFreeOptimizer):
     """
 
     _MODEL_WIDE: tuple[str, ...] = ("d0", "growth_rate")
-    _SUMS: tuple[str, ...] = ()
     PACK_BELOW = 1 << 14
 
     # ------------------------------------------------------------------ construction
@@ -203,18 +203,13 @@ class DAdaptationBase(TuningFreeOptimizer):
         raise NotImplementedError
 
     def _finish(
-        self,
-        stats: dict[str, torch.Tensor],
-        sums: dict[str, torch.Tensor],
-        ok: torch.Tensor,
-        d: torch.Tensor,
-        step: torch.Tensor,
+        self, stats: dict[str, torch.Tensor], ok: torch.Tensor, d: torch.Tensor, step: torch.Tensor
     ) -> None:
         raise NotImplementedError
 
     def _idle_contribution(self, state: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Contributions to the after-update sums of a parameter that has state but no gradient
-        this step (its ``s`` is unchanged and still part of the model's ``||s||``)."""
+        """Contributions to the sums of a parameter that has state but no gradient this step (its
+        ``s`` is unchanged and still part of the model's ``||s||``)."""
         return {}
 
     # ------------------------------------------------------------------ machinery
@@ -231,36 +226,18 @@ class DAdaptationBase(TuningFreeOptimizer):
         d, step = self._d_and_step(batch.device)
         per_group = self._run_pass(batch, lambda gb: self._statistics_pass(gb, d, step))
         local = self._combine_statistics(batch, per_group, d, step)
+        dtype = self._stat_dtype()
+        for name, values in self._idle_sums(batch).items():
+            local[name] = local[name] + batch.sum_on_device(values).to(dtype)
         # ||g||^2 is NaN/Inf exactly when a gradient is (short of |g| > 1e19): the guard's sum.
         local["_grad_norm_sum"] = torch.stack([g["g_sq"] for g in per_group]).sum()
         return local
 
     def _update(self, batch: StepBatch, stats: dict[str, torch.Tensor], ok: torch.Tensor) -> None:
         d, step = self._d_and_step(batch.device)
-        per_group = self._run_pass(batch, lambda gb: self._update_pass(gb, d, step, stats, ok))
-        sums: dict[str, torch.Tensor] = {}
-        if self._SUMS:
-            values: dict[str, list[torch.Tensor]] = {
-                n: [g[n] for g in per_group] for n in self._SUMS
-            }
-            for name, extra in self._idle_sums(batch).items():
-                values[name].extend(extra)
-            dtype = self._stat_dtype()
-            local = {n: batch.sum_on_device(v).to(dtype) for n, v in values.items()}
-            sums = self._reduce_after_update(local, batch.device)
-        self._finish(stats, sums, ok, d, step)
+        self._run_pass(batch, lambda gb: self._update_pass(gb, d, step, stats, ok))
+        self._finish(stats, ok, d, step)
         step.add_(ok.to(step.dtype))
-
-    def _reduce_after_update(
-        self, local: dict[str, torch.Tensor], device: torch.device
-    ) -> dict[str, torch.Tensor]:
-        """Phase 2: this step's after-update sums as global sums. Same rule as the base's
-        phase 1 (``distributed.plan_reduction``): stacked into one tensor, one all-reduce when
-        parameters are sharded, nothing under DDP or in one process."""
-        plan = plan_reduction(
-            (p for g in self.param_groups for p in g["params"]), self.global_reduce
-        )
-        return self._reduce(local, plan, device)
 
     def _idle_sums(self, batch: StepBatch) -> dict[str, list[torch.Tensor]]:
         out: dict[str, list[torch.Tensor]] = {}
@@ -279,8 +256,9 @@ class DAdaptationBase(TuningFreeOptimizer):
         describe: Callable[[GroupBatch], tuple[TensorPass, list[torch.Tensor], dict[str, Any]]],
     ) -> list[dict[str, torch.Tensor]]:
         """Run a pass over every group; per group, its sums added over the group's tensors (0 for
-        a group without gradients, so that every rank stacks the same names)."""
-        dtype = self._stat_dtype()
+        a group without gradients, so that every rank stacks the same names). Sums stay in the
+        dtype they were accumulated in (fp64 on CPU)."""
+        d0 = torch.zeros((), dtype=self._stat_dtype(), device=batch.device)
         results = []
         for gb in batch.groups:
             tensor_pass, scalars, static = describe(gb)
@@ -298,10 +276,14 @@ class DAdaptationBase(TuningFreeOptimizer):
                     # "foreach" runs the per-tensor loop: every pass ends in reductions.
                     kernel = tensor_pass.compiled if impl == "compiled" else tensor_pass.fn
                     flags = {**static, "acc64": dev.type == "cpu"}
-                    for out in self._run_bucket(bucket, written, kernel, args, flags):
-                        for name, value in zip(tensor_pass.sums, out, strict=True):
-                            partial[name].append(value)
-            results.append({n: batch.sum_on_device(v).to(dtype) for n, v in partial.items()})
+                    outputs = self._run_bucket(bucket, written, kernel, args, flags)
+                    if tensor_pass.sums:
+                        for out in outputs:
+                            for name, value in zip(tensor_pass.sums, out, strict=True):
+                                partial[name].append(value)
+            results.append(
+                {n: batch.sum_on_device(v) if v else _scalar(0.0, d0) for n, v in partial.items()}
+            )
         return results
 
     def _run_bucket(
@@ -418,15 +400,21 @@ def dadapt_sgd_statistics(
     grad: torch.Tensor,
     s: torch.Tensor,
     coupled_wd: torch.Tensor,
+    lam: torch.Tensor,
     *,
     maximize: bool,
     coupled: bool,
     acc64: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Phase 1 of D-Adapted SGD for one tensor: ``(||g||^2, <g', s_k>)`` with ``g`` the raw
-    gradient and ``g'`` the one the update uses."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Statistics of D-Adapted SGD for one tensor: ``||g||^2`` of the raw gradient, ``<g', s_k>``
+    with ``g'`` the gradient the update uses, ``||s_k + lam g'||^2`` (``= ||s_{k+1}||^2``) and
+    ``||g'||^2`` (for the step that fixes ``||g_0||``, where ``s_k = 0`` and ``lam`` is not known
+    yet)."""
     g, _ = effective_grad(grad, param, coupled_wd, maximize=maximize, coupled=coupled)
-    return _sq_sum(grad, acc64), _total(g * s.to(g.dtype), acc64)
+    s_old = s.to(g.dtype)
+    s_new = s_old + lam * g
+    dot = _total(g * s_old, acc64)
+    return _sq_sum(grad, acc64), dot, _total(s_new * s_new, acc64), _total(g * g, acc64)
 
 
 def dadapt_sgd_tensor_update(
@@ -441,16 +429,14 @@ def dadapt_sgd_tensor_update(
     maximize: bool,
     coupled: bool,
     acc64: bool,
-) -> tuple[torch.Tensor]:
+) -> None:
     """One tensor of D-Adapted SGD without momentum, in place (``x = z``): ``s += lam g``,
     ``x -= lam g (+ decay x)``. ``lam`` is this group's ``d_k lr / ||g_0||`` (0 on a skipped
-    step), ``decay`` the decoupled factor ``lam * wd``. Returns ``(||s_{k+1}||^2,)``."""
+    step), ``decay`` the decoupled factor ``lam * wd``."""
     g, p = effective_grad(grad, param, coupled_wd, maximize=maximize, coupled=coupled)
     g = torch.where(ok, g, 0.0)  # a skipped step's NaN/Inf never reaches the state
-    s_new = s.to(g.dtype) + lam * g
     param.copy_(p - decay * p - lam * g)
-    s.copy_(s_new)
-    return (_total(s_new * s_new, acc64),)
+    s.copy_(s.to(g.dtype) + lam * g)
 
 
 def dadapt_sgd_momentum_tensor_update(
@@ -467,24 +453,24 @@ def dadapt_sgd_momentum_tensor_update(
     maximize: bool,
     coupled: bool,
     acc64: bool,
-) -> tuple[torch.Tensor]:
+) -> None:
     """One tensor of D-Adapted SGD with primal-averaging momentum, in place: ``z -= lam g
     (+ decay z)``, ``x += average (z - x)`` with ``average = 1 - momentum`` (0 when skipped)."""
     g, p = effective_grad(grad, param, coupled_wd, maximize=maximize, coupled=coupled)
     g = torch.where(ok, g, 0.0)
-    s_new = s.to(g.dtype) + lam * g
     zz = z.to(g.dtype)
     zz = zz - decay * zz - lam * g
     param.copy_(p + average * (zz - p))
-    s.copy_(s_new)
+    s.copy_(s.to(g.dtype) + lam * g)
     z.copy_(zz)
-    return (_total(s_new * s_new, acc64),)
 
 
-_SGD_STATISTICS = _pass(dadapt_sgd_statistics, "DAdaptSGD statistics", ("s",), ("g_sq", "dot"))
-_SGD_UPDATE = _pass(dadapt_sgd_tensor_update, "DAdaptSGD", ("s",), ("s_sq",), ("param", "s"))
+_SGD_STATISTICS = _pass(
+    dadapt_sgd_statistics, "DAdaptSGD statistics", ("s",), ("g_sq", "dot", "s_sq", "gg")
+)
+_SGD_UPDATE = _pass(dadapt_sgd_tensor_update, "DAdaptSGD", ("s",), (), ("param", "s"))
 _SGD_MOMENTUM_UPDATE = _pass(
-    dadapt_sgd_momentum_tensor_update, "DAdaptSGD", ("s", "z"), ("s_sq",), ("param", "s", "z")
+    dadapt_sgd_momentum_tensor_update, "DAdaptSGD", ("s", "z"), (), ("param", "s", "z")
 )
 
 
@@ -528,7 +514,6 @@ class DAdaptSGD(DAdaptationBase):
     """
 
     _MODEL_WIDE = ("d0", "growth_rate")
-    _SUMS = ("s_sq",)
 
     def __init__(
         self,
@@ -576,11 +561,19 @@ class DAdaptSGD(DAdaptationBase):
         s = local_view(state["s"]).to(compute_dtype(state["s"].dtype))
         return {"s_sq": (s * s).sum()}
 
+    def _inv_g0(self, device: torch.device) -> torch.Tensor:
+        """``1 / ||g_0||`` as known before this step (0 while not fixed yet)."""
+        g0_sq = self._global("g0_sq", device)
+        return torch.where(g0_sq > 0, g0_sq.rsqrt(), 0.0)
+
     def _statistics_pass(
         self, gb: GroupBatch, d: torch.Tensor, step: torch.Tensor
     ) -> tuple[TensorPass, list[torch.Tensor], dict[str, Any]]:
-        coupled, _ = _weight_decay_scalars(gb.group, d)
-        return _SGD_STATISTICS, [coupled], _flags(gb.group)
+        # lambda of this step, unless ||g_0|| is fixed by this very step (then s = 0, lambda
+        # unknown: "gg" covers it in _finish).
+        lam = d * self._inv_g0(d.device) * gb.group["lr"]
+        coupled, _ = _weight_decay_scalars(gb.group, lam)
+        return _SGD_STATISTICS, [coupled, lam], _flags(gb.group)
 
     def _combine_statistics(
         self,
@@ -589,17 +582,17 @@ class DAdaptSGD(DAdaptationBase):
         d: torch.Tensor,
         step: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
-        # lambda_k of the numerator with ||g_0|| as known before this step: while it is unknown
-        # no step was taken, s = 0 and so is <g, s>.
-        g0_sq = self._global("g0_sq", d.device)
-        inv_g0 = torch.where(g0_sq > 0, g0_sq.rsqrt(), 0.0)
-        groups = [gb.group for gb in batch.groups]
-        dots = [pg["dot"] * g["lr"] for pg, g in zip(per_group, groups, strict=True)]
-        squares = [pg["g_sq"] for pg, g in zip(per_group, groups, strict=True) if g["lr"] > 0]
         dtype = self._stat_dtype()
+        lam = d * self._inv_g0(d.device)  # times each group's lr
+        lrs = [gb.group["lr"] for gb in batch.groups]
+        pairs = list(zip(per_group, lrs, strict=True))
         return {
-            "numerator": d * inv_g0 * batch.sum_on_device(dots).to(dtype),
-            "grad_sq": batch.sum_on_device(squares).to(dtype),
+            # sum_k lambda_k <g', s_k>, this step's term
+            "numerator": lam * batch.sum_on_device(pg["dot"] * lr for pg, lr in pairs).to(dtype),
+            "s_sq": batch.sum_on_device(pg["s_sq"] for pg, _ in pairs).to(dtype),
+            # for fixing ||g_0||: raw ||g||^2 of groups with lr > 0; sum lr^2 ||g'||^2
+            "grad_sq": batch.sum_on_device(pg["g_sq"] for pg, lr in pairs if lr > 0).to(dtype),
+            "gg_lr2": batch.sum_on_device(pg["gg"] * lr * lr for pg, lr in pairs).to(dtype),
         }
 
     def _latched_g0_sq(self, stats: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -630,24 +623,22 @@ class DAdaptSGD(DAdaptationBase):
         return _SGD_MOMENTUM_UPDATE, [*scalars, average], _flags(group)
 
     def _finish(
-        self,
-        stats: dict[str, torch.Tensor],
-        sums: dict[str, torch.Tensor],
-        ok: torch.Tensor,
-        d: torch.Tensor,
-        step: torch.Tensor,
+        self, stats: dict[str, torch.Tensor], ok: torch.Tensor, d: torch.Tensor, step: torch.Tensor
     ) -> None:
         growth = self.param_groups[0]["growth_rate"]
         numerator = self._global("numerator", d.device)
         s_sq = self._global("s_sq", d.device)
         g0_sq = self._global("g0_sq", d.device)
         latched = self._latched_g0_sq(stats, d.device)
+        # ||s_{k+1}||^2; on the step that fixes ||g_0||, s_k = 0 and s_{k+1} = lambda g'
+        first = torch.where(latched > 0, d * d * stats["gg_lr2"] / latched, 0.0)
+        new_s_sq = torch.where(g0_sq > 0, stats["s_sq"], first)
         new_numerator = numerator + stats["numerator"]
-        d_hat = 2.0 * new_numerator / sums["s_sq"].sqrt()
-        valid = ok & (sums["s_sq"] > 0)
+        d_hat = 2.0 * new_numerator / new_s_sq.sqrt()
+        valid = ok & (new_s_sq > 0)
         d.copy_(_d_update(d, d_hat, valid, growth))
         numerator.copy_(torch.where(ok, new_numerator, numerator))
-        s_sq.copy_(torch.where(ok, sums["s_sq"], s_sq))
+        s_sq.copy_(torch.where(ok, new_s_sq, s_sq))
         g0_sq.copy_(torch.where(ok, latched, g0_sq))
 
     def stats(self) -> dict[str, float]:
@@ -669,16 +660,22 @@ def dadapt_adam_statistics(
     s: torch.Tensor,
     coupled_wd: torch.Tensor,
     eps: torch.Tensor,
+    dlr: torch.Tensor,
+    c_s: torch.Tensor,
     *,
     maximize: bool,
     coupled: bool,
     acc64: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Phase 1 of D-Adapted Adam for one tensor: ``(||g||^2, <g', s_k / (sqrt(v_k) + eps)>)``,
-    with the second moment BEFORE this step's update, as the published code."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Statistics of D-Adapted Adam for one tensor: ``||g||^2``, ``<g', s_k / (sqrt(v_k) +
+    eps)>`` (the second moment BEFORE this step's update, as the published code) and
+    ``||s_{k+1}||_1`` with ``s_{k+1} = s_k + c_s (dlr g' - s_k)``, the update's expression."""
     g, _ = effective_grad(grad, param, coupled_wd, maximize=maximize, coupled=coupled)
     v = exp_avg_sq.to(g.dtype)
-    return _sq_sum(grad, acc64), _total(g * s.to(g.dtype) / (v.sqrt() + eps), acc64)
+    s_old = s.to(g.dtype)
+    s_new = s_old + c_s * (dlr * g - s_old)
+    numerator = _total(g * s_old / (v.sqrt() + eps), acc64)
+    return _sq_sum(grad, acc64), numerator, _total(s_new.abs(), acc64)
 
 
 def dadapt_adam_tensor_update(
@@ -700,10 +697,10 @@ def dadapt_adam_tensor_update(
     maximize: bool,
     coupled: bool,
     acc64: bool,
-) -> tuple[torch.Tensor]:
+) -> None:
     """One tensor of D-Adapted Adam, in place. ``dlr`` is this group's ``d_k lr bc_k``, ``c_m,
     c_v, c_s`` are ``1 - beta1``, ``1 - beta2``, ``1 - sqrt(beta2)`` and ``on`` is 1: all 0 on a
-    skipped step; ``decay`` is the decoupled factor ``dlr * wd``. Returns ``(||s_{k+1}||_1,)``."""
+    skipped step; ``decay`` is the decoupled factor ``dlr * wd``."""
     g, p = effective_grad(grad, param, coupled_wd, maximize=maximize, coupled=coupled)
     g = torch.where(ok, g, 0.0)
     m = exp_avg.to(g.dtype)
@@ -717,17 +714,19 @@ def dadapt_adam_tensor_update(
     exp_avg.copy_(m)
     exp_avg_sq.copy_(v)
     s.copy_(s_new)
-    return (_total(s_new.abs(), acc64),)
 
 
 _ADAM_STATISTICS = _pass(
-    dadapt_adam_statistics, "DAdaptAdam statistics", ("exp_avg_sq", "s"), ("g_sq", "numerator")
+    dadapt_adam_statistics,
+    "DAdaptAdam statistics",
+    ("exp_avg_sq", "s"),
+    ("g_sq", "numerator", "s_l1"),
 )
 _ADAM_UPDATE = _pass(
     dadapt_adam_tensor_update,
     "DAdaptAdam",
     ("exp_avg", "exp_avg_sq", "s"),
-    ("s_l1",),
+    (),
     ("param", "exp_avg", "exp_avg_sq", "s"),
 )
 
@@ -786,7 +785,6 @@ class DAdaptAdam(DAdaptationBase):
     """
 
     _MODEL_WIDE = ("d0", "growth_rate", "betas", "use_bias_correction")
-    _SUMS = ("s_l1",)
 
     def __init__(
         self,
@@ -849,8 +847,11 @@ class DAdaptAdam(DAdaptationBase):
     def _statistics_pass(
         self, gb: GroupBatch, d: torch.Tensor, step: torch.Tensor
     ) -> tuple[TensorPass, list[torch.Tensor], dict[str, Any]]:
-        coupled, _ = _weight_decay_scalars(gb.group, d)
-        return _ADAM_STATISTICS, [coupled, _scalar(gb.group["eps"], d)], _flags(gb.group)
+        group = gb.group
+        dlr = d * self._bias_correction(step) * group["lr"]
+        coupled, _ = _weight_decay_scalars(group, dlr)
+        c_s = _scalar(1.0 - math.sqrt(group["betas"][1]), d)
+        return _ADAM_STATISTICS, [coupled, _scalar(group["eps"], d), dlr, c_s], _flags(group)
 
     def _combine_statistics(
         self,
@@ -859,11 +860,14 @@ class DAdaptAdam(DAdaptationBase):
         d: torch.Tensor,
         step: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
-        # sum over groups of dlr_k <g, s_k / (sqrt(v_k) + eps)>, dlr_k = d lr bc
-        pairs = zip(per_group, batch.groups, strict=True)
-        terms = [pg["numerator"] * gb.group["lr"] for pg, gb in pairs]
-        total = batch.sum_on_device(terms).to(d.dtype)
-        return {"numerator": d * self._bias_correction(step) * total}
+        dtype = self._stat_dtype()
+        pairs = list(zip(per_group, batch.groups, strict=True))
+        # sum over groups of dlr <g', s_k / (sqrt(v_k) + eps)>, dlr = d lr bc
+        terms = batch.sum_on_device(pg["numerator"] * gb.group["lr"] for pg, gb in pairs)
+        return {
+            "numerator": d * self._bias_correction(step) * terms.to(dtype),
+            "s_l1": batch.sum_on_device(pg["s_l1"] for pg, _ in pairs).to(dtype),
+        }
 
     def _update_pass(
         self,
@@ -890,23 +894,18 @@ class DAdaptAdam(DAdaptationBase):
         return _ADAM_UPDATE, scalars, _flags(group)
 
     def _finish(
-        self,
-        stats: dict[str, torch.Tensor],
-        sums: dict[str, torch.Tensor],
-        ok: torch.Tensor,
-        d: torch.Tensor,
-        step: torch.Tensor,
+        self, stats: dict[str, torch.Tensor], ok: torch.Tensor, d: torch.Tensor, step: torch.Tensor
     ) -> None:
         group = self.param_groups[0]
         beta3 = math.sqrt(group["betas"][1])
         numerator = self._global("numerator", d.device)
         s_l1 = self._global("s_l1", d.device)
         new_numerator = beta3 * numerator + (1.0 - beta3) * stats["numerator"]
-        d_hat = new_numerator / ((1.0 - beta3) * sums["s_l1"])
-        valid = ok & (sums["s_l1"] > 0)
+        d_hat = new_numerator / ((1.0 - beta3) * stats["s_l1"])
+        valid = ok & (stats["s_l1"] > 0)
         d.copy_(_d_update(d, d_hat, valid, group["growth_rate"]))
         numerator.copy_(torch.where(ok, new_numerator, numerator))
-        s_l1.copy_(torch.where(ok, sums["s_l1"], s_l1))
+        s_l1.copy_(torch.where(ok, stats["s_l1"], s_l1))
 
     def stats(self) -> dict[str, float]:
         out = super().stats()
@@ -972,7 +971,7 @@ def dadapt_adagrad_tensor_update(
     coupled: bool,
     averaged: bool,
     acc64: bool,
-) -> tuple[()]:
+) -> None:
     """One tensor of D-Adapted AdaGrad, in place: ``alpha += g^2``, ``s += dlr g``, ``z = x0 - s
     / (sqrt(alpha) + eps)``, ``x = z`` or, with momentum, ``x += average (z - x)`` (``average =
     1 - momentum``). ``dlr`` and ``average`` are 0 on a skipped step."""
@@ -984,7 +983,6 @@ def dadapt_adagrad_tensor_update(
     param.copy_(p + average * (z - p) if averaged else torch.where(ok, z, p))
     alpha.copy_(a_new)
     s.copy_(s_new)
-    return ()
 
 
 _ADAGRAD_STATISTICS = _pass(
@@ -1034,7 +1032,6 @@ class DAdaptAdaGrad(DAdaptationBase):
     """
 
     _MODEL_WIDE = ("d0", "growth_rate")
-    _SUMS = ()  # every sum is known before the update: one collective per sharded step
 
     def __init__(
         self,
@@ -1125,12 +1122,7 @@ class DAdaptAdaGrad(DAdaptationBase):
         return _ADAGRAD_UPDATE, scalars, {**_flags(group), "averaged": group["momentum"] > 0}
 
     def _finish(
-        self,
-        stats: dict[str, torch.Tensor],
-        sums: dict[str, torch.Tensor],
-        ok: torch.Tensor,
-        d: torch.Tensor,
-        step: torch.Tensor,
+        self, stats: dict[str, torch.Tensor], ok: torch.Tensor, d: torch.Tensor, step: torch.Tensor
     ) -> None:
         numerator = self._global("numerator", d.device)
         s_l1 = self._global("s_l1", d.device)

@@ -26,6 +26,7 @@ from .dadapt import (
     _d_update,
     _flags,
     _pass,
+    _scalar,
     _sq_sum,
     _total,
     _weight_decay_scalars,
@@ -47,16 +48,24 @@ __all__ = ["Prodigy", "prodigy_statistics", "prodigy_tensor_update"]
 def prodigy_statistics(
     param: torch.Tensor,
     grad: torch.Tensor,
+    s: torch.Tensor,
     x0: torch.Tensor,
     coupled_wd: torch.Tensor,
+    s_weight: torch.Tensor,
+    c_s: torch.Tensor,
     *,
     maximize: bool,
     coupled: bool,
     acc64: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Phase 1 of Prodigy for one tensor: ``(||g||^2, <g', x_0 - x_k>)``."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Statistics of Prodigy for one tensor: ``||g||^2``, ``<g', x_0 - x_k>`` and
+    ``||s_{k+1}||_1`` with ``s_{k+1} = s_k + c_s s_k + s_weight g'`` (``c_s = beta3 - 1``), the
+    update's expression."""
     g, p = effective_grad(grad, param, coupled_wd, maximize=maximize, coupled=coupled)
-    return _sq_sum(grad, acc64), _total(g * (x0.to(g.dtype) - p), acc64)
+    s_old = s.to(g.dtype)
+    s_new = s_old + c_s * s_old + s_weight * g
+    dot = _total(g * (x0.to(g.dtype) - p), acc64)
+    return _sq_sum(grad, acc64), dot, _total(s_new.abs(), acc64)
 
 
 def prodigy_tensor_update(
@@ -79,14 +88,13 @@ def prodigy_tensor_update(
     maximize: bool,
     coupled: bool,
     acc64: bool,
-) -> tuple[torch.Tensor]:
+) -> None:
     """One tensor of Prodigy, in place.
 
     ``d`` is ``d_k``; ``step_size`` this group's ``dlr = d_k lr bc_k``; ``s_weight`` the weight of
     ``g`` in ``s`` (``(d_k / d0) dlr``, or ``(d_k / d0) d_k`` with ``safeguard_warmup``); ``c_m,
     c_v`` are ``1 - beta1, 1 - beta2`` and ``c_s`` is ``beta3 - 1``: all 0 on a skipped step;
-    ``decay`` is ``dlr * wd`` (decoupled), ``d_eps`` is ``d_k * eps``. Returns
-    ``(||s_{k+1}||_1,)``."""
+    ``decay`` is ``dlr * wd`` (decoupled), ``d_eps`` is ``d_k * eps``."""
     g, p = effective_grad(grad, param, coupled_wd, maximize=maximize, coupled=coupled)
     g = torch.where(ok, g, 0.0)
     m = exp_avg.to(g.dtype)
@@ -100,15 +108,16 @@ def prodigy_tensor_update(
     exp_avg.copy_(m)
     exp_avg_sq.copy_(v)
     s.copy_(s_new)
-    return (_total(s_new.abs(), acc64),)
 
 
-_PRODIGY_STATISTICS = _pass(prodigy_statistics, "Prodigy statistics", ("x0",), ("g_sq", "dot"))
+_PRODIGY_STATISTICS = _pass(
+    prodigy_statistics, "Prodigy statistics", ("s", "x0"), ("g_sq", "dot", "s_l1")
+)
 _PRODIGY_UPDATE = _pass(
     prodigy_tensor_update,
     "Prodigy",
     ("exp_avg", "exp_avg_sq", "s"),
-    ("s_l1",),
+    (),
     ("param", "exp_avg", "exp_avg_sq", "s"),
 )
 
@@ -174,7 +183,6 @@ class Prodigy(DAdaptationBase):
         "use_bias_correction",
         "safeguard_warmup",
     )
-    _SUMS = ("s_l1",)
 
     def __init__(
         self,
@@ -239,11 +247,22 @@ class Prodigy(DAdaptationBase):
             return 1.0
         return adam_bias_correction(step, *group["betas"])
 
+    def _s_weight(self, group: dict[str, Any], d: torch.Tensor, dlr: torch.Tensor) -> torch.Tensor:
+        """Weight of ``g`` in ``s``: ``(d / d0) dlr``, or ``(d / d0) d`` with safeguard_warmup
+        (0 for a group with lr = 0 either way)."""
+        ratio = d / group["d0"]
+        if group["safeguard_warmup"]:
+            return ratio * d * (1.0 if group["lr"] > 0 else 0.0)
+        return ratio * dlr
+
     def _statistics_pass(
         self, gb: GroupBatch, d: torch.Tensor, step: torch.Tensor
     ) -> tuple[TensorPass, list[torch.Tensor], dict[str, Any]]:
-        coupled, _ = _weight_decay_scalars(gb.group, d)
-        return _PRODIGY_STATISTICS, [coupled], _flags(gb.group)
+        group = gb.group
+        dlr = d * self._bias_correction(step) * group["lr"]
+        coupled, _ = _weight_decay_scalars(group, dlr)
+        scalars = [coupled, self._s_weight(group, d, dlr), _scalar(self._beta3() - 1.0, d)]
+        return _PRODIGY_STATISTICS, scalars, _flags(group)
 
     def _combine_statistics(
         self,
@@ -252,11 +271,15 @@ class Prodigy(DAdaptationBase):
         d: torch.Tensor,
         step: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
-        # sum over groups of (d / d0) dlr <g, x0 - x>, dlr = d lr bc
-        pairs = zip(per_group, batch.groups, strict=True)
+        dtype = self._stat_dtype()
+        pairs = list(zip(per_group, batch.groups, strict=True))
+        # sum over groups of (d / d0) dlr <g', x0 - x>, dlr = d lr bc
         terms = batch.sum_on_device(pg["dot"] * gb.group["lr"] for pg, gb in pairs)
         weight = (d / self.param_groups[0]["d0"]) * d * self._bias_correction(step)
-        return {"numerator": weight * terms.to(d.dtype)}
+        return {
+            "numerator": weight * terms.to(dtype),
+            "s_l1": batch.sum_on_device(pg["s_l1"] for pg, _ in pairs).to(dtype),
+        }
 
     def _update_pass(
         self,
@@ -269,18 +292,12 @@ class Prodigy(DAdaptationBase):
         group = gb.group
         beta1, beta2 = group["betas"]
         on = ok.to(d.dtype)  # every coefficient is 0 on a skipped step
-        lr = group["lr"]
-        dlr = on * d * self._bias_correction(step) * lr
-        ratio = d / group["d0"]
-        if group["safeguard_warmup"]:
-            s_weight = on * ratio * d * (1.0 if lr > 0 else 0.0)
-        else:
-            s_weight = ratio * dlr
+        dlr = on * d * self._bias_correction(step) * group["lr"]
         scalars = [
             ok,
             d,
             dlr,
-            s_weight,
+            on * self._s_weight(group, d, dlr),
             *_weight_decay_scalars(group, dlr),
             on * (1.0 - beta1),
             on * (1.0 - beta2),
@@ -290,26 +307,21 @@ class Prodigy(DAdaptationBase):
         return _PRODIGY_UPDATE, scalars, _flags(group)
 
     def _finish(
-        self,
-        stats: dict[str, torch.Tensor],
-        sums: dict[str, torch.Tensor],
-        ok: torch.Tensor,
-        d: torch.Tensor,
-        step: torch.Tensor,
+        self, stats: dict[str, torch.Tensor], ok: torch.Tensor, d: torch.Tensor, step: torch.Tensor
     ) -> None:
         group = self.param_groups[0]
         numerator = self._global("numerator", d.device)
         s_l1 = self._global("s_l1", d.device)
         d_max = self._global("d_max", d.device, group["d0"])
         new_numerator = self._beta3() * numerator + stats["numerator"]
-        d_hat = group["d_coef"] * new_numerator / sums["s_l1"]
-        valid = ok & (sums["s_l1"] > 0)
+        d_hat = group["d_coef"] * new_numerator / stats["s_l1"]
+        valid = ok & (stats["s_l1"] > 0)
         new_max = torch.where(valid, torch.maximum(d_max, d_hat), d_max)
         # d = min(d_max, growth_rate * d), never below d
         d.copy_(_d_update(d, new_max, valid, group["growth_rate"]))
         d_max.copy_(new_max)
         numerator.copy_(torch.where(ok, new_numerator, numerator))
-        s_l1.copy_(torch.where(ok, sums["s_l1"], s_l1))
+        s_l1.copy_(torch.where(ok, stats["s_l1"], s_l1))
 
     def stats(self) -> dict[str, float]:
         out = super().stats()
