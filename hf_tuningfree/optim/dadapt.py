@@ -104,8 +104,9 @@ def check_growth_rate(value: object) -> float:
 @dataclass(frozen=True)
 class TensorPass:
     """One per-tensor pass: ``fn(param, grad, *state[keys], *scalars, **static)`` returns a tuple
-    of 0-dim partial sums named ``sums``; ``compiled`` is the same function under
-    ``torch.compile``; ``writes`` names what it updates in place (``"param"`` and state keys)."""
+    of 0-dim partial sums named ``sums`` (nothing when ``sums`` is empty); ``compiled`` is the same
+    function under ``torch.compile``; ``writes`` names what it updates in place (``"param"`` and
+    state keys)."""
 
     fn: Callable[..., tuple[torch.Tensor, ...]]
     compiled: CompiledKernel
@@ -130,8 +131,8 @@ def _scalar(value: float, like: torch.Tensor) -> torch.Tensor:
 
 class DAdaptationBase(TuningFreeOptimizer):
     """What the D-Adaptation family (and Prodigy) share: the model-wide ``d`` and step counter in
-    ``global_state``, the statistics and update passes, the after-update reduction, and the checks
-    that model-wide hyperparameters agree across groups.
+    ``global_state``, the statistics and update passes over (packed) tensors, and the checks that
+    model-wide hyperparameters agree across groups.
 
     A subclass sets ``_MODEL_WIDE`` (group keys that must agree) and implements:
 
@@ -273,7 +274,8 @@ class DAdaptationBase(TuningFreeOptimizer):
                     impl = resolve_implementation(gb.group["implementation"], dev, numel)
                     cdt = compute_dtype(dt)
                     args = [a.to(dev) if a.dtype == torch.bool else a.to(dev, cdt) for a in scalars]
-                    # "foreach" runs the per-tensor loop: every pass ends in reductions.
+                    # "foreach" runs the per-tensor loop: these passes have no foreach form (packing
+                    # already makes one call of the small tensors).
                     kernel = tensor_pass.compiled if impl == "compiled" else tensor_pass.fn
                     flags = {**static, "acc64": dev.type == "cpu"}
                     outputs = self._run_bucket(bucket, written, kernel, args, flags)
@@ -543,11 +545,6 @@ class DAdaptSGD(DAdaptationBase):
         super().__init__(
             params, defaults, skip_nonfinite=skip_nonfinite, global_reduce=global_reduce
         )
-
-    def _validate_group(self, group: dict[str, Any]) -> None:
-        super()._validate_group(group)
-        check_in_range("momentum", group["momentum"], 0.0, 1.0)
-        check_bool("decoupled_weight_decay", group["decoupled_weight_decay"])
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         super()._validate_group(group)
@@ -825,12 +822,6 @@ class DAdaptAdam(DAdaptationBase):
         check_positive("eps", group["eps"])
         check_bool("decoupled_weight_decay", group["decoupled_weight_decay"])
 
-    def _validate_group(self, group: dict[str, Any]) -> None:
-        super()._validate_group(group)
-        check_betas("betas", group["betas"])
-        check_positive("eps", group["eps"])
-        check_bool("decoupled_weight_decay", group["decoupled_weight_decay"])
-
     def _init_param_state(self, param: torch.Tensor, state: dict[str, Any], group: dict) -> None:
         for key in ("exp_avg", "exp_avg_sq", "s"):
             state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
@@ -1063,12 +1054,6 @@ class DAdaptAdaGrad(DAdaptationBase):
         super().__init__(
             params, defaults, skip_nonfinite=skip_nonfinite, global_reduce=global_reduce
         )
-
-    def _validate_group(self, group: dict[str, Any]) -> None:
-        super()._validate_group(group)
-        check_in_range("momentum", group["momentum"], 0.0, 1.0)
-        check_positive("eps", group["eps"])
-        check_nonnegative("initial_accumulator_value", group["initial_accumulator_value"])
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         super()._validate_group(group)

@@ -5,10 +5,10 @@ Mishchenko & Defazio, "Prodigy: An Expeditiously Adaptive Parameter-Free Learner
 package, v1.1).
 
 Prodigy keeps D-Adaptation's single model-wide lower bound ``d`` on the distance to the solution
-but weights step ``k`` by ``d_k`` (the paper's ``lambda_k = d_k^2`` weighting), so the estimate
-catches up with ``D`` in ``O(log(D/d0))`` fewer steps, and it measures progress directly with
-``<g_k, x_0 - x_k>``. The phases of a step, the single ``d`` over all groups and the sharded
-reductions are those of :mod:`hf_tuningfree.optim.dadapt`.
+but weights step ``k`` by ``d_k`` (the paper's ``lambda_k = d_k^2`` weighting) and measures
+progress directly with ``<g_k, x_0 - x_k>``; the paper shows this improves D-Adaptation's
+convergence rate by a factor ``O(log(D / d0))``. The passes of a step, the single ``d`` over all
+groups and the sharded reduction are those of :mod:`hf_tuningfree.optim.dadapt`.
 """
 
 from __future__ import annotations
