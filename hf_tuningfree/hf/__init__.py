@@ -6,6 +6,12 @@
   averaging for evaluation and saving, an optimizer section in the model card.
 - :func:`install`: the same optimizers for the stock ``Trainer`` and its subclasses.
 - :class:`OptimizerFactory`: for ``Trainer(optimizers=...)`` / ``optimizer_cls_and_kwargs=...``.
+- :mod:`.arguments`: the scripts' argument groups (``ModelArguments``, ``DataArguments``,
+  ``LoraArguments``, ``MMLUScoringArguments``, ``FinetuneTrainingArguments``).
+- :mod:`.clm` (text -> ``block_size`` blocks), :mod:`.sft` (prompt/completion examples, MMLU-format
+  rows in the scorer's prompt, the padding collator), :mod:`.lora` (PEFT wrapping and merging) and
+  :mod:`.pipeline` (config files, resume, train -> evaluate -> save): what the fine-tuning scripts
+  are made of, importable on their own.
 """
 
 from hf_tuningfree.hf.args import OptimChoices, TuningFreeTrainingArguments

@@ -14,7 +14,10 @@ def _hyperparameters(optimizer: Any) -> dict[str, Any]:
     if optimizer is None or not getattr(optimizer, "param_groups", None):
         return {}
     group = optimizer.param_groups[0]
-    return {k: v for k, v in group.items() if k not in _SKIP_KEYS and not isinstance(v, dict)}
+    out = {k: v for k, v in group.items() if k not in _SKIP_KEYS and not isinstance(v, dict)}
+    if "initial_lr" in group:  # the configured value, not what the schedule left at the end
+        out["lr"] = group["initial_lr"]
+    return out
 
 
 def _fmt(value: Any) -> str:

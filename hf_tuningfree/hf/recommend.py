@@ -33,9 +33,10 @@ RECOMMENDABLE = ("learning_rate", "lr_scheduler_type", "warmup_steps", "max_grad
 MULTIPLIER_SUSPICIOUS_BELOW = 0.01
 
 
-def stock_default(name: str) -> Any:
-    """The default of ``TrainingArguments.<name>`` (what "the user set nothing" looks like)."""
-    for f in dataclasses.fields(TrainingArguments):
+def stock_default(name: str, cls: type = TrainingArguments) -> Any:
+    """The default of ``<cls>.<name>`` (what "the user set nothing" looks like): a subclass such
+    as TRL's ``SFTConfig`` has its own defaults (learning_rate 2e-5)."""
+    for f in dataclasses.fields(cls):
         if f.name == name:
             if f.default is not dataclasses.MISSING:
                 return f.default
@@ -87,15 +88,17 @@ def _adam_style_overrides(spec: OptimizerSpec, args: TrainingArguments) -> dict[
     out: dict[str, Any] = {}
     betas = hp.get("betas")
     if isinstance(betas, tuple) and len(betas) >= 2:
+        cls = type(args)
         b1, b2 = args.adam_beta1, args.adam_beta2
-        if b1 != stock_default("adam_beta1") or b2 != stock_default("adam_beta2"):
+        d1, d2 = stock_default("adam_beta1", cls), stock_default("adam_beta2", cls)
+        if b1 != d1 or b2 != d2:
             new = list(betas)
-            if b1 != stock_default("adam_beta1"):
+            if b1 != d1:
                 new[0] = b1
-            if b2 != stock_default("adam_beta2"):
+            if b2 != d2:
                 new[1] = b2
             out["betas"] = tuple(new)
-    if "eps" in hp and args.adam_epsilon != stock_default("adam_epsilon"):
+    if "eps" in hp and args.adam_epsilon != stock_default("adam_epsilon", type(args)):
         out["eps"] = args.adam_epsilon
     return out
 
@@ -140,7 +143,7 @@ def apply_recommended_defaults(args: TrainingArguments) -> dict[str, tuple[Any, 
     for key, value in recommended_values(spec).items():
         current = getattr(args, key)
         current_plain = getattr(current, "value", current)
-        default = stock_default(key)
+        default = stock_default(key, type(args))
         default_plain = getattr(default, "value", default)
         if current_plain == default_plain and current_plain != value:
             setattr(args, key, type(current)(value) if key == "lr_scheduler_type" else value)

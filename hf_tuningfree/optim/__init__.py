@@ -1,6 +1,10 @@
 """Tuning-free optimizers in pure PyTorch (importable with only torch installed).
 
 - :class:`ADOPT` (Taniguchi et al., NeurIPS 2024)
+- :class:`DoG`, :class:`LDoG`, :class:`TDoG` (Ivgi, Hinder & Carmon, ICML 2023) and
+  :class:`PolynomialDecayAverager`, the iterate averaging they are used with
+- :class:`HyperSGD`, :class:`HyperAdam`, :class:`HyperAdaGrad`, :class:`HyperRMSProp`:
+  hypergradient descent with hyperoptimizer towers (Chandra et al., NeurIPS 2022)
 - :class:`DAdaptSGD`, :class:`DAdaptAdam`, :class:`DAdaptAdaGrad` (Defazio & Mishchenko, ICML 2023)
 - :class:`Prodigy` (Mishchenko & Defazio, ICML 2024)
 
@@ -9,8 +13,11 @@ Every optimizer is registered in :mod:`hf_tuningfree.optim.registry`;
 """
 
 from .adopt import ADOPT
+from .averaging import PolynomialDecayAverager
 from .base import TuningFreeOptimizer
 from .dadapt import DAdaptAdaGrad, DAdaptAdam, DAdaptSGD
+from .dog import DoG, LDoG, TDoG
+from .hypergradient import HyperAdaGrad, HyperAdam, HypergradientOptimizer, HyperRMSProp, HyperSGD
 from .prodigy import Prodigy
 from .registry import (
     OptimizerSpec,
@@ -27,8 +34,17 @@ __all__ = [
     "DAdaptAdaGrad",
     "DAdaptAdam",
     "DAdaptSGD",
+    "DoG",
+    "HyperAdaGrad",
+    "HyperAdam",
+    "HyperRMSProp",
+    "HyperSGD",
+    "HypergradientOptimizer",
+    "LDoG",
     "OptimizerSpec",
+    "PolynomialDecayAverager",
     "Prodigy",
+    "TDoG",
     "TuningFreeOptimizer",
     "available_optimizers",
     "create_optimizer",

@@ -220,17 +220,20 @@ class TuningFreeOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     def _local_statistics(self, batch: StepBatch) -> dict[str, torch.Tensor]:
-        """Model-wide sums this rank contributes (0-dim fp32 tensors on ``batch.device``).
-
-        A subclass whose statistics pass already reads every gradient may also return
-        ``"_grad_norm_sum"`` (any sum over all gradients that is NaN/Inf exactly when one of them
-        is, e.g. ``sum ||g||^2``); the non-finite guard then uses it instead of computing the
-        gradient norms in a pass of its own."""
+        """Model-wide sums this rank contributes (fp32/fp64 tensors on ``batch.device``): 0-dim,
+        or 1-D for per-tensor statistics; each is summed elementwise across ranks."""
         return {}
 
     def _update(self, batch: StepBatch, stats: dict[str, torch.Tensor], ok: torch.Tensor) -> None:
         """Apply the update; every write must be a no-op where ``ok`` is False."""
         raise NotImplementedError
+
+    def _finiteness_statistic(self, batch: StepBatch) -> torch.Tensor:
+        """A 0-dim tensor on ``batch.device`` that is finite iff every gradient of this rank is
+        (it is summed over ranks when sharded). Default: the sum of the gradient norms. A subclass
+        whose ``_local_statistics`` already reads every gradient element (e.g. in a dot product)
+        may return a sum of those statistics instead and save a pass over the gradients."""
+        return batch.sum_on_device(n for norms in batch.grad_norms() for n in norms)
 
     def stats(self) -> dict[str, float]:
         """Values worth logging, as Python floats. Reads device memory: call at logging time,
@@ -284,24 +287,27 @@ class TuningFreeOptimizer(torch.optim.Optimizer):
         self.global_state[name] = t
         return t
 
-    def _stat_dtype(self) -> torch.dtype:
-        """Dtype of the stacked statistics: fp64 if any parameter is fp64, else fp32. Derived from
-        all parameters, not from this rank's gradients, so that a rank with no gradient (whose
-        sums are fp32 zeros) stacks the same dtype as the others for the collective."""
-        params = (p for g in self.param_groups for p in g["params"])
-        return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
-
     def _reduce(
         self, local: dict[str, torch.Tensor], plan: ReducePlan, device: torch.device
     ) -> dict[str, torch.Tensor]:
         if not local:
             return {}
         names = sorted(local)
-        dtype = self._stat_dtype()
-        stacked = torch.stack([local[n].to(device, dtype) for n in names])
+        dtype = _common_dtype(list(local.values()))
+        # 0-dim sums and per-tensor vectors (layer-wise statistics) travel in one flat tensor
+        flat = [local[n].to(device, dtype).reshape(-1) for n in names]
+        stacked = torch.cat(flat)
         if plan.is_sharded:
-            stacked = all_reduce_sum(stacked, plan)
-        return dict(zip(names, stacked.unbind(0), strict=True))
+            # The local dtype can differ between ranks (a rank without gradients sums to fp32
+            # zeros where the others hold fp64 sums), and a collective with mismatched dtypes
+            # aborts: reduce in fp64 on every rank, then come back to the local dtype.
+            stacked = all_reduce_sum(stacked.to(torch.float64), plan).to(dtype)
+        out: dict[str, torch.Tensor] = {}
+        start = 0
+        for n, f in zip(names, flat, strict=True):
+            out[n] = stacked[start : start + f.numel()].reshape(local[n].shape)
+            start += f.numel()
+        return out
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
@@ -310,6 +316,7 @@ class TuningFreeOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._last_ok = None
         batch = self._collect()
         plan = plan_reduction(
             (p for g in self.param_groups for p in g["params"]), self.global_reduce
@@ -317,16 +324,15 @@ class TuningFreeOptimizer(torch.optim.Optimizer):
         if batch.num_tensors == 0 and not plan.is_sharded:
             return loss
         local = dict(self._local_statistics(batch))
-        if self.skip_nonfinite and "_grad_norm_sum" not in local:
-            local["_grad_norm_sum"] = batch.sum_on_device(
-                n for norms in batch.grad_norms() for n in norms
-            )
+        if self.skip_nonfinite:
+            local["_grad_norm_sum"] = self._finiteness_statistic(batch)
         stats = self._reduce(local, plan, batch.device)
         if self.skip_nonfinite:
             ok = torch.isfinite(stats.pop("_grad_norm_sum"))
         else:
             ok = torch.ones((), dtype=torch.bool, device=batch.device)
         self._update(batch, stats, ok)
+        self._last_ok = ok
         skipped = self.global_tensor(
             "skipped_steps",
             batch.device,
@@ -335,6 +341,15 @@ class TuningFreeOptimizer(torch.optim.Optimizer):
         skipped.add_((~ok).to(torch.int64))
         self._notice.watch(skipped)
         return loss
+
+    @property
+    def last_step_skipped(self) -> torch.Tensor | bool:
+        """Whether the last ``step()`` was skipped for a NaN/Inf gradient: a 0-dim bool tensor on
+        the parameters' device (reading it on the host syncs), or False before any step and after
+        a step that had no gradients to apply. Pass it to
+        ``PolynomialDecayAverager.update(skipped=...)`` to keep the average sync-free."""
+        ok = getattr(self, "_last_ok", None)
+        return False if ok is None else ~ok
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:

@@ -214,8 +214,15 @@ class DAdaptationBase(TuningFreeOptimizer):
         return {}
 
     # ------------------------------------------------------------------ machinery
+    def _scalar_dtype(self) -> torch.dtype:
+        """fp64 if any parameter is fp64, else fp32: the dtype of ``d`` and of every model-wide
+        sum. Derived from all parameters, not from this rank's gradients, so that every rank
+        computes ``d`` in the same dtype (bit-identical across ranks)."""
+        params = (p for g in self.param_groups for p in g["params"])
+        return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+
     def _global(self, name: str, device: torch.device, value: float = 0.0) -> torch.Tensor:
-        dtype = self._stat_dtype()
+        dtype = self._scalar_dtype()
         return self.global_tensor(
             name, device, lambda dev: torch.full((), value, dtype=dtype, device=dev)
         )
@@ -227,12 +234,18 @@ class DAdaptationBase(TuningFreeOptimizer):
         d, step = self._d_and_step(batch.device)
         per_group = self._run_pass(batch, lambda gb: self._statistics_pass(gb, d, step))
         local = self._combine_statistics(batch, per_group, d, step)
-        dtype = self._stat_dtype()
+        dtype = self._scalar_dtype()
         for name, values in self._idle_sums(batch).items():
             local[name] = local[name] + batch.sum_on_device(values).to(dtype)
-        # ||g||^2 is NaN/Inf exactly when a gradient is (short of |g| > 1e19): the guard's sum.
-        local["_grad_norm_sum"] = torch.stack([g["g_sq"] for g in per_group]).sum()
+        # ||g||^2 is NaN/Inf exactly when a gradient is (short of |g| > 1e19): the guard's sum,
+        # so the guard needs no pass of its own (see _finiteness_statistic).
+        self._finite_term = torch.stack([g["g_sq"].to(dtype) for g in per_group]).sum()
         return local
+
+    def _finiteness_statistic(self, batch: StepBatch) -> torch.Tensor:
+        term = getattr(self, "_finite_term", None)
+        self._finite_term = None
+        return term if term is not None else super()._finiteness_statistic(batch)
 
     def _update(self, batch: StepBatch, stats: dict[str, torch.Tensor], ok: torch.Tensor) -> None:
         d, step = self._d_and_step(batch.device)
@@ -259,7 +272,7 @@ class DAdaptationBase(TuningFreeOptimizer):
         """Run a pass over every group; per group, its sums added over the group's tensors (0 for
         a group without gradients, so that every rank stacks the same names). Sums stay in the
         dtype they were accumulated in (fp64 on CPU)."""
-        d0 = torch.zeros((), dtype=self._stat_dtype(), device=batch.device)
+        d0 = torch.zeros((), dtype=self._scalar_dtype(), device=batch.device)
         results = []
         for gb in batch.groups:
             tensor_pass, scalars, static = describe(gb)
@@ -579,7 +592,7 @@ class DAdaptSGD(DAdaptationBase):
         d: torch.Tensor,
         step: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
-        dtype = self._stat_dtype()
+        dtype = self._scalar_dtype()
         lam = d * self._inv_g0(d.device)  # times each group's lr
         lrs = [gb.group["lr"] for gb in batch.groups]
         pairs = list(zip(per_group, lrs, strict=True))
@@ -851,7 +864,7 @@ class DAdaptAdam(DAdaptationBase):
         d: torch.Tensor,
         step: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
-        dtype = self._stat_dtype()
+        dtype = self._scalar_dtype()
         pairs = list(zip(per_group, batch.groups, strict=True))
         # sum over groups of dlr <g', s_k / (sqrt(v_k) + eps)>, dlr = d lr bc
         terms = batch.sum_on_device(pg["numerator"] * gb.group["lr"] for pg, gb in pairs)

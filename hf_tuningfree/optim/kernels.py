@@ -102,15 +102,14 @@ class CompiledKernel:
 
     ``kernel(tensors, *args, **kwargs)`` calls ``fn(*flat_tensors, *args, **kwargs)`` where every
     tensor in ``tensors`` is passed as a flat 1-D alias (see ``flat_alias``); tensors that cannot
-    be flattened without a copy (non-contiguous) go through ``fn`` eagerly. It returns what ``fn``
-    returns (e.g. 0-dim partial sums that an optimizer adds up across tensors).
+    be flattened without a copy (non-contiguous) go through ``fn`` eagerly.
     Compile time is recorded in ``compile_seconds``.
     """
 
-    def __init__(self, fn: Callable[..., None], name: str | None = None) -> None:
+    def __init__(self, fn: Callable[..., Any], name: str | None = None) -> None:
         self.fn = fn
         self.name = name or fn.__name__
-        self._compiled: Callable[..., None] | None = None
+        self._compiled: Callable[..., Any] | None = None
         self._failed = False
         self._warmed: set[tuple[Any, ...]] = set()
         self.compile_seconds = 0.0
@@ -119,12 +118,14 @@ class CompiledKernel:
     def failed(self) -> bool:
         return self._failed
 
-    def _get(self) -> Callable[..., None]:
+    def _get(self) -> Callable[..., Any]:
         if self._compiled is None:
             self._compiled = torch.compile(self.fn, dynamic=True, fullgraph=True)
         return self._compiled
 
     def __call__(self, tensors: Sequence[torch.Tensor], *args: Any, **kwargs: Any) -> Any:
+        """Run the kernel; returns what ``fn`` returns (``None`` for in-place updates, 0-dim
+        tensors for reductions)."""
         # Tensors of 0 or 1 elements would each cost a specialised recompile (dynamo treats sizes
         # 0 and 1 specially) for no speed-up; non-contiguous ones cannot be viewed flat.
         if self._failed or tensors[0].numel() <= 1 or not all(t.is_contiguous() for t in tensors):

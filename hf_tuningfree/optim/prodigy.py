@@ -271,7 +271,7 @@ class Prodigy(DAdaptationBase):
         d: torch.Tensor,
         step: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
-        dtype = self._stat_dtype()
+        dtype = self._scalar_dtype()
         pairs = list(zip(per_group, batch.groups, strict=True))
         # sum over groups of (d / d0) dlr <g', x0 - x>, dlr = d lr bc
         terms = batch.sum_on_device(pg["dot"] * gb.group["lr"] for pg, gb in pairs)

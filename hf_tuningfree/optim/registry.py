@@ -290,6 +290,8 @@ def registry_table(names: Iterable[str] | None = None) -> str:
 def _register_builtins() -> None:
     from .adopt import ADOPT
     from .dadapt import DAdaptAdaGrad, DAdaptAdam, DAdaptSGD
+    from .dog import DoG, LDoG, TDoG
+    from .hypergradient import HyperAdaGrad, HyperAdam, HyperRMSProp, HyperSGD
     from .prodigy import Prodigy
 
     register_optimizer(
@@ -347,6 +349,77 @@ def _register_builtins() -> None:
             lr_is_multiplier=True,
         )
     )
+    dog_paper = (
+        "Ivgi, Hinder & Carmon, DoG is SGD's Best Friend: A Parameter-Free Dynamic Step Size "
+        "Schedule, ICML 2023"
+    )
+    # The paper runs DoG without a schedule and evaluates the polynomial-decay average; DoG already
+    # divides by the root of the summed squared gradient norms, so clipping only rescales the
+    # gradients it sees (measured on a tiny GPT-2: 60 steps, constant and unclipped reach a lower
+    # loss than linear decay with clipping at 1.0).
+    dog_trainer = {"lr_scheduler_type": "constant", "max_grad_norm": 0.0, "average_weights": True}
+    register_optimizer(
+        OptimizerSpec(
+            name="dog",
+            cls=DoG,
+            lr=1.0,
+            description="SGD with step = max distance from x0 / sqrt(sum of squared grad norms), "
+            "one step for the whole model; use with iterate averaging",
+            paper=dog_paper,
+            trainer_defaults=dog_trainer,
+            lr_is_multiplier=True,
+        )
+    )
+    register_optimizer(
+        OptimizerSpec(
+            name="ldog",
+            cls=LDoG,
+            lr=1.0,
+            description="Layer-wise DoG: the DoG step computed for each tensor separately",
+            paper=dog_paper,
+            trainer_defaults=dog_trainer,
+            lr_is_multiplier=True,
+        )
+    )
+    register_optimizer(
+        OptimizerSpec(
+            name="tdog",
+            cls=TDoG,
+            lr=1.0,
+            description="Tamed DoG: DoG's step divided by the log factor of the paper's theory "
+            "(very small steps; for experiments)",
+            paper=dog_paper,
+            trainer_defaults=dog_trainer,
+            lr_is_multiplier=True,
+        )
+    )
+
+    for name, cls, lr, what in (
+        ("hyper_sgd", HyperSGD, 1e-2, "SGD with momentum"),
+        ("hyper_adam", HyperAdam, 1e-3, "Adam(W)"),
+        ("hyper_adagrad", HyperAdaGrad, 1e-2, "AdaGrad"),
+        ("hyper_rmsprop", HyperRMSProp, 1e-3, "RMSProp"),
+    ):
+        register_optimizer(
+            OptimizerSpec(
+                name=name,
+                cls=cls,
+                lr=lr,
+                description=f"{what} whose step size is learned by a tower of hyperoptimizers "
+                "(hypergradient descent)",
+                paper=_HYPER_PAPER,
+                # The tower adapts the step size; a schedule multiplies what it learned, and the
+                # stock linear decay to 0 would also stop the learning (the hypergradient of the
+                # step size is proportional to the multiplier).
+                trainer_defaults={"lr_scheduler_type": "constant"},
+            )
+        )
+
+
+_HYPER_PAPER = (
+    "Chandra, Xie, Ragan-Kelley & Meijer, Gradient Descent: The Ultimate Optimizer, NeurIPS 2022; "
+    "Baydin et al., Online Learning Rate Adaptation with Hypergradient Descent, ICLR 2018"
+)
 
 
 _register_builtins()

@@ -1,0 +1,5 @@
+import sys
+
+from hf_tuningfree.compare import main
+
+sys.exit(main())

@@ -1,0 +1,113 @@
+"""One run of a comparison: train with the Trainer, evaluate, score multiple choice."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hf_tuningfree.compare.spec import STOCK_LR, RunSpec, TaskSpec
+from hf_tuningfree.compare.tasks import build_task
+
+#: ``stats()`` keys that hold the optimizer's effective step size, in order of preference.
+STEP_SIZE_KEYS = ("optim/lr_effective", "optim/effective_lr", "optim/eta", "optim/lr")
+
+
+def _curves(log_history: list[dict[str, Any]]) -> dict[str, list[list[float]]]:
+    train, evaluation, step_size = [], [], []
+    for h in log_history:
+        step = h.get("step")
+        if "loss" in h:
+            train.append([step, float(h["loss"])])
+            key = next((k for k in STEP_SIZE_KEYS if k in h), "learning_rate")
+            if key in h:
+                step_size.append([step, float(h[key])])
+        if "eval_loss" in h:
+            evaluation.append([step, float(h["eval_loss"])])
+    return {"train_curve": train, "eval_curve": evaluation, "step_size_curve": step_size}
+
+
+def _state_mb(optimizer: Any) -> float:
+    total = 0
+    for st in getattr(optimizer, "state", {}).values():
+        if isinstance(st, dict):
+            total += sum(v.numel() * v.element_size() for v in st.values() if torch.is_tensor(v))
+    return total / 2**20
+
+
+def train_and_score(task: TaskSpec, run: RunSpec, output_dir: Path) -> dict[str, Any]:
+    from hf_tuningfree.hf import TuningFreeTrainer, TuningFreeTrainingArguments
+    from hf_tuningfree.hf.trainer import unwrap_optimizer
+
+    torch.set_num_threads(1)
+    built = build_task(task, output_dir / "cache")
+    model = built.make_model(run.seed)
+    use_cpu = not torch.cuda.is_available()
+    with tempfile.TemporaryDirectory(prefix="hf_tuningfree_run_") as tmp:
+        args = TuningFreeTrainingArguments(
+            tmp,
+            optim=run.optimizer,
+            learning_rate=run.lr if run.lr is not None else STOCK_LR,
+            max_steps=task.max_steps,
+            per_device_train_batch_size=task.batch_size,
+            per_device_eval_batch_size=task.batch_size,
+            eval_strategy="steps",
+            eval_steps=task.eval_every,
+            logging_steps=task.logging_every,
+            save_strategy="no",
+            report_to=[],
+            seed=run.seed,
+            data_seed=run.seed,
+            use_cpu=use_cpu,
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+        )
+        trainer = TuningFreeTrainer(
+            model=model,
+            args=args,
+            train_dataset=built.train_dataset,
+            eval_dataset=built.eval_dataset,
+        )
+        t0 = time.perf_counter()
+        trainer.train()
+        train_seconds = time.perf_counter() - t0
+        final = trainer.evaluate()
+        curves = _curves(trainer.state.log_history)
+        losses = [y for _, y in curves["train_curve"]] + [final["eval_loss"]]
+        diverged = any(not math.isfinite(x) for x in losses)
+        result: dict[str, Any] = {
+            "status": "diverged" if diverged else "ok",
+            "optimizer_class": type(unwrap_optimizer(trainer.optimizer)).__name__,
+            "learning_rate": args.learning_rate,
+            "lr_scheduler_type": str(getattr(args.lr_scheduler_type, "value", "")),
+            "final_eval_loss": float(final["eval_loss"]),
+            "perplexity": float(math.exp(final["eval_loss"]))
+            if math.isfinite(final["eval_loss"]) and final["eval_loss"] < 700
+            else float("inf"),
+            "train_seconds": train_seconds,
+            "optimizer_state_mb": _state_mb(unwrap_optimizer(trainer.optimizer)),
+            "averaged": trainer.averager is not None,
+            **curves,
+        }
+        stats = getattr(unwrap_optimizer(trainer.optimizer), "stats", None)
+        result["final_stats"] = stats() if stats else {}
+        if built.mc_test is not None and not diverged:
+            from hf_tuningfree.eval import score_mmlu
+
+            with trainer.averaged_weights():
+                mc = score_mmlu(
+                    trainer.model,
+                    built.mc_test,
+                    tokenizer=built.tokenizer,
+                    fewshot=built.mc_dev,
+                    shots=task.mc_shots,
+                    batch_size=16,
+                    progress=False,
+                )
+            result["mc_accuracy"] = mc.accuracy
+            result["mc_macro_accuracy"] = mc.macro_accuracy
+    return result

@@ -1,0 +1,109 @@
+"""DoG and L-DoG under FSDP2 (``fully_shard`` on a 2-process gloo CPU mesh) take the same steps as
+one process: the step sizes depend on norms over the whole model (or whole tensors), which the
+optimizer forms from the shards with one all-reduce per step."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from hf_tuningfree.optim import create_optimizer
+
+STEPS = 8
+WORLD = 2
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(6, 10),
+        torch.nn.Tanh(),
+        torch.nn.Linear(10, 5),  # 5 rows over 2 ranks: uneven shards
+        torch.nn.Tanh(),
+        torch.nn.Linear(5, 1),  # a 1-row weight and a 1-element bias: one rank holds nothing
+    ).double()
+
+
+def _groups(model: torch.nn.Module) -> list[dict]:
+    decay = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    rest = [p for n, p in model.named_parameters() if not n.endswith("weight")]
+    return [{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}]
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(STEPS, 16, 6, generator=gen, dtype=torch.float64)
+    y = torch.randn(STEPS, 16, 1, generator=gen, dtype=torch.float64)
+    return x, y
+
+
+def _etas(opt, name: str) -> list[float]:
+    if name == "ldog":
+        return [eta for _, eta in opt.etas()]
+    return [float(opt.global_state["eta"])]
+
+
+def _train(model, opt, name, x, y, rank=0, world=1) -> list[list[float]]:
+    etas = []
+    for t in range(STEPS):
+        xb, yb = x[t][rank::world], y[t][rank::world]  # each rank its half of the batch
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(xb), yb).backward()
+        opt.step()
+        etas.append(_etas(opt, name))
+    return etas
+
+
+def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        mesh = init_device_mesh("cpu", (WORLD,))
+        x, y = _data()
+        results = {}
+        for name in ("dog", "ldog"):
+            model = _model()
+            for layer in model:
+                if any(True for _ in layer.parameters()):
+                    fully_shard(layer, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            opt = create_optimizer(name, _groups(model), reps_rel=1e-3)
+            etas = _train(model, opt, name, x, y, rank, WORLD)
+            params = [p.full_tensor().detach().clone() for p in model.parameters()]
+            results[name] = {"etas": etas, "params": params}
+        if rank == 0:
+            torch.save(results, os.path.join(out_dir, "fsdp.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fsdp2_two_processes_equal_one_process():
+    x, y = _data()
+    single = {}
+    for name in ("dog", "ldog"):
+        model = _model()
+        opt = create_optimizer(name, _groups(model), reps_rel=1e-3)
+        etas = _train(model, opt, name, x, y)
+        single[name] = {"etas": etas, "params": [p.detach().clone() for p in model.parameters()]}
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "rendezvous")
+        mp.spawn(_worker, args=(init_file, tmp), nprocs=WORLD, join=True)
+        sharded = torch.load(os.path.join(tmp, "fsdp.pt"), weights_only=True)
+    for name in ("dog", "ldog"):
+        ours, ref = sharded[name], single[name]
+        assert len(ours["etas"]) == STEPS
+        for t, (a, b) in enumerate(zip(ours["etas"], ref["etas"], strict=True)):
+            assert a == pytest.approx(b, rel=1e-9), f"{name} step {t}: eta {a} vs {b}"
+        for i, (a, b) in enumerate(zip(ours["params"], ref["params"], strict=True)):
+            assert torch.allclose(a, b, rtol=1e-9, atol=1e-12), f"{name} parameter {i}"
+        # and training did move the parameters
+        assert not torch.allclose(ref["params"][0], _model()[0].weight.detach())

@@ -1,0 +1,668 @@
+"""Hypergradient optimizers: oracles by autograd, the closed form, the paper's central claim,
+skips, resume, bad input.
+
+The oracles re-derive everything in this file with autograd, the way the paper's implementation
+does (``backward``/``autograd.grad`` through the update, state detached): nothing is shared with
+``hf_tuningfree.optim.hypergradient`` except the published algorithm.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+from torch.func import functional_call
+
+from hf_tuningfree.optim import (
+    HyperAdaGrad,
+    HyperAdam,
+    HyperRMSProp,
+    HyperSGD,
+)
+
+CLASSES = {"sgd": HyperSGD, "adam": HyperAdam, "adagrad": HyperAdaGrad, "rmsprop": HyperRMSProp}
+LEARNABLE = {
+    "sgd": ("lr", "momentum"),
+    "adam": ("lr", "beta1", "beta2"),
+    "adagrad": ("lr",),
+    "rmsprop": ("lr", "decay"),
+}
+INITIAL = {"lr": 0.05, "momentum": 0.8, "beta1": 0.85, "beta2": 0.95, "decay": 0.9}
+
+
+# ---------------------------------------------------------------------- a small problem
+def _data(n=96, d=5, k=3, seed=0, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=gen, dtype=dtype)
+    w = torch.randn(d, k, generator=gen, dtype=dtype)
+    return x, (x @ w + 0.3 * torch.randn(n, k, generator=gen, dtype=dtype)).argmax(1)
+
+
+def _mlp(dtype=torch.float64, seed=0, d=5, hidden=7, k=3):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(d, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, k)
+    ).to(dtype)
+
+
+def _groups(model, wd=0.0):
+    """The Trainer's split: weight matrices decay, biases do not."""
+    named = list(model.named_parameters())
+    return [
+        {"params": [p for n, p in named if p.dim() > 1], "weight_decay": wd},
+        {"params": [p for n, p in named if p.dim() <= 1], "weight_decay": 0.0},
+    ]
+
+
+def _batches(x, y, steps, bs=32, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, x.shape[0], (bs,), generator=gen) for _ in range(steps)]
+
+
+def _loss(model, params, x, y):
+    out = functional_call(model, params, (x,))
+    return torch.nn.functional.cross_entropy(out, y)
+
+
+# ---------------------------------------------------------------------- reference updates
+def _natural(name, raw, lr_param="log"):
+    """The parametrisations of the paper's code: betas through (tanh(z) + 1) / 2; step sizes
+    positive through exp (ours), square (the authors' RMSProp) or not at all."""
+    if name == "lr":
+        return {"log": torch.exp, "square": torch.square, "identity": lambda r: r}[lr_param](raw)
+    return (torch.tanh(raw) + 1) / 2
+
+
+def _raw(name, value, lr_param="log"):
+    if name == "lr":
+        return {"log": math.log, "square": math.sqrt, "identity": float}[lr_param](value)
+    return math.atanh(2 * value - 1)
+
+
+def reference_update(kind, x, g, state, hp, group):
+    """One update of the base optimizer, differentiable in the hyperparameters ``hp`` (natural
+    values); ``state`` (detached) holds the per-parameter state before the update. Returns the new
+    parameter and the new state (detached)."""
+    lr = hp["lr"]
+    wd = group["weight_decay"]
+    if kind == "sgd":
+        gg = g + wd * x
+        buf = hp["momentum"] * state["buf"] + gg
+        return x - lr * buf, {"buf": buf.detach()}
+    if kind == "adam":
+        b1, b2 = hp["beta1"], hp["beta2"]
+        k = state["k"] + 1
+        gg = g if group.get("decoupled", True) else g + wd * x
+        m = b1 * state["m"] + (1 - b1) * gg
+        v = b2 * state["v"] + (1 - b2) * gg * gg
+        d = (m / (1 - b1**k)) / (torch.sqrt(v / (1 - b2**k)) + group["eps"])
+        x_new = x - lr * wd * x - lr * d if group.get("decoupled", True) else x - lr * d
+        return x_new, {"m": m.detach(), "v": v.detach(), "k": k}
+    if kind == "adagrad":
+        gg = g + wd * x
+        s = state["sum"] + gg * gg
+        return x - lr * gg / (torch.sqrt(s) + group["eps"]), {"sum": s.detach()}
+    if kind == "rmsprop":
+        gg = g + wd * x
+        v = hp["decay"] * state["v"] + (1 - hp["decay"]) * gg * gg
+        return x - lr * gg / (torch.sqrt(v) + group["eps"]), {"v": v.detach()}
+    raise AssertionError(kind)
+
+
+def _initial_state(kind, p):
+    z = torch.zeros_like(p)
+    return {
+        "sgd": {"buf": z},
+        "adam": {"m": z, "v": z.clone(), "k": 0},
+        "adagrad": {"sum": z},
+        "rmsprop": {"v": z},
+    }[kind]
+
+
+def _group_settings(kind, wd):
+    eps = {"sgd": 0.0, "adam": 1e-8, "adagrad": 1e-10, "rmsprop": 1e-8}[kind]
+    return [{"weight_decay": wd, "eps": eps}, {"weight_decay": 0.0, "eps": eps}]
+
+
+# ---------------------------------------------------------------------- 1. one-step oracle
+def _schedule(t):
+    """A schedule multiplier that changes every step (warm-up-like), to test that the
+    hypergradient uses the multiplier of the update it differentiates."""
+    return 0.5 + 0.5 * min(1.0, (t + 1) / 8)
+
+
+@pytest.mark.parametrize("kind", list(CLASSES))
+def test_hypergradient_equals_autograd_through_the_update(kind):
+    """Each step's hypergradient (every learnable hyperparameter, all at once) equals autograd
+    through the previous update, over 20 steps, with two param groups, weight decay, a changing
+    schedule multiplier and a parameter that misses its gradient every fourth step."""
+    torch.manual_seed(0)
+    x_all, y_all = _data()
+    model = _mlp()
+    names = LEARNABLE[kind]
+    kwargs = {n: INITIAL[n] for n in names if n in ("lr", "momentum", "decay")}
+    if kind == "adam":
+        kwargs["betas"] = (INITIAL["beta1"], INITIAL["beta2"])
+    opt = CLASSES[kind](
+        _groups(model, wd=0.1),
+        learn="+".join(names),
+        height=1,
+        hyper_optimizer="sgd",
+        hyper_lr=1e-3,
+        implementation="loop",
+        **kwargs,
+    )
+    settings = _group_settings(kind, 0.1)
+    group_of = {}
+    for gi, group in enumerate(opt.param_groups):
+        for p in group["params"]:
+            group_of[p] = gi
+    params = dict(model.named_parameters())
+    skipper = "2.bias"  # no gradient on steps 3, 7, 11, ...
+    ref_state = {n: _initial_state(kind, p.detach()) for n, p in params.items()}
+    prev = None  # (x, g, state, raw hyperparameters used) of the last update, for the oracle
+    checked = 0
+    for t, idx in enumerate(_batches(x_all, y_all, 20)):
+        for g in opt.param_groups:
+            g["lr"] = g["lr_ref"] * _schedule(t)
+        x, y = x_all[idx], y_all[idx]
+        loss = _loss(model, params, x, y)
+        grads = dict(zip(params, torch.autograd.grad(loss, list(params.values())), strict=True))
+        if prev is not None:
+            # oracle: d L(x_t(h)) / d raw_h with x_t = x_{t-1} - u_{t-1}(h)
+            raws = {n: torch.tensor(r, dtype=torch.float64, requires_grad=True) for n, r in
+                    prev["raw"].items()}  # fmt: skip
+            hp = {n: _natural(n, raws[n]) for n in names}
+            moved = {}
+            for n, p in params.items():
+                if prev["g"][n] is None:
+                    moved[n] = prev["x"][n]
+                    continue
+                group = dict(settings[group_of[p]])
+                hp_n = {**hp, "lr": hp["lr"] * prev["scale"]}
+                moved[n], _ = reference_update(
+                    kind, prev["x"][n], prev["g"][n], prev["state"][n], hp_n, group
+                )
+                if n == skipper and t % 4 == 3:
+                    # no gradient now: the optimizer cannot see this parameter's term (a parameter
+                    # without a gradient normally does not take part in the loss at all)
+                    moved[n] = moved[n].detach()
+            oracle = torch.autograd.grad(_loss(model, moved, x, y), [raws[n] for n in names])
+        for n, p in params.items():
+            p.grad = None if (n == skipper and t % 4 == 3) else grads[n].clone()
+        # the reference state before this update, and this update's hyperparameters
+        x_before = {n: p.detach().clone() for n, p in params.items()}
+        opt.step()
+        if prev is not None:
+            ours = opt.hypergradients()
+            for n, o in zip(names, oracle, strict=True):
+                got = ours[f"hyper/level0/{n}"]
+                # relative difference; an exactly-zero oracle (Adam's beta derivatives vanish
+                # at the first update) is compared with an absolute 1e-12
+                rel = abs(got - o.item()) / max(abs(o.item()), 1e-7)
+                assert rel <= 1e-5, f"{kind} {n} step {t}: ours {got:.10e} autograd {o.item():.10e}"
+                checked += 1
+        raw_used = {n: float(opt.global_state[f"hyper/level0/{n}/raw"]) for n in names}
+        g_used = {n: (None if p.grad is None else p.grad.detach().clone()) for n, p in
+                  params.items()}  # fmt: skip
+        state_before = {n: dict(s) for n, s in ref_state.items()}
+        for n, p in params.items():  # advance the reference state alongside
+            if g_used[n] is None:
+                continue
+            hp = {k: _natural(k, torch.tensor(v, dtype=torch.float64)) for k, v in raw_used.items()}
+            hp["lr"] = hp["lr"] * _schedule(t)
+            _, ref_state[n] = reference_update(
+                kind, x_before[n], g_used[n], state_before[n], hp, dict(settings[group_of[p]])
+            )
+        prev = {"x": x_before, "g": g_used, "state": state_before, "raw": raw_used,
+                "scale": _schedule(t)}  # fmt: skip
+    assert checked == 19 * len(names)
+
+
+# ---------------------------------------------------------------------- 2. whole-tower oracle
+def paper_tower(kind, names, init, height, hopts, hyper_lrs, lr_param, model, groups, data):
+    """The paper's algorithm the paper's way: every level's hyperparameters are tensors in the
+    autograd graph (``x_t = x_{t-1}.detach() - u(theta_0)``, ``theta_{j-1} = theta_{j-1}.detach()
+    - kappa_j(theta_j) * D_j``, gradients and optimizer states detached), and each step's
+    hypergradients come from one ``autograd.grad`` of the loss. Returns, per step, the natural
+    values of every level after the step."""
+    x_all, y_all, batches = data
+    params = {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters()}
+    group_of = {n: gi for gi, g in enumerate(groups) for n in g["names"]}
+    state = {n: _initial_state(kind, p) for n, p in params.items()}
+    f64 = torch.float64
+    thetas = [{n: torch.tensor(_raw(n, init[n], lr_param), dtype=f64) for n in names}]
+    for j in range(1, height):
+        thetas.append({"lr": torch.tensor(_raw("lr", hyper_lrs[j - 1], lr_param), dtype=f64)})
+    hstate = [{n: (0.0, 0.0) for n in th} for th in thetas]  # Adam moments per level/entry
+    b1, b2, eps = 0.9, 0.99, 1e-16  # the Adam hyperoptimizers' settings passed below
+    history = []
+    for t, idx in enumerate(batches):
+        if t == 0:
+            for th in thetas:
+                for n in th:
+                    th[n].requires_grad_(True)
+        inputs = list(params.values()) + [th[n] for th in thetas for n in th]
+        loss = _loss(model, params, x_all[idx], y_all[idx])
+        grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+        grads = [torch.zeros((), dtype=f64) if gr is None else gr.detach() for gr in grads]
+        g = dict(zip(params, grads[: len(params)], strict=True))
+        hg = iter(grads[len(params) :])
+        h = [{n: next(hg) for n in th} for th in thetas]
+        new = [None] * height
+        for j in range(height, 0, -1):  # top-down
+            kappa = hyper_lrs[j - 1] if j == height else _natural("lr", new[j]["lr"], lr_param)
+            new[j - 1] = {}
+            for n, raw in thetas[j - 1].items():
+                if t >= j:  # level j has a hypergradient from step j + 1 on
+                    if hopts[j - 1] == "adam":
+                        m, v = hstate[j - 1][n]
+                        m = b1 * m + (1 - b1) * h[j - 1][n]
+                        v = b2 * v + (1 - b2) * h[j - 1][n] ** 2
+                        hstate[j - 1][n] = (m, v)
+                        k = t - j + 1
+                        d = (m / (1 - b1**k)) / (torch.sqrt(v / (1 - b2**k)) + eps)
+                    else:
+                        d = h[j - 1][n]
+                else:
+                    d = torch.zeros((), dtype=f64)
+                new[j - 1][n] = raw.detach() - kappa * d
+                if not new[j - 1][n].requires_grad:  # the top level: kappa_H is a constant
+                    new[j - 1][n].requires_grad_(True)
+        thetas = new
+        hp = {n: _natural(n, thetas[0][n], lr_param) for n in names}
+        for n in params:
+            params[n], state[n] = reference_update(
+                kind, params[n].detach(), g[n], state[n], hp, groups[group_of[n]]
+            )
+        history.append(
+            [{n: _natural(n, r.detach(), lr_param).item() for n, r in th.items()} for th in thetas]
+        )
+    return history
+
+
+@pytest.mark.parametrize(
+    "kind, hopts, lr_param",
+    [
+        ("sgd", ("adam", "adam", "adam"), "log"),
+        ("sgd", ("sgd", "adam", "sgd"), "square"),
+        # (level 1 is SGD here: Adam's beta hypergradients are exactly 0 at the first update,
+        # and an Adam hyperoptimizer turns autograd's 1e-17 rounding residue there into a
+        # full step; ours computes the exact 0)
+        ("adam", ("sgd", "adam", "adam"), "log"),
+        ("adagrad", ("sgd", "sgd", "sgd"), "identity"),
+        ("rmsprop", ("adam", "adam", "sgd"), "square"),
+    ],
+)
+def test_tower_matches_the_papers_autograd_algorithm(kind, hopts, lr_param):
+    """A 3-level tower (every level's values, every step) against ``paper_tower``: fp64, 20
+    steps, relative difference <= 1e-9."""
+    x_all, y_all = _data()
+    batches = _batches(x_all, y_all, 20)
+    model = _mlp()
+    names = LEARNABLE[kind]
+    init = dict(INITIAL)
+    kwargs = {n: INITIAL[n] for n in names if n in ("lr", "momentum", "decay")}
+    if kind == "adam":
+        kwargs["betas"] = (INITIAL["beta1"], INITIAL["beta2"])
+    # SGD hyperoptimizers need step sizes in their own units; Adam ones are scale-free
+    hyper_lrs = tuple(0.02 if h == "adam" else {"log": 1.0, "square": 0.3, "identity": 3e-3}[
+        lr_param] for h in hopts)  # fmt: skip
+    named = dict(model.named_parameters())
+    ref_groups = [
+        {"names": [n for n, p in named.items() if p.dim() > 1], "weight_decay": 0.05},
+        {"names": [n for n, p in named.items() if p.dim() <= 1], "weight_decay": 0.0},
+    ]
+    eps = {"sgd": 0.0, "adam": 1e-8, "adagrad": 1e-10, "rmsprop": 1e-8}[kind]
+    for g in ref_groups:
+        g["eps"] = eps
+    expected = paper_tower(
+        kind, names, init, 3, hopts, hyper_lrs, lr_param, model, ref_groups,
+        (x_all, y_all, batches),
+    )  # fmt: skip
+    opt = CLASSES[kind](
+        _groups(model, wd=0.05),
+        learn=names,
+        height=3,
+        hyper_optimizer=hopts,
+        hyper_lr=hyper_lrs,
+        hyper_betas=(0.9, 0.99),
+        hyper_eps=1e-16,
+        lr_parametrization=lr_param,
+        implementation="loop",
+        **kwargs,
+    )
+    worst = 0.0
+    for t, idx in enumerate(batches):
+        opt.zero_grad()
+        _loss(model, dict(model.named_parameters()), x_all[idx], y_all[idx]).backward()
+        opt.step()
+        stats = opt.stats()
+        for level, values in enumerate(expected[t]):
+            for n, v in values.items():
+                got = stats[f"hyper/level{level}/{n}"]
+                rel = abs(got - v) / abs(v)
+                worst = max(worst, rel)
+                assert rel <= 1e-9, f"step {t} level {level} {n}: ours {got!r} paper {v!r}"
+    moved = stats["hyper/level0/lr"] / init["lr"]
+    assert abs(math.log(moved)) > 1e-3, "the step size should have moved"
+    print(f"{kind}: worst relative difference over 20 steps and 3 levels: {worst:.1e}")
+
+
+# ---------------------------------------------------------------------- 3. Baydin's closed form
+def test_first_level_hyper_sgd_is_the_closed_form():
+    """``height=1``, SGD hyperoptimizer, no momentum, step size learned as itself:
+    ``alpha_t = alpha_{t-1} + kappa * <g_t, g_{t-1}>`` (Baydin et al. 2018, eq. 5), every step."""
+    x_all, y_all = _data()
+    model = _mlp()
+    kappa = 0.05
+    opt = HyperSGD(
+        _groups(model),
+        lr=0.1,
+        momentum=0.0,
+        height=1,
+        hyper_optimizer="sgd",
+        hyper_lr=kappa,
+        lr_parametrization="identity",
+    )
+    alpha, g_prev = 0.1, None
+    for idx in _batches(x_all, y_all, 25):
+        opt.zero_grad()
+        _loss(model, dict(model.named_parameters()), x_all[idx], y_all[idx]).backward()
+        g = torch.cat([p.grad.flatten() for p in model.parameters()])
+        opt.step()
+        if g_prev is not None:
+            alpha = alpha + kappa * torch.dot(g, g_prev).item()
+        got = opt.stats()["hyper/level0/lr"]
+        assert got == pytest.approx(alpha, rel=1e-13, abs=0), (got, alpha)
+        g_prev = g
+    assert abs(alpha - 0.1) > 1e-3
+
+
+# ---------------------------------------------------------------------- 5. skipped steps
+def _train_steps(model, opt, batches, x_all, y_all, poison=()):
+    """Train on ``batches``; before the steps in ``poison`` an extra step with a NaN/Inf gradient
+    is taken (and must change nothing)."""
+    params = dict(model.named_parameters())
+    for t, idx in enumerate(batches):
+        if t in poison:
+            opt.zero_grad()
+            _loss(model, params, x_all[idx], y_all[idx]).backward()
+            first = next(iter(params.values()))
+            first.grad[0, 0] = float("nan") if t % 2 else float("inf")
+            opt.step()
+        opt.zero_grad()
+        _loss(model, params, x_all[idx], y_all[idx]).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam", "rmsprop"])
+def test_a_skipped_step_is_invisible(kind):
+    """NaN/Inf steps in the middle of a run leave no trace: the parameters, every level's
+    hyperparameters and the hyperoptimizers' states match a run without them, bit for bit."""
+    x_all, y_all = _data()
+    batches = _batches(x_all, y_all, 12)
+    runs = []
+    for poison in ((), (1, 5, 6, 11)):
+        model = _mlp()
+        opt = CLASSES[kind](
+            _groups(model, 0.01), learn=LEARNABLE[kind], height=3, implementation="loop"
+        )
+        with pytest.warns(RuntimeWarning, match="NaN or Inf") if poison else _no_warning():
+            _train_steps(model, opt, batches, x_all, y_all, poison)
+        state = {k: v for k, v in opt.global_state.items() if k != "skipped_steps"}
+        runs.append((model, opt, state))
+    (m_a, o_a, s_a), (m_b, o_b, s_b) = runs
+    assert o_b.stats()["skipped_steps"] == 4.0
+    for pa, pb in zip(m_a.parameters(), m_b.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+    assert s_a.keys() == s_b.keys()
+    for k in s_a:
+        assert torch.equal(s_a[k], s_b[k]), k
+    for sa, sb in zip(o_a.state.values(), o_b.state.values(), strict=True):
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), k
+
+
+class _no_warning:
+    def __enter__(self):
+        import warnings
+
+        self._cm = warnings.catch_warnings()
+        self._cm.__enter__()
+        warnings.simplefilter("error", RuntimeWarning)
+
+    def __exit__(self, *exc):
+        return self._cm.__exit__(*exc)
+
+
+# ---------------------------------------------------------------------- 6. resume
+@pytest.mark.parametrize("per_group", [False, True])
+def test_resume_mid_tower_is_bit_exact(per_group):
+    """A checkpoint (``torch.save`` / ``torch.load(weights_only=True)``) taken mid-run, with a
+    3-level mixed tower, learned betas and two groups, continues exactly like the run itself."""
+    x_all, y_all = _data()
+    batches = _batches(x_all, y_all, 16)
+    kwargs = dict(learn="lr+beta1+beta2", height=3, hyper_optimizer="adam/sgd/adam",
+                  hyper_lr=(0.02, 0.5, 0.01), per_group=per_group,
+                  implementation="loop")  # fmt: skip
+    model_a = _mlp()
+    opt_a = HyperAdam(_groups(model_a, 0.01), **kwargs)
+    _train_steps(model_a, opt_a, batches[:8], x_all, y_all)
+    buf = io.BytesIO()
+    torch.save({"model": model_a.state_dict(), "opt": opt_a.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    model_b = _mlp(seed=1)
+    model_b.load_state_dict(ckpt["model"])
+    opt_b = HyperAdam(_groups(model_b, 0.01), **kwargs)
+    opt_b.load_state_dict(ckpt["opt"])
+    _train_steps(model_a, opt_a, batches[8:], x_all, y_all)
+    _train_steps(model_b, opt_b, batches[8:], x_all, y_all)
+    for pa, pb in zip(model_a.parameters(), model_b.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+    assert opt_a.stats() == opt_b.stats()
+    keys = [k for k in opt_a.stats() if k.startswith("hyper/")]
+    expected_levels = 4 * (2 if per_group else 1)  # levels 0..3, per set
+    assert len({k.rsplit("/", 1)[0] for k in keys}) == expected_levels
+    assert opt_a.stats()[keys[0]] != 1e-3
+
+
+# ---------------------------------------------------------------------- 7. bad input
+@pytest.mark.parametrize(
+    "cls, kwargs, match",
+    [
+        (HyperSGD, {"lr": 0.0}, "Invalid lr"),
+        (HyperSGD, {"lr": -0.1}, "Invalid lr"),
+        (HyperAdam, {"hyper_lr": 0.0}, r"Invalid hyper_lr\[0\]"),
+        (HyperAdam, {"hyper_lr": (0.01, -1.0)}, r"Invalid hyper_lr\[1\]"),
+        (HyperAdam, {"height": 3, "hyper_lr": (0.01, 0.01)}, "exactly height=3"),
+        (HyperAdam, {"betas": (0.9, 1.0)}, r"Invalid betas\[1\]"),
+        (HyperAdam, {"betas": (-0.1, 0.99)}, r"Invalid betas\[0\]"),
+        (HyperAdam, {"betas": (0.0, 0.99), "learn": "lr+beta1"}, r"beta1 \(learned"),
+        (HyperSGD, {"momentum": 0.0, "learn": "momentum"}, r"momentum \(learned"),
+        (HyperSGD, {"momentum": 1.0}, "Invalid momentum"),
+        (HyperRMSProp, {"decay": 1.2}, "Invalid decay"),
+        (HyperSGD, {"learn": "lr+beta1"}, r"Unknown hyperparameter\(s\) \['beta1'\].*momentum"),
+        (HyperAdaGrad, {"learn": "decay"}, r"Unknown hyperparameter"),
+        (HyperAdam, {"learn": ""}, "learn is empty"),
+        (HyperAdam, {"height": -1}, "Invalid height"),
+        (HyperAdam, {"hyper_optimizer": "lbfgs"}, "Invalid hyper_optimizer"),
+        (HyperAdam, {"height": 2, "hyper_optimizer": "adam/sgd/adam"}, "exactly height=2"),
+        (HyperAdam, {"lr_parametrization": "exp"}, "Invalid lr_parametrization"),
+        (HyperAdam, {"hyper_betas": (0.9, 1.5)}, r"Invalid hyper_betas\[1\]"),
+        (HyperAdam, {"eps": 0.0}, "Invalid eps"),
+        (HyperSGD, {"weight_decay": -1.0}, "Invalid weight_decay"),
+    ],
+)
+def test_bad_input_is_rejected_naming_the_problem(cls, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        cls([torch.nn.Parameter(torch.zeros(3))], **kwargs)
+
+
+def test_bad_input_in_param_groups():
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match="Invalid lr"):
+        HyperSGD([{"params": [a]}, {"params": [b], "lr": 0.0}])
+    # shared hyperparameters must start from one value; per group they may differ
+    with pytest.raises(ValueError, match="same momentum"):
+        HyperSGD(
+            [{"params": [a], "momentum": 0.9}, {"params": [b], "momentum": 0.5}], learn="momentum"
+        )
+    opt = HyperSGD([{"params": [a], "momentum": 0.9}], learn="momentum")
+    with pytest.raises(ValueError, match="same momentum"):  # a group added later is checked too
+        opt.add_param_group({"params": [b], "momentum": 0.5})
+    opt = HyperSGD(
+        [{"params": [a], "momentum": 0.9}, {"params": [b], "momentum": 0.5}],
+        learn="momentum",
+        per_group=True,
+    )
+    a.grad, b.grad = torch.ones(2), torch.ones(2)
+    opt.step()
+    stats = opt.stats()
+    assert stats["hyper/group0/level0/momentum"] == pytest.approx(0.9, rel=1e-6)
+    assert stats["hyper/group1/level0/momentum"] == pytest.approx(0.5, rel=1e-6)
+    with pytest.raises(RuntimeError, match="does not support sparse"):
+        emb = torch.nn.Embedding(4, 2, sparse=True)
+        emb(torch.tensor([1])).sum().backward()
+        HyperAdam(emb.parameters()).step()
+
+
+# ---------------------------------------------------------------------- 8. code paths agree
+def _run_impl(kind, impl, dtype, wd, steps=15, **kwargs):
+    x_all, y_all = _data(dtype=dtype)
+    model = _mlp(dtype=dtype)
+    opt = CLASSES[kind](_groups(model, wd), implementation=impl, **kwargs)
+    _train_steps(model, opt, _batches(x_all, y_all, steps), x_all, y_all)
+    return [p.detach() for p in model.parameters()], opt.stats()
+
+
+@pytest.mark.parametrize(
+    "kind, impl, kwargs",
+    [
+        ("sgd", "foreach", {}),  # torch.dot + torch's fused SGD kernel
+        ("sgd", "foreach", {"momentum": 0.0, "weight_decay": 0.01}),  # per-tensor (no buffer)
+        ("adam", "foreach", {}),  # torch's fused AdamW kernel
+        ("adam", "foreach", {"decoupled_weight_decay": False}),  # fused Adam, coupled decay
+        ("adam", "compiled", {"learn": "lr+beta1+beta2"}),
+        ("rmsprop", "compiled", {"learn": "lr+decay"}),
+    ],
+)
+def test_code_paths_agree_with_the_per_tensor_loop(kind, impl, kwargs):
+    """fp64, 15 steps of a 2-level tower: parameters and every level's values agree with the
+    eager per-tensor reference path to 1e-9 (the paths differ only in rounding)."""
+    # (no weight decay with the compiled path: each decay value compiles a kernel of its own)
+    wd = 0.0 if impl == "compiled" else 0.01
+    ref_p, ref_s = _run_impl(kind, "loop", torch.float64, wd, **kwargs)
+    got_p, got_s = _run_impl(kind, impl, torch.float64, wd, **kwargs)
+    for a, b in zip(ref_p, got_p, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+    assert ref_s.keys() == got_s.keys()
+    for k in ref_s:
+        assert got_s[k] == pytest.approx(ref_s[k], rel=1e-9), k
+
+
+def test_groups_share_one_set_of_hyperparameters_by_default():
+    """The Trainer's two groups (with equal settings) learn exactly what one group would."""
+    x_all, y_all = _data()
+    batches = _batches(x_all, y_all, 12)
+    stats = []
+    for split in (False, True):
+        model = _mlp()
+        params = _groups(model) if split else model.parameters()
+        opt = HyperAdam(params, height=2, implementation="loop")
+        _train_steps(model, opt, batches, x_all, y_all)
+        stats.append(opt.stats())
+    assert stats[0].keys() == stats[1].keys()
+    for k in stats[0]:
+        assert stats[1][k] == pytest.approx(stats[0][k], rel=1e-12), k
+
+
+def test_schedule_multiplies_the_learned_step_size():
+    """``group["lr"]`` is the schedule's multiplier: halving it halves the step actually taken,
+    the learned value is reported unscaled, and the optimizer never writes ``group["lr"]``."""
+    p = torch.nn.Parameter(torch.ones(4, dtype=torch.float64))
+    opt = HyperSGD([p], lr=0.1, momentum=0.0, height=1)
+    p.grad = torch.ones(4, dtype=torch.float64)
+    opt.step()  # first step: nothing to learn yet, alpha = 0.1
+    assert torch.allclose(p.detach(), torch.full((4,), 0.9, dtype=torch.float64))
+    opt.param_groups[0]["lr"] = 0.05  # the schedule halves it
+    before = p.detach().clone()
+    opt.step()
+    alpha = opt.stats()["hyper/level0/lr"]
+    assert alpha > 0.1  # <g, g_prev> > 0: the learned step grew
+    torch.testing.assert_close(
+        before - p.detach(), torch.full((4,), alpha * 0.5, dtype=torch.float64)
+    )
+    assert opt.param_groups[0]["lr"] == 0.05
+
+
+# ---------------------------------------------------------------------- 4. the paper's claim
+CLAIM_STEPS = 300
+# Initial hyper step sizes: the default tower's shape (level 1 2.5x faster than the levels above,
+# DEFAULT_HYPER_LR = (0.05, 0.02)) scaled down 4x, the regime in which every level's acceleration
+# shows within 300 steps. Measured over 3 data/order seeds: the claim held for all of them (the
+# smallest margin, Adam height 2 vs 3 on seed 1, is below 1e-3).
+CLAIM_KAPPA = (0.0125, 0.005, 0.005)
+CLAIM_LRS = {"sgd": (1e-4, 1e-3, 1e-2, 1e-1), "adam": (1e-5, 1e-4, 1e-3, 1e-2)}
+
+
+def _claim_task(seed=0):
+    """4-class labels from a random tanh teacher on 10 features; a 10-16-4 tanh MLP learns them."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(512, 10, generator=gen)
+    w1, w2 = torch.randn(10, 16, generator=gen), torch.randn(16, 4, generator=gen)
+    return x, (torch.tanh(x @ w1) @ w2).argmax(1)
+
+
+def _claim_final_loss(make, seed=0):
+    x, y = _claim_task(seed)
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    opt = make(model.parameters())
+    gen = torch.Generator().manual_seed(1 + seed)
+    for _ in range(CLAIM_STEPS):
+        idx = torch.randint(0, x.shape[0], (32,), generator=gen)
+        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return torch.nn.functional.cross_entropy(model(x), y).item()
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_taller_towers_are_less_sensitive_to_the_initial_step_size(kind):
+    """Chandra et al.'s central claim, measured: initial step sizes four orders of magnitude
+    apart, minibatch training of a small MLP for 300 steps; the spread (max - min) of the final
+    full-batch losses shrinks as the tower grows from 1 to 3 levels and stays below the spread of
+    torch's plain optimizer with the same fixed step sizes. No NaN at any height."""
+    lrs = CLAIM_LRS[kind]
+    plain = {
+        "sgd": lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.9),
+        "adam": lambda p, lr: torch.optim.Adam(p, lr=lr),
+    }[kind]
+    rows = {"plain": [_claim_final_loss(lambda p, lr=lr: plain(p, lr)) for lr in lrs]}
+    for height in (1, 2, 3):
+        rows[f"height {height}"] = [
+            _claim_final_loss(
+                lambda p, lr=lr, h=height: CLASSES[kind](
+                    p, lr=lr, height=h, hyper_lr=CLAIM_KAPPA[:h]
+                )
+            )
+            for lr in lrs
+        ]
+    spread = {k: max(v) - min(v) for k, v in rows.items()}
+    table = [f"Hyper{kind.upper() if kind == 'sgd' else 'Adam'}, final loss after "
+             f"{CLAIM_STEPS} steps, by initial step size",
+             "| tower | " + " | ".join(f"{lr:g}" for lr in lrs) + " | spread |",
+             "|---" * (len(lrs) + 2) + "|"]  # fmt: skip
+    for k, v in rows.items():
+        table.append(f"| {k} | " + " | ".join(f"{x:.3f}" for x in v) + f" | {spread[k]:.3f} |")
+    print("\n" + "\n".join(table))
+    assert all(math.isfinite(x) for v in rows.values() for x in v)
+    assert spread["height 1"] < spread["plain"]
+    assert spread["height 2"] < spread["height 1"]
+    assert spread["height 3"] < spread["height 2"]
