@@ -68,6 +68,26 @@ def _authors() -> dict[str, tuple[str, Factory]]:
         out["adopt"] = ("torch-adopt (authors)", lambda p: AuthorsADOPT(p, lr=1e-3))
     except ImportError:
         pass
+    try:  # D-Adaptation, Facebook Research's package; settings as our defaults where they differ
+        import dadaptation
+
+        out["dadapt_sgd"] = ("dadaptation DAdaptSGD (authors)", dadaptation.DAdaptSGD)
+        out["dadapt_adam"] = (
+            "dadaptation DAdaptAdam (authors)",
+            lambda p: dadaptation.DAdaptAdam(p, decouple=True, use_bias_correction=True),
+        )
+        out["dadapt_adagrad"] = ("dadaptation DAdaptAdaGrad (authors)", dadaptation.DAdaptAdaGrad)
+    except ImportError:
+        pass
+    try:
+        from prodigyopt import Prodigy as AuthorsProdigy
+
+        out["prodigy"] = (
+            "prodigyopt Prodigy (authors)",
+            lambda p: AuthorsProdigy(p, use_bias_correction=True),
+        )
+    except ImportError:
+        pass
     try:
         from dog import DoG as AuthorsDoG
         from dog import LDoG as AuthorsLDoG
@@ -191,7 +211,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     contenders = run(args)
     print(report(contenders))
-    missing = {"adopt": "torch-adopt", "dog": "dog-optimizer"}
+    missing = {
+        "adopt": "torch-adopt",
+        "dadapt_adam": "dadaptation",
+        "prodigy": "prodigyopt",
+        "dog": "dog-optimizer",
+    }
     absent = [pkg for name, pkg in missing.items() if name not in _authors()]
     if absent:
         print(f"\n(authors' packages not installed, skipped: {', '.join(absent)})")

@@ -5,6 +5,8 @@
   :class:`PolynomialDecayAverager`, the iterate averaging they are used with
 - :class:`HyperSGD`, :class:`HyperAdam`, :class:`HyperAdaGrad`, :class:`HyperRMSProp`:
   hypergradient descent with hyperoptimizer towers (Chandra et al., NeurIPS 2022)
+- :class:`DAdaptSGD`, :class:`DAdaptAdam`, :class:`DAdaptAdaGrad` (Defazio & Mishchenko, ICML 2023)
+- :class:`Prodigy` (Mishchenko & Defazio, ICML 2024)
 
 Every optimizer is registered in :mod:`hf_tuningfree.optim.registry`;
 ``create_optimizer(name, params, **overrides)`` builds one by name.
@@ -13,8 +15,10 @@ Every optimizer is registered in :mod:`hf_tuningfree.optim.registry`;
 from .adopt import ADOPT
 from .averaging import PolynomialDecayAverager
 from .base import TuningFreeOptimizer
+from .dadapt import DAdaptAdaGrad, DAdaptAdam, DAdaptSGD
 from .dog import DoG, LDoG, TDoG
 from .hypergradient import HyperAdaGrad, HyperAdam, HypergradientOptimizer, HyperRMSProp, HyperSGD
+from .prodigy import Prodigy
 from .registry import (
     OptimizerSpec,
     available_optimizers,
@@ -27,6 +31,9 @@ from .registry import (
 
 __all__ = [
     "ADOPT",
+    "DAdaptAdaGrad",
+    "DAdaptAdam",
+    "DAdaptSGD",
     "DoG",
     "HyperAdaGrad",
     "HyperAdam",
@@ -36,6 +43,7 @@ __all__ = [
     "LDoG",
     "OptimizerSpec",
     "PolynomialDecayAverager",
+    "Prodigy",
     "TDoG",
     "TuningFreeOptimizer",
     "available_optimizers",

@@ -298,7 +298,10 @@ class TuningFreeOptimizer(torch.optim.Optimizer):
         flat = [local[n].to(device, dtype).reshape(-1) for n in names]
         stacked = torch.cat(flat)
         if plan.is_sharded:
-            stacked = all_reduce_sum(stacked, plan)
+            # The local dtype can differ between ranks (a rank without gradients sums to fp32
+            # zeros where the others hold fp64 sums), and a collective with mismatched dtypes
+            # aborts: reduce in fp64 on every rank, then come back to the local dtype.
+            stacked = all_reduce_sum(stacked.to(torch.float64), plan).to(dtype)
         out: dict[str, torch.Tensor] = {}
         start = 0
         for n, f in zip(names, flat, strict=True):

@@ -289,8 +289,10 @@ def registry_table(names: Iterable[str] | None = None) -> str:
 # ---------------------------------------------------------------------- built-in entries
 def _register_builtins() -> None:
     from .adopt import ADOPT
+    from .dadapt import DAdaptAdaGrad, DAdaptAdam, DAdaptSGD
     from .dog import DoG, LDoG, TDoG
     from .hypergradient import HyperAdaGrad, HyperAdam, HyperRMSProp, HyperSGD
+    from .prodigy import Prodigy
 
     register_optimizer(
         OptimizerSpec(
@@ -300,6 +302,51 @@ def _register_builtins() -> None:
             description="Adam variant that converges for any beta2; clipped update (t^0.25)",
             paper="Taniguchi et al., ADOPT: Modified Adam Can Converge with Any beta2 with the "
             "Optimal Rate, NeurIPS 2024",
+        )
+    )
+    dadapt_paper = "Defazio & Mishchenko, Learning-Rate-Free Learning by D-Adaptation, ICML 2023"
+    register_optimizer(
+        OptimizerSpec(
+            name="dadapt_sgd",
+            cls=DAdaptSGD,
+            lr=1.0,
+            description="SGD whose step d*lr/||g0|| learns d, a lower bound on the distance "
+            "to the solution",
+            paper=dadapt_paper,
+            lr_is_multiplier=True,
+        )
+    )
+    register_optimizer(
+        OptimizerSpec(
+            name="dadapt_adam",
+            cls=DAdaptAdam,
+            lr=1.0,
+            description="Adam with the D-Adaptation step size (one model-wide d; bias "
+            "correction on)",
+            paper=dadapt_paper,
+            lr_is_multiplier=True,
+        )
+    )
+    register_optimizer(
+        OptimizerSpec(
+            name="dadapt_adagrad",
+            cls=DAdaptAdaGrad,
+            lr=1.0,
+            description="AdaGrad (dual averaging) with the D-Adaptation step size",
+            paper=dadapt_paper,
+            lr_is_multiplier=True,
+        )
+    )
+    register_optimizer(
+        OptimizerSpec(
+            name="prodigy",
+            cls=Prodigy,
+            lr=1.0,
+            description="Adam with Prodigy's step size: D-Adaptation weighted by d, faster to "
+            "adapt",
+            paper="Mishchenko & Defazio, Prodigy: An Expeditiously Adaptive Parameter-Free "
+            "Learner, ICML 2024",
+            lr_is_multiplier=True,
         )
     )
     dog_paper = (

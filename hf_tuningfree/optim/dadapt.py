@@ -1,0 +1,1141 @@
+"""D-Adaptation: SGD, Adam and AdaGrad whose step size is learned from the run itself.
+
+Defazio & Mishchenko, "Learning-Rate-Free Learning by D-Adaptation", ICML 2023 (arXiv:2301.07733).
+
+Every variant keeps ONE scalar ``d`` for the whole model: a lower bound on the distance
+``D = ||x0 - x*||`` from the initial point to a solution, which starts at ``d0`` and never
+decreases. It is read off a weighted sum of past gradients ``s``::
+
+    d_hat = <weighted sum of lambda_i <g_i, s_i>> / ||s||      (a lower bound on D, convex case)
+    d     = max(d, min(d_hat, growth_rate * d))
+
+and the step is ``d * lr`` (``lr`` is a multiplier, default 1.0, that schedules and warm-up act
+on). The three variants differ in the weighting and the norm; the class docstrings state each
+rule as math.
+
+How a step runs (the phases of :mod:`hf_tuningfree.optim.base`)::
+
+    statistics  one read-only pass per tensor, before anything changes, returns this rank's
+                contributions to every model-wide sum of the step: ``||g||^2`` (the non-finite
+                guard; SGD's ``||g_0||``), the numerator terms, which the papers define on the
+                state BEFORE the update (``<g_k, s_k>`` and its variants), and the norm of the
+                UPDATED ``s``. The last one needs no second pass: ``s_{k+1}`` is an elementwise
+                function of ``s_k``, ``g_k`` and scalars that are all known before the step
+                (``d_k``, ``lr``, the bias correction), so the pass evaluates it without storing
+                it. The sums go through the base's single stacked all-reduce
+                (``_local_statistics``): ONE collective per step when the parameters are sharded
+                (FSDP2 / FSDP1 / ``global_reduce``), none under DDP or in one process; every rank
+                reaches it, also one whose shard received no gradient.
+    update      one pass per tensor updates the state and the parameters with this step's ``d``
+                (pure elementwise: nothing is reduced, so the compiled loop runs in place), then
+                ``d`` is updated from the reduced sums.
+
+Nothing in ``step()`` reads a device value on the host: ``d``, the numerator and the step counter
+are 0-dim tensors in ``self.global_state`` (saved with the optimizer's state dict).
+
+Each pass is one function of one tensor and its state, run eagerly (``"loop"``) or compiled
+(``"compiled"``: one fused C++/Triton loop per tensor, see :mod:`hf_tuningfree.optim.kernels`).
+Every per-step coefficient enters those functions as a 0-dim tensor computed outside them, so one
+compiled kernel serves every hyperparameter value and schedule; only booleans (``maximize``,
+coupled weight decay, momentum on/off) select variants.
+
+Hyperparameters that define the model-wide estimate (``d0``, ``growth_rate``, ``betas`` of the
+Adam variants' ``s``, ...) must be equal in every param group (checked); ``lr``, weight decay,
+``eps``, momentum and ``maximize`` may differ per group. A group's ``lr`` scales both its step and
+its contribution to the estimate, so ``lr = 0`` freezes a group and keeps it out of ``d``.
+Parameters without a gradient in a step keep their ``s``, and it still counts in ``||s||`` (the
+authors' code leaves them out of the norm for that step, which can raise ``d`` for good).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.optim.optimizer import ParamsT
+
+from .base import (
+    GroupBatch,
+    StepBatch,
+    TuningFreeOptimizer,
+    bucket_by_device_and_dtype,
+    compute_dtype,
+)
+from .distributed import local_view
+from .kernels import IMPLEMENTATIONS, CompiledKernel, order_for_compile, resolve_implementation
+from .validation import (
+    check_betas,
+    check_bool,
+    check_choice,
+    check_in_range,
+    check_nonnegative,
+    check_positive,
+)
+
+__all__ = [
+    "DAdaptAdaGrad",
+    "DAdaptAdam",
+    "DAdaptSGD",
+    "DAdaptationBase",
+    "TensorPass",
+    "dadapt_adagrad_statistics",
+    "dadapt_adagrad_tensor_update",
+    "dadapt_adam_statistics",
+    "dadapt_adam_tensor_update",
+    "dadapt_sgd_statistics",
+    "dadapt_sgd_tensor_update",
+]
+
+
+def check_growth_rate(value: object) -> float:
+    """``growth_rate`` is a factor >= 1 (``inf``: unrestricted)."""
+    v = check_positive("growth_rate", value, allow_inf=True)
+    if v < 1.0:
+        raise ValueError(
+            f"Invalid growth_rate: {value!r}; allowed: a number >= 1 (inf for no limit): d may "
+            "only grow"
+        )
+    return v
+
+
+@dataclass(frozen=True)
+class TensorPass:
+    """One per-tensor pass: ``fn(param, grad, *state[keys], *scalars, **static)`` returns a tuple
+    of 0-dim partial sums named ``sums`` (nothing when ``sums`` is empty); ``compiled`` is the same
+    function under ``torch.compile``; ``writes`` names what it updates in place (``"param"`` and
+    state keys)."""
+
+    fn: Callable[..., tuple[torch.Tensor, ...]]
+    compiled: CompiledKernel
+    keys: tuple[str, ...]
+    sums: tuple[str, ...]
+    writes: frozenset[str] = frozenset()
+
+
+def _pass(
+    fn: Callable[..., tuple[torch.Tensor, ...]],
+    name: str,
+    keys: tuple[str, ...],
+    sums: tuple[str, ...],
+    writes: tuple[str, ...] = (),
+) -> TensorPass:
+    return TensorPass(fn, CompiledKernel(fn, name), keys, sums, frozenset(writes))
+
+
+def _scalar(value: float, like: torch.Tensor) -> torch.Tensor:
+    return torch.full((), value, dtype=like.dtype, device=like.device)
+
+
+class DAdaptationBase(TuningFreeOptimizer):
+    """What the D-Adaptation family (and Prodigy) share: the model-wide ``d`` and step counter in
+    ``global_state``, the statistics and update passes over (packed) tensors, and the checks that
+    model-wide hyperparameters agree across groups.
+
+    A subclass sets ``_MODEL_WIDE`` (group keys that must agree) and implements:
+
+    * ``_statistics_pass(gb, d, step)``: ``(TensorPass, scalars, static)`` of the read-only pass
+      whose first sum is ``g_sq`` (``||g||^2`` of the raw gradient);
+    * ``_combine_statistics(batch, per_group, d, step)``: this rank's sums from the per-group
+      sums of that pass (plus ``_idle_contribution`` of parameters without a gradient);
+    * ``_update_pass(gb, d, step, stats, ok)``: ``(TensorPass, scalars, static)`` of the update;
+      every write must be a no-op where ``ok`` is False;
+    * ``_finish(stats, ok, d, step)``: the new ``d`` and global scalars from the reduced sums.
+
+    Tensors of fewer than ``PACK_BELOW`` elements (biases, norms) are packed: each of their lists
+    is concatenated into one flat tensor, the pass runs once on the packed tensors and what it
+    wrote is copied back. A call costs ~50-100 us of Python and dispatch whatever the size, so one
+    call instead of one per bias is most of the step time of a small model, and of the packed part
+    of a large one; the copies are a few hundred kB.
+    """
+
+    _MODEL_WIDE: tuple[str, ...] = ("d0", "growth_rate")
+    PACK_BELOW = 1 << 14
+
+    # ------------------------------------------------------------------ construction
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; model-wide hyperparameters must equal the first group's, per-group ones
+        are validated like the constructor's."""
+        merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
+        self._validate_group(merged)
+        if self.param_groups:
+            first = self.param_groups[0]
+            for key in self._MODEL_WIDE:
+                if key in merged and merged[key] != first[key]:
+                    raise ValueError(
+                        f"{type(self).__name__}: {key}={merged[key]!r} in a param group differs "
+                        f"from {first[key]!r} in the first group; {key} defines the one "
+                        "model-wide step size d and must be the same in every group"
+                    )
+        super().add_param_group(param_group)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        """Check a group's per-group hyperparameters (subclasses extend)."""
+        check_nonnegative("lr", group["lr"])
+        check_nonnegative("weight_decay", group["weight_decay"])
+        check_bool("maximize", group["maximize"])
+        check_choice("implementation", group["implementation"], IMPLEMENTATIONS)
+
+    # ------------------------------------------------------------------ subclass hooks
+    def _statistics_pass(
+        self, gb: GroupBatch, d: torch.Tensor, step: torch.Tensor
+    ) -> tuple[TensorPass, list[torch.Tensor], dict[str, Any]]:
+        raise NotImplementedError
+
+    def _combine_statistics(
+        self,
+        batch: StepBatch,
+        per_group: list[dict[str, torch.Tensor]],
+        d: torch.Tensor,
+        step: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def _update_pass(
+        self,
+        gb: GroupBatch,
+        d: torch.Tensor,
+        step: torch.Tensor,
+        stats: dict[str, torch.Tensor],
+        ok: torch.Tensor,
+    ) -> tuple[TensorPass, list[torch.Tensor], dict[str, Any]]:
+        raise NotImplementedError
+
+    def _finish(
+        self, stats: dict[str, torch.Tensor], ok: torch.Tensor, d: torch.Tensor, step: torch.Tensor
+    ) -> None:
+        raise NotImplementedError
+
+    def _idle_contribution(self, state: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Contributions to the sums of a parameter that has state but no gradient this step (its
+        ``s`` is unchanged and still part of the model's ``||s||``)."""
+        return {}
+
+    # ------------------------------------------------------------------ machinery
+    def _scalar_dtype(self) -> torch.dtype:
+        """fp64 if any parameter is fp64, else fp32: the dtype of ``d`` and of every model-wide
+        sum. Derived from all parameters, not from this rank's gradients, so that every rank
+        computes ``d`` in the same dtype (bit-identical across ranks)."""
+        params = (p for g in self.param_groups for p in g["params"])
+        return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+
+    def _global(self, name: str, device: torch.device, value: float = 0.0) -> torch.Tensor:
+        dtype = self._scalar_dtype()
+        return self.global_tensor(
+            name, device, lambda dev: torch.full((), value, dtype=dtype, device=dev)
+        )
+
+    def _d_and_step(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._global("d", device, self.param_groups[0]["d0"]), self._global("step", device)
+
+    def _local_statistics(self, batch: StepBatch) -> dict[str, torch.Tensor]:
+        d, step = self._d_and_step(batch.device)
+        per_group = self._run_pass(batch, lambda gb: self._statistics_pass(gb, d, step))
+        local = self._combine_statistics(batch, per_group, d, step)
+        dtype = self._scalar_dtype()
+        for name, values in self._idle_sums(batch).items():
+            local[name] = local[name] + batch.sum_on_device(values).to(dtype)
+        # ||g||^2 is NaN/Inf exactly when a gradient is (short of |g| > 1e19): the guard's sum,
+        # so the guard needs no pass of its own (see _finiteness_statistic).
+        self._finite_term = torch.stack([g["g_sq"].to(dtype) for g in per_group]).sum()
+        return local
+
+    def _finiteness_statistic(self, batch: StepBatch) -> torch.Tensor:
+        term = getattr(self, "_finite_term", None)
+        self._finite_term = None
+        return term if term is not None else super()._finiteness_statistic(batch)
+
+    def _update(self, batch: StepBatch, stats: dict[str, torch.Tensor], ok: torch.Tensor) -> None:
+        d, step = self._d_and_step(batch.device)
+        self._run_pass(batch, lambda gb: self._update_pass(gb, d, step, stats, ok))
+        self._finish(stats, ok, d, step)
+        step.add_(ok.to(step.dtype))
+
+    def _idle_sums(self, batch: StepBatch) -> dict[str, list[torch.Tensor]]:
+        out: dict[str, list[torch.Tensor]] = {}
+        for gb in batch.groups:
+            active = {id(p) for p in gb.originals}
+            for p in gb.group["params"]:
+                if id(p) in active or p not in self.state or not self.state[p]:
+                    continue
+                for name, value in self._idle_contribution(self.state[p]).items():
+                    out.setdefault(name, []).append(value)
+        return out
+
+    def _run_pass(
+        self,
+        batch: StepBatch,
+        describe: Callable[[GroupBatch], tuple[TensorPass, list[torch.Tensor], dict[str, Any]]],
+    ) -> list[dict[str, torch.Tensor]]:
+        """Run a pass over every group; per group, its sums added over the group's tensors (0 for
+        a group without gradients, so that every rank stacks the same names). Sums stay in the
+        dtype they were accumulated in (fp64 on CPU)."""
+        d0 = torch.zeros((), dtype=self._scalar_dtype(), device=batch.device)
+        results = []
+        for gb in batch.groups:
+            tensor_pass, scalars, static = describe(gb)
+            partial: dict[str, list[torch.Tensor]] = {n: [] for n in tensor_pass.sums}
+            if gb.params:
+                keys = tensor_pass.keys
+                lists = [gb.params, gb.grads, *(gb.state_list(k) for k in keys)]
+                written = ["param" in tensor_pass.writes, False]
+                written += [k in tensor_pass.writes for k in keys]
+                for (dev, dt), (bucket, _) in bucket_by_device_and_dtype(lists).items():
+                    numel = sum(p.numel() for p in bucket[0])
+                    impl = resolve_implementation(gb.group["implementation"], dev, numel)
+                    cdt = compute_dtype(dt)
+                    args = [a.to(dev) if a.dtype == torch.bool else a.to(dev, cdt) for a in scalars]
+                    # "foreach" runs the per-tensor loop: these passes have no foreach form (packing
+                    # already makes one call of the small tensors).
+                    kernel = tensor_pass.compiled if impl == "compiled" else tensor_pass.fn
+                    flags = {**static, "acc64": dev.type == "cpu"}
+                    outputs = self._run_bucket(bucket, written, kernel, args, flags)
+                    if tensor_pass.sums:
+                        for out in outputs:
+                            for name, value in zip(tensor_pass.sums, out, strict=True):
+                                partial[name].append(value)
+            results.append(
+                {n: batch.sum_on_device(v) if v else _scalar(0.0, d0) for n, v in partial.items()}
+            )
+        return results
+
+    def _run_bucket(
+        self,
+        bucket: list[list[torch.Tensor]],
+        written: list[bool],
+        kernel: Callable[..., Any] | CompiledKernel,
+        args: list[torch.Tensor],
+        static: dict[str, Any],
+    ) -> list[Any]:
+        """Run ``kernel`` over a device/dtype bucket: small tensors packed into one call (see the
+        class docstring), the others one call each (largest first while compiling)."""
+
+        def run(tensors: list[torch.Tensor]) -> Any:
+            if isinstance(kernel, CompiledKernel):
+                return kernel(tensors, *args, **static)
+            return kernel(*tensors, *args, **static)
+
+        sizes = [p.numel() for p in bucket[0]]
+        small = [i for i, n in enumerate(sizes) if n < self.PACK_BELOW]
+        if len(small) < 2:
+            small = []
+        packed_set = set(small)
+        order = (
+            order_for_compile(kernel, sizes)
+            if isinstance(kernel, CompiledKernel)
+            else range(len(sizes))
+        )
+        outputs = [run([t[i] for t in bucket]) for i in order if i not in packed_set]
+        if small:
+            packed = [torch.cat([t[i].reshape(-1) for i in small]) for t in bucket]
+            outputs.append(run(packed))
+            lengths = [sizes[i] for i in small]
+            for flat, tensors, is_written in zip(packed, bucket, written, strict=True):
+                if is_written:
+                    targets = [tensors[i] for i in small]
+                    pieces = flat.split(lengths)
+                    sources = [x.view(t.shape) for x, t in zip(pieces, targets, strict=True)]
+                    torch._foreach_copy_(targets, sources)
+        return outputs
+
+    # ------------------------------------------------------------------ logging
+    def _global_float(self, name: str, default: float = 0.0) -> float:
+        t = self.global_state.get(name)
+        return float(t) if t is not None else default
+
+    def stats(self) -> dict[str, float]:
+        out = super().stats()
+        out["d"] = self._global_float("d", self.param_groups[0]["d0"])
+        out["step"] = self._global_float("step")
+        out["lr"] = max((g["lr"] for g in self.param_groups), default=0.0)
+        return out
+
+
+# ---------------------------------------------------------------------- shared kernel pieces
+def effective_grad(
+    grad: torch.Tensor,
+    param: torch.Tensor,
+    coupled_wd: torch.Tensor,
+    *,
+    maximize: bool,
+    coupled: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gradient in the compute dtype, sign-flipped for ``maximize``, with the coupled (L2)
+    weight-decay term when ``coupled``; the parameter in the compute dtype). ``coupled`` is a
+    compile-time flag: reading the parameter into the gradient costs a separate pass in the
+    compiled kernels, so it is only done when coupled decay is on."""
+    cdt = compute_dtype(param.dtype)
+    g = grad.to(cdt)
+    if maximize:
+        g = -g
+    p = param.to(cdt)
+    if coupled:
+        g = g + coupled_wd * p
+    return g, p
+
+
+def _total(x: torch.Tensor, acc64: bool) -> torch.Tensor:
+    """``x.sum()``, accumulated in fp64 when ``acc64`` (on CPU: Inductor sums fp32 with a cascade
+    helper that made these reductions ~1.6x slower than an fp64 accumulator, which is also the
+    more accurate of the two)."""
+    return x.sum(dtype=torch.float64) if acc64 else x.sum()
+
+
+def _sq_sum(grad: torch.Tensor, acc64: bool) -> torch.Tensor:
+    g = grad.to(compute_dtype(grad.dtype))
+    return _total(g * g, acc64)
+
+
+def _d_update(
+    d: torch.Tensor, d_hat: torch.Tensor, valid: torch.Tensor, growth_rate: float
+) -> torch.Tensor:
+    """``max(d, min(d_hat, growth_rate * d))`` where ``valid``, else ``d`` (no host read)."""
+    capped = d_hat if math.isinf(growth_rate) else torch.minimum(d_hat, d * growth_rate)
+    return torch.where(valid, torch.maximum(d, capped), d)
+
+
+def _weight_decay_scalars(group: dict[str, Any], rate: torch.Tensor) -> list[torch.Tensor]:
+    """``[coupled coefficient, decoupled factor rate * wd]`` of a group (one of them 0)."""
+    wd = group["weight_decay"]
+    decoupled = group.get("decoupled_weight_decay", False)
+    coupled = _scalar(0.0 if decoupled else wd, rate)
+    return [coupled, rate * (wd if decoupled else 0.0)]
+
+
+def _flags(group: dict[str, Any]) -> dict[str, bool]:
+    coupled = group["weight_decay"] != 0 and not group.get("decoupled_weight_decay", False)
+    return {"maximize": group["maximize"], "coupled": coupled}
+
+
+# ====================================================================== SGD
+def dadapt_sgd_statistics(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    s: torch.Tensor,
+    coupled_wd: torch.Tensor,
+    lam: torch.Tensor,
+    *,
+    maximize: bool,
+    coupled: bool,
+    acc64: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Statistics of D-Adapted SGD for one tensor: ``||g||^2`` of the raw gradient, ``<g', s_k>``
+    with ``g'`` the gradient the update uses, ``||s_k + lam g'||^2`` (``= ||s_{k+1}||^2``) and
+    ``||g'||^2`` (for the step that fixes ``||g_0||``, where ``s_k = 0`` and ``lam`` is not known
+    yet)."""
+    g, _ = effective_grad(grad, param, coupled_wd, maximize=maximize, coupled=coupled)
+    s_old = s.to(g.dtype)
+    s_new = s_old + lam * g
+    dot = _total(g * s_old, acc64)
+    return _sq_sum(grad, acc64), dot, _total(s_new * s_new, acc64), _total(g * g, acc64)
+
+
+def dadapt_sgd_tensor_update(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    s: torch.Tensor,
+    ok: torch.Tensor,
+    lam: torch.Tensor,
+    coupled_wd: torch.Tensor,
+    decay: torch.Tensor,
+    *,
+    maximize: bool,
+    coupled: bool,
+    acc64: bool,
+) -> None:
+    """One tensor of D-Adapted SGD without momentum, in place (``x = z``): ``s += lam g``,
+    ``x -= lam g (+ decay x)``. ``lam`` is this group's ``d_k lr / ||g_0||`` (0 on a skipped
+    step), ``decay`` the decoupled factor ``lam * wd``."""
+    g, p = effective_grad(grad, param, coupled_wd, maximize=maximize, coupled=coupled)
+    g = torch.where(ok, g, 0.0)  # a skipped step's NaN/Inf never reaches the state
+    param.copy_(p - decay * p - lam * g)
+    s.copy_(s.to(g.dtype) + lam * g)
+
+
+def dadapt_sgd_momentum_tensor_update(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    s: torch.Tensor,
+    z: torch.Tensor,
+    ok: torch.Tensor,
+    lam: torch.Tensor,
+    coupled_wd: torch.Tensor,
+    decay: torch.Tensor,
+    average: torch.Tensor,
+    *,
+    maximize: bool,
+    coupled: bool,
+    acc64: bool,
+) -> None:
+    """One tensor of D-Adapted SGD with primal-averaging momentum, in place: ``z -= lam g
+    (+ decay z)``, ``x += average (z - x)`` with ``average = 1 - momentum`` (0 when skipped)."""
+    g, p = effective_grad(grad, param, coupled_wd, maximize=maximize, coupled=coupled)
+    g = torch.where(ok, g, 0.0)
+    zz = z.to(g.dtype)
+    zz = zz - decay * zz - lam * g
+    param.copy_(p + average * (zz - p))
+    s.copy_(s.to(g.dtype) + lam * g)
+    z.copy_(zz)
+
+
+_SGD_STATISTICS = _pass(
+    dadapt_sgd_statistics, "DAdaptSGD statistics", ("s",), ("g_sq", "dot", "s_sq", "gg")
+)
+_SGD_UPDATE = _pass(dadapt_sgd_tensor_update, "DAdaptSGD", ("s",), (), ("param", "s"))
+_SGD_MOMENTUM_UPDATE = _pass(
+    dadapt_sgd_momentum_tensor_update, "DAdaptSGD", ("s", "z"), (), ("param", "s", "z")
+)
+
+
+class DAdaptSGD(DAdaptationBase):
+    r"""SGD with D-Adaptation (Defazio & Mishchenko, ICML 2023), the form of the authors'
+    ``dadaptation`` package: a dual-averaging gradient sum ``s`` and primal-averaging momentum.
+
+    With ``gamma`` the group's ``lr`` and ``g_0`` the first nonzero gradient (over the groups
+    with ``lr > 0``; without the weight-decay term, as the authors)::
+
+        lambda_k  = d_k * gamma / ||g_0||
+        N_{k+1}   = N_k + lambda_k <g_k, s_k>                   (summed over all groups)
+        s_{k+1}   = s_k + lambda_k g_k
+        z_{k+1}   = z_k - lambda_k g_k                           (z_0 = x_0)
+        x_{k+1}   = beta x_k + (1 - beta) z_{k+1}                (beta = momentum; 0: x = z)
+        d_hat     = 2 N_{k+1} / ||s_{k+1}||_2
+        d_{k+1}   = max(d_k, min(d_hat, growth_rate * d_k))
+
+    ``d`` is a lower bound on ``||x_0 - x*||`` for convex problems (the paper's Theorem); the
+    step of the first iteration is ``d0 * lr``. ``stats()["d_lr"]`` is ``d * lr / ||g_0||``.
+
+    Args:
+        params: parameters or param groups.
+        lr: multiplier of the adapted step (default 1.0; schedules act on it).
+        momentum: primal-averaging momentum ``beta`` in [0, 1) (default 0.0, the authors').
+            The paper's deep-learning runs used 0.9.
+        weight_decay: weight decay coefficient (default 0).
+        decoupled_weight_decay: False (default, the authors'): L2 term ``wd * x`` added to the
+            gradient (it then enters ``s`` and ``d``); True: ``z -= lambda_k * wd * z`` (SGDW
+            style; ``x`` itself without momentum), kept out of ``s`` and ``d``.
+        d0: initial lower bound on the distance to the solution (default 1e-6).
+        growth_rate: ``d`` grows by at most this factor per step (default inf).
+        maximize: maximize the objective.
+        implementation: ``"auto"``, ``"loop"`` or ``"compiled"`` (see
+            :mod:`hf_tuningfree.optim.kernels`); ``"foreach"`` runs the per-tensor loop.
+        skip_nonfinite, global_reduce: see :class:`~hf_tuningfree.optim.base.TuningFreeOptimizer`.
+
+    State: per parameter ``s`` (and ``z`` when ``momentum > 0``); model-wide in
+    ``global_state``: ``d``, ``numerator`` (``N``), ``g0_sq`` (``||g_0||^2``), ``s_sq``
+    (``||s||^2``), ``step``.
+    """
+
+    _MODEL_WIDE = ("d0", "growth_rate")
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1.0,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        decoupled_weight_decay: bool = False,
+        d0: float = 1e-6,
+        growth_rate: float = float("inf"),
+        maximize: bool = False,
+        implementation: str = "auto",
+        *,
+        skip_nonfinite: bool = True,
+        global_reduce: object = "auto",
+    ) -> None:
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "weight_decay": weight_decay,
+            "decoupled_weight_decay": decoupled_weight_decay,
+            "d0": check_positive("d0", d0),
+            "growth_rate": check_growth_rate(growth_rate),
+            "maximize": maximize,
+            "implementation": implementation,
+        }
+        super().__init__(
+            params, defaults, skip_nonfinite=skip_nonfinite, global_reduce=global_reduce
+        )
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        super()._validate_group(group)
+        check_in_range("momentum", group["momentum"], 0.0, 1.0)
+        check_bool("decoupled_weight_decay", group["decoupled_weight_decay"])
+
+    def _init_param_state(self, param: torch.Tensor, state: dict[str, Any], group: dict) -> None:
+        state["s"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+    def _idle_contribution(self, state: dict[str, Any]) -> dict[str, torch.Tensor]:
+        s = local_view(state["s"]).to(compute_dtype(state["s"].dtype))
+        return {"s_sq": (s * s).sum()}
+
+    def _inv_g0(self, device: torch.device) -> torch.Tensor:
+        """``1 / ||g_0||`` as known before this step (0 while not fixed yet)."""
+        g0_sq = self._global("g0_sq", device)
+        return torch.where(g0_sq > 0, g0_sq.rsqrt(), 0.0)
+
+    def _statistics_pass(
+        self, gb: GroupBatch, d: torch.Tensor, step: torch.Tensor
+    ) -> tuple[TensorPass, list[torch.Tensor], dict[str, Any]]:
+        # lambda of this step, unless ||g_0|| is fixed by this very step (then s = 0, lambda
+        # unknown: "gg" covers it in _finish).
+        lam = d * self._inv_g0(d.device) * gb.group["lr"]
+        coupled, _ = _weight_decay_scalars(gb.group, lam)
+        return _SGD_STATISTICS, [coupled, lam], _flags(gb.group)
+
+    def _combine_statistics(
+        self,
+        batch: StepBatch,
+        per_group: list[dict[str, torch.Tensor]],
+        d: torch.Tensor,
+        step: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        dtype = self._scalar_dtype()
+        lam = d * self._inv_g0(d.device)  # times each group's lr
+        lrs = [gb.group["lr"] for gb in batch.groups]
+        pairs = list(zip(per_group, lrs, strict=True))
+        return {
+            # sum_k lambda_k <g', s_k>, this step's term
+            "numerator": lam * batch.sum_on_device(pg["dot"] * lr for pg, lr in pairs).to(dtype),
+            "s_sq": batch.sum_on_device(pg["s_sq"] for pg, _ in pairs).to(dtype),
+            # for fixing ||g_0||: raw ||g||^2 of groups with lr > 0; sum lr^2 ||g'||^2
+            "grad_sq": batch.sum_on_device(pg["g_sq"] for pg, lr in pairs if lr > 0).to(dtype),
+            "gg_lr2": batch.sum_on_device(pg["gg"] * lr * lr for pg, lr in pairs).to(dtype),
+        }
+
+    def _latched_g0_sq(self, stats: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+        """``||g_0||^2``: fixed at the first step where the gradients of groups with lr > 0 are
+        not all zero (warm-up from lr = 0 and frozen groups are skipped over)."""
+        g0_sq = self._global("g0_sq", device)
+        return torch.where(g0_sq > 0, g0_sq, stats["grad_sq"].to(g0_sq.dtype))
+
+    def _update_pass(
+        self,
+        gb: GroupBatch,
+        d: torch.Tensor,
+        step: torch.Tensor,
+        stats: dict[str, torch.Tensor],
+        ok: torch.Tensor,
+    ) -> tuple[TensorPass, list[torch.Tensor], dict[str, Any]]:
+        group = gb.group
+        g0_sq = self._latched_g0_sq(stats, d.device)
+        # lambda = d lr / ||g_0||: 0 until a gradient was nonzero, and on a skipped step.
+        lam = d * torch.where(ok & (g0_sq > 0), g0_sq.rsqrt(), 0.0) * group["lr"]
+        scalars = [ok, lam, *_weight_decay_scalars(group, lam)]
+        if group["momentum"] == 0:
+            return _SGD_UPDATE, scalars, _flags(group)
+        for p, st in zip(gb.originals, gb.states, strict=True):
+            if "z" not in st:  # momentum switched on after the first step: start z at x
+                st["z"] = p.detach().clone(memory_format=torch.preserve_format)
+        average = ok.to(lam.dtype) * (1.0 - group["momentum"])
+        return _SGD_MOMENTUM_UPDATE, [*scalars, average], _flags(group)
+
+    def _finish(
+        self, stats: dict[str, torch.Tensor], ok: torch.Tensor, d: torch.Tensor, step: torch.Tensor
+    ) -> None:
+        growth = self.param_groups[0]["growth_rate"]
+        numerator = self._global("numerator", d.device)
+        s_sq = self._global("s_sq", d.device)
+        g0_sq = self._global("g0_sq", d.device)
+        latched = self._latched_g0_sq(stats, d.device)
+        # ||s_{k+1}||^2; on the step that fixes ||g_0||, s_k = 0 and s_{k+1} = lambda g'
+        first = torch.where(latched > 0, d * d * stats["gg_lr2"] / latched, 0.0)
+        new_s_sq = torch.where(g0_sq > 0, stats["s_sq"], first)
+        new_numerator = numerator + stats["numerator"]
+        d_hat = 2.0 * new_numerator / new_s_sq.sqrt()
+        valid = ok & (new_s_sq > 0)
+        d.copy_(_d_update(d, d_hat, valid, growth))
+        numerator.copy_(torch.where(ok, new_numerator, numerator))
+        s_sq.copy_(torch.where(ok, new_s_sq, s_sq))
+        g0_sq.copy_(torch.where(ok, latched, g0_sq))
+
+    def stats(self) -> dict[str, float]:
+        out = super().stats()
+        g0_sq = self._global_float("g0_sq")
+        g0 = math.sqrt(g0_sq) if g0_sq > 0 else 0.0
+        out["g0_norm"] = g0
+        out["d_lr"] = out["d"] * out["lr"] / g0 if g0 > 0 else 0.0
+        out["numerator"] = self._global_float("numerator")
+        out["s_norm"] = math.sqrt(max(self._global_float("s_sq"), 0.0))
+        return out
+
+
+# ====================================================================== Adam
+def dadapt_adam_statistics(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    s: torch.Tensor,
+    coupled_wd: torch.Tensor,
+    eps: torch.Tensor,
+    dlr: torch.Tensor,
+    c_s: torch.Tensor,
+    *,
+    maximize: bool,
+    coupled: bool,
+    acc64: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Statistics of D-Adapted Adam for one tensor: ``||g||^2``, ``<g', s_k / (sqrt(v_k) +
+    eps)>`` (the second moment BEFORE this step's update, as the published code) and
+    ``||s_{k+1}||_1`` with ``s_{k+1} = s_k + c_s (dlr g' - s_k)``, the update's expression."""
+    g, _ = effective_grad(grad, param, coupled_wd, maximize=maximize, coupled=coupled)
+    v = exp_avg_sq.to(g.dtype)
+    s_old = s.to(g.dtype)
+    s_new = s_old + c_s * (dlr * g - s_old)
+    numerator = _total(g * s_old / (v.sqrt() + eps), acc64)
+    return _sq_sum(grad, acc64), numerator, _total(s_new.abs(), acc64)
+
+
+def dadapt_adam_tensor_update(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    s: torch.Tensor,
+    ok: torch.Tensor,
+    dlr: torch.Tensor,
+    coupled_wd: torch.Tensor,
+    decay: torch.Tensor,
+    c_m: torch.Tensor,
+    c_v: torch.Tensor,
+    c_s: torch.Tensor,
+    on: torch.Tensor,
+    eps: torch.Tensor,
+    *,
+    maximize: bool,
+    coupled: bool,
+    acc64: bool,
+) -> None:
+    """One tensor of D-Adapted Adam, in place. ``dlr`` is this group's ``d_k lr bc_k``, ``c_m,
+    c_v, c_s`` are ``1 - beta1``, ``1 - beta2``, ``1 - sqrt(beta2)`` and ``on`` is 1: all 0 on a
+    skipped step; ``decay`` is the decoupled factor ``dlr * wd``."""
+    g, p = effective_grad(grad, param, coupled_wd, maximize=maximize, coupled=coupled)
+    g = torch.where(ok, g, 0.0)
+    m = exp_avg.to(g.dtype)
+    v = exp_avg_sq.to(g.dtype)
+    s_new = s.to(g.dtype)
+    dg = dlr * g
+    m = m + c_m * (dg - m)
+    v = v + c_v * (g * g - v)
+    s_new = s_new + c_s * (dg - s_new)
+    param.copy_(p - decay * p - on * (m / (v.sqrt() + eps)))
+    exp_avg.copy_(m)
+    exp_avg_sq.copy_(v)
+    s.copy_(s_new)
+
+
+_ADAM_STATISTICS = _pass(
+    dadapt_adam_statistics,
+    "DAdaptAdam statistics",
+    ("exp_avg_sq", "s"),
+    ("g_sq", "numerator", "s_l1"),
+)
+_ADAM_UPDATE = _pass(
+    dadapt_adam_tensor_update,
+    "DAdaptAdam",
+    ("exp_avg", "exp_avg_sq", "s"),
+    (),
+    ("param", "exp_avg", "exp_avg_sq", "s"),
+)
+
+
+def adam_bias_correction(step: torch.Tensor, beta1: float, beta2: float) -> torch.Tensor:
+    """Adam's ``sqrt(1 - beta2^(k+1)) / (1 - beta1^(k+1))`` for a 0-dim step count ``k``."""
+    k1 = step + 1.0
+    return torch.sqrt(1.0 - torch.pow(beta2, k1)) / (1.0 - torch.pow(beta1, k1))
+
+
+class DAdaptAdam(DAdaptationBase):
+    r"""Adam with D-Adaptation (Defazio & Mishchenko, ICML 2023), in its current published form
+    (the authors' ``dadaptation`` package, v3): the step ``dlr`` is folded into the first moment
+    and into ``s``.
+
+    With ``gamma_k`` the group's ``lr``, ``beta3 = sqrt(beta2)`` and ``bc_k`` Adam's bias
+    correction ``sqrt(1 - beta2^(k+1)) / (1 - beta1^(k+1))`` (1 when off)::
+
+        dlr_k     = d_k * gamma_k * bc_k
+        r_{k+1}   = beta3 r_k + (1 - beta3) * sum dlr_k <g_k, s_k / (sqrt(v_k) + eps)>
+        m_{k+1}   = beta1 m_k + (1 - beta1) dlr_k g_k
+        v_{k+1}   = beta2 v_k + (1 - beta2) g_k^2
+        s_{k+1}   = beta3 s_k + (1 - beta3) dlr_k g_k
+        d_hat     = r_{k+1} / ((1 - beta3) ||s_{k+1}||_1)
+        d_{k+1}   = max(d_k, min(d_hat, growth_rate * d_k))
+        x_{k+1}   = x_k - dlr_k wd x_k - m_{k+1} / (sqrt(v_{k+1}) + eps)
+
+    (the ``wd`` term with decoupled weight decay; coupled decay adds ``wd * x_k`` to ``g_k``
+    instead). The sums run over every parameter of every group.
+
+    Bias correction is ON by default, unlike the authors' code (``use_bias_correction=False``
+    gives their setting). Measured on a short language-model run (FACTS.md: 400 steps of a
+    small GPT-2, eval loss relative to AdamW at its best lr): without it the step reaches ~1e-2
+    by step 10 and stays there (1.22); with it the early steps are damped by ``bc_k`` (0.32 at
+    the first step) and it closed about half of the gap to tuned AdamW (1.11). Fine-tuning runs
+    are short, so this early phase decides much of the result.
+
+    Args:
+        params: parameters or param groups.
+        lr: multiplier of the adapted step (default 1.0; schedules act on it).
+        betas: ``(beta1, beta2)`` (default ``(0.9, 0.999)``, the paper's).
+        eps: added to ``sqrt(v)`` (default 1e-8).
+        weight_decay: weight decay coefficient (default 0).
+        decoupled_weight_decay: True (default): AdamW-style ``x -= dlr * wd * x``, what users of
+            AdamW and the Trainer expect; False: ``wd * x`` added to the gradient (the authors'
+            default, ``decouple=False``).
+        use_bias_correction: see above (default True).
+        d0: initial lower bound on the distance to the solution (default 1e-6).
+        growth_rate: ``d`` grows by at most this factor per step (default inf).
+        maximize: maximize the objective.
+        implementation: ``"auto"``, ``"loop"`` or ``"compiled"``; ``"foreach"`` runs the loop.
+        skip_nonfinite, global_reduce: see :class:`~hf_tuningfree.optim.base.TuningFreeOptimizer`.
+
+    State: per parameter ``exp_avg`` (m), ``exp_avg_sq`` (v), ``s``; model-wide ``d``,
+    ``numerator`` (r), ``s_l1``, ``step``.
+    """
+
+    _MODEL_WIDE = ("d0", "growth_rate", "betas", "use_bias_correction")
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        decoupled_weight_decay: bool = True,
+        use_bias_correction: bool = True,
+        d0: float = 1e-6,
+        growth_rate: float = float("inf"),
+        maximize: bool = False,
+        implementation: str = "auto",
+        *,
+        skip_nonfinite: bool = True,
+        global_reduce: object = "auto",
+    ) -> None:
+        defaults = {
+            "lr": lr,
+            "betas": check_betas("betas", betas),
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "decoupled_weight_decay": decoupled_weight_decay,
+            "use_bias_correction": check_bool("use_bias_correction", use_bias_correction),
+            "d0": check_positive("d0", d0),
+            "growth_rate": check_growth_rate(growth_rate),
+            "maximize": maximize,
+            "implementation": implementation,
+        }
+        super().__init__(
+            params, defaults, skip_nonfinite=skip_nonfinite, global_reduce=global_reduce
+        )
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        super()._validate_group(group)
+        check_betas("betas", group["betas"])
+        check_positive("eps", group["eps"])
+        check_bool("decoupled_weight_decay", group["decoupled_weight_decay"])
+
+    def _init_param_state(self, param: torch.Tensor, state: dict[str, Any], group: dict) -> None:
+        for key in ("exp_avg", "exp_avg_sq", "s"):
+            state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+    def _idle_contribution(self, state: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return {"s_l1": local_view(state["s"]).to(compute_dtype(state["s"].dtype)).abs().sum()}
+
+    def _bias_correction(self, step: torch.Tensor) -> torch.Tensor | float:
+        group = self.param_groups[0]
+        if not group["use_bias_correction"]:
+            return 1.0
+        return adam_bias_correction(step, *group["betas"])
+
+    def _statistics_pass(
+        self, gb: GroupBatch, d: torch.Tensor, step: torch.Tensor
+    ) -> tuple[TensorPass, list[torch.Tensor], dict[str, Any]]:
+        group = gb.group
+        dlr = d * self._bias_correction(step) * group["lr"]
+        coupled, _ = _weight_decay_scalars(group, dlr)
+        c_s = _scalar(1.0 - math.sqrt(group["betas"][1]), d)
+        return _ADAM_STATISTICS, [coupled, _scalar(group["eps"], d), dlr, c_s], _flags(group)
+
+    def _combine_statistics(
+        self,
+        batch: StepBatch,
+        per_group: list[dict[str, torch.Tensor]],
+        d: torch.Tensor,
+        step: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        dtype = self._scalar_dtype()
+        pairs = list(zip(per_group, batch.groups, strict=True))
+        # sum over groups of dlr <g', s_k / (sqrt(v_k) + eps)>, dlr = d lr bc
+        terms = batch.sum_on_device(pg["numerator"] * gb.group["lr"] for pg, gb in pairs)
+        return {
+            "numerator": d * self._bias_correction(step) * terms.to(dtype),
+            "s_l1": batch.sum_on_device(pg["s_l1"] for pg, _ in pairs).to(dtype),
+        }
+
+    def _update_pass(
+        self,
+        gb: GroupBatch,
+        d: torch.Tensor,
+        step: torch.Tensor,
+        stats: dict[str, torch.Tensor],
+        ok: torch.Tensor,
+    ) -> tuple[TensorPass, list[torch.Tensor], dict[str, Any]]:
+        group = gb.group
+        beta1, beta2 = group["betas"]
+        on = ok.to(d.dtype)  # every coefficient is 0 on a skipped step
+        dlr = on * d * self._bias_correction(step) * group["lr"]
+        scalars = [
+            ok,
+            dlr,
+            *_weight_decay_scalars(group, dlr),
+            on * (1.0 - beta1),
+            on * (1.0 - beta2),
+            on * (1.0 - math.sqrt(beta2)),
+            on,
+            _scalar(group["eps"], d),
+        ]
+        return _ADAM_UPDATE, scalars, _flags(group)
+
+    def _finish(
+        self, stats: dict[str, torch.Tensor], ok: torch.Tensor, d: torch.Tensor, step: torch.Tensor
+    ) -> None:
+        group = self.param_groups[0]
+        beta3 = math.sqrt(group["betas"][1])
+        numerator = self._global("numerator", d.device)
+        s_l1 = self._global("s_l1", d.device)
+        new_numerator = beta3 * numerator + (1.0 - beta3) * stats["numerator"]
+        d_hat = new_numerator / ((1.0 - beta3) * stats["s_l1"])
+        valid = ok & (stats["s_l1"] > 0)
+        d.copy_(_d_update(d, d_hat, valid, group["growth_rate"]))
+        numerator.copy_(torch.where(ok, new_numerator, numerator))
+        s_l1.copy_(torch.where(ok, stats["s_l1"], s_l1))
+
+    def stats(self) -> dict[str, float]:
+        out = super().stats()
+        device = self.global_state["d"].device if "d" in self.global_state else None
+        step = torch.tensor(out["step"], dtype=torch.float64, device=device)
+        bc = float(self._bias_correction(step))
+        out["bias_correction"] = bc
+        out["d_lr"] = out["d"] * out["lr"] * bc
+        out["numerator"] = self._global_float("numerator")
+        out["s_l1"] = self._global_float("s_l1")
+        beta3 = math.sqrt(self.param_groups[0]["betas"][1])
+        denom = (1.0 - beta3) * out["s_l1"]
+        out["d_hat"] = out["numerator"] / denom if denom > 0 else 0.0
+        return out
+
+
+# ====================================================================== AdaGrad
+def dadapt_adagrad_statistics(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    alpha: torch.Tensor,
+    s: torch.Tensor,
+    coupled_wd: torch.Tensor,
+    dlr: torch.Tensor,
+    eps: torch.Tensor,
+    *,
+    maximize: bool,
+    coupled: bool,
+    acc64: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Phase 1 of D-Adapted AdaGrad for one tensor: ``||g||^2`` and the changes this step makes
+    to the model-wide numerator ``sum s^2 / w - sum_i dlr_i^2 g_i^2 / w_{i+1}`` (``w = sqrt(alpha)
+    + eps``) and to ``||s||_1``; all are known before the update since ``dlr = d_k lr`` is.
+
+    Written as changes, a tensor without a gradient this step keeps its earlier contribution
+    without being read; the numerator change is ``(s_k^2 + 2 dlr g s_k) / w_{k+1} - s_k^2 / w_k``,
+    in which the ``dlr^2 g^2`` terms cancel exactly."""
+    g, _ = effective_grad(grad, param, coupled_wd, maximize=maximize, coupled=coupled)
+    a = alpha.to(g.dtype)
+    s_old = s.to(g.dtype)
+    w_old = a.sqrt() + eps
+    w_new = (a + g * g).sqrt() + eps
+    dg = dlr * g
+    s_sq = s_old * s_old
+    numerator = _total((s_sq + 2.0 * dg * s_old) / w_new - s_sq / w_old, acc64)
+    l1 = _total((s_old + dg).abs() - s_old.abs(), acc64)
+    return _sq_sum(grad, acc64), numerator, l1
+
+
+def dadapt_adagrad_tensor_update(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    alpha: torch.Tensor,
+    s: torch.Tensor,
+    x0: torch.Tensor,
+    ok: torch.Tensor,
+    dlr: torch.Tensor,
+    coupled_wd: torch.Tensor,
+    average: torch.Tensor,
+    eps: torch.Tensor,
+    *,
+    maximize: bool,
+    coupled: bool,
+    averaged: bool,
+    acc64: bool,
+) -> None:
+    """One tensor of D-Adapted AdaGrad, in place: ``alpha += g^2``, ``s += dlr g``, ``z = x0 - s
+    / (sqrt(alpha) + eps)``, ``x = z`` or, with momentum, ``x += average (z - x)`` (``average =
+    1 - momentum``). ``dlr`` and ``average`` are 0 on a skipped step."""
+    g, p = effective_grad(grad, param, coupled_wd, maximize=maximize, coupled=coupled)
+    g = torch.where(ok, g, 0.0)
+    a_new = alpha.to(g.dtype) + g * g
+    s_new = s.to(g.dtype) + dlr * g
+    z = x0.to(g.dtype) - s_new / (a_new.sqrt() + eps)
+    param.copy_(p + average * (z - p) if averaged else torch.where(ok, z, p))
+    alpha.copy_(a_new)
+    s.copy_(s_new)
+
+
+_ADAGRAD_STATISTICS = _pass(
+    dadapt_adagrad_statistics,
+    "DAdaptAdaGrad statistics",
+    ("alpha", "s"),
+    ("g_sq", "numerator", "s_l1"),
+)
+_ADAGRAD_UPDATE = _pass(
+    dadapt_adagrad_tensor_update, "DAdaptAdaGrad", ("alpha", "s", "x0"), (), ("param", "alpha", "s")
+)
+
+
+class DAdaptAdaGrad(DAdaptationBase):
+    r"""AdaGrad with D-Adaptation (Defazio & Mishchenko, ICML 2023), dual-averaging form as in the
+    authors' ``dadaptation`` package (v3).
+
+    With ``gamma`` the group's ``lr``, per coordinate ``alpha_0 = initial_accumulator_value`` and
+    ``w_k = sqrt(alpha_k) + eps``::
+
+        dlr_k     = d_k * gamma
+        alpha_{k+1} = alpha_k + g_k^2
+        s_{k+1}   = s_k + dlr_k g_k
+        N_{k+1}   = sum s_{k+1}^2 / w_{k+1} - sum_{i<=k} dlr_i^2 sum g_i^2 / w_{i+1}
+        d_hat     = N_{k+1} / ||s_{k+1}||_1
+        d_{k+1}   = max(d_k, min(d_hat, growth_rate * d_k))
+        z_{k+1}   = x_0 - s_{k+1} / w_{k+1}
+        x_{k+1}   = beta x_k + (1 - beta) z_{k+1}      (beta = momentum; 0: x = z)
+
+    The authors recommend the Adam or SGD variants in most situations: on top of AdaGrad the
+    estimate adapts more slowly in practice. Weight decay is coupled only (``wd * x`` added to the
+    gradient, as the authors): ``x`` is recomputed from ``x_0`` every step, so a decoupled decay
+    of ``x`` would be undone at the next step.
+
+    Args:
+        params: parameters or param groups.
+        lr: multiplier of the adapted step (default 1.0).
+        momentum: primal-averaging momentum in [0, 1) (default 0).
+        weight_decay: L2 coefficient added to the gradient (default 0).
+        eps: added to ``sqrt(alpha)`` (default 1e-6, the authors').
+        initial_accumulator_value: ``alpha_0`` (default 1e-6, the authors' fixed value).
+        d0, growth_rate, maximize, implementation: as :class:`DAdaptSGD`.
+        skip_nonfinite, global_reduce: see :class:`~hf_tuningfree.optim.base.TuningFreeOptimizer`.
+
+    State: per parameter ``alpha``, ``s``, ``x0``; model-wide ``d``, ``numerator`` (N),
+    ``s_l1``, ``step``.
+    """
+
+    _MODEL_WIDE = ("d0", "growth_rate")
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1.0,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        eps: float = 1e-6,
+        initial_accumulator_value: float = 1e-6,
+        d0: float = 1e-6,
+        growth_rate: float = float("inf"),
+        maximize: bool = False,
+        implementation: str = "auto",
+        *,
+        skip_nonfinite: bool = True,
+        global_reduce: object = "auto",
+    ) -> None:
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "weight_decay": weight_decay,
+            "eps": eps,
+            "initial_accumulator_value": initial_accumulator_value,
+            "d0": check_positive("d0", d0),
+            "growth_rate": check_growth_rate(growth_rate),
+            "maximize": maximize,
+            "implementation": implementation,
+        }
+        super().__init__(
+            params, defaults, skip_nonfinite=skip_nonfinite, global_reduce=global_reduce
+        )
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        super()._validate_group(group)
+        check_in_range("momentum", group["momentum"], 0.0, 1.0)
+        check_positive("eps", group["eps"])
+        check_nonnegative("initial_accumulator_value", group["initial_accumulator_value"])
+
+    def _init_param_state(self, param: torch.Tensor, state: dict[str, Any], group: dict) -> None:
+        state["alpha"] = torch.full_like(
+            param, group["initial_accumulator_value"], memory_format=torch.preserve_format
+        )
+        state["s"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        state["x0"] = param.detach().clone(memory_format=torch.preserve_format)
+
+    def _statistics_pass(
+        self, gb: GroupBatch, d: torch.Tensor, step: torch.Tensor
+    ) -> tuple[TensorPass, list[torch.Tensor], dict[str, Any]]:
+        group = gb.group
+        scalars = [_scalar(group["weight_decay"], d), d * group["lr"], _scalar(group["eps"], d)]
+        return _ADAGRAD_STATISTICS, scalars, _flags(group)
+
+    def _combine_statistics(
+        self,
+        batch: StepBatch,
+        per_group: list[dict[str, torch.Tensor]],
+        d: torch.Tensor,
+        step: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        return {
+            name: torch.stack([pg[name] for pg in per_group]).sum()
+            for name in ("numerator", "s_l1")
+        }
+
+    def _update_pass(
+        self,
+        gb: GroupBatch,
+        d: torch.Tensor,
+        step: torch.Tensor,
+        stats: dict[str, torch.Tensor],
+        ok: torch.Tensor,
+    ) -> tuple[TensorPass, list[torch.Tensor], dict[str, Any]]:
+        group = gb.group
+        on = ok.to(d.dtype)
+        scalars = [
+            ok,
+            on * d * group["lr"],
+            _scalar(group["weight_decay"], d),
+            on * (1.0 - group["momentum"]),
+            _scalar(group["eps"], d),
+        ]
+        return _ADAGRAD_UPDATE, scalars, {**_flags(group), "averaged": group["momentum"] > 0}
+
+    def _finish(
+        self, stats: dict[str, torch.Tensor], ok: torch.Tensor, d: torch.Tensor, step: torch.Tensor
+    ) -> None:
+        numerator = self._global("numerator", d.device)
+        s_l1 = self._global("s_l1", d.device)
+        new_numerator = numerator + stats["numerator"]
+        new_l1 = s_l1 + stats["s_l1"]
+        d_hat = new_numerator / new_l1
+        valid = ok & (new_l1 > 0)
+        d.copy_(_d_update(d, d_hat, valid, self.param_groups[0]["growth_rate"]))
+        numerator.copy_(torch.where(ok, new_numerator, numerator))
+        s_l1.copy_(torch.where(ok, new_l1, s_l1))
+
+    def stats(self) -> dict[str, float]:
+        out = super().stats()
+        out["d_lr"] = out["d"] * out["lr"]
+        out["numerator"] = self._global_float("numerator")
+        out["s_l1"] = self._global_float("s_l1")
+        out["d_hat"] = out["numerator"] / out["s_l1"] if out["s_l1"] > 0 else 0.0
+        return out

@@ -1,0 +1,679 @@
+"""D-Adaptation (SGD, Adam, AdaGrad) and Prodigy against per-element statements of the papers'
+algorithms, and their documented behaviour.
+
+The references below are written from the papers (Defazio & Mishchenko, ICML 2023; Mishchenko &
+Defazio, ICML 2024) in their published form, one element at a time with Python floats, and
+share nothing with the implementation. The test problem makes ``d`` grow: each element has the
+gradient ``2 c (x - t) + noise`` of a separable quadratic, so the reference and the optimizer
+each compute their gradients from their own iterates.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hf_tuningfree.optim import DAdaptAdaGrad, DAdaptAdam, DAdaptSGD, Prodigy, create_optimizer
+
+SHAPES = [[(3, 4), (5,), (2, 3)], [(4,), (2, 2)]]  # two param groups
+STEPS = 30
+D0 = 1e-4
+
+
+# ---------------------------------------------------------------------- the test problem
+def _make_problem(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(shape, scale=1.0):
+        return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).flatten().tolist()
+
+    init = [[rand(s) for s in grp] for grp in SHAPES]
+    curv = [[[abs(v) + 0.5 for v in rand(s)] for s in grp] for grp in SHAPES]
+    target = [[rand(s, 3.0) for s in grp] for grp in SHAPES]
+    noise = []
+    for t in range(STEPS):
+        step = []
+        for grp in SHAPES:
+            # parameter 1 of each group has no gradient on every third step (grad=None)
+            step.append([None if (pi == 1 and t % 3 == 1) else rand(s, 0.3) for pi, s in
+                         enumerate(grp)])  # fmt: skip
+        noise.append(step)
+    return {"init": init, "curv": curv, "target": target, "noise": noise}
+
+
+def _zeros(prob):
+    return [[[0.0] * len(p) for p in grp] for grp in prob["init"]]
+
+
+def _grad_floats(prob, t, gi, pi, x):
+    n = prob["noise"][t][gi][pi]
+    if n is None:
+        return None
+    c, tg = prob["curv"][gi][pi], prob["target"][gi][pi]
+    return [2.0 * c[e] * (x[e] - tg[e]) + n[e] for e in range(len(x))]
+
+
+def _run_ours(cls, prob, groups_hp, model_hp, impl="loop", dtype=torch.float64):
+    params = [
+        [
+            torch.nn.Parameter(torch.tensor(v, dtype=dtype).reshape(s))
+            for v, s in zip(grp, shp, strict=True)
+        ]
+        for grp, shp in zip(prob["init"], SHAPES, strict=True)
+    ]
+    opt = cls(
+        [{"params": ps, **hp} for ps, hp in zip(params, groups_hp, strict=True)],
+        implementation=impl,
+        **model_hp,
+    )
+    ds = []
+    for t in range(STEPS):
+        for gi, ps in enumerate(params):
+            for pi, p in enumerate(ps):
+                n = prob["noise"][t][gi][pi]
+                if n is None:
+                    p.grad = None
+                    continue
+                c = torch.tensor(prob["curv"][gi][pi], dtype=torch.float64).reshape(p.shape)
+                tg = torch.tensor(prob["target"][gi][pi], dtype=torch.float64).reshape(p.shape)
+                nz = torch.tensor(n, dtype=torch.float64).reshape(p.shape)
+                p.grad = (2.0 * c * (p.detach().double() - tg) + nz).to(dtype)
+        opt.step()
+        ds.append(opt.stats()["d"])
+    return params, ds, opt
+
+
+def _compare(params, expected, ds, expected_ds):
+    worst = max(
+        (p.detach().double().flatten() - torch.tensor(e, dtype=torch.float64)).abs().max().item()
+        for ps, es in zip(params, expected, strict=True)
+        for p, e in zip(ps, es, strict=True)
+    )
+    worst_d = max(abs(a - b) / b for a, b in zip(ds, expected_ds, strict=True))
+    return worst, worst_d
+
+
+# ---------------------------------------------------------------------- references
+def reference_sgd(prob, groups_hp, d0, growth_rate):
+    """D-Adapted SGD: lambda_k = d_k lr / ||g_0||, N += lambda <g, s_k>, s += lambda g,
+    z -= lambda g, x = beta x + (1 - beta) z, d_hat = 2 N / ||s||_2."""
+    x = [[list(p) for p in grp] for grp in prob["init"]]
+    z = [[list(p) for p in grp] for grp in prob["init"]]
+    s = [[[0.0] * len(p) for p in grp] for grp in prob["init"]]
+    seen = [[False] * len(grp) for grp in prob["init"]]
+    d, numerator, g0_sq, ds = d0, 0.0, 0.0, []
+    for t in range(STEPS):
+        grads = [[_grad_floats(prob, t, gi, pi, x[gi][pi]) for pi in range(len(grp))]
+                 for gi, grp in enumerate(x)]  # fmt: skip
+        if g0_sq == 0.0:
+            g0_sq = sum(
+                v * v
+                for gi, hp in enumerate(groups_hp)
+                if hp["lr"] > 0
+                for g in grads[gi]
+                if g is not None
+                for v in g
+            )
+        for gi, hp in enumerate(groups_hp):
+            lam = d * hp["lr"] / math.sqrt(g0_sq)
+            wd, mom = hp["weight_decay"], hp["momentum"]
+            for pi, g_list in enumerate(grads[gi]):
+                if g_list is None:
+                    continue
+                seen[gi][pi] = True
+                for e, g in enumerate(g_list):
+                    xe = x[gi][pi][e]
+                    if not hp["decoupled_weight_decay"]:
+                        g = g + wd * xe
+                    numerator += lam * g * s[gi][pi][e]
+                    s[gi][pi][e] += lam * g
+                    dwd = wd if hp["decoupled_weight_decay"] else 0.0
+                    if mom == 0.0:
+                        x[gi][pi][e] = xe - lam * dwd * xe - lam * g
+                    else:
+                        ze = z[gi][pi][e]
+                        z[gi][pi][e] = ze - lam * dwd * ze - lam * g
+                        x[gi][pi][e] = mom * xe + (1 - mom) * z[gi][pi][e]
+        s_sq = sum(v * v for gi, grp in enumerate(s) for pi, p in enumerate(grp)
+                   if seen[gi][pi] for v in p)  # fmt: skip
+        if s_sq > 0:
+            d_hat = 2 * numerator / math.sqrt(s_sq)
+            d = max(d, min(d_hat, growth_rate * d))
+        ds.append(d)
+    return x, ds
+
+
+def reference_adam(prob, groups_hp, d0, growth_rate, betas, bias_correction):
+    """D-Adapted Adam, published form: dlr = d lr bc; r = sqrt(b2) r + (1 - sqrt(b2)) dlr
+    <g, s/(sqrt(v)+eps)>; m = b1 m + (1-b1) dlr g; v = b2 v + (1-b2) g^2; s = sqrt(b2) s +
+    (1 - sqrt(b2)) dlr g; d_hat = r / ((1 - sqrt(b2)) ||s||_1); x -= m / (sqrt(v) + eps)."""
+    b1, b2 = betas
+    b3 = math.sqrt(b2)
+    x = [[list(p) for p in grp] for grp in prob["init"]]
+    m, v, s = (_zeros(prob) for _ in range(3))
+    seen = [[False] * len(grp) for grp in prob["init"]]
+    d, r, ds = d0, 0.0, []
+    for k in range(STEPS):
+        grads = [[_grad_floats(prob, k, gi, pi, x[gi][pi]) for pi in range(len(grp))]
+                 for gi, grp in enumerate(x)]  # fmt: skip
+        bc = math.sqrt(1 - b2 ** (k + 1)) / (1 - b1 ** (k + 1)) if bias_correction else 1.0
+        acc = 0.0
+        for gi, hp in enumerate(groups_hp):
+            dlr = d * hp["lr"] * bc
+            wd, eps = hp["weight_decay"], hp["eps"]
+            for pi, g_list in enumerate(grads[gi]):
+                if g_list is None:
+                    continue
+                seen[gi][pi] = True
+                for e, g in enumerate(g_list):
+                    xe = x[gi][pi][e]
+                    if not hp["decoupled_weight_decay"]:
+                        g = g + wd * xe
+                    acc += dlr * g * s[gi][pi][e] / (math.sqrt(v[gi][pi][e]) + eps)
+                    m[gi][pi][e] = b1 * m[gi][pi][e] + (1 - b1) * dlr * g
+                    v[gi][pi][e] = b2 * v[gi][pi][e] + (1 - b2) * g * g
+                    s[gi][pi][e] = b3 * s[gi][pi][e] + (1 - b3) * dlr * g
+                    if hp["decoupled_weight_decay"]:
+                        xe = xe - dlr * wd * xe
+                    x[gi][pi][e] = xe - m[gi][pi][e] / (math.sqrt(v[gi][pi][e]) + eps)
+        r = b3 * r + (1 - b3) * acc
+        l1 = sum(abs(u) for gi, grp in enumerate(s) for pi, p in enumerate(grp)
+                 if seen[gi][pi] for u in p)  # fmt: skip
+        if l1 > 0:
+            d = max(d, min(r / ((1 - b3) * l1), growth_rate * d))
+        ds.append(d)
+    return x, ds
+
+
+def reference_adagrad(prob, groups_hp, d0, growth_rate):
+    """D-Adapted AdaGrad (dual averaging): alpha += g^2; s += d lr g; x = x0 - s / (sqrt(alpha)
+    + eps); d_hat = (sum s^2/(sqrt(alpha)+eps) - sum_k (d lr)^2 g^2/(sqrt(alpha)+eps)) / ||s||_1."""
+    x0 = [[list(p) for p in grp] for grp in prob["init"]]
+    x = [[list(p) for p in grp] for grp in prob["init"]]
+    s = [[[0.0] * len(p) for p in grp] for grp in prob["init"]]
+    alpha = [[[hp["initial_accumulator_value"]] * len(p) for p in grp]
+             for grp, hp in zip(prob["init"], groups_hp, strict=True)]  # fmt: skip
+    seen = [[False] * len(grp) for grp in prob["init"]]
+    d, gsq_weighted, ds = d0, 0.0, []
+    for k in range(STEPS):
+        grads = [[_grad_floats(prob, k, gi, pi, x[gi][pi]) for pi in range(len(grp))]
+                 for gi, grp in enumerate(x)]  # fmt: skip
+        for gi, hp in enumerate(groups_hp):
+            dlr = d * hp["lr"]
+            wd, eps, mom = hp["weight_decay"], hp["eps"], hp["momentum"]
+            for pi, g_list in enumerate(grads[gi]):
+                if g_list is None:
+                    continue
+                seen[gi][pi] = True
+                for e, g in enumerate(g_list):
+                    xe = x[gi][pi][e]
+                    g = g + wd * xe
+                    alpha[gi][pi][e] += g * g
+                    w = math.sqrt(alpha[gi][pi][e]) + eps
+                    gsq_weighted += dlr * dlr * g * g / w
+                    s[gi][pi][e] += dlr * g
+                    z = x0[gi][pi][e] - s[gi][pi][e] / w
+                    x[gi][pi][e] = z if mom == 0 else mom * xe + (1 - mom) * z
+        sksq = 0.0
+        l1 = 0.0
+        for gi, hp in enumerate(groups_hp):
+            for pi, p in enumerate(s[gi]):
+                if seen[gi][pi]:
+                    for e, u in enumerate(p):
+                        sksq += u * u / (math.sqrt(alpha[gi][pi][e]) + hp["eps"])
+                        l1 += abs(u)
+        if l1 > 0:
+            d = max(d, min((sksq - gsq_weighted) / l1, growth_rate * d))
+        ds.append(d)
+    return x, ds
+
+
+def reference_prodigy(prob, groups_hp, d0, growth_rate, betas, bias_correction, safeguard, coef):
+    """Prodigy, Adam form: m = b1 m + (1-b1) d g; v = b2 v + (1-b2) d^2 g^2; r = b3 r + (d/d0)
+    dlr <g, x0 - x>; s = b3 s + (d/d0) dlr g (safeguard: (d/d0) d g); d_hat = coef r / ||s||_1;
+    d_max = max(d_max, d_hat); d = min(d_max, growth d); x -= dlr m / (sqrt(v) + d eps)."""
+    b1, b2 = betas
+    b3 = math.sqrt(b2)
+    x0 = [[list(p) for p in grp] for grp in prob["init"]]
+    x = [[list(p) for p in grp] for grp in prob["init"]]
+    m, v, s = (_zeros(prob) for _ in range(3))
+    seen = [[False] * len(grp) for grp in prob["init"]]
+    d, d_max, r, ds = d0, d0, 0.0, []
+    for k in range(STEPS):
+        grads = [[_grad_floats(prob, k, gi, pi, x[gi][pi]) for pi in range(len(grp))]
+                 for gi, grp in enumerate(x)]  # fmt: skip
+        bc = math.sqrt(1 - b2 ** (k + 1)) / (1 - b1 ** (k + 1)) if bias_correction else 1.0
+        acc = 0.0
+        for gi, hp in enumerate(groups_hp):
+            dlr = d * hp["lr"] * bc
+            wd, eps = hp["weight_decay"], hp["eps"]
+            s_w = (d / d0) * d * (hp["lr"] > 0) if safeguard else (d / d0) * dlr
+            for pi, g_list in enumerate(grads[gi]):
+                if g_list is None:
+                    continue
+                seen[gi][pi] = True
+                for e, g in enumerate(g_list):
+                    xe = x[gi][pi][e]
+                    if not hp["decoupled_weight_decay"]:
+                        g = g + wd * xe
+                    acc += (d / d0) * dlr * g * (x0[gi][pi][e] - xe)
+                    m[gi][pi][e] = b1 * m[gi][pi][e] + (1 - b1) * d * g
+                    v[gi][pi][e] = b2 * v[gi][pi][e] + (1 - b2) * d * d * g * g
+                    s[gi][pi][e] = b3 * s[gi][pi][e] + s_w * g
+                    if hp["decoupled_weight_decay"]:
+                        xe = xe - dlr * wd * xe
+                    x[gi][pi][e] = xe - dlr * m[gi][pi][e] / (math.sqrt(v[gi][pi][e]) + d * eps)
+        r = b3 * r + acc
+        l1 = sum(abs(u) for gi, grp in enumerate(s) for pi, p in enumerate(grp)
+                 if seen[gi][pi] for u in p)  # fmt: skip
+        if l1 > 0:
+            d_max = max(d_max, coef * r / l1)
+            d = max(d, min(d_max, growth_rate * d))
+        ds.append(d)
+    return x, ds
+
+
+# ---------------------------------------------------------------------- reference tests
+def _groups(decoupled, **extra):
+    return [
+        dict(lr=1.0, weight_decay=0.1, decoupled_weight_decay=decoupled, **extra),
+        dict(lr=0.5, weight_decay=0.0, decoupled_weight_decay=decoupled, **extra),
+    ]
+
+
+TOL = 1e-5
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9], ids=["no_momentum", "momentum"])
+@pytest.mark.parametrize("decoupled", [False, True], ids=["coupled_wd", "decoupled_wd"])
+@pytest.mark.parametrize("growth_rate", [math.inf, 1.5], ids=["growth_inf", "growth_1.5"])
+def test_sgd_matches_reference(momentum, decoupled, growth_rate):
+    prob = _make_problem()
+    hp = _groups(decoupled, momentum=momentum)
+    expected, expected_ds = reference_sgd(prob, hp, D0, growth_rate)
+    params, ds, _ = _run_ours(DAdaptSGD, prob, hp, {"d0": D0, "growth_rate": growth_rate})
+    worst, worst_d = _compare(params, expected, ds, expected_ds)
+    print(f"max |x - x_ref| {worst:.1e}, max rel d diff {worst_d:.1e}, d_30 {ds[-1]:.3g}")
+    assert worst <= TOL, f"max abs difference {worst:.2e}"
+    assert worst_d <= TOL, f"max relative difference of d {worst_d:.2e}"
+    assert ds[-1] > 100 * D0, f"d grew only to {ds[-1]:.3g}: the test would not exercise it"
+
+
+@pytest.mark.parametrize("bias_correction", [True, False], ids=["bc", "no_bc"])
+@pytest.mark.parametrize("decoupled", [False, True], ids=["coupled_wd", "decoupled_wd"])
+@pytest.mark.parametrize("growth_rate", [math.inf, 1.5], ids=["growth_inf", "growth_1.5"])
+def test_adam_matches_reference(bias_correction, decoupled, growth_rate):
+    prob = _make_problem()
+    hp = [dict(g, eps=e) for g, e in zip(_groups(decoupled), (1e-8, 1e-3), strict=True)]
+    betas = (0.8, 0.99)
+    expected, expected_ds = reference_adam(prob, hp, D0, growth_rate, betas, bias_correction)
+    model = {"d0": D0, "growth_rate": growth_rate, "betas": betas}
+    model["use_bias_correction"] = bias_correction
+    params, ds, _ = _run_ours(DAdaptAdam, prob, hp, model)
+    worst, worst_d = _compare(params, expected, ds, expected_ds)
+    print(f"max |x - x_ref| {worst:.1e}, max rel d diff {worst_d:.1e}, d_30 {ds[-1]:.3g}")
+    assert worst <= TOL, f"max abs difference {worst:.2e}"
+    assert worst_d <= TOL, f"max relative difference of d {worst_d:.2e}"
+    assert ds[-1] > 10 * D0, f"d grew only to {ds[-1]:.3g}"
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.5], ids=["no_momentum", "momentum"])
+@pytest.mark.parametrize("growth_rate", [math.inf, 1.5], ids=["growth_inf", "growth_1.5"])
+def test_adagrad_matches_reference(momentum, growth_rate):
+    """Weight decay is coupled only for AdaGrad (x is recomputed from x0 each step)."""
+    prob = _make_problem()
+    hp = [
+        dict(lr=1.0, weight_decay=0.1, eps=1e-6, momentum=momentum, initial_accumulator_value=1e-6),
+        dict(lr=0.5, weight_decay=0.0, eps=1e-3, momentum=momentum, initial_accumulator_value=0.1),
+    ]
+    expected, expected_ds = reference_adagrad(prob, hp, D0, growth_rate)
+    params, ds, _ = _run_ours(DAdaptAdaGrad, prob, hp, {"d0": D0, "growth_rate": growth_rate})
+    worst, worst_d = _compare(params, expected, ds, expected_ds)
+    print(f"max |x - x_ref| {worst:.1e}, max rel d diff {worst_d:.1e}, d_30 {ds[-1]:.3g}")
+    assert worst <= TOL, f"max abs difference {worst:.2e}"
+    assert worst_d <= TOL, f"max relative difference of d {worst_d:.2e}"
+    assert ds[-1] > 10 * D0, f"d grew only to {ds[-1]:.3g}"
+
+
+@pytest.mark.parametrize(
+    "bias_correction, safeguard, coef",
+    [(True, False, 1.0), (False, False, 1.0), (True, True, 0.5)],
+    ids=["bc", "no_bc", "bc_safeguard_coef0.5"],
+)
+@pytest.mark.parametrize("decoupled", [False, True], ids=["coupled_wd", "decoupled_wd"])
+@pytest.mark.parametrize("growth_rate", [math.inf, 1.5], ids=["growth_inf", "growth_1.5"])
+def test_prodigy_matches_reference(bias_correction, safeguard, coef, decoupled, growth_rate):
+    prob = _make_problem()
+    hp = [dict(g, eps=e) for g, e in zip(_groups(decoupled), (1e-8, 1e-3), strict=True)]
+    betas = (0.8, 0.99)
+    expected, expected_ds = reference_prodigy(
+        prob, hp, D0, growth_rate, betas, bias_correction, safeguard, coef
+    )
+    model = {"d0": D0, "growth_rate": growth_rate, "betas": betas, "d_coef": coef}
+    model |= {"use_bias_correction": bias_correction, "safeguard_warmup": safeguard}
+    params, ds, _ = _run_ours(Prodigy, prob, hp, model)
+    worst, worst_d = _compare(params, expected, ds, expected_ds)
+    print(f"max |x - x_ref| {worst:.1e}, max rel d diff {worst_d:.1e}, d_30 {ds[-1]:.3g}")
+    assert worst <= TOL, f"max abs difference {worst:.2e}"
+    assert worst_d <= TOL, f"max relative difference of d {worst_d:.2e}"
+    assert ds[-1] > 10 * D0, f"d grew only to {ds[-1]:.3g}"
+
+
+# ---------------------------------------------------------------------- code paths
+VARIANTS = {
+    "dadapt_sgd": (DAdaptSGD, {}),
+    "dadapt_sgd_momentum": (DAdaptSGD, {"momentum": 0.9}),
+    "dadapt_adam": (DAdaptAdam, {}),
+    "dadapt_adagrad": (DAdaptAdaGrad, {"momentum": 0.5}),
+    "prodigy": (Prodigy, {}),
+}
+
+
+def test_compiled_kernels_match_the_loop_fp32():
+    """The compiled per-tensor kernels (one compile per optimizer, shared by every shape and by
+    both weight-decay modes) against the eager loop, fp32, 12 steps, two groups."""
+    torch.manual_seed(3)
+    shapes = [(130, 130), (96, 33), (33,), (4, 5, 6), (1,)]  # one unpacked, four packed
+    init = [torch.randn(s) for s in shapes]
+    targets = [torch.randn(s) for s in shapes]
+    worst = {}
+    for name, (cls, extra) in VARIANTS.items():
+        finals = {}
+        for impl in ("loop", "compiled"):
+            ps = [torch.nn.Parameter(x.clone()) for x in init]
+            wd_mode = {} if cls is DAdaptAdaGrad else {"decoupled_weight_decay": True}
+            groups = [
+                {"params": ps[:2], "weight_decay": 0.1, **wd_mode},
+                {"params": ps[2:], "weight_decay": 0.05, "lr": 0.5},
+            ]
+            opt = cls(groups, d0=1e-3, implementation=impl, **extra)
+            for _ in range(12):
+                for p, t in zip(ps, targets, strict=True):
+                    p.grad = p.detach() - t
+                opt.step()
+            finals[impl] = ([p.detach().clone() for p in ps], opt.stats()["d"])
+        (pl, dl), (pc, dc) = finals["loop"], finals["compiled"]
+        diff = max(
+            ((a - b).abs() / (1 + a.abs())).max().item() for a, b in zip(pl, pc, strict=True)
+        )
+        worst[name] = (diff, abs(dl - dc) / dl)
+    print({k: f"{v[0]:.1e}/{v[1]:.1e}" for k, v in worst.items()})
+    for name, (diff, ddiff) in worst.items():
+        assert diff <= 1e-5, f"{name}: compiled differs from loop by {diff:.2e}"
+        assert ddiff <= 1e-5, f"{name}: d differs by {ddiff:.2e} (relative)"
+
+
+# ---------------------------------------------------------------------- behaviour
+def _logistic_problem(seed=0, n=128, p=12):
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, p, generator=gen, dtype=torch.float64)
+    a = a * torch.linspace(0.5, 2.0, p, dtype=torch.float64)
+    w = torch.randn(p, generator=gen, dtype=torch.float64) * 3
+    y = (torch.sigmoid(a @ w / 3) > torch.rand(n, generator=gen, dtype=torch.float64)).double()
+
+    def loss(x):
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(a @ x, y)
+        return bce + 0.5e-2 * (x * x).sum()
+
+    x = torch.zeros(p, dtype=torch.float64, requires_grad=True)
+    lbfgs = torch.optim.LBFGS([x], max_iter=200, tolerance_grad=1e-14, tolerance_change=1e-16,
+                              line_search_fn="strong_wolfe")  # fmt: skip
+
+    def closure():
+        lbfgs.zero_grad()
+        value = loss(x)
+        value.backward()
+        return value
+
+    for _ in range(3):
+        lbfgs.step(closure)
+    return loss, x.detach()
+
+
+def _least_squares_problem(seed=0, n=128, p=12):
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, p, generator=gen, dtype=torch.float64)
+    a = a * torch.linspace(0.5, 2.0, p, dtype=torch.float64)
+    b = a @ (torch.randn(p, generator=gen, dtype=torch.float64) * 3)
+    b = b + 0.5 * torch.randn(n, generator=gen, dtype=torch.float64)
+    return (lambda x: 0.5 * ((a @ x - b) ** 2).mean()), torch.linalg.lstsq(a, b).solution
+
+
+def _minimise(loss, x_star, cls, d0, steps, schedule, **kw):
+    x = torch.zeros_like(x_star, requires_grad=True)
+    opt = cls([x], d0=d0, implementation="loop", **kw)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1 - t / steps) if schedule else None
+    for _ in range(steps):
+        opt.zero_grad()
+        loss(x).backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+    return x.detach(), opt.stats()
+
+
+@pytest.mark.parametrize("d0", [1e-6, 1e-4, 1e-2])
+@pytest.mark.parametrize("problem", ["least_squares", "logistic"])
+def test_sgd_finds_the_distance_to_the_solution(problem, d0):
+    """Measured (d0 1e-6..1e-2, 600 steps, constant lr): d / ||x0 - x*|| = 0.90 (least squares),
+    0.95 (logistic); loss within 1e-12 of the optimum. d never exceeds the true distance here."""
+    loss, x_star = _least_squares_problem() if problem == "least_squares" else _logistic_problem()
+    distance = x_star.norm().item()  # x0 = 0
+    x, stats = _minimise(loss, x_star, DAdaptSGD, d0, 600, schedule=False)
+    ratio = stats["d"] / distance
+    gap = loss(x).item() / loss(x_star).item() - 1
+    assert 0.5 <= ratio <= 1.0 + 1e-9, f"d / ||x0 - x*|| = {ratio:.3f}"
+    assert gap <= 0.01, f"final loss {gap:.2e} above the optimum (relative)"
+
+
+@pytest.mark.parametrize("d0", [1e-6, 1e-4, 1e-2])
+@pytest.mark.parametrize(
+    "cls, steps, schedule",
+    [(DAdaptAdam, 400, True), (Prodigy, 400, True), (DAdaptAdaGrad, 1000, False)],
+    ids=["dadapt_adam", "prodigy", "dadapt_adagrad"],
+)
+def test_adaptive_variants_reach_the_optimum_untuned(cls, steps, schedule, d0):
+    """Logistic regression with default hyperparameters. Adam-type steps with a constant lr keep
+    oscillating around a full-batch optimum, so those runs use the Trainer's default linear
+    decay to 0 (measured gap ~1e-15); AdaGrad's own accumulators shrink its step (constant lr,
+    1000 steps, since it adapts d slowly: gap ~1e-8 from d0=1e-2, 2e-3 from d0=1e-6)."""
+    loss, x_star = _logistic_problem()
+    x, stats = _minimise(loss, x_star, cls, d0, steps, schedule)
+    gap = loss(x).item() / loss(x_star).item() - 1
+    assert gap <= 0.01, f"{cls.__name__} (d0={d0:g}): final loss {gap:.2e} above the optimum"
+    assert stats["d"] > 10 * d0 or stats["d"] > 0.1, f"d stayed at {stats['d']:.3g}"
+
+
+@pytest.mark.parametrize("name", ["dadapt_sgd", "dadapt_adam", "dadapt_adagrad", "prodigy"])
+def test_trainer_group_split_does_not_change_d(name):
+    """One group, or the Trainer's decay / no-decay split with weight decay 0: the same d at every
+    one of 40 steps. fp64, because only the order of the partial sums differs and fp32 rounding
+    of that order alone moves d by ~1e-5 relative over 40 steps of DAdaptSGD."""
+
+    def run(split):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(
+            torch.nn.Linear(6, 16), torch.nn.LayerNorm(16), torch.nn.Tanh(), torch.nn.Linear(16, 3)
+        ).double()
+        named = list(model.named_parameters())
+        if split:
+            decay = [p for n, p in named if n.endswith("weight") and p.dim() > 1]
+            rest = [p for n, p in named if not (n.endswith("weight") and p.dim() > 1)]
+            groups = [{"params": decay, "weight_decay": 0.0}, {"params": rest}]
+        else:
+            groups = [{"params": [p for _, p in named]}]
+        opt = create_optimizer(name, groups)
+        gen = torch.Generator().manual_seed(1)
+        x = torch.randn(64, 6, generator=gen, dtype=torch.float64)
+        y = torch.randint(0, 3, (64,), generator=gen)
+        ds = []
+        for _ in range(40):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            ds.append(opt.stats()["d"])
+        return torch.tensor(ds, dtype=torch.float64)
+
+    one, two = run(False), run(True)
+    rel = ((one - two).abs() / one).max().item()
+    assert rel <= 1e-12, f"{name}: d sequences differ by {rel:.2e} (relative)"
+    assert one[-1] > 100 * one[0], f"{name}: d did not grow ({one[0]:.2g} -> {one[-1]:.2g})"
+
+
+@pytest.mark.parametrize("name", ["dadapt_sgd", "dadapt_adam", "dadapt_adagrad", "prodigy"])
+def test_group_with_lr_zero_is_frozen_and_left_out_of_d(name):
+    def run(with_frozen):
+        torch.manual_seed(0)
+        live = torch.nn.Parameter(torch.randn(8))
+        frozen = torch.nn.Parameter(torch.randn(5))
+        groups = [{"params": [live]}]
+        if with_frozen:
+            groups.append({"params": [frozen], "lr": 0.0, "weight_decay": 0.1})
+        opt = create_optimizer(name, groups, d0=1e-3)
+        start = frozen.detach().clone()
+        ds = []
+        for t in range(15):
+            live.grad = live.detach() - 2.0
+            frozen.grad = torch.full((5,), 3.0 + t)
+            opt.step()
+            ds.append(opt.stats()["d"])
+        assert torch.equal(frozen.detach(), start) or not with_frozen
+        return ds
+
+    assert run(True) == run(False)
+
+
+# ---------------------------------------------------------------------- robustness
+@pytest.mark.parametrize("name", ["dadapt_sgd", "dadapt_adam", "dadapt_adagrad", "prodigy"])
+def test_nonfinite_step_leaves_d_and_numerator_unchanged(name):
+    p = torch.nn.Parameter(torch.randn(6))
+    opt = create_optimizer(name, [p], d0=1e-3)
+    for _ in range(5):
+        p.grad = p.detach() - 1.0
+        opt.step()
+    before = {k: v.clone() for k, v in opt.global_state.items() if k != "skipped_steps"}
+    stats_before = opt.stats()
+    p.grad = torch.tensor([1.0, float("nan"), 0.0, 0.0, float("inf"), 0.0])
+    with pytest.warns(RuntimeWarning, match="NaN or Inf"):
+        opt.step()
+    for k, v in before.items():
+        assert torch.equal(opt.global_state[k], v), f"{name}: {k} changed on a skipped step"
+    after = opt.stats()
+    assert after["d"] == stats_before["d"] and after["skipped_steps"] == 1.0
+
+
+@pytest.mark.parametrize(
+    "cls, kwargs, match",
+    [
+        (DAdaptSGD, {"d0": 0.0}, "d0"),
+        (DAdaptSGD, {"d0": -1e-6}, "d0"),
+        (DAdaptSGD, {"growth_rate": 0.5}, "growth_rate"),
+        (DAdaptSGD, {"lr": -1.0}, "lr"),
+        (DAdaptSGD, {"momentum": 1.0}, "momentum"),
+        (DAdaptSGD, {"weight_decay": -0.1}, "weight_decay"),
+        (DAdaptAdam, {"betas": (1.0, 0.999)}, r"betas\[0\]"),
+        (DAdaptAdam, {"betas": (0.9, 1.5)}, r"betas\[1\]"),
+        (DAdaptAdam, {"eps": 0.0}, "eps"),
+        (DAdaptAdam, {"growth_rate": 0.99}, "growth_rate"),
+        (DAdaptAdam, {"lr": -0.1}, "lr"),
+        (DAdaptAdaGrad, {"eps": -1.0}, "eps"),
+        (DAdaptAdaGrad, {"initial_accumulator_value": -1.0}, "initial_accumulator_value"),
+        (DAdaptAdaGrad, {"d0": float("nan")}, "d0"),
+        (Prodigy, {"beta3": 1.0}, "beta3"),
+        (Prodigy, {"d_coef": 0.0}, "d_coef"),
+        (Prodigy, {"betas": (0.9,)}, "betas"),
+        (Prodigy, {"implementation": "fast"}, "implementation"),
+        (Prodigy, {"global_reduce": "everywhere"}, "global_reduce"),
+    ],
+)
+def test_bad_hyperparameters_name_the_problem(cls, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        cls([torch.nn.Parameter(torch.zeros(2))], **kwargs)
+
+
+def test_model_wide_hyperparameters_must_agree_across_groups():
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match=r"d0=0\.001 in a param group differs"):
+        DAdaptAdam([{"params": [a]}, {"params": [b], "d0": 1e-3}])
+    opt = Prodigy([{"params": [a]}])
+    with pytest.raises(ValueError, match="betas"):
+        opt.add_param_group({"params": [b], "betas": (0.5, 0.9)})
+    with pytest.raises(ValueError, match="Invalid lr"):
+        opt.add_param_group({"params": [b], "lr": -1.0})
+    opt.add_param_group({"params": [b], "lr": 0.1, "weight_decay": 0.5})  # per-group: fine
+    assert opt.param_groups[1]["lr"] == 0.1
+
+
+def test_bool_flags_reject_non_bool():
+    with pytest.raises(TypeError, match="use_bias_correction"):
+        DAdaptAdam([torch.nn.Parameter(torch.zeros(2))], use_bias_correction=1)
+
+
+def test_maximize_equals_minimizing_the_negated_gradient():
+    for cls in (DAdaptSGD, DAdaptAdam, DAdaptAdaGrad, Prodigy):
+        p1 = torch.nn.Parameter(torch.ones(4))
+        p2 = torch.nn.Parameter(torch.ones(4))
+        o1, o2 = cls([p1], d0=1e-2), cls([p2], d0=1e-2, maximize=True)
+        for t in range(5):
+            g = torch.arange(4.0) - t
+            p1.grad, p2.grad = g.clone(), -g
+            o1.step()
+            o2.step()
+        assert torch.equal(p1, p2), cls.__name__
+        assert o1.stats()["d"] == o2.stats()["d"]
+
+
+def test_stats_report_the_effective_step():
+    p = torch.nn.Parameter(torch.randn(5))
+    sgd = DAdaptSGD([p], lr=0.5, d0=1e-2)
+    p.grad = torch.tensor([3.0, 0.0, 4.0, 0.0, 0.0])
+    sgd.step()
+    st = sgd.stats()
+    assert st["g0_norm"] == pytest.approx(5.0)
+    assert st["d_lr"] == pytest.approx(st["d"] * 0.5 / 5.0)
+    assert {"numerator", "s_norm", "step", "skipped_steps"} <= st.keys()
+
+    adam = DAdaptAdam([p], lr=0.5, d0=1e-2, betas=(0.9, 0.99))
+    p.grad = torch.ones(5)
+    adam.step()
+    st = adam.stats()  # after 1 step: bias correction of step 2 = sqrt(1-.99^2)/(1-.9^2)
+    bc = math.sqrt(1 - 0.99**2) / (1 - 0.9**2)
+    assert st["bias_correction"] == pytest.approx(bc)
+    assert st["d_lr"] == pytest.approx(st["d"] * 0.5 * bc)
+    assert {"numerator", "s_l1", "d_hat"} <= st.keys()
+    off = DAdaptAdam([p], use_bias_correction=False).stats()
+    assert off["bias_correction"] == 1.0 and off["d"] == 1e-6
+
+
+@pytest.mark.parametrize(
+    "cls, kwargs",
+    [(DAdaptSGD, {"momentum": 0.9}), (Prodigy, {"safeguard_warmup": True, "growth_rate": 1.1}),
+     (DAdaptAdaGrad, {"momentum": 0.5})],
+    ids=["sgd_momentum", "prodigy_safeguard", "adagrad_momentum"],
+)  # fmt: skip
+def test_resume_is_bit_identical(cls, kwargs, tmp_path):
+    """The registry-wide contract test covers the defaults; these are the non-default states
+    (z, d_max under a growth cap, x0 with momentum)."""
+    torch.manual_seed(0)
+    init = torch.randn(7)
+    grads = [torch.randn(7) for _ in range(12)]
+
+    def run(resume_at=None):
+        p = torch.nn.Parameter(init.clone())
+        opt = cls([p], d0=1e-3, **kwargs)
+        for t, g in enumerate(grads):
+            if t == resume_at:
+                torch.save({"p": p.detach(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
+                ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+                p = torch.nn.Parameter(ckpt["p"].clone())
+                opt = cls([p], d0=1e-3, **kwargs)
+                opt.load_state_dict(ckpt["opt"])
+            p.grad = g + p.detach()
+            opt.step()
+        return p.detach(), opt.stats()
+
+    (pa, sa), (pb, sb) = run(), run(resume_at=6)
+    assert torch.equal(pa, pb)
+    assert sa == sb
