@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo   -> creates .venv on first use, runs the main job on the offline default
+#   make demo   -> creates .venv on first use, runs the main job (hf-tuningfree compare) offline
 #   make test   -> creates .venv on first use, runs the whole test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml constraints.txt hf_tuningfree/asset_packages.py
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m hf_tuningfree.cli toy
+	$(PY) -m hf_tuningfree.cli compare
 
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadfile -q
