@@ -140,3 +140,16 @@ def test_a_failing_run_is_recorded_not_fatal(tmp_path):
     assert results[0]["status"] == "error"
     assert "Unknown task kind 'no-such-task'" in results[0]["error"]
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
+
+
+def test_effective_step_size_is_read_from_each_optimizers_statistics():
+    from hf_tuningfree.compare.report import curves
+
+    def result(**stats):
+        return {"log_history": [{"step": 5.0, "loss": 2.0, "learning_rate": 0.5, **stats}]}
+
+    assert curves(result(**{"optim/d_lr": 3e-4, "optim/lr": 0.5}))["step_size"] == [(5.0, 3e-4)]
+    assert curves(result(**{"optim/eta": 0.2}))["step_size"] == [(5.0, 0.2)]
+    assert curves(result(**{"optim/hyper/level0/lr": 0.01}))["step_size"] == [(5.0, 0.01)]
+    assert curves(result())["step_size"] == [(5.0, 0.5)]  # AdamW / ADOPT: the scheduled lr
+    assert curves(result())["train"] == [(5.0, 2.0)]

@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from hf_tuningfree.compare.report import Row, Verdict
+from hf_tuningfree.compare.report import Row, Verdict, curves
 
 FIGSIZE = (8, 5)
 DPI = 100
@@ -57,7 +57,7 @@ def _plot_curves(results, key: str, ylabel: str, title: str, path: Path, log_y: 
     fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
     cmap = plt.get_cmap("tab20")
     for i, r in enumerate(_seed0(results)):
-        pts = r.get(key) or []
+        pts = curves(r)[key]
         if pts:
             xs, ys = zip(*pts, strict=True)
             style = "-" if r["run"]["role"] == "tuning-free" else ":"
@@ -80,15 +80,15 @@ def plot_all(
     return {
         "plot_lr_sweep": plot_lr_sweep(rows, v, output_dir / "lr_sweep.png"),
         "plot_loss_curves": _plot_curves(
-            results, "train_curve", "training loss", "Training loss (solid: tuning-free)",
+            results, "train", "training loss", "Training loss (solid: tuning-free)",
             output_dir / "loss_curves.png", log_y=False,
         ),
         "plot_eval_curves": _plot_curves(
-            results, "eval_curve", "eval loss", "Evaluation loss",
+            results, "eval", "eval loss", "Evaluation loss",
             output_dir / "eval_curves.png", log_y=False,
         ),
         "plot_step_sizes": _plot_curves(
-            results, "step_size_curve", "effective step size",
+            results, "step_size", "effective step size",
             "Effective step size (d*lr, DoG's eta, learned lr; AdamW: the scheduled lr)",
             output_dir / "step_sizes.png", log_y=True,
         ),

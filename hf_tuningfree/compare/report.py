@@ -23,6 +23,33 @@ BEST_RATIO_GOAL = 1.01
 EVERY_RATIO_GOAL = 1.05
 
 
+#: ``optim/...`` statistics that hold an optimizer's effective step size, in order of preference:
+#: D-Adaptation/Prodigy ``d*lr``, DoG's ``eta`` (L-DoG: the median over tensors), the learned
+#: step size of hypergradient descent. Optimizers without one (AdamW, ADOPT) step by the
+#: scheduled ``learning_rate``.
+STEP_SIZE_KEYS = (
+    "optim/d_lr",
+    "optim/eta",
+    "optim/eta_median",
+    "optim/hyper/level0/lr",
+    "learning_rate",
+)
+
+
+def curves(result: dict[str, Any]) -> dict[str, list[tuple[float, float]]]:
+    """Training loss, eval loss and effective step size over steps, from a run's log history."""
+    out: dict[str, list[tuple[float, float]]] = {"train": [], "eval": [], "step_size": []}
+    for h in result.get("log_history", []):
+        if "loss" in h:
+            out["train"].append((h["step"], h["loss"]))
+            key = next((k for k in STEP_SIZE_KEYS if k in h), None)
+            if key is not None:
+                out["step_size"].append((h["step"], h[key]))
+        if "eval_loss" in h:
+            out["eval"].append((h["step"], h["eval_loss"]))
+    return out
+
+
 @dataclass
 class Row:
     """One configuration (a run, or the mean over seeds of identical runs)."""

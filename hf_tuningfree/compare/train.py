@@ -13,22 +13,17 @@ import torch
 from hf_tuningfree.compare.spec import STOCK_LR, RunSpec, TaskSpec
 from hf_tuningfree.compare.tasks import build_task
 
-#: ``stats()`` keys that hold the optimizer's effective step size, in order of preference.
-STEP_SIZE_KEYS = ("optim/lr_effective", "optim/effective_lr", "optim/eta", "optim/lr")
+_LOGGED = ("step", "loss", "eval_loss", "learning_rate")
 
 
-def _curves(log_history: list[dict[str, Any]]) -> dict[str, list[list[float]]]:
-    train, evaluation, step_size = [], [], []
-    for h in log_history:
-        step = h.get("step")
-        if "loss" in h:
-            train.append([step, float(h["loss"])])
-            key = next((k for k in STEP_SIZE_KEYS if k in h), "learning_rate")
-            if key in h:
-                step_size.append([step, float(h[key])])
-        if "eval_loss" in h:
-            evaluation.append([step, float(h["eval_loss"])])
-    return {"train_curve": train, "eval_curve": evaluation, "step_size_curve": step_size}
+def _history(log_history: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """The Trainer's log history reduced to what the report needs (losses, the scheduled
+    learning rate, the optimizer's ``optim/...`` statistics)."""
+    return [
+        {k: float(v) for k, v in h.items() if k in _LOGGED or k.startswith("optim/")}
+        for h in log_history
+        if "loss" in h or "eval_loss" in h
+    ]
 
 
 def _state_mb(optimizer: Any) -> float:
@@ -77,8 +72,8 @@ def train_and_score(task: TaskSpec, run: RunSpec, output_dir: Path) -> dict[str,
         trainer.train()
         train_seconds = time.perf_counter() - t0
         final = trainer.evaluate()
-        curves = _curves(trainer.state.log_history)
-        losses = [y for _, y in curves["train_curve"]] + [final["eval_loss"]]
+        history = _history(trainer.state.log_history)
+        losses = [h["loss"] for h in history if "loss" in h] + [final["eval_loss"]]
         diverged = any(not math.isfinite(x) for x in losses)
         result: dict[str, Any] = {
             "status": "diverged" if diverged else "ok",
@@ -92,7 +87,7 @@ def train_and_score(task: TaskSpec, run: RunSpec, output_dir: Path) -> dict[str,
             "train_seconds": train_seconds,
             "optimizer_state_mb": _state_mb(unwrap_optimizer(trainer.optimizer)),
             "averaged": trainer.averager is not None,
-            **curves,
+            "log_history": history,
         }
         stats = getattr(unwrap_optimizer(trainer.optimizer), "stats", None)
         result["final_stats"] = stats() if stats else {}
