@@ -18,41 +18,16 @@ needs nothing from the parent but the exceptions ``torch.multiprocessing.spawn``
 
 from __future__ import annotations
 
-import datetime
-import os
-import socket
-
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from dist_helpers import WORLD, CountCollectives, process_group, shard_fsdp2, spawn
 
 from hf_tuningfree.optim import create_optimizer
 
 NAMES = ["dadapt_sgd", "dadapt_adam", "dadapt_adagrad", "prodigy"]
 STEPS = 10
-WORLD = 2
 REL = 1e-5
 D0 = 1e-3
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn(fn) -> None:
-    mp.spawn(fn, args=(WORLD, _free_port()), nprocs=WORLD, join=True)
-
-
-def _init(rank: int, world: int, port: int) -> None:
-    torch.set_num_threads(1)
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    # A rank that skipped a collective would make the other wait: fail fast instead of hanging.
-    dist.init_process_group(
-        "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=30)
-    )
 
 
 def _model(out: int = 1) -> torch.nn.Module:
@@ -104,22 +79,17 @@ def _reference(name: str):
     return ds, [p.detach().clone() for p in model.parameters()]
 
 
-class _CountCollectives:
-    """Counts ``dist.all_reduce`` calls while active."""
-
-    def __enter__(self):
-        self.count = 0
-        self._orig = dist.all_reduce
-
-        def counting(*args, **kwargs):
-            self.count += 1
-            return self._orig(*args, **kwargs)
-
-        dist.all_reduce = counting
-        return self
-
-    def __exit__(self, *exc):
-        dist.all_reduce = self._orig
+def _train(name, model, opt, x, y, collectives: int, label: str) -> list[float]:
+    """``STEPS`` steps on ``(x, y)``, each making ``collectives`` all-reduces: ``d`` per step."""
+    ds = []
+    for _ in range(STEPS):
+        opt.zero_grad()
+        _loss(model, x, y).backward()
+        with CountCollectives() as counter:
+            opt.step()
+        assert counter.count == collectives, f"{label} {name}: {counter.count} collectives"
+        ds.append(opt.stats()["d"])
+    return ds
 
 
 def _check(name, rank, ds, ref_ds, params, ref_params, label):
@@ -142,10 +112,9 @@ def _check(name, rank, ds, ref_ds, params, ref_params, label):
 # ---------------------------------------------------------------------- FSDP2 and FSDP1
 def _fsdp_worker(rank: int, world: int, port: int) -> None:
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+    from torch.distributed.fsdp import FullyShardedDataParallel
 
-    _init(rank, world, port)
-    try:
+    with process_group(rank, world, port):
         mesh = init_device_mesh("cpu", (world,))
         x, y = _data()
         local = slice(rank * 16, (rank + 1) * 16)  # each rank its half of the batch
@@ -153,20 +122,10 @@ def _fsdp_worker(rank: int, world: int, port: int) -> None:
             ref_ds, ref_params = _reference(name)
 
             # FSDP2: DTensor parameters with Shard(0) placements
-            model = _model()
-            for layer in model:
-                if isinstance(layer, torch.nn.Linear):
-                    fully_shard(layer, mesh=mesh)
-            fully_shard(model, mesh=mesh)
+            model = shard_fsdp2(_model(), mesh)
             opt = create_optimizer(name, model.parameters(), d0=D0, **_opt_kwargs(name))
-            ds = []
-            for _ in range(STEPS):
-                opt.zero_grad()
-                _loss(model, x[local], y[local]).backward()  # FSDP2 averages the gradients
-                with _CountCollectives() as counter:
-                    opt.step()
-                assert counter.count == 1, f"FSDP2 {name}: {counter.count} collectives per step"
-                ds.append(opt.stats()["d"])
+            # FSDP2 averages the gradients; the optimizer completes its sums in one collective
+            ds = _train(name, model, opt, x[local], y[local], 1, "FSDP2")
             params = [p.full_tensor() for p in model.parameters()]
             _check(name, rank, ds, ref_ds, params, ref_params, "FSDP2")
 
@@ -181,32 +140,22 @@ def _fsdp_worker(rank: int, world: int, port: int) -> None:
                 assert all(getattr(p, "_fsdp_flattened", False) for p in model.parameters())
                 if orig and rank == 0:
                     assert any(p.numel() == 0 for p in model.parameters()), "no empty shard"
-                ds = []
-                for _ in range(STEPS):
-                    opt.zero_grad()
-                    _loss(model, x[local], y[local]).backward()
-                    with _CountCollectives() as counter:
-                        opt.step()
-                    assert counter.count == 1, f"FSDP1 {name}: {counter.count} collectives"
-                    ds.append(opt.stats()["d"])
+                ds = _train(name, model, opt, x[local], y[local], 1, "FSDP1")
                 with FullyShardedDataParallel.summon_full_params(model):
                     params = [p.detach().clone() for p in model.module.parameters()]
                 label = "FSDP1 use_orig_params" if orig else "FSDP1 flat"
                 _check(name, rank, ds, ref_ds, params, ref_params, label)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_fsdp2_and_fsdp1_match_one_process():
-    _spawn(_fsdp_worker)
+    spawn(_fsdp_worker)
 
 
 # ---------------------------------------------------------------------- DDP and explicit world
 def _ddp_and_world_worker(rank: int, world: int, port: int) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
-    _init(rank, world, port)
-    try:
+    with process_group(rank, world, port):
         x, y = _data()
         local = slice(rank * 16, (rank + 1) * 16)
         for name in NAMES:
@@ -215,14 +164,7 @@ def _ddp_and_world_worker(rank: int, world: int, port: int) -> None:
             # DDP: gradients arrive averaged and replicated; reducing again would double sums
             model = DistributedDataParallel(_model())
             opt = create_optimizer(name, model.parameters(), d0=D0, **_opt_kwargs(name))
-            ds = []
-            for _ in range(STEPS):
-                opt.zero_grad()
-                _loss(model, x[local], y[local]).backward()
-                with _CountCollectives() as counter:
-                    opt.step()
-                assert counter.count == 0, f"DDP {name}: {counter.count} collectives in step()"
-                ds.append(opt.stats()["d"])
+            ds = _train(name, model, opt, x[local], y[local], 0, "DDP")
             params = [p.detach() for p in model.module.parameters()]
             _check(name, rank, ds, ref_ds, params, ref_params, "DDP")
 
@@ -247,7 +189,7 @@ def _ddp_and_world_worker(rank: int, world: int, port: int) -> None:
                         for p, ow in zip(m.parameters(), owner, strict=True):
                             if ow == 1:
                                 p.grad = None
-                with _CountCollectives() as counter:
+                with CountCollectives() as counter:
                     opt.step()
                 assert counter.count == 1, f"world {name}: {counter.count} collectives per step"
                 ref_opt.step()
@@ -271,9 +213,7 @@ def _ddp_and_world_worker(rank: int, world: int, port: int) -> None:
             opt.step()
             ref.step()
         assert torch.equal(p, q) and not torch.equal(p, torch.ones_like(p)), (rank, p, q)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_ddp_and_explicit_world_reduce_match_one_process():
-    _spawn(_ddp_and_world_worker)
+    spawn(_ddp_and_world_worker)

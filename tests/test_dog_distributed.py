@@ -4,18 +4,13 @@ optimizer forms from the shards with one all-reduce per step."""
 
 from __future__ import annotations
 
-import os
-import tempfile
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from dist_helpers import process_group, shard_fsdp2, spawn_and_collect
 
 from hf_tuningfree.optim import create_optimizer
 
 STEPS = 8
-WORLD = 2
 
 
 def _model() -> torch.nn.Module:
@@ -59,30 +54,21 @@ def _train(model, opt, name, x, y, rank=0, world=1) -> list[list[float]]:
     return etas
 
 
-def _worker(rank: int, init_file: str, out_dir: str) -> None:
+def _worker(rank: int, world: int, port: int, out: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        mesh = init_device_mesh("cpu", (WORLD,))
+    with process_group(rank, world, port):
+        mesh = init_device_mesh("cpu", (world,))
         x, y = _data()
         results = {}
         for name in ("dog", "ldog"):
-            model = _model()
-            for layer in model:
-                if any(True for _ in layer.parameters()):
-                    fully_shard(layer, mesh=mesh)
-            fully_shard(model, mesh=mesh)
+            model = shard_fsdp2(_model(), mesh)
             opt = create_optimizer(name, _groups(model), reps_rel=1e-3)
-            etas = _train(model, opt, name, x, y, rank, WORLD)
+            etas = _train(model, opt, name, x, y, rank, world)
             params = [p.full_tensor().detach().clone() for p in model.parameters()]
             results[name] = {"etas": etas, "params": params}
         if rank == 0:
-            torch.save(results, os.path.join(out_dir, "fsdp.pt"))
-    finally:
-        dist.destroy_process_group()
+            torch.save(results, out)
 
 
 @pytest.mark.slow
@@ -94,10 +80,7 @@ def test_fsdp2_two_processes_equal_one_process():
         opt = create_optimizer(name, _groups(model), reps_rel=1e-3)
         etas = _train(model, opt, name, x, y)
         single[name] = {"etas": etas, "params": [p.detach().clone() for p in model.parameters()]}
-    with tempfile.TemporaryDirectory() as tmp:
-        init_file = os.path.join(tmp, "rendezvous")
-        mp.spawn(_worker, args=(init_file, tmp), nprocs=WORLD, join=True)
-        sharded = torch.load(os.path.join(tmp, "fsdp.pt"), weights_only=True)
+    sharded = spawn_and_collect(_worker)
     for name in ("dog", "ldog"):
         ours, ref = sharded[name], single[name]
         assert len(ours["etas"]) == STEPS

@@ -17,18 +17,13 @@ comparison measures the algorithm, not rounding).
 
 from __future__ import annotations
 
-import datetime
-import os
-import socket
-
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from dist_helpers import CountCollectives, process_group, shard_fsdp2, spawn
 
 from hf_tuningfree.optim import create_optimizer
 
 STEPS = 8
-WORLD = 2
 REL = 1e-9
 CONFIGS = [
     ("hyper_sgd", {"learn": "lr+momentum", "height": 3, "hyper_optimizer": "adam/sgd/adam",
@@ -36,26 +31,6 @@ CONFIGS = [
     ("hyper_adam", {"learn": "lr+beta1+beta2", "height": 2, "weight_decay": 0.01}),
     ("hyper_rmsprop", {"learn": "lr+decay", "height": 2}),  # (AdaGrad's dots are the same kind)
 ]  # fmt: skip
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn(fn) -> None:
-    mp.spawn(fn, args=(WORLD, _free_port()), nprocs=WORLD, join=True)
-
-
-def _init(rank: int, world: int, port: int) -> None:
-    torch.set_num_threads(1)
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    # A rank that skipped a collective would make the other wait: fail fast instead of hanging.
-    dist.init_process_group(
-        "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=30)
-    )
 
 
 def _model() -> torch.nn.Module:
@@ -86,10 +61,10 @@ def _groups(params_named, wd):
     ]
 
 
-def _build(name, kwargs, named):
+def _build(name, kwargs, named, **extra):
     kwargs = dict(kwargs)
     wd = kwargs.pop("weight_decay", 0.0)
-    return create_optimizer(name, _groups(named, wd), implementation="loop", **kwargs)
+    return create_optimizer(name, _groups(named, wd), implementation="loop", **kwargs, **extra)
 
 
 def _hyper(stats):
@@ -121,48 +96,32 @@ def _close(a: dict, b: dict, what: str) -> None:
         assert abs(a[k] - b[k]) <= REL * abs(b[k]) + 1e-300, f"{what} {k}: {a[k]!r} vs {b[k]!r}"
 
 
-class _CountCollectives:
-    def __enter__(self):
-        self.count = 0
-        self._orig = dist.all_reduce
-
-        def counting(*args, **kwargs):
-            self.count += 1
-            return self._orig(*args, **kwargs)
-
-        dist.all_reduce = counting
-        return self
-
-    def __exit__(self, *exc):
-        dist.all_reduce = self._orig
+def _follow(model, opt, x, y, half, ref_hist, collectives: int, what: str) -> None:
+    """``STEPS`` steps on this rank's ``half`` of each batch, each making ``collectives``
+    all-reduces; the hyperparameters after each step equal the reference's."""
+    for t in range(STEPS):
+        opt.zero_grad()
+        _loss(model, x[t][half], y[t][half]).backward()
+        with CountCollectives() as c:
+            opt.step()
+        assert c.count == collectives, f"{what}: {c.count} collectives in one step"
+        _close(_hyper(opt.stats()), ref_hist[t], f"{what} step {t}")
 
 
 # ---------------------------------------------------------------------- FSDP2 and ZeRO-like
 def _worker_sharded(rank: int, world: int, port: int) -> None:
-    _init(rank, world, port)
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
     x, y = _data()
     half = slice(rank * 16, (rank + 1) * 16)
-    try:
+    with process_group(rank, world, port):
         for name, kwargs in CONFIGS:
             # --- FSDP2: shards of every parameter, gradients averaged over the two half-batches
             ref_hist, ref_params = _reference(name, kwargs)
             mesh = init_device_mesh("cpu", (world,))
-            model = _model()
-            for layer in model:
-                if isinstance(layer, torch.nn.Linear):
-                    fully_shard(layer, mesh=mesh)
-            fully_shard(model, mesh=mesh)
+            model = shard_fsdp2(_model(), mesh)
             opt = _build(name, kwargs, model.named_parameters())
-            for t in range(STEPS):
-                opt.zero_grad()
-                _loss(model, x[t][half], y[t][half]).backward()
-                with _CountCollectives() as c:
-                    opt.step()
-                assert c.count == 1, f"{name}: {c.count} collectives in one FSDP2 step"
-                _close(_hyper(opt.stats()), ref_hist[t], f"FSDP2 {name} step {t}")
+            _follow(model, opt, x, y, half, ref_hist, 1, f"FSDP2 {name}")
             for n, p in model.named_parameters():
                 full = p.full_tensor().detach()
                 torch.testing.assert_close(full, ref_params[n], rtol=1e-9, atol=1e-12)
@@ -177,11 +136,7 @@ def _worker_sharded(rank: int, world: int, port: int) -> None:
             named = list(model.named_parameters())
             mine = [(n, p) for n, p in named if n.startswith("4.") == (rank == 1)]
             mine_names = {n for n, _ in mine}
-            kw = dict(kwargs)
-            wd = kw.pop("weight_decay", 0.0)
-            opt = create_optimizer(
-                name, _groups(mine, wd), implementation="loop", global_reduce="world", **kw
-            )
+            opt = _build(name, kwargs, mine, global_reduce="world")
             for t in range(STEPS):
                 opt.zero_grad()
                 model.zero_grad()
@@ -195,38 +150,28 @@ def _worker_sharded(rank: int, world: int, port: int) -> None:
                 _close(_hyper(opt.stats()), ref_hist[t], f"world {name} step {t} rank {rank}")
             for n, p in named:
                 torch.testing.assert_close(p.detach(), ref_params[n], rtol=1e-9, atol=1e-12)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_fsdp2_and_world_reduction_follow_one_process():
-    _spawn(_worker_sharded)
+    spawn(_worker_sharded)
 
 
 # ---------------------------------------------------------------------- DDP
 def _worker_ddp(rank: int, world: int, port: int) -> None:
-    _init(rank, world, port)
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     x, y = _data()
     half = slice(rank * 16, (rank + 1) * 16)
-    try:
+    with process_group(rank, world, port):
         for name, kwargs in CONFIGS:
             ref_hist, ref_params = _reference(name, kwargs)
             model = DDP(_model())
             opt = _build(name, kwargs, model.module.named_parameters())
-            for t in range(STEPS):
-                opt.zero_grad()
-                _loss(model, x[t][half], y[t][half]).backward()
-                with _CountCollectives() as c:
-                    opt.step()
-                assert c.count == 0, "DDP gradients are already averaged: no optimizer collective"
-                _close(_hyper(opt.stats()), ref_hist[t], f"DDP {name} step {t}")
+            # DDP gradients are already averaged: no optimizer collective
+            _follow(model, opt, x, y, half, ref_hist, 0, f"DDP {name}")
             for n, p in model.module.named_parameters():
                 torch.testing.assert_close(p.detach(), ref_params[n], rtol=1e-9, atol=1e-12)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_ddp_follows_one_process():
-    _spawn(_worker_ddp)
+    spawn(_worker_ddp)

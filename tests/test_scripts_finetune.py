@@ -85,6 +85,16 @@ def read_json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def read_results(out: Path, samples: tuple[int, int]) -> dict:
+    """``all_results.json`` after the checks every fine-tuning run passes: a finite eval loss,
+    the perplexity that goes with it, and the (train, eval) sample counts."""
+    results = read_json(out / "all_results.json")
+    assert math.isfinite(results["eval_loss"])
+    assert results["perplexity"] == pytest.approx(math.exp(results["eval_loss"]), rel=1e-12)
+    assert (results["train_samples"], results["eval_samples"]) == samples
+    return results
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     env.pop("ACCELERATE_USE_CPU", None)
@@ -103,10 +113,7 @@ def gpt2_run(tmp_path_factory):
 
 def test_gpt2_metrics_model_tokenizer_and_state_are_saved(gpt2_run):
     out = gpt2_run.output_dir
-    results = read_json(out / "all_results.json")
-    assert math.isfinite(results["eval_loss"])
-    assert results["perplexity"] == pytest.approx(math.exp(results["eval_loss"]), rel=1e-12)
-    assert (results["train_samples"], results["eval_samples"]) == (32, 8)
+    results = read_results(out, samples=(32, 8))
     assert results == {
         **read_json(out / "train_results.json"),
         **read_json(out / "eval_results.json"),
@@ -281,10 +288,7 @@ def test_lora_adapter_reloads_to_identical_logits_and_merges(lora_run):
 
 def test_lora_metrics_scores_and_card(lora_run):
     out = lora_run.output_dir
-    results = read_json(out / "all_results.json")
-    assert math.isfinite(results["eval_loss"])
-    assert results["perplexity"] == pytest.approx(math.exp(results["eval_loss"]), rel=1e-12)
-    assert (results["train_samples"], results["eval_samples"]) == (32, 16)
+    results = read_results(out, samples=(32, 16))
     scores = read_json(out / "mmlu_scores.json")
     assert scores["count"] == 24 and scores["shots"] == 1
     assert results["mmlu_accuracy"] == scores["accuracy"] == lora_run.metrics["mmlu_accuracy"]

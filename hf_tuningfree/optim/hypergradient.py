@@ -112,8 +112,8 @@ height 3 (0.05, 0.02, 0.02), (0.9, 0.99)    0.090 / 0.225    0.059 / 0.188
   against 0.29 / 0.35 for RMSProp / AdaGrad at their best fixed step), while removing almost all
   sensitivity to the start (spread 0.05-0.09 against 1.03-1.09 for plain; 1 seed).
 
-Performance (``benchmarks/step_time_hyper.py``)
------------------------------------------------
+Performance (``benchmarks/step_time.py --only hyper_sgd,hyper_adam --extra-contenders``)
+-----------------------------------------------------------------------------------------
 A step is two passes over memory. Pass 1 forms the dot products (and with them the non-finite
 check every optimizer here makes before writing anything): ``torch.dot(g, buf)`` per tensor for
 SGD; for Adam a compiled kernel per large tensor (multi-tensor ops for the small ones) that
