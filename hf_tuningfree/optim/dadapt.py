@@ -758,8 +758,8 @@ class AdamFormBase(DAdaptationBase):
     groups of ``lr <g', .>`` (the statistics pass's ``dot``); the denominator ``||s_{k+1}||_1``;
     the stats ``bias_correction`` and ``d_lr``.
 
-    A subclass implements ``_numerator_weight(d, step)`` on top of the hooks of
-    :class:`DAdaptationBase`.
+    A subclass implements ``_numerator_weight(d, step)``, ``_statistics_pass`` (whose sums are
+    ``g_sq``, ``dot``, ``s_l1``), ``_update_pass`` and ``_finish``.
     """
 
     def _validate_group(self, group: dict[str, Any]) -> None:
