@@ -55,6 +55,40 @@ def _grad_floats(prob, t, gi, pi, x):
     return [2.0 * c[e] * (x[e] - tg[e]) + n[e] for e in range(len(x))]
 
 
+def _initial(prob):
+    return [[list(p) for p in grp] for grp in prob["init"]]
+
+
+def _unseen(prob):
+    return [[False] * len(grp) for grp in prob["init"]]
+
+
+def _grads(prob, t, x):
+    return [[_grad_floats(prob, t, gi, pi, x[gi][pi]) for pi in range(len(grp))]
+            for gi, grp in enumerate(x)]  # fmt: skip
+
+
+def _gradient_elements(grads, seen, gi):
+    """(pi, e, g) for every element of the parameters of group gi that have a gradient this
+    step; marks those parameters as seen (from then on their s counts in ||s||)."""
+    for pi, g_list in enumerate(grads[gi]):
+        if g_list is None:
+            continue
+        seen[gi][pi] = True
+        for e, g in enumerate(g_list):
+            yield pi, e, g
+
+
+def _sum_over_seen(s, seen, f):
+    return sum(f(u) for gi, grp in enumerate(s) for pi, p in enumerate(grp)
+               if seen[gi][pi] for u in p)  # fmt: skip
+
+
+def _adam_bias_correction(k, betas, on):
+    b1, b2 = betas
+    return math.sqrt(1 - b2 ** (k + 1)) / (1 - b1 ** (k + 1)) if on else 1.0
+
+
 def _run_ours(cls, prob, groups_hp, model_hp, impl="loop", dtype=torch.float64):
     params = [
         [
@@ -95,18 +129,29 @@ def _compare(params, expected, ds, expected_ds):
     return worst, worst_d
 
 
+def _assert_matches_reference(cls, prob, groups_hp, model_hp, reference, min_growth):
+    """``cls`` run on ``prob`` follows ``reference`` (its iterates and its d at every step) to
+    TOL, and d grows by more than ``min_growth`` over the run (else d would not be tested)."""
+    expected, expected_ds = reference
+    params, ds, _ = _run_ours(cls, prob, groups_hp, model_hp)
+    worst, worst_d = _compare(params, expected, ds, expected_ds)
+    print(f"max |x - x_ref| {worst:.1e}, max rel d diff {worst_d:.1e}, d_30 {ds[-1]:.3g}")
+    assert worst <= TOL, f"max abs difference {worst:.2e}"
+    assert worst_d <= TOL, f"max relative difference of d {worst_d:.2e}"
+    assert ds[-1] > min_growth * D0, f"d grew only to {ds[-1]:.3g}: the test would not exercise it"
+
+
 # ---------------------------------------------------------------------- references
 def reference_sgd(prob, groups_hp, d0, growth_rate):
     """D-Adapted SGD: lambda_k = d_k lr / ||g_0||, N += lambda <g, s_k>, s += lambda g,
     z -= lambda g, x = beta x + (1 - beta) z, d_hat = 2 N / ||s||_2."""
-    x = [[list(p) for p in grp] for grp in prob["init"]]
-    z = [[list(p) for p in grp] for grp in prob["init"]]
-    s = [[[0.0] * len(p) for p in grp] for grp in prob["init"]]
-    seen = [[False] * len(grp) for grp in prob["init"]]
+    x = _initial(prob)
+    z = _initial(prob)
+    s = _zeros(prob)
+    seen = _unseen(prob)
     d, numerator, g0_sq, ds = d0, 0.0, 0.0, []
     for t in range(STEPS):
-        grads = [[_grad_floats(prob, t, gi, pi, x[gi][pi]) for pi in range(len(grp))]
-                 for gi, grp in enumerate(x)]  # fmt: skip
+        grads = _grads(prob, t, x)
         if g0_sq == 0.0:
             g0_sq = sum(
                 v * v
@@ -119,25 +164,20 @@ def reference_sgd(prob, groups_hp, d0, growth_rate):
         for gi, hp in enumerate(groups_hp):
             lam = d * hp["lr"] / math.sqrt(g0_sq)
             wd, mom = hp["weight_decay"], hp["momentum"]
-            for pi, g_list in enumerate(grads[gi]):
-                if g_list is None:
-                    continue
-                seen[gi][pi] = True
-                for e, g in enumerate(g_list):
-                    xe = x[gi][pi][e]
-                    if not hp["decoupled_weight_decay"]:
-                        g = g + wd * xe
-                    numerator += lam * g * s[gi][pi][e]
-                    s[gi][pi][e] += lam * g
-                    dwd = wd if hp["decoupled_weight_decay"] else 0.0
-                    if mom == 0.0:
-                        x[gi][pi][e] = xe - lam * dwd * xe - lam * g
-                    else:
-                        ze = z[gi][pi][e]
-                        z[gi][pi][e] = ze - lam * dwd * ze - lam * g
-                        x[gi][pi][e] = mom * xe + (1 - mom) * z[gi][pi][e]
-        s_sq = sum(v * v for gi, grp in enumerate(s) for pi, p in enumerate(grp)
-                   if seen[gi][pi] for v in p)  # fmt: skip
+            for pi, e, g in _gradient_elements(grads, seen, gi):
+                xe = x[gi][pi][e]
+                if not hp["decoupled_weight_decay"]:
+                    g = g + wd * xe
+                numerator += lam * g * s[gi][pi][e]
+                s[gi][pi][e] += lam * g
+                dwd = wd if hp["decoupled_weight_decay"] else 0.0
+                if mom == 0.0:
+                    x[gi][pi][e] = xe - lam * dwd * xe - lam * g
+                else:
+                    ze = z[gi][pi][e]
+                    z[gi][pi][e] = ze - lam * dwd * ze - lam * g
+                    x[gi][pi][e] = mom * xe + (1 - mom) * z[gi][pi][e]
+        s_sq = _sum_over_seen(s, seen, lambda u: u * u)
         if s_sq > 0:
             d_hat = 2 * numerator / math.sqrt(s_sq)
             d = max(d, min(d_hat, growth_rate * d))
@@ -151,36 +191,30 @@ def reference_adam(prob, groups_hp, d0, growth_rate, betas, bias_correction):
     (1 - sqrt(b2)) dlr g; d_hat = r / ((1 - sqrt(b2)) ||s||_1); x -= m / (sqrt(v) + eps)."""
     b1, b2 = betas
     b3 = math.sqrt(b2)
-    x = [[list(p) for p in grp] for grp in prob["init"]]
+    x = _initial(prob)
     m, v, s = (_zeros(prob) for _ in range(3))
-    seen = [[False] * len(grp) for grp in prob["init"]]
+    seen = _unseen(prob)
     d, r, ds = d0, 0.0, []
     for k in range(STEPS):
-        grads = [[_grad_floats(prob, k, gi, pi, x[gi][pi]) for pi in range(len(grp))]
-                 for gi, grp in enumerate(x)]  # fmt: skip
-        bc = math.sqrt(1 - b2 ** (k + 1)) / (1 - b1 ** (k + 1)) if bias_correction else 1.0
+        grads = _grads(prob, k, x)
+        bc = _adam_bias_correction(k, betas, bias_correction)
         acc = 0.0
         for gi, hp in enumerate(groups_hp):
             dlr = d * hp["lr"] * bc
             wd, eps = hp["weight_decay"], hp["eps"]
-            for pi, g_list in enumerate(grads[gi]):
-                if g_list is None:
-                    continue
-                seen[gi][pi] = True
-                for e, g in enumerate(g_list):
-                    xe = x[gi][pi][e]
-                    if not hp["decoupled_weight_decay"]:
-                        g = g + wd * xe
-                    acc += dlr * g * s[gi][pi][e] / (math.sqrt(v[gi][pi][e]) + eps)
-                    m[gi][pi][e] = b1 * m[gi][pi][e] + (1 - b1) * dlr * g
-                    v[gi][pi][e] = b2 * v[gi][pi][e] + (1 - b2) * g * g
-                    s[gi][pi][e] = b3 * s[gi][pi][e] + (1 - b3) * dlr * g
-                    if hp["decoupled_weight_decay"]:
-                        xe = xe - dlr * wd * xe
-                    x[gi][pi][e] = xe - m[gi][pi][e] / (math.sqrt(v[gi][pi][e]) + eps)
+            for pi, e, g in _gradient_elements(grads, seen, gi):
+                xe = x[gi][pi][e]
+                if not hp["decoupled_weight_decay"]:
+                    g = g + wd * xe
+                acc += dlr * g * s[gi][pi][e] / (math.sqrt(v[gi][pi][e]) + eps)
+                m[gi][pi][e] = b1 * m[gi][pi][e] + (1 - b1) * dlr * g
+                v[gi][pi][e] = b2 * v[gi][pi][e] + (1 - b2) * g * g
+                s[gi][pi][e] = b3 * s[gi][pi][e] + (1 - b3) * dlr * g
+                if hp["decoupled_weight_decay"]:
+                    xe = xe - dlr * wd * xe
+                x[gi][pi][e] = xe - m[gi][pi][e] / (math.sqrt(v[gi][pi][e]) + eps)
         r = b3 * r + (1 - b3) * acc
-        l1 = sum(abs(u) for gi, grp in enumerate(s) for pi, p in enumerate(grp)
-                 if seen[gi][pi] for u in p)  # fmt: skip
+        l1 = _sum_over_seen(s, seen, abs)
         if l1 > 0:
             d = max(d, min(r / ((1 - b3) * l1), growth_rate * d))
         ds.append(d)
@@ -190,32 +224,27 @@ def reference_adam(prob, groups_hp, d0, growth_rate, betas, bias_correction):
 def reference_adagrad(prob, groups_hp, d0, growth_rate):
     """D-Adapted AdaGrad (dual averaging): alpha += g^2; s += d lr g; x = x0 - s / (sqrt(alpha)
     + eps); d_hat = (sum s^2/(sqrt(alpha)+eps) - sum_k (d lr)^2 g^2/(sqrt(alpha)+eps)) / ||s||_1."""
-    x0 = [[list(p) for p in grp] for grp in prob["init"]]
-    x = [[list(p) for p in grp] for grp in prob["init"]]
-    s = [[[0.0] * len(p) for p in grp] for grp in prob["init"]]
+    x0 = _initial(prob)
+    x = _initial(prob)
+    s = _zeros(prob)
     alpha = [[[hp["initial_accumulator_value"]] * len(p) for p in grp]
              for grp, hp in zip(prob["init"], groups_hp, strict=True)]  # fmt: skip
-    seen = [[False] * len(grp) for grp in prob["init"]]
+    seen = _unseen(prob)
     d, gsq_weighted, ds = d0, 0.0, []
     for k in range(STEPS):
-        grads = [[_grad_floats(prob, k, gi, pi, x[gi][pi]) for pi in range(len(grp))]
-                 for gi, grp in enumerate(x)]  # fmt: skip
+        grads = _grads(prob, k, x)
         for gi, hp in enumerate(groups_hp):
             dlr = d * hp["lr"]
             wd, eps, mom = hp["weight_decay"], hp["eps"], hp["momentum"]
-            for pi, g_list in enumerate(grads[gi]):
-                if g_list is None:
-                    continue
-                seen[gi][pi] = True
-                for e, g in enumerate(g_list):
-                    xe = x[gi][pi][e]
-                    g = g + wd * xe
-                    alpha[gi][pi][e] += g * g
-                    w = math.sqrt(alpha[gi][pi][e]) + eps
-                    gsq_weighted += dlr * dlr * g * g / w
-                    s[gi][pi][e] += dlr * g
-                    z = x0[gi][pi][e] - s[gi][pi][e] / w
-                    x[gi][pi][e] = z if mom == 0 else mom * xe + (1 - mom) * z
+            for pi, e, g in _gradient_elements(grads, seen, gi):
+                xe = x[gi][pi][e]
+                g = g + wd * xe
+                alpha[gi][pi][e] += g * g
+                w = math.sqrt(alpha[gi][pi][e]) + eps
+                gsq_weighted += dlr * dlr * g * g / w
+                s[gi][pi][e] += dlr * g
+                z = x0[gi][pi][e] - s[gi][pi][e] / w
+                x[gi][pi][e] = z if mom == 0 else mom * xe + (1 - mom) * z
         sksq = 0.0
         l1 = 0.0
         for gi, hp in enumerate(groups_hp):
@@ -236,38 +265,32 @@ def reference_prodigy(prob, groups_hp, d0, growth_rate, betas, bias_correction, 
     d_max = max(d_max, d_hat); d = min(d_max, growth d); x -= dlr m / (sqrt(v) + d eps)."""
     b1, b2 = betas
     b3 = math.sqrt(b2)
-    x0 = [[list(p) for p in grp] for grp in prob["init"]]
-    x = [[list(p) for p in grp] for grp in prob["init"]]
+    x0 = _initial(prob)
+    x = _initial(prob)
     m, v, s = (_zeros(prob) for _ in range(3))
-    seen = [[False] * len(grp) for grp in prob["init"]]
+    seen = _unseen(prob)
     d, d_max, r, ds = d0, d0, 0.0, []
     for k in range(STEPS):
-        grads = [[_grad_floats(prob, k, gi, pi, x[gi][pi]) for pi in range(len(grp))]
-                 for gi, grp in enumerate(x)]  # fmt: skip
-        bc = math.sqrt(1 - b2 ** (k + 1)) / (1 - b1 ** (k + 1)) if bias_correction else 1.0
+        grads = _grads(prob, k, x)
+        bc = _adam_bias_correction(k, betas, bias_correction)
         acc = 0.0
         for gi, hp in enumerate(groups_hp):
             dlr = d * hp["lr"] * bc
             wd, eps = hp["weight_decay"], hp["eps"]
             s_w = (d / d0) * d * (hp["lr"] > 0) if safeguard else (d / d0) * dlr
-            for pi, g_list in enumerate(grads[gi]):
-                if g_list is None:
-                    continue
-                seen[gi][pi] = True
-                for e, g in enumerate(g_list):
-                    xe = x[gi][pi][e]
-                    if not hp["decoupled_weight_decay"]:
-                        g = g + wd * xe
-                    acc += (d / d0) * dlr * g * (x0[gi][pi][e] - xe)
-                    m[gi][pi][e] = b1 * m[gi][pi][e] + (1 - b1) * d * g
-                    v[gi][pi][e] = b2 * v[gi][pi][e] + (1 - b2) * d * d * g * g
-                    s[gi][pi][e] = b3 * s[gi][pi][e] + s_w * g
-                    if hp["decoupled_weight_decay"]:
-                        xe = xe - dlr * wd * xe
-                    x[gi][pi][e] = xe - dlr * m[gi][pi][e] / (math.sqrt(v[gi][pi][e]) + d * eps)
+            for pi, e, g in _gradient_elements(grads, seen, gi):
+                xe = x[gi][pi][e]
+                if not hp["decoupled_weight_decay"]:
+                    g = g + wd * xe
+                acc += (d / d0) * dlr * g * (x0[gi][pi][e] - xe)
+                m[gi][pi][e] = b1 * m[gi][pi][e] + (1 - b1) * d * g
+                v[gi][pi][e] = b2 * v[gi][pi][e] + (1 - b2) * d * d * g * g
+                s[gi][pi][e] = b3 * s[gi][pi][e] + s_w * g
+                if hp["decoupled_weight_decay"]:
+                    xe = xe - dlr * wd * xe
+                x[gi][pi][e] = xe - dlr * m[gi][pi][e] / (math.sqrt(v[gi][pi][e]) + d * eps)
         r = b3 * r + acc
-        l1 = sum(abs(u) for gi, grp in enumerate(s) for pi, p in enumerate(grp)
-                 if seen[gi][pi] for u in p)  # fmt: skip
+        l1 = _sum_over_seen(s, seen, abs)
         if l1 > 0:
             d_max = max(d_max, coef * r / l1)
             d = max(d, min(d_max, growth_rate * d))
@@ -283,7 +306,12 @@ def _groups(decoupled, **extra):
     ]
 
 
+def _adam_groups(decoupled):
+    return [dict(g, eps=e) for g, e in zip(_groups(decoupled), (1e-8, 1e-3), strict=True)]
+
+
 TOL = 1e-5
+ADAM_BETAS = (0.8, 0.99)
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.9], ids=["no_momentum", "momentum"])
@@ -292,13 +320,9 @@ TOL = 1e-5
 def test_sgd_matches_reference(momentum, decoupled, growth_rate):
     prob = _make_problem()
     hp = _groups(decoupled, momentum=momentum)
-    expected, expected_ds = reference_sgd(prob, hp, D0, growth_rate)
-    params, ds, _ = _run_ours(DAdaptSGD, prob, hp, {"d0": D0, "growth_rate": growth_rate})
-    worst, worst_d = _compare(params, expected, ds, expected_ds)
-    print(f"max |x - x_ref| {worst:.1e}, max rel d diff {worst_d:.1e}, d_30 {ds[-1]:.3g}")
-    assert worst <= TOL, f"max abs difference {worst:.2e}"
-    assert worst_d <= TOL, f"max relative difference of d {worst_d:.2e}"
-    assert ds[-1] > 100 * D0, f"d grew only to {ds[-1]:.3g}: the test would not exercise it"
+    reference = reference_sgd(prob, hp, D0, growth_rate)
+    model = {"d0": D0, "growth_rate": growth_rate}
+    _assert_matches_reference(DAdaptSGD, prob, hp, model, reference, min_growth=100)
 
 
 @pytest.mark.parametrize("bias_correction", [True, False], ids=["bc", "no_bc"])
@@ -306,17 +330,11 @@ def test_sgd_matches_reference(momentum, decoupled, growth_rate):
 @pytest.mark.parametrize("growth_rate", [math.inf, 1.5], ids=["growth_inf", "growth_1.5"])
 def test_adam_matches_reference(bias_correction, decoupled, growth_rate):
     prob = _make_problem()
-    hp = [dict(g, eps=e) for g, e in zip(_groups(decoupled), (1e-8, 1e-3), strict=True)]
-    betas = (0.8, 0.99)
-    expected, expected_ds = reference_adam(prob, hp, D0, growth_rate, betas, bias_correction)
-    model = {"d0": D0, "growth_rate": growth_rate, "betas": betas}
+    hp = _adam_groups(decoupled)
+    reference = reference_adam(prob, hp, D0, growth_rate, ADAM_BETAS, bias_correction)
+    model = {"d0": D0, "growth_rate": growth_rate, "betas": ADAM_BETAS}
     model["use_bias_correction"] = bias_correction
-    params, ds, _ = _run_ours(DAdaptAdam, prob, hp, model)
-    worst, worst_d = _compare(params, expected, ds, expected_ds)
-    print(f"max |x - x_ref| {worst:.1e}, max rel d diff {worst_d:.1e}, d_30 {ds[-1]:.3g}")
-    assert worst <= TOL, f"max abs difference {worst:.2e}"
-    assert worst_d <= TOL, f"max relative difference of d {worst_d:.2e}"
-    assert ds[-1] > 10 * D0, f"d grew only to {ds[-1]:.3g}"
+    _assert_matches_reference(DAdaptAdam, prob, hp, model, reference, min_growth=10)
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.5], ids=["no_momentum", "momentum"])
@@ -328,13 +346,9 @@ def test_adagrad_matches_reference(momentum, growth_rate):
         dict(lr=1.0, weight_decay=0.1, eps=1e-6, momentum=momentum, initial_accumulator_value=1e-6),
         dict(lr=0.5, weight_decay=0.0, eps=1e-3, momentum=momentum, initial_accumulator_value=0.1),
     ]
-    expected, expected_ds = reference_adagrad(prob, hp, D0, growth_rate)
-    params, ds, _ = _run_ours(DAdaptAdaGrad, prob, hp, {"d0": D0, "growth_rate": growth_rate})
-    worst, worst_d = _compare(params, expected, ds, expected_ds)
-    print(f"max |x - x_ref| {worst:.1e}, max rel d diff {worst_d:.1e}, d_30 {ds[-1]:.3g}")
-    assert worst <= TOL, f"max abs difference {worst:.2e}"
-    assert worst_d <= TOL, f"max relative difference of d {worst_d:.2e}"
-    assert ds[-1] > 10 * D0, f"d grew only to {ds[-1]:.3g}"
+    reference = reference_adagrad(prob, hp, D0, growth_rate)
+    model = {"d0": D0, "growth_rate": growth_rate}
+    _assert_matches_reference(DAdaptAdaGrad, prob, hp, model, reference, min_growth=10)
 
 
 @pytest.mark.parametrize(
@@ -346,19 +360,13 @@ def test_adagrad_matches_reference(momentum, growth_rate):
 @pytest.mark.parametrize("growth_rate", [math.inf, 1.5], ids=["growth_inf", "growth_1.5"])
 def test_prodigy_matches_reference(bias_correction, safeguard, coef, decoupled, growth_rate):
     prob = _make_problem()
-    hp = [dict(g, eps=e) for g, e in zip(_groups(decoupled), (1e-8, 1e-3), strict=True)]
-    betas = (0.8, 0.99)
-    expected, expected_ds = reference_prodigy(
-        prob, hp, D0, growth_rate, betas, bias_correction, safeguard, coef
+    hp = _adam_groups(decoupled)
+    reference = reference_prodigy(
+        prob, hp, D0, growth_rate, ADAM_BETAS, bias_correction, safeguard, coef
     )
-    model = {"d0": D0, "growth_rate": growth_rate, "betas": betas, "d_coef": coef}
+    model = {"d0": D0, "growth_rate": growth_rate, "betas": ADAM_BETAS, "d_coef": coef}
     model |= {"use_bias_correction": bias_correction, "safeguard_warmup": safeguard}
-    params, ds, _ = _run_ours(Prodigy, prob, hp, model)
-    worst, worst_d = _compare(params, expected, ds, expected_ds)
-    print(f"max |x - x_ref| {worst:.1e}, max rel d diff {worst_d:.1e}, d_30 {ds[-1]:.3g}")
-    assert worst <= TOL, f"max abs difference {worst:.2e}"
-    assert worst_d <= TOL, f"max relative difference of d {worst_d:.2e}"
-    assert ds[-1] > 10 * D0, f"d grew only to {ds[-1]:.3g}"
+    _assert_matches_reference(Prodigy, prob, hp, model, reference, min_growth=10)
 
 
 # ---------------------------------------------------------------------- code paths

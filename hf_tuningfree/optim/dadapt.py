@@ -253,6 +253,13 @@ class DAdaptationBase(TuningFreeOptimizer):
         self._finish(stats, ok, d, step)
         step.add_(ok.to(step.dtype))
 
+    def _store_unless_skipped(self, ok: torch.Tensor, **values: torch.Tensor) -> None:
+        """Write this step's model-wide scalars into ``global_state``; a skipped step (``ok``
+        False) keeps the old ones."""
+        for name, value in values.items():
+            kept = self._global(name, value.device)
+            kept.copy_(torch.where(ok, value, kept))
+
     def _idle_sums(self, batch: StepBatch) -> dict[str, list[torch.Tensor]]:
         out: dict[str, list[torch.Tensor]] = {}
         for gb in batch.groups:
@@ -637,7 +644,6 @@ class DAdaptSGD(DAdaptationBase):
     ) -> None:
         growth = self.param_groups[0]["growth_rate"]
         numerator = self._global("numerator", d.device)
-        s_sq = self._global("s_sq", d.device)
         g0_sq = self._global("g0_sq", d.device)
         latched = self._latched_g0_sq(stats, d.device)
         # ||s_{k+1}||^2; on the step that fixes ||g_0||, s_k = 0 and s_{k+1} = lambda g'
@@ -647,9 +653,7 @@ class DAdaptSGD(DAdaptationBase):
         d_hat = 2.0 * new_numerator / new_s_sq.sqrt()
         valid = ok & (new_s_sq > 0)
         d.copy_(_d_update(d, d_hat, valid, growth))
-        numerator.copy_(torch.where(ok, new_numerator, numerator))
-        s_sq.copy_(torch.where(ok, new_s_sq, s_sq))
-        g0_sq.copy_(torch.where(ok, latched, g0_sq))
+        self._store_unless_skipped(ok, numerator=new_numerator, s_sq=new_s_sq, g0_sq=latched)
 
     def stats(self) -> dict[str, float]:
         out = super().stats()
@@ -684,8 +688,8 @@ def dadapt_adam_statistics(
     v = exp_avg_sq.to(g.dtype)
     s_old = s.to(g.dtype)
     s_new = s_old + c_s * (dlr * g - s_old)
-    numerator = _total(g * s_old / (v.sqrt() + eps), acc64)
-    return _sq_sum(grad, acc64), numerator, _total(s_new.abs(), acc64)
+    dot = _total(g * s_old / (v.sqrt() + eps), acc64)
+    return _sq_sum(grad, acc64), dot, _total(s_new.abs(), acc64)
 
 
 def dadapt_adam_tensor_update(
@@ -730,7 +734,7 @@ _ADAM_STATISTICS = _pass(
     dadapt_adam_statistics,
     "DAdaptAdam statistics",
     ("exp_avg_sq", "s"),
-    ("g_sq", "numerator", "s_l1"),
+    ("g_sq", "dot", "s_l1"),
 )
 _ADAM_UPDATE = _pass(
     dadapt_adam_tensor_update,
@@ -747,7 +751,70 @@ def adam_bias_correction(step: torch.Tensor, beta1: float, beta2: float) -> torc
     return torch.sqrt(1.0 - torch.pow(beta2, k1)) / (1.0 - torch.pow(beta1, k1))
 
 
-class DAdaptAdam(DAdaptationBase):
+class AdamFormBase(DAdaptationBase):
+    """What the Adam forms, :class:`DAdaptAdam` and :class:`~hf_tuningfree.optim.prodigy.Prodigy`,
+    share: the state ``exp_avg``, ``exp_avg_sq``, ``s``; Adam's bias correction ``bc_k`` in the
+    step ``dlr_k = d_k lr bc_k``; a numerator whose step-``k`` term is a weight times the sum over
+    groups of ``lr <g', .>`` (the statistics pass's ``dot``); the denominator ``||s_{k+1}||_1``;
+    the stats ``bias_correction`` and ``d_lr``.
+
+    A subclass implements ``_numerator_weight(d, step)``, ``_statistics_pass`` (whose sums are
+    ``g_sq``, ``dot``, ``s_l1``), ``_update_pass`` and ``_finish``.
+    """
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        super()._validate_group(group)
+        check_betas("betas", group["betas"])
+        check_positive("eps", group["eps"])
+        check_bool("decoupled_weight_decay", group["decoupled_weight_decay"])
+
+    def _init_param_state(self, param: torch.Tensor, state: dict[str, Any], group: dict) -> None:
+        for key in ("exp_avg", "exp_avg_sq", "s"):
+            state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+    def _idle_contribution(self, state: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return {"s_l1": local_view(state["s"]).to(compute_dtype(state["s"].dtype)).abs().sum()}
+
+    def _bias_correction(self, step: torch.Tensor) -> torch.Tensor | float:
+        group = self.param_groups[0]
+        if not group["use_bias_correction"]:
+            return 1.0
+        return adam_bias_correction(step, *group["betas"])
+
+    def _dlr(self, group: dict[str, Any], d: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        """This group's step ``dlr = d lr bc``."""
+        return d * self._bias_correction(step) * group["lr"]
+
+    def _numerator_weight(self, d: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        """What multiplies ``sum over groups of lr <g', .>`` in this step's numerator term."""
+        raise NotImplementedError
+
+    def _combine_statistics(
+        self,
+        batch: StepBatch,
+        per_group: list[dict[str, torch.Tensor]],
+        d: torch.Tensor,
+        step: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        dtype = self._scalar_dtype()
+        pairs = list(zip(per_group, batch.groups, strict=True))
+        terms = batch.sum_on_device(pg["dot"] * gb.group["lr"] for pg, gb in pairs)
+        return {
+            "numerator": self._numerator_weight(d, step) * terms.to(dtype),
+            "s_l1": batch.sum_on_device(pg["s_l1"] for pg, _ in pairs).to(dtype),
+        }
+
+    def stats(self) -> dict[str, float]:
+        out = super().stats()
+        device = self.global_state["d"].device if "d" in self.global_state else None
+        step = torch.tensor(out["step"], dtype=torch.float64, device=device)
+        bc = float(self._bias_correction(step))
+        out["bias_correction"] = bc
+        out["d_lr"] = out["d"] * out["lr"] * bc
+        return out
+
+
+class DAdaptAdam(AdamFormBase):
     r"""Adam with D-Adaptation (Defazio & Mishchenko, ICML 2023), in its current published form
     (the authors' ``dadaptation`` package, v3): the step ``dlr`` is folded into the first moment
     and into ``s``.
@@ -829,49 +896,18 @@ class DAdaptAdam(DAdaptationBase):
             params, defaults, skip_nonfinite=skip_nonfinite, global_reduce=global_reduce
         )
 
-    def _validate_group(self, group: dict[str, Any]) -> None:
-        super()._validate_group(group)
-        check_betas("betas", group["betas"])
-        check_positive("eps", group["eps"])
-        check_bool("decoupled_weight_decay", group["decoupled_weight_decay"])
-
-    def _init_param_state(self, param: torch.Tensor, state: dict[str, Any], group: dict) -> None:
-        for key in ("exp_avg", "exp_avg_sq", "s"):
-            state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
-
-    def _idle_contribution(self, state: dict[str, Any]) -> dict[str, torch.Tensor]:
-        return {"s_l1": local_view(state["s"]).to(compute_dtype(state["s"].dtype)).abs().sum()}
-
-    def _bias_correction(self, step: torch.Tensor) -> torch.Tensor | float:
-        group = self.param_groups[0]
-        if not group["use_bias_correction"]:
-            return 1.0
-        return adam_bias_correction(step, *group["betas"])
-
     def _statistics_pass(
         self, gb: GroupBatch, d: torch.Tensor, step: torch.Tensor
     ) -> tuple[TensorPass, list[torch.Tensor], dict[str, Any]]:
         group = gb.group
-        dlr = d * self._bias_correction(step) * group["lr"]
+        dlr = self._dlr(group, d, step)
         coupled, _ = _weight_decay_scalars(group, dlr)
         c_s = _scalar(1.0 - math.sqrt(group["betas"][1]), d)
         return _ADAM_STATISTICS, [coupled, _scalar(group["eps"], d), dlr, c_s], _flags(group)
 
-    def _combine_statistics(
-        self,
-        batch: StepBatch,
-        per_group: list[dict[str, torch.Tensor]],
-        d: torch.Tensor,
-        step: torch.Tensor,
-    ) -> dict[str, torch.Tensor]:
-        dtype = self._scalar_dtype()
-        pairs = list(zip(per_group, batch.groups, strict=True))
-        # sum over groups of dlr <g', s_k / (sqrt(v_k) + eps)>, dlr = d lr bc
-        terms = batch.sum_on_device(pg["numerator"] * gb.group["lr"] for pg, gb in pairs)
-        return {
-            "numerator": d * self._bias_correction(step) * terms.to(dtype),
-            "s_l1": batch.sum_on_device(pg["s_l1"] for pg, _ in pairs).to(dtype),
-        }
+    def _numerator_weight(self, d: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        # the term is sum over groups of dlr <g', s_k / (sqrt(v_k) + eps)>, dlr = d lr bc
+        return d * self._bias_correction(step)
 
     def _update_pass(
         self,
@@ -884,7 +920,7 @@ class DAdaptAdam(DAdaptationBase):
         group = gb.group
         beta1, beta2 = group["betas"]
         on = ok.to(d.dtype)  # every coefficient is 0 on a skipped step
-        dlr = on * d * self._bias_correction(step) * group["lr"]
+        dlr = on * self._dlr(group, d, step)
         scalars = [
             ok,
             dlr,
@@ -903,21 +939,14 @@ class DAdaptAdam(DAdaptationBase):
         group = self.param_groups[0]
         beta3 = math.sqrt(group["betas"][1])
         numerator = self._global("numerator", d.device)
-        s_l1 = self._global("s_l1", d.device)
         new_numerator = beta3 * numerator + (1.0 - beta3) * stats["numerator"]
         d_hat = new_numerator / ((1.0 - beta3) * stats["s_l1"])
         valid = ok & (stats["s_l1"] > 0)
         d.copy_(_d_update(d, d_hat, valid, group["growth_rate"]))
-        numerator.copy_(torch.where(ok, new_numerator, numerator))
-        s_l1.copy_(torch.where(ok, stats["s_l1"], s_l1))
+        self._store_unless_skipped(ok, numerator=new_numerator, s_l1=stats["s_l1"])
 
     def stats(self) -> dict[str, float]:
         out = super().stats()
-        device = self.global_state["d"].device if "d" in self.global_state else None
-        step = torch.tensor(out["step"], dtype=torch.float64, device=device)
-        bc = float(self._bias_correction(step))
-        out["bias_correction"] = bc
-        out["d_lr"] = out["d"] * out["lr"] * bc
         out["numerator"] = self._global_float("numerator")
         out["s_l1"] = self._global_float("s_l1")
         beta3 = math.sqrt(self.param_groups[0]["betas"][1])
@@ -1129,8 +1158,7 @@ class DAdaptAdaGrad(DAdaptationBase):
         d_hat = new_numerator / new_l1
         valid = ok & (new_l1 > 0)
         d.copy_(_d_update(d, d_hat, valid, self.param_groups[0]["growth_rate"]))
-        numerator.copy_(torch.where(ok, new_numerator, numerator))
-        s_l1.copy_(torch.where(ok, new_l1, s_l1))
+        self._store_unless_skipped(ok, numerator=new_numerator, s_l1=new_l1)
 
     def stats(self) -> dict[str, float]:
         out = super().stats()

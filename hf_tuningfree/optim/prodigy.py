@@ -8,7 +8,10 @@ Prodigy keeps D-Adaptation's single model-wide lower bound ``d`` on the distance
 but weights step ``k`` by ``d_k`` (the paper's ``lambda_k = d_k^2`` weighting) and measures
 progress directly with ``<g_k, x_0 - x_k>``; the paper shows this improves D-Adaptation's
 convergence rate by a factor ``O(log(D / d0))``. The passes of a step, the single ``d`` over all
-groups and the sharded reduction are those of :mod:`hf_tuningfree.optim.dadapt`.
+groups and the sharded reduction are those of :mod:`hf_tuningfree.optim.dadapt`; what Prodigy has
+in common with :class:`~hf_tuningfree.optim.dadapt.DAdaptAdam` (Adam's moments and bias
+correction, the ``||s||_1`` denominator, the numerator's sum over groups) is
+:class:`~hf_tuningfree.optim.dadapt.AdamFormBase`.
 """
 
 from __future__ import annotations
@@ -19,9 +22,9 @@ from typing import Any
 import torch
 from torch.optim.optimizer import ParamsT
 
-from .base import GroupBatch, StepBatch, compute_dtype
+from .base import GroupBatch
 from .dadapt import (
-    DAdaptationBase,
+    AdamFormBase,
     TensorPass,
     _d_update,
     _flags,
@@ -30,11 +33,9 @@ from .dadapt import (
     _sq_sum,
     _total,
     _weight_decay_scalars,
-    adam_bias_correction,
     check_growth_rate,
     effective_grad,
 )
-from .distributed import local_view
 from .validation import (
     check_betas,
     check_bool,
@@ -122,7 +123,7 @@ _PRODIGY_UPDATE = _pass(
 )
 
 
-class Prodigy(DAdaptationBase):
+class Prodigy(AdamFormBase):
     r"""Prodigy (Mishchenko & Defazio, ICML 2024), Adam form.
 
     With ``gamma_k`` the group's ``lr``, ``bc_k`` Adam's bias correction
@@ -223,29 +224,13 @@ class Prodigy(DAdaptationBase):
             params, defaults, skip_nonfinite=skip_nonfinite, global_reduce=global_reduce
         )
 
-    def _validate_group(self, group: dict[str, Any]) -> None:
-        super()._validate_group(group)
-        check_betas("betas", group["betas"])
-        check_positive("eps", group["eps"])
-        check_bool("decoupled_weight_decay", group["decoupled_weight_decay"])
-
     def _init_param_state(self, param: torch.Tensor, state: dict[str, Any], group: dict) -> None:
-        for key in ("exp_avg", "exp_avg_sq", "s"):
-            state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        super()._init_param_state(param, state, group)
         state["x0"] = param.detach().clone(memory_format=torch.preserve_format)
-
-    def _idle_contribution(self, state: dict[str, Any]) -> dict[str, torch.Tensor]:
-        return {"s_l1": local_view(state["s"]).to(compute_dtype(state["s"].dtype)).abs().sum()}
 
     def _beta3(self) -> float:
         group = self.param_groups[0]
         return group["beta3"] if group["beta3"] is not None else math.sqrt(group["betas"][1])
-
-    def _bias_correction(self, step: torch.Tensor) -> torch.Tensor | float:
-        group = self.param_groups[0]
-        if not group["use_bias_correction"]:
-            return 1.0
-        return adam_bias_correction(step, *group["betas"])
 
     def _s_weight(self, group: dict[str, Any], d: torch.Tensor, dlr: torch.Tensor) -> torch.Tensor:
         """Weight of ``g`` in ``s``: ``(d / d0) dlr``, or ``(d / d0) d`` with safeguard_warmup
@@ -259,27 +244,14 @@ class Prodigy(DAdaptationBase):
         self, gb: GroupBatch, d: torch.Tensor, step: torch.Tensor
     ) -> tuple[TensorPass, list[torch.Tensor], dict[str, Any]]:
         group = gb.group
-        dlr = d * self._bias_correction(step) * group["lr"]
+        dlr = self._dlr(group, d, step)
         coupled, _ = _weight_decay_scalars(group, dlr)
         scalars = [coupled, self._s_weight(group, d, dlr), _scalar(self._beta3() - 1.0, d)]
         return _PRODIGY_STATISTICS, scalars, _flags(group)
 
-    def _combine_statistics(
-        self,
-        batch: StepBatch,
-        per_group: list[dict[str, torch.Tensor]],
-        d: torch.Tensor,
-        step: torch.Tensor,
-    ) -> dict[str, torch.Tensor]:
-        dtype = self._scalar_dtype()
-        pairs = list(zip(per_group, batch.groups, strict=True))
-        # sum over groups of (d / d0) dlr <g', x0 - x>, dlr = d lr bc
-        terms = batch.sum_on_device(pg["dot"] * gb.group["lr"] for pg, gb in pairs)
-        weight = (d / self.param_groups[0]["d0"]) * d * self._bias_correction(step)
-        return {
-            "numerator": weight * terms.to(dtype),
-            "s_l1": batch.sum_on_device(pg["s_l1"] for pg, _ in pairs).to(dtype),
-        }
+    def _numerator_weight(self, d: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        # the term is sum over groups of (d / d0) dlr <g', x0 - x>, dlr = d lr bc
+        return (d / self.param_groups[0]["d0"]) * d * self._bias_correction(step)
 
     def _update_pass(
         self,
@@ -292,7 +264,7 @@ class Prodigy(DAdaptationBase):
         group = gb.group
         beta1, beta2 = group["betas"]
         on = ok.to(d.dtype)  # every coefficient is 0 on a skipped step
-        dlr = on * d * self._bias_correction(step) * group["lr"]
+        dlr = on * self._dlr(group, d, step)
         scalars = [
             ok,
             d,
@@ -311,7 +283,6 @@ class Prodigy(DAdaptationBase):
     ) -> None:
         group = self.param_groups[0]
         numerator = self._global("numerator", d.device)
-        s_l1 = self._global("s_l1", d.device)
         d_max = self._global("d_max", d.device, group["d0"])
         new_numerator = self._beta3() * numerator + stats["numerator"]
         d_hat = group["d_coef"] * new_numerator / stats["s_l1"]
@@ -320,16 +291,10 @@ class Prodigy(DAdaptationBase):
         # d = min(d_max, growth_rate * d), never below d
         d.copy_(_d_update(d, new_max, valid, group["growth_rate"]))
         d_max.copy_(new_max)
-        numerator.copy_(torch.where(ok, new_numerator, numerator))
-        s_l1.copy_(torch.where(ok, stats["s_l1"], s_l1))
+        self._store_unless_skipped(ok, numerator=new_numerator, s_l1=stats["s_l1"])
 
     def stats(self) -> dict[str, float]:
         out = super().stats()
-        device = self.global_state["d"].device if "d" in self.global_state else None
-        step = torch.tensor(out["step"], dtype=torch.float64, device=device)
-        bc = float(self._bias_correction(step))
-        out["bias_correction"] = bc
-        out["d_lr"] = out["d"] * out["lr"] * bc
         out["d_max"] = self._global_float("d_max", self.param_groups[0]["d0"])
         out["numerator"] = self._global_float("numerator")
         out["s_l1"] = self._global_float("s_l1")
