@@ -260,19 +260,37 @@ def _project(kind: str, raw: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------- per-tensor kernels
 # Each base optimizer has two per-tensor functions, run eagerly ("loop") or compiled:
-#   *_dots:   the dot products of the gradient with the stored derivatives of the last update,
-#             returned as one 1-D tensor (one entry per learned quantity);
+#   *_dots:   the dot products of the gradient with the derivatives of the last update, returned
+#             as one 1-D tensor (one entry per learned quantity): ``_direction_dots`` where the
+#             derivatives are stored (SGD, AdaGrad, RMSProp), ``_adam_dots`` recomputes them;
 #   *_update: the update itself, which also stores what the next step's dots need.
 # Every write of *_update is a no-op where ``ok`` is False (a skipped step changes nothing).
 # Optional tensors (buffers of learned betas etc.) follow the fixed ones in the argument list;
 # static flags say which are present.
 
 
-def _sgd_dots(g: torch.Tensor, buf: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
-    """``<g, buf>`` (step size) and, learning the momentum, ``<g, buf_prev>``."""
+def _direction_dots(g: torch.Tensor, *stored: torch.Tensor) -> torch.Tensor:
+    """``<g, D>`` for each stored derivative ``D`` of the last update (SGD: ``buf`` for the step
+    size, ``buf_prev`` for the momentum; AdaGrad, RMSProp: the direction, ``d_decay``)."""
     cdt = compute_dtype(g.dtype)
     g = g.to(cdt)
-    return torch.stack([(g * t.to(cdt)).sum() for t in (buf, *rest)])
+    return torch.stack([(g * t.to(cdt)).sum() for t in stored])
+
+
+def _update_gradient(
+    p: torch.Tensor, g: torch.Tensor, ok: torch.Tensor, weight_decay: float, maximize: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(g, x)`` in the compute dtype as an update uses them: ``g`` negated for ``maximize``,
+    0 where ``ok`` is False (a skipped step), plus the coupled L2 term ``weight_decay * x``."""
+    cdt = compute_dtype(p.dtype)
+    g = g.to(cdt)
+    if maximize:
+        g = -g
+    g = torch.where(ok, g, 0.0)
+    x = p.to(cdt)
+    if weight_decay != 0.0:
+        g = g + weight_decay * x
+    return g, x
 
 
 def _sgd_update(
@@ -285,14 +303,8 @@ def _sgd_update(
     else:
         p, g, buf, ok, lr, mu = args
         buf_prev = None
-    cdt = compute_dtype(p.dtype)
-    g = g.to(cdt)
-    if maximize:
-        g = -g
-    g = torch.where(ok, g, 0.0)
-    x = p.to(cdt)
-    if weight_decay != 0.0:
-        g = g + weight_decay * x
+    g, x = _update_gradient(p, g, ok, weight_decay, maximize)
+    cdt = x.dtype
     b = buf.to(cdt)
     new_b = mu * b + g
     x = x - torch.where(ok, lr, 0.0) * new_b
@@ -387,14 +399,8 @@ def _adam_update(
     ok, lr, beta1, beta2, bc1, bc2, kb1, kb2 = args[-8:]
     d_beta1 = extra.pop(0) if learn_beta1 else None
     d_beta2 = extra.pop(0) if learn_beta2 else None
-    cdt = compute_dtype(p.dtype)
-    g = g.to(cdt)
-    if maximize:
-        g = -g
-    g = torch.where(ok, g, 0.0)
-    x = p.to(cdt)
-    if weight_decay != 0.0 and not decoupled:
-        g = g + weight_decay * x
+    g, x = _update_gradient(p, g, ok, 0.0 if decoupled else weight_decay, maximize)
+    cdt = x.dtype
     m_old = m.to(cdt)
     v_old = v.to(cdt)
     m_new = m_old + (1.0 - beta1) * (g - m_old)
@@ -441,13 +447,6 @@ def _foreach_adam_lr_dots(
     return [torch.stack([s, t.sum()]) for s, t in zip(sums, gx, strict=True)]
 
 
-def _direction_dots(g: torch.Tensor, *stored: torch.Tensor) -> torch.Tensor:
-    """``<g, D>`` for each stored derivative ``D`` (AdaGrad, RMSProp)."""
-    cdt = compute_dtype(g.dtype)
-    g = g.to(cdt)
-    return torch.stack([(g * t.to(cdt)).sum() for t in stored])
-
-
 def _adagrad_update(
     *args: torch.Tensor, eps: float, weight_decay: float, maximize: bool, learn_lr: bool
 ) -> None:
@@ -458,14 +457,8 @@ def _adagrad_update(
     else:
         p, g, acc, ok, lr = args
         direction = None
-    cdt = compute_dtype(p.dtype)
-    g = g.to(cdt)
-    if maximize:
-        g = -g
-    g = torch.where(ok, g, 0.0)
-    x = p.to(cdt)
-    if weight_decay != 0.0:
-        g = g + weight_decay * x
+    g, x = _update_gradient(p, g, ok, weight_decay, maximize)
+    cdt = x.dtype
     a = acc.to(cdt)
     a_new = a + g * g
     d = g / (torch.sqrt(a_new) + eps)
@@ -491,14 +484,8 @@ def _rmsprop_update(
     ok, lr, rho = args[-3:]
     direction = extra.pop(0) if learn_lr else None
     d_decay = extra.pop(0) if learn_decay else None
-    cdt = compute_dtype(p.dtype)
-    g = g.to(cdt)
-    if maximize:
-        g = -g
-    g = torch.where(ok, g, 0.0)
-    x = p.to(cdt)
-    if weight_decay != 0.0:
-        g = g + weight_decay * x
+    g, x = _update_gradient(p, g, ok, weight_decay, maximize)
+    cdt = x.dtype
     v_old = sq.to(cdt)
     v_new = rho * v_old + (1.0 - rho) * (g * g)
     sv = torch.sqrt(v_new)
@@ -517,11 +504,10 @@ def _rmsprop_update(
 _KERNELS = {
     fn.__name__: CompiledKernel(fn, f"hypergradient {fn.__name__.strip('_')}")
     for fn in (
-        _sgd_dots,
+        _direction_dots,
         _sgd_update,
         _adam_dots,
         _adam_update,
-        _direction_dots,
         _adagrad_update,
         _rmsprop_update,
     )
@@ -1139,14 +1125,14 @@ class HyperSGD(HypergradientOptimizer):
             bufs = bufs[1:]
         fast = gb.group["implementation"] in ("auto", "foreach") and len(bufs) == 1
         out: list[torch.Tensor | None] = [None] * len(gb.params)
-        for i in _tensor_order(impl, _sgd_dots, [p.numel() for p in gb.params]):
+        for i in _tensor_order(impl, _direction_dots, [p.numel() for p in gb.params]):
             g = gb.grads[i]
             ts = [b[i] for b in bufs]
             if fast and g.dtype in (torch.float32, torch.float64) and g.is_contiguous():
                 # torch.dot: one vectorised pass at memory bandwidth, no temporaries
                 out[i] = torch.dot(g.view(-1), ts[0].view(-1)).reshape(1)
             else:
-                out[i] = _run(_sgd_dots, impl, [g, *ts])
+                out[i] = _run(_direction_dots, impl, [g, *ts])
         return out  # type: ignore[return-value]
 
     def _group_update(
