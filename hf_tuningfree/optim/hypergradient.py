@@ -531,6 +531,33 @@ def _fused_ok(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type in _FUSED_DEVICES and dtype in _FUSED_DTYPES
 
 
+def _stored_dots(
+    gb: Any, stored: list[list[torch.Tensor]], impl: str, *, torch_dot: bool = False
+) -> list[torch.Tensor]:
+    """Per tensor of ``gb``, ``_direction_dots`` of its gradient with its entries of ``stored``
+    (lists of per-parameter derivatives of the last update). ``torch_dot``: a single stored
+    derivative against an fp32/fp64 contiguous gradient goes through ``torch.dot`` instead."""
+    out: list[torch.Tensor | None] = [None] * len(gb.params)
+    for i in _tensor_order(impl, _direction_dots, [p.numel() for p in gb.params]):
+        g = gb.grads[i]
+        ts = [s[i] for s in stored]
+        if torch_dot and len(ts) == 1 and g.dtype in _FOREACH_DTYPES and g.is_contiguous():
+            # torch.dot: one vectorised pass at memory bandwidth, no temporaries
+            out[i] = torch.dot(g.view(-1), ts[0].view(-1)).reshape(1)
+        else:
+            out[i] = _run(_direction_dots, impl, [g, *ts])
+    return out  # type: ignore[return-value]
+
+
+def _update_each(
+    fn: Any, impl: str, bucket: list[list[torch.Tensor]], *args: Any, **static: Any
+) -> None:
+    """``fn`` on every tensor of a device/dtype ``bucket`` (lists, the parameters first) with the
+    same 0-dim tensors ``args`` and flags ``static``."""
+    for i in _tensor_order(impl, fn, [p.numel() for p in bucket[0]]):
+        _run(fn, impl, [t[i] for t in bucket], *args, **static)
+
+
 # ---------------------------------------------------------------------- shared machinery
 def _names(value: str | Sequence[str], what: str) -> tuple[str, ...]:
     """``"lr+beta1"``, ``"lr,beta1"``, ``"adam/sgd"`` or a sequence of names -> tuple."""
@@ -551,12 +578,17 @@ class HypergradientOptimizer(TuningFreeOptimizer):
     """Base class of the hypergradient optimizers (see the module docstring for the algorithm).
 
     Subclasses declare ``LEARNABLE`` (their learnable hyperparameters, step size ``"lr"`` first),
-    ``SQUASHED`` (those living in (0, 1)), and implement ``_init_param_state``, ``_dot_names``,
-    ``_group_dots`` and ``_group_update``.
+    ``SQUASHED`` (those living in (0, 1)), and implement ``_init_param_state`` and
+    ``_group_update``. Where the update stores ``du/dh`` per element, ``STORED_DERIVATIVES`` names
+    the state key of each, and the default ``_dot_names`` / ``_group_dots`` dot the gradient with
+    them; HyperAdam recomputes its step-size derivative from the moments and overrides both.
     """
 
     LEARNABLE: tuple[str, ...] = ("lr",)
     SQUASHED: frozenset[str] = frozenset()
+    #: ``(learnable hyperparameter, per-parameter state key of its stored du/dh)``, in
+    #: ``LEARNABLE`` order.
+    STORED_DERIVATIVES: tuple[tuple[str, str], ...] = ()
 
     def __init__(
         self,
@@ -759,15 +791,19 @@ class HypergradientOptimizer(TuningFreeOptimizer):
                         self.global_tensor(f"{key}/{suffix}", device, const(0.0))
 
     # ------------------------------------------------------------------ subclass hooks
+    def _stored_derivatives(self) -> list[str]:
+        """State keys of the stored derivatives of the learned hyperparameters."""
+        return [key for name, key in self.STORED_DERIVATIVES if name in self.learn]
+
     def _dot_names(self, group: dict[str, Any]) -> list[str]:
         """Names of the per-group dot products, in the order ``_group_dots`` returns them."""
-        raise NotImplementedError
+        return [name for name, _ in self.STORED_DERIVATIVES if name in self.learn]
 
     def _group_dots(
         self, gb: Any, values: dict[str, torch.Tensor], impl: str
     ) -> list[torch.Tensor]:
         """Per tensor of ``gb``, a 1-D tensor of the dot products named by ``_dot_names``."""
-        raise NotImplementedError
+        return _stored_dots(gb, [gb.state_list(k) for k in self._stored_derivatives()], impl)
 
     def _group_update(
         self,
@@ -1060,6 +1096,7 @@ class HyperSGD(HypergradientOptimizer):
 
     LEARNABLE = ("lr", "momentum")
     SQUASHED = frozenset({"momentum"})
+    STORED_DERIVATIVES = (("lr", "momentum_buffer"), ("momentum", "momentum_buffer_prev"))
 
     def __init__(
         self,
@@ -1110,9 +1147,6 @@ class HyperSGD(HypergradientOptimizer):
                 param, memory_format=torch.preserve_format
             )
 
-    def _dot_names(self, group: dict[str, Any]) -> list[str]:
-        return [n for n in ("lr", "momentum") if n in self.learn]
-
     def _buffers(self, gb: Any) -> list[list[torch.Tensor]]:
         lists = [gb.state_list("momentum_buffer")]
         if "momentum" in self.learn:
@@ -1120,20 +1154,9 @@ class HyperSGD(HypergradientOptimizer):
         return lists
 
     def _group_dots(self, gb: Any, values: dict[str, torch.Tensor], impl: str) -> list:
-        bufs = self._buffers(gb)
-        if "lr" not in self.learn:
-            bufs = bufs[1:]
-        fast = gb.group["implementation"] in ("auto", "foreach") and len(bufs) == 1
-        out: list[torch.Tensor | None] = [None] * len(gb.params)
-        for i in _tensor_order(impl, _direction_dots, [p.numel() for p in gb.params]):
-            g = gb.grads[i]
-            ts = [b[i] for b in bufs]
-            if fast and g.dtype in (torch.float32, torch.float64) and g.is_contiguous():
-                # torch.dot: one vectorised pass at memory bandwidth, no temporaries
-                out[i] = torch.dot(g.view(-1), ts[0].view(-1)).reshape(1)
-            else:
-                out[i] = _run(_direction_dots, impl, [g, *ts])
-        return out  # type: ignore[return-value]
+        stored = [gb.state_list(k) for k in self._stored_derivatives()]
+        fast = gb.group["implementation"] in ("auto", "foreach")
+        return _stored_dots(gb, stored, impl, torch_dot=fast)
 
     def _group_update(
         self,
@@ -1145,7 +1168,11 @@ class HyperSGD(HypergradientOptimizer):
     ) -> None:
         group = gb.group
         learn_momentum = "momentum" in self.learn
-        static = {"weight_decay": group["weight_decay"], "maximize": group["maximize"]}
+        static = {
+            "weight_decay": group["weight_decay"],
+            "maximize": group["maximize"],
+            "learn_momentum": learn_momentum,
+        }
         lists = [gb.params, gb.grads, *self._buffers(gb)]
         for (device, dtype), (bucket, _) in bucket_by_device_and_dtype(lists).items():
             ok_d = ok.to(device)
@@ -1172,17 +1199,7 @@ class HyperSGD(HypergradientOptimizer):
                 )
                 continue
             mu = values["momentum"].to(device)
-            for i in _tensor_order(impl, _sgd_update, [p.numel() for p in bucket[0]]):
-                _run(
-                    _sgd_update,
-                    impl,
-                    [t[i] for t in bucket],
-                    ok_d,
-                    lr_d,
-                    mu,
-                    learn_momentum=learn_momentum,
-                    **static,
-                )
+            _update_each(_sgd_update, impl, bucket, ok_d, lr_d, mu, **static)
 
 
 # ---------------------------------------------------------------------- Adam
@@ -1444,6 +1461,7 @@ class HyperAdaGrad(HypergradientOptimizer):
     """
 
     LEARNABLE = ("lr",)
+    STORED_DERIVATIVES = (("lr", "direction"),)
 
     def __init__(
         self,
@@ -1495,18 +1513,8 @@ class HyperAdaGrad(HypergradientOptimizer):
         state["sum"] = torch.full_like(
             param, group["initial_accumulator_value"], memory_format=torch.preserve_format
         )
-        if "lr" in self.learn:
-            state["direction"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-
-    def _dot_names(self, group: dict[str, Any]) -> list[str]:
-        return ["lr"]
-
-    def _group_dots(self, gb: Any, values: dict[str, torch.Tensor], impl: str) -> list:
-        d = gb.state_list("direction")
-        out: list[torch.Tensor | None] = [None] * len(gb.params)
-        for i in _tensor_order(impl, _direction_dots, [p.numel() for p in gb.params]):
-            out[i] = _run(_direction_dots, impl, [gb.grads[i], d[i]])
-        return out  # type: ignore[return-value]
+        for key in self._stored_derivatives():
+            state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
     def _group_update(
         self,
@@ -1517,20 +1525,16 @@ class HyperAdaGrad(HypergradientOptimizer):
         impl: str,
     ) -> None:
         group = gb.group
-        learn_lr = "lr" in self.learn
         lists = [gb.params, gb.grads, gb.state_list("sum")]
-        if learn_lr:
-            lists.append(gb.state_list("direction"))
+        lists += [gb.state_list(k) for k in self._stored_derivatives()]
         static = {
             "eps": group["eps"],
             "weight_decay": group["weight_decay"],
             "maximize": group["maximize"],
-            "learn_lr": learn_lr,
+            "learn_lr": "lr" in self.learn,
         }
         for (device, _), (bucket, _) in bucket_by_device_and_dtype(lists).items():
-            ok_d, lr_d = ok.to(device), lr.to(device)
-            for i in _tensor_order(impl, _adagrad_update, [p.numel() for p in bucket[0]]):
-                _run(_adagrad_update, impl, [t[i] for t in bucket], ok_d, lr_d, **static)
+            _update_each(_adagrad_update, impl, bucket, ok.to(device), lr.to(device), **static)
 
 
 # ---------------------------------------------------------------------- RMSProp
@@ -1560,6 +1564,7 @@ class HyperRMSProp(HypergradientOptimizer):
 
     LEARNABLE = ("lr", "decay")
     SQUASHED = frozenset({"decay"})
+    STORED_DERIVATIVES = (("lr", "direction"), ("decay", "d_decay"))
 
     def __init__(
         self,
@@ -1607,23 +1612,8 @@ class HyperRMSProp(HypergradientOptimizer):
 
     def _init_param_state(self, param: torch.Tensor, state: dict[str, Any], group: dict) -> None:
         state["square_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-        if "lr" in self.learn:
-            state["direction"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-        if "decay" in self.learn:
-            state["d_decay"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-
-    def _stored(self) -> list[str]:
-        return [k for n, k in (("lr", "direction"), ("decay", "d_decay")) if n in self.learn]
-
-    def _dot_names(self, group: dict[str, Any]) -> list[str]:
-        return [n for n in ("lr", "decay") if n in self.learn]
-
-    def _group_dots(self, gb: Any, values: dict[str, torch.Tensor], impl: str) -> list:
-        stored = [gb.state_list(k) for k in self._stored()]
-        out: list[torch.Tensor | None] = [None] * len(gb.params)
-        for i in _tensor_order(impl, _direction_dots, [p.numel() for p in gb.params]):
-            out[i] = _run(_direction_dots, impl, [gb.grads[i], *(s[i] for s in stored)])
-        return out  # type: ignore[return-value]
+        for key in self._stored_derivatives():
+            state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
     def _group_update(
         self,
@@ -1635,7 +1625,7 @@ class HyperRMSProp(HypergradientOptimizer):
     ) -> None:
         group = gb.group
         lists = [gb.params, gb.grads, gb.state_list("square_avg")]
-        lists += [gb.state_list(k) for k in self._stored()]
+        lists += [gb.state_list(k) for k in self._stored_derivatives()]
         static = {
             "eps": group["eps"],
             "weight_decay": group["weight_decay"],
@@ -1646,5 +1636,4 @@ class HyperRMSProp(HypergradientOptimizer):
         for (device, _), (bucket, _) in bucket_by_device_and_dtype(lists).items():
             ok_d, lr_d = ok.to(device), lr.to(device)
             rho = values["decay"].to(device)
-            for i in _tensor_order(impl, _rmsprop_update, [p.numel() for p in bucket[0]]):
-                _run(_rmsprop_update, impl, [t[i] for t in bucket], ok_d, lr_d, rho, **static)
+            _update_each(_rmsprop_update, impl, bucket, ok_d, lr_d, rho, **static)
