@@ -527,8 +527,24 @@ def _tensor_order(impl: str, fn: Any, sizes: Sequence[int]) -> list[int]:
     return list(range(len(sizes)))
 
 
-def _fused_ok(device: torch.device, dtype: torch.dtype) -> bool:
-    return device.type in _FUSED_DEVICES and dtype in _FUSED_DTYPES
+def _fused_ok(group: dict[str, Any], device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch's fused multi-tensor kernel may run a bucket of ``group`` (the caller adds
+    the optimizer's own condition: fixed momentum / betas)."""
+    return (
+        group["implementation"] in ("auto", "foreach")
+        and device.type in _FUSED_DEVICES
+        and dtype in _FUSED_DTYPES
+    )
+
+
+def _fused_step_args(lr: torch.Tensor, ok: torch.Tensor, dtype: torch.dtype) -> dict[str, Any]:
+    """The step size and skip arguments of torch's fused kernels: ``lr`` as a tensor of the
+    kernel's precision, ``found_inf`` set where the step is skipped."""
+    return {
+        "lr": lr.to(torch.float64 if dtype == torch.float64 else torch.float32),
+        "grad_scale": None,
+        "found_inf": (~ok).to(torch.float32),
+    }
 
 
 def _stored_dots(
@@ -559,6 +575,19 @@ def _update_each(
 
 
 # ---------------------------------------------------------------------- shared machinery
+def _one_per_level(values: Sequence[Any], height: int, what: str, given: Any, unit: str) -> list:
+    """``values`` for levels 1..height: one value serves every level, else exactly ``height``."""
+    values = list(values)
+    if len(values) == 1:
+        values = values * max(height, 1)
+    if height > 0 and len(values) != height:
+        raise ValueError(
+            f"Invalid {what}: {given!r}; allowed: one {unit} for every level or exactly "
+            f"height={height} {unit}s (level 1 first)"
+        )
+    return values
+
+
 def _names(value: str | Sequence[str], what: str) -> tuple[str, ...]:
     """``"lr+beta1"``, ``"lr,beta1"``, ``"adam/sgd"`` or a sequence of names -> tuple."""
     if isinstance(value, str):
@@ -623,14 +652,8 @@ class HypergradientOptimizer(TuningFreeOptimizer):
         kinds = _names(hyper_optimizer, "hyper_optimizer")
         for k in kinds:
             check_choice("hyper_optimizer", k, HYPER_OPTIMIZERS)
-        if len(kinds) == 1:
-            kinds = kinds * max(height, 1)
-        if height > 0 and len(kinds) != height:
-            raise ValueError(
-                f"Invalid hyper_optimizer: {hyper_optimizer!r}; allowed: one name for every "
-                f"level or exactly height={height} names (level 1 first)"
-            )
-        self.hyper_optimizers = kinds[: self.height]
+        kinds = _one_per_level(kinds, height, "hyper_optimizer", hyper_optimizer, "name")
+        self.hyper_optimizers = tuple(kinds[: self.height])
         if hyper_lr is None:
             if "sgd" in self.hyper_optimizers:
                 raise ValueError(
@@ -644,13 +667,7 @@ class HypergradientOptimizer(TuningFreeOptimizer):
         else:
             lrs = list(hyper_lr)
         lrs = [check_positive(f"hyper_lr[{i}]", v) for i, v in enumerate(lrs)]
-        if len(lrs) == 1:
-            lrs = lrs * max(height, 1)
-        if height > 0 and len(lrs) != height:
-            raise ValueError(
-                f"Invalid hyper_lr: {hyper_lr!r}; allowed: one number for every level or exactly "
-                f"height={height} numbers (level 1 first)"
-            )
+        lrs = _one_per_level(lrs, height, "hyper_lr", hyper_lr, "number")
         self.hyper_lr = tuple(lrs[: self.height])
         if not (isinstance(hyper_betas, Sequence) and len(hyper_betas) == 2):
             raise ValueError(f"Invalid hyper_betas: {hyper_betas!r}; allowed: two numbers")
@@ -722,11 +739,24 @@ class HypergradientOptimizer(TuningFreeOptimizer):
     def _level_names(self, level: int) -> tuple[str, ...]:
         return self.learn if level == 0 else ("lr",)
 
+    def _prefix(self, gi: int) -> str:
+        """State-key prefix of the learned hyperparameters that param group ``gi`` uses."""
+        return f"hyper/group{gi}/" if self.per_group else "hyper/"
+
     def _sets(self) -> list[tuple[str, list[int]]]:
         """(state-key prefix, param-group indices) of each set of shared hyperparameters."""
         if self.per_group:
-            return [(f"hyper/group{i}/", [i]) for i in range(len(self.param_groups))]
-        return [("hyper/", list(range(len(self.param_groups))))]
+            return [(self._prefix(i), [i]) for i in range(len(self.param_groups))]
+        return [(self._prefix(0), list(range(len(self.param_groups))))]
+
+    def _tower_keys(self, prefix: str) -> list[tuple[int, str, str]]:
+        """``(level, name, state key)`` of every value in the tower of ``prefix``, level 0 up to
+        the fixed top step size (level ``height``)."""
+        return [
+            (level, name, f"{prefix}level{level}/{name}")
+            for level in range(self.height + 1)
+            for name in self._level_names(level)
+        ]
 
     @property
     def learning(self) -> bool:
@@ -767,28 +797,25 @@ class HypergradientOptimizer(TuningFreeOptimizer):
             self.global_tensor(f"hyper/group{gi}/prev_scale", device, const(0.0))
         for prefix, members in self._sets():
             first = self.param_groups[members[0]]
-            for level in range(self.height + 1):
-                names = self._level_names(level) if level < self.height else ("lr",)
-                for name in names:
-                    key = f"{prefix}level{level}/{name}"
-                    if level == self.height:  # the fixed top step size
-                        self.global_tensor(key, device, const(self.hyper_lr[level - 1]))
-                        continue
-                    kind = self._kind(level, name)
-                    if key + "/raw" not in self.global_state:
-                        if level > 0:
-                            value = self.hyper_lr[level - 1]
-                        elif name == "lr":
-                            value = first["lr_ref"]
-                        else:
-                            value = self._shared_initial_value(members, name)
-                        self.global_state[key + "/raw"] = torch.tensor(
-                            _raw_from_value(kind, float(value)), dtype=dtype, device=device
-                        )
-                    raw = self.global_tensor(key + "/raw", device, const(0.0))
-                    self.global_tensor(key, device, lambda d, r=raw, k=kind: _value(k, r.to(d)))
-                    for suffix in ("grad", "dir", "exp_avg", "exp_avg_sq"):
-                        self.global_tensor(f"{key}/{suffix}", device, const(0.0))
+            for level, name, key in self._tower_keys(prefix):
+                if level == self.height:  # the fixed top step size
+                    self.global_tensor(key, device, const(self.hyper_lr[level - 1]))
+                    continue
+                kind = self._kind(level, name)
+                if key + "/raw" not in self.global_state:
+                    if level > 0:
+                        value = self.hyper_lr[level - 1]
+                    elif name == "lr":
+                        value = first["lr_ref"]
+                    else:
+                        value = self._shared_initial_value(members, name)
+                    self.global_state[key + "/raw"] = torch.tensor(
+                        _raw_from_value(kind, float(value)), dtype=dtype, device=device
+                    )
+                raw = self.global_tensor(key + "/raw", device, const(0.0))
+                self.global_tensor(key, device, lambda d, r=raw, k=kind: _value(k, r.to(d)))
+                for suffix in ("grad", "dir", "exp_avg", "exp_avg_sq"):
+                    self.global_tensor(f"{key}/{suffix}", device, const(0.0))
 
     # ------------------------------------------------------------------ subclass hooks
     def _stored_derivatives(self) -> list[str]:
@@ -829,7 +856,7 @@ class HypergradientOptimizer(TuningFreeOptimizer):
         """Hyperparameter values for group ``gi``: learned ones from the global state, fixed ones
         from the param group (as 0-dim tensors)."""
         group = self.param_groups[gi]
-        prefix = f"hyper/group{gi}/" if self.per_group else "hyper/"
+        prefix = self._prefix(gi)
         dtype = self._hyper_dtype()
         out: dict[str, torch.Tensor] = {}
         for name in self.LEARNABLE:
@@ -922,8 +949,8 @@ class HypergradientOptimizer(TuningFreeOptimizer):
         for gi, gb in enumerate(batch.groups):
             group = gb.group
             scale = self._scale(group)
+            values = self._values(gi, device)
             if self.learning:
-                values = self._values(gi, device)
                 alpha = values.get("lr")
                 lr = alpha * scale if alpha is not None else torch.tensor(scale, dtype=dtype)
                 key = f"hyper/group{gi}/prev_scale"
@@ -931,7 +958,6 @@ class HypergradientOptimizer(TuningFreeOptimizer):
                     ok, torch.tensor(scale, dtype=dtype, device=device), self._g(key)
                 )
             else:
-                values = self._values(gi, device)
                 lr = torch.tensor(group["lr"], dtype=dtype, device=device)
             if not gb.params:
                 continue
@@ -1028,12 +1054,9 @@ class HypergradientOptimizer(TuningFreeOptimizer):
         if not self.learning:
             return out
         for prefix, _ in self._sets():
-            for level in range(self.height + 1):
-                names = self._level_names(level) if level < self.height else ("lr",)
-                for name in names:
-                    key = f"{prefix}level{level}/{name}"
-                    if key in self.global_state:
-                        out[key] = float(self.global_state[key])
+            for _, _, key in self._tower_keys(prefix):
+                if key in self.global_state:
+                    out[key] = float(self.global_state[key])
         return out
 
     def hypergradients(self) -> dict[str, float]:
@@ -1177,25 +1200,18 @@ class HyperSGD(HypergradientOptimizer):
         for (device, dtype), (bucket, _) in bucket_by_device_and_dtype(lists).items():
             ok_d = ok.to(device)
             lr_d = lr.to(device)
-            if (
-                group["implementation"] in ("auto", "foreach")
-                and not learn_momentum
-                and group["momentum"] > 0.0
-                and _fused_ok(device, dtype)
-            ):
+            if not learn_momentum and group["momentum"] > 0.0 and _fused_ok(group, device, dtype):
                 torch._fused_sgd_(
                     bucket[0],
                     bucket[1],
                     bucket[2],
                     weight_decay=group["weight_decay"],
                     momentum=group["momentum"],
-                    lr=lr_d.to(torch.float64 if dtype == torch.float64 else torch.float32),
                     dampening=0.0,
                     nesterov=False,
                     maximize=group["maximize"],
                     is_first_step=False,
-                    grad_scale=None,
-                    found_inf=(~ok_d).to(torch.float32),
+                    **_fused_step_args(lr_d, ok_d, dtype),
                 )
                 continue
             mu = values["momentum"].to(device)
@@ -1391,11 +1407,7 @@ class HyperAdam(HypergradientOptimizer):
             ok_d = ok.to(device)
             lr_d = lr.to(device)
             bucket_steps = [steps[i] for i in idx]
-            if (
-                group["implementation"] in ("auto", "foreach")
-                and not learned_betas
-                and _fused_ok(device, dtype)
-            ):
+            if not learned_betas and _fused_ok(group, device, dtype):
                 torch._foreach_add_(bucket_steps, ok_d.to(torch.float32))
                 beta1, beta2 = group["betas"]
                 fused = (
@@ -1408,15 +1420,13 @@ class HyperAdam(HypergradientOptimizer):
                     bucket[3],
                     [],
                     bucket_steps,
-                    lr=lr_d.to(torch.float64 if dtype == torch.float64 else torch.float32),
                     beta1=beta1,
                     beta2=beta2,
                     weight_decay=group["weight_decay"],
                     eps=group["eps"],
                     amsgrad=False,
                     maximize=group["maximize"],
-                    grad_scale=None,
-                    found_inf=(~ok_d).to(torch.float32),
+                    **_fused_step_args(lr_d, ok_d, dtype),
                 )
                 continue
             b1, b2 = values["beta1"].to(device), values["beta2"].to(device)
