@@ -679,11 +679,7 @@ class HypergradientOptimizer(TuningFreeOptimizer):
             check_choice("lr_parametrization", lr_parametrization, STEP_PARAMETRIZATIONS)
         )
         self.per_group = check_bool("per_group", per_group)
-        if "lr" in self.learn:
-            check_positive("lr", defaults["lr"])
-        for key in self.learn:
-            if key != "lr":
-                self._check_learnable_value(key, self._initial_value(defaults, key))
+        self._check_initial_values(defaults)
         self._finite_term: torch.Tensor | None = None
         self._index_cache: dict[tuple[int, ...], torch.Tensor] = {}
         self._step_cache: dict[str, Any] = {}
@@ -697,13 +693,21 @@ class HypergradientOptimizer(TuningFreeOptimizer):
         group = self.param_groups[-1]
         # The learned step size starts at lr_ref; group["lr"] / lr_ref is the schedule multiplier.
         group.setdefault("lr_ref", group["lr"] if self.per_group else self.defaults["lr"])
+        sharing = None if self.per_group else list(range(len(self.param_groups)))
+        self._check_initial_values(group, sharing)
+
+    def _check_initial_values(
+        self, group: dict[str, Any], sharing: list[int] | None = None
+    ) -> None:
+        """The starting values of the learned hyperparameters in ``group`` (the constructor's
+        defaults or a param group) are valid, and equal across the groups ``sharing`` them."""
         if "lr" in self.learn:
             check_positive("lr", group["lr"])
         for key in self.learn:
             if key != "lr":
                 self._check_learnable_value(key, self._initial_value(group, key))
-                if not self.per_group:
-                    self._shared_initial_value(list(range(len(self.param_groups))), key)
+                if sharing is not None:
+                    self._shared_initial_value(sharing, key)
 
     @staticmethod
     def _initial_value(group: dict[str, Any], key: str) -> float:
