@@ -210,7 +210,7 @@ _Z_LIMIT = 8.0  # |z| bound of the squashed hyperparameters: (tanh(8) + 1) / 2 <
 _LOG_LIMIT = 50.0  # |log alpha| bound: keeps exp() finite in fp32 (never reached in practice)
 _FUSED_DEVICES = ("cpu", "cuda")
 _FUSED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-_FOREACH_DTYPES = (torch.float32, torch.float64)  # dtypes the small-tensor dots run in as they are
+_FOREACH_DTYPES = (torch.float32, torch.float64)  # dots run in these as they are (no cast)
 _SMALL_NUMEL = 1 << 16  # below this, Adam's dots of a tensor go through multi-tensor ops
 
 
