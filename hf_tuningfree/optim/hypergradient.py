@@ -210,7 +210,7 @@ _Z_LIMIT = 8.0  # |z| bound of the squashed hyperparameters: (tanh(8) + 1) / 2 <
 _LOG_LIMIT = 50.0  # |log alpha| bound: keeps exp() finite in fp32 (never reached in practice)
 _FUSED_DEVICES = ("cpu", "cuda")
 _FUSED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-_FOREACH_DTYPES = (torch.float32, torch.float64)  # dtypes the small-tensor dots run in as they are
+_FOREACH_DTYPES = (torch.float32, torch.float64)  # dots run in these as they are (no cast)
 _SMALL_NUMEL = 1 << 16  # below this, Adam's dots of a tensor go through multi-tensor ops
 
 
@@ -260,19 +260,37 @@ def _project(kind: str, raw: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------- per-tensor kernels
 # Each base optimizer has two per-tensor functions, run eagerly ("loop") or compiled:
-#   *_dots:   the dot products of the gradient with the stored derivatives of the last update,
-#             returned as one 1-D tensor (one entry per learned quantity);
+#   *_dots:   the dot products of the gradient with the derivatives of the last update, returned
+#             as one 1-D tensor (one entry per learned quantity): ``_direction_dots`` where the
+#             derivatives are stored (SGD, AdaGrad, RMSProp), ``_adam_dots`` recomputes them;
 #   *_update: the update itself, which also stores what the next step's dots need.
 # Every write of *_update is a no-op where ``ok`` is False (a skipped step changes nothing).
 # Optional tensors (buffers of learned betas etc.) follow the fixed ones in the argument list;
 # static flags say which are present.
 
 
-def _sgd_dots(g: torch.Tensor, buf: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
-    """``<g, buf>`` (step size) and, learning the momentum, ``<g, buf_prev>``."""
+def _direction_dots(g: torch.Tensor, *stored: torch.Tensor) -> torch.Tensor:
+    """``<g, D>`` for each stored derivative ``D`` of the last update (SGD: ``buf`` for the step
+    size, ``buf_prev`` for the momentum; AdaGrad, RMSProp: the direction, ``d_decay``)."""
     cdt = compute_dtype(g.dtype)
     g = g.to(cdt)
-    return torch.stack([(g * t.to(cdt)).sum() for t in (buf, *rest)])
+    return torch.stack([(g * t.to(cdt)).sum() for t in stored])
+
+
+def _update_gradient(
+    p: torch.Tensor, g: torch.Tensor, ok: torch.Tensor, weight_decay: float, maximize: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(g, x)`` in the compute dtype as an update uses them: ``g`` negated for ``maximize``,
+    0 where ``ok`` is False (a skipped step), plus the coupled L2 term ``weight_decay * x``."""
+    cdt = compute_dtype(p.dtype)
+    g = g.to(cdt)
+    if maximize:
+        g = -g
+    g = torch.where(ok, g, 0.0)
+    x = p.to(cdt)
+    if weight_decay != 0.0:
+        g = g + weight_decay * x
+    return g, x
 
 
 def _sgd_update(
@@ -285,14 +303,8 @@ def _sgd_update(
     else:
         p, g, buf, ok, lr, mu = args
         buf_prev = None
-    cdt = compute_dtype(p.dtype)
-    g = g.to(cdt)
-    if maximize:
-        g = -g
-    g = torch.where(ok, g, 0.0)
-    x = p.to(cdt)
-    if weight_decay != 0.0:
-        g = g + weight_decay * x
+    g, x = _update_gradient(p, g, ok, weight_decay, maximize)
+    cdt = x.dtype
     b = buf.to(cdt)
     new_b = mu * b + g
     x = x - torch.where(ok, lr, 0.0) * new_b
@@ -387,14 +399,8 @@ def _adam_update(
     ok, lr, beta1, beta2, bc1, bc2, kb1, kb2 = args[-8:]
     d_beta1 = extra.pop(0) if learn_beta1 else None
     d_beta2 = extra.pop(0) if learn_beta2 else None
-    cdt = compute_dtype(p.dtype)
-    g = g.to(cdt)
-    if maximize:
-        g = -g
-    g = torch.where(ok, g, 0.0)
-    x = p.to(cdt)
-    if weight_decay != 0.0 and not decoupled:
-        g = g + weight_decay * x
+    g, x = _update_gradient(p, g, ok, 0.0 if decoupled else weight_decay, maximize)
+    cdt = x.dtype
     m_old = m.to(cdt)
     v_old = v.to(cdt)
     m_new = m_old + (1.0 - beta1) * (g - m_old)
@@ -441,13 +447,6 @@ def _foreach_adam_lr_dots(
     return [torch.stack([s, t.sum()]) for s, t in zip(sums, gx, strict=True)]
 
 
-def _direction_dots(g: torch.Tensor, *stored: torch.Tensor) -> torch.Tensor:
-    """``<g, D>`` for each stored derivative ``D`` (AdaGrad, RMSProp)."""
-    cdt = compute_dtype(g.dtype)
-    g = g.to(cdt)
-    return torch.stack([(g * t.to(cdt)).sum() for t in stored])
-
-
 def _adagrad_update(
     *args: torch.Tensor, eps: float, weight_decay: float, maximize: bool, learn_lr: bool
 ) -> None:
@@ -458,14 +457,8 @@ def _adagrad_update(
     else:
         p, g, acc, ok, lr = args
         direction = None
-    cdt = compute_dtype(p.dtype)
-    g = g.to(cdt)
-    if maximize:
-        g = -g
-    g = torch.where(ok, g, 0.0)
-    x = p.to(cdt)
-    if weight_decay != 0.0:
-        g = g + weight_decay * x
+    g, x = _update_gradient(p, g, ok, weight_decay, maximize)
+    cdt = x.dtype
     a = acc.to(cdt)
     a_new = a + g * g
     d = g / (torch.sqrt(a_new) + eps)
@@ -491,14 +484,8 @@ def _rmsprop_update(
     ok, lr, rho = args[-3:]
     direction = extra.pop(0) if learn_lr else None
     d_decay = extra.pop(0) if learn_decay else None
-    cdt = compute_dtype(p.dtype)
-    g = g.to(cdt)
-    if maximize:
-        g = -g
-    g = torch.where(ok, g, 0.0)
-    x = p.to(cdt)
-    if weight_decay != 0.0:
-        g = g + weight_decay * x
+    g, x = _update_gradient(p, g, ok, weight_decay, maximize)
+    cdt = x.dtype
     v_old = sq.to(cdt)
     v_new = rho * v_old + (1.0 - rho) * (g * g)
     sv = torch.sqrt(v_new)
@@ -517,11 +504,10 @@ def _rmsprop_update(
 _KERNELS = {
     fn.__name__: CompiledKernel(fn, f"hypergradient {fn.__name__.strip('_')}")
     for fn in (
-        _sgd_dots,
+        _direction_dots,
         _sgd_update,
         _adam_dots,
         _adam_update,
-        _direction_dots,
         _adagrad_update,
         _rmsprop_update,
     )
@@ -541,11 +527,67 @@ def _tensor_order(impl: str, fn: Any, sizes: Sequence[int]) -> list[int]:
     return list(range(len(sizes)))
 
 
-def _fused_ok(device: torch.device, dtype: torch.dtype) -> bool:
-    return device.type in _FUSED_DEVICES and dtype in _FUSED_DTYPES
+def _fused_ok(group: dict[str, Any], device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch's fused multi-tensor kernel may run a bucket of ``group`` (the caller adds
+    the optimizer's own condition: fixed momentum / betas)."""
+    return (
+        group["implementation"] in ("auto", "foreach")
+        and device.type in _FUSED_DEVICES
+        and dtype in _FUSED_DTYPES
+    )
+
+
+def _fused_step_args(lr: torch.Tensor, ok: torch.Tensor, dtype: torch.dtype) -> dict[str, Any]:
+    """The step size and skip arguments of torch's fused kernels: ``lr`` as a tensor of the
+    kernel's precision, ``found_inf`` set where the step is skipped."""
+    return {
+        "lr": lr.to(torch.float64 if dtype == torch.float64 else torch.float32),
+        "grad_scale": None,
+        "found_inf": (~ok).to(torch.float32),
+    }
+
+
+def _stored_dots(
+    gb: Any, stored: list[list[torch.Tensor]], impl: str, *, torch_dot: bool = False
+) -> list[torch.Tensor]:
+    """Per tensor of ``gb``, ``_direction_dots`` of its gradient with its entries of ``stored``
+    (lists of per-parameter derivatives of the last update). ``torch_dot``: a single stored
+    derivative against an fp32/fp64 contiguous gradient goes through ``torch.dot`` instead."""
+    out: list[torch.Tensor | None] = [None] * len(gb.params)
+    for i in _tensor_order(impl, _direction_dots, [p.numel() for p in gb.params]):
+        g = gb.grads[i]
+        ts = [s[i] for s in stored]
+        if torch_dot and len(ts) == 1 and g.dtype in _FOREACH_DTYPES and g.is_contiguous():
+            # torch.dot: one vectorised pass at memory bandwidth, no temporaries
+            out[i] = torch.dot(g.view(-1), ts[0].view(-1)).reshape(1)
+        else:
+            out[i] = _run(_direction_dots, impl, [g, *ts])
+    return out  # type: ignore[return-value]
+
+
+def _update_each(
+    fn: Any, impl: str, bucket: list[list[torch.Tensor]], *args: Any, **static: Any
+) -> None:
+    """``fn`` on every tensor of a device/dtype ``bucket`` (lists, the parameters first) with the
+    same 0-dim tensors ``args`` and flags ``static``."""
+    for i in _tensor_order(impl, fn, [p.numel() for p in bucket[0]]):
+        _run(fn, impl, [t[i] for t in bucket], *args, **static)
 
 
 # ---------------------------------------------------------------------- shared machinery
+def _one_per_level(values: Sequence[Any], height: int, what: str, given: Any, unit: str) -> list:
+    """``values`` for levels 1..height: one value serves every level, else exactly ``height``."""
+    values = list(values)
+    if len(values) == 1:
+        values = values * max(height, 1)
+    if height > 0 and len(values) != height:
+        raise ValueError(
+            f"Invalid {what}: {given!r}; allowed: one {unit} for every level or exactly "
+            f"height={height} {unit}s (level 1 first)"
+        )
+    return values
+
+
 def _names(value: str | Sequence[str], what: str) -> tuple[str, ...]:
     """``"lr+beta1"``, ``"lr,beta1"``, ``"adam/sgd"`` or a sequence of names -> tuple."""
     if isinstance(value, str):
@@ -565,12 +607,17 @@ class HypergradientOptimizer(TuningFreeOptimizer):
     """Base class of the hypergradient optimizers (see the module docstring for the algorithm).
 
     Subclasses declare ``LEARNABLE`` (their learnable hyperparameters, step size ``"lr"`` first),
-    ``SQUASHED`` (those living in (0, 1)), and implement ``_init_param_state``, ``_dot_names``,
-    ``_group_dots`` and ``_group_update``.
+    ``SQUASHED`` (those living in (0, 1)), and implement ``_init_param_state`` and
+    ``_group_update``. Where the update stores ``du/dh`` per element, ``STORED_DERIVATIVES`` names
+    the state key of each, and the default ``_dot_names`` / ``_group_dots`` dot the gradient with
+    them; HyperAdam recomputes its step-size derivative from the moments and overrides both.
     """
 
     LEARNABLE: tuple[str, ...] = ("lr",)
     SQUASHED: frozenset[str] = frozenset()
+    #: ``(learnable hyperparameter, per-parameter state key of its stored du/dh)``, in
+    #: ``LEARNABLE`` order.
+    STORED_DERIVATIVES: tuple[tuple[str, str], ...] = ()
 
     def __init__(
         self,
@@ -605,14 +652,8 @@ class HypergradientOptimizer(TuningFreeOptimizer):
         kinds = _names(hyper_optimizer, "hyper_optimizer")
         for k in kinds:
             check_choice("hyper_optimizer", k, HYPER_OPTIMIZERS)
-        if len(kinds) == 1:
-            kinds = kinds * max(height, 1)
-        if height > 0 and len(kinds) != height:
-            raise ValueError(
-                f"Invalid hyper_optimizer: {hyper_optimizer!r}; allowed: one name for every "
-                f"level or exactly height={height} names (level 1 first)"
-            )
-        self.hyper_optimizers = kinds[: self.height]
+        kinds = _one_per_level(kinds, height, "hyper_optimizer", hyper_optimizer, "name")
+        self.hyper_optimizers = tuple(kinds[: self.height])
         if hyper_lr is None:
             if "sgd" in self.hyper_optimizers:
                 raise ValueError(
@@ -626,13 +667,7 @@ class HypergradientOptimizer(TuningFreeOptimizer):
         else:
             lrs = list(hyper_lr)
         lrs = [check_positive(f"hyper_lr[{i}]", v) for i, v in enumerate(lrs)]
-        if len(lrs) == 1:
-            lrs = lrs * max(height, 1)
-        if height > 0 and len(lrs) != height:
-            raise ValueError(
-                f"Invalid hyper_lr: {hyper_lr!r}; allowed: one number for every level or exactly "
-                f"height={height} numbers (level 1 first)"
-            )
+        lrs = _one_per_level(lrs, height, "hyper_lr", hyper_lr, "number")
         self.hyper_lr = tuple(lrs[: self.height])
         if not (isinstance(hyper_betas, Sequence) and len(hyper_betas) == 2):
             raise ValueError(f"Invalid hyper_betas: {hyper_betas!r}; allowed: two numbers")
@@ -644,11 +679,7 @@ class HypergradientOptimizer(TuningFreeOptimizer):
             check_choice("lr_parametrization", lr_parametrization, STEP_PARAMETRIZATIONS)
         )
         self.per_group = check_bool("per_group", per_group)
-        if "lr" in self.learn:
-            check_positive("lr", defaults["lr"])
-        for key in self.learn:
-            if key != "lr":
-                self._check_learnable_value(key, self._initial_value(defaults, key))
+        self._check_initial_values(defaults)
         self._finite_term: torch.Tensor | None = None
         self._index_cache: dict[tuple[int, ...], torch.Tensor] = {}
         self._step_cache: dict[str, Any] = {}
@@ -662,13 +693,21 @@ class HypergradientOptimizer(TuningFreeOptimizer):
         group = self.param_groups[-1]
         # The learned step size starts at lr_ref; group["lr"] / lr_ref is the schedule multiplier.
         group.setdefault("lr_ref", group["lr"] if self.per_group else self.defaults["lr"])
+        sharing = None if self.per_group else list(range(len(self.param_groups)))
+        self._check_initial_values(group, sharing)
+
+    def _check_initial_values(
+        self, group: dict[str, Any], sharing: list[int] | None = None
+    ) -> None:
+        """The starting values of the learned hyperparameters in ``group`` (the constructor's
+        defaults or a param group) are valid, and equal across the groups ``sharing`` them."""
         if "lr" in self.learn:
             check_positive("lr", group["lr"])
         for key in self.learn:
             if key != "lr":
                 self._check_learnable_value(key, self._initial_value(group, key))
-                if not self.per_group:
-                    self._shared_initial_value(list(range(len(self.param_groups))), key)
+                if sharing is not None:
+                    self._shared_initial_value(sharing, key)
 
     @staticmethod
     def _initial_value(group: dict[str, Any], key: str) -> float:
@@ -704,11 +743,24 @@ class HypergradientOptimizer(TuningFreeOptimizer):
     def _level_names(self, level: int) -> tuple[str, ...]:
         return self.learn if level == 0 else ("lr",)
 
+    def _prefix(self, gi: int) -> str:
+        """State-key prefix of the learned hyperparameters that param group ``gi`` uses."""
+        return f"hyper/group{gi}/" if self.per_group else "hyper/"
+
     def _sets(self) -> list[tuple[str, list[int]]]:
         """(state-key prefix, param-group indices) of each set of shared hyperparameters."""
         if self.per_group:
-            return [(f"hyper/group{i}/", [i]) for i in range(len(self.param_groups))]
-        return [("hyper/", list(range(len(self.param_groups))))]
+            return [(self._prefix(i), [i]) for i in range(len(self.param_groups))]
+        return [(self._prefix(0), list(range(len(self.param_groups))))]
+
+    def _tower_keys(self, prefix: str) -> list[tuple[int, str, str]]:
+        """``(level, name, state key)`` of every value in the tower of ``prefix``, level 0 up to
+        the fixed top step size (level ``height``)."""
+        return [
+            (level, name, f"{prefix}level{level}/{name}")
+            for level in range(self.height + 1)
+            for name in self._level_names(level)
+        ]
 
     @property
     def learning(self) -> bool:
@@ -749,39 +801,40 @@ class HypergradientOptimizer(TuningFreeOptimizer):
             self.global_tensor(f"hyper/group{gi}/prev_scale", device, const(0.0))
         for prefix, members in self._sets():
             first = self.param_groups[members[0]]
-            for level in range(self.height + 1):
-                names = self._level_names(level) if level < self.height else ("lr",)
-                for name in names:
-                    key = f"{prefix}level{level}/{name}"
-                    if level == self.height:  # the fixed top step size
-                        self.global_tensor(key, device, const(self.hyper_lr[level - 1]))
-                        continue
-                    kind = self._kind(level, name)
-                    if key + "/raw" not in self.global_state:
-                        if level > 0:
-                            value = self.hyper_lr[level - 1]
-                        elif name == "lr":
-                            value = first["lr_ref"]
-                        else:
-                            value = self._shared_initial_value(members, name)
-                        self.global_state[key + "/raw"] = torch.tensor(
-                            _raw_from_value(kind, float(value)), dtype=dtype, device=device
-                        )
-                    raw = self.global_tensor(key + "/raw", device, const(0.0))
-                    self.global_tensor(key, device, lambda d, r=raw, k=kind: _value(k, r.to(d)))
-                    for suffix in ("grad", "dir", "exp_avg", "exp_avg_sq"):
-                        self.global_tensor(f"{key}/{suffix}", device, const(0.0))
+            for level, name, key in self._tower_keys(prefix):
+                if level == self.height:  # the fixed top step size
+                    self.global_tensor(key, device, const(self.hyper_lr[level - 1]))
+                    continue
+                kind = self._kind(level, name)
+                if key + "/raw" not in self.global_state:
+                    if level > 0:
+                        value = self.hyper_lr[level - 1]
+                    elif name == "lr":
+                        value = first["lr_ref"]
+                    else:
+                        value = self._shared_initial_value(members, name)
+                    self.global_state[key + "/raw"] = torch.tensor(
+                        _raw_from_value(kind, float(value)), dtype=dtype, device=device
+                    )
+                raw = self.global_tensor(key + "/raw", device, const(0.0))
+                self.global_tensor(key, device, lambda d, r=raw, k=kind: _value(k, r.to(d)))
+                for suffix in ("grad", "dir", "exp_avg", "exp_avg_sq"):
+                    self.global_tensor(f"{key}/{suffix}", device, const(0.0))
 
     # ------------------------------------------------------------------ subclass hooks
+    def _stored_derivatives(self) -> list[str]:
+        """State keys of the stored derivatives of the learned hyperparameters."""
+        return [key for name, key in self.STORED_DERIVATIVES if name in self.learn]
+
     def _dot_names(self, group: dict[str, Any]) -> list[str]:
         """Names of the per-group dot products, in the order ``_group_dots`` returns them."""
-        raise NotImplementedError
+        return [name for name, _ in self.STORED_DERIVATIVES if name in self.learn]
 
     def _group_dots(
         self, gb: Any, values: dict[str, torch.Tensor], impl: str
     ) -> list[torch.Tensor]:
         """Per tensor of ``gb``, a 1-D tensor of the dot products named by ``_dot_names``."""
-        raise NotImplementedError
+        return _stored_dots(gb, [gb.state_list(k) for k in self._stored_derivatives()], impl)
 
     def _group_update(
         self,
@@ -807,7 +860,7 @@ class HypergradientOptimizer(TuningFreeOptimizer):
         """Hyperparameter values for group ``gi``: learned ones from the global state, fixed ones
         from the param group (as 0-dim tensors)."""
         group = self.param_groups[gi]
-        prefix = f"hyper/group{gi}/" if self.per_group else "hyper/"
+        prefix = self._prefix(gi)
         dtype = self._hyper_dtype()
         out: dict[str, torch.Tensor] = {}
         for name in self.LEARNABLE:
@@ -900,8 +953,8 @@ class HypergradientOptimizer(TuningFreeOptimizer):
         for gi, gb in enumerate(batch.groups):
             group = gb.group
             scale = self._scale(group)
+            values = self._values(gi, device)
             if self.learning:
-                values = self._values(gi, device)
                 alpha = values.get("lr")
                 lr = alpha * scale if alpha is not None else torch.tensor(scale, dtype=dtype)
                 key = f"hyper/group{gi}/prev_scale"
@@ -909,7 +962,6 @@ class HypergradientOptimizer(TuningFreeOptimizer):
                     ok, torch.tensor(scale, dtype=dtype, device=device), self._g(key)
                 )
             else:
-                values = self._values(gi, device)
                 lr = torch.tensor(group["lr"], dtype=dtype, device=device)
             if not gb.params:
                 continue
@@ -1006,12 +1058,9 @@ class HypergradientOptimizer(TuningFreeOptimizer):
         if not self.learning:
             return out
         for prefix, _ in self._sets():
-            for level in range(self.height + 1):
-                names = self._level_names(level) if level < self.height else ("lr",)
-                for name in names:
-                    key = f"{prefix}level{level}/{name}"
-                    if key in self.global_state:
-                        out[key] = float(self.global_state[key])
+            for _, _, key in self._tower_keys(prefix):
+                if key in self.global_state:
+                    out[key] = float(self.global_state[key])
         return out
 
     def hypergradients(self) -> dict[str, float]:
@@ -1074,6 +1123,7 @@ class HyperSGD(HypergradientOptimizer):
 
     LEARNABLE = ("lr", "momentum")
     SQUASHED = frozenset({"momentum"})
+    STORED_DERIVATIVES = (("lr", "momentum_buffer"), ("momentum", "momentum_buffer_prev"))
 
     def __init__(
         self,
@@ -1124,9 +1174,6 @@ class HyperSGD(HypergradientOptimizer):
                 param, memory_format=torch.preserve_format
             )
 
-    def _dot_names(self, group: dict[str, Any]) -> list[str]:
-        return [n for n in ("lr", "momentum") if n in self.learn]
-
     def _buffers(self, gb: Any) -> list[list[torch.Tensor]]:
         lists = [gb.state_list("momentum_buffer")]
         if "momentum" in self.learn:
@@ -1134,20 +1181,9 @@ class HyperSGD(HypergradientOptimizer):
         return lists
 
     def _group_dots(self, gb: Any, values: dict[str, torch.Tensor], impl: str) -> list:
-        bufs = self._buffers(gb)
-        if "lr" not in self.learn:
-            bufs = bufs[1:]
-        fast = gb.group["implementation"] in ("auto", "foreach") and len(bufs) == 1
-        out: list[torch.Tensor | None] = [None] * len(gb.params)
-        for i in _tensor_order(impl, _sgd_dots, [p.numel() for p in gb.params]):
-            g = gb.grads[i]
-            ts = [b[i] for b in bufs]
-            if fast and g.dtype in (torch.float32, torch.float64) and g.is_contiguous():
-                # torch.dot: one vectorised pass at memory bandwidth, no temporaries
-                out[i] = torch.dot(g.view(-1), ts[0].view(-1)).reshape(1)
-            else:
-                out[i] = _run(_sgd_dots, impl, [g, *ts])
-        return out  # type: ignore[return-value]
+        stored = [gb.state_list(k) for k in self._stored_derivatives()]
+        fast = gb.group["implementation"] in ("auto", "foreach")
+        return _stored_dots(gb, stored, impl, torch_dot=fast)
 
     def _group_update(
         self,
@@ -1159,44 +1195,31 @@ class HyperSGD(HypergradientOptimizer):
     ) -> None:
         group = gb.group
         learn_momentum = "momentum" in self.learn
-        static = {"weight_decay": group["weight_decay"], "maximize": group["maximize"]}
+        static = {
+            "weight_decay": group["weight_decay"],
+            "maximize": group["maximize"],
+            "learn_momentum": learn_momentum,
+        }
         lists = [gb.params, gb.grads, *self._buffers(gb)]
         for (device, dtype), (bucket, _) in bucket_by_device_and_dtype(lists).items():
             ok_d = ok.to(device)
             lr_d = lr.to(device)
-            if (
-                group["implementation"] in ("auto", "foreach")
-                and not learn_momentum
-                and group["momentum"] > 0.0
-                and _fused_ok(device, dtype)
-            ):
+            if not learn_momentum and group["momentum"] > 0.0 and _fused_ok(group, device, dtype):
                 torch._fused_sgd_(
                     bucket[0],
                     bucket[1],
                     bucket[2],
                     weight_decay=group["weight_decay"],
                     momentum=group["momentum"],
-                    lr=lr_d.to(torch.float64 if dtype == torch.float64 else torch.float32),
                     dampening=0.0,
                     nesterov=False,
                     maximize=group["maximize"],
                     is_first_step=False,
-                    grad_scale=None,
-                    found_inf=(~ok_d).to(torch.float32),
+                    **_fused_step_args(lr_d, ok_d, dtype),
                 )
                 continue
             mu = values["momentum"].to(device)
-            for i in _tensor_order(impl, _sgd_update, [p.numel() for p in bucket[0]]):
-                _run(
-                    _sgd_update,
-                    impl,
-                    [t[i] for t in bucket],
-                    ok_d,
-                    lr_d,
-                    mu,
-                    learn_momentum=learn_momentum,
-                    **static,
-                )
+            _update_each(_sgd_update, impl, bucket, ok_d, lr_d, mu, **static)
 
 
 # ---------------------------------------------------------------------- Adam
@@ -1388,11 +1411,7 @@ class HyperAdam(HypergradientOptimizer):
             ok_d = ok.to(device)
             lr_d = lr.to(device)
             bucket_steps = [steps[i] for i in idx]
-            if (
-                group["implementation"] in ("auto", "foreach")
-                and not learned_betas
-                and _fused_ok(device, dtype)
-            ):
+            if not learned_betas and _fused_ok(group, device, dtype):
                 torch._foreach_add_(bucket_steps, ok_d.to(torch.float32))
                 beta1, beta2 = group["betas"]
                 fused = (
@@ -1405,15 +1424,13 @@ class HyperAdam(HypergradientOptimizer):
                     bucket[3],
                     [],
                     bucket_steps,
-                    lr=lr_d.to(torch.float64 if dtype == torch.float64 else torch.float32),
                     beta1=beta1,
                     beta2=beta2,
                     weight_decay=group["weight_decay"],
                     eps=group["eps"],
                     amsgrad=False,
                     maximize=group["maximize"],
-                    grad_scale=None,
-                    found_inf=(~ok_d).to(torch.float32),
+                    **_fused_step_args(lr_d, ok_d, dtype),
                 )
                 continue
             b1, b2 = values["beta1"].to(device), values["beta2"].to(device)
@@ -1458,6 +1475,7 @@ class HyperAdaGrad(HypergradientOptimizer):
     """
 
     LEARNABLE = ("lr",)
+    STORED_DERIVATIVES = (("lr", "direction"),)
 
     def __init__(
         self,
@@ -1509,18 +1527,8 @@ class HyperAdaGrad(HypergradientOptimizer):
         state["sum"] = torch.full_like(
             param, group["initial_accumulator_value"], memory_format=torch.preserve_format
         )
-        if "lr" in self.learn:
-            state["direction"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-
-    def _dot_names(self, group: dict[str, Any]) -> list[str]:
-        return ["lr"]
-
-    def _group_dots(self, gb: Any, values: dict[str, torch.Tensor], impl: str) -> list:
-        d = gb.state_list("direction")
-        out: list[torch.Tensor | None] = [None] * len(gb.params)
-        for i in _tensor_order(impl, _direction_dots, [p.numel() for p in gb.params]):
-            out[i] = _run(_direction_dots, impl, [gb.grads[i], d[i]])
-        return out  # type: ignore[return-value]
+        for key in self._stored_derivatives():
+            state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
     def _group_update(
         self,
@@ -1531,20 +1539,16 @@ class HyperAdaGrad(HypergradientOptimizer):
         impl: str,
     ) -> None:
         group = gb.group
-        learn_lr = "lr" in self.learn
         lists = [gb.params, gb.grads, gb.state_list("sum")]
-        if learn_lr:
-            lists.append(gb.state_list("direction"))
+        lists += [gb.state_list(k) for k in self._stored_derivatives()]
         static = {
             "eps": group["eps"],
             "weight_decay": group["weight_decay"],
             "maximize": group["maximize"],
-            "learn_lr": learn_lr,
+            "learn_lr": "lr" in self.learn,
         }
         for (device, _), (bucket, _) in bucket_by_device_and_dtype(lists).items():
-            ok_d, lr_d = ok.to(device), lr.to(device)
-            for i in _tensor_order(impl, _adagrad_update, [p.numel() for p in bucket[0]]):
-                _run(_adagrad_update, impl, [t[i] for t in bucket], ok_d, lr_d, **static)
+            _update_each(_adagrad_update, impl, bucket, ok.to(device), lr.to(device), **static)
 
 
 # ---------------------------------------------------------------------- RMSProp
@@ -1574,6 +1578,7 @@ class HyperRMSProp(HypergradientOptimizer):
 
     LEARNABLE = ("lr", "decay")
     SQUASHED = frozenset({"decay"})
+    STORED_DERIVATIVES = (("lr", "direction"), ("decay", "d_decay"))
 
     def __init__(
         self,
@@ -1621,23 +1626,8 @@ class HyperRMSProp(HypergradientOptimizer):
 
     def _init_param_state(self, param: torch.Tensor, state: dict[str, Any], group: dict) -> None:
         state["square_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-        if "lr" in self.learn:
-            state["direction"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-        if "decay" in self.learn:
-            state["d_decay"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-
-    def _stored(self) -> list[str]:
-        return [k for n, k in (("lr", "direction"), ("decay", "d_decay")) if n in self.learn]
-
-    def _dot_names(self, group: dict[str, Any]) -> list[str]:
-        return [n for n in ("lr", "decay") if n in self.learn]
-
-    def _group_dots(self, gb: Any, values: dict[str, torch.Tensor], impl: str) -> list:
-        stored = [gb.state_list(k) for k in self._stored()]
-        out: list[torch.Tensor | None] = [None] * len(gb.params)
-        for i in _tensor_order(impl, _direction_dots, [p.numel() for p in gb.params]):
-            out[i] = _run(_direction_dots, impl, [gb.grads[i], *(s[i] for s in stored)])
-        return out  # type: ignore[return-value]
+        for key in self._stored_derivatives():
+            state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
     def _group_update(
         self,
@@ -1649,7 +1639,7 @@ class HyperRMSProp(HypergradientOptimizer):
     ) -> None:
         group = gb.group
         lists = [gb.params, gb.grads, gb.state_list("square_avg")]
-        lists += [gb.state_list(k) for k in self._stored()]
+        lists += [gb.state_list(k) for k in self._stored_derivatives()]
         static = {
             "eps": group["eps"],
             "weight_decay": group["weight_decay"],
@@ -1660,5 +1650,4 @@ class HyperRMSProp(HypergradientOptimizer):
         for (device, _), (bucket, _) in bucket_by_device_and_dtype(lists).items():
             ok_d, lr_d = ok.to(device), lr.to(device)
             rho = values["decay"].to(device)
-            for i in _tensor_order(impl, _rmsprop_update, [p.numel() for p in bucket[0]]):
-                _run(_rmsprop_update, impl, [t[i] for t in bucket], ok_d, lr_d, rho, **static)
+            _update_each(_rmsprop_update, impl, bucket, ok_d, lr_d, rho, **static)
