@@ -38,6 +38,7 @@ from hf_tuningfree.data.resolve import (
     ResolvedModel,
     offline_names,
     resolve_dataset,
+    resolve_model_config,
     resolve_model_source,
     resolve_tokenizer,
 )
@@ -72,6 +73,7 @@ __all__ = [
     "make_synthetic_mc",
     "offline_names",
     "resolve_dataset",
+    "resolve_model_config",
     "resolve_model_source",
     "resolve_tokenizer",
     "rows_to_dataset",

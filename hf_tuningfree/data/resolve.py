@@ -249,6 +249,18 @@ def _apply_overrides(config: PretrainedConfig, overrides: str | Mapping[str, Any
         config.update(dict(overrides))
 
 
+def _random_init_config(
+    spec: OfflineModel,
+    tokenizer: PreTrainedTokenizerBase,
+    config_overrides: str | Mapping[str, Any] | None,
+) -> PretrainedConfig:
+    assert spec.config is not None
+    ids = {"eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id}
+    config = spec.config(len(tokenizer), **{k: v for k, v in ids.items() if v is not None})
+    _apply_overrides(config, config_overrides)
+    return config
+
+
 def _random_init_model(
     spec: OfflineModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -259,9 +271,7 @@ def _random_init_model(
     import torch
     from transformers import AutoModelForCausalLM
 
-    ids = {"eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id}
-    config = spec.config(len(tokenizer), **{k: v for k, v in ids.items() if v is not None})
-    _apply_overrides(config, config_overrides)
+    config = _random_init_config(spec, tokenizer, config_overrides)
     if kwargs.get("dtype") == "auto":  # nothing to follow: the weights are made here, in float32
         kwargs = {k: v for k, v in kwargs.items() if k != "dtype"}
     with torch.random.fork_rng(devices=[]):
@@ -346,6 +356,54 @@ def resolve_model_source(
     )
     kind = "local" if local else "hub"
     return ResolvedModel(model, tokenizer, text, kind, f"{text} ({kind})")
+
+
+def resolve_model_config(
+    name_or_path: str | os.PathLike,
+    *,
+    tokenizer_name: str | os.PathLike | None = None,
+    config_overrides: str | Mapping[str, Any] | None = None,
+    revision: str = "main",
+    cache_dir: str | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[PretrainedConfig, PreTrainedTokenizerBase]:
+    """The config and tokenizer :func:`resolve_model_source` would load, without the weights.
+
+    For checking a model name (and reading its context length and vocabulary) before loading it,
+    e.g. in a parent process that hands the loading to workers. Same arguments and errors as
+    :func:`resolve_model_source`: ``HubOfflineError`` (fast) for a hub name that is not cached
+    while the hub is offline, ``ValueError`` for an unknown ``offline:`` name or overrides for a
+    pretrained model.
+    """
+    from transformers import AutoConfig
+
+    text = str(name_or_path)
+    if is_offline_name(text):
+        spec = OFFLINE_MODELS[_offline_key(text, "model", list(OFFLINE_MODELS))]
+        if spec.config is None and config_overrides:
+            raise ValueError(f"config_overrides applies to random-init models, not {text}")
+        tokenizer = resolve_tokenizer(tokenizer_name or OFFLINE_PREFIX + spec.tokenizer)
+        if spec.config is None:
+            return AutoConfig.from_pretrained(str(smollm2_dir())), tokenizer
+        config = _random_init_config(spec, tokenizer, config_overrides)
+        context = getattr(config, "max_position_embeddings", None)
+        if isinstance(context, int) and tokenizer.model_max_length > context:
+            tokenizer.model_max_length = context
+        return config, tokenizer
+    if config_overrides:
+        raise ValueError(
+            "config_overrides applies to random-init models (offline:gpt2-tiny, "
+            f"offline:gpt2-small, offline:llama-tiny), not to the pretrained {text}"
+        )
+    local = Path(text).expanduser().exists()
+    options = {"revision": revision, "cache_dir": cache_dir, "trust_remote_code": trust_remote_code}
+    try:
+        config = AutoConfig.from_pretrained(text, **options)
+    except OSError as error:
+        if local or not hub_is_offline():
+            raise
+        raise _hub_offline("model", text, ", ".join(offline_names("model"))) from error
+    return config, resolve_tokenizer(tokenizer_name or text, **options)
 
 
 # --- datasets -----------------------------------------------------------------------------------
