@@ -14,6 +14,9 @@ STOCK_LR = 5e-5
 
 ADAMW = "adamw_torch"
 
+#: The task kind of any model and data (``hf_tuningfree.compare.tasks.custom_task``).
+CUSTOM = "custom"
+
 
 @dataclass(frozen=True)
 class TaskSpec:

@@ -5,13 +5,27 @@ multiple-choice questions to score after training.
 corpus mixed with solved questions of the synthetic multiple-choice benchmark (MMLU format), with a
 byte-level BPE tokenizer trained on that text (a 50k-token vocabulary would spend most of a CPU
 step in the output layer). Everything is built locally; nothing touches the model hub.
+
+``smollm2-lora``: LoRA on SmolLM2-135M-Instruct trained on the synthetic multiple-choice questions.
+
+``custom``: any model and data the fine-tuning scripts accept (:func:`custom_task` makes the
+spec, :func:`build_custom` builds it). The model is an ``offline:NAME``, a local directory or a hub
+name (:func:`hf_tuningfree.data.resolve.resolve_model_source`), optionally wrapped in LoRA; the
+data an ``offline:NAME``, local file(s) or directory, or a hub name
+(:func:`hf_tuningfree.data.resolve.resolve_dataset`). The data's columns decide the training
+objective, as in ``scripts/finetune_llama_lora.py``: plain text is cut into blocks
+(:func:`hf_tuningfree.hf.clm.tokenize_and_group`, causal-LM training as ``run_clm.py``);
+MMLU-format questions, prompt/completion and instruction rows become one supervised example each
+(:func:`hf_tuningfree.hf.sft.tokenize_supervised`). MMLU-format data is also scored after training
+(its ``test`` split, else ``validation``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +33,7 @@ from typing import Any
 import datasets
 import torch
 
-from hf_tuningfree.compare.spec import TaskSpec
+from hf_tuningfree.compare.spec import CUSTOM, TaskSpec
 
 
 @dataclass
@@ -161,9 +175,297 @@ def build_smollm2_lora(spec: TaskSpec, cache_dir: Path) -> BuiltTask:
     )
 
 
+# --- custom: any model and data ------------------------------------------------------------------
+
+#: What ``hf-tuningfree compare --task custom`` trains when no model or data is named: the
+#: fine-tuning scripts' offline defaults (``finetune_gpt2.py``; with LoRA
+#: ``finetune_llama_lora.py``).
+CUSTOM_DEFAULT_MODEL = "offline:gpt2-tiny"
+CUSTOM_DEFAULT_DATA = "offline:pydoc"
+CUSTOM_DEFAULT_LORA_MODEL = "offline:smollm2-135m-instruct"
+CUSTOM_DEFAULT_LORA_DATA = "offline:synthetic-mc"
+
+#: Files above this size are fingerprinted by size and modification time, not content.
+FINGERPRINT_CONTENT_LIMIT = 64 * 2**20
+
+
+def path_fingerprint(path: str | Path) -> str | None:
+    """A digest of a local file's or directory's content (``None`` when ``path`` does not exist:
+    an ``offline:`` or hub name).
+
+    It goes into a custom task's options, so that editing a data file or re-saving a model
+    directory changes the cache key. Files larger than :data:`FINGERPRINT_CONTENT_LIMIT` (model
+    weights) count by size and modification time; hidden files and directories are skipped.
+    """
+    root = Path(path).expanduser()
+    if not root.exists():
+        return None
+    if root.is_file():
+        files = [(root.name, root)]
+    else:
+        files = sorted(
+            (f.relative_to(root).as_posix(), f)
+            for f in root.rglob("*")
+            if f.is_file() and not any(part.startswith(".") for part in f.relative_to(root).parts)
+        )
+    digest = hashlib.sha256()
+    for name, file in files:
+        stat = file.stat()
+        digest.update(f"{name}\0{stat.st_size}\0".encode())
+        if stat.st_size > FINGERPRINT_CONTENT_LIMIT:
+            digest.update(str(stat.st_mtime_ns).encode())
+            continue
+        with file.open("rb") as fh:
+            for chunk in iter(lambda fh=fh: fh.read(2**20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def custom_task(
+    model: str | None = None,
+    data: str | None = None,
+    *,
+    max_steps: int | None = None,
+    batch_size: int | None = None,
+    block_size: int | None = None,
+    data_config: str | None = None,
+    train_files: Sequence[str] = (),
+    validation_files: Sequence[str] = (),
+    text_column: str | None = None,
+    tokenizer: str | None = None,
+    config_overrides: str | None = None,
+    lora: bool = False,
+    lora_r: int = 16,
+    lora_alpha: int = 32,
+    lora_dropout: float = 0.0,
+    lora_target_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj"),
+    max_eval_samples: int = 64,
+    mc_split: str | None = "auto",
+    mc_shots: int = 0,
+    mc_max_questions: int = 200,
+) -> TaskSpec:
+    """The :class:`TaskSpec` of a ``custom`` comparison: everything that decides a run's result.
+
+    Args:
+        model: ``offline:NAME``, a model directory or a hub name (default ``offline:gpt2-tiny``;
+            with ``lora``, ``offline:smollm2-135m-instruct``).
+        data: ``offline:NAME``, a local file or directory, or a hub name (default
+            ``offline:pydoc``; with ``lora``, ``offline:synthetic-mc``); not with ``train_files``.
+        max_steps, batch_size, block_size: the training budget (defaults 100, 8, 128); one pass
+            over ``max_steps * batch_size`` examples, a fixed subset (seed 0) when there are more.
+            ``block_size`` is the length of text blocks and the longest supervised example.
+        data_config: the hub dataset's configuration.
+        train_files, validation_files: local data files instead of ``data``.
+        text_column: train as a causal LM on this column (default: decided by the columns,
+            ``text`` or the first one for plain text).
+        tokenizer: another tokenizer than the model's.
+        config_overrides: ``"n_embd=64,n_layer=4"`` for random-init offline models.
+        lora, lora_r, lora_alpha, lora_dropout, lora_target_modules: train LoRA adapters only.
+        max_eval_samples: evaluation blocks / examples, the first ones of the validation split.
+        mc_split: MMLU-format split to score after training: ``"auto"`` (``test``, else
+            ``validation``, when the data has MMLU-format columns), a split name, or ``None``.
+        mc_shots: k of the k-shot prompts (examples from the ``dev`` split).
+        mc_max_questions: questions scored, a fixed subset (seed 0) when there are more.
+
+    Local paths get a content fingerprint (:func:`path_fingerprint`) in the options, so the
+    cache key changes when a file changes. Hub names are keyed by name (pin a revision by
+    downloading it to a directory).
+
+    Raises:
+        ValueError: ``data`` and files together, validation files without training files, a
+            non-positive size.
+    """
+    if data is not None and (train_files or validation_files):
+        raise ValueError("give either --data or --train-file/--validation-file, not both")
+    if validation_files and not train_files:
+        raise ValueError("--validation-file needs --train-file (or use --data)")
+    for name, value in (("steps", max_steps), ("batch-size", batch_size),
+                        ("block-size", block_size), ("max-eval-samples", max_eval_samples),
+                        ("mc-max-questions", mc_max_questions)):  # fmt: skip
+        if value is not None and value <= 0:
+            raise ValueError(f"--{name} must be positive, got {value}")
+    if mc_shots < 0:
+        raise ValueError(f"--mc-shots must be >= 0, got {mc_shots}")
+    model = model or (CUSTOM_DEFAULT_LORA_MODEL if lora else CUSTOM_DEFAULT_MODEL)
+    if not train_files:
+        data = data or (CUSTOM_DEFAULT_LORA_DATA if lora else CUSTOM_DEFAULT_DATA)
+    steps = max_steps or 100
+    options: dict[str, Any] = {
+        "tokenizer": tokenizer,
+        "config_overrides": config_overrides,
+        "data_config": data_config,
+        "train_files": list(train_files) or None,
+        "validation_files": list(validation_files) or None,
+        "text_column": text_column,
+        "max_eval_samples": max_eval_samples,
+        "mc_max_questions": mc_max_questions,
+    }
+    if lora:
+        options.update(
+            lora=True,
+            lora_r=lora_r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            lora_target_modules=list(lora_target_modules),
+        )
+    paths = [model, tokenizer, data, *train_files, *validation_files]
+    fingerprints = {p: path_fingerprint(p) for p in paths if p is not None}
+    options["fingerprints"] = {p: f for p, f in fingerprints.items() if f is not None} or None
+    if train_files:
+        data = "train=" + ",".join(train_files)
+        if validation_files:
+            data += " validation=" + ",".join(validation_files)
+    return TaskSpec(
+        kind=CUSTOM,
+        model=model,
+        data=str(data),
+        max_steps=steps,
+        batch_size=batch_size or 8,
+        block_size=block_size or 128,
+        eval_every=max(1, steps // 3),
+        logging_every=max(1, min(5, steps // 4)),
+        mc_data=mc_split,
+        mc_shots=mc_shots,
+        options={k: v for k, v in options.items() if v is not None},
+    )
+
+
+def _fixed_subset(dataset: datasets.Dataset, count: int) -> datasets.Dataset:
+    """``count`` rows drawn once with seed 0 (all rows when there are not more): the same subset
+    for every run, whatever the optimizer or the run's seed."""
+    if len(dataset) <= count:
+        return dataset
+    return dataset.shuffle(seed=0, keep_in_memory=True).select(range(count))
+
+
+def _load_custom_data(spec: TaskSpec) -> datasets.DatasetDict:
+    from hf_tuningfree.data.resolve import resolve_dataset
+
+    opts = spec.options
+    if "train_files" in opts:
+        return resolve_dataset(
+            None, train_file=opts["train_files"], validation_file=opts.get("validation_files")
+        )
+    return resolve_dataset(spec.data, opts.get("data_config"))
+
+
+def _custom_splits(raw: datasets.DatasetDict) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """The training split (``train``, or MMLU's ``auxiliary_train``) and ``validation``."""
+    train = "train" if "train" in raw else "auxiliary_train" if "auxiliary_train" in raw else None
+    if train is None:
+        raise ValueError(f"the data has splits {sorted(raw)}; it needs a 'train' split")
+    if "validation" not in raw:
+        raise ValueError(
+            f"the data has splits {sorted(raw)} and no 'validation' split (too few rows to carve "
+            "5% of 'train' into one); give one with --validation-file"
+        )
+    return raw[train], raw["validation"]
+
+
+def _mc_questions(
+    raw: datasets.DatasetDict, spec: TaskSpec
+) -> tuple[datasets.Dataset | None, datasets.Dataset | None]:
+    """The MMLU-format questions to score after training and the few-shot pool (``dev``)."""
+    from hf_tuningfree.data.mmlu_format import REQUIRED_FIELDS
+
+    def is_mmlu(name: str) -> bool:
+        return name in raw and set(REQUIRED_FIELDS) <= set(raw[name].column_names)
+
+    if spec.mc_data is None:
+        return None, None
+    if spec.mc_data == "auto":
+        split = next((name for name in ("test", "validation") if is_mmlu(name)), None)
+        if split is None:
+            return None, None
+    elif is_mmlu(spec.mc_data):
+        split = spec.mc_data
+    else:
+        raise ValueError(
+            f"--mc-split {spec.mc_data}: the data has splits {sorted(raw)}; scoring needs one "
+            f"of them with the MMLU columns {list(REQUIRED_FIELDS)}"
+        )
+    fewshot = raw.get("dev")
+    if spec.mc_shots > 0 and fewshot is None:
+        raise ValueError(
+            f"--mc-shots {spec.mc_shots} needs a 'dev' split for the examples; the data has "
+            f"{sorted(raw)} (use --mc-shots 0)"
+        )
+    questions = _fixed_subset(raw[split], spec.options.get("mc_max_questions", 200))
+    return questions, fewshot
+
+
+def build_custom(spec: TaskSpec, cache_dir: Path) -> BuiltTask:
+    """Any model and data (see :func:`custom_task`). The tokenizer and config are read here
+    without the weights, so a bad name, a missing column or a block longer than the model's
+    context fails before the first run; ``make_model(seed)`` loads the weights (random-init
+    models and LoRA adapters initialised under ``seed``)."""
+    from hf_tuningfree.data.resolve import resolve_model_config, resolve_model_source
+    from hf_tuningfree.hf.arguments import LoraArguments
+    from hf_tuningfree.hf.clm import limit_samples, resolve_block_size, tokenize_and_group
+    from hf_tuningfree.hf.lora import apply_lora
+    from hf_tuningfree.hf.sft import PaddingCollator, detect_format, tokenize_supervised
+
+    opts = spec.options
+    model_kwargs = {
+        "tokenizer_name": opts.get("tokenizer"),
+        "config_overrides": opts.get("config_overrides"),
+    }
+    config, tokenizer = resolve_model_config(spec.model, **model_kwargs)
+    resolve_block_size(tokenizer, config, spec.block_size)  # raises beyond the model's context
+    raw = _load_custom_data(spec)
+    train_raw, eval_raw = _custom_splits(raw)
+    column = opts.get("text_column")
+    if column is not None and column not in train_raw.column_names:
+        raise ValueError(
+            f"--text-column {column!r} is not a column of the data; its columns are "
+            f"{train_raw.column_names}"
+        )
+    data_format = "text" if column else detect_format(train_raw.column_names)
+    n_train, n_eval = spec.max_steps * spec.batch_size, opts.get("max_eval_samples", 64)
+    collator = None
+    if data_format == "text":  # causal LM on blocks, as run_clm.py
+        blocks = tokenize_and_group(
+            datasets.DatasetDict({"train": train_raw, "validation": eval_raw}),
+            tokenizer,
+            spec.block_size,
+            text_column_name=column,
+        )
+        train = _fixed_subset(blocks["train"], n_train)
+        evaluation = limit_samples(blocks["validation"], n_eval)
+    else:  # one supervised example per row, loss on the completion
+        train = tokenize_supervised(
+            _fixed_subset(train_raw, n_train), tokenizer, spec.block_size, data_format=data_format
+        )
+        evaluation = tokenize_supervised(
+            limit_samples(eval_raw, n_eval), tokenizer, spec.block_size, data_format=data_format
+        )
+        collator = PaddingCollator(pad_token_id=tokenizer.pad_token_id)
+    mc_test, mc_dev = _mc_questions(raw, spec)
+    lora = None
+    if opts.get("lora"):
+        lora = LoraArguments(
+            lora_r=opts["lora_r"],
+            lora_alpha=opts["lora_alpha"],
+            lora_dropout=opts["lora_dropout"],
+            lora_target_modules=list(opts["lora_target_modules"]),
+        )
+
+    def make_model(seed: int) -> torch.nn.Module:
+        model = resolve_model_source(spec.model, dtype="float32", seed=seed, **model_kwargs).model
+        if lora is None:
+            return model
+        torch.manual_seed(seed)
+        return apply_lora(model, lora)
+
+    return BuiltTask(
+        tokenizer, train, evaluation, make_model, mc_test, mc_dev, data_collator=collator
+    )
+
+
 BUILDERS: dict[str, Callable[[TaskSpec, Path], BuiltTask]] = {
     "offline-gpt2": build_offline_gpt2,
     "smollm2-lora": build_smollm2_lora,
+    CUSTOM: build_custom,
 }
 
 
@@ -197,6 +499,8 @@ def default_task(kind: str, max_steps: int | None = None) -> TaskSpec:
             mc_shots=0,
             mc_questions_per_subject=16,
         )
+    if kind == CUSTOM:
+        return custom_task(max_steps=max_steps)
     raise ValueError(f"Unknown task kind {kind!r}; available: {sorted(BUILDERS)}")
 
 

@@ -36,11 +36,13 @@ def _state_mb(optimizer: Any) -> float:
 
 def train_and_score(task: TaskSpec, run: RunSpec, output_dir: Path) -> dict[str, Any]:
     from hf_tuningfree.hf import TuningFreeTrainer, TuningFreeTrainingArguments
+    from hf_tuningfree.hf.lora import trainable_parameters
     from hf_tuningfree.hf.trainer import unwrap_optimizer
 
     torch.set_num_threads(1)
     built = build_task(task, output_dir / "cache")
     model = built.make_model(run.seed)
+    trainable, total = trainable_parameters(model)
     use_cpu = not torch.cuda.is_available()
     with tempfile.TemporaryDirectory(prefix="hf_tuningfree_run_") as tmp:
         args = TuningFreeTrainingArguments(
@@ -86,6 +88,8 @@ def train_and_score(task: TaskSpec, run: RunSpec, output_dir: Path) -> dict[str,
             else float("inf"),
             "train_seconds": train_seconds,
             "optimizer_state_mb": _state_mb(unwrap_optimizer(trainer.optimizer)),
+            "trainable_parameters": trainable,
+            "total_parameters": total,
             "averaged": trainer.averager is not None,
             "log_history": history,
         }
@@ -106,4 +110,5 @@ def train_and_score(task: TaskSpec, run: RunSpec, output_dir: Path) -> dict[str,
                 )
             result["mc_accuracy"] = mc.accuracy
             result["mc_macro_accuracy"] = mc.macro_accuracy
+            result["mc_questions"] = mc.count
     return result
