@@ -61,10 +61,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--readme", nargs="?", const="README.md", default=None,
                    help="rewrite the table in this README (default README.md)")  # fmt: skip
     p.set_defaults(func=_optimizers)
-    p = sub.add_parser("compare", help="untuned optimizers vs AdamW over a learning-rate grid")
-    from hf_tuningfree.compare import add_arguments
+    from hf_tuningfree import compare
 
-    add_arguments(p)
+    p = sub.add_parser(
+        "compare",
+        help="untuned optimizers vs AdamW over a learning-rate grid",
+        description=compare.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    compare.add_arguments(p)
     p.set_defaults(func=_compare)
     p = sub.add_parser("toy", help="ADOPT on the paper's counterexample")
     p.add_argument("rest", nargs=argparse.REMAINDER)
