@@ -37,17 +37,20 @@ def plot_lr_sweep(rows: list[Row], v: Verdict, path: Path) -> Path:
             ax.axvline(r.lr, color="black", alpha=0.15)
             ax.annotate("diverged", (r.lr, ax.get_ylim()[1]), rotation=90, va="top", fontsize=7)
     cmap = plt.get_cmap("tab10")
+    styles = ("--", "-.", ":")  # 10 colours x 3 styles: 30 distinguishable lines
     for i, r in enumerate(x for x in rows if x.role == "tuning-free"):
         if math.isfinite(r.eval_loss):
             ax.axhline(
-                r.eval_loss, color=cmap(i % 10), linestyle="--", label=f"{r.label} (untuned)"
-            )
+                r.eval_loss, color=cmap(i % 10), linestyle=styles[(i // 10) % len(styles)],
+                label=f"{r.label} {r.eval_loss:.4g} (untuned)",
+            )  # fmt: skip
     ax.set_xscale("log")
     ax.set_xlabel("AdamW learning rate")
     ax.set_ylabel("final eval loss")
-    ax.set_title("Untuned optimizers (lines) vs AdamW over its learning-rate grid")
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
+    ax.set_title("Untuned optimizers (lines) vs AdamW over its learning-rate grid", fontsize=10)
+    # the legend beside the axes: the lines it names span the whole width
+    fig.subplots_adjust(left=0.09, right=0.68, bottom=0.11, top=0.92)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.savefig(path)
     plt.close(fig)
     return path
