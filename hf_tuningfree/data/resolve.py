@@ -280,6 +280,33 @@ def _random_init_model(
         return AutoModelForCausalLM.from_config(config, **kwargs)
 
 
+def _offline_model_spec(text: str, config_overrides: Any) -> OfflineModel:
+    """The offline model ``text`` names; overrides are refused for a pretrained one."""
+    spec = OFFLINE_MODELS[_offline_key(text, "model", list(OFFLINE_MODELS))]
+    if spec.config is None and config_overrides:
+        raise ValueError(f"config_overrides applies to random-init models, not {text}")
+    return spec
+
+
+def _refuse_pretrained_overrides(text: str, config_overrides: Any) -> None:
+    if config_overrides:
+        raise ValueError(
+            "config_overrides applies to random-init models (offline:gpt2-tiny, "
+            f"offline:gpt2-small, offline:llama-tiny), not to the pretrained {text}"
+        )
+
+
+def _load_or_hub_offline(load: Callable[[], Any], text: str) -> Any:
+    """``load()``; an ``OSError`` for a hub name while the hub is offline becomes the fast
+    :class:`HubOfflineError` naming the offline alternatives."""
+    try:
+        return load()
+    except OSError as error:
+        if Path(text).expanduser().exists() or not hub_is_offline():
+            raise
+        raise _hub_offline("model", text, ", ".join(offline_names("model"))) from error
+
+
 def resolve_model_source(
     name_or_path: str | os.PathLike,
     *,
@@ -320,9 +347,7 @@ def resolve_model_source(
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     if is_offline_name(text):
-        spec = OFFLINE_MODELS[_offline_key(text, "model", list(OFFLINE_MODELS))]
-        if spec.config is None and config_overrides:
-            raise ValueError(f"config_overrides applies to random-init models, not {text}")
+        spec = _offline_model_spec(text, config_overrides)
         tokenizer = resolve_tokenizer(tokenizer_name or OFFLINE_PREFIX + spec.tokenizer)
         if spec.config is None:
             model = AutoModelForCausalLM.from_pretrained(str(smollm2_dir()), **kwargs)
@@ -335,19 +360,10 @@ def resolve_model_source(
             notes.append(f"tokenizer.model_max_length set to the model's context, {context}")
         return ResolvedModel(model, tokenizer, text, "offline-random-init", spec.description, notes)
 
-    if config_overrides:
-        raise ValueError(
-            "config_overrides applies to random-init models (offline:gpt2-tiny, "
-            f"offline:gpt2-small, offline:llama-tiny), not to the pretrained {text}"
-        )
+    _refuse_pretrained_overrides(text, config_overrides)
     local = Path(text).expanduser().exists()
     kwargs.update(revision=revision, cache_dir=cache_dir, trust_remote_code=trust_remote_code)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(text, **kwargs)
-    except OSError as error:
-        if local or not hub_is_offline():
-            raise
-        raise _hub_offline("model", text, ", ".join(offline_names("model"))) from error
+    model = _load_or_hub_offline(lambda: AutoModelForCausalLM.from_pretrained(text, **kwargs), text)
     tokenizer = resolve_tokenizer(
         tokenizer_name or text,
         revision=revision,
@@ -379,9 +395,7 @@ def resolve_model_config(
 
     text = str(name_or_path)
     if is_offline_name(text):
-        spec = OFFLINE_MODELS[_offline_key(text, "model", list(OFFLINE_MODELS))]
-        if spec.config is None and config_overrides:
-            raise ValueError(f"config_overrides applies to random-init models, not {text}")
+        spec = _offline_model_spec(text, config_overrides)
         tokenizer = resolve_tokenizer(tokenizer_name or OFFLINE_PREFIX + spec.tokenizer)
         if spec.config is None:
             return AutoConfig.from_pretrained(str(smollm2_dir())), tokenizer
@@ -390,19 +404,9 @@ def resolve_model_config(
         if isinstance(context, int) and tokenizer.model_max_length > context:
             tokenizer.model_max_length = context
         return config, tokenizer
-    if config_overrides:
-        raise ValueError(
-            "config_overrides applies to random-init models (offline:gpt2-tiny, "
-            f"offline:gpt2-small, offline:llama-tiny), not to the pretrained {text}"
-        )
-    local = Path(text).expanduser().exists()
+    _refuse_pretrained_overrides(text, config_overrides)
     options = {"revision": revision, "cache_dir": cache_dir, "trust_remote_code": trust_remote_code}
-    try:
-        config = AutoConfig.from_pretrained(text, **options)
-    except OSError as error:
-        if local or not hub_is_offline():
-            raise
-        raise _hub_offline("model", text, ", ".join(offline_names("model"))) from error
+    config = _load_or_hub_offline(lambda: AutoConfig.from_pretrained(text, **options), text)
     return config, resolve_tokenizer(tokenizer_name or text, **options)
 
 
