@@ -547,3 +547,328 @@ def adopt_update(
         ok_u8.data_ptr(),
         torch.get_num_threads(),
     )
+
+
+# --- D-Adaptation and Prodigy ---------------------------------------------------------------
+# The kernels of ``hf_tuningfree.optim.dadapt`` (DAdaptSGD, DAdaptAdam, DAdaptAdaGrad) and
+# ``hf_tuningfree.optim.prodigy``: per optimizer a read-only statistics pass and an update pass,
+# each ONE call per bucket. Their C source is appended to ``_SOURCE`` here (it is compiled into
+# the same library; the hash that names the library covers it).
+
+import array as _array  # noqa: E402  (here to keep this section self-contained)
+
+_DADAPT_SOURCE = r"""
+/* ---- D-Adaptation and Prodigy --------------------------------------------------------------
+   Every kernel takes the tensors of one bucket as ``ptrs``, stream-major: ptrs[j * nt + k] is
+   stream j (x, g, then the pass's state tensors) of tensor k; ``ns[k]`` its number of elements;
+   ``sc`` the pass's float coefficients (fp64, read from tensor memory, rounded to T here as the
+   torch path rounds them to the tensors' dtype); ``flags``: 1 maximize, 2 coupled weight decay,
+   4 averaged (AdaGrad's momentum). The elementwise expressions follow the per-element torch
+   functions operation by operation (no contraction into fma: ISO C mode), so the two paths
+   differ only where torch's vectorised sqrt rounds differently.
+
+   All tensors are split into blocks of BLOCK elements, shared among the threads in one parallel
+   loop. A statistics kernel writes each block's sums (accumulated in double) to its own slot and
+   adds the slots in block order afterwards: the sums do not depend on the thread count. An update
+   kernel returns before writing anything when *ok is 0. Each block runs a loop specialised for
+   its flags (DA_DISPATCH: constant flags leave no branch in the loop, which then vectorises). */
+
+static int64_t* da_block_starts(int64_t nt, const int64_t* ns, int64_t* total) {
+    int64_t* first = (int64_t*)malloc((size_t)(nt + 1) * sizeof(int64_t));
+    if (!first) return NULL;
+    *total = 0;
+    first[0] = 0;
+    for (int64_t k = 0; k < nt; ++k) {
+        first[k + 1] = first[k] + (ns[k] + BLOCK - 1) / BLOCK;
+        *total += ns[k];
+    }
+    return first;
+}
+
+/* the tensor k with first[k] <= b < first[k + 1] (empty tensors own no block) */
+static inline int64_t da_tensor_of(const int64_t* first, int64_t nt, int64_t b) {
+    int64_t lo = 0, hi = nt - 1;
+    while (lo < hi) {
+        const int64_t mid = (lo + hi + 1) / 2;
+        if (first[mid] <= b) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
+
+typedef void (*da_stats_fn)(void* const*, int64_t, int64_t, int64_t, int64_t, const double*,
+                            int, double*);
+typedef void (*da_update_fn)(void* const*, int64_t, int64_t, int64_t, int64_t, const double*,
+                             int);
+
+static void da_run_stats(int64_t nt, void* const* ptrs, const int64_t* ns, const double* sc,
+                         int flags, double* out, int nsums, int nthreads, da_stats_fn fn) {
+    for (int j = 0; j < nsums; ++j) out[j] = 0.0;
+    if (nt <= 0) return;
+    int64_t total = 0;
+    int64_t* first = da_block_starts(nt, ns, &total);
+    const int64_t nblocks = first ? first[nt] : 0;
+    double* partial = first ? (double*)malloc((size_t)(nblocks > 0 ? nblocks : 1) * nsums
+                                              * sizeof(double)) : NULL;
+    if (!partial) {                    /* out of memory: NaN sums make the step a skipped one */
+        for (int j = 0; j < nsums; ++j) out[j] = NAN;
+        free(first);
+        return;
+    }
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(total > 4 * BLOCK)")
+    for (int64_t b = 0; b < nblocks; ++b) {
+        const int64_t k = da_tensor_of(first, nt, b);
+        const int64_t lo = (b - first[k]) * BLOCK;
+        const int64_t hi = lo + BLOCK < ns[k] ? lo + BLOCK : ns[k];
+        fn(ptrs, nt, k, lo, hi, sc, flags, partial + b * nsums);
+    }
+    for (int64_t b = 0; b < nblocks; ++b)
+        for (int j = 0; j < nsums; ++j) out[j] += partial[b * nsums + j];
+    free(partial);
+    free(first);
+}
+
+static void da_run_update(int64_t nt, void* const* ptrs, const int64_t* ns, const double* sc,
+                          int flags, const uint8_t* ok, int nthreads, da_update_fn fn) {
+    if (!*ok || nt <= 0) return;
+    int64_t total = 0;
+    int64_t* first = da_block_starts(nt, ns, &total);
+    if (!first) return;                /* (cannot happen in practice: nt + 1 integers) */
+    const int64_t nblocks = first[nt];
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(total > 4 * BLOCK)")
+    for (int64_t b = 0; b < nblocks; ++b) {
+        const int64_t k = da_tensor_of(first, nt, b);
+        const int64_t lo = (b - first[k]) * BLOCK;
+        const int64_t hi = lo + BLOCK < ns[k] ? lo + BLOCK : ns[k];
+        fn(ptrs, nt, k, lo, hi, sc, flags);
+    }
+    free(first);
+}
+
+#define DA_INLINE static inline __attribute__((always_inline))
+#define DA_STREAM(T, j) ((T*)p[(j) * nt + k])
+/* effective_grad: g' = -g if maximize; g' + cwd * x if coupled (x read only then) */
+#define DA_GRAD(T, gi, graw, xval) \
+    T gi = maximize ? -(graw) : (graw); \
+    if (coupled) gi = gi + cwd * (xval);
+/* BODY(..., maximize, coupled) with both flags as constants */
+#define DA_DISPATCH(BODY, ...)                                                                 \
+    switch (flags & 3) {                                                                       \
+    case 0: BODY(__VA_ARGS__, 0, 0); break;                                                    \
+    case 1: BODY(__VA_ARGS__, 1, 0); break;                                                    \
+    case 2: BODY(__VA_ARGS__, 0, 1); break;                                                    \
+    default: BODY(__VA_ARGS__, 1, 1); break;                                                   \
+    }
+#define DA_STATS_ARGS void* const* p, int64_t nt, int64_t k, int64_t lo, int64_t hi,            \
+                      const double* sc, double* acc, const int maximize, const int coupled
+#define DA_UPDATE_ARGS void* const* p, int64_t nt, int64_t k, int64_t lo, int64_t hi,           \
+                       const double* sc, const int maximize, const int coupled
+#define DA_KERNELS(NAME, NSUMS)                                                                \
+static void NAME##_block(void* const* p, int64_t nt, int64_t k, int64_t lo, int64_t hi,       \
+                         const double* sc, int flags, double* acc) {                           \
+    DA_DISPATCH(NAME##_body, p, nt, k, lo, hi, sc, acc)                                        \
+}                                                                                              \
+void NAME(int64_t nt, void* const* ptrs, const int64_t* ns, const double* sc, int flags,       \
+          double* out, int nthreads) {                                                         \
+    da_run_stats(nt, ptrs, ns, sc, flags, out, NSUMS, nthreads, NAME##_block);                 \
+}
+#define DA_UPDATE_KERNEL(NAME)                                                                 \
+static void NAME##_block(void* const* p, int64_t nt, int64_t k, int64_t lo, int64_t hi,       \
+                         const double* sc, int flags) {                                        \
+    DA_DISPATCH(NAME##_body, p, nt, k, lo, hi, sc)                                             \
+}                                                                                              \
+void NAME(int64_t nt, void* const* ptrs, const int64_t* ns, const double* sc, int flags,       \
+          const uint8_t* ok, int nthreads) {                                                   \
+    da_run_update(nt, ptrs, ns, sc, flags, ok, nthreads, NAME##_block);                        \
+}
+
+/* DAdaptAdam statistics (dadapt_adam_statistics); streams x, g, v, s; sc: cwd, eps, dlr, c_s.
+   sums: ||g||^2, <g', s / (sqrt(v) + eps)>, ||s + c_s (dlr g' - s)||_1 */
+#define DA_ADAM_STATS(NAME, T, SQRT, ABS)                                                      \
+DA_INLINE void NAME##_body(DA_STATS_ARGS) {                                                    \
+    const T* restrict x = DA_STREAM(T, 0); const T* restrict g = DA_STREAM(T, 1);              \
+    const T* restrict v = DA_STREAM(T, 2); const T* restrict s = DA_STREAM(T, 3);              \
+    const T cwd = (T)sc[0], eps = (T)sc[1], dlr = (T)sc[2], cs = (T)sc[3];                     \
+    double a0 = 0.0, a1 = 0.0, a2 = 0.0;                                                       \
+    _Pragma("omp simd reduction(+:a0,a1,a2)")                                                  \
+    for (int64_t i = lo; i < hi; ++i) {                                                        \
+        const T gr = g[i];                                                                     \
+        DA_GRAD(T, gi, gr, x[i])                                                               \
+        const T si = s[i];                                                                     \
+        const T sn = si + cs * (dlr * gi - si);                                                \
+        a0 += (double)(gr * gr);                                                               \
+        a1 += (double)(gi * si / (SQRT(v[i]) + eps));                                          \
+        a2 += (double)ABS(sn);                                                                 \
+    }                                                                                          \
+    acc[0] = a0; acc[1] = a1; acc[2] = a2;                                                     \
+}                                                                                              \
+DA_KERNELS(NAME, 3)
+
+/* DAdaptAdam update (dadapt_adam_tensor_update); streams x, g, m, v, s;
+   sc: dlr, cwd, decay, c_m, c_v, c_s, on (1 when ok; unused), eps */
+#define DA_ADAM_UPDATE(NAME, T, SQRT)                                                          \
+DA_INLINE void NAME##_body(DA_UPDATE_ARGS) {                                                   \
+    T* restrict x = DA_STREAM(T, 0); const T* restrict g = DA_STREAM(T, 1);                    \
+    T* restrict m = DA_STREAM(T, 2); T* restrict v = DA_STREAM(T, 3);                          \
+    T* restrict s = DA_STREAM(T, 4);                                                           \
+    const T dlr = (T)sc[0], cwd = (T)sc[1], decay = (T)sc[2], cm = (T)sc[3], cv = (T)sc[4];    \
+    const T cs = (T)sc[5], eps = (T)sc[7];                                                     \
+    _Pragma("omp simd")                                                                        \
+    for (int64_t i = lo; i < hi; ++i) {                                                        \
+        const T xi = x[i];                                                                     \
+        DA_GRAD(T, gi, g[i], xi)                                                               \
+        const T dg = dlr * gi;                                                                 \
+        T mi = m[i], vi = v[i], si = s[i];                                                     \
+        mi = mi + cm * (dg - mi);                                                              \
+        vi = vi + cv * (gi * gi - vi);                                                         \
+        si = si + cs * (dg - si);                                                              \
+        x[i] = xi - decay * xi - mi / (SQRT(vi) + eps);                                        \
+        m[i] = mi; v[i] = vi; s[i] = si;                                                       \
+    }                                                                                          \
+}                                                                                              \
+DA_UPDATE_KERNEL(NAME)
+
+/* Prodigy statistics (prodigy_statistics); streams x, g, s, x0; sc: cwd, s_weight, c_s.
+   sums: ||g||^2, <g', x0 - x>, ||s + c_s s + s_weight g'||_1 */
+#define DA_PRODIGY_STATS(NAME, T, ABS)                                                         \
+DA_INLINE void NAME##_body(DA_STATS_ARGS) {                                                    \
+    const T* restrict x = DA_STREAM(T, 0); const T* restrict g = DA_STREAM(T, 1);              \
+    const T* restrict s = DA_STREAM(T, 2); const T* restrict x0 = DA_STREAM(T, 3);             \
+    const T cwd = (T)sc[0], sw = (T)sc[1], cs = (T)sc[2];                                      \
+    double a0 = 0.0, a1 = 0.0, a2 = 0.0;                                                       \
+    _Pragma("omp simd reduction(+:a0,a1,a2)")                                                  \
+    for (int64_t i = lo; i < hi; ++i) {                                                        \
+        const T gr = g[i], xi = x[i];                                                          \
+        DA_GRAD(T, gi, gr, xi)                                                                 \
+        const T si = s[i];                                                                     \
+        const T sn = si + cs * si + sw * gi;                                                   \
+        a0 += (double)(gr * gr);                                                               \
+        a1 += (double)(gi * (x0[i] - xi));                                                     \
+        a2 += (double)ABS(sn);                                                                 \
+    }                                                                                          \
+    acc[0] = a0; acc[1] = a1; acc[2] = a2;                                                     \
+}                                                                                              \
+DA_KERNELS(NAME, 3)
+
+/* Prodigy update (prodigy_tensor_update); streams x, g, m, v, s;
+   sc: d, dlr, s_weight, cwd, decay, c_m, c_v, c_s, d * eps */
+#define DA_PRODIGY_UPDATE(NAME, T, SQRT)                                                       \
+DA_INLINE void NAME##_body(DA_UPDATE_ARGS) {                                                   \
+    T* restrict x = DA_STREAM(T, 0); const T* restrict g = DA_STREAM(T, 1);                    \
+    T* restrict m = DA_STREAM(T, 2); T* restrict v = DA_STREAM(T, 3);                          \
+    T* restrict s = DA_STREAM(T, 4);                                                           \
+    const T d = (T)sc[0], dlr = (T)sc[1], sw = (T)sc[2], cwd = (T)sc[3], decay = (T)sc[4];     \
+    const T cm = (T)sc[5], cv = (T)sc[6], cs = (T)sc[7], deps = (T)sc[8];                      \
+    _Pragma("omp simd")                                                                        \
+    for (int64_t i = lo; i < hi; ++i) {                                                        \
+        const T xi = x[i];                                                                     \
+        DA_GRAD(T, gi, g[i], xi)                                                               \
+        const T dg = d * gi;                                                                   \
+        T mi = m[i], vi = v[i], si = s[i];                                                     \
+        mi = mi + cm * (dg - mi);                                                              \
+        vi = vi + cv * (dg * dg - vi);                                                         \
+        si = si + cs * si + sw * gi;                                                           \
+        x[i] = xi - decay * xi - dlr * (mi / (SQRT(vi) + deps));                               \
+        m[i] = mi; v[i] = vi; s[i] = si;                                                       \
+    }                                                                                          \
+}                                                                                              \
+DA_UPDATE_KERNEL(NAME)
+
+DA_ADAM_STATS(dadapt_adam_stats_f32, float, sqrtf, fabsf)
+DA_ADAM_STATS(dadapt_adam_stats_f64, double, sqrt, fabs)
+DA_ADAM_UPDATE(dadapt_adam_update_f32, float, sqrtf)
+DA_ADAM_UPDATE(dadapt_adam_update_f64, double, sqrt)
+DA_PRODIGY_STATS(prodigy_stats_f32, float, fabsf)
+DA_PRODIGY_STATS(prodigy_stats_f64, double, fabs)
+DA_PRODIGY_UPDATE(prodigy_update_f32, float, sqrtf)
+DA_PRODIGY_UPDATE(prodigy_update_f64, double, sqrt)
+"""
+
+_SOURCE += _DADAPT_SOURCE
+
+#: The D-Adaptation/Prodigy kernels: name -> (number of tensor streams, number of float
+#: coefficients, number of sums (0: an update, which takes ``ok`` instead)).
+DADAPT_KERNELS: dict[str, tuple[int, int, int]] = {
+    "dadapt_adam_stats": (4, 4, 3),
+    "dadapt_adam_update": (5, 8, 0),
+    "prodigy_stats": (4, 3, 3),
+    "prodigy_update": (5, 9, 0),
+}
+
+_dadapt_fns: dict[str, ctypes._CFuncPtr] = {}
+
+
+def _dadapt_fn(lib: ctypes.CDLL, name: str) -> ctypes._CFuncPtr:
+    """The C function ``name`` (``..._f32``/``..._f64``) with its signature set (once)."""
+    fn = _dadapt_fns.get(name)
+    if fn is None:
+        fn = getattr(lib, name)
+        fn.restype = None
+        fn.argtypes = [
+            ctypes.c_int64,  # tensors per stream
+            ctypes.c_void_p,  # pointers, stream-major
+            ctypes.c_void_p,  # numels
+            ctypes.c_void_p,  # coefficients (fp64)
+            ctypes.c_int,  # flags
+            ctypes.c_void_p,  # sums out (statistics) or ok (update)
+            ctypes.c_int,  # threads
+        ]
+        _dadapt_fns[name] = fn
+    return fn
+
+
+def dadapt_kernel(
+    name: str,
+    streams: Sequence[Sequence[torch.Tensor]],
+    coefficients: torch.Tensor,
+    *,
+    maximize: bool,
+    coupled: bool,
+    averaged: bool = False,
+    ok: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> None:
+    """Run the D-Adaptation/Prodigy kernel ``name`` (a key of :data:`DADAPT_KERNELS`) over every
+    tensor of a bucket in one call.
+
+    ``streams``: ``[params, grads, *state lists]`` in the order of the per-element function's
+    arguments (equal lengths, one dtype, contiguous CPU tensors: check ``available`` first);
+    ``coefficients``: the pass's float coefficients, in the order of its 0-dim tensor arguments
+    (``ok`` left out), as a 1-D fp64 CPU tensor, read by the C code from its memory. A statistics
+    kernel writes its sums into ``out`` (fp64, one entry each, accumulated in double, the same
+    bits for any thread count); an update kernel reads the 0-dim bool ``ok`` from memory and
+    writes nothing when it is False."""
+    lib = load()
+    assert lib is not None
+    nstreams, ncoef, nsums = DADAPT_KERNELS[name]
+    assert len(streams) == nstreams, (name, len(streams))
+    assert coefficients.dtype == torch.float64 and coefficients.is_cpu
+    assert coefficients.is_contiguous() and coefficients.numel() == ncoef, name
+    n = len(streams[0])
+    if nsums:
+        assert out is not None and out.dtype == torch.float64 and out.is_cpu
+        assert out.is_contiguous() and out.numel() == nsums
+        target = out.data_ptr()
+    else:
+        assert ok is not None and ok.is_cpu and ok.dtype in (torch.bool, torch.uint8)
+        target = ok.data_ptr()
+    if n == 0:
+        if nsums:
+            out.zero_()  # type: ignore[union-attr]
+        return
+    suffix = "_f32" if streams[0][0].dtype == torch.float32 else "_f64"
+    fn = _dadapt_fn(lib, name + suffix)
+    # array.array: built about twice as fast as a ctypes array from 700 Python ints
+    pointers = _array.array("q", [t.data_ptr() for s in streams for t in s])
+    numels = _array.array("q", [t.numel() for t in streams[0]])
+    fn(
+        n,
+        pointers.buffer_info()[0],
+        numels.buffer_info()[0],
+        coefficients.data_ptr(),
+        int(maximize) | (int(coupled) << 1) | (int(averaged) << 2),
+        target,
+        torch.get_num_threads(),
+    )
+
+
+__all__ += ["DADAPT_KERNELS", "dadapt_kernel"]
