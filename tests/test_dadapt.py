@@ -15,7 +15,14 @@ import math
 import pytest
 import torch
 
-from hf_tuningfree.optim import DAdaptAdaGrad, DAdaptAdam, DAdaptSGD, Prodigy, create_optimizer
+from hf_tuningfree.optim import (
+    DAdaptAdaGrad,
+    DAdaptAdam,
+    DAdaptSGD,
+    Prodigy,
+    _native,
+    create_optimizer,
+)
 
 SHAPES = [[(3, 4), (5,), (2, 3)], [(4,), (2, 2)]]  # two param groups
 STEPS = 30
@@ -129,16 +136,39 @@ def _compare(params, expected, ds, expected_ds):
     return worst, worst_d
 
 
-def _assert_matches_reference(cls, prob, groups_hp, model_hp, reference, min_growth):
+#: The optimizers whose CPU "auto"/"compiled" path is the C kernels of hf_tuningfree.optim._native
+NATIVE = (DAdaptAdam, Prodigy)
+
+
+def _assert_matches_reference(cls, prob, groups_hp, model_hp, reference, min_growth, monkeypatch):
     """``cls`` run on ``prob`` follows ``reference`` (its iterates and its d at every step) to
-    TOL, and d grows by more than ``min_growth`` over the run (else d would not be tested)."""
+    TOL, and d grows by more than ``min_growth`` over the run (else d would not be tested). Both
+    the per-tensor loop and, where there is one and a C compiler, the C path (one call per pass
+    and group; checked by counting its calls)."""
     expected, expected_ds = reference
-    params, ds, _ = _run_ours(cls, prob, groups_hp, model_hp)
-    worst, worst_d = _compare(params, expected, ds, expected_ds)
-    print(f"max |x - x_ref| {worst:.1e}, max rel d diff {worst_d:.1e}, d_30 {ds[-1]:.3g}")
-    assert worst <= TOL, f"max abs difference {worst:.2e}"
-    assert worst_d <= TOL, f"max relative difference of d {worst_d:.2e}"
-    assert ds[-1] > min_growth * D0, f"d grew only to {ds[-1]:.3g}: the test would not exercise it"
+    impls = ["loop"]
+    if cls in NATIVE and _native.load() is not None:
+        impls.append("compiled")
+    calls = []
+    real = _native.dadapt_kernel
+
+    def spy(*args, **kwargs):
+        calls.append(args[0])
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(_native, "dadapt_kernel", spy)
+    for impl in impls:
+        params, ds, _ = _run_ours(cls, prob, groups_hp, model_hp, impl=impl)
+        worst, worst_d = _compare(params, expected, ds, expected_ds)
+        print(
+            f"{impl}: max |x - x_ref| {worst:.1e}, max rel d diff {worst_d:.1e}, d_30 {ds[-1]:.3g}"
+        )
+        assert worst <= TOL, f"{impl}: max abs difference {worst:.2e}"
+        assert worst_d <= TOL, f"{impl}: max relative difference of d {worst_d:.2e}"
+        assert ds[-1] > min_growth * D0, (
+            f"d grew only to {ds[-1]:.3g}: the test would not exercise it"
+        )
+    assert len(calls) == (4 * STEPS if len(impls) == 2 else 0)  # 2 passes x 2 groups per step
 
 
 # ---------------------------------------------------------------------- references
@@ -317,29 +347,33 @@ ADAM_BETAS = (0.8, 0.99)
 @pytest.mark.parametrize("momentum", [0.0, 0.9], ids=["no_momentum", "momentum"])
 @pytest.mark.parametrize("decoupled", [False, True], ids=["coupled_wd", "decoupled_wd"])
 @pytest.mark.parametrize("growth_rate", [math.inf, 1.5], ids=["growth_inf", "growth_1.5"])
-def test_sgd_matches_reference(momentum, decoupled, growth_rate):
+def test_sgd_matches_reference(momentum, decoupled, growth_rate, monkeypatch):
     prob = _make_problem()
     hp = _groups(decoupled, momentum=momentum)
     reference = reference_sgd(prob, hp, D0, growth_rate)
     model = {"d0": D0, "growth_rate": growth_rate}
-    _assert_matches_reference(DAdaptSGD, prob, hp, model, reference, min_growth=100)
+    _assert_matches_reference(
+        DAdaptSGD, prob, hp, model, reference, min_growth=100, monkeypatch=monkeypatch
+    )
 
 
 @pytest.mark.parametrize("bias_correction", [True, False], ids=["bc", "no_bc"])
 @pytest.mark.parametrize("decoupled", [False, True], ids=["coupled_wd", "decoupled_wd"])
 @pytest.mark.parametrize("growth_rate", [math.inf, 1.5], ids=["growth_inf", "growth_1.5"])
-def test_adam_matches_reference(bias_correction, decoupled, growth_rate):
+def test_adam_matches_reference(bias_correction, decoupled, growth_rate, monkeypatch):
     prob = _make_problem()
     hp = _adam_groups(decoupled)
     reference = reference_adam(prob, hp, D0, growth_rate, ADAM_BETAS, bias_correction)
     model = {"d0": D0, "growth_rate": growth_rate, "betas": ADAM_BETAS}
     model["use_bias_correction"] = bias_correction
-    _assert_matches_reference(DAdaptAdam, prob, hp, model, reference, min_growth=10)
+    _assert_matches_reference(
+        DAdaptAdam, prob, hp, model, reference, min_growth=10, monkeypatch=monkeypatch
+    )
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.5], ids=["no_momentum", "momentum"])
 @pytest.mark.parametrize("growth_rate", [math.inf, 1.5], ids=["growth_inf", "growth_1.5"])
-def test_adagrad_matches_reference(momentum, growth_rate):
+def test_adagrad_matches_reference(momentum, growth_rate, monkeypatch):
     """Weight decay is coupled only for AdaGrad (x is recomputed from x0 each step)."""
     prob = _make_problem()
     hp = [
@@ -348,7 +382,9 @@ def test_adagrad_matches_reference(momentum, growth_rate):
     ]
     reference = reference_adagrad(prob, hp, D0, growth_rate)
     model = {"d0": D0, "growth_rate": growth_rate}
-    _assert_matches_reference(DAdaptAdaGrad, prob, hp, model, reference, min_growth=10)
+    _assert_matches_reference(
+        DAdaptAdaGrad, prob, hp, model, reference, min_growth=10, monkeypatch=monkeypatch
+    )
 
 
 @pytest.mark.parametrize(
@@ -358,7 +394,9 @@ def test_adagrad_matches_reference(momentum, growth_rate):
 )
 @pytest.mark.parametrize("decoupled", [False, True], ids=["coupled_wd", "decoupled_wd"])
 @pytest.mark.parametrize("growth_rate", [math.inf, 1.5], ids=["growth_inf", "growth_1.5"])
-def test_prodigy_matches_reference(bias_correction, safeguard, coef, decoupled, growth_rate):
+def test_prodigy_matches_reference(
+    bias_correction, safeguard, coef, decoupled, growth_rate, monkeypatch
+):
     prob = _make_problem()
     hp = _adam_groups(decoupled)
     reference = reference_prodigy(
@@ -366,7 +404,9 @@ def test_prodigy_matches_reference(bias_correction, safeguard, coef, decoupled, 
     )
     model = {"d0": D0, "growth_rate": growth_rate, "betas": ADAM_BETAS, "d_coef": coef}
     model |= {"use_bias_correction": bias_correction, "safeguard_warmup": safeguard}
-    _assert_matches_reference(Prodigy, prob, hp, model, reference, min_growth=10)
+    _assert_matches_reference(
+        Prodigy, prob, hp, model, reference, min_growth=10, monkeypatch=monkeypatch
+    )
 
 
 # ---------------------------------------------------------------------- code paths
@@ -379,9 +419,12 @@ VARIANTS = {
 }
 
 
-def test_compiled_kernels_match_the_loop_fp32():
+def test_compiled_kernels_match_the_loop_fp32(monkeypatch):
     """The compiled per-tensor kernels (one compile per optimizer, shared by every shape and by
-    both weight-decay modes) against the eager loop, fp32, 12 steps, two groups."""
+    both weight-decay modes) against the eager loop, fp32, 12 steps, two groups. With the C
+    library made unavailable: where it is, ``"compiled"`` runs the C kernels on CPU instead
+    (tests/test_dadapt_native.py), and ``torch.compile`` is the fallback tested here."""
+    monkeypatch.setattr(_native, "load", lambda: None)
     torch.manual_seed(3)
     shapes = [(130, 130), (96, 33), (33,), (4, 5, 6), (1,)]  # one unpacked, four packed
     init = [torch.randn(s) for s in shapes]

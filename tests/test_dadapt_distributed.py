@@ -22,9 +22,11 @@ import torch
 import torch.distributed as dist
 from dist_helpers import WORLD, CountCollectives, process_group, shard_fsdp2, spawn
 
-from hf_tuningfree.optim import create_optimizer
+from hf_tuningfree.optim import _native, create_optimizer
 
 NAMES = ["dadapt_sgd", "dadapt_adam", "dadapt_adagrad", "prodigy"]
+#: the optimizers whose CPU "auto" path runs the C kernels of hf_tuningfree.optim._native
+NATIVE_NAMES = {"dadapt_adam", "prodigy"}
 STEPS = 10
 REL = 1e-5
 D0 = 1e-3
@@ -80,15 +82,29 @@ def _reference(name: str):
 
 
 def _train(name, model, opt, x, y, collectives: int, label: str) -> list[float]:
-    """``STEPS`` steps on ``(x, y)``, each making ``collectives`` all-reduces: ``d`` per step."""
+    """``STEPS`` steps on ``(x, y)``, each making ``collectives`` all-reduces: ``d`` per step.
+    Checks that the C kernels ran where they should (on the rank-local shards)."""
     ds = []
-    for _ in range(STEPS):
-        opt.zero_grad()
-        _loss(model, x, y).backward()
-        with CountCollectives() as counter:
-            opt.step()
-        assert counter.count == collectives, f"{label} {name}: {counter.count} collectives"
-        ds.append(opt.stats()["d"])
+    calls = []
+    real = _native.dadapt_kernel
+
+    def spy(*args, **kwargs):
+        calls.append(args[0])
+        real(*args, **kwargs)
+
+    _native.dadapt_kernel = spy
+    try:
+        for _ in range(STEPS):
+            opt.zero_grad()
+            _loss(model, x, y).backward()
+            with CountCollectives() as counter:
+                opt.step()
+            assert counter.count == collectives, f"{label} {name}: {counter.count} collectives"
+            ds.append(opt.stats()["d"])
+    finally:
+        _native.dadapt_kernel = real
+    if name in NATIVE_NAMES and _native.load() is not None:
+        assert calls, f"{label} {name}: the C kernels did not run"
     return ds
 
 

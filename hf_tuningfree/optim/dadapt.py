@@ -50,6 +50,7 @@ authors' code leaves them out of the norm for that step, which can raise ``d`` f
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -57,6 +58,7 @@ from typing import Any
 import torch
 from torch.optim.optimizer import ParamsT
 
+from . import _native
 from .base import (
     GroupBatch,
     StepBatch,
@@ -65,7 +67,13 @@ from .base import (
     compute_dtype,
 )
 from .distributed import local_view
-from .kernels import IMPLEMENTATIONS, CompiledKernel, order_for_compile, resolve_implementation
+from .kernels import (
+    IMPL_ENV_VAR,
+    IMPLEMENTATIONS,
+    CompiledKernel,
+    order_for_compile,
+    resolve_implementation,
+)
 from .validation import (
     check_betas,
     check_bool,
@@ -106,13 +114,15 @@ class TensorPass:
     """One per-tensor pass: ``fn(param, grad, *state[keys], *scalars, **static)`` returns a tuple
     of 0-dim partial sums named ``sums`` (nothing when ``sums`` is empty); ``compiled`` is the same
     function under ``torch.compile``; ``writes`` names what it updates in place (``"param"`` and
-    state keys)."""
+    state keys); ``native`` names the C kernel of :mod:`._native` that does the same for every
+    tensor of a bucket in one call (None: there is none)."""
 
     fn: Callable[..., tuple[torch.Tensor, ...]]
     compiled: CompiledKernel
     keys: tuple[str, ...]
     sums: tuple[str, ...]
     writes: frozenset[str] = frozenset()
+    native: str | None = None
 
 
 def _pass(
@@ -121,12 +131,61 @@ def _pass(
     keys: tuple[str, ...],
     sums: tuple[str, ...],
     writes: tuple[str, ...] = (),
+    native: str | None = None,
 ) -> TensorPass:
-    return TensorPass(fn, CompiledKernel(fn, name), keys, sums, frozenset(writes))
+    return TensorPass(fn, CompiledKernel(fn, name), keys, sums, frozenset(writes), native)
 
 
 def _scalar(value: float, like: torch.Tensor) -> torch.Tensor:
     return torch.full((), value, dtype=like.dtype, device=like.device)
+
+
+def _buckets(
+    lists: list[list[torch.Tensor]],
+) -> list[tuple[tuple[torch.device, torch.dtype], list[list[torch.Tensor]]]]:
+    """``lists`` split by the first list's device and dtype; in the common case of one device
+    and dtype, ``lists`` itself without rebuilding it."""
+    ref = lists[0][0]
+    device, dtype = ref.device, ref.dtype
+    if all(t.dtype == dtype and t.device == device for t in lists[0]):
+        return [((device, dtype), lists)]
+    return [(key, bucket) for key, (bucket, _) in bucket_by_device_and_dtype(lists).items()]
+
+
+def _wants_native(requested: str, device: torch.device, numel: int) -> bool:
+    """Whether a bucket should try the C kernels of :mod:`._native`: on CPU for ``"compiled"``,
+    and for ``"auto"`` at every size (a one-off ~1 s build per machine, not a compilation per
+    process) unless ``HF_TUNINGFREE_IMPL`` overrides ``"auto"`` (as for ADOPT)."""
+    if device.type != "cpu":
+        return False
+    if requested == "auto" and not os.environ.get(IMPL_ENV_VAR, "").strip():
+        return True
+    return resolve_implementation(requested, device, numel) == "compiled"
+
+
+def _run_native(
+    tensor_pass: TensorPass,
+    bucket: list[list[torch.Tensor]],
+    scalars: list[torch.Tensor],
+    static: dict[str, Any],
+) -> torch.Tensor | None:
+    """``tensor_pass`` over a whole bucket in one C call: the pass's 0-dim coefficients go to the
+    C code as one fp64 tensor (read from its memory there, like ``ok``: no host read); returns the
+    bucket's sums (fp64, one per name in ``tensor_pass.sums``), or None for an update."""
+    ok = next((a for a in scalars if a.dtype == torch.bool), None)
+    coefficients = torch.stack([a.to("cpu", torch.float64) for a in scalars if a is not ok])
+    out = torch.empty(len(tensor_pass.sums), dtype=torch.float64) if tensor_pass.sums else None
+    _native.dadapt_kernel(
+        tensor_pass.native,  # type: ignore[arg-type]
+        bucket,
+        coefficients,
+        maximize=static["maximize"],
+        coupled=static["coupled"],
+        averaged=static.get("averaged", False),
+        ok=None if ok is None else ok.to("cpu"),
+        out=out,
+    )
+    return out
 
 
 class DAdaptationBase(TuningFreeOptimizer):
@@ -217,7 +276,11 @@ class DAdaptationBase(TuningFreeOptimizer):
     def _scalar_dtype(self) -> torch.dtype:
         """fp64 if any parameter is fp64, else fp32: the dtype of ``d`` and of every model-wide
         sum. Derived from all parameters, not from this rank's gradients, so that every rank
-        computes ``d`` in the same dtype (bit-identical across ranks)."""
+        computes ``d`` in the same dtype (bit-identical across ranks). Found once per step (it is
+        asked for dozens of times)."""
+        cached = getattr(self, "_step_scalar_dtype", None)
+        if cached is not None:
+            return cached
         params = (p for g in self.param_groups for p in g["params"])
         return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
 
@@ -231,6 +294,8 @@ class DAdaptationBase(TuningFreeOptimizer):
         return self._global("d", device, self.param_groups[0]["d0"]), self._global("step", device)
 
     def _local_statistics(self, batch: StepBatch) -> dict[str, torch.Tensor]:
+        self._step_scalar_dtype = None
+        self._step_scalar_dtype = self._scalar_dtype()  # until the end of _update
         d, step = self._d_and_step(batch.device)
         per_group = self._run_pass(batch, lambda gb: self._statistics_pass(gb, d, step))
         local = self._combine_statistics(batch, per_group, d, step)
@@ -248,10 +313,13 @@ class DAdaptationBase(TuningFreeOptimizer):
         return term if term is not None else super()._finiteness_statistic(batch)
 
     def _update(self, batch: StepBatch, stats: dict[str, torch.Tensor], ok: torch.Tensor) -> None:
-        d, step = self._d_and_step(batch.device)
-        self._run_pass(batch, lambda gb: self._update_pass(gb, d, step, stats, ok))
-        self._finish(stats, ok, d, step)
-        step.add_(ok.to(step.dtype))
+        try:
+            d, step = self._d_and_step(batch.device)
+            self._run_pass(batch, lambda gb: self._update_pass(gb, d, step, stats, ok))
+            self._finish(stats, ok, d, step)
+            step.add_(ok.to(step.dtype))
+        finally:
+            self._step_scalar_dtype = None
 
     def _store_unless_skipped(self, ok: torch.Tensor, **values: torch.Tensor) -> None:
         """Write this step's model-wide scalars into ``global_state``; a skipped step (``ok``
@@ -289,16 +357,28 @@ class DAdaptationBase(TuningFreeOptimizer):
                 lists = [gb.params, gb.grads, *(gb.state_list(k) for k in keys)]
                 written = ["param" in tensor_pass.writes, False]
                 written += [k in tensor_pass.writes for k in keys]
-                for (dev, dt), (bucket, _) in bucket_by_device_and_dtype(lists).items():
+                for (dev, dt), bucket in _buckets(lists):
                     numel = sum(p.numel() for p in bucket[0])
-                    impl = resolve_implementation(gb.group["implementation"], dev, numel)
-                    cdt = compute_dtype(dt)
-                    args = [a.to(dev) if a.dtype == torch.bool else a.to(dev, cdt) for a in scalars]
-                    # "foreach" runs the per-tensor loop: these passes have no foreach form (packing
-                    # already makes one call of the small tensors).
-                    kernel = tensor_pass.compiled if impl == "compiled" else tensor_pass.fn
-                    flags = {**static, "acc64": dev.type == "cpu"}
-                    outputs = self._run_bucket(bucket, written, kernel, args, flags)
+                    requested = gb.group["implementation"]
+                    if (
+                        tensor_pass.native is not None
+                        and _wants_native(requested, dev, numel)
+                        and _native.available([t for lst in bucket for t in lst])
+                    ):
+                        # one C call for the whole bucket, no packing needed
+                        out = _run_native(tensor_pass, bucket, scalars, static)
+                        outputs = [] if out is None else [out]
+                    else:
+                        impl = resolve_implementation(requested, dev, numel)
+                        cdt = compute_dtype(dt)
+                        args = [
+                            a.to(dev) if a.dtype == torch.bool else a.to(dev, cdt) for a in scalars
+                        ]
+                        # "foreach" runs the per-tensor loop: these passes have no foreach form
+                        # (packing already makes one call of the small tensors).
+                        kernel = tensor_pass.compiled if impl == "compiled" else tensor_pass.fn
+                        flags = {**static, "acc64": dev.type == "cpu"}
+                        outputs = self._run_bucket(bucket, written, kernel, args, flags)
                     if tensor_pass.sums:
                         for out in outputs:
                             for name, value in zip(tensor_pass.sums, out, strict=True):
@@ -735,6 +815,7 @@ _ADAM_STATISTICS = _pass(
     "DAdaptAdam statistics",
     ("exp_avg_sq", "s"),
     ("g_sq", "dot", "s_l1"),
+    native="dadapt_adam_stats",
 )
 _ADAM_UPDATE = _pass(
     dadapt_adam_tensor_update,
@@ -742,6 +823,7 @@ _ADAM_UPDATE = _pass(
     ("exp_avg", "exp_avg_sq", "s"),
     (),
     ("param", "exp_avg", "exp_avg_sq", "s"),
+    native="dadapt_adam_update",
 )
 
 

@@ -112,7 +112,11 @@ def prodigy_tensor_update(
 
 
 _PRODIGY_STATISTICS = _pass(
-    prodigy_statistics, "Prodigy statistics", ("s", "x0"), ("g_sq", "dot", "s_l1")
+    prodigy_statistics,
+    "Prodigy statistics",
+    ("s", "x0"),
+    ("g_sq", "dot", "s_l1"),
+    native="prodigy_stats",
 )
 _PRODIGY_UPDATE = _pass(
     prodigy_tensor_update,
@@ -120,6 +124,7 @@ _PRODIGY_UPDATE = _pass(
     ("exp_avg", "exp_avg_sq", "s"),
     (),
     ("param", "exp_avg", "exp_avg_sq", "s"),
+    native="prodigy_update",
 )
 
 

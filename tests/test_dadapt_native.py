@@ -1,0 +1,400 @@
+"""The C path of the D-Adaptation family and Prodigy (:mod:`hf_tuningfree.optim._native`).
+
+On CPU, ``implementation="auto"`` and ``"compiled"`` run each pass (statistics, update) as one C
+call per bucket. These tests hold it to the per-tensor loop path step by step (fp32 and fp64, two
+groups, both weight-decay modes, maximize, a gradient that is sometimes None, a tensor whose first
+gradient comes late, tensors above the threaded size), and check the non-finite guard,
+checkpoints, thread counts, host reads and the fallback when the C library is unavailable. The
+per-element references of the papers' algorithms run on this path too (tests/test_dadapt.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hf_tuningfree.optim import DAdaptAdam, Prodigy, _native
+
+#: Two groups; tensors above 4 blocks of 8192 elements (the threaded size), one of 1 element.
+SHAPES = [[(40000,), (3, 4), (5,)], [(50, 700), (1,), (2, 2, 2)]]
+STEPS = 24
+
+
+def _hp(name: str, decoupled: bool) -> tuple[type, dict, list[dict]]:
+    """(class, model-wide hyperparameters, per-group hyperparameters). Group 1 maximizes."""
+    groups = [
+        dict(lr=1.0, weight_decay=0.1, eps=1e-8),
+        dict(lr=0.5, weight_decay=0.05, eps=1e-3, maximize=True),
+    ]
+    for g in groups:
+        g["decoupled_weight_decay"] = decoupled
+    model = {"d0": 1e-4}
+    if name == "dadapt_adam":
+        return DAdaptAdam, {**model, "betas": (0.8, 0.99)}, groups
+    if name == "prodigy":
+        return Prodigy, {**model, "betas": (0.8, 0.99), "growth_rate": 1e3}, groups
+    raise KeyError(name)
+
+
+NAMES = ["dadapt_adam", "prodigy"]
+#: the C kernels each optimizer's passes run
+KERNELS = {"dadapt_adam": "dadapt_adam", "prodigy": "prodigy"}
+
+
+@pytest.fixture
+def native_calls(monkeypatch):
+    """Names of the C kernels called (skips without a C compiler)."""
+    if _native.load() is None:
+        pytest.skip("no C compiler")
+    calls: list[str] = []
+    real = _native.dadapt_kernel
+
+    def spy(name, *args, **kwargs):
+        calls.append(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(_native, "dadapt_kernel", spy)
+    return calls
+
+
+def _grads(dtype, steps=STEPS, seed=3):
+    """Per step, per group, per tensor: a gradient or None. A fixed direction plus noise (so that
+    d grows), independent of the iterates (so that rounding differences are not amplified through
+    the gradients). Tensor 1 of each group has none on every third step; tensor 2 of group 1 gets
+    its first gradient at step 5."""
+    gen = torch.Generator().manual_seed(seed)
+    bias = [[torch.randn(s, generator=gen, dtype=torch.float64) for s in grp] for grp in SHAPES]
+    out = []
+    for t in range(steps):
+        step = []
+        for gi, shapes in enumerate(SHAPES):
+            gs = []
+            for pi, s in enumerate(shapes):
+                noise = torch.randn(s, generator=gen, dtype=torch.float64)
+                g = (bias[gi][pi] + 0.5 * noise).to(dtype)
+                missing = (pi == 1 and t % 3 == 1) or (gi == 1 and pi == 2 and t < 5)
+                gs.append(None if missing else g)
+            step.append(gs)
+        out.append(step)
+    return out
+
+
+def _init(dtype, seed=4):
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in shapes]
+        for shapes in SHAPES
+    ]
+
+
+def _make(name, init, impl, decoupled=True):
+    cls, model, hp = _hp(name, decoupled)
+    params = [[torch.nn.Parameter(p.clone()) for p in grp] for grp in init]
+    groups = [{"params": ps, **h} for ps, h in zip(params, hp, strict=True)]
+    return params, cls(groups, implementation=impl, **model)
+
+
+def _feed(params, step_grads):
+    for ps, gs in zip(params, step_grads, strict=True):
+        for p, g in zip(ps, gs, strict=True):
+            p.grad = None if g is None else g.clone()
+
+
+def _snapshot(params, opt, skip_state_of=None):
+    """Every parameter, state tensor and model-wide scalar (but the skip counter), cloned, in a
+    fixed order."""
+    flat = [p for ps in params for p in ps]
+    out = [p.detach().clone() for p in flat]
+    for p in flat:
+        st = opt.state[p] if p is not skip_state_of else {}
+        out += [st[k].clone() for k in sorted(st)]
+    out += [v.clone() for k, v in sorted(opt.global_state.items()) if k != "skipped_steps"]
+    return out
+
+
+def _by_kind(params, opt) -> dict[str, torch.Tensor]:
+    """The model's parameters and each state key, flattened into one tensor per kind (tensors
+    without state yet contribute their parameter only), and each model-wide scalar."""
+    flat = [p for ps in params for p in ps]
+    out = {"param": torch.cat([p.detach().reshape(-1) for p in flat])}
+    keys = sorted(next(opt.state[p] for p in flat if opt.state[p]))
+    for key in keys:
+        out[key] = torch.cat([opt.state[p][key].reshape(-1) for p in flat if opt.state[p]])
+    for key, value in opt.global_state.items():
+        out["global " + key] = value.reshape(1).double()
+    return out
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| relative to max |a| (the absolute difference when a is all zero)."""
+    scale = a.abs().max().item()
+    diff = (a - b).abs().max().item()
+    return diff / scale if scale > 0 else diff
+
+
+# ---------------------------------------------------------------------- the loop path, step by step
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("decoupled", [True, False], ids=["decoupled_wd", "coupled_wd"])
+@pytest.mark.parametrize("name", NAMES)
+def test_native_path_tracks_the_loop_path_step_by_step(name, decoupled, dtype, native_calls):
+    """After every one of 24 steps, the parameters, every state tensor and every model-wide scalar
+    (d, numerator, ||s||) of the C path are within rounding of the loop path: max |difference| <=
+    1e-6 (fp32) or 1e-12 (fp64) of the largest value of that quantity in the model. (C's sqrt is
+    correctly rounded, torch's vectorised CPU sqrt not always: ~20% of the fp32 elements differ
+    by an ulp after the first step; the largest difference measured over the run was 4e-7.)"""
+    init, grads = _init(dtype), _grads(dtype)
+    ref_params, ref = _make(name, init, "loop", decoupled)
+    params, opt = _make(name, init, "compiled", decoupled)
+    tol = 1e-6 if dtype == torch.float32 else 1e-12
+    worst: dict[str, float] = {}
+    for t, step_grads in enumerate(grads):
+        _feed(ref_params, step_grads)
+        _feed(params, step_grads)
+        ref.step()
+        opt.step()
+        expected, got = _by_kind(ref_params, ref), _by_kind(params, opt)
+        assert expected.keys() == got.keys()
+        assert torch.equal(got["global step"], expected["global step"])
+        for kind, value in expected.items():
+            assert got[kind].dtype == value.dtype, kind
+            rel = _rel(value, got[kind])
+            assert rel <= tol, f"step {t}, {kind}: {rel:.2e} > {tol:.0e}"
+            worst[kind] = max(worst.get(kind, 0.0), rel)
+    kernel = KERNELS[name]
+    assert native_calls == [f"{kernel}_stats", f"{kernel}_stats", f"{kernel}_update",
+                            f"{kernel}_update"] * STEPS  # fmt: skip
+    # d grew by orders of magnitude, the parameters moved
+    assert opt.stats()["d"] > 100 * 1e-4
+    assert (params[0][0].detach() - init[0][0]).abs().max().item() > 1e-2
+    print("native vs loop, worst relative difference:", {k: f"{v:.1e}" for k, v in worst.items()})
+
+
+# ---------------------------------------------------------------------- guard, checkpoints, threads
+@pytest.mark.parametrize("bad", [float("nan"), float("-inf")], ids=["nan", "-inf"])
+@pytest.mark.parametrize("name", NAMES)
+def test_native_nonfinite_gradient_leaves_params_and_state_bit_identical(name, bad, native_calls):
+    """A NaN/Inf in one element of one gradient (of the second group) skips the step for the
+    whole model on the C path: parameters, state and model-wide scalars bit-identical (the tensor
+    whose first gradient arrives in that step only gets its initial state), and training then
+    continues exactly as if that step never happened."""
+    dtype = torch.float32
+    init, grads = _init(dtype), _grads(dtype, steps=9)
+    params, opt = _make(name, init, "compiled")
+    clean_params, clean = _make(name, init, "compiled")
+    for step_grads in grads[:5]:
+        for ps, o in ((params, opt), (clean_params, clean)):
+            _feed(ps, step_grads)
+            o.step()
+    late = params[1][2]  # first gradient at step 5: the poisoned step
+    assert not opt.state[late]
+    before = _snapshot(params, opt)
+    poisoned = [[None if g is None else g.clone() for g in gs] for gs in grads[5]]
+    poisoned[1][0].view(-1)[123] = bad
+    _feed(params, poisoned)
+    with pytest.warns(RuntimeWarning, match="NaN or Inf"):
+        opt.step()
+    assert bool(opt.last_step_skipped)
+    assert all(not v.any() for k, v in opt.state[late].items() if k != "x0")
+    after = _snapshot(params, opt, skip_state_of=late)
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    for step_grads in grads[5:]:
+        for ps, o in ((params, opt), (clean_params, clean)):
+            _feed(ps, step_grads)
+            o.step()
+    assert not bool(opt.last_step_skipped)
+    assert opt.stats()["skipped_steps"] == 1.0
+    got, expected = _snapshot(params, opt), _snapshot(clean_params, clean)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    assert f"{KERNELS[name]}_update" in native_calls
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_native_state_dict_round_trip_continues_bit_exactly(name, tmp_path, native_calls):
+    """Save mid-training (``torch.save`` / ``torch.load(weights_only=True)``, as the Trainer
+    does), load into a fresh optimizer over copied parameters: the next steps are bit-identical to
+    the uninterrupted run."""
+    dtype = torch.float32
+    init, grads = _init(dtype), _grads(dtype, steps=14)
+    params, opt = _make(name, init, "compiled")
+    for step_grads in grads[:7]:
+        _feed(params, step_grads)
+        opt.step()
+    torch.save(opt.state_dict(), tmp_path / "optimizer.pt")
+    copied = [[p.detach() for p in ps] for ps in params]
+    resumed_params, resumed = _make(name, copied, "compiled")
+    resumed.load_state_dict(torch.load(tmp_path / "optimizer.pt", weights_only=True))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(_snapshot(params, opt), _snapshot(resumed_params, resumed), strict=True)
+    )
+    for step_grads in grads[7:]:
+        for ps, o in ((params, opt), (resumed_params, resumed)):
+            _feed(ps, step_grads)
+            o.step()
+    got, expected = _snapshot(resumed_params, resumed), _snapshot(params, opt)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    assert opt.global_state["step"].item() == 14.0
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_native_path_is_independent_of_the_thread_count(name, native_calls):
+    """Elementwise work and per-block sums added in block order: 1 and 2 threads give
+    bit-identical parameters, state and d."""
+    init, grads = _init(torch.float32), _grads(torch.float32, steps=6)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            params, opt = _make(name, init, "compiled")
+            for step_grads in grads:
+                _feed(params, step_grads)
+                opt.step()
+            results.append(_snapshot(params, opt))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_native_step_makes_no_host_reads(name, monkeypatch, native_calls):
+    """``step()`` on the C path reads no tensor on the host (no ``.item()``, ``float()``,
+    ``bool()``): the C code reads ``ok`` and the coefficients from tensor memory."""
+    init, grads = _init(torch.float32), _grads(torch.float32, steps=4)
+    params, opt = _make(name, init, "auto")
+
+    def no_host_read(*_args, **_kwargs):
+        raise AssertionError("host read of a tensor inside step()")
+
+    for step_grads in grads:
+        _feed(params, step_grads)
+        with monkeypatch.context() as m:
+            for attr in ("item", "__float__", "__bool__"):
+                m.setattr(torch.Tensor, attr, no_host_read)
+            opt.step()
+    assert len(native_calls) == 4 * len(grads)
+    assert opt.stats()["step"] == len(grads)
+
+
+# ---------------------------------------------------------------------- fallback
+@pytest.mark.parametrize("name", NAMES)
+def test_without_the_c_library_auto_is_the_loop_path(name, monkeypatch):
+    """``_native.load()`` returning None (no compiler): ``"auto"`` on these small groups runs the
+    per-tensor loop, bit-identical to ``implementation="loop"``; the C kernels are never called.
+    (The ``torch.compile`` fallback of ``"compiled"`` is tested in tests/test_dadapt.py.)"""
+    monkeypatch.setattr(_native, "load", lambda: None)
+    calls = []
+    monkeypatch.setattr(_native, "dadapt_kernel", lambda *a, **k: calls.append(a[0]))
+    dtype = torch.float32
+    init, grads = _init(dtype), _grads(dtype, steps=10)
+    ref_params, ref = _make(name, init, "loop")
+    params, opt = _make(name, init, "auto")
+    for step_grads in grads:
+        for ps, o in ((ref_params, ref), (params, opt)):
+            _feed(ps, step_grads)
+            o.step()
+    expected, got = _snapshot(ref_params, ref), _snapshot(params, opt)
+    assert all(torch.equal(a, b) for a, b in zip(expected, got, strict=True))
+    assert calls == []
+    assert opt.stats()["d"] > 1e-4
+
+
+def test_sixteen_bit_parameters_take_the_torch_path(native_calls):
+    """bf16 parameters (fp32 arithmetic in the torch kernels) are not for the C kernels: the
+    bucket falls back to the loop path and gives its numbers exactly."""
+    torch.manual_seed(0)
+    init = torch.randn(300)
+    runs = []
+    for impl in ("loop", "auto"):
+        p = torch.nn.Parameter(init.to(torch.bfloat16))
+        opt = DAdaptAdam([p], d0=1e-3, implementation=impl)
+        for t in range(5):
+            p.grad = (p.detach().float() - math.sin(t)).to(torch.bfloat16)
+            opt.step()
+        runs.append((p.detach().clone(), opt.stats()["d"]))
+    assert torch.equal(runs[0][0], runs[1][0]) and runs[0][1] == runs[1][1]
+    assert runs[0][0].dtype == torch.bfloat16
+    assert native_calls == []
+
+
+# ---------------------------------------------------------------------- the kernels themselves
+_COEFFICIENTS = {  # in the order of the per-element functions' 0-dim arguments, ok left out
+    "dadapt_adam_stats": [0.1, 1e-8, 1e-3, 0.05],
+    "dadapt_adam_update": [1e-3, 0.1, 0.0, 0.1, 0.01, 0.05, 1.0, 1e-8],
+    "prodigy_stats": [0.1, 2e-3, -0.05],
+    "prodigy_update": [1e-3, 1e-3, 2e-3, 0.1, 0.0, 0.1, 0.01, -0.05, 1e-11],
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("kernel", ["dadapt_adam", "prodigy"])
+def test_kernels_directly(kernel, dtype):
+    """The statistics kernel: the per-element function's sums to fp64 rounding (fp64 terms) or
+    fp32 term rounding, an empty tensor included, the same bits for 1 and 2 threads, NaN for a NaN
+    gradient. The update kernel: writes nothing when ``ok`` is False (NaN gradients included);
+    otherwise the per-element update to rounding."""
+    if _native.load() is None:
+        pytest.skip("no C compiler")
+    from hf_tuningfree.optim.dadapt import dadapt_adam_statistics, dadapt_adam_tensor_update
+    from hf_tuningfree.optim.prodigy import prodigy_statistics, prodigy_tensor_update
+
+    stats_fn, update_fn = {
+        "dadapt_adam": (dadapt_adam_statistics, dadapt_adam_tensor_update),
+        "prodigy": (prodigy_statistics, prodigy_tensor_update),
+    }[kernel]
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(70000,), (3,), (0,), (20, 30)]
+
+    def rand(positive=False):
+        ts = [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in shapes]
+        return [t.abs() for t in ts] if positive else ts
+
+    x, g, m, v, s, x0 = rand(), rand(), rand(), rand(positive=True), rand(), rand()
+    stats_streams = [x, g, v, s] if kernel == "dadapt_adam" else [x, g, s, x0]
+    coef = {k: torch.tensor(c, dtype=torch.float64) for k, c in _COEFFICIENTS.items()}
+    flags = {"maximize": True, "coupled": True}
+    sums = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            out = torch.full((3,), -1.0, dtype=torch.float64)
+            _native.dadapt_kernel(
+                f"{kernel}_stats", stats_streams, coef[f"{kernel}_stats"], out=out, **flags
+            )
+            sums.append(out)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(sums[0], sums[1])
+    scalars = [torch.tensor(c, dtype=dtype) for c in _COEFFICIENTS[f"{kernel}_stats"]]
+    expected = torch.zeros(3, dtype=torch.float64)
+    for k in range(len(shapes)):
+        tensors = [lst[k] for lst in stats_streams]  # (param, grad, *state)
+        parts = stats_fn(*tensors, *scalars, acc64=True, **flags)
+        expected += torch.stack(parts)
+    tol = 1e-6 if dtype == torch.float32 else 1e-12
+    assert torch.allclose(sums[0], expected, rtol=tol, atol=0.0), (sums[0], expected)
+
+    # update: nothing written when not ok, even with NaN gradients
+    streams = [x, [t.clone().fill_(math.nan) for t in g], m, v, s]
+    before = [t.clone() for lst in (x, m, v, s) for t in lst]
+    upd = coef[f"{kernel}_update"]
+    _native.dadapt_kernel(f"{kernel}_update", streams, upd, ok=torch.tensor(False), **flags)
+    after = [t for lst in (x, m, v, s) for t in lst]
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    # with ok: the per-element update to rounding (sqrt: an ulp)
+    ref = [[t.clone() for t in lst] for lst in (x, g, m, v, s)]
+    streams = [x, g, m, v, s]
+    _native.dadapt_kernel(f"{kernel}_update", streams, upd, ok=torch.tensor(True), **flags)
+    scalars = [torch.tensor(True)] + [
+        torch.tensor(c, dtype=dtype) for c in _COEFFICIENTS[f"{kernel}_update"]
+    ]
+    for k in range(len(shapes)):
+        update_fn(*(lst[k] for lst in ref), *scalars, acc64=True, **flags)
+    for got, want in zip(streams, ref, strict=True):
+        for a, b in zip(got, want, strict=True):
+            if b.numel():
+                assert _rel(b, a) <= (1e-6 if dtype == torch.float32 else 1e-14)
+    assert not torch.equal(x[0], before[0])
