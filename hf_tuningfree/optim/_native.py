@@ -781,6 +781,71 @@ DA_PRODIGY_STATS(prodigy_stats_f32, float, fabsf)
 DA_PRODIGY_STATS(prodigy_stats_f64, double, fabs)
 DA_PRODIGY_UPDATE(prodigy_update_f32, float, sqrtf)
 DA_PRODIGY_UPDATE(prodigy_update_f64, double, sqrt)
+/* DAdaptSGD statistics (dadapt_sgd_statistics); streams x, g, s; sc: cwd, lam.
+   sums: ||g||^2, <g', s>, ||s + lam g'||^2, ||g'||^2 */
+#define DA_SGD_STATS(NAME, T)                                                                  \
+DA_INLINE void NAME##_body(DA_STATS_ARGS) {                                                    \
+    const T* restrict x = DA_STREAM(T, 0); const T* restrict g = DA_STREAM(T, 1);              \
+    const T* restrict s = DA_STREAM(T, 2);                                                     \
+    const T cwd = (T)sc[0], lam = (T)sc[1];                                                    \
+    double a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0;                                             \
+    _Pragma("omp simd reduction(+:a0,a1,a2,a3)")                                               \
+    for (int64_t i = lo; i < hi; ++i) {                                                        \
+        const T gr = g[i];                                                                     \
+        DA_GRAD(T, gi, gr, x[i])                                                               \
+        const T si = s[i];                                                                     \
+        const T sn = si + lam * gi;                                                            \
+        a0 += (double)(gr * gr);                                                               \
+        a1 += (double)(gi * si);                                                               \
+        a2 += (double)(sn * sn);                                                               \
+        a3 += (double)(gi * gi);                                                               \
+    }                                                                                          \
+    acc[0] = a0; acc[1] = a1; acc[2] = a2; acc[3] = a3;                                        \
+}                                                                                              \
+DA_KERNELS(NAME, 4)
+
+/* DAdaptSGD update without momentum (dadapt_sgd_tensor_update); streams x, g, s;
+   sc: lam, cwd, decay */
+#define DA_SGD_UPDATE(NAME, T)                                                                 \
+DA_INLINE void NAME##_body(DA_UPDATE_ARGS) {                                                   \
+    T* restrict x = DA_STREAM(T, 0); const T* restrict g = DA_STREAM(T, 1);                    \
+    T* restrict s = DA_STREAM(T, 2);                                                           \
+    const T lam = (T)sc[0], cwd = (T)sc[1], decay = (T)sc[2];                                  \
+    _Pragma("omp simd")                                                                        \
+    for (int64_t i = lo; i < hi; ++i) {                                                        \
+        const T xi = x[i];                                                                     \
+        DA_GRAD(T, gi, g[i], xi)                                                               \
+        x[i] = xi - decay * xi - lam * gi;                                                     \
+        s[i] = s[i] + lam * gi;                                                                \
+    }                                                                                          \
+}                                                                                              \
+DA_UPDATE_KERNEL(NAME)
+
+/* DAdaptSGD update with momentum (dadapt_sgd_momentum_tensor_update); streams x, g, s, z;
+   sc: lam, cwd, decay, average (1 - momentum) */
+#define DA_SGD_MOMENTUM_UPDATE(NAME, T)                                                        \
+DA_INLINE void NAME##_body(DA_UPDATE_ARGS) {                                                   \
+    T* restrict x = DA_STREAM(T, 0); const T* restrict g = DA_STREAM(T, 1);                    \
+    T* restrict s = DA_STREAM(T, 2); T* restrict z = DA_STREAM(T, 3);                          \
+    const T lam = (T)sc[0], cwd = (T)sc[1], decay = (T)sc[2], average = (T)sc[3];              \
+    _Pragma("omp simd")                                                                        \
+    for (int64_t i = lo; i < hi; ++i) {                                                        \
+        const T xi = x[i], zi = z[i];                                                          \
+        DA_GRAD(T, gi, g[i], xi)                                                               \
+        const T zz = zi - decay * zi - lam * gi;                                               \
+        x[i] = xi + average * (zz - xi);                                                       \
+        s[i] = s[i] + lam * gi;                                                                \
+        z[i] = zz;                                                                             \
+    }                                                                                          \
+}                                                                                              \
+DA_UPDATE_KERNEL(NAME)
+
+DA_SGD_STATS(dadapt_sgd_stats_f32, float)
+DA_SGD_STATS(dadapt_sgd_stats_f64, double)
+DA_SGD_UPDATE(dadapt_sgd_update_f32, float)
+DA_SGD_UPDATE(dadapt_sgd_update_f64, double)
+DA_SGD_MOMENTUM_UPDATE(dadapt_sgd_momentum_update_f32, float)
+DA_SGD_MOMENTUM_UPDATE(dadapt_sgd_momentum_update_f64, double)
 """
 
 _SOURCE += _DADAPT_SOURCE
@@ -792,6 +857,9 @@ DADAPT_KERNELS: dict[str, tuple[int, int, int]] = {
     "dadapt_adam_update": (5, 8, 0),
     "prodigy_stats": (4, 3, 3),
     "prodigy_update": (5, 9, 0),
+    "dadapt_sgd_stats": (3, 2, 4),
+    "dadapt_sgd_update": (3, 3, 0),
+    "dadapt_sgd_momentum_update": (4, 4, 0),
 }
 
 _dadapt_fns: dict[str, ctypes._CFuncPtr] = {}
