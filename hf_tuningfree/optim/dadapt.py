@@ -568,11 +568,27 @@ def dadapt_sgd_momentum_tensor_update(
 
 
 _SGD_STATISTICS = _pass(
-    dadapt_sgd_statistics, "DAdaptSGD statistics", ("s",), ("g_sq", "dot", "s_sq", "gg")
+    dadapt_sgd_statistics,
+    "DAdaptSGD statistics",
+    ("s",),
+    ("g_sq", "dot", "s_sq", "gg"),
+    native="dadapt_sgd_stats",
 )
-_SGD_UPDATE = _pass(dadapt_sgd_tensor_update, "DAdaptSGD", ("s",), (), ("param", "s"))
+_SGD_UPDATE = _pass(
+    dadapt_sgd_tensor_update,
+    "DAdaptSGD",
+    ("s",),
+    (),
+    ("param", "s"),
+    native="dadapt_sgd_update",
+)
 _SGD_MOMENTUM_UPDATE = _pass(
-    dadapt_sgd_momentum_tensor_update, "DAdaptSGD", ("s", "z"), (), ("param", "s", "z")
+    dadapt_sgd_momentum_tensor_update,
+    "DAdaptSGD",
+    ("s", "z"),
+    (),
+    ("param", "s", "z"),
+    native="dadapt_sgd_momentum_update",
 )
 
 
