@@ -661,7 +661,7 @@ static void da_run_update(int64_t nt, void* const* ptrs, const int64_t* ns, cons
 #define DA_STATS_ARGS void* const* p, int64_t nt, int64_t k, int64_t lo, int64_t hi,            \
                       const double* sc, double* acc, const int maximize, const int coupled
 #define DA_UPDATE_ARGS void* const* p, int64_t nt, int64_t k, int64_t lo, int64_t hi,           \
-                       const double* sc, const int maximize, const int coupled
+                       const double* sc, int flags, const int maximize, const int coupled
 #define DA_KERNELS(NAME, NSUMS)                                                                \
 static void NAME##_block(void* const* p, int64_t nt, int64_t k, int64_t lo, int64_t hi,       \
                          const double* sc, int flags, double* acc) {                           \
@@ -674,7 +674,7 @@ void NAME(int64_t nt, void* const* ptrs, const int64_t* ns, const double* sc, in
 #define DA_UPDATE_KERNEL(NAME)                                                                 \
 static void NAME##_block(void* const* p, int64_t nt, int64_t k, int64_t lo, int64_t hi,       \
                          const double* sc, int flags) {                                        \
-    DA_DISPATCH(NAME##_body, p, nt, k, lo, hi, sc)                                             \
+    DA_DISPATCH(NAME##_body, p, nt, k, lo, hi, sc, flags)                                      \
 }                                                                                              \
 void NAME(int64_t nt, void* const* ptrs, const int64_t* ns, const double* sc, int flags,       \
           const uint8_t* ok, int nthreads) {                                                   \
@@ -846,6 +846,59 @@ DA_SGD_UPDATE(dadapt_sgd_update_f32, float)
 DA_SGD_UPDATE(dadapt_sgd_update_f64, double)
 DA_SGD_MOMENTUM_UPDATE(dadapt_sgd_momentum_update_f32, float)
 DA_SGD_MOMENTUM_UPDATE(dadapt_sgd_momentum_update_f64, double)
+/* DAdaptAdaGrad statistics (dadapt_adagrad_statistics); streams x, g, alpha, s;
+   sc: cwd, dlr, eps. sums: ||g||^2, the numerator's change
+   (s^2 + 2 dlr g' s) / (sqrt(alpha + g'^2) + eps) - s^2 / (sqrt(alpha) + eps), and the change of
+   ||s||_1, |s + dlr g'| - |s| */
+#define DA_ADAGRAD_STATS(NAME, T, SQRT, ABS)                                                   \
+DA_INLINE void NAME##_body(DA_STATS_ARGS) {                                                    \
+    const T* restrict x = DA_STREAM(T, 0); const T* restrict g = DA_STREAM(T, 1);              \
+    const T* restrict alpha = DA_STREAM(T, 2); const T* restrict s = DA_STREAM(T, 3);          \
+    const T cwd = (T)sc[0], dlr = (T)sc[1], eps = (T)sc[2];                                    \
+    double a0 = 0.0, a1 = 0.0, a2 = 0.0;                                                       \
+    _Pragma("omp simd reduction(+:a0,a1,a2)")                                                  \
+    for (int64_t i = lo; i < hi; ++i) {                                                        \
+        const T gr = g[i];                                                                     \
+        DA_GRAD(T, gi, gr, x[i])                                                               \
+        const T a = alpha[i], si = s[i];                                                       \
+        const T w_old = SQRT(a) + eps;                                                         \
+        const T w_new = SQRT(a + gi * gi) + eps;                                               \
+        const T dg = dlr * gi;                                                                 \
+        const T s_sq = si * si;                                                                \
+        a0 += (double)(gr * gr);                                                               \
+        a1 += (double)((s_sq + (T)2 * dg * si) / w_new - s_sq / w_old);                        \
+        a2 += (double)(ABS(si + dg) - ABS(si));                                                \
+    }                                                                                          \
+    acc[0] = a0; acc[1] = a1; acc[2] = a2;                                                     \
+}                                                                                              \
+DA_KERNELS(NAME, 3)
+
+/* DAdaptAdaGrad update (dadapt_adagrad_tensor_update); streams x, g, alpha, s, x0;
+   sc: dlr, cwd, average (1 - momentum), eps; flag 4: averaged (momentum > 0) */
+#define DA_ADAGRAD_UPDATE(NAME, T, SQRT)                                                       \
+DA_INLINE void NAME##_body(DA_UPDATE_ARGS) {                                                   \
+    T* restrict x = DA_STREAM(T, 0); const T* restrict g = DA_STREAM(T, 1);                    \
+    T* restrict alpha = DA_STREAM(T, 2); T* restrict s = DA_STREAM(T, 3);                      \
+    const T* restrict x0 = DA_STREAM(T, 4);                                                    \
+    const T dlr = (T)sc[0], cwd = (T)sc[1], average = (T)sc[2], eps = (T)sc[3];                \
+    const int averaged = flags & 4;                                                            \
+    _Pragma("omp simd")                                                                        \
+    for (int64_t i = lo; i < hi; ++i) {                                                        \
+        const T xi = x[i];                                                                     \
+        DA_GRAD(T, gi, g[i], xi)                                                               \
+        const T a_new = alpha[i] + gi * gi;                                                    \
+        const T s_new = s[i] + dlr * gi;                                                       \
+        const T z = x0[i] - s_new / (SQRT(a_new) + eps);                                       \
+        x[i] = averaged ? xi + average * (z - xi) : z;                                         \
+        alpha[i] = a_new; s[i] = s_new;                                                        \
+    }                                                                                          \
+}                                                                                              \
+DA_UPDATE_KERNEL(NAME)
+
+DA_ADAGRAD_STATS(dadapt_adagrad_stats_f32, float, sqrtf, fabsf)
+DA_ADAGRAD_STATS(dadapt_adagrad_stats_f64, double, sqrt, fabs)
+DA_ADAGRAD_UPDATE(dadapt_adagrad_update_f32, float, sqrtf)
+DA_ADAGRAD_UPDATE(dadapt_adagrad_update_f64, double, sqrt)
 """
 
 _SOURCE += _DADAPT_SOURCE
@@ -860,6 +913,8 @@ DADAPT_KERNELS: dict[str, tuple[int, int, int]] = {
     "dadapt_sgd_stats": (3, 2, 4),
     "dadapt_sgd_update": (3, 3, 0),
     "dadapt_sgd_momentum_update": (4, 4, 0),
+    "dadapt_adagrad_stats": (4, 3, 3),
+    "dadapt_adagrad_update": (5, 4, 0),
 }
 
 _dadapt_fns: dict[str, ctypes._CFuncPtr] = {}
