@@ -137,7 +137,7 @@ def _compare(params, expected, ds, expected_ds):
 
 
 #: The optimizers whose CPU "auto"/"compiled" path is the C kernels of hf_tuningfree.optim._native
-NATIVE = (DAdaptAdam, Prodigy, DAdaptSGD)
+NATIVE = (DAdaptAdam, Prodigy, DAdaptSGD, DAdaptAdaGrad)
 
 
 def _assert_matches_reference(cls, prob, groups_hp, model_hp, reference, min_growth, monkeypatch):

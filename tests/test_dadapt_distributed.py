@@ -26,7 +26,7 @@ from hf_tuningfree.optim import _native, create_optimizer
 
 NAMES = ["dadapt_sgd", "dadapt_adam", "dadapt_adagrad", "prodigy"]
 #: the optimizers whose CPU "auto" path runs the C kernels of hf_tuningfree.optim._native
-NATIVE_NAMES = {"dadapt_adam", "prodigy", "dadapt_sgd"}
+NATIVE_NAMES = set(NAMES)
 STEPS = 10
 REL = 1e-5
 D0 = 1e-3

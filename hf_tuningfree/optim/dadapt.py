@@ -1121,9 +1121,15 @@ _ADAGRAD_STATISTICS = _pass(
     "DAdaptAdaGrad statistics",
     ("alpha", "s"),
     ("g_sq", "numerator", "s_l1"),
+    native="dadapt_adagrad_stats",
 )
 _ADAGRAD_UPDATE = _pass(
-    dadapt_adagrad_tensor_update, "DAdaptAdaGrad", ("alpha", "s", "x0"), (), ("param", "alpha", "s")
+    dadapt_adagrad_tensor_update,
+    "DAdaptAdaGrad",
+    ("alpha", "s", "x0"),
+    (),
+    ("param", "alpha", "s"),
+    native="dadapt_adagrad_update",
 )
 
 
