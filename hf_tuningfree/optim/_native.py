@@ -647,130 +647,146 @@ static void da_run_update(int64_t nt, void* const* ptrs, const int64_t* ns, cons
 #define DA_INLINE static inline __attribute__((always_inline))
 #define DA_STREAM(T, j) ((T*)p[(j) * nt + k])
 /* effective_grad: g' = -g if maximize; g' + cwd * x if coupled (x read only then) */
-#define DA_GRAD(T, gi, graw, xval) \
-    T gi = maximize ? -(graw) : (graw); \
+#define DA_GRAD(T, gi, graw, xval)                                                              \
+    T gi = maximize ? -(graw) : (graw);                                                         \
     if (coupled) gi = gi + cwd * (xval);
 /* BODY(..., maximize, coupled) with both flags as constants */
-#define DA_DISPATCH(BODY, ...)                                                                 \
-    switch (flags & 3) {                                                                       \
-    case 0: BODY(__VA_ARGS__, 0, 0); break;                                                    \
-    case 1: BODY(__VA_ARGS__, 1, 0); break;                                                    \
-    case 2: BODY(__VA_ARGS__, 0, 1); break;                                                    \
-    default: BODY(__VA_ARGS__, 1, 1); break;                                                   \
+#define DA_DISPATCH(BODY, ...)                                                                  \
+    switch (flags & 3) {                                                                        \
+    case 0: BODY(__VA_ARGS__, 0, 0); break;                                                     \
+    case 1: BODY(__VA_ARGS__, 1, 0); break;                                                     \
+    case 2: BODY(__VA_ARGS__, 0, 1); break;                                                     \
+    default: BODY(__VA_ARGS__, 1, 1); break;                                                    \
     }
 #define DA_STATS_ARGS void* const* p, int64_t nt, int64_t k, int64_t lo, int64_t hi,            \
-                      const double* sc, double* acc, const int maximize, const int coupled
+                      const double* sc, int flags, double* acc, const int maximize,             \
+                      const int coupled
 #define DA_UPDATE_ARGS void* const* p, int64_t nt, int64_t k, int64_t lo, int64_t hi,           \
                        const double* sc, int flags, const int maximize, const int coupled
-#define DA_KERNELS(NAME, NSUMS)                                                                \
-static void NAME##_block(void* const* p, int64_t nt, int64_t k, int64_t lo, int64_t hi,       \
-                         const double* sc, int flags, double* acc) {                           \
-    DA_DISPATCH(NAME##_body, p, nt, k, lo, hi, sc, acc)                                        \
-}                                                                                              \
-void NAME(int64_t nt, void* const* ptrs, const int64_t* ns, const double* sc, int flags,       \
-          double* out, int nthreads) {                                                         \
-    da_run_stats(nt, ptrs, ns, sc, flags, out, NSUMS, nthreads, NAME##_block);                 \
+#define DA_KERNELS(NAME, NSUMS)                                                                 \
+static void NAME##_block(void* const* p, int64_t nt, int64_t k, int64_t lo, int64_t hi,         \
+                         const double* sc, int flags, double* acc) {                            \
+    DA_DISPATCH(NAME##_body, p, nt, k, lo, hi, sc, flags, acc)                                  \
+}                                                                                               \
+void NAME(int64_t nt, void* const* ptrs, const int64_t* ns, const double* sc, int flags,        \
+          double* out, int nthreads) {                                                          \
+    da_run_stats(nt, ptrs, ns, sc, flags, out, NSUMS, nthreads, NAME##_block);                  \
 }
-#define DA_UPDATE_KERNEL(NAME)                                                                 \
-static void NAME##_block(void* const* p, int64_t nt, int64_t k, int64_t lo, int64_t hi,       \
-                         const double* sc, int flags) {                                        \
-    DA_DISPATCH(NAME##_body, p, nt, k, lo, hi, sc, flags)                                      \
-}                                                                                              \
-void NAME(int64_t nt, void* const* ptrs, const int64_t* ns, const double* sc, int flags,       \
-          const uint8_t* ok, int nthreads) {                                                   \
-    da_run_update(nt, ptrs, ns, sc, flags, ok, nthreads, NAME##_block);                        \
+/* a fused kernel: the statistics of the state before the step and the update in one sweep;
+   nothing written and zero sums when !*ok */
+#define DA_FUSED_KERNEL(NAME, NSUMS)                                                            \
+static void NAME##_block(void* const* p, int64_t nt, int64_t k, int64_t lo, int64_t hi,         \
+                         const double* sc, int flags, double* acc) {                            \
+    DA_DISPATCH(NAME##_body, p, nt, k, lo, hi, sc, flags, acc)                                  \
+}                                                                                               \
+void NAME(int64_t nt, void* const* ptrs, const int64_t* ns, const double* sc, int flags,        \
+          const uint8_t* ok, double* out, int nthreads) {                                       \
+    if (!*ok) {                                                                                 \
+        for (int j = 0; j < NSUMS; ++j) out[j] = 0.0;                                           \
+        return;                                                                                 \
+    }                                                                                           \
+    da_run_stats(nt, ptrs, ns, sc, flags, out, NSUMS, nthreads, NAME##_block);                  \
+}
+#define DA_UPDATE_KERNEL(NAME)                                                                  \
+static void NAME##_block(void* const* p, int64_t nt, int64_t k, int64_t lo, int64_t hi,         \
+                         const double* sc, int flags) {                                         \
+    DA_DISPATCH(NAME##_body, p, nt, k, lo, hi, sc, flags)                                       \
+}                                                                                               \
+void NAME(int64_t nt, void* const* ptrs, const int64_t* ns, const double* sc, int flags,        \
+          const uint8_t* ok, int nthreads) {                                                    \
+    da_run_update(nt, ptrs, ns, sc, flags, ok, nthreads, NAME##_block);                         \
 }
 
 /* DAdaptAdam statistics (dadapt_adam_statistics); streams x, g, v, s; sc: cwd, eps, dlr, c_s.
    sums: ||g||^2, <g', s / (sqrt(v) + eps)>, ||s + c_s (dlr g' - s)||_1 */
-#define DA_ADAM_STATS(NAME, T, SQRT, ABS)                                                      \
-DA_INLINE void NAME##_body(DA_STATS_ARGS) {                                                    \
-    const T* restrict x = DA_STREAM(T, 0); const T* restrict g = DA_STREAM(T, 1);              \
-    const T* restrict v = DA_STREAM(T, 2); const T* restrict s = DA_STREAM(T, 3);              \
-    const T cwd = (T)sc[0], eps = (T)sc[1], dlr = (T)sc[2], cs = (T)sc[3];                     \
-    double a0 = 0.0, a1 = 0.0, a2 = 0.0;                                                       \
-    _Pragma("omp simd reduction(+:a0,a1,a2)")                                                  \
-    for (int64_t i = lo; i < hi; ++i) {                                                        \
-        const T gr = g[i];                                                                     \
-        DA_GRAD(T, gi, gr, x[i])                                                               \
-        const T si = s[i];                                                                     \
-        const T sn = si + cs * (dlr * gi - si);                                                \
-        a0 += (double)(gr * gr);                                                               \
-        a1 += (double)(gi * si / (SQRT(v[i]) + eps));                                          \
-        a2 += (double)ABS(sn);                                                                 \
-    }                                                                                          \
-    acc[0] = a0; acc[1] = a1; acc[2] = a2;                                                     \
-}                                                                                              \
+#define DA_ADAM_STATS(NAME, T, SQRT, ABS)                                                       \
+DA_INLINE void NAME##_body(DA_STATS_ARGS) {                                                     \
+    const T* restrict x = DA_STREAM(T, 0); const T* restrict g = DA_STREAM(T, 1);               \
+    const T* restrict v = DA_STREAM(T, 2); const T* restrict s = DA_STREAM(T, 3);               \
+    const T cwd = (T)sc[0], eps = (T)sc[1], dlr = (T)sc[2], cs = (T)sc[3];                      \
+    double a0 = 0.0, a1 = 0.0, a2 = 0.0;                                                        \
+    _Pragma("omp simd reduction(+:a0,a1,a2)")                                                   \
+    for (int64_t i = lo; i < hi; ++i) {                                                         \
+        const T gr = g[i];                                                                      \
+        DA_GRAD(T, gi, gr, x[i])                                                                \
+        const T si = s[i];                                                                      \
+        const T sn = si + cs * (dlr * gi - si);                                                 \
+        a0 += (double)(gr * gr);                                                                \
+        a1 += (double)(gi * si / (SQRT(v[i]) + eps));                                           \
+        a2 += (double)ABS(sn);                                                                  \
+    }                                                                                           \
+    acc[0] = a0; acc[1] = a1; acc[2] = a2;                                                      \
+}                                                                                               \
 DA_KERNELS(NAME, 3)
 
 /* DAdaptAdam update (dadapt_adam_tensor_update); streams x, g, m, v, s;
    sc: dlr, cwd, decay, c_m, c_v, c_s, on (1 when ok; unused), eps */
-#define DA_ADAM_UPDATE(NAME, T, SQRT)                                                          \
-DA_INLINE void NAME##_body(DA_UPDATE_ARGS) {                                                   \
-    T* restrict x = DA_STREAM(T, 0); const T* restrict g = DA_STREAM(T, 1);                    \
-    T* restrict m = DA_STREAM(T, 2); T* restrict v = DA_STREAM(T, 3);                          \
-    T* restrict s = DA_STREAM(T, 4);                                                           \
-    const T dlr = (T)sc[0], cwd = (T)sc[1], decay = (T)sc[2], cm = (T)sc[3], cv = (T)sc[4];    \
-    const T cs = (T)sc[5], eps = (T)sc[7];                                                     \
-    _Pragma("omp simd")                                                                        \
-    for (int64_t i = lo; i < hi; ++i) {                                                        \
-        const T xi = x[i];                                                                     \
-        DA_GRAD(T, gi, g[i], xi)                                                               \
-        const T dg = dlr * gi;                                                                 \
-        T mi = m[i], vi = v[i], si = s[i];                                                     \
-        mi = mi + cm * (dg - mi);                                                              \
-        vi = vi + cv * (gi * gi - vi);                                                         \
-        si = si + cs * (dg - si);                                                              \
-        x[i] = xi - decay * xi - mi / (SQRT(vi) + eps);                                        \
-        m[i] = mi; v[i] = vi; s[i] = si;                                                       \
-    }                                                                                          \
-}                                                                                              \
+#define DA_ADAM_UPDATE(NAME, T, SQRT)                                                           \
+DA_INLINE void NAME##_body(DA_UPDATE_ARGS) {                                                    \
+    T* restrict x = DA_STREAM(T, 0); const T* restrict g = DA_STREAM(T, 1);                     \
+    T* restrict m = DA_STREAM(T, 2); T* restrict v = DA_STREAM(T, 3);                           \
+    T* restrict s = DA_STREAM(T, 4);                                                            \
+    const T dlr = (T)sc[0], cwd = (T)sc[1], decay = (T)sc[2], cm = (T)sc[3], cv = (T)sc[4];     \
+    const T cs = (T)sc[5], eps = (T)sc[7];                                                      \
+    _Pragma("omp simd")                                                                         \
+    for (int64_t i = lo; i < hi; ++i) {                                                         \
+        const T xi = x[i];                                                                      \
+        DA_GRAD(T, gi, g[i], xi)                                                                \
+        const T dg = dlr * gi;                                                                  \
+        T mi = m[i], vi = v[i], si = s[i];                                                      \
+        mi = mi + cm * (dg - mi);                                                               \
+        vi = vi + cv * (gi * gi - vi);                                                          \
+        si = si + cs * (dg - si);                                                               \
+        x[i] = xi - decay * xi - mi / (SQRT(vi) + eps);                                         \
+        m[i] = mi; v[i] = vi; s[i] = si;                                                        \
+    }                                                                                           \
+}                                                                                               \
 DA_UPDATE_KERNEL(NAME)
 
 /* Prodigy statistics (prodigy_statistics); streams x, g, s, x0; sc: cwd, s_weight, c_s.
    sums: ||g||^2, <g', x0 - x>, ||s + c_s s + s_weight g'||_1 */
-#define DA_PRODIGY_STATS(NAME, T, ABS)                                                         \
-DA_INLINE void NAME##_body(DA_STATS_ARGS) {                                                    \
-    const T* restrict x = DA_STREAM(T, 0); const T* restrict g = DA_STREAM(T, 1);              \
-    const T* restrict s = DA_STREAM(T, 2); const T* restrict x0 = DA_STREAM(T, 3);             \
-    const T cwd = (T)sc[0], sw = (T)sc[1], cs = (T)sc[2];                                      \
-    double a0 = 0.0, a1 = 0.0, a2 = 0.0;                                                       \
-    _Pragma("omp simd reduction(+:a0,a1,a2)")                                                  \
-    for (int64_t i = lo; i < hi; ++i) {                                                        \
-        const T gr = g[i], xi = x[i];                                                          \
-        DA_GRAD(T, gi, gr, xi)                                                                 \
-        const T si = s[i];                                                                     \
-        const T sn = si + cs * si + sw * gi;                                                   \
-        a0 += (double)(gr * gr);                                                               \
-        a1 += (double)(gi * (x0[i] - xi));                                                     \
-        a2 += (double)ABS(sn);                                                                 \
-    }                                                                                          \
-    acc[0] = a0; acc[1] = a1; acc[2] = a2;                                                     \
-}                                                                                              \
+#define DA_PRODIGY_STATS(NAME, T, ABS)                                                          \
+DA_INLINE void NAME##_body(DA_STATS_ARGS) {                                                     \
+    const T* restrict x = DA_STREAM(T, 0); const T* restrict g = DA_STREAM(T, 1);               \
+    const T* restrict s = DA_STREAM(T, 2); const T* restrict x0 = DA_STREAM(T, 3);              \
+    const T cwd = (T)sc[0], sw = (T)sc[1], cs = (T)sc[2];                                       \
+    double a0 = 0.0, a1 = 0.0, a2 = 0.0;                                                        \
+    _Pragma("omp simd reduction(+:a0,a1,a2)")                                                   \
+    for (int64_t i = lo; i < hi; ++i) {                                                         \
+        const T gr = g[i], xi = x[i];                                                           \
+        DA_GRAD(T, gi, gr, xi)                                                                  \
+        const T si = s[i];                                                                      \
+        const T sn = si + cs * si + sw * gi;                                                    \
+        a0 += (double)(gr * gr);                                                                \
+        a1 += (double)(gi * (x0[i] - xi));                                                      \
+        a2 += (double)ABS(sn);                                                                  \
+    }                                                                                           \
+    acc[0] = a0; acc[1] = a1; acc[2] = a2;                                                      \
+}                                                                                               \
 DA_KERNELS(NAME, 3)
 
 /* Prodigy update (prodigy_tensor_update); streams x, g, m, v, s;
    sc: d, dlr, s_weight, cwd, decay, c_m, c_v, c_s, d * eps */
-#define DA_PRODIGY_UPDATE(NAME, T, SQRT)                                                       \
-DA_INLINE void NAME##_body(DA_UPDATE_ARGS) {                                                   \
-    T* restrict x = DA_STREAM(T, 0); const T* restrict g = DA_STREAM(T, 1);                    \
-    T* restrict m = DA_STREAM(T, 2); T* restrict v = DA_STREAM(T, 3);                          \
-    T* restrict s = DA_STREAM(T, 4);                                                           \
-    const T d = (T)sc[0], dlr = (T)sc[1], sw = (T)sc[2], cwd = (T)sc[3], decay = (T)sc[4];     \
-    const T cm = (T)sc[5], cv = (T)sc[6], cs = (T)sc[7], deps = (T)sc[8];                      \
-    _Pragma("omp simd")                                                                        \
-    for (int64_t i = lo; i < hi; ++i) {                                                        \
-        const T xi = x[i];                                                                     \
-        DA_GRAD(T, gi, g[i], xi)                                                               \
-        const T dg = d * gi;                                                                   \
-        T mi = m[i], vi = v[i], si = s[i];                                                     \
-        mi = mi + cm * (dg - mi);                                                              \
-        vi = vi + cv * (dg * dg - vi);                                                         \
-        si = si + cs * si + sw * gi;                                                           \
-        x[i] = xi - decay * xi - dlr * (mi / (SQRT(vi) + deps));                               \
-        m[i] = mi; v[i] = vi; s[i] = si;                                                       \
-    }                                                                                          \
-}                                                                                              \
+#define DA_PRODIGY_UPDATE(NAME, T, SQRT)                                                        \
+DA_INLINE void NAME##_body(DA_UPDATE_ARGS) {                                                    \
+    T* restrict x = DA_STREAM(T, 0); const T* restrict g = DA_STREAM(T, 1);                     \
+    T* restrict m = DA_STREAM(T, 2); T* restrict v = DA_STREAM(T, 3);                           \
+    T* restrict s = DA_STREAM(T, 4);                                                            \
+    const T d = (T)sc[0], dlr = (T)sc[1], sw = (T)sc[2], cwd = (T)sc[3], decay = (T)sc[4];      \
+    const T cm = (T)sc[5], cv = (T)sc[6], cs = (T)sc[7], deps = (T)sc[8];                       \
+    _Pragma("omp simd")                                                                         \
+    for (int64_t i = lo; i < hi; ++i) {                                                         \
+        const T xi = x[i];                                                                      \
+        DA_GRAD(T, gi, g[i], xi)                                                                \
+        const T dg = d * gi;                                                                    \
+        T mi = m[i], vi = v[i], si = s[i];                                                      \
+        mi = mi + cm * (dg - mi);                                                               \
+        vi = vi + cv * (dg * dg - vi);                                                          \
+        si = si + cs * si + sw * gi;                                                            \
+        x[i] = xi - decay * xi - dlr * (mi / (SQRT(vi) + deps));                                \
+        m[i] = mi; v[i] = vi; s[i] = si;                                                        \
+    }                                                                                           \
+}                                                                                               \
 DA_UPDATE_KERNEL(NAME)
 
 DA_ADAM_STATS(dadapt_adam_stats_f32, float, sqrtf, fabsf)
@@ -783,61 +799,61 @@ DA_PRODIGY_UPDATE(prodigy_update_f32, float, sqrtf)
 DA_PRODIGY_UPDATE(prodigy_update_f64, double, sqrt)
 /* DAdaptSGD statistics (dadapt_sgd_statistics); streams x, g, s; sc: cwd, lam.
    sums: ||g||^2, <g', s>, ||s + lam g'||^2, ||g'||^2 */
-#define DA_SGD_STATS(NAME, T)                                                                  \
-DA_INLINE void NAME##_body(DA_STATS_ARGS) {                                                    \
-    const T* restrict x = DA_STREAM(T, 0); const T* restrict g = DA_STREAM(T, 1);              \
-    const T* restrict s = DA_STREAM(T, 2);                                                     \
-    const T cwd = (T)sc[0], lam = (T)sc[1];                                                    \
-    double a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0;                                             \
-    _Pragma("omp simd reduction(+:a0,a1,a2,a3)")                                               \
-    for (int64_t i = lo; i < hi; ++i) {                                                        \
-        const T gr = g[i];                                                                     \
-        DA_GRAD(T, gi, gr, x[i])                                                               \
-        const T si = s[i];                                                                     \
-        const T sn = si + lam * gi;                                                            \
-        a0 += (double)(gr * gr);                                                               \
-        a1 += (double)(gi * si);                                                               \
-        a2 += (double)(sn * sn);                                                               \
-        a3 += (double)(gi * gi);                                                               \
-    }                                                                                          \
-    acc[0] = a0; acc[1] = a1; acc[2] = a2; acc[3] = a3;                                        \
-}                                                                                              \
+#define DA_SGD_STATS(NAME, T)                                                                   \
+DA_INLINE void NAME##_body(DA_STATS_ARGS) {                                                     \
+    const T* restrict x = DA_STREAM(T, 0); const T* restrict g = DA_STREAM(T, 1);               \
+    const T* restrict s = DA_STREAM(T, 2);                                                      \
+    const T cwd = (T)sc[0], lam = (T)sc[1];                                                     \
+    double a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0;                                              \
+    _Pragma("omp simd reduction(+:a0,a1,a2,a3)")                                                \
+    for (int64_t i = lo; i < hi; ++i) {                                                         \
+        const T gr = g[i];                                                                      \
+        DA_GRAD(T, gi, gr, x[i])                                                                \
+        const T si = s[i];                                                                      \
+        const T sn = si + lam * gi;                                                             \
+        a0 += (double)(gr * gr);                                                                \
+        a1 += (double)(gi * si);                                                                \
+        a2 += (double)(sn * sn);                                                                \
+        a3 += (double)(gi * gi);                                                                \
+    }                                                                                           \
+    acc[0] = a0; acc[1] = a1; acc[2] = a2; acc[3] = a3;                                         \
+}                                                                                               \
 DA_KERNELS(NAME, 4)
 
 /* DAdaptSGD update without momentum (dadapt_sgd_tensor_update); streams x, g, s;
    sc: lam, cwd, decay */
-#define DA_SGD_UPDATE(NAME, T)                                                                 \
-DA_INLINE void NAME##_body(DA_UPDATE_ARGS) {                                                   \
-    T* restrict x = DA_STREAM(T, 0); const T* restrict g = DA_STREAM(T, 1);                    \
-    T* restrict s = DA_STREAM(T, 2);                                                           \
-    const T lam = (T)sc[0], cwd = (T)sc[1], decay = (T)sc[2];                                  \
-    _Pragma("omp simd")                                                                        \
-    for (int64_t i = lo; i < hi; ++i) {                                                        \
-        const T xi = x[i];                                                                     \
-        DA_GRAD(T, gi, g[i], xi)                                                               \
-        x[i] = xi - decay * xi - lam * gi;                                                     \
-        s[i] = s[i] + lam * gi;                                                                \
-    }                                                                                          \
-}                                                                                              \
+#define DA_SGD_UPDATE(NAME, T)                                                                  \
+DA_INLINE void NAME##_body(DA_UPDATE_ARGS) {                                                    \
+    T* restrict x = DA_STREAM(T, 0); const T* restrict g = DA_STREAM(T, 1);                     \
+    T* restrict s = DA_STREAM(T, 2);                                                            \
+    const T lam = (T)sc[0], cwd = (T)sc[1], decay = (T)sc[2];                                   \
+    _Pragma("omp simd")                                                                         \
+    for (int64_t i = lo; i < hi; ++i) {                                                         \
+        const T xi = x[i];                                                                      \
+        DA_GRAD(T, gi, g[i], xi)                                                                \
+        x[i] = xi - decay * xi - lam * gi;                                                      \
+        s[i] = s[i] + lam * gi;                                                                 \
+    }                                                                                           \
+}                                                                                               \
 DA_UPDATE_KERNEL(NAME)
 
 /* DAdaptSGD update with momentum (dadapt_sgd_momentum_tensor_update); streams x, g, s, z;
    sc: lam, cwd, decay, average (1 - momentum) */
-#define DA_SGD_MOMENTUM_UPDATE(NAME, T)                                                        \
-DA_INLINE void NAME##_body(DA_UPDATE_ARGS) {                                                   \
-    T* restrict x = DA_STREAM(T, 0); const T* restrict g = DA_STREAM(T, 1);                    \
-    T* restrict s = DA_STREAM(T, 2); T* restrict z = DA_STREAM(T, 3);                          \
-    const T lam = (T)sc[0], cwd = (T)sc[1], decay = (T)sc[2], average = (T)sc[3];              \
-    _Pragma("omp simd")                                                                        \
-    for (int64_t i = lo; i < hi; ++i) {                                                        \
-        const T xi = x[i], zi = z[i];                                                          \
-        DA_GRAD(T, gi, g[i], xi)                                                               \
-        const T zz = zi - decay * zi - lam * gi;                                               \
-        x[i] = xi + average * (zz - xi);                                                       \
-        s[i] = s[i] + lam * gi;                                                                \
-        z[i] = zz;                                                                             \
-    }                                                                                          \
-}                                                                                              \
+#define DA_SGD_MOMENTUM_UPDATE(NAME, T)                                                         \
+DA_INLINE void NAME##_body(DA_UPDATE_ARGS) {                                                    \
+    T* restrict x = DA_STREAM(T, 0); const T* restrict g = DA_STREAM(T, 1);                     \
+    T* restrict s = DA_STREAM(T, 2); T* restrict z = DA_STREAM(T, 3);                           \
+    const T lam = (T)sc[0], cwd = (T)sc[1], decay = (T)sc[2], average = (T)sc[3];               \
+    _Pragma("omp simd")                                                                         \
+    for (int64_t i = lo; i < hi; ++i) {                                                         \
+        const T xi = x[i], zi = z[i];                                                           \
+        DA_GRAD(T, gi, g[i], xi)                                                                \
+        const T zz = zi - decay * zi - lam * gi;                                                \
+        x[i] = xi + average * (zz - xi);                                                        \
+        s[i] = s[i] + lam * gi;                                                                 \
+        z[i] = zz;                                                                              \
+    }                                                                                           \
+}                                                                                               \
 DA_UPDATE_KERNEL(NAME)
 
 DA_SGD_STATS(dadapt_sgd_stats_f32, float)
@@ -850,77 +866,248 @@ DA_SGD_MOMENTUM_UPDATE(dadapt_sgd_momentum_update_f64, double)
    sc: cwd, dlr, eps. sums: ||g||^2, the numerator's change
    (s^2 + 2 dlr g' s) / (sqrt(alpha + g'^2) + eps) - s^2 / (sqrt(alpha) + eps), and the change of
    ||s||_1, |s + dlr g'| - |s| */
-#define DA_ADAGRAD_STATS(NAME, T, SQRT, ABS)                                                   \
-DA_INLINE void NAME##_body(DA_STATS_ARGS) {                                                    \
-    const T* restrict x = DA_STREAM(T, 0); const T* restrict g = DA_STREAM(T, 1);              \
-    const T* restrict alpha = DA_STREAM(T, 2); const T* restrict s = DA_STREAM(T, 3);          \
-    const T cwd = (T)sc[0], dlr = (T)sc[1], eps = (T)sc[2];                                    \
-    double a0 = 0.0, a1 = 0.0, a2 = 0.0;                                                       \
-    _Pragma("omp simd reduction(+:a0,a1,a2)")                                                  \
-    for (int64_t i = lo; i < hi; ++i) {                                                        \
-        const T gr = g[i];                                                                     \
-        DA_GRAD(T, gi, gr, x[i])                                                               \
-        const T a = alpha[i], si = s[i];                                                       \
-        const T w_old = SQRT(a) + eps;                                                         \
-        const T w_new = SQRT(a + gi * gi) + eps;                                               \
-        const T dg = dlr * gi;                                                                 \
-        const T s_sq = si * si;                                                                \
-        a0 += (double)(gr * gr);                                                               \
-        a1 += (double)((s_sq + (T)2 * dg * si) / w_new - s_sq / w_old);                        \
-        a2 += (double)(ABS(si + dg) - ABS(si));                                                \
-    }                                                                                          \
-    acc[0] = a0; acc[1] = a1; acc[2] = a2;                                                     \
-}                                                                                              \
+#define DA_ADAGRAD_STATS(NAME, T, SQRT, ABS)                                                    \
+DA_INLINE void NAME##_body(DA_STATS_ARGS) {                                                     \
+    const T* restrict x = DA_STREAM(T, 0); const T* restrict g = DA_STREAM(T, 1);               \
+    const T* restrict alpha = DA_STREAM(T, 2); const T* restrict s = DA_STREAM(T, 3);           \
+    const T cwd = (T)sc[0], dlr = (T)sc[1], eps = (T)sc[2];                                     \
+    double a0 = 0.0, a1 = 0.0, a2 = 0.0;                                                        \
+    _Pragma("omp simd reduction(+:a0,a1,a2)")                                                   \
+    for (int64_t i = lo; i < hi; ++i) {                                                         \
+        const T gr = g[i];                                                                      \
+        DA_GRAD(T, gi, gr, x[i])                                                                \
+        const T a = alpha[i], si = s[i];                                                        \
+        const T w_old = SQRT(a) + eps;                                                          \
+        const T w_new = SQRT(a + gi * gi) + eps;                                                \
+        const T dg = dlr * gi;                                                                  \
+        const T s_sq = si * si;                                                                 \
+        a0 += (double)(gr * gr);                                                                \
+        a1 += (double)((s_sq + (T)2 * dg * si) / w_new - s_sq / w_old);                         \
+        a2 += (double)(ABS(si + dg) - ABS(si));                                                 \
+    }                                                                                           \
+    acc[0] = a0; acc[1] = a1; acc[2] = a2;                                                      \
+}                                                                                               \
 DA_KERNELS(NAME, 3)
 
 /* DAdaptAdaGrad update (dadapt_adagrad_tensor_update); streams x, g, alpha, s, x0;
    sc: dlr, cwd, average (1 - momentum), eps; flag 4: averaged (momentum > 0) */
-#define DA_ADAGRAD_UPDATE(NAME, T, SQRT)                                                       \
-DA_INLINE void NAME##_body(DA_UPDATE_ARGS) {                                                   \
-    T* restrict x = DA_STREAM(T, 0); const T* restrict g = DA_STREAM(T, 1);                    \
-    T* restrict alpha = DA_STREAM(T, 2); T* restrict s = DA_STREAM(T, 3);                      \
-    const T* restrict x0 = DA_STREAM(T, 4);                                                    \
-    const T dlr = (T)sc[0], cwd = (T)sc[1], average = (T)sc[2], eps = (T)sc[3];                \
-    const int averaged = flags & 4;                                                            \
-    _Pragma("omp simd")                                                                        \
-    for (int64_t i = lo; i < hi; ++i) {                                                        \
-        const T xi = x[i];                                                                     \
-        DA_GRAD(T, gi, g[i], xi)                                                               \
-        const T a_new = alpha[i] + gi * gi;                                                    \
-        const T s_new = s[i] + dlr * gi;                                                       \
-        const T z = x0[i] - s_new / (SQRT(a_new) + eps);                                       \
-        x[i] = averaged ? xi + average * (z - xi) : z;                                         \
-        alpha[i] = a_new; s[i] = s_new;                                                        \
-    }                                                                                          \
-}                                                                                              \
+#define DA_ADAGRAD_UPDATE(NAME, T, SQRT)                                                        \
+DA_INLINE void NAME##_body(DA_UPDATE_ARGS) {                                                    \
+    T* restrict x = DA_STREAM(T, 0); const T* restrict g = DA_STREAM(T, 1);                     \
+    T* restrict alpha = DA_STREAM(T, 2); T* restrict s = DA_STREAM(T, 3);                       \
+    const T* restrict x0 = DA_STREAM(T, 4);                                                     \
+    const T dlr = (T)sc[0], cwd = (T)sc[1], average = (T)sc[2], eps = (T)sc[3];                 \
+    const int averaged = flags & 4;                                                             \
+    _Pragma("omp simd")                                                                         \
+    for (int64_t i = lo; i < hi; ++i) {                                                         \
+        const T xi = x[i];                                                                      \
+        DA_GRAD(T, gi, g[i], xi)                                                                \
+        const T a_new = alpha[i] + gi * gi;                                                     \
+        const T s_new = s[i] + dlr * gi;                                                        \
+        const T z = x0[i] - s_new / (SQRT(a_new) + eps);                                        \
+        x[i] = averaged ? xi + average * (z - xi) : z;                                          \
+        alpha[i] = a_new; s[i] = s_new;                                                         \
+    }                                                                                           \
+}                                                                                               \
 DA_UPDATE_KERNEL(NAME)
 
 DA_ADAGRAD_STATS(dadapt_adagrad_stats_f32, float, sqrtf, fabsf)
 DA_ADAGRAD_STATS(dadapt_adagrad_stats_f64, double, sqrt, fabs)
 DA_ADAGRAD_UPDATE(dadapt_adagrad_update_f32, float, sqrtf)
 DA_ADAGRAD_UPDATE(dadapt_adagrad_update_f64, double, sqrt)
+/* DAdaptAdam fused (statistics and update); streams x, g, m, v, s; the update's coefficients.
+   Sums as dadapt_adam_stats but ||g||^2; its s_{k+1} is the update's (the same coefficients when
+   ok). */
+#define DA_ADAM_FUSED(NAME, T, SQRT, ABS)                                                       \
+DA_INLINE void NAME##_body(DA_STATS_ARGS) {                                                     \
+    T* restrict x = DA_STREAM(T, 0); const T* restrict g = DA_STREAM(T, 1);                     \
+    T* restrict m = DA_STREAM(T, 2); T* restrict v = DA_STREAM(T, 3);                           \
+    T* restrict s = DA_STREAM(T, 4);                                                            \
+    const T dlr = (T)sc[0], cwd = (T)sc[1], decay = (T)sc[2], cm = (T)sc[3], cv = (T)sc[4];     \
+    const T cs = (T)sc[5], eps = (T)sc[7];                                                      \
+    double a1 = 0.0, a2 = 0.0;                                                                  \
+    _Pragma("omp simd reduction(+:a1,a2)")                                                      \
+    for (int64_t i = lo; i < hi; ++i) {                                                         \
+        const T xi = x[i];                                                                      \
+        DA_GRAD(T, gi, g[i], xi)                                                                \
+        const T dg = dlr * gi;                                                                  \
+        T mi = m[i], vi = v[i], si = s[i];                                                      \
+        a1 += (double)(gi * si / (SQRT(vi) + eps));                                             \
+        mi = mi + cm * (dg - mi);                                                               \
+        vi = vi + cv * (gi * gi - vi);                                                          \
+        si = si + cs * (dg - si);                                                               \
+        a2 += (double)ABS(si);                                                                  \
+        x[i] = xi - decay * xi - mi / (SQRT(vi) + eps);                                         \
+        m[i] = mi; v[i] = vi; s[i] = si;                                                        \
+    }                                                                                           \
+    acc[0] = a1; acc[1] = a2;                                                                   \
+}                                                                                               \
+DA_FUSED_KERNEL(NAME, 2)
+
+DA_ADAM_FUSED(dadapt_adam_fused_f32, float, sqrtf, fabsf)
+DA_ADAM_FUSED(dadapt_adam_fused_f64, double, sqrt, fabs)
+/* Prodigy fused; streams x, g, m, v, s, x0; the update's coefficients. Sums as
+   prodigy_stats but ||g||^2: <g', x0 - x> of the x before the step, ||s_{k+1}||_1 of the
+   update's s. */
+#define DA_PRODIGY_FUSED(NAME, T, SQRT, ABS)                                                    \
+DA_INLINE void NAME##_body(DA_STATS_ARGS) {                                                     \
+    T* restrict x = DA_STREAM(T, 0); const T* restrict g = DA_STREAM(T, 1);                     \
+    T* restrict m = DA_STREAM(T, 2); T* restrict v = DA_STREAM(T, 3);                           \
+    T* restrict s = DA_STREAM(T, 4); const T* restrict x0 = DA_STREAM(T, 5);                    \
+    const T d = (T)sc[0], dlr = (T)sc[1], sw = (T)sc[2], cwd = (T)sc[3], decay = (T)sc[4];      \
+    const T cm = (T)sc[5], cv = (T)sc[6], cs = (T)sc[7], deps = (T)sc[8];                       \
+    double a1 = 0.0, a2 = 0.0;                                                                  \
+    _Pragma("omp simd reduction(+:a1,a2)")                                                      \
+    for (int64_t i = lo; i < hi; ++i) {                                                         \
+        const T xi = x[i];                                                                      \
+        DA_GRAD(T, gi, g[i], xi)                                                                \
+        a1 += (double)(gi * (x0[i] - xi));                                                      \
+        const T dg = d * gi;                                                                    \
+        T mi = m[i], vi = v[i], si = s[i];                                                      \
+        mi = mi + cm * (dg - mi);                                                               \
+        vi = vi + cv * (dg * dg - vi);                                                          \
+        si = si + cs * si + sw * gi;                                                            \
+        a2 += (double)ABS(si);                                                                  \
+        x[i] = xi - decay * xi - dlr * (mi / (SQRT(vi) + deps));                                \
+        m[i] = mi; v[i] = vi; s[i] = si;                                                        \
+    }                                                                                           \
+    acc[0] = a1; acc[1] = a2;                                                                   \
+}                                                                                               \
+DA_FUSED_KERNEL(NAME, 2)
+
+/* DAdaptSGD fused, without momentum; streams x, g, s; the update's coefficients (lam, cwd,
+   decay). Sums as dadapt_sgd_stats but ||g||^2. */
+#define DA_SGD_FUSED(NAME, T)                                                                   \
+DA_INLINE void NAME##_body(DA_STATS_ARGS) {                                                     \
+    T* restrict x = DA_STREAM(T, 0); const T* restrict g = DA_STREAM(T, 1);                     \
+    T* restrict s = DA_STREAM(T, 2);                                                            \
+    const T lam = (T)sc[0], cwd = (T)sc[1], decay = (T)sc[2];                                   \
+    double a1 = 0.0, a2 = 0.0, a3 = 0.0;                                                        \
+    _Pragma("omp simd reduction(+:a1,a2,a3)")                                                   \
+    for (int64_t i = lo; i < hi; ++i) {                                                         \
+        const T xi = x[i];                                                                      \
+        DA_GRAD(T, gi, g[i], xi)                                                                \
+        const T si = s[i];                                                                      \
+        const T sn = si + lam * gi;                                                             \
+        a1 += (double)(gi * si);                                                                \
+        a2 += (double)(sn * sn);                                                                \
+        a3 += (double)(gi * gi);                                                                \
+        x[i] = xi - decay * xi - lam * gi;                                                      \
+        s[i] = sn;                                                                              \
+    }                                                                                           \
+    acc[0] = a1; acc[1] = a2; acc[2] = a3;                                                      \
+}                                                                                               \
+DA_FUSED_KERNEL(NAME, 3)
+
+/* DAdaptSGD fused, with momentum; streams x, g, s, z; coefficients lam, cwd, decay, average. */
+#define DA_SGD_MOMENTUM_FUSED(NAME, T)                                                          \
+DA_INLINE void NAME##_body(DA_STATS_ARGS) {                                                     \
+    T* restrict x = DA_STREAM(T, 0); const T* restrict g = DA_STREAM(T, 1);                     \
+    T* restrict s = DA_STREAM(T, 2); T* restrict z = DA_STREAM(T, 3);                           \
+    const T lam = (T)sc[0], cwd = (T)sc[1], decay = (T)sc[2], average = (T)sc[3];               \
+    double a1 = 0.0, a2 = 0.0, a3 = 0.0;                                                        \
+    _Pragma("omp simd reduction(+:a1,a2,a3)")                                                   \
+    for (int64_t i = lo; i < hi; ++i) {                                                         \
+        const T xi = x[i], zi = z[i];                                                           \
+        DA_GRAD(T, gi, g[i], xi)                                                                \
+        const T si = s[i];                                                                      \
+        const T sn = si + lam * gi;                                                             \
+        a1 += (double)(gi * si);                                                                \
+        a2 += (double)(sn * sn);                                                                \
+        a3 += (double)(gi * gi);                                                                \
+        const T zz = zi - decay * zi - lam * gi;                                                \
+        x[i] = xi + average * (zz - xi);                                                        \
+        s[i] = sn;                                                                              \
+        z[i] = zz;                                                                              \
+    }                                                                                           \
+    acc[0] = a1; acc[1] = a2; acc[2] = a3;                                                      \
+}                                                                                               \
+DA_FUSED_KERNEL(NAME, 3)
+
+/* DAdaptAdaGrad fused; streams x, g, alpha, s, x0; coefficients dlr, cwd, average, eps; flag 4
+   averaged. Sums as dadapt_adagrad_stats but ||g||^2 (its sqrt(alpha + g'^2) is the update's). */
+#define DA_ADAGRAD_FUSED(NAME, T, SQRT, ABS)                                                    \
+DA_INLINE void NAME##_body(DA_STATS_ARGS) {                                                     \
+    T* restrict x = DA_STREAM(T, 0); const T* restrict g = DA_STREAM(T, 1);                     \
+    T* restrict alpha = DA_STREAM(T, 2); T* restrict s = DA_STREAM(T, 3);                       \
+    const T* restrict x0 = DA_STREAM(T, 4);                                                     \
+    const T dlr = (T)sc[0], cwd = (T)sc[1], average = (T)sc[2], eps = (T)sc[3];                 \
+    const int averaged = flags & 4;                                                             \
+    double a1 = 0.0, a2 = 0.0;                                                                  \
+    _Pragma("omp simd reduction(+:a1,a2)")                                                      \
+    for (int64_t i = lo; i < hi; ++i) {                                                         \
+        const T xi = x[i];                                                                      \
+        DA_GRAD(T, gi, g[i], xi)                                                                \
+        const T a = alpha[i], si = s[i];                                                        \
+        const T a_new = a + gi * gi;                                                            \
+        const T w_old = SQRT(a) + eps;                                                          \
+        const T w_new = SQRT(a_new) + eps;                                                      \
+        const T dg = dlr * gi;                                                                  \
+        const T s_sq = si * si;                                                                 \
+        const T s_new = si + dg;                                                                \
+        a1 += (double)((s_sq + (T)2 * dg * si) / w_new - s_sq / w_old);                         \
+        a2 += (double)(ABS(s_new) - ABS(si));                                                   \
+        const T z = x0[i] - s_new / w_new;                                                      \
+        x[i] = averaged ? xi + average * (z - xi) : z;                                          \
+        alpha[i] = a_new; s[i] = s_new;                                                         \
+    }                                                                                           \
+    acc[0] = a1; acc[1] = a2;                                                                   \
+}                                                                                               \
+DA_FUSED_KERNEL(NAME, 2)
+
+DA_PRODIGY_FUSED(prodigy_fused_f32, float, sqrtf, fabsf)
+DA_PRODIGY_FUSED(prodigy_fused_f64, double, sqrt, fabs)
+DA_SGD_FUSED(dadapt_sgd_fused_f32, float)
+DA_SGD_FUSED(dadapt_sgd_fused_f64, double)
+DA_SGD_MOMENTUM_FUSED(dadapt_sgd_momentum_fused_f32, float)
+DA_SGD_MOMENTUM_FUSED(dadapt_sgd_momentum_fused_f64, double)
+DA_ADAGRAD_FUSED(dadapt_adagrad_fused_f32, float, sqrtf, fabsf)
+DA_ADAGRAD_FUSED(dadapt_adagrad_fused_f64, double, sqrt, fabs)
+/* The guard of a fused step: ||g||^2 (accumulated in double like the statistics kernels' sums);
+   streams g; no coefficients. */
+#define DA_GRAD_SQ(NAME, T)                                                                     \
+DA_INLINE void NAME##_body(DA_STATS_ARGS) {                                                     \
+    const T* restrict g = DA_STREAM(T, 0);                                                      \
+    double a0 = 0.0;                                                                            \
+    _Pragma("omp simd reduction(+:a0)")                                                         \
+    for (int64_t i = lo; i < hi; ++i) a0 += (double)(g[i] * g[i]);                              \
+    acc[0] = a0;                                                                                \
+}                                                                                               \
+DA_KERNELS(NAME, 1)
+
+DA_GRAD_SQ(dadapt_grad_sq_f32, float)
+DA_GRAD_SQ(dadapt_grad_sq_f64, double)
 """
 
 _SOURCE += _DADAPT_SOURCE
 
 #: The D-Adaptation/Prodigy kernels: name -> (number of tensor streams, number of float
-#: coefficients, number of sums (0: an update, which takes ``ok`` instead)).
-DADAPT_KERNELS: dict[str, tuple[int, int, int]] = {
-    "dadapt_adam_stats": (4, 4, 3),
-    "dadapt_adam_update": (5, 8, 0),
-    "prodigy_stats": (4, 3, 3),
-    "prodigy_update": (5, 9, 0),
-    "dadapt_sgd_stats": (3, 2, 4),
-    "dadapt_sgd_update": (3, 3, 0),
-    "dadapt_sgd_momentum_update": (4, 4, 0),
-    "dadapt_adagrad_stats": (4, 3, 3),
-    "dadapt_adagrad_update": (5, 4, 0),
+#: coefficients, number of sums, whether it reads ``ok``). ``*_stats``: a read-only statistics
+#: pass; ``*_update``: an update; ``*_fused``: the statistics of the state before the step and
+#: the update in one sweep (the update's coefficients; its sums are the statistics pass's but
+#: ``||g||^2``, which ``dadapt_grad_sq``, the guard's pass, provides).
+DADAPT_KERNELS: dict[str, tuple[int, int, int, bool]] = {
+    "dadapt_grad_sq": (1, 0, 1, False),
+    "dadapt_adam_stats": (4, 4, 3, False),
+    "dadapt_adam_update": (5, 8, 0, True),
+    "dadapt_adam_fused": (5, 8, 2, True),
+    "prodigy_stats": (4, 3, 3, False),
+    "prodigy_update": (5, 9, 0, True),
+    "prodigy_fused": (6, 9, 2, True),
+    "dadapt_sgd_stats": (3, 2, 4, False),
+    "dadapt_sgd_update": (3, 3, 0, True),
+    "dadapt_sgd_fused": (3, 3, 3, True),
+    "dadapt_sgd_momentum_update": (4, 4, 0, True),
+    "dadapt_sgd_momentum_fused": (4, 4, 3, True),
+    "dadapt_adagrad_stats": (4, 3, 3, False),
+    "dadapt_adagrad_update": (5, 4, 0, True),
+    "dadapt_adagrad_fused": (5, 4, 2, True),
 }
 
 _dadapt_fns: dict[str, ctypes._CFuncPtr] = {}
 
 
-def _dadapt_fn(lib: ctypes.CDLL, name: str) -> ctypes._CFuncPtr:
+def _dadapt_fn(lib: ctypes.CDLL, name: str, fused: bool) -> ctypes._CFuncPtr:
     """The C function ``name`` (``..._f32``/``..._f64``) with its signature set (once)."""
     fn = _dadapt_fns.get(name)
     if fn is None:
@@ -932,7 +1119,7 @@ def _dadapt_fn(lib: ctypes.CDLL, name: str) -> ctypes._CFuncPtr:
             ctypes.c_void_p,  # numels
             ctypes.c_void_p,  # coefficients (fp64)
             ctypes.c_int,  # flags
-            ctypes.c_void_p,  # sums out (statistics) or ok (update)
+            *([ctypes.c_void_p] * (2 if fused else 1)),  # ok and/or sums out
             ctypes.c_int,  # threads
         ]
         _dadapt_fns[name] = fn
@@ -954,32 +1141,34 @@ def dadapt_kernel(
     tensor of a bucket in one call.
 
     ``streams``: ``[params, grads, *state lists]`` in the order of the per-element function's
-    arguments (equal lengths, one dtype, contiguous CPU tensors: check ``available`` first);
-    ``coefficients``: the pass's float coefficients, in the order of its 0-dim tensor arguments
-    (``ok`` left out), as a 1-D fp64 CPU tensor, read by the C code from its memory. A statistics
-    kernel writes its sums into ``out`` (fp64, one entry each, accumulated in double, the same
-    bits for any thread count); an update kernel reads the 0-dim bool ``ok`` from memory and
-    writes nothing when it is False."""
+    arguments (a fused kernel: the update's, then any state only the statistics read; equal
+    lengths, one dtype, contiguous CPU tensors: check ``available`` first); ``coefficients``: the
+    pass's float coefficients, in the order of its 0-dim tensor arguments (``ok`` left out), as a
+    1-D fp64 CPU tensor, read by the C code from its memory. A statistics or fused kernel writes
+    its sums into ``out`` (fp64, one entry each, accumulated in double, the same bits for any
+    thread count); an update or fused kernel reads the 0-dim bool ``ok`` from memory and writes
+    nothing when it is False (a fused kernel then writes zero sums)."""
     lib = load()
     assert lib is not None
-    nstreams, ncoef, nsums = DADAPT_KERNELS[name]
+    nstreams, ncoef, nsums, takes_ok = DADAPT_KERNELS[name]
     assert len(streams) == nstreams, (name, len(streams))
     assert coefficients.dtype == torch.float64 and coefficients.is_cpu
     assert coefficients.is_contiguous() and coefficients.numel() == ncoef, name
     n = len(streams[0])
+    targets = []
+    if takes_ok:
+        assert ok is not None and ok.is_cpu and ok.dtype in (torch.bool, torch.uint8)
+        targets.append(ok.data_ptr())
     if nsums:
         assert out is not None and out.dtype == torch.float64 and out.is_cpu
         assert out.is_contiguous() and out.numel() == nsums
-        target = out.data_ptr()
-    else:
-        assert ok is not None and ok.is_cpu and ok.dtype in (torch.bool, torch.uint8)
-        target = ok.data_ptr()
+        targets.append(out.data_ptr())
     if n == 0:
         if nsums:
             out.zero_()  # type: ignore[union-attr]
         return
     suffix = "_f32" if streams[0][0].dtype == torch.float32 else "_f64"
-    fn = _dadapt_fn(lib, name + suffix)
+    fn = _dadapt_fn(lib, name + suffix, takes_ok and nsums > 0)
     # array.array: built about twice as fast as a ctypes array from 700 Python ints
     pointers = _array.array("q", [t.data_ptr() for s in streams for t in s])
     numels = _array.array("q", [t.numel() for t in streams[0]])
@@ -989,7 +1178,7 @@ def dadapt_kernel(
         numels.buffer_info()[0],
         coefficients.data_ptr(),
         int(maximize) | (int(coupled) << 1) | (int(averaged) << 2),
-        target,
+        *targets,
         torch.get_num_threads(),
     )
 
