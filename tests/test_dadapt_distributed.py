@@ -83,7 +83,9 @@ def _reference(name: str):
 
 def _train(name, model, opt, x, y, collectives: int, label: str) -> list[float]:
     """``STEPS`` steps on ``(x, y)``, each making ``collectives`` all-reduces: ``d`` per step.
-    Checks that the C kernels ran where they should (on the rank-local shards)."""
+    Checks that the C kernels ran (on the rank-local shards): sharded, the two-pass form
+    (statistics, the one all-reduce, update); under DDP, where nothing is reduced, the fused
+    form (the guard's ``||g||^2``, then statistics and update in one kernel)."""
     ds = []
     calls = []
     real = _native.dadapt_kernel
@@ -104,7 +106,9 @@ def _train(name, model, opt, x, y, collectives: int, label: str) -> list[float]:
     finally:
         _native.dadapt_kernel = real
     if name in NATIVE_NAMES and _native.load() is not None:
-        assert calls, f"{label} {name}: the C kernels did not run"
+        kinds = {c.rsplit("_", 1)[1] for c in calls}
+        expected = {"stats", "update"} if collectives else {"sq", "fused"}
+        assert kinds == expected, f"{label} {name}: C kernels {sorted(set(calls))}"
     return ds
 
 

@@ -66,7 +66,7 @@ from .base import (
     bucket_by_device_and_dtype,
     compute_dtype,
 )
-from .distributed import local_view
+from .distributed import local_view, plan_reduction
 from .kernels import (
     IMPL_ENV_VAR,
     IMPLEMENTATIONS,
@@ -115,7 +115,9 @@ class TensorPass:
     of 0-dim partial sums named ``sums`` (nothing when ``sums`` is empty); ``compiled`` is the same
     function under ``torch.compile``; ``writes`` names what it updates in place (``"param"`` and
     state keys); ``native`` names the C kernel of :mod:`._native` that does the same for every
-    tensor of a bucket in one call (None: there is none)."""
+    tensor of a bucket in one call (None: there is none). An update pass may name a ``fused``
+    C kernel that also computes the statistics pass's sums but ``g_sq`` (``fused_sums``) from
+    the state before the step, reading ``fused_keys`` after ``keys``."""
 
     fn: Callable[..., tuple[torch.Tensor, ...]]
     compiled: CompiledKernel
@@ -123,6 +125,9 @@ class TensorPass:
     sums: tuple[str, ...]
     writes: frozenset[str] = frozenset()
     native: str | None = None
+    fused: str | None = None
+    fused_keys: tuple[str, ...] = ()
+    fused_sums: tuple[str, ...] = ()
 
 
 def _pass(
@@ -132,8 +137,14 @@ def _pass(
     sums: tuple[str, ...],
     writes: tuple[str, ...] = (),
     native: str | None = None,
+    fused: str | None = None,
+    fused_keys: tuple[str, ...] = (),
+    fused_sums: tuple[str, ...] = (),
 ) -> TensorPass:
-    return TensorPass(fn, CompiledKernel(fn, name), keys, sums, frozenset(writes), native)
+    compiled = CompiledKernel(fn, name)
+    return TensorPass(
+        fn, compiled, keys, sums, frozenset(writes), native, fused, fused_keys, fused_sums
+    )
 
 
 def _scalar(value: float, like: torch.Tensor) -> torch.Tensor:
@@ -164,19 +175,21 @@ def _wants_native(requested: str, device: torch.device, numel: int) -> bool:
 
 
 def _run_native(
-    tensor_pass: TensorPass,
+    kernel: str,
+    nsums: int,
     bucket: list[list[torch.Tensor]],
     scalars: list[torch.Tensor],
     static: dict[str, Any],
 ) -> torch.Tensor | None:
-    """``tensor_pass`` over a whole bucket in one C call: the pass's 0-dim coefficients go to the
+    """The C ``kernel`` over a whole bucket in one call: the pass's 0-dim coefficients go to the
     C code as one fp64 tensor (read from its memory there, like ``ok``: no host read); returns the
-    bucket's sums (fp64, one per name in ``tensor_pass.sums``), or None for an update."""
+    bucket's ``nsums`` sums (fp64), or None when there are none (an update)."""
     ok = next((a for a in scalars if a.dtype == torch.bool), None)
-    coefficients = torch.stack([a.to("cpu", torch.float64) for a in scalars if a is not ok])
-    out = torch.empty(len(tensor_pass.sums), dtype=torch.float64) if tensor_pass.sums else None
+    floats = [a.to("cpu", torch.float64) for a in scalars if a is not ok]
+    coefficients = torch.stack(floats) if floats else torch.zeros(0, dtype=torch.float64)
+    out = torch.empty(nsums, dtype=torch.float64) if nsums else None
     _native.dadapt_kernel(
-        tensor_pass.native,  # type: ignore[arg-type]
+        kernel,
         bucket,
         coefficients,
         maximize=static["maximize"],
@@ -212,6 +225,9 @@ class DAdaptationBase(TuningFreeOptimizer):
 
     _MODEL_WIDE: tuple[str, ...] = ("d0", "growth_rate")
     PACK_BELOW = 1 << 14
+    #: Whether a step may run in the fused form (see ``_fuses``); tests switch it off to compare.
+    FUSE = True
+    _fused_step = False
 
     # ------------------------------------------------------------------ construction
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -272,6 +288,13 @@ class DAdaptationBase(TuningFreeOptimizer):
         ``s`` is unchanged and still part of the model's ``||s||``)."""
         return {}
 
+    def _guard_statistics(
+        self, batch: StepBatch, g_sq: list[torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """In a fused step, the sums that ``_update_pass`` reads, formed from the guard's
+        per-group ``||g||^2`` alone (DAdaptSGD's ``||g_0||``); none by default."""
+        return {}
+
     # ------------------------------------------------------------------ machinery
     def _scalar_dtype(self) -> torch.dtype:
         """fp64 if any parameter is fp64, else fp32: the dtype of ``d`` and of every model-wide
@@ -293,19 +316,85 @@ class DAdaptationBase(TuningFreeOptimizer):
     def _d_and_step(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         return self._global("d", device, self.param_groups[0]["d0"]), self._global("step", device)
 
+    def _fuses(self, batch: StepBatch) -> bool:
+        """Whether this step runs in the fused form: the guard's pass (``||g||^2``, one read of
+        the gradients) as the local statistics, then one C kernel per group that computes the
+        other sums from the state before the step while it updates it. That needs no collective
+        between the sums and the update, so only where none is made (one process, DDP, not
+        sharded) and where every group is one bucket the C kernels take; it reads the model's
+        state once per step where the two-pass form reads most of it twice."""
+        if not self.FUSE or _native.load() is None:
+            return False
+        params = (p for g in self.param_groups for p in g["params"])
+        if plan_reduction(params, self.global_reduce).is_sharded:
+            return False
+        for gb in batch.groups:
+            if not gb.params:
+                continue
+            tensors = [*gb.params, *gb.grads]
+            tensors += [local_view(t) for st in gb.states for t in st.values()]
+            numel = sum(p.numel() for p in gb.params)
+            requested = gb.group["implementation"]
+            if not _wants_native(requested, batch.device, numel) or not _native.available(tensors):
+                return False
+        return True
+
     def _local_statistics(self, batch: StepBatch) -> dict[str, torch.Tensor]:
         self._step_scalar_dtype = None
         self._step_scalar_dtype = self._scalar_dtype()  # until the end of _update
+        dtype = self._step_scalar_dtype
+        self._fused_step = self._fuses(batch)
+        if self._fused_step:
+            # only the guard's sums now; the others come out of the fused update (_fused_update)
+            self._guard_sums = [self._grad_sq(gb) for gb in batch.groups]
+            self._finite_term = torch.stack(self._guard_sums).sum().to(dtype)
+            return {}
         d, step = self._d_and_step(batch.device)
         per_group = self._run_pass(batch, lambda gb: self._statistics_pass(gb, d, step))
-        local = self._combine_statistics(batch, per_group, d, step)
-        dtype = self._scalar_dtype()
-        for name, values in self._idle_sums(batch).items():
-            local[name] = local[name] + batch.sum_on_device(values).to(dtype)
+        local = self._with_idle_sums(batch, self._combine_statistics(batch, per_group, d, step))
         # ||g||^2 is NaN/Inf exactly when a gradient is (short of |g| > 1e19): the guard's sum,
         # so the guard needs no pass of its own (see _finiteness_statistic).
         self._finite_term = torch.stack([g["g_sq"].to(dtype) for g in per_group]).sum()
         return local
+
+    @staticmethod
+    def _grad_sq(gb: GroupBatch) -> torch.Tensor:
+        """``||g||^2`` over a group's gradients (fp64, 0-dim), one C call (fused steps only)."""
+        if not gb.params:
+            return torch.zeros((), dtype=torch.float64)
+        flags = {"maximize": False, "coupled": False}
+        return _run_native("dadapt_grad_sq", 1, [gb.grads], [], flags)[0]  # type: ignore[index]
+
+    def _with_idle_sums(
+        self, batch: StepBatch, local: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        dtype = self._scalar_dtype()
+        for name, values in self._idle_sums(batch).items():
+            local[name] = local[name] + batch.sum_on_device(values).to(dtype)
+        return local
+
+    def _fused_update(
+        self, batch: StepBatch, d: torch.Tensor, step: torch.Tensor, ok: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """The update of a fused step, one C kernel per group; returns this step's sums as the
+        two-pass form's statistics would have them (the fused kernels write zero sums and nothing
+        else when ``ok`` is False)."""
+        before = self._guard_statistics(batch, self._guard_sums)
+        per_group = []
+        for gb, g_sq in zip(batch.groups, self._guard_sums, strict=True):
+            tensor_pass, scalars, static = self._update_pass(gb, d, step, before, ok)
+            assert tensor_pass.fused is not None
+            names = tensor_pass.fused_sums
+            sums = {"g_sq": g_sq}
+            if gb.params:
+                keys = (*tensor_pass.keys, *tensor_pass.fused_keys)
+                lists = [gb.params, gb.grads, *(gb.state_list(k) for k in keys)]
+                out = _run_native(tensor_pass.fused, len(names), lists, scalars, static)
+                sums.update(zip(names, out, strict=True))  # type: ignore[arg-type]
+            else:
+                sums.update({n: torch.zeros((), dtype=torch.float64) for n in names})
+            per_group.append(sums)
+        return self._with_idle_sums(batch, self._combine_statistics(batch, per_group, d, step))
 
     def _finiteness_statistic(self, batch: StepBatch) -> torch.Tensor:
         term = getattr(self, "_finite_term", None)
@@ -315,7 +404,10 @@ class DAdaptationBase(TuningFreeOptimizer):
     def _update(self, batch: StepBatch, stats: dict[str, torch.Tensor], ok: torch.Tensor) -> None:
         try:
             d, step = self._d_and_step(batch.device)
-            self._run_pass(batch, lambda gb: self._update_pass(gb, d, step, stats, ok))
+            if self._fused_step:
+                stats = self._fused_update(batch, d, step, ok)
+            else:
+                self._run_pass(batch, lambda gb: self._update_pass(gb, d, step, stats, ok))
             self._finish(stats, ok, d, step)
             step.add_(ok.to(step.dtype))
         finally:
@@ -366,7 +458,8 @@ class DAdaptationBase(TuningFreeOptimizer):
                         and _native.available([t for lst in bucket for t in lst])
                     ):
                         # one C call for the whole bucket, no packing needed
-                        out = _run_native(tensor_pass, bucket, scalars, static)
+                        sums = len(tensor_pass.sums)
+                        out = _run_native(tensor_pass.native, sums, bucket, scalars, static)
                         outputs = [] if out is None else [out]
                     else:
                         impl = resolve_implementation(requested, dev, numel)
@@ -581,6 +674,8 @@ _SGD_UPDATE = _pass(
     (),
     ("param", "s"),
     native="dadapt_sgd_update",
+    fused="dadapt_sgd_fused",
+    fused_sums=("dot", "s_sq", "gg"),
 )
 _SGD_MOMENTUM_UPDATE = _pass(
     dadapt_sgd_momentum_tensor_update,
@@ -589,6 +684,8 @@ _SGD_MOMENTUM_UPDATE = _pass(
     (),
     ("param", "s", "z"),
     native="dadapt_sgd_momentum_update",
+    fused="dadapt_sgd_momentum_fused",
+    fused_sums=("dot", "s_sq", "gg"),
 )
 
 
@@ -703,10 +800,18 @@ class DAdaptSGD(DAdaptationBase):
             # sum_k lambda_k <g', s_k>, this step's term
             "numerator": lam * batch.sum_on_device(pg["dot"] * lr for pg, lr in pairs).to(dtype),
             "s_sq": batch.sum_on_device(pg["s_sq"] for pg, _ in pairs).to(dtype),
-            # for fixing ||g_0||: raw ||g||^2 of groups with lr > 0; sum lr^2 ||g'||^2
-            "grad_sq": batch.sum_on_device(pg["g_sq"] for pg, lr in pairs if lr > 0).to(dtype),
+            # for fixing ||g_0||: sum lr^2 ||g'||^2
             "gg_lr2": batch.sum_on_device(pg["gg"] * lr * lr for pg, lr in pairs).to(dtype),
+            **self._guard_statistics(batch, [pg["g_sq"] for pg in per_group]),
         }
+
+    def _guard_statistics(
+        self, batch: StepBatch, g_sq: list[torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """For fixing ``||g_0||``: the raw ``||g||^2`` of the groups with lr > 0."""
+        lrs = [gb.group["lr"] for gb in batch.groups]
+        grad_sq = batch.sum_on_device(v for v, lr in zip(g_sq, lrs, strict=True) if lr > 0)
+        return {"grad_sq": grad_sq.to(self._scalar_dtype())}
 
     def _latched_g0_sq(self, stats: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
         """``||g_0||^2``: fixed at the first step where the gradients of groups with lr > 0 are
@@ -840,6 +945,8 @@ _ADAM_UPDATE = _pass(
     (),
     ("param", "exp_avg", "exp_avg_sq", "s"),
     native="dadapt_adam_update",
+    fused="dadapt_adam_fused",
+    fused_sums=("dot", "s_l1"),
 )
 
 
@@ -1130,6 +1237,8 @@ _ADAGRAD_UPDATE = _pass(
     (),
     ("param", "alpha", "s"),
     native="dadapt_adagrad_update",
+    fused="dadapt_adagrad_fused",
+    fused_sums=("numerator", "s_l1"),
 )
 
 

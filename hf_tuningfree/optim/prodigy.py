@@ -125,6 +125,9 @@ _PRODIGY_UPDATE = _pass(
     (),
     ("param", "exp_avg", "exp_avg_sq", "s"),
     native="prodigy_update",
+    fused="prodigy_fused",
+    fused_keys=("x0",),
+    fused_sums=("dot", "s_l1"),
 )
 
 
