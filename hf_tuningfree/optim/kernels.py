@@ -13,9 +13,10 @@ its state (plus 0-dim tensors for the per-step coefficients). That function runs
     flattened views, so one compiled kernel serves every shape. Inductor emits one fused loop (C++
     with OpenMP on CPU, Triton on GPU) that reads and writes each tensor once, like the fused AdamW.
 
-On CPU, DoG and ADOPT replace the compiled kernel with C loops over every tensor of a group in
-one call (:mod:`hf_tuningfree.optim._native`), for ``"compiled"`` and for ``"auto"`` at every
-size; this module's rules apply to them where those loops are unavailable.
+On CPU, DoG, ADOPT, the D-Adaptation family and Prodigy replace the compiled kernel with C loops
+over every tensor of a group in one call (:mod:`hf_tuningfree.optim._native`), for
+``"compiled"`` and for ``"auto"`` at every size; this module's rules apply to them where those
+loops are unavailable.
 
 ``"auto"`` picks the fastest measured path for the device (see ``resolve_implementation`` and the
 benchmark in ``benchmarks/step_time.py``). Compilation that fails (no C++ compiler, no Triton, an

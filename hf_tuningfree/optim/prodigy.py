@@ -8,8 +8,10 @@ Prodigy keeps D-Adaptation's single model-wide lower bound ``d`` on the distance
 but weights step ``k`` by ``d_k`` (the paper's ``lambda_k = d_k^2`` weighting) and measures
 progress directly with ``<g_k, x_0 - x_k>``; the paper shows this improves D-Adaptation's
 convergence rate by a factor ``O(log(D / d0))``. The passes of a step, the single ``d`` over all
-groups and the sharded reduction are those of :mod:`hf_tuningfree.optim.dadapt`; what Prodigy has
-in common with :class:`~hf_tuningfree.optim.dadapt.DAdaptAdam` (Adam's moments and bias
+groups, the sharded reduction and the code paths (on CPU, C kernels: a statistics pass and an
+update, or where nothing is reduced across processes the guard's pass and one fused kernel that
+reads ``x, g, m, v, s, x0`` once) are those of :mod:`hf_tuningfree.optim.dadapt`; what Prodigy
+has in common with :class:`~hf_tuningfree.optim.dadapt.DAdaptAdam` (Adam's moments and bias
 correction, the ``||s||_1`` denominator, the numerator's sum over groups) is
 :class:`~hf_tuningfree.optim.dadapt.AdamFormBase`.
 """
@@ -177,6 +179,8 @@ class Prodigy(AdamFormBase):
         growth_rate: ``d`` grows by at most this factor per step (default inf).
         maximize: maximize the objective.
         implementation: ``"auto"``, ``"loop"`` or ``"compiled"``; ``"foreach"`` runs the loop.
+            On CPU, ``"auto"`` and ``"compiled"`` run the C kernels of
+            :mod:`hf_tuningfree.optim._native` (see :mod:`hf_tuningfree.optim.dadapt`).
         skip_nonfinite, global_reduce: see :class:`~hf_tuningfree.optim.base.TuningFreeOptimizer`.
 
     State: per parameter ``exp_avg`` (m), ``exp_avg_sq`` (v), ``s``, ``x0``; model-wide ``d``,
