@@ -92,7 +92,7 @@ from .base import (
     bucket_by_device_and_dtype,
     compute_dtype,
 )
-from .distributed import local_view, plan_reduction
+from .distributed import is_dtensor, local_view, plan_reduction
 from .kernels import (
     IMPL_ENV_VAR,
     IMPLEMENTATIONS,
@@ -357,8 +357,9 @@ class DAdaptationBase(TuningFreeOptimizer):
         for gb in batch.groups:
             if not gb.params:
                 continue
-            tensors = [*gb.params, *gb.grads]
-            tensors += [local_view(t) for st in gb.states for t in st.values()]
+            tensors = [*gb.params, *gb.grads, *(t for st in gb.states for t in st.values())]
+            if any(map(is_dtensor, gb.originals)):
+                tensors = [local_view(t) for t in tensors]
             numel = sum(p.numel() for p in gb.params)
             requested = gb.group["implementation"]
             if not _wants_native(requested, batch.device, numel) or not _native.available(tensors):
@@ -414,7 +415,11 @@ class DAdaptationBase(TuningFreeOptimizer):
             sums = {"g_sq": g_sq}
             if gb.params:
                 keys = (*tensor_pass.keys, *tensor_pass.fused_keys)
-                lists = [gb.params, gb.grads, *(gb.state_list(k) for k in keys)]
+                if any(map(is_dtensor, gb.originals)):
+                    states = [gb.state_list(k) for k in keys]
+                else:  # plain tensors: no need to unwrap each (~0.3 us apiece)
+                    states = [[st[k] for st in gb.states] for k in keys]
+                lists = [gb.params, gb.grads, *states]
                 out = _run_native(tensor_pass.fused, len(names), lists, scalars, static)
                 sums.update(zip(names, out, strict=True))  # type: ignore[arg-type]
             else:
