@@ -164,21 +164,30 @@ stored derivatives.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch.optim.optimizer import ParamsT
 
+from . import _native
 from .base import (
     StepBatch,
     TuningFreeOptimizer,
     bucket_by_device_and_dtype,
     compute_dtype,
+    foreach_norms,
     scalar_state,
 )
 from .distributed import local_view
-from .kernels import IMPLEMENTATIONS, CompiledKernel, order_for_compile, resolve_implementation
+from .kernels import (
+    IMPL_ENV_VAR,
+    IMPLEMENTATIONS,
+    CompiledKernel,
+    order_for_compile,
+    resolve_implementation,
+)
 from .validation import (
     check_bool,
     check_choice,
@@ -574,6 +583,17 @@ def _update_each(
         _run(fn, impl, [t[i] for t in bucket], *args, **static)
 
 
+def _wants_native(requested: str, device: torch.device, numel: int) -> bool:
+    """Whether a group should try the C loops of :mod:`._native`: on CPU for ``"compiled"``, and
+    for ``"auto"`` at every size (a one-off ~1 s build per machine, no compilation per process)
+    unless ``HF_TUNINGFREE_IMPL`` overrides ``"auto"``; never for ``"loop"`` / ``"foreach"``."""
+    if device.type != "cpu":
+        return False
+    if requested == "auto" and not os.environ.get(IMPL_ENV_VAR, "").strip():
+        return True
+    return resolve_implementation(requested, device, numel) == "compiled"
+
+
 # ---------------------------------------------------------------------- shared machinery
 def _one_per_level(values: Sequence[Any], height: int, what: str, given: Any, unit: str) -> list:
     """``values`` for levels 1..height: one value serves every level, else exactly ``height``."""
@@ -855,6 +875,94 @@ class HypergradientOptimizer(TuningFreeOptimizer):
         step size of the last update)."""
         return dots["lr"]
 
+    # ------------------------------------------------------------------ the C path
+    # On CPU (``"auto"``, ``"compiled"``; fp32/fp64 contiguous tensors; a C compiler) both passes
+    # of a group are C loops of :mod:`._native`, one call per device/dtype bucket: the dots
+    # (``_native_dots``) and the update (``_native_update``). Subclasses say which state they
+    # need (``_native_state_keys``) and whether a configuration is covered (``_native_covers``).
+    def _native_covers(self, group: dict[str, Any]) -> bool:
+        """Whether the C loops implement this configuration (default: yes)."""
+        return True
+
+    def _native_state_keys(self, group: dict[str, Any]) -> list[str]:
+        """Per-parameter state tensors the C update reads or writes, in its argument order."""
+        raise NotImplementedError
+
+    def _native_ok(self, gb: Any) -> bool:
+        """Whether group batch ``gb`` runs on the C loops this step (decided once per step)."""
+        cache = self._step_cache.setdefault("native", {})
+        key = id(gb)
+        if key not in cache:
+            cache[key] = self._native_check(gb)
+        return cache[key]
+
+    def _native_check(self, gb: Any) -> bool:
+        group = gb.group
+        if not gb.params or not self._native_covers(group):
+            return False
+        if not _wants_native(group["implementation"], gb.params[0].device, gb.numel):
+            return False
+        if "step" in gb.states[0] and not all(
+            s["step"].is_cpu and s["step"].dtype == torch.float32 for s in gb.states
+        ):
+            return False
+        return all(
+            _native.available([t for lst in bucket for t in lst])
+            for bucket, _ in self._native_buckets(gb)
+        )
+
+    def _native_buckets(self, gb: Any) -> list[tuple[list[list[torch.Tensor]], list[int]]]:
+        """``[([params, grads, *state lists], indices in gb)]``, one per device/dtype bucket of
+        ``gb`` (formed once per step)."""
+        cache = self._step_cache.setdefault("buckets", {})
+        key = id(gb)
+        if key not in cache:
+            keys = self._native_state_keys(gb.group)
+            lists = [gb.params, gb.grads, *(gb.state_list(k) for k in keys)]
+            first = gb.params[0]
+            if all(p.dtype == first.dtype and p.device == first.device for p in gb.params):
+                cache[key] = [(lists, list(range(len(gb.params))))]  # the usual case: one bucket
+            else:
+                cache[key] = list(bucket_by_device_and_dtype(lists).values())
+        return cache[key]
+
+    def _native_dots(self, gb: Any, values: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The dots of ``_group_dots`` for every tensor of ``gb`` as one ``(n, len(names))``
+        fp64 CPU tensor, from one C pass per bucket over the gradients."""
+        names = self._dot_names(gb.group)
+        buckets = self._native_buckets(gb)
+        if len(buckets) == 1:
+            out = torch.empty(len(gb.params), len(names), dtype=torch.float64)
+            self._native_bucket_dots(gb, buckets[0][0], buckets[0][1], out)
+            return out
+        out = torch.empty(len(gb.params), len(names), dtype=torch.float64)
+        for bucket, idx in buckets:
+            part = torch.empty(len(idx), len(names), dtype=torch.float64)
+            self._native_bucket_dots(gb, bucket, idx, part)
+            out[torch.tensor(idx)] = part
+        return out
+
+    def _native_bucket_dots(
+        self, gb: Any, bucket: list[list[torch.Tensor]], idx: list[int], out: torch.Tensor
+    ) -> None:
+        """Default: ``<g, D>`` with the stored derivatives (state keys of
+        ``_stored_derivatives``, found in ``bucket`` after the parameters and gradients)."""
+        keys = self._native_state_keys(gb.group)
+        stored = [bucket[2 + keys.index(k)] for k in self._stored_derivatives()]
+        _native.hyper_direction_dots(bucket[1], stored, out)
+
+    def _native_update(
+        self,
+        gb: Any,
+        bucket: list[list[torch.Tensor]],
+        idx: list[int],
+        values: dict[str, torch.Tensor],
+        lr: torch.Tensor,
+        ok: torch.Tensor,
+    ) -> None:
+        """The base update of one bucket of ``gb`` by the C loop (writes nothing unless ``ok``)."""
+        raise NotImplementedError
+
     # ------------------------------------------------------------------ values of this step
     def _values(self, gi: int, device: torch.device) -> dict[str, torch.Tensor]:
         """Hyperparameter values for group ``gi``: learned ones from the global state, fixed ones
@@ -917,9 +1025,12 @@ class HypergradientOptimizer(TuningFreeOptimizer):
             n = len(gb.params)
             if n:
                 values = self._values(gi, device)
-                impl = self._impl(gb, device, update=False)
-                dots = torch.stack(self._group_dots(gb, values, impl)).to(device, dtype)
-                summed = (dots * valid[pos : pos + n].unsqueeze(1)).sum(0)
+                if self._native_ok(gb):
+                    dots = self._native_dots(gb, values)  # fp64: summed in fp64, then cast
+                else:
+                    impl = self._impl(gb, device, update=False)
+                    dots = torch.stack(self._group_dots(gb, values, impl)).to(device, dtype)
+                summed = (dots * valid[pos : pos + n].unsqueeze(1)).sum(0).to(dtype)
                 if gb.group["maximize"]:  # the loss is -objective
                     summed = -summed
                 finite.append(summed.sum())
@@ -937,7 +1048,20 @@ class HypergradientOptimizer(TuningFreeOptimizer):
         # NaN/Inf in any gradient element makes some dot product NaN/Inf (0 * inf is NaN too).
         if self._finite_term is not None:
             return self._finite_term
-        return super()._finiteness_statistic(batch)
+        # Nothing learned (height 0): the guard's own pass, one C loop per bucket where the
+        # group runs on the C path (``_native.sum_sq``), else the gradient norms.
+        parts: list[torch.Tensor] = []
+        for gb in batch.groups:
+            if not gb.params:
+                continue
+            if self._native_ok(gb):
+                for _, ([grads], _) in bucket_by_device_and_dtype([gb.grads]).items():
+                    total = torch.empty((), dtype=torch.float64)
+                    _native.sum_sq(grads, total)
+                    parts.append(total)
+            else:
+                parts.extend(foreach_norms(gb.grads))
+        return batch.sum_on_device(parts)
 
     def _impl(self, gb: Any, device: torch.device, *, update: bool) -> str:
         requested = gb.group["implementation"]
@@ -965,7 +1089,12 @@ class HypergradientOptimizer(TuningFreeOptimizer):
                 lr = torch.tensor(group["lr"], dtype=dtype, device=device)
             if not gb.params:
                 continue
-            self._group_update(gb, values, lr.to(device), ok, self._impl(gb, device, update=True))
+            if self._native_ok(gb):
+                for bucket, idx in self._native_buckets(gb):
+                    self._native_update(gb, bucket, idx, values, lr.to(device), ok)
+            else:
+                impl = self._impl(gb, device, update=True)
+                self._group_update(gb, values, lr.to(device), ok, impl)
         if self.learning:
             idx = self._step_cache["idx"]
             step = self._g("hyper/step")
@@ -1185,6 +1314,33 @@ class HyperSGD(HypergradientOptimizer):
         fast = gb.group["implementation"] in ("auto", "foreach")
         return _stored_dots(gb, stored, impl, torch_dot=fast)
 
+    def _native_state_keys(self, group: dict[str, Any]) -> list[str]:
+        keys = ["momentum_buffer"]
+        if "momentum" in self.learn:
+            keys.append("momentum_buffer_prev")
+        return keys
+
+    def _native_update(
+        self,
+        gb: Any,
+        bucket: list[list[torch.Tensor]],
+        idx: list[int],
+        values: dict[str, torch.Tensor],
+        lr: torch.Tensor,
+        ok: torch.Tensor,
+    ) -> None:
+        _native.hyper_sgd_update(
+            bucket[0],
+            bucket[1],
+            bucket[2],
+            bucket[3] if "momentum" in self.learn else None,
+            ok,
+            lr=lr,
+            momentum=values["momentum"],
+            weight_decay=gb.group["weight_decay"],
+            maximize=gb.group["maximize"],
+        )
+
     def _group_update(
         self,
         gb: Any,
@@ -1381,6 +1537,54 @@ class HyperAdam(HypergradientOptimizer):
             out[i] = _run(_adam_dots, impl, tensors, *sc, **static)
         return out  # type: ignore[return-value]
 
+    def _native_covers(self, group: dict[str, Any]) -> bool:
+        # learned betas (their derivative buffers) stay on the torch paths
+        return "beta1" not in self.learn and "beta2" not in self.learn
+
+    def _native_state_keys(self, group: dict[str, Any]) -> list[str]:
+        return ["exp_avg", "exp_avg_sq"]
+
+    def _native_bucket_dots(
+        self, gb: Any, bucket: list[list[torch.Tensor]], idx: list[int], out: torch.Tensor
+    ) -> None:
+        group = gb.group
+        beta1, beta2 = group["betas"]
+        _native.hyper_adam_dots(
+            bucket[1],
+            bucket[2],
+            bucket[3],
+            bucket[0] if self._needs_x(group) else None,
+            [gb.states[i]["step"] for i in idx],
+            out,
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+        )
+
+    def _native_update(
+        self,
+        gb: Any,
+        bucket: list[list[torch.Tensor]],
+        idx: list[int],
+        values: dict[str, torch.Tensor],
+        lr: torch.Tensor,
+        ok: torch.Tensor,
+    ) -> None:
+        group = gb.group
+        beta1, beta2 = group["betas"]
+        _native.hyper_adam_update(
+            *bucket[:4],
+            [gb.states[i]["step"] for i in idx],  # advanced by the C code
+            ok,
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            decoupled=group["decoupled_weight_decay"],
+            maximize=group["maximize"],
+        )
+
     def _group_update(
         self,
         gb: Any,
@@ -1530,6 +1734,31 @@ class HyperAdaGrad(HypergradientOptimizer):
         for key in self._stored_derivatives():
             state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
+    def _native_state_keys(self, group: dict[str, Any]) -> list[str]:
+        return ["sum", *self._stored_derivatives()]
+
+    def _native_update(
+        self,
+        gb: Any,
+        bucket: list[list[torch.Tensor]],
+        idx: list[int],
+        values: dict[str, torch.Tensor],
+        lr: torch.Tensor,
+        ok: torch.Tensor,
+    ) -> None:
+        group = gb.group
+        _native.hyper_adagrad_update(
+            bucket[0],
+            bucket[1],
+            bucket[2],
+            bucket[3] if "lr" in self.learn else None,
+            ok,
+            lr=lr,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            maximize=group["maximize"],
+        )
+
     def _group_update(
         self,
         gb: Any,
@@ -1628,6 +1857,34 @@ class HyperRMSProp(HypergradientOptimizer):
         state["square_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
         for key in self._stored_derivatives():
             state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+    def _native_state_keys(self, group: dict[str, Any]) -> list[str]:
+        return ["square_avg", *self._stored_derivatives()]
+
+    def _native_update(
+        self,
+        gb: Any,
+        bucket: list[list[torch.Tensor]],
+        idx: list[int],
+        values: dict[str, torch.Tensor],
+        lr: torch.Tensor,
+        ok: torch.Tensor,
+    ) -> None:
+        group = gb.group
+        stored = dict(zip(self._stored_derivatives(), bucket[3:], strict=True))
+        _native.hyper_rmsprop_update(
+            bucket[0],
+            bucket[1],
+            bucket[2],
+            stored.get("direction"),
+            stored.get("d_decay"),
+            ok,
+            lr=lr,
+            decay=values["decay"],
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            maximize=group["maximize"],
+        )
 
     def _group_update(
         self,
