@@ -910,6 +910,35 @@ def test_native_path_tracks_the_loop_path_step_by_step(config, dtype, native_cal
     print(f"{config} {dtype}: worst", {k: f"{v:.1e}" for k, v in worst.items()})
 
 
+@pytest.mark.parametrize("cls", [HyperSGD, HyperAdam, HyperAdaGrad, HyperRMSProp])
+def test_native_path_with_fp32_and_fp64_tensors_in_one_group(cls, native_calls):
+    """One group holding fp32 and fp64 parameters: one C call per dtype bucket and pass, the
+    dots put back in the group's order, the tower in fp64; within fp32 rounding of the loop
+    path after 12 steps."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = [((40000,), torch.float32), ((30,), torch.float64), ((7, 9), torch.float32)]
+    init = [torch.randn(s, generator=gen, dtype=torch.float64).to(dt) for s, dt in shapes]
+    grads = [[torch.randn(s, generator=gen, dtype=torch.float64).to(dt) for s, dt in shapes]
+             for _ in range(12)]  # fmt: skip
+    runs = []
+    for impl in ("loop", "auto"):
+        params = [torch.nn.Parameter(p.clone()) for p in init]
+        opt = cls(params, lr=0.01, weight_decay=0.1, implementation=impl)
+        for step_grads in grads:
+            for p, g in zip(params, step_grads, strict=True):
+                p.grad = g.clone()
+            opt.step()
+        runs.append((params, opt.stats()))
+    (ref, ref_stats), (got, stats) = runs
+    for a, b in zip(ref, got, strict=True):
+        assert b.dtype == a.dtype
+        assert _rel(a.detach(), b.detach()) <= 1e-6
+    assert stats.keys() == ref_stats.keys()
+    assert all(stats[k] == pytest.approx(v, rel=1e-6) for k, v in ref_stats.items())
+    assert native_calls["dots"] == 2 * 12
+    assert stats["hyper/level0/lr"] != pytest.approx(0.01, rel=1e-3)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 def test_native_kernels_against_the_per_element_functions(dtype):
     """The C kernels on one bucket against hypergradient.py's per-element functions with the
