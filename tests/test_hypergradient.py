@@ -939,6 +939,36 @@ def test_native_path_with_fp32_and_fp64_tensors_in_one_group(cls, native_calls):
     assert stats["hyper/level0/lr"] != pytest.approx(0.01, rel=1e-3)
 
 
+def test_native_addresses_refuse_what_the_c_loops_cannot_take(native_calls):
+    """``_native.hyper_addresses`` (the C path's one check-and-address pass per bucket) refuses
+    16-bit and mixed dtypes, non-contiguous tensors, a state tensor whose size differs from its
+    parameter's (a mismatched checkpoint would otherwise be read out of bounds) and step counters
+    that are not fp32; a group with a non-contiguous parameter takes the torch paths (the
+    numbers of ``implementation="foreach"``)."""
+    a, b = torch.zeros(4, 3), torch.zeros(5)
+    assert [len(x) for x in _native.hyper_addresses([[a, b], [a, b]])] == [2, 2]
+    assert _native.hyper_addresses([[a.half()], [a.half()]]) is None
+    assert _native.hyper_addresses([[a, b], [a, b.double()]]) is None
+    assert _native.hyper_addresses([[a, b], [a.t(), b]]) is None
+    assert _native.hyper_addresses([[a, b], [a, torch.zeros(6)]]) is None
+    assert _native.hyper_addresses([[a]], [[torch.tensor(1.0, dtype=torch.float64)]]) is None
+    counters = _native.hyper_addresses([[a]], [[torch.tensor(1.0)]])
+    assert counters is not None and len(counters) == 2
+    weight = torch.randn(6, 4).t()  # non-contiguous
+    runs = []
+    for impl in ("foreach", "auto"):
+        params = [torch.nn.Parameter(weight.t().clone().t()), torch.nn.Parameter(b.clone())]
+        assert not params[0].is_contiguous()
+        opt = HyperAdam(params, implementation=impl)
+        for t in range(4):
+            for p in params:
+                p.grad = torch.full_like(p, 0.1 * (t + 1))
+            opt.step()
+        runs.append([p.detach().clone() for p in params])
+    assert all(torch.equal(x, y) for x, y in zip(*runs, strict=True))
+    assert native_calls["dots"] == 0 and native_calls["hyper_adam_update"] == 0
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 def test_native_kernels_against_the_per_element_functions(dtype):
     """The C kernels on one bucket against hypergradient.py's per-element functions with the

@@ -42,7 +42,10 @@ The updates follow the per-element functions' order of operations, with the scal
 forms from 0-dim tensors rounded in those tensors' dtype and no fma contraction: SGD's update is
 bit-identical to the per-tensor path; Adam, AdaGrad and RMSProp differ by the rounding of
 ``sqrt`` (and Adam's bias corrections by that of ``pow``): ~1e-7 relative in fp32. HyperAdam
-with learned betas keeps its torch paths.
+with learned betas keeps its torch paths. ``hyper_addresses`` checks a bucket and takes its
+tensors' addresses in one pass, once per step for both passes; it also refuses a state tensor
+whose size differs from its parameter's, so a mismatched checkpoint cannot make the C code read
+or write out of bounds.
 
 The shared library is built with the system C compiler (``cc``; the same requirement as
 inductor's CPU backend) into ``$HF_TUNINGFREE_CACHE`` or ``~/.cache/hf_tuningfree``, named by a
@@ -959,13 +962,77 @@ def _hyper_argtypes() -> dict[str, list]:
 
 
 __all__ += [
+    "Addresses",
     "hyper_adagrad_update",
     "hyper_adam_dots",
     "hyper_adam_update",
+    "hyper_addresses",
     "hyper_direction_dots",
     "hyper_rmsprop_update",
     "hyper_sgd_update",
 ]
+
+
+class Addresses:
+    """A list of tensors as the C code takes it: their addresses and element counts, read once
+    (``hyper_addresses``) and handed to both passes of a step. The tensors must stay alive and
+    in place while it is used (it holds a reference to the list)."""
+
+    __slots__ = ("array", "dtype", "numels", "tensors")
+
+    def __init__(
+        self,
+        tensors: Sequence[torch.Tensor],
+        array: ctypes.Array,
+        numels: ctypes.Array | None,
+        dtype: torch.dtype,
+    ) -> None:
+        self.tensors, self.array, self.numels, self.dtype = tensors, array, numels, dtype
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+
+#: A kernel argument: a list of tensors, or its ``Addresses`` taken earlier in the step.
+Tensors = Sequence[torch.Tensor] | Addresses
+
+
+def hyper_addresses(
+    lists: Sequence[Sequence[torch.Tensor]], counters: Sequence[Sequence[torch.Tensor]] = ()
+) -> list[Addresses] | None:
+    """Check a bucket for the C path and take its addresses, in one pass over its tensors.
+
+    ``lists``: parallel lists (parameters first, then gradients and state) whose tensors must be
+    CPU, contiguous, of one dtype (fp32 or fp64) and of the first list's sizes; ``counters``:
+    lists of 0-dim fp32 CPU tensors (step counters). Returns one ``Addresses`` per list
+    (``lists`` then ``counters``), or None if the C path cannot take them or the library is
+    unavailable."""
+    if not lists or not lists[0] or load() is None:
+        return None
+    dtype = lists[0][0].dtype
+    if dtype not in (torch.float32, torch.float64):
+        return None
+    sizes = [t.numel() for t in lists[0]]
+    numels = (ctypes.c_int64 * len(sizes))(*sizes)
+    out = []
+    for tensors in lists:
+        if len(tensors) != len(sizes):
+            return None
+        ptrs = []
+        for t, n in zip(tensors, sizes, strict=True):
+            if not (t.is_cpu and t.dtype == dtype and t.is_contiguous() and t.numel() == n):
+                return None
+            ptrs.append(t.data_ptr())
+        out.append(Addresses(tensors, (ctypes.c_void_p * len(ptrs))(*ptrs), numels, dtype))
+    for tensors in counters:
+        ptrs = []
+        for t in tensors:
+            if not (t.is_cpu and t.dtype == torch.float32 and t.numel() == 1):
+                return None
+            ptrs.append(t.data_ptr())
+        array = (ctypes.c_void_p * len(ptrs))(*ptrs)
+        out.append(Addresses(tensors, array, None, torch.float32))
+    return out
 
 
 def _hyper_fn(name: str, dtype: torch.dtype) -> ctypes._CFuncPtr:
@@ -979,12 +1046,20 @@ def _hyper_fn(name: str, dtype: torch.dtype) -> ctypes._CFuncPtr:
     return fn
 
 
-def _numels(tensors: Sequence[torch.Tensor]) -> ctypes.Array:
+def _dtype(tensors: Tensors) -> torch.dtype:
+    return tensors.dtype if isinstance(tensors, Addresses) else tensors[0].dtype
+
+
+def _array(tensors: Tensors | None) -> ctypes.Array | None:
+    if tensors is None:
+        return None
+    return tensors.array if isinstance(tensors, Addresses) else _pointers(tensors)
+
+
+def _numels(tensors: Tensors) -> ctypes.Array:
+    if isinstance(tensors, Addresses) and tensors.numels is not None:
+        return tensors.numels
     return (ctypes.c_int64 * len(tensors))(*[t.numel() for t in tensors])
-
-
-def _optional(tensors: Sequence[torch.Tensor] | None) -> ctypes.Array | None:
-    return None if tensors is None else _pointers(tensors)
 
 
 def _hyper_scalar(t: torch.Tensor) -> int:
@@ -997,33 +1072,33 @@ def _ok_flag(ok: torch.Tensor) -> torch.Tensor:
     return ok if ok.dtype in (torch.bool, torch.uint8) else ok.to(torch.uint8)
 
 
-def hyper_direction_dots(
-    grads: Sequence[torch.Tensor], stored: Sequence[Sequence[torch.Tensor]], out: torch.Tensor
-) -> None:
+def hyper_direction_dots(grads: Tensors, stored: Sequence[Tensors], out: torch.Tensor) -> None:
     """``out[k, j] <- <g_k, D_j[k]>`` for every tensor ``k`` of a bucket and every list ``D_j``
     of ``stored`` (one or two: the stored derivatives of the last update), one parallel pass over
     all gradients. ``out``: fp64 CPU, shape ``(len(grads), len(stored))``. Products and sums in
     fp64, per block of ``BLOCK`` elements, added in a fixed order (independent of the thread
-    count); a NaN/Inf gradient element makes its tensor's entries NaN/Inf. Check
-    ``available(...)`` first."""
+    count); a NaN/Inf gradient element makes its tensor's entries NaN/Inf. Lists of tensors or
+    their ``Addresses``; check ``available(...)`` (or take ``hyper_addresses``) first."""
     n, nd = len(grads), len(stored)
     assert nd in (1, 2) and out.dtype == torch.float64 and out.is_contiguous()
     assert out.shape == (n, nd)
     if n == 0:
         return
-    ds = [d for k in range(n) for d in (s[k] for s in stored)]  # tensor-major
-    _hyper_fn("hg_direction_dots", grads[0].dtype)(
-        n, _pointers(grads), _pointers(ds), nd, _numels(grads), out.data_ptr(),
-        torch.get_num_threads(),
-    )  # fmt: skip
+    arrays = [_array(d) for d in stored]
+    ds = arrays[0] if nd == 1 else (ctypes.c_void_p * (2 * n))()
+    if nd == 2:  # tensor-major: ds[2k + j]
+        ds[0::2], ds[1::2] = arrays[0], arrays[1]
+    _hyper_fn("hg_direction_dots", _dtype(grads))(
+        n, _array(grads), ds, nd, _numels(grads), out.data_ptr(), torch.get_num_threads()
+    )
 
 
 def hyper_adam_dots(
-    grads: Sequence[torch.Tensor],
-    exp_avgs: Sequence[torch.Tensor],
-    exp_avg_sqs: Sequence[torch.Tensor],
-    params: Sequence[torch.Tensor] | None,
-    steps: Sequence[torch.Tensor],
+    grads: Tensors,
+    exp_avgs: Tensors,
+    exp_avg_sqs: Tensors,
+    params: Tensors | None,
+    steps: Tensors,
     out: torch.Tensor,
     *,
     beta1: float,
@@ -1040,18 +1115,18 @@ def hyper_adam_dots(
     assert out.shape == (n, 1 if params is None else 2)
     if n == 0:
         return
-    _hyper_fn("hg_adam_dots", grads[0].dtype)(
-        n, _pointers(grads), _pointers(exp_avgs), _pointers(exp_avg_sqs), _optional(params),
-        _numels(grads), _pointers(steps), float(beta1), float(beta2), float(eps), out.data_ptr(),
+    _hyper_fn("hg_adam_dots", _dtype(grads))(
+        n, _array(grads), _array(exp_avgs), _array(exp_avg_sqs), _array(params), _numels(grads),
+        _array(steps), float(beta1), float(beta2), float(eps), out.data_ptr(),
         torch.get_num_threads(),
     )  # fmt: skip
 
 
 def hyper_sgd_update(
-    params: Sequence[torch.Tensor],
-    grads: Sequence[torch.Tensor],
-    bufs: Sequence[torch.Tensor],
-    prevs: Sequence[torch.Tensor] | None,
+    params: Tensors,
+    grads: Tensors,
+    bufs: Tensors,
+    prevs: Tensors | None,
     ok: torch.Tensor,
     *,
     lr: torch.Tensor,
@@ -1067,20 +1142,20 @@ def hyper_sgd_update(
     if n == 0:
         return
     assert lr.dtype == momentum.dtype
-    _hyper_fn("hg_sgd_update", params[0].dtype)(
-        n, _pointers(params), _pointers(grads), _pointers(bufs), _optional(prevs),
-        _numels(params), _hyper_scalar(lr), _hyper_scalar(momentum),
-        int(lr.dtype == torch.float64), float(weight_decay), int(bool(maximize)),
-        _ok_flag(ok).data_ptr(), torch.get_num_threads(),
+    _hyper_fn("hg_sgd_update", _dtype(params))(
+        n, _array(params), _array(grads), _array(bufs), _array(prevs), _numels(params),
+        _hyper_scalar(lr), _hyper_scalar(momentum), int(lr.dtype == torch.float64),
+        float(weight_decay), int(bool(maximize)), _ok_flag(ok).data_ptr(),
+        torch.get_num_threads(),
     )  # fmt: skip
 
 
 def hyper_adam_update(
-    params: Sequence[torch.Tensor],
-    grads: Sequence[torch.Tensor],
-    exp_avgs: Sequence[torch.Tensor],
-    exp_avg_sqs: Sequence[torch.Tensor],
-    steps: Sequence[torch.Tensor],
+    params: Tensors,
+    grads: Tensors,
+    exp_avgs: Tensors,
+    exp_avg_sqs: Tensors,
+    steps: Tensors,
     ok: torch.Tensor,
     *,
     lr: torch.Tensor,
@@ -1100,19 +1175,19 @@ def hyper_adam_update(
     if n == 0:
         return
     flags = int(bool(maximize)) | (int(bool(decoupled)) << 1)
-    _hyper_fn("hg_adam_update", params[0].dtype)(
-        n, _pointers(params), _pointers(grads), _pointers(exp_avgs), _pointers(exp_avg_sqs),
-        _numels(params), _pointers(steps), _hyper_scalar(lr), int(lr.dtype == torch.float64),
-        float(beta1), float(beta2), float(eps), float(weight_decay), flags,
-        _ok_flag(ok).data_ptr(), torch.get_num_threads(),
+    _hyper_fn("hg_adam_update", _dtype(params))(
+        n, _array(params), _array(grads), _array(exp_avgs), _array(exp_avg_sqs), _numels(params),
+        _array(steps), _hyper_scalar(lr), int(lr.dtype == torch.float64), float(beta1),
+        float(beta2), float(eps), float(weight_decay), flags, _ok_flag(ok).data_ptr(),
+        torch.get_num_threads(),
     )  # fmt: skip
 
 
 def hyper_adagrad_update(
-    params: Sequence[torch.Tensor],
-    grads: Sequence[torch.Tensor],
-    sums: Sequence[torch.Tensor],
-    directions: Sequence[torch.Tensor] | None,
+    params: Tensors,
+    grads: Tensors,
+    sums: Tensors,
+    directions: Tensors | None,
     ok: torch.Tensor,
     *,
     lr: torch.Tensor,
@@ -1126,20 +1201,19 @@ def hyper_adagrad_update(
     n = len(params)
     if n == 0:
         return
-    _hyper_fn("hg_adagrad_update", params[0].dtype)(
-        n, _pointers(params), _pointers(grads), _pointers(sums), _optional(directions),
-        _numels(params), _hyper_scalar(lr), int(lr.dtype == torch.float64), float(eps),
-        float(weight_decay), int(bool(maximize)), _ok_flag(ok).data_ptr(),
-        torch.get_num_threads(),
+    _hyper_fn("hg_adagrad_update", _dtype(params))(
+        n, _array(params), _array(grads), _array(sums), _array(directions), _numels(params),
+        _hyper_scalar(lr), int(lr.dtype == torch.float64), float(eps), float(weight_decay),
+        int(bool(maximize)), _ok_flag(ok).data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
 
 
 def hyper_rmsprop_update(
-    params: Sequence[torch.Tensor],
-    grads: Sequence[torch.Tensor],
-    square_avgs: Sequence[torch.Tensor],
-    directions: Sequence[torch.Tensor] | None,
-    d_decays: Sequence[torch.Tensor] | None,
+    params: Tensors,
+    grads: Tensors,
+    square_avgs: Tensors,
+    directions: Tensors | None,
+    d_decays: Tensors | None,
     ok: torch.Tensor,
     *,
     lr: torch.Tensor,
@@ -1156,9 +1230,9 @@ def hyper_rmsprop_update(
     if n == 0:
         return
     assert lr.dtype == decay.dtype
-    _hyper_fn("hg_rmsprop_update", params[0].dtype)(
-        n, _pointers(params), _pointers(grads), _pointers(square_avgs), _optional(directions),
-        _optional(d_decays), _numels(params), _hyper_scalar(lr), _hyper_scalar(decay),
+    _hyper_fn("hg_rmsprop_update", _dtype(params))(
+        n, _array(params), _array(grads), _array(square_avgs), _array(directions),
+        _array(d_decays), _numels(params), _hyper_scalar(lr), _hyper_scalar(decay),
         int(lr.dtype == torch.float64), float(eps), float(weight_decay), int(bool(maximize)),
         _ok_flag(ok).data_ptr(), torch.get_num_threads(),
     )  # fmt: skip

@@ -878,89 +878,96 @@ class HypergradientOptimizer(TuningFreeOptimizer):
     # ------------------------------------------------------------------ the C path
     # On CPU (``"auto"``, ``"compiled"``; fp32/fp64 contiguous tensors; a C compiler) both passes
     # of a group are C loops of :mod:`._native`, one call per device/dtype bucket: the dots
-    # (``_native_dots``) and the update (``_native_update``). Subclasses say which state they
-    # need (``_native_state_keys``) and whether a configuration is covered (``_native_covers``).
+    # (``_native_bucket_dots``) and the update (``_native_update``). Subclasses say which state
+    # they need (``_native_state_keys``; ``NATIVE_COUNTER``: a per-parameter fp32 step counter the
+    # C code reads and advances) and whether a configuration is covered (``_native_covers``).
+    NATIVE_COUNTER: str | None = None
+
     def _native_covers(self, group: dict[str, Any]) -> bool:
         """Whether the C loops implement this configuration (default: yes)."""
         return True
 
     def _native_state_keys(self, group: dict[str, Any]) -> list[str]:
-        """Per-parameter state tensors the C update reads or writes, in its argument order."""
+        """Per-parameter state tensors the C loops read or write, in their argument order."""
         raise NotImplementedError
 
     def _native_ok(self, gb: Any) -> bool:
-        """Whether group batch ``gb`` runs on the C loops this step (decided once per step)."""
+        """Whether group batch ``gb`` runs on the C loops this step."""
+        return self._native_plan(gb) is not None
+
+    def _native_plan(self, gb: Any) -> list[tuple[list[_native.Addresses], list[int]]] | None:
+        """The C path's view of ``gb`` for this step, formed once (both passes share it): per
+        device/dtype bucket, the addresses of ``[params, grads, *state lists, counters]`` and the
+        bucket's indices in ``gb``; None when the group takes the torch paths."""
         cache = self._step_cache.setdefault("native", {})
         key = id(gb)
         if key not in cache:
             cache[key] = self._native_check(gb)
         return cache[key]
 
-    def _native_check(self, gb: Any) -> bool:
+    def _native_check(self, gb: Any) -> list[tuple[list[_native.Addresses], list[int]]] | None:
         group = gb.group
         if not gb.params or not self._native_covers(group):
-            return False
+            return None
         if not _wants_native(group["implementation"], gb.params[0].device, gb.numel):
-            return False
-        if "step" in gb.states[0] and not all(
-            s["step"].is_cpu and s["step"].dtype == torch.float32 for s in gb.states
-        ):
-            return False
-        return all(
-            _native.available([t for lst in bucket for t in lst])
-            for bucket, _ in self._native_buckets(gb)
-        )
+            return None
+        lists = [gb.params, gb.grads, *(gb.state_list(k) for k in self._native_state_keys(group))]
+        whole = self._native_addresses(gb, lists, list(range(len(gb.params))))
+        if whole is not None:
+            return [whole]  # the usual case: one bucket
+        if len({(p.device, p.dtype) for p in gb.params}) == 1:
+            return None
+        plan = []
+        for bucket, idx in bucket_by_device_and_dtype(lists).values():
+            part = self._native_addresses(gb, bucket, idx)
+            if part is None:
+                return None
+            plan.append(part)
+        return plan
 
-    def _native_buckets(self, gb: Any) -> list[tuple[list[list[torch.Tensor]], list[int]]]:
-        """``[([params, grads, *state lists], indices in gb)]``, one per device/dtype bucket of
-        ``gb`` (formed once per step)."""
-        cache = self._step_cache.setdefault("buckets", {})
-        key = id(gb)
-        if key not in cache:
-            keys = self._native_state_keys(gb.group)
-            lists = [gb.params, gb.grads, *(gb.state_list(k) for k in keys)]
-            first = gb.params[0]
-            if all(p.dtype == first.dtype and p.device == first.device for p in gb.params):
-                cache[key] = [(lists, list(range(len(gb.params))))]  # the usual case: one bucket
-            else:
-                cache[key] = list(bucket_by_device_and_dtype(lists).values())
-        return cache[key]
+    def _native_addresses(
+        self, gb: Any, lists: list[list[torch.Tensor]], idx: list[int]
+    ) -> tuple[list[_native.Addresses], list[int]] | None:
+        counters = []
+        if self.NATIVE_COUNTER is not None:
+            counters.append([gb.states[i][self.NATIVE_COUNTER] for i in idx])
+        addrs = _native.hyper_addresses(lists, counters)
+        return None if addrs is None else (addrs, idx)
 
     def _native_dots(self, gb: Any, values: dict[str, torch.Tensor]) -> torch.Tensor:
         """The dots of ``_group_dots`` for every tensor of ``gb`` as one ``(n, len(names))``
         fp64 CPU tensor, from one C pass per bucket over the gradients."""
-        names = self._dot_names(gb.group)
-        buckets = self._native_buckets(gb)
-        if len(buckets) == 1:
-            out = torch.empty(len(gb.params), len(names), dtype=torch.float64)
-            self._native_bucket_dots(gb, buckets[0][0], buckets[0][1], out)
+        plan = self._native_plan(gb)
+        assert plan is not None
+        out = torch.empty(len(gb.params), len(self._dot_names(gb.group)), dtype=torch.float64)
+        if len(plan) == 1:
+            self._native_bucket_dots(gb, plan[0][0], out)
             return out
-        out = torch.empty(len(gb.params), len(names), dtype=torch.float64)
-        for bucket, idx in buckets:
-            part = torch.empty(len(idx), len(names), dtype=torch.float64)
-            self._native_bucket_dots(gb, bucket, idx, part)
+        for addrs, idx in plan:
+            part = torch.empty(len(idx), out.shape[1], dtype=torch.float64)
+            self._native_bucket_dots(gb, addrs, part)
             out[torch.tensor(idx)] = part
         return out
 
     def _native_bucket_dots(
-        self, gb: Any, bucket: list[list[torch.Tensor]], idx: list[int], out: torch.Tensor
+        self, gb: Any, addrs: list[_native.Addresses], out: torch.Tensor
     ) -> None:
         """Default: ``<g, D>`` with the stored derivatives (state keys of
-        ``_stored_derivatives``, found in ``bucket`` after the parameters and gradients)."""
+        ``_stored_derivatives``, after the parameters and gradients in ``addrs``)."""
         keys = self._native_state_keys(gb.group)
-        stored = [bucket[2 + keys.index(k)] for k in self._stored_derivatives()]
-        _native.hyper_direction_dots(bucket[1], stored, out)
+        stored = [addrs[2 + keys.index(k)] for k in self._stored_derivatives()]
+        _native.hyper_direction_dots(addrs[1], stored, out)
 
     def _native_update(
         self,
         gb: Any,
-        bucket: list[list[torch.Tensor]],
-        idx: list[int],
+        addrs: list[_native.Addresses],
         values: dict[str, torch.Tensor],
         lr: torch.Tensor,
         ok: torch.Tensor,
     ) -> None:
-        """The base update of one bucket of ``gb`` by the C loop (writes nothing unless ``ok``)."""
+        """The base update of one bucket of ``gb`` (``addrs``: ``[params, grads, *state lists,
+        counters]``) by the C loop; it writes nothing unless ``ok``."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ values of this step
@@ -1054,10 +1061,11 @@ class HypergradientOptimizer(TuningFreeOptimizer):
         for gb in batch.groups:
             if not gb.params:
                 continue
-            if self._native_ok(gb):
-                for _, ([grads], _) in bucket_by_device_and_dtype([gb.grads]).items():
+            plan = self._native_plan(gb)
+            if plan is not None:
+                for addrs, _ in plan:
                     total = torch.empty((), dtype=torch.float64)
-                    _native.sum_sq(grads, total)
+                    _native.sum_sq(addrs[1].tensors, total)
                     parts.append(total)
             else:
                 parts.extend(foreach_norms(gb.grads))
@@ -1089,9 +1097,10 @@ class HypergradientOptimizer(TuningFreeOptimizer):
                 lr = torch.tensor(group["lr"], dtype=dtype, device=device)
             if not gb.params:
                 continue
-            if self._native_ok(gb):
-                for bucket, idx in self._native_buckets(gb):
-                    self._native_update(gb, bucket, idx, values, lr.to(device), ok)
+            plan = self._native_plan(gb)
+            if plan is not None:
+                for addrs, _ in plan:
+                    self._native_update(gb, addrs, values, lr.to(device), ok)
             else:
                 impl = self._impl(gb, device, update=True)
                 self._group_update(gb, values, lr.to(device), ok, impl)
@@ -1323,17 +1332,16 @@ class HyperSGD(HypergradientOptimizer):
     def _native_update(
         self,
         gb: Any,
-        bucket: list[list[torch.Tensor]],
-        idx: list[int],
+        addrs: list[_native.Addresses],
         values: dict[str, torch.Tensor],
         lr: torch.Tensor,
         ok: torch.Tensor,
     ) -> None:
         _native.hyper_sgd_update(
-            bucket[0],
-            bucket[1],
-            bucket[2],
-            bucket[3] if "momentum" in self.learn else None,
+            addrs[0],
+            addrs[1],
+            addrs[2],
+            addrs[3] if "momentum" in self.learn else None,
             ok,
             lr=lr,
             momentum=values["momentum"],
@@ -1541,20 +1549,22 @@ class HyperAdam(HypergradientOptimizer):
         # learned betas (their derivative buffers) stay on the torch paths
         return "beta1" not in self.learn and "beta2" not in self.learn
 
+    NATIVE_COUNTER = "step"
+
     def _native_state_keys(self, group: dict[str, Any]) -> list[str]:
         return ["exp_avg", "exp_avg_sq"]
 
     def _native_bucket_dots(
-        self, gb: Any, bucket: list[list[torch.Tensor]], idx: list[int], out: torch.Tensor
+        self, gb: Any, addrs: list[_native.Addresses], out: torch.Tensor
     ) -> None:
         group = gb.group
         beta1, beta2 = group["betas"]
         _native.hyper_adam_dots(
-            bucket[1],
-            bucket[2],
-            bucket[3],
-            bucket[0] if self._needs_x(group) else None,
-            [gb.states[i]["step"] for i in idx],
+            addrs[1],
+            addrs[2],
+            addrs[3],
+            addrs[0] if self._needs_x(group) else None,
+            addrs[4],  # the step counters
             out,
             beta1=beta1,
             beta2=beta2,
@@ -1564,8 +1574,7 @@ class HyperAdam(HypergradientOptimizer):
     def _native_update(
         self,
         gb: Any,
-        bucket: list[list[torch.Tensor]],
-        idx: list[int],
+        addrs: list[_native.Addresses],
         values: dict[str, torch.Tensor],
         lr: torch.Tensor,
         ok: torch.Tensor,
@@ -1573,8 +1582,8 @@ class HyperAdam(HypergradientOptimizer):
         group = gb.group
         beta1, beta2 = group["betas"]
         _native.hyper_adam_update(
-            *bucket[:4],
-            [gb.states[i]["step"] for i in idx],  # advanced by the C code
+            *addrs[:4],
+            addrs[4],  # the step counters, advanced by the C code
             ok,
             lr=lr,
             beta1=beta1,
@@ -1740,18 +1749,17 @@ class HyperAdaGrad(HypergradientOptimizer):
     def _native_update(
         self,
         gb: Any,
-        bucket: list[list[torch.Tensor]],
-        idx: list[int],
+        addrs: list[_native.Addresses],
         values: dict[str, torch.Tensor],
         lr: torch.Tensor,
         ok: torch.Tensor,
     ) -> None:
         group = gb.group
         _native.hyper_adagrad_update(
-            bucket[0],
-            bucket[1],
-            bucket[2],
-            bucket[3] if "lr" in self.learn else None,
+            addrs[0],
+            addrs[1],
+            addrs[2],
+            addrs[3] if "lr" in self.learn else None,
             ok,
             lr=lr,
             eps=group["eps"],
@@ -1864,18 +1872,17 @@ class HyperRMSProp(HypergradientOptimizer):
     def _native_update(
         self,
         gb: Any,
-        bucket: list[list[torch.Tensor]],
-        idx: list[int],
+        addrs: list[_native.Addresses],
         values: dict[str, torch.Tensor],
         lr: torch.Tensor,
         ok: torch.Tensor,
     ) -> None:
         group = gb.group
-        stored = dict(zip(self._stored_derivatives(), bucket[3:], strict=True))
+        stored = dict(zip(self._stored_derivatives(), addrs[3:], strict=True))
         _native.hyper_rmsprop_update(
-            bucket[0],
-            bucket[1],
-            bucket[2],
+            addrs[0],
+            addrs[1],
+            addrs[2],
             stored.get("direction"),
             stored.get("d_decay"),
             ok,
