@@ -112,42 +112,63 @@ height 3 (0.05, 0.02, 0.02), (0.9, 0.99)    0.090 / 0.225    0.059 / 0.188
   against 0.29 / 0.35 for RMSProp / AdaGrad at their best fixed step), while removing almost all
   sensitivity to the start (spread 0.05-0.09 against 1.03-1.09 for plain; 1 seed).
 
-Performance (``benchmarks/step_time.py --only hyper_sgd,hyper_adam --extra-contenders``)
------------------------------------------------------------------------------------------
+Performance (``benchmarks/step_time.py``)
+-----------------------------------------
 A step is two passes over memory. Pass 1 forms the dot products (and with them the non-finite
-check every optimizer here makes before writing anything): ``torch.dot(g, buf)`` per tensor for
-SGD; for Adam a compiled kernel per large tensor (multi-tensor ops for the small ones) that
-recomputes ``m/(sqrt(v)*c + eps)`` and reduces it against ``g``. Pass 2 is the update, through
-torch's own fused multi-tensor kernels (``torch._fused_sgd_``, ``torch._fused_adamw_``) with the
-learned step size as a tensor and ``found_inf`` for the skip, when the configuration allows (fixed
-momentum / betas); otherwise the per-tensor kernels, compiled where it pays. The tower itself is a
-few dozen 0-dim operations per step (height 3 costs the same as height 1).
+check every optimizer here makes before writing anything); after it, the tower moves the learned
+values (a few dozen 0-dim torch operations: height 3 costs about as much as height 1); pass 2 is
+the update. On CPU (``"auto"`` and ``"compiled"``, fp32/fp64 tensors) both passes are C loops of
+:mod:`hf_tuningfree.optim._native`, one call per device/dtype bucket for all its tensors (the
+``torch.compile``d or eager kernels made one call per tensor): pass 1 reads ``g`` and the stored
+derivatives (SGD: the momentum buffer; AdaGrad, RMSProp: the last direction) or, for Adam, ``g,
+m, v`` and the step counters, recomputing ``m / (sqrt(v) c + eps)``; it sums in fp64, per block
+in a fixed order (the result does not depend on the thread count). Pass 2 follows the
+per-element functions below (``_sgd_update``, ``_adam_update``, ``_adagrad_update``,
+``_rmsprop_update``) operation by operation, reading the learned step size (and a learned momentum
+or decay), Adam's step counters and ``ok`` from memory: SGD's update is bit-identical to the
+per-tensor path, the others differ by the rounding of ``sqrt`` (C's is correctly rounded,
+torch's CPU one not always) and ``pow``. HyperAdam with learned betas, 16-bit parameters, GPUs
+and machines without a C compiler keep the torch paths: pass 1 ``torch.dot`` per tensor (SGD),
+multi-tensor ops and a compiled kernel (Adam); pass 2 torch's fused multi-tensor kernels
+(``torch._fused_sgd_``, ``torch._fused_adamw_``, the learned step size as a tensor and
+``found_inf`` for the skip) where the configuration allows (fixed momentum / betas), else the
+per-tensor kernels, compiled where it pays.
 
-Measured on the 2-core CI machine (24.4M parameters in 147 tensors, median of 48 steps, one
-thread, CPU time of the process because the machine was shared with other jobs; same run):
+Measured on the 2-core CI machine (24.4M parameters in 147 tensors, median of 50 steps, one
+thread, CPU time of the thread because the machine was shared with other jobs: ``--only
+hyper_sgd,hyper_adam --impls auto --extra-contenders --p10 --cpu-time --threads 1``, one run; the
+10th percentile in brackets):
 
-=====================================  =======  ============  ======================
-optimizer                              ms/step  x fused SGD   x fused AdamW
-=====================================  =======  ============  ======================
-torch SGD momentum, fused              11.3     1.00          0.74
-torch SGD momentum, foreach (default)  17.6     1.55          1.15
-hyper_sgd, height 0 (plain SGD)        16.3     1.44
-hyper_sgd (default, height 2)          20.4     **1.80**
-hyper_sgd, height 3                    20.5     1.81
-torch AdamW, fused                     15.3                   1.00
-hyper_adam, height 0 (plain Adam)      20.5                   1.34
-hyper_adam (default, height 2)         33.6                   **2.20**
-hyper_adam, learned betas (compiled)   66.7                   4.36
-=====================================  =======  ============  ======================
+=========================================  ===========  ============  ===============
+optimizer                                  ms/step      x fused SGD   x fused AdamW
+=========================================  ===========  ============  ===============
+torch SGD momentum, fused                  10.3 (9.7)   1.00          0.71
+torch SGD momentum, foreach (default)      16.1 (15.2)  1.57          1.12
+hyper_sgd, height 0 (plain SGD)            14.0 (13.2)  1.36
+hyper_sgd (default, height 2)              17.6 (16.8)  **1.71**
+hyper_sgd, height 1 / height 3             17.2 / 17.8  1.68 / 1.73
+hyper_sgd, learned momentum                24.7 (23.7)  2.41
+torch AdamW, fused                         14.4 (14.0)                1.00
+hyper_adam, height 0 (plain Adam)          18.3 (17.4)                1.27
+hyper_adam (default, height 2)             24.7 (24.0)                **1.71**
+hyper_adam, height 3                       24.7 (24.0)                1.71
+hyper_adam, learned betas (torch paths)    62.9 (60.6)                4.37
+=========================================  ===========  ============  ===============
 
-The goals (1.3x and 1.8x) are not met, for reasons in the structure: the skip-on-NaN rule needs
-a pass that reads every gradient before anything is written (our plain SGD/Adam through the same
-base already cost 1.44x / 1.34x), and the hypergradient needs ``g`` against the last direction:
-for SGD the momentum buffer (one more stream, +0.36x), for Adam the direction recomputed from
-``m`` and ``v`` (a ``sqrt`` and a division per element: compute-bound on one core, about as
-costly as the fused update itself). Keeping Adam's direction in a parameter-sized buffer instead
-(written by running the fused kernel on it, then ``x += lr * buffer``) saved only ~4% in a
-standalone measurement, for 4 bytes per parameter: not taken.
+Against the goals (``hyper_sgd`` <= 1.3x SGD with momentum, ``hyper_adam`` <= 1.8x fused
+AdamW; README "Step time" has three 2-thread runs: 1.59-1.62x and 1.54-1.71x): Adam's is met,
+SGD's is missed, for reasons in the structure. The skip-on-NaN rule needs a pass that
+reads every gradient before anything is written, and the hypergradient needs ``g`` against the
+last direction: for SGD the momentum buffer, two streams read before torch's fused SGD's three
+read and two written; for Adam ``g, m, v``, three before fused AdamW's four read and three
+written. Reading is what limits these loops (one core: ~33 GB/s read, in both passes; the
+writes come nearly free; with the data in cache the C update runs faster than torch's fused
+one, streamed it runs at its speed), so the two C passes alone measure ~1.5-1.6x the fused
+kernels here. The rest, ~2-3 ms per step, is Python and the tower's 0-dim operations, ~2.5x
+slower than on a small model because every pass over ~100 MB per stream evicts their code and
+data from the caches. Keeping Adam's direction in a parameter-sized buffer instead (written by
+the update, read by pass 1) would read two streams in pass 1 instead of three but write one
+more in pass 2, for 4 bytes per parameter (measured ~4% on the earlier torch paths): not taken.
 
 State and the schedule
 ----------------------
@@ -1249,10 +1270,12 @@ class HyperSGD(HypergradientOptimizer):
             docstring.
         per_group: learn one set of hyperparameters per param group (default: one set for the
             whole model, whatever the groups).
-        implementation: ``"auto"``, ``"foreach"``, ``"loop"`` or ``"compiled"``. ``"foreach"``
-            (and ``"auto"`` where it is fastest) use torch's fused multi-tensor SGD kernel for the
-            update when the momentum is fixed and non-zero; otherwise as in
-            :mod:`hf_tuningfree.optim.kernels`.
+        implementation: ``"auto"``, ``"foreach"``, ``"loop"`` or ``"compiled"``. On CPU,
+            ``"auto"`` and ``"compiled"`` run both passes of the step as C loops over all tensors
+            (:mod:`hf_tuningfree.optim._native`, built once per machine with the system C
+            compiler; fp32/fp64). ``"foreach"`` (and ``"auto"`` elsewhere) use torch's fused
+            multi-tensor SGD kernel for the update when the momentum is fixed and non-zero;
+            otherwise as in :mod:`hf_tuningfree.optim.kernels`.
         skip_nonfinite, global_reduce: see :class:`~hf_tuningfree.optim.base.TuningFreeOptimizer`.
 
     Per-parameter state: ``momentum_buffer`` (with ``momentum=0`` it holds the last gradient,
@@ -1408,8 +1431,9 @@ class HyperAdam(HypergradientOptimizer):
         learn: any of ``"lr"`` (default), ``"beta1"``, ``"beta2"``.
         height, hyper_optimizer, hyper_lr, hyper_betas, hyper_eps, lr_parametrization, per_group:
             as in :class:`HyperSGD`.
-        implementation: as in :class:`HyperSGD`; ``"foreach"``/``"auto"`` run the update through
-            torch's fused Adam(W) kernel when the betas are fixed.
+        implementation: as in :class:`HyperSGD`: the C loops on CPU (fixed betas; learned ones
+            keep the torch paths), else ``"foreach"``/``"auto"`` run the update through torch's
+            fused Adam(W) kernel when the betas are fixed.
         skip_nonfinite, global_reduce: see :class:`~hf_tuningfree.optim.base.TuningFreeOptimizer`.
 
     Per-parameter state: ``step``, ``exp_avg``, ``exp_avg_sq``, plus ``d_beta1``/``d_beta2``
