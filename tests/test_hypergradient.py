@@ -8,6 +8,7 @@ does (``backward``/``autograd.grad`` through the update, state detached): nothin
 
 from __future__ import annotations
 
+import collections
 import io
 import math
 
@@ -20,7 +21,9 @@ from hf_tuningfree.optim import (
     HyperAdam,
     HyperRMSProp,
     HyperSGD,
+    _native,
 )
+from hf_tuningfree.optim import hypergradient as hg
 
 CLASSES = {"sgd": HyperSGD, "adam": HyperAdam, "adagrad": HyperAdaGrad, "rmsprop": HyperRMSProp}
 LEARNABLE = {
@@ -85,6 +88,7 @@ def reference_update(kind, x, g, state, hp, group):
     """One update of the base optimizer, differentiable in the hyperparameters ``hp`` (natural
     values); ``state`` (detached) holds the per-parameter state before the update. Returns the new
     parameter and the new state (detached)."""
+    hp = {**{k: v for k, v in INITIAL.items() if k != "lr"}, **hp}  # fixed ones: initial values
     lr = hp["lr"]
     wd = group["weight_decay"]
     if kind == "sgd":
@@ -133,15 +137,34 @@ def _schedule(t):
     return 0.5 + 0.5 * min(1.0, (t + 1) / 8)
 
 
-@pytest.mark.parametrize("kind", list(CLASSES))
-def test_hypergradient_equals_autograd_through_the_update(kind):
-    """Each step's hypergradient (every learnable hyperparameter, all at once) equals autograd
+#: (kind, learned hyperparameters, code path): every learnable at once on the per-tensor loop;
+#: on the C path (``"auto"`` on CPU) every configuration it covers (HyperAdam's learned betas
+#: stay on the torch paths).
+ORACLE_CASES = [(kind, LEARNABLE[kind], "loop") for kind in CLASSES] + [
+    ("sgd", ("lr", "momentum"), "native"),
+    ("adam", ("lr",), "native"),
+    ("adagrad", ("lr",), "native"),
+    ("rmsprop", ("lr", "decay"), "native"),
+]
+
+
+def _impl_for(impl, request):
+    """``"native"``: ``"auto"``, with the C kernels counted (skipped without a compiler)."""
+    if impl != "native":
+        return impl, None
+    return "auto", request.getfixturevalue("native_calls")
+
+
+@pytest.mark.parametrize("kind, names, impl", ORACLE_CASES)
+def test_hypergradient_equals_autograd_through_the_update(kind, names, impl, request):
+    """Each step's hypergradient (every learned hyperparameter, all at once) equals autograd
     through the previous update, over 20 steps, with two param groups, weight decay, a changing
-    schedule multiplier and a parameter that misses its gradient every fourth step."""
+    schedule multiplier and a parameter that misses its gradient every fourth step; on the
+    per-tensor loop and on the C path."""
     torch.manual_seed(0)
     x_all, y_all = _data()
     model = _mlp()
-    names = LEARNABLE[kind]
+    implementation, native_calls = _impl_for(impl, request)
     kwargs = {n: INITIAL[n] for n in names if n in ("lr", "momentum", "decay")}
     if kind == "adam":
         kwargs["betas"] = (INITIAL["beta1"], INITIAL["beta2"])
@@ -151,7 +174,7 @@ def test_hypergradient_equals_autograd_through_the_update(kind):
         height=1,
         hyper_optimizer="sgd",
         hyper_lr=1e-3,
-        implementation="loop",
+        implementation=implementation,
         **kwargs,
     )
     settings = _group_settings(kind, 0.1)
@@ -219,6 +242,9 @@ def test_hypergradient_equals_autograd_through_the_update(kind):
         prev = {"x": x_before, "g": g_used, "state": state_before, "raw": raw_used,
                 "scale": _schedule(t)}  # fmt: skip
     assert checked == 19 * len(names)
+    if native_calls is not None:  # both passes of every step (two groups) ran in C
+        assert native_calls[f"hyper_{kind}_update"] == 2 * 20
+        assert native_calls["dots"] == 2 * 20
 
 
 # ---------------------------------------------------------------------- 2. whole-tower oracle
@@ -284,25 +310,34 @@ def paper_tower(kind, names, init, height, hopts, hyper_lrs, lr_param, model, gr
 
 
 @pytest.mark.parametrize(
-    "kind, hopts, lr_param",
+    "kind, hopts, lr_param, learn, impl",
     [
-        ("sgd", ("adam", "adam", "adam"), "log"),
-        ("sgd", ("sgd", "adam", "sgd"), "square"),
+        ("sgd", ("adam", "adam", "adam"), "log", None, "loop"),
+        ("sgd", ("sgd", "adam", "sgd"), "square", None, "loop"),
         # (level 1 is SGD here: Adam's beta hypergradients are exactly 0 at the first update,
         # and an Adam hyperoptimizer turns autograd's 1e-17 rounding residue there into a
         # full step; ours computes the exact 0)
-        ("adam", ("sgd", "adam", "adam"), "log"),
-        ("adagrad", ("sgd", "sgd", "sgd"), "identity"),
-        ("rmsprop", ("adam", "adam", "sgd"), "square"),
+        ("adam", ("sgd", "adam", "adam"), "log", None, "loop"),
+        ("adagrad", ("sgd", "sgd", "sgd"), "identity", None, "loop"),
+        ("rmsprop", ("adam", "adam", "sgd"), "square", None, "loop"),
+        # the C path, towers of heights 1 and 2
+        ("sgd", ("adam", "adam"), "log", None, "native"),
+        ("adam", ("adam", "sgd"), "log", ("lr",), "native"),
+        ("adam", ("adam",), "identity", ("lr",), "native"),
+        ("adagrad", ("sgd", "adam"), "identity", None, "native"),
+        ("rmsprop", ("adam",), "square", None, "native"),
     ],
 )
-def test_tower_matches_the_papers_autograd_algorithm(kind, hopts, lr_param):
-    """A 3-level tower (every level's values, every step) against ``paper_tower``: fp64, 20
-    steps, relative difference <= 1e-9."""
+def test_tower_matches_the_papers_autograd_algorithm(kind, hopts, lr_param, learn, impl, request):
+    """A tower of 1-3 levels (every level's values, every step) against ``paper_tower``: fp64,
+    20 steps, two groups with weight decay in one, relative difference <= 1e-9; on the
+    per-tensor loop and on the C path."""
     x_all, y_all = _data()
     batches = _batches(x_all, y_all, 20)
     model = _mlp()
-    names = LEARNABLE[kind]
+    names = learn or LEARNABLE[kind]
+    height = len(hopts)
+    implementation, native_calls = _impl_for(impl, request)
     init = dict(INITIAL)
     kwargs = {n: INITIAL[n] for n in names if n in ("lr", "momentum", "decay")}
     if kind == "adam":
@@ -319,19 +354,19 @@ def test_tower_matches_the_papers_autograd_algorithm(kind, hopts, lr_param):
     for g in ref_groups:
         g["eps"] = eps
     expected = paper_tower(
-        kind, names, init, 3, hopts, hyper_lrs, lr_param, model, ref_groups,
+        kind, names, init, height, hopts, hyper_lrs, lr_param, model, ref_groups,
         (x_all, y_all, batches),
     )  # fmt: skip
     opt = CLASSES[kind](
         _groups(model, wd=0.05),
         learn=names,
-        height=3,
+        height=height,
         hyper_optimizer=hopts,
         hyper_lr=hyper_lrs,
         hyper_betas=(0.9, 0.99),
         hyper_eps=1e-16,
         lr_parametrization=lr_param,
-        implementation="loop",
+        implementation=implementation,
         **kwargs,
     )
     worst = 0.0
@@ -348,7 +383,9 @@ def test_tower_matches_the_papers_autograd_algorithm(kind, hopts, lr_param):
                 assert rel <= 1e-9, f"step {t} level {level} {n}: ours {got!r} paper {v!r}"
     moved = stats["hyper/level0/lr"] / init["lr"]
     assert abs(math.log(moved)) > 1e-3, "the step size should have moved"
-    print(f"{kind}: worst relative difference over 20 steps and 3 levels: {worst:.1e}")
+    if native_calls is not None:
+        assert native_calls[f"hyper_{kind}_update"] == 2 * 20
+    print(f"{kind}: worst relative difference over 20 steps and {height} levels: {worst:.1e}")
 
 
 # ---------------------------------------------------------------------- 3. Baydin's closed form
@@ -666,3 +703,494 @@ def test_taller_towers_are_less_sensitive_to_the_initial_step_size(kind):
     assert spread["height 1"] < spread["plain"]
     assert spread["height 2"] < spread["height 1"]
     assert spread["height 3"] < spread["height 2"]
+
+
+# ---------------------------------------------------------------------- 9. the C path
+# On CPU, ``implementation="auto"`` (and ``"compiled"``) runs both passes of a step, the dots and
+# the update, as C loops of ``hf_tuningfree.optim._native``, one call per bucket. The oracle and
+# tower tests above run it against autograd; these hold it to the per-tensor loop step by step
+# and check the kernels themselves, the NaN/Inf skip, checkpoints, thread counts, host reads and
+# the fallback without a C compiler.
+NATIVE_KERNELS = (
+    "hyper_direction_dots",
+    "hyper_adam_dots",
+    "hyper_sgd_update",
+    "hyper_adam_update",
+    "hyper_adagrad_update",
+    "hyper_rmsprop_update",
+    "sum_sq",
+)
+
+
+@pytest.fixture
+def native_calls(monkeypatch):
+    """Counts the C kernels' calls (both dot kernels under ``"dots"``); skips without a C
+    compiler."""
+    if _native.load() is None:
+        pytest.skip("no C compiler")
+    calls = collections.Counter()
+    for name in NATIVE_KERNELS:
+        real = getattr(_native, name)
+        key = "dots" if name.endswith("_dots") else name
+
+        def spy(*args, _real=real, _key=key, **kwargs):
+            calls[_key] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(_native, name, spy)
+    return calls
+
+
+#: Two groups; a tensor above 4 blocks of 8192 elements (the threaded size), one of 1 element.
+NATIVE_SHAPES = [[(40000,), (3, 4), (5,)], [(50, 700), (1,), (2, 2, 2)]]
+NATIVE_STEPS = 24
+#: name: (class, constructor arguments, settings of the two groups)
+NATIVE_CONFIGS = {
+    "sgd": (HyperSGD, {"lr": 0.01}, [{"weight_decay": 0.1}, {"maximize": True}]),
+    "sgd_lr_momentum": (
+        HyperSGD,
+        {"lr": 0.01, "height": 1, "learn": "lr+momentum", "momentum": 0.8},
+        [{"weight_decay": 0.05}, {}],
+    ),
+    "sgd_no_momentum": (HyperSGD, {"lr": 0.01, "momentum": 0.0}, [{"weight_decay": 0.1}, {}]),
+    "adam": (
+        HyperAdam,
+        {"lr": 0.01},
+        [{"weight_decay": 0.1}, {"betas": (0.5, 0.99), "eps": 1e-3, "maximize": True}],
+    ),
+    "adam_coupled": (
+        HyperAdam,
+        {"lr": 0.01, "height": 1, "decoupled_weight_decay": False},
+        [{"weight_decay": 0.1}, {}],
+    ),
+    "adagrad": (HyperAdaGrad, {"lr": 0.05}, [{"weight_decay": 0.1}, {}]),
+    "rmsprop": (
+        HyperRMSProp,
+        {"lr": 0.01, "learn": "lr+decay"},
+        [{"weight_decay": 0.1}, {"maximize": True}],
+    ),
+}
+
+
+def _native_grads(dtype, steps=NATIVE_STEPS, seed=3):
+    """Per step, group and tensor: a gradient or None. Tensor 1 of each group has none on every
+    third step; tensor 2 of group 1 gets its first gradient at step 5; every seventh step is 10x
+    larger."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for t in range(steps):
+        step = []
+        for gi, shapes in enumerate(NATIVE_SHAPES):
+            gs = []
+            for pi, shape in enumerate(shapes):
+                scale = 10.0 if t % 7 == 0 else 1.0
+                g = torch.randn(shape, generator=gen, dtype=torch.float64).mul_(scale).to(dtype)
+                missing = (pi == 1 and t % 3 == 1) or (gi == 1 and pi == 2 and t < 5)
+                gs.append(None if missing else g)
+            step.append(gs)
+        out.append(step)
+    return out
+
+
+def _native_init(dtype, seed=4):
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in shapes]
+        for shapes in NATIVE_SHAPES
+    ]
+
+
+def _native_make(config, init, impl):
+    cls, kwargs, settings = NATIVE_CONFIGS[config]
+    params = [[torch.nn.Parameter(p.clone()) for p in grp] for grp in init]
+    groups = [{"params": ps, **h} for ps, h in zip(params, settings, strict=True)]
+    return params, cls(groups, implementation=impl, **kwargs)
+
+
+def _feed(params, step_grads):
+    for ps, gs in zip(params, step_grads, strict=True):
+        for p, g in zip(ps, gs, strict=True):
+            p.grad = None if g is None else g.clone()
+
+
+def _run_native_config(config, init, grads, impl, params_opt=None):
+    params, opt = params_opt or _native_make(config, init, impl)
+    for step_grads in grads:
+        _feed(params, step_grads)
+        opt.step()
+    return params, opt
+
+
+def _everything(params, opt, skip_state_of=None):
+    """Every parameter, per-parameter state tensor and tower tensor, cloned, in a fixed order
+    (without the skipped-step counter)."""
+    flat = [p for ps in params for p in ps]
+    out = {f"param{i}": p.detach().clone() for i, p in enumerate(flat)}
+    for i, p in enumerate(flat):
+        if p is not skip_state_of:
+            out.update({f"{k}{i}": v.clone() for k, v in opt.state[p].items()})
+    out.update({k: v.clone() for k, v in opt.global_state.items() if k != "skipped_steps"})
+    return out
+
+
+def _by_kind(params, opt):
+    """Parameters and each kind of per-parameter state, each flattened into one tensor."""
+    flat = [p for ps in params for p in ps]
+    out = {"param": torch.cat([p.detach().reshape(-1) for p in flat])}
+    keys = {k for p in flat for k in opt.state[p]}
+    for key in sorted(keys):
+        out[key] = torch.cat([opt.state[p][key].reshape(-1) for p in flat if opt.state[p]])
+    return out
+
+
+def _rel(a, b):
+    """max |a - b| relative to max |a| (the absolute difference when a is all zero)."""
+    scale = a.abs().max().item() if a.numel() else 0.0
+    diff = (a - b).abs().max().item() if a.numel() else 0.0
+    return diff / scale if scale > 0 else diff
+
+
+def _native_tol(config, dtype, kind):
+    """Model-wide relative tolerance of the C path against the loop path, per kind of tensor
+    (see ``test_native_path_tracks_the_loop_path_step_by_step``)."""
+    if dtype == torch.float64:
+        return 1e-12
+    if config == "rmsprop" and kind in ("direction", "d_decay"):
+        return 1e-4  # a one-ulp difference in the learned decay, times 1 / (1 - decay)
+    return 1e-6
+
+
+def _bit_identical(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("config", list(NATIVE_CONFIGS))
+def test_native_path_tracks_the_loop_path_step_by_step(config, dtype, native_calls):
+    """After every one of 24 steps (two groups, weight decay, maximize, missing and late
+    gradients, towers of heights 1 and 2), the C path's parameters, per-parameter state and
+    every tower level are within rounding of the per-tensor loop path: model-wide relative
+    difference <= 1e-6 in fp32 (torch's CPU sqrt is not correctly rounded, C's is; the dots are
+    summed in fp64 there, in the tensors' dtype here), <= 1e-12 in fp64; step counters equal.
+    Exception: RMSProp's stored derivatives with a learned decay ``rho`` in fp32, <= 1e-4: where
+    the two paths' ``rho`` differ by one ulp (the hypergradients differ by rounding), ``1 - rho``
+    differs by ``1 / (1 - rho)`` ulps, and a first step's direction ``g / sqrt((1 - rho) g^2)``
+    with it (measured: 1e-5 for ``d_decay``, 3e-6 for the direction, 2e-7 for the parameters).
+    (``"compiled"`` takes the same C path as ``"auto"``: the AdaGrad case runs it.)"""
+    init, grads = _native_init(dtype), _native_grads(dtype)
+    ref_params, ref = _native_make(config, init, "loop")
+    impl = "compiled" if config == "adagrad" else "auto"
+    params, opt = _native_make(config, init, impl)
+    tol = 1e-6 if dtype == torch.float32 else 1e-12
+    worst = collections.defaultdict(float)
+    for t, step_grads in enumerate(grads):
+        _feed(ref_params, step_grads)
+        _feed(params, step_grads)
+        ref.step()
+        opt.step()
+        expected, got = _by_kind(ref_params, ref), _by_kind(params, opt)
+        assert expected.keys() == got.keys()
+        for kind in expected:
+            assert got[kind].dtype == expected[kind].dtype
+            if kind == "step":
+                assert torch.equal(got[kind], expected[kind]), t
+                continue
+            rel = _rel(expected[kind], got[kind])
+            assert rel <= _native_tol(config, dtype, kind), f"step {t}, {kind}: {rel:.2e}"
+            worst[kind] = max(worst[kind], rel)
+        ref_stats, stats = ref.stats(), opt.stats()
+        assert ref_stats.keys() == stats.keys()
+        for key, value in ref_stats.items():
+            assert stats[key] == pytest.approx(value, rel=tol, abs=0), (t, key)
+    update = f"hyper_{NATIVE_CONFIGS[config][0].__name__[5:].lower()}_update"
+    assert native_calls[update] == 2 * NATIVE_STEPS  # one call per group and step
+    assert native_calls["dots"] == 2 * NATIVE_STEPS
+    assert (params[0][0].detach() - init[0][0]).abs().max().item() > 1e-3  # it trained
+    assert stats["hyper/level0/lr"] != pytest.approx(NATIVE_CONFIGS[config][1]["lr"], rel=1e-3)
+    print(f"{config} {dtype}: worst", {k: f"{v:.1e}" for k, v in worst.items()})
+
+
+@pytest.mark.parametrize("cls", [HyperSGD, HyperAdam, HyperAdaGrad, HyperRMSProp])
+def test_native_path_with_fp32_and_fp64_tensors_in_one_group(cls, native_calls):
+    """One group holding fp32 and fp64 parameters: one C call per dtype bucket and pass, the
+    dots put back in the group's order, the tower in fp64; within fp32 rounding of the loop
+    path after 12 steps."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = [((40000,), torch.float32), ((30,), torch.float64), ((7, 9), torch.float32)]
+    init = [torch.randn(s, generator=gen, dtype=torch.float64).to(dt) for s, dt in shapes]
+    grads = [[torch.randn(s, generator=gen, dtype=torch.float64).to(dt) for s, dt in shapes]
+             for _ in range(12)]  # fmt: skip
+    runs = []
+    for impl in ("loop", "auto"):
+        params = [torch.nn.Parameter(p.clone()) for p in init]
+        opt = cls(params, lr=0.01, weight_decay=0.1, implementation=impl)
+        for step_grads in grads:
+            for p, g in zip(params, step_grads, strict=True):
+                p.grad = g.clone()
+            opt.step()
+        runs.append((params, opt.stats()))
+    (ref, ref_stats), (got, stats) = runs
+    for a, b in zip(ref, got, strict=True):
+        assert b.dtype == a.dtype
+        assert _rel(a.detach(), b.detach()) <= 1e-6
+    assert stats.keys() == ref_stats.keys()
+    assert all(stats[k] == pytest.approx(v, rel=1e-6) for k, v in ref_stats.items())
+    assert native_calls["dots"] == 2 * 12
+    assert stats["hyper/level0/lr"] != pytest.approx(0.01, rel=1e-3)
+
+
+def test_native_addresses_refuse_what_the_c_loops_cannot_take(native_calls):
+    """``_native.hyper_addresses`` (the C path's one check-and-address pass per bucket) refuses
+    16-bit and mixed dtypes, non-contiguous tensors, a state tensor whose size differs from its
+    parameter's (a mismatched checkpoint would otherwise be read out of bounds) and step counters
+    that are not fp32; a group with a non-contiguous parameter takes the torch paths (the
+    numbers of ``implementation="foreach"``)."""
+    a, b = torch.zeros(4, 3), torch.zeros(5)
+    assert [len(x) for x in _native.hyper_addresses([[a, b], [a, b]])] == [2, 2]
+    assert _native.hyper_addresses([[a.half()], [a.half()]]) is None
+    assert _native.hyper_addresses([[a, b], [a, b.double()]]) is None
+    assert _native.hyper_addresses([[a, b], [a.t(), b]]) is None
+    assert _native.hyper_addresses([[a, b], [a, torch.zeros(6)]]) is None
+    assert _native.hyper_addresses([[a]], [[torch.tensor(1.0, dtype=torch.float64)]]) is None
+    counters = _native.hyper_addresses([[a]], [[torch.tensor(1.0)]])
+    assert counters is not None and len(counters) == 2
+    weight = torch.randn(6, 4).t()  # non-contiguous
+    runs = []
+    for impl in ("foreach", "auto"):
+        params = [torch.nn.Parameter(weight.t().clone().t()), torch.nn.Parameter(b.clone())]
+        assert not params[0].is_contiguous()
+        opt = HyperAdam(params, implementation=impl)
+        for t in range(4):
+            for p in params:
+                p.grad = torch.full_like(p, 0.1 * (t + 1))
+            opt.step()
+        runs.append([p.detach().clone() for p in params])
+    assert all(torch.equal(x, y) for x, y in zip(*runs, strict=True))
+    assert native_calls["dots"] == 0 and native_calls["hyper_adam_update"] == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_native_kernels_against_the_per_element_functions(dtype):
+    """The C kernels on one bucket against hypergradient.py's per-element functions with the
+    same 0-dim inputs: SGD's update bit for bit (learned momentum, maximize, weight decay);
+    Adam's, AdaGrad's and RMSProp's to the rounding of sqrt/pow (elementwise <= 1e-6 of the
+    largest value in fp32, 1e-14 in fp64); the dots to fp64 sums of the same products; with
+    ``ok`` False nothing is written. Sizes: above 4 blocks, one element, empty."""
+    if _native.load() is None:
+        pytest.skip("no C compiler")
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(40000,), (1,), (0,), (33, 7)]
+    tol = 1e-6 if dtype == torch.float32 else 1e-14
+    yes, no = torch.tensor(True), torch.tensor(False)
+    # 0-dim tensors in the tower's dtype (fp32 for fp32 parameters), as the optimizers pass them
+    lr, mu, rho, beta1, beta2 = (
+        torch.tensor(v, dtype=dtype) for v in (0.03, 0.85, 0.95, 0.9, 0.999)
+    )
+    steps = [torch.tensor(float(k)) for k in (3, 0, 1, 7)]
+
+    def rand(positive=False):
+        ts = [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in shapes]
+        return [t.abs() + 0.1 for t in ts] if positive else ts
+
+    gs = rand()
+
+    def flat(lists):
+        return [t for ts in lists for t in ts]
+
+    def check(native, reference, state, exact=False):
+        """``reference(i, *tensors of i)`` per tensor on copies, ``native(lists, ok)`` on the
+        bucket: first with ok False (nothing written, NaN gradients), then ok True."""
+        ref = [[t.clone() for t in ts] for ts in state]
+        for i in range(len(shapes)):
+            reference(i, *(ts[i] for ts in ref))
+        before = [t.clone() for t in flat(state)]
+        native(state, [torch.full_like(g, float("nan")) for g in gs], no)
+        assert all(torch.equal(a, b) for a, b in zip(before, flat(state), strict=True))
+        native(state, gs, yes)
+        for r, t in zip(flat(ref), flat(state), strict=True):
+            if exact:
+                assert torch.equal(r, t)
+            elif r.numel():
+                assert ((r - t).abs() <= tol * r.abs().max()).all()
+        assert not torch.equal(state[0][0], before[0])
+
+    check(
+        lambda s, g, ok: _native.hyper_sgd_update(
+            s[0], g, s[1], s[2], ok, lr=lr, momentum=mu, weight_decay=0.1, maximize=True
+        ),
+        lambda i, x, b, pv: hg._sgd_update(
+            x, gs[i], b, pv, yes, lr, mu, weight_decay=0.1, maximize=True, learn_momentum=True
+        ),
+        [rand(), rand(), rand()],
+        exact=True,
+    )
+    sc = hg._adam_scalars(steps, beta1, beta2, dtype, for_update=True)
+    adam = {"eps": 1e-8, "weight_decay": 0.1, "decoupled": True, "maximize": False}
+    check(
+        lambda s, g, ok: _native.hyper_adam_update(
+            s[0], g, s[1], s[2], [t.clone() for t in steps], ok, lr=lr, beta1=0.9,
+            beta2=0.999, **adam,
+        ),
+        lambda i, x, m, v: hg._adam_update(
+            x, gs[i], m, v, yes, lr, beta1, beta2, *sc[i], **adam, learn_beta1=False,
+            learn_beta2=False,
+        ),
+        [rand(), rand(), rand(positive=True)],
+    )  # fmt: skip
+    check(
+        lambda s, g, ok: _native.hyper_adagrad_update(
+            s[0], g, s[1], s[2], ok, lr=lr, eps=1e-10, weight_decay=0.1, maximize=True
+        ),
+        lambda i, x, a, d: hg._adagrad_update(
+            x, gs[i], a, d, yes, lr, eps=1e-10, weight_decay=0.1, maximize=True, learn_lr=True
+        ),
+        [rand(), rand(positive=True), rand()],
+    )
+    check(
+        lambda s, g, ok: _native.hyper_rmsprop_update(
+            s[0], g, s[1], s[2], s[3], ok, lr=lr, decay=rho, eps=1e-8, weight_decay=0.1,
+            maximize=False,
+        ),
+        lambda i, x, v, d, dd: hg._rmsprop_update(
+            x, gs[i], v, d, dd, yes, lr, rho, eps=1e-8, weight_decay=0.1, maximize=False,
+            learn_lr=True, learn_decay=True,
+        ),
+        [rand(), rand(positive=True), rand(), rand()],
+    )  # fmt: skip
+
+    # the dots: the products of the per-element functions, summed in fp64
+    bufs, prevs, xs, ms, vs = rand(), rand(), rand(), rand(), rand(positive=True)
+    out = torch.empty(len(shapes), 2, dtype=torch.float64)
+    _native.hyper_direction_dots(gs, [bufs, prevs], out)
+    for i, g in enumerate(gs):
+        for j, d in enumerate((bufs[i], prevs[i])):
+            expected = (g.double() * d.double()).sum().item()
+            assert out[i, j].item() == pytest.approx(expected, rel=1e-12, abs=1e-12)
+    _native.hyper_adam_dots(gs, ms, vs, xs, steps, out, beta1=0.9, beta2=0.999, eps=1e-8)
+    scalars = hg._adam_scalars(steps, beta1, beta2, dtype, for_update=False)
+    for i, (g, (inv_bc1, inv_sqrt_bc2)) in enumerate(zip(gs, scalars, strict=True)):
+        direction = ms[i] / (torch.sqrt(vs[i]) * inv_sqrt_bc2 + 1e-8)
+        expected = (g.double() * direction.double()).sum().item() * inv_bc1.item()
+        assert out[i, 0].item() == pytest.approx(expected, rel=tol, abs=1e-12)
+        expected = (g.double() * xs[i].double()).sum().item()
+        assert out[i, 1].item() == pytest.approx(expected, rel=1e-12, abs=1e-12)
+    assert out[2].tolist() == [0.0, 0.0]  # the empty tensor
+
+
+@pytest.mark.parametrize(
+    "config, bad",
+    [
+        ("sgd", float("nan")),
+        ("sgd_lr_momentum", float("inf")),
+        ("adam", float("-inf")),
+        ("adam", float("nan")),
+        ("adagrad", float("inf")),
+        ("rmsprop", float("nan")),
+    ],
+)
+def test_native_nonfinite_gradient_leaves_params_and_all_state_bit_identical(
+    config, bad, native_calls
+):
+    """A NaN/Inf in one element of one gradient (of the second group) skips the step for the
+    whole model on the C path: parameters, per-parameter state and every tower tensor (values,
+    raw variables, hypergradients, hyperoptimizer moments, last directions, step bookkeeping)
+    bit-identical; the state of the tensor whose first gradient arrives in that step is only
+    created. Training then continues exactly as if that step never happened."""
+    dtype = torch.float32
+    init, grads = _native_init(dtype), _native_grads(dtype, steps=9)
+    params, opt = _run_native_config(config, init, grads[:5], "auto")
+    clean = _run_native_config(config, init, grads[:5], "auto")
+    late = params[1][2]  # first gradient at step 5: the poisoned step
+    assert not opt.state[late]
+    before = _everything(params, opt)
+    poisoned = [[None if g is None else g.clone() for g in gs] for gs in grads[5]]
+    poisoned[1][0].view(-1)[123] = bad
+    _feed(params, poisoned)
+    with pytest.warns(RuntimeWarning, match="NaN or Inf"):
+        opt.step()
+    assert bool(opt.last_step_skipped)
+    assert _bit_identical(before, _everything(params, opt, skip_state_of=late))
+    _run_native_config(config, init, grads[5:], "auto", (params, opt))
+    _run_native_config(config, init, grads[5:], "auto", clean)
+    assert opt.stats()["skipped_steps"] == 1.0
+    assert _bit_identical(_everything(*clean), _everything(params, opt))
+    assert native_calls["dots"] > 0
+
+
+@pytest.mark.parametrize("config", ["sgd", "adam", "rmsprop"])
+def test_native_state_dict_round_trip_continues_bit_exactly(config, tmp_path, native_calls):
+    """Save mid-training (``torch.save`` / ``torch.load(weights_only=True)``, as the Trainer
+    does), load into a fresh optimizer over copied parameters: every tensor equal, and the next
+    steps bit-identical to the uninterrupted run."""
+    dtype = torch.float32
+    init, grads = _native_init(dtype), _native_grads(dtype, steps=16)
+    params, opt = _run_native_config(config, init, grads[:8], "auto")
+    torch.save(opt.state_dict(), tmp_path / "optimizer.pt")
+    resumed = _native_make(config, [[p.detach() for p in ps] for ps in params], "auto")
+    resumed[1].load_state_dict(torch.load(tmp_path / "optimizer.pt", weights_only=True))
+    assert _bit_identical(_everything(params, opt), _everything(*resumed))
+    _run_native_config(config, init, grads[8:], "auto", (params, opt))
+    _run_native_config(config, init, grads[8:], "auto", resumed)
+    assert _bit_identical(_everything(params, opt), _everything(*resumed))
+    assert native_calls["dots"] == 2 * 16 + 2 * 8
+
+
+def test_native_path_is_independent_of_the_thread_count(native_calls):
+    """Elementwise updates, and dots summed per block in a fixed order: 1 and 2 threads give
+    bit-identical parameters, state and towers."""
+    init, grads = _native_init(torch.float32), _native_grads(torch.float32, steps=6)
+    threads = torch.get_num_threads()
+    results = collections.defaultdict(list)
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            for config in ("sgd", "adam", "rmsprop"):
+                results[config].append(_everything(*_run_native_config(config, init, grads,
+                                                                       "auto")))  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    for config, (one, two) in results.items():
+        assert _bit_identical(one, two), config
+
+
+def test_native_step_makes_no_host_reads(monkeypatch, native_calls):
+    """On the C path ``step()`` reads no tensor on the host (no ``.item()``, ``float()``,
+    ``bool()``): the learned step size, momentum, step counters and ``ok`` are read from their
+    memory by the C code."""
+    init, grads = _native_init(torch.float32), _native_grads(torch.float32, steps=6)
+    for config in ("sgd_lr_momentum", "adam", "rmsprop"):
+        params, opt = _native_make(config, init, "auto")
+
+        def no_host_read(*_args, **_kwargs):
+            raise AssertionError("host read of a tensor inside step()")
+
+        for step_grads in grads:
+            _feed(params, step_grads)
+            with monkeypatch.context() as m:
+                for name in ("item", "__float__", "__bool__"):
+                    m.setattr(torch.Tensor, name, no_host_read)
+                opt.step()
+        assert opt.stats()["hyper/level0/lr"] != NATIVE_CONFIGS[config][1]["lr"]
+    assert native_calls["dots"] == 3 * 2 * 6
+
+
+@pytest.mark.parametrize("config", ["sgd", "adam", "adagrad", "rmsprop"])
+def test_without_the_c_library_the_torch_paths_give_the_same_numbers(config, monkeypatch):
+    """``_native.load()`` returning None (no C compiler): ``"auto"`` runs the torch paths,
+    bit-identical to ``implementation="foreach"``, and within rounding of the C path (relative
+    1e-6 in fp32, as against the loop path); no C kernel is called."""
+    dtype = torch.float32
+    init, grads = _native_init(dtype), _native_grads(dtype, steps=12)
+    native = None
+    if _native.load() is not None:
+        native = _by_kind(*_run_native_config(config, init, grads, "auto"))
+    monkeypatch.setattr(_native, "load", lambda: None)
+    for name in NATIVE_KERNELS:
+        monkeypatch.setattr(_native, name, lambda *a, **k: pytest.fail("C kernel called"))
+    fallback = _run_native_config(config, init, grads, "auto")
+    foreach = _run_native_config(config, init, grads, "foreach")
+    assert _bit_identical(_everything(*fallback), _everything(*foreach))
+    if native is not None:
+        got = _by_kind(*fallback)
+        assert got.keys() == native.keys()
+        assert all(_rel(got[k], native[k]) <= _native_tol(config, dtype, k) for k in got)

@@ -1,4 +1,5 @@
-"""Fused CPU loops for DoG and ADOPT, built from C once per machine, called through ``ctypes``.
+"""Fused CPU loops for DoG, ADOPT, the D-Adaptation family, Prodigy and the hypergradient
+optimizers, built from C once per machine, called through ``ctypes``.
 
 Each function handles every tensor of a bucket (one device/dtype group) in ONE call: no
 per-tensor Python, dispatcher or dynamo-guard overhead. The DoG loops parallelise within each
@@ -45,6 +46,25 @@ and a fused kernel takes the time of the update plus reading what only the stati
 (maximize, coupled decay) so that it has no branch and vectorises (with the branch, GCC 12 left
 the statistics loops scalar: 20x slower).
 
+Hypergradient optimizers (``hyper_direction_dots``, ``hyper_adam_dots``, ``hyper_*_update``;
+their C source and wrappers are the last block of this file). A step is two passes, each one
+call per bucket with the blocks of all its tensors in one parallel loop: first the read-only
+pass that forms every tensor's hypergradient dot products ``<g, du/dh>`` (SGD: with the momentum
+buffer; AdaGrad, RMSProp: with the stored direction; Adam: with ``m / (sqrt(v) c + eps)``
+recomputed from the moments and the step counters), which is also the non-finite check; then,
+after the tower has moved the step size (0-dim tensors, torch ops), the base update, which reads
+the learned step size (and a learned momentum or decay), the step counters and ``ok`` from
+memory. The dots are formed in double (products and sums), per block, the blocks of a tensor
+added in a fixed order: like the updates (elementwise), they do not depend on the thread count.
+The updates follow the per-element functions' order of operations, with the scalars that torch
+forms from 0-dim tensors rounded in those tensors' dtype and no fma contraction: SGD's update is
+bit-identical to the per-tensor path; Adam, AdaGrad and RMSProp differ by the rounding of
+``sqrt`` (and Adam's bias corrections by that of ``pow``): ~1e-7 relative in fp32. HyperAdam
+with learned betas keeps its torch paths. ``hyper_addresses`` checks a bucket and takes its
+tensors' addresses in one pass, once per step for both passes; it also refuses a state tensor
+whose size differs from its parameter's, so a mismatched checkpoint cannot make the C code read
+or write out of bounds.
+
 The shared library is built with the system C compiler (``cc``; the same requirement as
 inductor's CPU backend) into ``$HF_TUNINGFREE_CACHE`` or ``~/.cache/hf_tuningfree``, named by a
 hash of the source, the compiler flags and the CPU's feature flags (``-march=native``), so a
@@ -54,8 +74,8 @@ cache shared between machines never serves a binary built for another CPU. If an
 Only CPU tensors that are contiguous and fp32 or fp64 are handled here; the flag ``ok`` (False:
 a gradient somewhere was not finite; nothing is written), step sizes, step counters and learning
 rates are read from the tensors' (host) memory by the C code, never on the Python side. The
-ADOPT and D-Adaptation functions' results do not depend on the number of threads (elementwise
-work; sums of per-block sums added in a fixed order).
+ADOPT, D-Adaptation and hypergradient functions' results do not depend on the number of threads
+(elementwise work; sums of per-block sums added in a fixed order).
 """
 
 from __future__ import annotations
@@ -573,7 +593,7 @@ def adopt_update(
 # each ONE call per bucket. Their C source is appended to ``_SOURCE`` here (it is compiled into
 # the same library; the hash that names the library covers it).
 
-import array as _array  # noqa: E402  (here to keep this section self-contained)
+import array as _pyarray  # noqa: E402  (here to keep this section self-contained)
 
 _DADAPT_SOURCE = r"""
 /* ---- D-Adaptation and Prodigy --------------------------------------------------------------
@@ -1188,8 +1208,8 @@ def dadapt_kernel(
     suffix = "_f32" if streams[0][0].dtype == torch.float32 else "_f64"
     fn = _dadapt_fn(lib, name + suffix, takes_ok and nsums > 0)
     # array.array: built about twice as fast as a ctypes array from 700 Python ints
-    pointers = _array.array("q", [t.data_ptr() for s in streams for t in s])
-    numels = _array.array("q", [t.numel() for t in streams[0]])
+    pointers = _pyarray.array("q", [t.data_ptr() for s in streams for t in s])
+    numels = _pyarray.array("q", [t.numel() for t in streams[0]])
     fn(
         n,
         pointers.buffer_info()[0],
@@ -1202,3 +1222,672 @@ def dadapt_kernel(
 
 
 __all__ += ["DADAPT_KERNELS", "dadapt_kernel"]
+
+
+# --- hypergradient optimizers
+# HyperSGD, HyperAdam, HyperAdaGrad, HyperRMSProp (hypergradient.py): the read-only pass that
+# forms the hypergradient's dot products (and is the non-finite check), then the base update.
+# The C source is appended to the library's (one .so); the functions are declared on first use.
+
+_HYPER_SOURCE = r"""
+/* ======================= hypergradient optimizers (hypergradient.py) ======================= */
+
+/* The blocks of a bucket: tensor k owns blocks first[k] .. first[k+1]-1 (BLOCK elements each,
+   the last one shorter); first[nt] is the number of blocks. NULL if out of memory. */
+static int64_t* hg_blocks(int64_t nt, const int64_t* ns, int64_t* total) {
+    int64_t* first = (int64_t*)malloc((size_t)(nt + 1) * sizeof(int64_t));
+    *total = 0;
+    if (!first) return NULL;
+    first[0] = 0;
+    for (int64_t k = 0; k < nt; ++k) {
+        first[k + 1] = first[k] + (ns[k] + BLOCK - 1) / BLOCK;
+        *total += ns[k];
+    }
+    return first;
+}
+
+/* The tensor that owns block b (the largest k with first[k] <= b; empty tensors own none). */
+static inline int64_t hg_owner(const int64_t* first, int64_t nt, int64_t b) {
+    int64_t lo = 0, hi = nt - 1;
+    while (lo < hi) {
+        const int64_t mid = (lo + hi + 1) / 2;
+        if (first[mid] <= b) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
+
+/* A 0-dim tensor of the hyper dtype H (fp64 if f64, else fp32), and the scalar arithmetic the
+   torch path does on such tensors, rounded in H (the result is then cast to the tensors' T). */
+static inline double hg_read(const void* p, int f64) {
+    return f64 ? *(const double*)p : (double)*(const float*)p;
+}
+static inline double hg_sub(double a, double b, int f64) {
+    return f64 ? a - b : (double)((float)a - (float)b);
+}
+static inline double hg_mul(double a, double b, int f64) {
+    return f64 ? a * b : (double)((float)a * (float)b);
+}
+
+/* Per-block partial sums (nd per block) -> per-tensor sums out[k * nd + j], blocks in order. */
+static void hg_gather(int64_t nt, int64_t nd, const int64_t* first, const double* partial,
+                      double* out) {
+    for (int64_t k = 0; k < nt; ++k)
+        for (int64_t j = 0; j < nd; ++j) {
+            double s = 0.0;
+            for (int64_t b = first[k]; b < first[k + 1]; ++b) s += partial[b * nd + j];
+            out[k * nd + j] = s;
+        }
+}
+
+/* out[k * nd + j] <- sum_i g_k[i] * D_kj[i] for j < nd (ds tensor-major: ds[k * nd + j]), the
+   stored derivatives of the last update (SGD: buf, buf_prev; AdaGrad, RMSProp: direction,
+   d_decay). Products and sums in double, per block; the blocks of a tensor are added in a fixed
+   order, so the result does not depend on the thread count. A NaN/Inf anywhere in g makes its
+   tensor's sum NaN/Inf (0 * Inf is NaN): the non-finite check. */
+#define HG_DIRECTION_DOTS(NAME, T)                                                             \
+void NAME(int64_t nt, T** gs, T** ds, int64_t nd, const int64_t* ns, double* out,             \
+          int nthreads) {                                                                      \
+    if (nt <= 0) return;                                                                       \
+    int64_t total;                                                                             \
+    int64_t* first = hg_blocks(nt, ns, &total);                                                \
+    const int64_t nb = first ? first[nt] : 0;                                                  \
+    double* partial = first ? (double*)malloc((size_t)(nb * nd + 1) * sizeof(double)) : NULL; \
+    if (!partial) {                                                                            \
+        for (int64_t q = 0; q < nt * nd; ++q) out[q] = NAN;                                    \
+        free(first);                                                                           \
+        return;                                                                                \
+    }                                                                                          \
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(total > 4 * BLOCK)")  \
+    for (int64_t b = 0; b < nb; ++b) {                                                         \
+        const int64_t k = hg_owner(first, nt, b);                                              \
+        const int64_t lo = (b - first[k]) * BLOCK;                                             \
+        const int64_t hi = lo + BLOCK < ns[k] ? lo + BLOCK : ns[k];                            \
+        const T* restrict g = gs[k];                                                           \
+        const T* restrict d0 = ds[k * nd];                                                     \
+        double a0 = 0.0, a1 = 0.0;                                                             \
+        if (nd == 1) {                                                                         \
+            _Pragma("omp simd reduction(+:a0)")                                                \
+            for (int64_t i = lo; i < hi; ++i) a0 += (double)g[i] * (double)d0[i];              \
+        } else {                   /* one loop: all three streams in flight at once */         \
+            const T* restrict d1 = ds[k * nd + 1];                                             \
+            _Pragma("omp simd reduction(+:a0, a1)")                                            \
+            for (int64_t i = lo; i < hi; ++i) {                                                \
+                const double gi = (double)g[i];                                                \
+                a0 += gi * (double)d0[i];                                                      \
+                a1 += gi * (double)d1[i];                                                      \
+            }                                                                                  \
+            partial[b * nd + 1] = a1;                                                          \
+        }                                                                                      \
+        partial[b * nd] = a0;                                                                  \
+    }                                                                                          \
+    hg_gather(nt, nd, first, partial, out);                                                    \
+    free(partial);                                                                             \
+    free(first);                                                                               \
+}
+
+HG_DIRECTION_DOTS(hg_direction_dots_f32, float)
+HG_DIRECTION_DOTS(hg_direction_dots_f64, double)
+
+/* Adam's step-size dot (hypergradient.py, _adam_dots) for every tensor k, with s_k its step
+   count (fp32 state, the updates so far) and, where s_k > 0, bc1 = 1 - beta1^s_k,
+   bc2 = 1 - beta2^s_k (else 1), in T as _adam_scalars forms them:
+     out[k * nd]     <- (sum_i g_i * m_i / (sqrt(v_i) * (1 / sqrt(bc2)) + eps)) * (1 / bc1)
+     out[k * nd + 1] <- sum_i g_i * x_i               (nd = 2: decoupled weight decay, xs != NULL)
+   The direction is formed in T, products and sums in double (per block, fixed order). */
+#define HG_ADAM_DOTS(NAME, T, SQRT, POW)                                                       \
+void NAME(int64_t nt, T** gs, T** ms, T** vs, T** xs, const int64_t* ns, float** steps,       \
+          double beta1, double beta2, double eps, double* out, int nthreads) {                 \
+    if (nt <= 0) return;                                                                       \
+    const int64_t nd = xs ? 2 : 1;                                                             \
+    int64_t total;                                                                             \
+    int64_t* first = hg_blocks(nt, ns, &total);                                                \
+    const int64_t nb = first ? first[nt] : 0;                                                  \
+    double* partial = first ? (double*)malloc((size_t)(nb * nd + 1) * sizeof(double)) : NULL; \
+    T* inv = (T*)malloc((size_t)(2 * nt) * sizeof(T));                                         \
+    if (!partial || !inv) {                                                                    \
+        for (int64_t q = 0; q < nt * nd; ++q) out[q] = NAN;                                    \
+        free(first); free(partial); free(inv);                                                 \
+        return;                                                                                \
+    }                                                                                          \
+    for (int64_t k = 0; k < nt; ++k) {                                                         \
+        const T s = (T)*steps[k];                                                              \
+        T bc1 = 1, bc2 = 1;                                                                    \
+        if (s > 0) {                                                                           \
+            bc1 = (T)1 - POW((T)beta1, s);                                                     \
+            bc2 = (T)1 - POW((T)beta2, s);                                                     \
+        }                                                                                      \
+        inv[2 * k] = (T)1 / bc1;                                                               \
+        inv[2 * k + 1] = (T)1 / SQRT(bc2);                                                     \
+    }                                                                                          \
+    const T e = (T)eps;                                                                        \
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(total > 4 * BLOCK)")  \
+    for (int64_t b = 0; b < nb; ++b) {                                                         \
+        const int64_t k = hg_owner(first, nt, b);                                              \
+        const int64_t lo = (b - first[k]) * BLOCK;                                             \
+        const int64_t hi = lo + BLOCK < ns[k] ? lo + BLOCK : ns[k];                            \
+        const T* restrict g = gs[k];                                                           \
+        const T* restrict m = ms[k];                                                           \
+        const T* restrict v = vs[k];                                                           \
+        const T c = inv[2 * k + 1];                                                            \
+        double acc = 0.0, ax = 0.0;                                                            \
+        if (!xs) {                                                                             \
+            _Pragma("omp simd reduction(+:acc)")                                               \
+            for (int64_t i = lo; i < hi; ++i) {                                                \
+                const T d = m[i] / (SQRT(v[i]) * c + e);                                       \
+                acc += (double)g[i] * (double)d;                                               \
+            }                                                                                  \
+        } else {                                                                               \
+            const T* restrict x = xs[k];                                                       \
+            _Pragma("omp simd reduction(+:acc, ax)")                                           \
+            for (int64_t i = lo; i < hi; ++i) {                                                \
+                const T d = m[i] / (SQRT(v[i]) * c + e);                                       \
+                const double gi = (double)g[i];                                                \
+                acc += gi * (double)d;                                                         \
+                ax += gi * (double)x[i];                                                       \
+            }                                                                                  \
+            partial[b * nd + 1] = ax;                                                          \
+        }                                                                                      \
+        partial[b * nd] = acc;                                                                 \
+    }                                                                                          \
+    hg_gather(nt, nd, first, partial, out);                                                    \
+    for (int64_t k = 0; k < nt; ++k) out[k * nd] *= (double)inv[2 * k];                        \
+    free(inv);                                                                                 \
+    free(partial);                                                                             \
+    free(first);                                                                               \
+}
+
+HG_ADAM_DOTS(hg_adam_dots_f32, float, sqrtf, powf)
+HG_ADAM_DOTS(hg_adam_dots_f64, double, sqrt, pow)
+
+/* The updates below run only where *ok (else nothing is written), in one parallel loop over
+   the blocks of every tensor of the bucket, with the per-element code's order of operations
+   (hypergradient.py, _sgd_update / _adam_update / _adagrad_update / _rmsprop_update) and its
+   roundings: scalars that the torch path forms from 0-dim tensors of the hyper dtype H
+   (lr, momentum, decay, 1 - beta, lr * wd) are formed in H, then cast to T; Python floats
+   (weight decay, eps) are cast to T. No fma contraction (-std=c99: -ffp-contract=off).
+   flags: 1 maximize (g <- -g), 2 decoupled weight decay (Adam). The coupled L2 term is
+   g <- g + wd * x. */
+
+/* SGD (torch's, dampening 0): buf_new = mu * buf + g;  x <- x - lr * buf_new;
+   prev <- buf (learned momentum: d buf / d mu) when prevs != NULL. lr, mu: 0-dim H tensors. */
+#define HG_SGD_UPDATE(NAME, T)                                                                 \
+void NAME(int64_t nt, T** xs, T** gs, T** bufs, T** prevs, const int64_t* ns,                 \
+          const void* lr_ptr, const void* mu_ptr, int f64, double wd, int flags,               \
+          const uint8_t* ok, int nthreads) {                                                   \
+    if (!*ok || nt <= 0) return;                                                               \
+    const int maximize = flags & 1;                                                            \
+    const T lr = (T)hg_read(lr_ptr, f64), mu = (T)hg_read(mu_ptr, f64), w = (T)wd;             \
+    int64_t total;                                                                             \
+    int64_t* first = hg_blocks(nt, ns, &total);                                                \
+    if (!first) return;                                                                        \
+    const int64_t nb = first[nt];                                                              \
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(total > 4 * BLOCK)")  \
+    for (int64_t b = 0; b < nb; ++b) {                                                         \
+        const int64_t k = hg_owner(first, nt, b);                                              \
+        const int64_t lo = (b - first[k]) * BLOCK;                                             \
+        const int64_t hi = lo + BLOCK < ns[k] ? lo + BLOCK : ns[k];                            \
+        T* restrict x = xs[k]; const T* restrict g = gs[k]; T* restrict buf = bufs[k];         \
+        if (prevs) {                                                                           \
+            T* restrict prev = prevs[k];                                                       \
+            _Pragma("omp simd")                                                                \
+            for (int64_t i = lo; i < hi; ++i) {                                                \
+                const T xi = x[i], bo = buf[i];                                                \
+                T gi = maximize ? -g[i] : g[i];                                                \
+                if (wd != 0.0) gi = gi + w * xi;                                               \
+                const T bn = mu * bo + gi;                                                     \
+                x[i] = xi - lr * bn;                                                           \
+                prev[i] = bo;                                                                  \
+                buf[i] = bn;                                                                   \
+            }                                                                                  \
+        } else {                                                                               \
+            _Pragma("omp simd")                                                                \
+            for (int64_t i = lo; i < hi; ++i) {                                                \
+                const T xi = x[i];                                                             \
+                T gi = maximize ? -g[i] : g[i];                                                \
+                if (wd != 0.0) gi = gi + w * xi;                                               \
+                const T bn = mu * buf[i] + gi;                                                 \
+                x[i] = xi - lr * bn;                                                           \
+                buf[i] = bn;                                                                   \
+            }                                                                                  \
+        }                                                                                      \
+    }                                                                                          \
+    free(first);                                                                               \
+}
+
+HG_SGD_UPDATE(hg_sgd_update_f32, float)
+HG_SGD_UPDATE(hg_sgd_update_f64, double)
+
+/* Adam / AdamW (torch's formulation) with fixed betas; s_k the tensor's step counter (fp32,
+   read here and incremented after the update), bc = 1 - beta^(s_k + 1) in T:
+     m_new = m + (1 - beta1) * (g - m);   v_new = beta2 * v + (1 - beta2) * g^2
+     x <- x - (lr * wd) * x (decoupled)
+     x <- x - lr * ((m_new / bc1) / (sqrt(v_new / bc2) + eps)) */
+#define HG_ADAM_UPDATE(NAME, T, SQRT, POW)                                                     \
+void NAME(int64_t nt, T** xs, T** gs, T** ms, T** vs, const int64_t* ns, float** steps,       \
+          const void* lr_ptr, int f64, double beta1, double beta2, double eps, double wd,      \
+          int flags, const uint8_t* ok, int nthreads) {                                        \
+    if (!*ok || nt <= 0) return;                                                               \
+    const int maximize = flags & 1, decoupled = flags & 2;                                     \
+    const double lr_h = hg_read(lr_ptr, f64);                                                  \
+    const T lr = (T)lr_h, lr_wd = (T)hg_mul(lr_h, wd, f64);                                    \
+    const T w1 = (T)hg_sub(1.0, beta1, f64), w2 = (T)hg_sub(1.0, beta2, f64);                  \
+    const T b2 = (T)beta2, e = (T)eps, cwd = (T)wd;                                            \
+    const int coupled = !decoupled && wd != 0.0, decay = decoupled && wd != 0.0;              \
+    int64_t total;                                                                             \
+    int64_t* first = hg_blocks(nt, ns, &total);                                                \
+    T* bc = (T*)malloc((size_t)(2 * nt) * sizeof(T));                                          \
+    if (!first || !bc) { free(first); free(bc); return; }                                      \
+    for (int64_t k = 0; k < nt; ++k) {                                                         \
+        const T s1 = (T)*steps[k] + (T)1;                                                      \
+        bc[2 * k] = (T)1 - POW((T)beta1, s1);                                                  \
+        bc[2 * k + 1] = (T)1 - POW((T)beta2, s1);                                              \
+    }                                                                                          \
+    const int64_t nb = first[nt];                                                              \
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(total > 4 * BLOCK)")  \
+    for (int64_t b = 0; b < nb; ++b) {                                                         \
+        const int64_t k = hg_owner(first, nt, b);                                              \
+        const int64_t lo = (b - first[k]) * BLOCK;                                             \
+        const int64_t hi = lo + BLOCK < ns[k] ? lo + BLOCK : ns[k];                            \
+        T* restrict x = xs[k]; const T* restrict g = gs[k];                                    \
+        T* restrict m = ms[k]; T* restrict v = vs[k];                                          \
+        const T c1 = bc[2 * k], c2 = bc[2 * k + 1];                                            \
+        _Pragma("omp simd")                                                                    \
+        for (int64_t i = lo; i < hi; ++i) {                                                    \
+            T xi = x[i];                                                                       \
+            const T mo = m[i], vo = v[i];                                                      \
+            T gi = maximize ? -g[i] : g[i];                                                    \
+            if (coupled) gi = gi + cwd * xi;                                                   \
+            const T mn = mo + w1 * (gi - mo);                                                  \
+            const T vn = b2 * vo + w2 * (gi * gi);                                             \
+            const T den = SQRT(vn / c2) + e;                                                   \
+            const T mh = mn / c1;                                                              \
+            if (decay) xi = xi - lr_wd * xi;                                                   \
+            x[i] = xi - lr * (mh / den);                                                       \
+            m[i] = mn;                                                                         \
+            v[i] = vn;                                                                         \
+        }                                                                                      \
+    }                                                                                          \
+    for (int64_t k = 0; k < nt; ++k) *steps[k] += 1.0f;                                        \
+    free(bc);                                                                                  \
+    free(first);                                                                               \
+}
+
+HG_ADAM_UPDATE(hg_adam_update_f32, float, sqrtf, powf)
+HG_ADAM_UPDATE(hg_adam_update_f64, double, sqrt, pow)
+
+/* AdaGrad (torch's, no lr decay): G_new = G + g^2;  d = g / (sqrt(G_new) + eps);  x <- x - lr * d;
+   direction <- d when dirs != NULL (learned step size). */
+#define HG_ADAGRAD_UPDATE(NAME, T, SQRT)                                                       \
+void NAME(int64_t nt, T** xs, T** gs, T** sums, T** dirs, const int64_t* ns,                  \
+          const void* lr_ptr, int f64, double eps, double wd, int flags, const uint8_t* ok,    \
+          int nthreads) {                                                                      \
+    if (!*ok || nt <= 0) return;                                                               \
+    const int maximize = flags & 1;                                                            \
+    const T lr = (T)hg_read(lr_ptr, f64), e = (T)eps, w = (T)wd;                               \
+    int64_t total;                                                                             \
+    int64_t* first = hg_blocks(nt, ns, &total);                                                \
+    if (!first) return;                                                                        \
+    const int64_t nb = first[nt];                                                              \
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(total > 4 * BLOCK)")  \
+    for (int64_t b = 0; b < nb; ++b) {                                                         \
+        const int64_t k = hg_owner(first, nt, b);                                              \
+        const int64_t lo = (b - first[k]) * BLOCK;                                             \
+        const int64_t hi = lo + BLOCK < ns[k] ? lo + BLOCK : ns[k];                            \
+        T* restrict x = xs[k]; const T* restrict g = gs[k]; T* restrict a = sums[k];           \
+        T* restrict dir = dirs ? dirs[k] : NULL;                                               \
+        _Pragma("omp simd")                                                                    \
+        for (int64_t i = lo; i < hi; ++i) {                                                    \
+            const T xi = x[i];                                                                 \
+            T gi = maximize ? -g[i] : g[i];                                                    \
+            if (wd != 0.0) gi = gi + w * xi;                                                   \
+            const T an = a[i] + gi * gi;                                                       \
+            const T d = gi / (SQRT(an) + e);                                                   \
+            x[i] = xi - lr * d;                                                                \
+            a[i] = an;                                                                         \
+            if (dir) dir[i] = d;                                                               \
+        }                                                                                      \
+    }                                                                                          \
+    free(first);                                                                               \
+}
+
+HG_ADAGRAD_UPDATE(hg_adagrad_update_f32, float, sqrtf)
+HG_ADAGRAD_UPDATE(hg_adagrad_update_f64, double, sqrt)
+
+/* RMSProp (torch's, no momentum, not centered), rho a 0-dim H tensor:
+     v_new = rho * v + (1 - rho) * g^2;  d = g / (sqrt(v_new) + eps);  x <- x - lr * d
+   direction <- d (dirs != NULL); d_decay <- -(g / den^2) * (v - g^2) / (2 sqrt(v_new)), 0 where
+   sqrt(v_new) == 0 (dds != NULL, learned decay). */
+#define HG_RMSPROP_UPDATE(NAME, T, SQRT)                                                       \
+void NAME(int64_t nt, T** xs, T** gs, T** sqs, T** dirs, T** dds, const int64_t* ns,          \
+          const void* lr_ptr, const void* rho_ptr, int f64, double eps, double wd, int flags,  \
+          const uint8_t* ok, int nthreads) {                                                   \
+    if (!*ok || nt <= 0) return;                                                               \
+    const int maximize = flags & 1;                                                            \
+    const double rho_h = hg_read(rho_ptr, f64);                                                \
+    const T lr = (T)hg_read(lr_ptr, f64), rho = (T)rho_h, w_v = (T)hg_sub(1.0, rho_h, f64);   \
+    const T e = (T)eps, w = (T)wd;                                                             \
+    int64_t total;                                                                             \
+    int64_t* first = hg_blocks(nt, ns, &total);                                                \
+    if (!first) return;                                                                        \
+    const int64_t nb = first[nt];                                                              \
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(total > 4 * BLOCK)")  \
+    for (int64_t b = 0; b < nb; ++b) {                                                         \
+        const int64_t k = hg_owner(first, nt, b);                                              \
+        const int64_t lo = (b - first[k]) * BLOCK;                                             \
+        const int64_t hi = lo + BLOCK < ns[k] ? lo + BLOCK : ns[k];                            \
+        T* restrict x = xs[k]; const T* restrict g = gs[k]; T* restrict sq = sqs[k];           \
+        T* restrict dir = dirs ? dirs[k] : NULL;                                               \
+        T* restrict dd = dds ? dds[k] : NULL;                                                  \
+        _Pragma("omp simd")                                                                    \
+        for (int64_t i = lo; i < hi; ++i) {                                                    \
+            const T xi = x[i], vo = sq[i];                                                     \
+            T gi = maximize ? -g[i] : g[i];                                                    \
+            if (wd != 0.0) gi = gi + w * xi;                                                   \
+            const T vn = rho * vo + w_v * (gi * gi);                                           \
+            const T sv = SQRT(vn);                                                             \
+            const T den = sv + e;                                                              \
+            const T d = gi / den;                                                              \
+            x[i] = xi - lr * d;                                                                \
+            if (dir) dir[i] = d;                                                               \
+            if (dd) dd[i] = sv > 0 ? -(gi / (den * den)) * (vo - gi * gi) / ((T)2 * sv) : (T)0; \
+            sq[i] = vn;                                                                        \
+        }                                                                                      \
+    }                                                                                          \
+    free(first);                                                                               \
+}
+
+HG_RMSPROP_UPDATE(hg_rmsprop_update_f32, float, sqrtf)
+HG_RMSPROP_UPDATE(hg_rmsprop_update_f64, double, sqrt)
+"""
+
+_SOURCE += _HYPER_SOURCE
+
+
+def _hyper_argtypes() -> dict[str, list]:
+    """Argument types of the hypergradient kernels (each has an _f32 and an _f64 variant)."""
+    p, i64, i, d = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
+    return {
+        "hg_direction_dots": [i64, p, p, i64, p, p, i],
+        "hg_adam_dots": [i64, p, p, p, p, p, p, d, d, d, p, i],
+        "hg_sgd_update": [i64, p, p, p, p, p, p, p, i, d, i, p, i],
+        "hg_adam_update": [i64, p, p, p, p, p, p, p, i, d, d, d, d, i, p, i],
+        "hg_adagrad_update": [i64, p, p, p, p, p, p, i, d, d, i, p, i],
+        "hg_rmsprop_update": [i64, p, p, p, p, p, p, p, p, i, d, d, i, p, i],
+    }
+
+
+__all__ += [
+    "Addresses",
+    "hyper_adagrad_update",
+    "hyper_adam_dots",
+    "hyper_adam_update",
+    "hyper_addresses",
+    "hyper_direction_dots",
+    "hyper_rmsprop_update",
+    "hyper_sgd_update",
+]
+
+
+class Addresses:
+    """A list of tensors as the C code takes it: their addresses and element counts, read once
+    (``hyper_addresses``) and handed to both passes of a step. The tensors must stay alive and
+    in place while it is used (it holds a reference to the list)."""
+
+    __slots__ = ("array", "dtype", "numels", "tensors")
+
+    def __init__(
+        self,
+        tensors: Sequence[torch.Tensor],
+        array: ctypes.Array,
+        numels: ctypes.Array | None,
+        dtype: torch.dtype,
+    ) -> None:
+        self.tensors, self.array, self.numels, self.dtype = tensors, array, numels, dtype
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+
+#: A kernel argument: a list of tensors, or its ``Addresses`` taken earlier in the step.
+Tensors = Sequence[torch.Tensor] | Addresses
+
+
+def hyper_addresses(
+    lists: Sequence[Sequence[torch.Tensor]], counters: Sequence[Sequence[torch.Tensor]] = ()
+) -> list[Addresses] | None:
+    """Check a bucket for the C path and take its addresses, in one pass over its tensors.
+
+    ``lists``: parallel lists (parameters first, then gradients and state) whose tensors must be
+    CPU, contiguous, of one dtype (fp32 or fp64) and of the first list's sizes; ``counters``:
+    lists of 0-dim fp32 CPU tensors (step counters). Returns one ``Addresses`` per list
+    (``lists`` then ``counters``), or None if the C path cannot take them or the library is
+    unavailable."""
+    if not lists or not lists[0] or load() is None:
+        return None
+    dtype = lists[0][0].dtype
+    if dtype not in (torch.float32, torch.float64):
+        return None
+    sizes = [t.numel() for t in lists[0]]
+    numels = (ctypes.c_int64 * len(sizes))(*sizes)
+    out = []
+    for tensors in lists:
+        if len(tensors) != len(sizes):
+            return None
+        ptrs = []
+        for t, n in zip(tensors, sizes, strict=True):
+            if not (t.is_cpu and t.dtype == dtype and t.is_contiguous() and t.numel() == n):
+                return None
+            ptrs.append(t.data_ptr())
+        out.append(Addresses(tensors, (ctypes.c_void_p * len(ptrs))(*ptrs), numels, dtype))
+    for tensors in counters:
+        ptrs = []
+        for t in tensors:
+            if not (t.is_cpu and t.dtype == torch.float32 and t.numel() == 1):
+                return None
+            ptrs.append(t.data_ptr())
+        array = (ctypes.c_void_p * len(ptrs))(*ptrs)
+        out.append(Addresses(tensors, array, None, torch.float32))
+    return out
+
+
+def _hyper_fn(name: str, dtype: torch.dtype) -> ctypes._CFuncPtr:
+    """The ``_f32``/``_f64`` variant of a hypergradient kernel, its types declared once."""
+    lib = load()
+    assert lib is not None
+    fn = getattr(lib, f"{name}_{'f64' if dtype == torch.float64 else 'f32'}")
+    if fn.argtypes is None:
+        fn.restype = None
+        fn.argtypes = _hyper_argtypes()[name]
+    return fn
+
+
+def _dtype(tensors: Tensors) -> torch.dtype:
+    return tensors.dtype if isinstance(tensors, Addresses) else tensors[0].dtype
+
+
+def _array(tensors: Tensors | None) -> ctypes.Array | None:
+    if tensors is None:
+        return None
+    return tensors.array if isinstance(tensors, Addresses) else _pointers(tensors)
+
+
+def _numels(tensors: Tensors) -> ctypes.Array:
+    if isinstance(tensors, Addresses) and tensors.numels is not None:
+        return tensors.numels
+    return (ctypes.c_int64 * len(tensors))(*[t.numel() for t in tensors])
+
+
+def _hyper_scalar(t: torch.Tensor) -> int:
+    """Address of a 0-dim fp32/fp64 CPU tensor (a learned hyperparameter, read by the C code)."""
+    assert t.is_cpu and t.numel() == 1 and t.dtype in (torch.float32, torch.float64)
+    return t.data_ptr()
+
+
+def _ok_flag(ok: torch.Tensor) -> torch.Tensor:
+    return ok if ok.dtype in (torch.bool, torch.uint8) else ok.to(torch.uint8)
+
+
+def hyper_direction_dots(grads: Tensors, stored: Sequence[Tensors], out: torch.Tensor) -> None:
+    """``out[k, j] <- <g_k, D_j[k]>`` for every tensor ``k`` of a bucket and every list ``D_j``
+    of ``stored`` (one or two: the stored derivatives of the last update), one parallel pass over
+    all gradients. ``out``: fp64 CPU, shape ``(len(grads), len(stored))``. Products and sums in
+    fp64, per block of ``BLOCK`` elements, added in a fixed order (independent of the thread
+    count); a NaN/Inf gradient element makes its tensor's entries NaN/Inf. Lists of tensors or
+    their ``Addresses``; check ``available(...)`` (or take ``hyper_addresses``) first."""
+    n, nd = len(grads), len(stored)
+    assert nd in (1, 2) and out.dtype == torch.float64 and out.is_contiguous()
+    assert out.shape == (n, nd)
+    if n == 0:
+        return
+    arrays = [_array(d) for d in stored]
+    ds = arrays[0] if nd == 1 else (ctypes.c_void_p * (2 * n))()
+    if nd == 2:  # tensor-major: ds[2k + j]
+        ds[0::2], ds[1::2] = arrays[0], arrays[1]
+    _hyper_fn("hg_direction_dots", _dtype(grads))(
+        n, _array(grads), ds, nd, _numels(grads), out.data_ptr(), torch.get_num_threads()
+    )
+
+
+def hyper_adam_dots(
+    grads: Tensors,
+    exp_avgs: Tensors,
+    exp_avg_sqs: Tensors,
+    params: Tensors | None,
+    steps: Tensors,
+    out: torch.Tensor,
+    *,
+    beta1: float,
+    beta2: float,
+    eps: float,
+) -> None:
+    """HyperAdam's dots for every tensor ``k`` of a bucket (``_adam_dots`` with a learned step
+    size and fixed betas), one parallel pass: ``out[k, 0] <- <g, mhat / (sqrt(vhat) + eps)>`` of
+    the last update (bias corrections from the fp32 step counters ``steps``, read in C) and, when
+    ``params`` is given, ``out[k, 1] <- <g, x>``. ``out``: fp64 CPU, ``(len(grads), 1 or 2)``.
+    Check ``available(...)`` first (and that ``steps`` are fp32 CPU tensors)."""
+    n = len(grads)
+    assert out.dtype == torch.float64 and out.is_contiguous()
+    assert out.shape == (n, 1 if params is None else 2)
+    if n == 0:
+        return
+    _hyper_fn("hg_adam_dots", _dtype(grads))(
+        n, _array(grads), _array(exp_avgs), _array(exp_avg_sqs), _array(params), _numels(grads),
+        _array(steps), float(beta1), float(beta2), float(eps), out.data_ptr(),
+        torch.get_num_threads(),
+    )  # fmt: skip
+
+
+def hyper_sgd_update(
+    params: Tensors,
+    grads: Tensors,
+    bufs: Tensors,
+    prevs: Tensors | None,
+    ok: torch.Tensor,
+    *,
+    lr: torch.Tensor,
+    momentum: torch.Tensor,
+    weight_decay: float,
+    maximize: bool,
+) -> None:
+    """HyperSGD's update (``_sgd_update``) of every tensor of a bucket where the 0-dim bool
+    ``ok`` is True: ``buf <- momentum buf + (g + wd x)``, ``x <- x - lr buf`` (and ``prev <-``
+    the old ``buf`` when ``prevs`` is given: learned momentum). ``lr``, ``momentum``: 0-dim CPU
+    tensors of one dtype, read from memory by the C code. Check ``available(...)`` first."""
+    n = len(params)
+    if n == 0:
+        return
+    assert lr.dtype == momentum.dtype
+    _hyper_fn("hg_sgd_update", _dtype(params))(
+        n, _array(params), _array(grads), _array(bufs), _array(prevs), _numels(params),
+        _hyper_scalar(lr), _hyper_scalar(momentum), int(lr.dtype == torch.float64),
+        float(weight_decay), int(bool(maximize)), _ok_flag(ok).data_ptr(),
+        torch.get_num_threads(),
+    )  # fmt: skip
+
+
+def hyper_adam_update(
+    params: Tensors,
+    grads: Tensors,
+    exp_avgs: Tensors,
+    exp_avg_sqs: Tensors,
+    steps: Tensors,
+    ok: torch.Tensor,
+    *,
+    lr: torch.Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled: bool,
+    maximize: bool,
+) -> None:
+    """HyperAdam's update with fixed betas (``_adam_update``) of every tensor of a bucket where
+    the 0-dim bool ``ok`` is True; the fp32 step counters ``steps`` are read and then advanced by
+    the C code. ``lr``: 0-dim CPU tensor (the learned step size times the schedule multiplier),
+    read from memory; ``1 - beta`` and ``lr * weight_decay`` are rounded in its dtype, as the
+    torch path rounds them. Check ``available(...)`` first."""
+    n = len(params)
+    if n == 0:
+        return
+    flags = int(bool(maximize)) | (int(bool(decoupled)) << 1)
+    _hyper_fn("hg_adam_update", _dtype(params))(
+        n, _array(params), _array(grads), _array(exp_avgs), _array(exp_avg_sqs), _numels(params),
+        _array(steps), _hyper_scalar(lr), int(lr.dtype == torch.float64), float(beta1),
+        float(beta2), float(eps), float(weight_decay), flags, _ok_flag(ok).data_ptr(),
+        torch.get_num_threads(),
+    )  # fmt: skip
+
+
+def hyper_adagrad_update(
+    params: Tensors,
+    grads: Tensors,
+    sums: Tensors,
+    directions: Tensors | None,
+    ok: torch.Tensor,
+    *,
+    lr: torch.Tensor,
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+) -> None:
+    """HyperAdaGrad's update (``_adagrad_update``) of every tensor of a bucket where ``ok``:
+    ``G += g^2``, ``x -= lr g / (sqrt(G) + eps)``, the direction kept when ``directions`` is
+    given. ``lr``: 0-dim CPU tensor read from memory. Check ``available(...)`` first."""
+    n = len(params)
+    if n == 0:
+        return
+    _hyper_fn("hg_adagrad_update", _dtype(params))(
+        n, _array(params), _array(grads), _array(sums), _array(directions), _numels(params),
+        _hyper_scalar(lr), int(lr.dtype == torch.float64), float(eps), float(weight_decay),
+        int(bool(maximize)), _ok_flag(ok).data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+
+
+def hyper_rmsprop_update(
+    params: Tensors,
+    grads: Tensors,
+    square_avgs: Tensors,
+    directions: Tensors | None,
+    d_decays: Tensors | None,
+    ok: torch.Tensor,
+    *,
+    lr: torch.Tensor,
+    decay: torch.Tensor,
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+) -> None:
+    """HyperRMSProp's update (``_rmsprop_update``) of every tensor of a bucket where ``ok``:
+    ``v = rho v + (1 - rho) g^2``, ``x -= lr g / (sqrt(v) + eps)``, the direction and
+    ``d direction / d rho`` kept when given. ``lr``, ``decay``: 0-dim CPU tensors of one dtype,
+    read from memory. Check ``available(...)`` first."""
+    n = len(params)
+    if n == 0:
+        return
+    assert lr.dtype == decay.dtype
+    _hyper_fn("hg_rmsprop_update", _dtype(params))(
+        n, _array(params), _array(grads), _array(square_avgs), _array(directions),
+        _array(d_decays), _numels(params), _hyper_scalar(lr), _hyper_scalar(decay),
+        int(lr.dtype == torch.float64), float(eps), float(weight_decay), int(bool(maximize)),
+        _ok_flag(ok).data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip

@@ -112,42 +112,63 @@ height 3 (0.05, 0.02, 0.02), (0.9, 0.99)    0.090 / 0.225    0.059 / 0.188
   against 0.29 / 0.35 for RMSProp / AdaGrad at their best fixed step), while removing almost all
   sensitivity to the start (spread 0.05-0.09 against 1.03-1.09 for plain; 1 seed).
 
-Performance (``benchmarks/step_time.py --only hyper_sgd,hyper_adam --extra-contenders``)
------------------------------------------------------------------------------------------
+Performance (``benchmarks/step_time.py``)
+-----------------------------------------
 A step is two passes over memory. Pass 1 forms the dot products (and with them the non-finite
-check every optimizer here makes before writing anything): ``torch.dot(g, buf)`` per tensor for
-SGD; for Adam a compiled kernel per large tensor (multi-tensor ops for the small ones) that
-recomputes ``m/(sqrt(v)*c + eps)`` and reduces it against ``g``. Pass 2 is the update, through
-torch's own fused multi-tensor kernels (``torch._fused_sgd_``, ``torch._fused_adamw_``) with the
-learned step size as a tensor and ``found_inf`` for the skip, when the configuration allows (fixed
-momentum / betas); otherwise the per-tensor kernels, compiled where it pays. The tower itself is a
-few dozen 0-dim operations per step (height 3 costs the same as height 1).
+check every optimizer here makes before writing anything); after it, the tower moves the learned
+values (a few dozen 0-dim torch operations: height 3 costs about as much as height 1); pass 2 is
+the update. On CPU (``"auto"`` and ``"compiled"``, fp32/fp64 tensors) both passes are C loops of
+:mod:`hf_tuningfree.optim._native`, one call per device/dtype bucket for all its tensors (the
+``torch.compile``d or eager kernels made one call per tensor): pass 1 reads ``g`` and the stored
+derivatives (SGD: the momentum buffer; AdaGrad, RMSProp: the last direction) or, for Adam, ``g,
+m, v`` and the step counters, recomputing ``m / (sqrt(v) c + eps)``; it sums in fp64, per block
+in a fixed order (the result does not depend on the thread count). Pass 2 follows the
+per-element functions below (``_sgd_update``, ``_adam_update``, ``_adagrad_update``,
+``_rmsprop_update``) operation by operation, reading the learned step size (and a learned momentum
+or decay), Adam's step counters and ``ok`` from memory: SGD's update is bit-identical to the
+per-tensor path, the others differ by the rounding of ``sqrt`` (C's is correctly rounded,
+torch's CPU one not always) and ``pow``. HyperAdam with learned betas, 16-bit parameters, GPUs
+and machines without a C compiler keep the torch paths: pass 1 ``torch.dot`` per tensor (SGD),
+multi-tensor ops and a compiled kernel (Adam); pass 2 torch's fused multi-tensor kernels
+(``torch._fused_sgd_``, ``torch._fused_adamw_``, the learned step size as a tensor and
+``found_inf`` for the skip) where the configuration allows (fixed momentum / betas), else the
+per-tensor kernels, compiled where it pays.
 
-Measured on the 2-core CI machine (24.4M parameters in 147 tensors, median of 48 steps, one
-thread, CPU time of the process because the machine was shared with other jobs; same run):
+Measured on the 2-core CI machine (24.4M parameters in 147 tensors, median of 50 steps, one
+thread, CPU time of the thread because the machine was shared with other jobs: ``--only
+hyper_sgd,hyper_adam --impls auto --extra-contenders --p10 --cpu-time --threads 1``, one run; the
+10th percentile in brackets):
 
-=====================================  =======  ============  ======================
-optimizer                              ms/step  x fused SGD   x fused AdamW
-=====================================  =======  ============  ======================
-torch SGD momentum, fused              11.3     1.00          0.74
-torch SGD momentum, foreach (default)  17.6     1.55          1.15
-hyper_sgd, height 0 (plain SGD)        16.3     1.44
-hyper_sgd (default, height 2)          20.4     **1.80**
-hyper_sgd, height 3                    20.5     1.81
-torch AdamW, fused                     15.3                   1.00
-hyper_adam, height 0 (plain Adam)      20.5                   1.34
-hyper_adam (default, height 2)         33.6                   **2.20**
-hyper_adam, learned betas (compiled)   66.7                   4.36
-=====================================  =======  ============  ======================
+=========================================  ===========  ============  ===============
+optimizer                                  ms/step      x fused SGD   x fused AdamW
+=========================================  ===========  ============  ===============
+torch SGD momentum, fused                  10.3 (9.7)   1.00          0.71
+torch SGD momentum, foreach (default)      16.1 (15.2)  1.57          1.12
+hyper_sgd, height 0 (plain SGD)            14.0 (13.2)  1.36
+hyper_sgd (default, height 2)              17.6 (16.8)  **1.71**
+hyper_sgd, height 1 / height 3             17.2 / 17.8  1.68 / 1.73
+hyper_sgd, learned momentum                24.7 (23.7)  2.41
+torch AdamW, fused                         14.4 (14.0)                1.00
+hyper_adam, height 0 (plain Adam)          18.3 (17.4)                1.27
+hyper_adam (default, height 2)             24.7 (24.0)                **1.71**
+hyper_adam, height 3                       24.7 (24.0)                1.71
+hyper_adam, learned betas (torch paths)    62.9 (60.6)                4.37
+=========================================  ===========  ============  ===============
 
-The goals (1.3x and 1.8x) are not met, for reasons in the structure: the skip-on-NaN rule needs
-a pass that reads every gradient before anything is written (our plain SGD/Adam through the same
-base already cost 1.44x / 1.34x), and the hypergradient needs ``g`` against the last direction:
-for SGD the momentum buffer (one more stream, +0.36x), for Adam the direction recomputed from
-``m`` and ``v`` (a ``sqrt`` and a division per element: compute-bound on one core, about as
-costly as the fused update itself). Keeping Adam's direction in a parameter-sized buffer instead
-(written by running the fused kernel on it, then ``x += lr * buffer``) saved only ~4% in a
-standalone measurement, for 4 bytes per parameter: not taken.
+Against the goals (``hyper_sgd`` <= 1.3x SGD with momentum, ``hyper_adam`` <= 1.8x fused
+AdamW; README "Step time" has three 2-thread runs: 1.59-1.62x and 1.54-1.71x): Adam's is met,
+SGD's is missed, for reasons in the structure. The skip-on-NaN rule needs a pass that
+reads every gradient before anything is written, and the hypergradient needs ``g`` against the
+last direction: for SGD the momentum buffer, two streams read before torch's fused SGD's three
+read and two written; for Adam ``g, m, v``, three before fused AdamW's four read and three
+written. Reading is what limits these loops (one core: ~33 GB/s read, in both passes; the
+writes come nearly free; with the data in cache the C update runs faster than torch's fused
+one, streamed it runs at its speed), so the two C passes alone measure ~1.5-1.6x the fused
+kernels here. The rest, ~2-3 ms per step, is Python and the tower's 0-dim operations, ~2.5x
+slower than on a small model because every pass over ~100 MB per stream evicts their code and
+data from the caches. Keeping Adam's direction in a parameter-sized buffer instead (written by
+the update, read by pass 1) would read two streams in pass 1 instead of three but write one
+more in pass 2, for 4 bytes per parameter (measured ~4% on the earlier torch paths): not taken.
 
 State and the schedule
 ----------------------
@@ -164,21 +185,30 @@ stored derivatives.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch.optim.optimizer import ParamsT
 
+from . import _native
 from .base import (
     StepBatch,
     TuningFreeOptimizer,
     bucket_by_device_and_dtype,
     compute_dtype,
+    foreach_norms,
     scalar_state,
 )
 from .distributed import local_view
-from .kernels import IMPLEMENTATIONS, CompiledKernel, order_for_compile, resolve_implementation
+from .kernels import (
+    IMPL_ENV_VAR,
+    IMPLEMENTATIONS,
+    CompiledKernel,
+    order_for_compile,
+    resolve_implementation,
+)
 from .validation import (
     check_bool,
     check_choice,
@@ -574,6 +604,17 @@ def _update_each(
         _run(fn, impl, [t[i] for t in bucket], *args, **static)
 
 
+def _wants_native(requested: str, device: torch.device, numel: int) -> bool:
+    """Whether a group should try the C loops of :mod:`._native`: on CPU for ``"compiled"``, and
+    for ``"auto"`` at every size (a one-off ~1 s build per machine, no compilation per process)
+    unless ``HF_TUNINGFREE_IMPL`` overrides ``"auto"``; never for ``"loop"`` / ``"foreach"``."""
+    if device.type != "cpu":
+        return False
+    if requested == "auto" and not os.environ.get(IMPL_ENV_VAR, "").strip():
+        return True
+    return resolve_implementation(requested, device, numel) == "compiled"
+
+
 # ---------------------------------------------------------------------- shared machinery
 def _one_per_level(values: Sequence[Any], height: int, what: str, given: Any, unit: str) -> list:
     """``values`` for levels 1..height: one value serves every level, else exactly ``height``."""
@@ -855,6 +896,101 @@ class HypergradientOptimizer(TuningFreeOptimizer):
         step size of the last update)."""
         return dots["lr"]
 
+    # ------------------------------------------------------------------ the C path
+    # On CPU (``"auto"``, ``"compiled"``; fp32/fp64 contiguous tensors; a C compiler) both passes
+    # of a group are C loops of :mod:`._native`, one call per device/dtype bucket: the dots
+    # (``_native_bucket_dots``) and the update (``_native_update``). Subclasses say which state
+    # they need (``_native_state_keys``; ``NATIVE_COUNTER``: a per-parameter fp32 step counter the
+    # C code reads and advances) and whether a configuration is covered (``_native_covers``).
+    NATIVE_COUNTER: str | None = None
+
+    def _native_covers(self, group: dict[str, Any]) -> bool:
+        """Whether the C loops implement this configuration (default: yes)."""
+        return True
+
+    def _native_state_keys(self, group: dict[str, Any]) -> list[str]:
+        """Per-parameter state tensors the C loops read or write, in their argument order."""
+        raise NotImplementedError
+
+    def _native_ok(self, gb: Any) -> bool:
+        """Whether group batch ``gb`` runs on the C loops this step."""
+        return self._native_plan(gb) is not None
+
+    def _native_plan(self, gb: Any) -> list[tuple[list[_native.Addresses], list[int]]] | None:
+        """The C path's view of ``gb`` for this step, formed once (both passes share it): per
+        device/dtype bucket, the addresses of ``[params, grads, *state lists, counters]`` and the
+        bucket's indices in ``gb``; None when the group takes the torch paths."""
+        cache = self._step_cache.setdefault("native", {})
+        key = id(gb)
+        if key not in cache:
+            cache[key] = self._native_check(gb)
+        return cache[key]
+
+    def _native_check(self, gb: Any) -> list[tuple[list[_native.Addresses], list[int]]] | None:
+        group = gb.group
+        if not gb.params or not self._native_covers(group):
+            return None
+        if not _wants_native(group["implementation"], gb.params[0].device, gb.numel):
+            return None
+        lists = [gb.params, gb.grads, *(gb.state_list(k) for k in self._native_state_keys(group))]
+        whole = self._native_addresses(gb, lists, list(range(len(gb.params))))
+        if whole is not None:
+            return [whole]  # the usual case: one bucket
+        if len({(p.device, p.dtype) for p in gb.params}) == 1:
+            return None
+        plan = []
+        for bucket, idx in bucket_by_device_and_dtype(lists).values():
+            part = self._native_addresses(gb, bucket, idx)
+            if part is None:
+                return None
+            plan.append(part)
+        return plan
+
+    def _native_addresses(
+        self, gb: Any, lists: list[list[torch.Tensor]], idx: list[int]
+    ) -> tuple[list[_native.Addresses], list[int]] | None:
+        counters = []
+        if self.NATIVE_COUNTER is not None:
+            counters.append([gb.states[i][self.NATIVE_COUNTER] for i in idx])
+        addrs = _native.hyper_addresses(lists, counters)
+        return None if addrs is None else (addrs, idx)
+
+    def _native_dots(self, gb: Any, values: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The dots of ``_group_dots`` for every tensor of ``gb`` as one ``(n, len(names))``
+        fp64 CPU tensor, from one C pass per bucket over the gradients."""
+        plan = self._native_plan(gb)
+        assert plan is not None
+        out = torch.empty(len(gb.params), len(self._dot_names(gb.group)), dtype=torch.float64)
+        if len(plan) == 1:
+            self._native_bucket_dots(gb, plan[0][0], out)
+            return out
+        for addrs, idx in plan:
+            part = torch.empty(len(idx), out.shape[1], dtype=torch.float64)
+            self._native_bucket_dots(gb, addrs, part)
+            out[torch.tensor(idx)] = part
+        return out
+
+    def _native_bucket_dots(
+        self, gb: Any, addrs: list[_native.Addresses], out: torch.Tensor
+    ) -> None:
+        """Default: ``<g, D>`` with the stored derivatives (state keys of
+        ``_stored_derivatives``, after the parameters and gradients in ``addrs``)."""
+        keys = self._native_state_keys(gb.group)
+        stored = [addrs[2 + keys.index(k)] for k in self._stored_derivatives()]
+        _native.hyper_direction_dots(addrs[1], stored, out)
+
+    def _native_update(
+        self,
+        gb: Any,
+        addrs: list[_native.Addresses],
+        values: dict[str, torch.Tensor],
+        lr: torch.Tensor,
+        ok: torch.Tensor,
+    ) -> None:
+        """The base update of one bucket of ``gb`` (``addrs``: ``[params, grads, *state lists,
+        counters]``) by the C loop; it writes nothing unless ``ok``."""
+        raise NotImplementedError
+
     # ------------------------------------------------------------------ values of this step
     def _values(self, gi: int, device: torch.device) -> dict[str, torch.Tensor]:
         """Hyperparameter values for group ``gi``: learned ones from the global state, fixed ones
@@ -917,9 +1053,12 @@ class HypergradientOptimizer(TuningFreeOptimizer):
             n = len(gb.params)
             if n:
                 values = self._values(gi, device)
-                impl = self._impl(gb, device, update=False)
-                dots = torch.stack(self._group_dots(gb, values, impl)).to(device, dtype)
-                summed = (dots * valid[pos : pos + n].unsqueeze(1)).sum(0)
+                if self._native_ok(gb):
+                    dots = self._native_dots(gb, values)  # fp64: summed in fp64, then cast
+                else:
+                    impl = self._impl(gb, device, update=False)
+                    dots = torch.stack(self._group_dots(gb, values, impl)).to(device, dtype)
+                summed = (dots * valid[pos : pos + n].unsqueeze(1)).sum(0).to(dtype)
                 if gb.group["maximize"]:  # the loss is -objective
                     summed = -summed
                 finite.append(summed.sum())
@@ -937,7 +1076,21 @@ class HypergradientOptimizer(TuningFreeOptimizer):
         # NaN/Inf in any gradient element makes some dot product NaN/Inf (0 * inf is NaN too).
         if self._finite_term is not None:
             return self._finite_term
-        return super()._finiteness_statistic(batch)
+        # Nothing learned (height 0): the guard's own pass, one C loop per bucket where the
+        # group runs on the C path (``_native.sum_sq``), else the gradient norms.
+        parts: list[torch.Tensor] = []
+        for gb in batch.groups:
+            if not gb.params:
+                continue
+            plan = self._native_plan(gb)
+            if plan is not None:
+                for addrs, _ in plan:
+                    total = torch.empty((), dtype=torch.float64)
+                    _native.sum_sq(addrs[1].tensors, total)
+                    parts.append(total)
+            else:
+                parts.extend(foreach_norms(gb.grads))
+        return batch.sum_on_device(parts)
 
     def _impl(self, gb: Any, device: torch.device, *, update: bool) -> str:
         requested = gb.group["implementation"]
@@ -965,7 +1118,13 @@ class HypergradientOptimizer(TuningFreeOptimizer):
                 lr = torch.tensor(group["lr"], dtype=dtype, device=device)
             if not gb.params:
                 continue
-            self._group_update(gb, values, lr.to(device), ok, self._impl(gb, device, update=True))
+            plan = self._native_plan(gb)
+            if plan is not None:
+                for addrs, _ in plan:
+                    self._native_update(gb, addrs, values, lr.to(device), ok)
+            else:
+                impl = self._impl(gb, device, update=True)
+                self._group_update(gb, values, lr.to(device), ok, impl)
         if self.learning:
             idx = self._step_cache["idx"]
             step = self._g("hyper/step")
@@ -1111,10 +1270,12 @@ class HyperSGD(HypergradientOptimizer):
             docstring.
         per_group: learn one set of hyperparameters per param group (default: one set for the
             whole model, whatever the groups).
-        implementation: ``"auto"``, ``"foreach"``, ``"loop"`` or ``"compiled"``. ``"foreach"``
-            (and ``"auto"`` where it is fastest) use torch's fused multi-tensor SGD kernel for the
-            update when the momentum is fixed and non-zero; otherwise as in
-            :mod:`hf_tuningfree.optim.kernels`.
+        implementation: ``"auto"``, ``"foreach"``, ``"loop"`` or ``"compiled"``. On CPU,
+            ``"auto"`` and ``"compiled"`` run both passes of the step as C loops over all tensors
+            (:mod:`hf_tuningfree.optim._native`, built once per machine with the system C
+            compiler; fp32/fp64). ``"foreach"`` (and ``"auto"`` elsewhere) use torch's fused
+            multi-tensor SGD kernel for the update when the momentum is fixed and non-zero;
+            otherwise as in :mod:`hf_tuningfree.optim.kernels`.
         skip_nonfinite, global_reduce: see :class:`~hf_tuningfree.optim.base.TuningFreeOptimizer`.
 
     Per-parameter state: ``momentum_buffer`` (with ``momentum=0`` it holds the last gradient,
@@ -1185,6 +1346,32 @@ class HyperSGD(HypergradientOptimizer):
         fast = gb.group["implementation"] in ("auto", "foreach")
         return _stored_dots(gb, stored, impl, torch_dot=fast)
 
+    def _native_state_keys(self, group: dict[str, Any]) -> list[str]:
+        keys = ["momentum_buffer"]
+        if "momentum" in self.learn:
+            keys.append("momentum_buffer_prev")
+        return keys
+
+    def _native_update(
+        self,
+        gb: Any,
+        addrs: list[_native.Addresses],
+        values: dict[str, torch.Tensor],
+        lr: torch.Tensor,
+        ok: torch.Tensor,
+    ) -> None:
+        _native.hyper_sgd_update(
+            addrs[0],
+            addrs[1],
+            addrs[2],
+            addrs[3] if "momentum" in self.learn else None,
+            ok,
+            lr=lr,
+            momentum=values["momentum"],
+            weight_decay=gb.group["weight_decay"],
+            maximize=gb.group["maximize"],
+        )
+
     def _group_update(
         self,
         gb: Any,
@@ -1244,8 +1431,9 @@ class HyperAdam(HypergradientOptimizer):
         learn: any of ``"lr"`` (default), ``"beta1"``, ``"beta2"``.
         height, hyper_optimizer, hyper_lr, hyper_betas, hyper_eps, lr_parametrization, per_group:
             as in :class:`HyperSGD`.
-        implementation: as in :class:`HyperSGD`; ``"foreach"``/``"auto"`` run the update through
-            torch's fused Adam(W) kernel when the betas are fixed.
+        implementation: as in :class:`HyperSGD`: the C loops on CPU (fixed betas; learned ones
+            keep the torch paths), else ``"foreach"``/``"auto"`` run the update through torch's
+            fused Adam(W) kernel when the betas are fixed.
         skip_nonfinite, global_reduce: see :class:`~hf_tuningfree.optim.base.TuningFreeOptimizer`.
 
     Per-parameter state: ``step``, ``exp_avg``, ``exp_avg_sq``, plus ``d_beta1``/``d_beta2``
@@ -1380,6 +1568,55 @@ class HyperAdam(HypergradientOptimizer):
             sc = [t.to(dev) for t in scalars[i]]
             out[i] = _run(_adam_dots, impl, tensors, *sc, **static)
         return out  # type: ignore[return-value]
+
+    def _native_covers(self, group: dict[str, Any]) -> bool:
+        # learned betas (their derivative buffers) stay on the torch paths
+        return "beta1" not in self.learn and "beta2" not in self.learn
+
+    NATIVE_COUNTER = "step"
+
+    def _native_state_keys(self, group: dict[str, Any]) -> list[str]:
+        return ["exp_avg", "exp_avg_sq"]
+
+    def _native_bucket_dots(
+        self, gb: Any, addrs: list[_native.Addresses], out: torch.Tensor
+    ) -> None:
+        group = gb.group
+        beta1, beta2 = group["betas"]
+        _native.hyper_adam_dots(
+            addrs[1],
+            addrs[2],
+            addrs[3],
+            addrs[0] if self._needs_x(group) else None,
+            addrs[4],  # the step counters
+            out,
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+        )
+
+    def _native_update(
+        self,
+        gb: Any,
+        addrs: list[_native.Addresses],
+        values: dict[str, torch.Tensor],
+        lr: torch.Tensor,
+        ok: torch.Tensor,
+    ) -> None:
+        group = gb.group
+        beta1, beta2 = group["betas"]
+        _native.hyper_adam_update(
+            *addrs[:4],
+            addrs[4],  # the step counters, advanced by the C code
+            ok,
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            decoupled=group["decoupled_weight_decay"],
+            maximize=group["maximize"],
+        )
 
     def _group_update(
         self,
@@ -1530,6 +1767,30 @@ class HyperAdaGrad(HypergradientOptimizer):
         for key in self._stored_derivatives():
             state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
+    def _native_state_keys(self, group: dict[str, Any]) -> list[str]:
+        return ["sum", *self._stored_derivatives()]
+
+    def _native_update(
+        self,
+        gb: Any,
+        addrs: list[_native.Addresses],
+        values: dict[str, torch.Tensor],
+        lr: torch.Tensor,
+        ok: torch.Tensor,
+    ) -> None:
+        group = gb.group
+        _native.hyper_adagrad_update(
+            addrs[0],
+            addrs[1],
+            addrs[2],
+            addrs[3] if "lr" in self.learn else None,
+            ok,
+            lr=lr,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            maximize=group["maximize"],
+        )
+
     def _group_update(
         self,
         gb: Any,
@@ -1628,6 +1889,33 @@ class HyperRMSProp(HypergradientOptimizer):
         state["square_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
         for key in self._stored_derivatives():
             state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+    def _native_state_keys(self, group: dict[str, Any]) -> list[str]:
+        return ["square_avg", *self._stored_derivatives()]
+
+    def _native_update(
+        self,
+        gb: Any,
+        addrs: list[_native.Addresses],
+        values: dict[str, torch.Tensor],
+        lr: torch.Tensor,
+        ok: torch.Tensor,
+    ) -> None:
+        group = gb.group
+        stored = dict(zip(self._stored_derivatives(), addrs[3:], strict=True))
+        _native.hyper_rmsprop_update(
+            addrs[0],
+            addrs[1],
+            addrs[2],
+            stored.get("direction"),
+            stored.get("d_decay"),
+            ok,
+            lr=lr,
+            decay=values["decay"],
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            maximize=group["maximize"],
+        )
 
     def _group_update(
         self,
