@@ -5,7 +5,7 @@ a log-spaced learning-rate grid and AdamW at the stock Trainer learning rate, al
 seeds, data order, steps and evaluation; then writes JSON, CSV, a markdown table, plots and a
 plain-words summary. Runs are cached, so an interrupted comparison resumes where it stopped.
 
-    hf-tuningfree compare                       # offline default (~4 min on 2 CPU cores)
+    hf-tuningfree compare                       # offline default (~3 min on 2 CPU cores)
     python -m hf_tuningfree.compare --steps 300 --seeds 0 1 2
     hf-tuningfree compare --model offline:gpt2-tiny --data my_corpus.txt --steps 200
     hf-tuningfree compare --model offline:llama-tiny --train-file mc_train.jsonl \\
