@@ -101,12 +101,37 @@ _SOURCE = r"""
 #include <stdlib.h>
 #define BLOCK 8192
 
+/* The blocks of a bucket: tensor k owns blocks first[k] .. first[k+1]-1 (BLOCK elements each,
+   the last one shorter); first[nt] is the number of blocks and *total the number of elements.
+   NULL if out of memory; the caller frees the array. */
+static int64_t* block_starts(int64_t nt, const int64_t* ns, int64_t* total) {
+    int64_t* first = (int64_t*)malloc((size_t)(nt + 1) * sizeof(int64_t));
+    *total = 0;
+    if (!first) return NULL;
+    first[0] = 0;
+    for (int64_t k = 0; k < nt; ++k) {
+        first[k + 1] = first[k] + (ns[k] + BLOCK - 1) / BLOCK;
+        *total += ns[k];
+    }
+    return first;
+}
+
+/* The tensor that owns block b: the largest k with first[k] <= b (empty tensors own none). */
+static inline int64_t block_owner(const int64_t* first, int64_t nt, int64_t b) {
+    int64_t lo = 0, hi = nt - 1;
+    while (lo < hi) {
+        const int64_t mid = (lo + hi + 1) / 2;
+        if (first[mid] <= b) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
+
 /* For every tensor k of a bucket, if *ok:
      x <- x - s_k * (g + wd * x)        (s_k = steps[k * step_stride])
      out[k] <- sum_i (x_new_i - x0_i)^2 (accumulated per block in T, then in double)
    If !*ok nothing is written. */
 #define DOG_UPDATE(NAME, T)                                                                    \
-void NAME(int64_t ntensors, T** xs, T** gs, T** x0s, const int64_t* ns, const T* steps,       \
+void NAME(int64_t ntensors, T** xs, T** gs, T** x0s, const int64_t* ns, const T* steps,        \
           int64_t step_stride, double wd, const uint8_t* ok, double* out, int nthreads) {      \
     if (!*ok) return;                                                                          \
     const T w = (T)wd;                                                                         \
@@ -139,7 +164,7 @@ DOG_UPDATE(dog_update_f64, double)
 /* For every tensor k: out[2k] <- sum g^2, out[2k+1] <- sum (g + wd * x)^2 (x is not read when
    wd == 0). */
 #define DOG_GRAD_SQ(NAME, T)                                                                   \
-void NAME(int64_t ntensors, T** xs, T** gs, const int64_t* ns, double wd, double* out,        \
+void NAME(int64_t ntensors, T** xs, T** gs, const int64_t* ns, double wd, double* out,         \
           int nthreads) {                                                                      \
     const T w = (T)wd;                                                                         \
     for (int64_t k = 0; k < ntensors; ++k) {                                                   \
@@ -198,37 +223,32 @@ DOG_GRAD_SQ(dog_grad_sq_f64, double)
    lr is *lr_ptr when lr_ptr is not NULL (a tensor learning rate), else lr_value.
    One parallel loop over the blocks of all tensors. If !*ok nothing is written. */
 #define ADOPT_UPDATE(NAME, T, SQRT, FMA, POW)                                                  \
-void NAME(int64_t ntensors, T** xs, T** gs, T** ms, T** vs, const int64_t* ns, float** steps, \
-          const double* lr_ptr, double lr_value, double beta1, double beta2, double eps,      \
-          double weight_decay, double coupled_wd, double clip_exponent, int flags,            \
+void NAME(int64_t ntensors, T** xs, T** gs, T** ms, T** vs, const int64_t* ns, float** steps,  \
+          const double* lr_ptr, double lr_value, double beta1, double beta2, double eps,       \
+          double weight_decay, double coupled_wd, double clip_exponent, int flags,             \
           const uint8_t* ok, int nthreads) {                                                   \
-    if (!*ok || ntensors <= 0) return;                                                        \
-    const int clipped = flags & 1, maximize = flags & 2, decoupled = flags & 4;               \
+    if (!*ok || ntensors <= 0) return;                                                         \
+    const int clipped = flags & 1, maximize = flags & 2, decoupled = flags & 4;                \
     const T lr = (T)(lr_ptr ? *lr_ptr : lr_value);                                             \
     const T lr_wd = lr * (T)weight_decay;                                                      \
     const T w_m = (T)(1.0 - beta1), w_v = (T)1 - (T)beta2;                                     \
-    const int small_m = w_m < (T)0.5 && w_m > (T)-0.5, small_v = w_v < (T)0.5;                \
+    const int small_m = w_m < (T)0.5 && w_m > (T)-0.5, small_v = w_v < (T)0.5;                 \
     const T e = (T)eps, cwd = (T)coupled_wd;                                                   \
-    int64_t* first = (int64_t*)malloc((size_t)(ntensors + 1) * sizeof(int64_t));              \
+    int64_t* first = (int64_t*)malloc((size_t)(ntensors + 1) * sizeof(int64_t));               \
     T* clips = (T*)malloc((size_t)ntensors * sizeof(T));                                       \
-    if (!first || !clips) { free(first); free(clips); return; }                               \
+    if (!first || !clips) { free(first); free(clips); return; }                                \
     int64_t total = 0;                                                                         \
     first[0] = 0;                                                                              \
     for (int64_t k = 0; k < ntensors; ++k) {                                                   \
         const T s = (T)*steps[k];                                                              \
-        clips[k] = s > 0 ? (clipped ? POW(s, (T)clip_exponent) : (T)INFINITY) : (T)0;         \
+        clips[k] = s > 0 ? (clipped ? POW(s, (T)clip_exponent) : (T)INFINITY) : (T)0;          \
         first[k + 1] = first[k] + (ns[k] + BLOCK - 1) / BLOCK;                                 \
         total += ns[k];                                                                        \
     }                                                                                          \
     const int64_t nblocks = first[ntensors];                                                   \
-    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(total > 4 * BLOCK)")  \
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(total > 4 * BLOCK)")   \
     for (int64_t b = 0; b < nblocks; ++b) {                                                    \
-        int64_t lo_k = 0, hi_k = ntensors - 1;         /* the k with first[k] <= b < first[k+1] */ \
-        while (lo_k < hi_k) {                                                                  \
-            const int64_t mid = (lo_k + hi_k + 1) / 2;                                         \
-            if (first[mid] <= b) lo_k = mid; else hi_k = mid - 1;                              \
-        }                                                                                      \
-        const int64_t k = lo_k;                                                                \
+        const int64_t k = block_owner(first, ntensors, b);                                     \
         const int64_t lo = (b - first[k]) * BLOCK;                                             \
         const int64_t hi = lo + BLOCK < ns[k] ? lo + BLOCK : ns[k];                            \
         T* restrict x = xs[k]; const T* restrict g = gs[k];                                    \
@@ -272,27 +292,18 @@ ADOPT_UPDATE(adopt_update_f64, double, sqrt, fma, pow)
    blocks added in double in a fixed order (the result does not depend on the thread count).
    One parallel loop over the blocks of all tensors: the non-finite guard's pass. */
 #define SUM_SQ(NAME, T)                                                                        \
-void NAME(int64_t ntensors, T** gs, const int64_t* ns, double* out, int nthreads) {          \
+void NAME(int64_t ntensors, T** gs, const int64_t* ns, double* out, int nthreads) {            \
     *out = 0.0;                                                                                \
     if (ntensors <= 0) return;                                                                 \
-    int64_t* first = (int64_t*)malloc((size_t)(ntensors + 1) * sizeof(int64_t));              \
+    int64_t total;                                                                             \
+    int64_t* first = block_starts(ntensors, ns, &total);                                       \
     if (!first) { *out = NAN; return; }                                                        \
-    int64_t total = 0;                                                                         \
-    first[0] = 0;                                                                              \
-    for (int64_t k = 0; k < ntensors; ++k) {                                                   \
-        first[k + 1] = first[k] + (ns[k] + BLOCK - 1) / BLOCK;                                 \
-        total += ns[k];                                                                        \
-    }                                                                                          \
     const int64_t nblocks = first[ntensors];                                                   \
-    double* partial = (double*)malloc((size_t)(nblocks > 0 ? nblocks : 1) * sizeof(double));  \
+    double* partial = (double*)malloc((size_t)(nblocks > 0 ? nblocks : 1) * sizeof(double));   \
     if (!partial) { free(first); *out = NAN; return; }                                         \
-    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(total > 4 * BLOCK)")  \
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(total > 4 * BLOCK)")   \
     for (int64_t b = 0; b < nblocks; ++b) {                                                    \
-        int64_t lo_k = 0, hi_k = ntensors - 1;                                                 \
-        while (lo_k < hi_k) {                                                                  \
-            const int64_t mid = (lo_k + hi_k + 1) / 2;                                         \
-            if (first[mid] <= b) lo_k = mid; else hi_k = mid - 1;                              \
-        }                                                                                      \
+        const int64_t lo_k = block_owner(first, ntensors, b);                                  \
         const int64_t lo = (b - first[lo_k]) * BLOCK;                                          \
         const int64_t hi = lo + BLOCK < ns[lo_k] ? lo + BLOCK : ns[lo_k];                      \
         const T* restrict g = gs[lo_k];                                                        \
@@ -611,28 +622,6 @@ _DADAPT_SOURCE = r"""
    kernel returns before writing anything when *ok is 0. Each block runs a loop specialised for
    its flags (DA_DISPATCH: constant flags leave no branch in the loop, which then vectorises). */
 
-static int64_t* da_block_starts(int64_t nt, const int64_t* ns, int64_t* total) {
-    int64_t* first = (int64_t*)malloc((size_t)(nt + 1) * sizeof(int64_t));
-    if (!first) return NULL;
-    *total = 0;
-    first[0] = 0;
-    for (int64_t k = 0; k < nt; ++k) {
-        first[k + 1] = first[k] + (ns[k] + BLOCK - 1) / BLOCK;
-        *total += ns[k];
-    }
-    return first;
-}
-
-/* the tensor k with first[k] <= b < first[k + 1] (empty tensors own no block) */
-static inline int64_t da_tensor_of(const int64_t* first, int64_t nt, int64_t b) {
-    int64_t lo = 0, hi = nt - 1;
-    while (lo < hi) {
-        const int64_t mid = (lo + hi + 1) / 2;
-        if (first[mid] <= b) lo = mid; else hi = mid - 1;
-    }
-    return lo;
-}
-
 typedef void (*da_stats_fn)(void* const*, int64_t, int64_t, int64_t, int64_t, const double*,
                             int, double*);
 typedef void (*da_update_fn)(void* const*, int64_t, int64_t, int64_t, int64_t, const double*,
@@ -643,7 +632,7 @@ static void da_run_stats(int64_t nt, void* const* ptrs, const int64_t* ns, const
     for (int j = 0; j < nsums; ++j) out[j] = 0.0;
     if (nt <= 0) return;
     int64_t total = 0;
-    int64_t* first = da_block_starts(nt, ns, &total);
+    int64_t* first = block_starts(nt, ns, &total);
     const int64_t nblocks = first ? first[nt] : 0;
     double* partial = first ? (double*)malloc((size_t)(nblocks > 0 ? nblocks : 1) * nsums
                                               * sizeof(double)) : NULL;
@@ -654,7 +643,7 @@ static void da_run_stats(int64_t nt, void* const* ptrs, const int64_t* ns, const
     }
     _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(total > 4 * BLOCK)")
     for (int64_t b = 0; b < nblocks; ++b) {
-        const int64_t k = da_tensor_of(first, nt, b);
+        const int64_t k = block_owner(first, nt, b);
         const int64_t lo = (b - first[k]) * BLOCK;
         const int64_t hi = lo + BLOCK < ns[k] ? lo + BLOCK : ns[k];
         fn(ptrs, nt, k, lo, hi, sc, flags, partial + b * nsums);
@@ -669,12 +658,12 @@ static void da_run_update(int64_t nt, void* const* ptrs, const int64_t* ns, cons
                           int flags, const uint8_t* ok, int nthreads, da_update_fn fn) {
     if (!*ok || nt <= 0) return;
     int64_t total = 0;
-    int64_t* first = da_block_starts(nt, ns, &total);
+    int64_t* first = block_starts(nt, ns, &total);
     if (!first) return;                /* (cannot happen in practice: nt + 1 integers) */
     const int64_t nblocks = first[nt];
     _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(total > 4 * BLOCK)")
     for (int64_t b = 0; b < nblocks; ++b) {
-        const int64_t k = da_tensor_of(first, nt, b);
+        const int64_t k = block_owner(first, nt, b);
         const int64_t lo = (b - first[k]) * BLOCK;
         const int64_t hi = lo + BLOCK < ns[k] ? lo + BLOCK : ns[k];
         fn(ptrs, nt, k, lo, hi, sc, flags);
@@ -1232,30 +1221,6 @@ __all__ += ["DADAPT_KERNELS", "dadapt_kernel"]
 _HYPER_SOURCE = r"""
 /* ======================= hypergradient optimizers (hypergradient.py) ======================= */
 
-/* The blocks of a bucket: tensor k owns blocks first[k] .. first[k+1]-1 (BLOCK elements each,
-   the last one shorter); first[nt] is the number of blocks. NULL if out of memory. */
-static int64_t* hg_blocks(int64_t nt, const int64_t* ns, int64_t* total) {
-    int64_t* first = (int64_t*)malloc((size_t)(nt + 1) * sizeof(int64_t));
-    *total = 0;
-    if (!first) return NULL;
-    first[0] = 0;
-    for (int64_t k = 0; k < nt; ++k) {
-        first[k + 1] = first[k] + (ns[k] + BLOCK - 1) / BLOCK;
-        *total += ns[k];
-    }
-    return first;
-}
-
-/* The tensor that owns block b (the largest k with first[k] <= b; empty tensors own none). */
-static inline int64_t hg_owner(const int64_t* first, int64_t nt, int64_t b) {
-    int64_t lo = 0, hi = nt - 1;
-    while (lo < hi) {
-        const int64_t mid = (lo + hi + 1) / 2;
-        if (first[mid] <= b) lo = mid; else hi = mid - 1;
-    }
-    return lo;
-}
-
 /* A 0-dim tensor of the hyper dtype H (fp64 if f64, else fp32), and the scalar arithmetic the
    torch path does on such tensors, rounded in H (the result is then cast to the tensors' T). */
 static inline double hg_read(const void* p, int f64) {
@@ -1285,21 +1250,21 @@ static void hg_gather(int64_t nt, int64_t nd, const int64_t* first, const double
    order, so the result does not depend on the thread count. A NaN/Inf anywhere in g makes its
    tensor's sum NaN/Inf (0 * Inf is NaN): the non-finite check. */
 #define HG_DIRECTION_DOTS(NAME, T)                                                             \
-void NAME(int64_t nt, T** gs, T** ds, int64_t nd, const int64_t* ns, double* out,             \
+void NAME(int64_t nt, T** gs, T** ds, int64_t nd, const int64_t* ns, double* out,              \
           int nthreads) {                                                                      \
     if (nt <= 0) return;                                                                       \
     int64_t total;                                                                             \
-    int64_t* first = hg_blocks(nt, ns, &total);                                                \
+    int64_t* first = block_starts(nt, ns, &total);                                             \
     const int64_t nb = first ? first[nt] : 0;                                                  \
-    double* partial = first ? (double*)malloc((size_t)(nb * nd + 1) * sizeof(double)) : NULL; \
+    double* partial = first ? (double*)malloc((size_t)(nb * nd + 1) * sizeof(double)) : NULL;  \
     if (!partial) {                                                                            \
         for (int64_t q = 0; q < nt * nd; ++q) out[q] = NAN;                                    \
         free(first);                                                                           \
         return;                                                                                \
     }                                                                                          \
-    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(total > 4 * BLOCK)")  \
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(total > 4 * BLOCK)")   \
     for (int64_t b = 0; b < nb; ++b) {                                                         \
-        const int64_t k = hg_owner(first, nt, b);                                              \
+        const int64_t k = block_owner(first, nt, b);                                           \
         const int64_t lo = (b - first[k]) * BLOCK;                                             \
         const int64_t hi = lo + BLOCK < ns[k] ? lo + BLOCK : ns[k];                            \
         const T* restrict g = gs[k];                                                           \
@@ -1335,14 +1300,14 @@ HG_DIRECTION_DOTS(hg_direction_dots_f64, double)
      out[k * nd + 1] <- sum_i g_i * x_i               (nd = 2: decoupled weight decay, xs != NULL)
    The direction is formed in T, products and sums in double (per block, fixed order). */
 #define HG_ADAM_DOTS(NAME, T, SQRT, POW)                                                       \
-void NAME(int64_t nt, T** gs, T** ms, T** vs, T** xs, const int64_t* ns, float** steps,       \
+void NAME(int64_t nt, T** gs, T** ms, T** vs, T** xs, const int64_t* ns, float** steps,        \
           double beta1, double beta2, double eps, double* out, int nthreads) {                 \
     if (nt <= 0) return;                                                                       \
     const int64_t nd = xs ? 2 : 1;                                                             \
     int64_t total;                                                                             \
-    int64_t* first = hg_blocks(nt, ns, &total);                                                \
+    int64_t* first = block_starts(nt, ns, &total);                                             \
     const int64_t nb = first ? first[nt] : 0;                                                  \
-    double* partial = first ? (double*)malloc((size_t)(nb * nd + 1) * sizeof(double)) : NULL; \
+    double* partial = first ? (double*)malloc((size_t)(nb * nd + 1) * sizeof(double)) : NULL;  \
     T* inv = (T*)malloc((size_t)(2 * nt) * sizeof(T));                                         \
     if (!partial || !inv) {                                                                    \
         for (int64_t q = 0; q < nt * nd; ++q) out[q] = NAN;                                    \
@@ -1360,9 +1325,9 @@ void NAME(int64_t nt, T** gs, T** ms, T** vs, T** xs, const int64_t* ns, float**
         inv[2 * k + 1] = (T)1 / SQRT(bc2);                                                     \
     }                                                                                          \
     const T e = (T)eps;                                                                        \
-    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(total > 4 * BLOCK)")  \
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(total > 4 * BLOCK)")   \
     for (int64_t b = 0; b < nb; ++b) {                                                         \
-        const int64_t k = hg_owner(first, nt, b);                                              \
+        const int64_t k = block_owner(first, nt, b);                                           \
         const int64_t lo = (b - first[k]) * BLOCK;                                             \
         const int64_t hi = lo + BLOCK < ns[k] ? lo + BLOCK : ns[k];                            \
         const T* restrict g = gs[k];                                                           \
@@ -1411,19 +1376,19 @@ HG_ADAM_DOTS(hg_adam_dots_f64, double, sqrt, pow)
 /* SGD (torch's, dampening 0): buf_new = mu * buf + g;  x <- x - lr * buf_new;
    prev <- buf (learned momentum: d buf / d mu) when prevs != NULL. lr, mu: 0-dim H tensors. */
 #define HG_SGD_UPDATE(NAME, T)                                                                 \
-void NAME(int64_t nt, T** xs, T** gs, T** bufs, T** prevs, const int64_t* ns,                 \
+void NAME(int64_t nt, T** xs, T** gs, T** bufs, T** prevs, const int64_t* ns,                  \
           const void* lr_ptr, const void* mu_ptr, int f64, double wd, int flags,               \
           const uint8_t* ok, int nthreads) {                                                   \
     if (!*ok || nt <= 0) return;                                                               \
     const int maximize = flags & 1;                                                            \
     const T lr = (T)hg_read(lr_ptr, f64), mu = (T)hg_read(mu_ptr, f64), w = (T)wd;             \
     int64_t total;                                                                             \
-    int64_t* first = hg_blocks(nt, ns, &total);                                                \
+    int64_t* first = block_starts(nt, ns, &total);                                             \
     if (!first) return;                                                                        \
     const int64_t nb = first[nt];                                                              \
-    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(total > 4 * BLOCK)")  \
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(total > 4 * BLOCK)")   \
     for (int64_t b = 0; b < nb; ++b) {                                                         \
-        const int64_t k = hg_owner(first, nt, b);                                              \
+        const int64_t k = block_owner(first, nt, b);                                           \
         const int64_t lo = (b - first[k]) * BLOCK;                                             \
         const int64_t hi = lo + BLOCK < ns[k] ? lo + BLOCK : ns[k];                            \
         T* restrict x = xs[k]; const T* restrict g = gs[k]; T* restrict buf = bufs[k];         \
@@ -1463,7 +1428,7 @@ HG_SGD_UPDATE(hg_sgd_update_f64, double)
      x <- x - (lr * wd) * x (decoupled)
      x <- x - lr * ((m_new / bc1) / (sqrt(v_new / bc2) + eps)) */
 #define HG_ADAM_UPDATE(NAME, T, SQRT, POW)                                                     \
-void NAME(int64_t nt, T** xs, T** gs, T** ms, T** vs, const int64_t* ns, float** steps,       \
+void NAME(int64_t nt, T** xs, T** gs, T** ms, T** vs, const int64_t* ns, float** steps,        \
           const void* lr_ptr, int f64, double beta1, double beta2, double eps, double wd,      \
           int flags, const uint8_t* ok, int nthreads) {                                        \
     if (!*ok || nt <= 0) return;                                                               \
@@ -1472,9 +1437,9 @@ void NAME(int64_t nt, T** xs, T** gs, T** ms, T** vs, const int64_t* ns, float**
     const T lr = (T)lr_h, lr_wd = (T)hg_mul(lr_h, wd, f64);                                    \
     const T w1 = (T)hg_sub(1.0, beta1, f64), w2 = (T)hg_sub(1.0, beta2, f64);                  \
     const T b2 = (T)beta2, e = (T)eps, cwd = (T)wd;                                            \
-    const int coupled = !decoupled && wd != 0.0, decay = decoupled && wd != 0.0;              \
+    const int coupled = !decoupled && wd != 0.0, decay = decoupled && wd != 0.0;               \
     int64_t total;                                                                             \
-    int64_t* first = hg_blocks(nt, ns, &total);                                                \
+    int64_t* first = block_starts(nt, ns, &total);                                             \
     T* bc = (T*)malloc((size_t)(2 * nt) * sizeof(T));                                          \
     if (!first || !bc) { free(first); free(bc); return; }                                      \
     for (int64_t k = 0; k < nt; ++k) {                                                         \
@@ -1483,9 +1448,9 @@ void NAME(int64_t nt, T** xs, T** gs, T** ms, T** vs, const int64_t* ns, float**
         bc[2 * k + 1] = (T)1 - POW((T)beta2, s1);                                              \
     }                                                                                          \
     const int64_t nb = first[nt];                                                              \
-    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(total > 4 * BLOCK)")  \
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(total > 4 * BLOCK)")   \
     for (int64_t b = 0; b < nb; ++b) {                                                         \
-        const int64_t k = hg_owner(first, nt, b);                                              \
+        const int64_t k = block_owner(first, nt, b);                                           \
         const int64_t lo = (b - first[k]) * BLOCK;                                             \
         const int64_t hi = lo + BLOCK < ns[k] ? lo + BLOCK : ns[k];                            \
         T* restrict x = xs[k]; const T* restrict g = gs[k];                                    \
@@ -1518,19 +1483,19 @@ HG_ADAM_UPDATE(hg_adam_update_f64, double, sqrt, pow)
 /* AdaGrad (torch's, no lr decay): G_new = G + g^2;  d = g / (sqrt(G_new) + eps);  x <- x - lr * d;
    direction <- d when dirs != NULL (learned step size). */
 #define HG_ADAGRAD_UPDATE(NAME, T, SQRT)                                                       \
-void NAME(int64_t nt, T** xs, T** gs, T** sums, T** dirs, const int64_t* ns,                  \
+void NAME(int64_t nt, T** xs, T** gs, T** sums, T** dirs, const int64_t* ns,                   \
           const void* lr_ptr, int f64, double eps, double wd, int flags, const uint8_t* ok,    \
           int nthreads) {                                                                      \
     if (!*ok || nt <= 0) return;                                                               \
     const int maximize = flags & 1;                                                            \
     const T lr = (T)hg_read(lr_ptr, f64), e = (T)eps, w = (T)wd;                               \
     int64_t total;                                                                             \
-    int64_t* first = hg_blocks(nt, ns, &total);                                                \
+    int64_t* first = block_starts(nt, ns, &total);                                             \
     if (!first) return;                                                                        \
     const int64_t nb = first[nt];                                                              \
-    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(total > 4 * BLOCK)")  \
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(total > 4 * BLOCK)")   \
     for (int64_t b = 0; b < nb; ++b) {                                                         \
-        const int64_t k = hg_owner(first, nt, b);                                              \
+        const int64_t k = block_owner(first, nt, b);                                           \
         const int64_t lo = (b - first[k]) * BLOCK;                                             \
         const int64_t hi = lo + BLOCK < ns[k] ? lo + BLOCK : ns[k];                            \
         T* restrict x = xs[k]; const T* restrict g = gs[k]; T* restrict a = sums[k];           \
@@ -1558,21 +1523,21 @@ HG_ADAGRAD_UPDATE(hg_adagrad_update_f64, double, sqrt)
    direction <- d (dirs != NULL); d_decay <- -(g / den^2) * (v - g^2) / (2 sqrt(v_new)), 0 where
    sqrt(v_new) == 0 (dds != NULL, learned decay). */
 #define HG_RMSPROP_UPDATE(NAME, T, SQRT)                                                       \
-void NAME(int64_t nt, T** xs, T** gs, T** sqs, T** dirs, T** dds, const int64_t* ns,          \
+void NAME(int64_t nt, T** xs, T** gs, T** sqs, T** dirs, T** dds, const int64_t* ns,           \
           const void* lr_ptr, const void* rho_ptr, int f64, double eps, double wd, int flags,  \
           const uint8_t* ok, int nthreads) {                                                   \
     if (!*ok || nt <= 0) return;                                                               \
     const int maximize = flags & 1;                                                            \
     const double rho_h = hg_read(rho_ptr, f64);                                                \
-    const T lr = (T)hg_read(lr_ptr, f64), rho = (T)rho_h, w_v = (T)hg_sub(1.0, rho_h, f64);   \
+    const T lr = (T)hg_read(lr_ptr, f64), rho = (T)rho_h, w_v = (T)hg_sub(1.0, rho_h, f64);    \
     const T e = (T)eps, w = (T)wd;                                                             \
     int64_t total;                                                                             \
-    int64_t* first = hg_blocks(nt, ns, &total);                                                \
+    int64_t* first = block_starts(nt, ns, &total);                                             \
     if (!first) return;                                                                        \
     const int64_t nb = first[nt];                                                              \
-    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(total > 4 * BLOCK)")  \
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(total > 4 * BLOCK)")   \
     for (int64_t b = 0; b < nb; ++b) {                                                         \
-        const int64_t k = hg_owner(first, nt, b);                                              \
+        const int64_t k = block_owner(first, nt, b);                                           \
         const int64_t lo = (b - first[k]) * BLOCK;                                             \
         const int64_t hi = lo + BLOCK < ns[k] ? lo + BLOCK : ns[k];                            \
         T* restrict x = xs[k]; const T* restrict g = gs[k]; T* restrict sq = sqs[k];           \
