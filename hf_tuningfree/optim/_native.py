@@ -90,6 +90,7 @@ import tempfile
 import threading
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -350,6 +351,23 @@ def _cache_dir() -> str:
     return root
 
 
+_I64, _PTR, _DBL, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double, ctypes.c_int
+
+#: The argument types of the library's base kernels (each exists as ``NAME_f32`` and ``NAME_f64``;
+#: the D-Adaptation and hypergradient kernels declare theirs on first use).
+_SIGNATURES: dict[str, list[Any]] = {
+    # ntensors, xs, gs, ns, wd, out, nthreads
+    "dog_grad_sq": [_I64, _PTR, _PTR, _PTR, _DBL, _PTR, _INT],
+    # ntensors, xs, gs, x0s, ns, steps, step_stride, wd, ok, out, nthreads
+    "dog_update": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _DBL, _PTR, _PTR, _INT],
+    # ntensors, xs, gs, ms, vs, ns, steps, lr_ptr, lr_value, beta1, beta2, eps, weight_decay,
+    # coupled_wd, clip exponent, flags, ok, nthreads
+    "adopt_update": [_I64, *[_PTR] * 7, *[_DBL] * 7, _INT, _PTR, _INT],
+    # ntensors, gs, ns, out, nthreads
+    "sum_sq": [_I64, _PTR, _PTR, _PTR, _INT],
+}
+
+
 def _build() -> ctypes.CDLL:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
@@ -371,55 +389,11 @@ def _build() -> ctypes.CDLL:
             )
             os.replace(built, target)  # atomic: concurrent builders never see half a file
     lib = ctypes.CDLL(target)
-    for name in ("dog_grad_sq_f32", "dog_grad_sq_f64"):
-        fn = getattr(lib, name)
-        fn.restype = None
-        fn.argtypes = [
-            ctypes.c_int64,
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_double,
-            ctypes.c_void_p,
-            ctypes.c_int,
-        ]
-    for name in ("dog_update_f32", "dog_update_f64"):
-        fn = getattr(lib, name)
-        fn.restype = None
-        fn.argtypes = [
-            ctypes.c_int64,
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_int64,
-            ctypes.c_double,
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_int,
-        ]
-    for name in ("adopt_update_f32", "adopt_update_f64"):
-        fn = getattr(lib, name)
-        fn.restype = None
-        fn.argtypes = [
-            ctypes.c_int64,
-            *[ctypes.c_void_p] * 7,  # xs, gs, ms, vs, ns, steps, lr_ptr
-            *[ctypes.c_double] * 7,  # lr_value, beta1, beta2, eps, weight_decay, coupled_wd, exp
-            ctypes.c_int,
-            ctypes.c_void_p,
-            ctypes.c_int,
-        ]
-    for name in ("sum_sq_f32", "sum_sq_f64"):
-        fn = getattr(lib, name)
-        fn.restype = None
-        fn.argtypes = [
-            ctypes.c_int64,
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_int,
-        ]
+    for base, argtypes in _SIGNATURES.items():
+        for suffix in ("_f32", "_f64"):
+            fn = getattr(lib, base + suffix)
+            fn.restype = None
+            fn.argtypes = argtypes
     return lib
 
 
