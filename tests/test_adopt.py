@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from native_scenarios import feed, initial_weights, scaled_gradients
 
 from hf_tuningfree.optim import ADOPT, _native
 from hf_tuningfree.toy import run_counterexample, toy_optimizers
@@ -291,7 +292,6 @@ def test_toy_counterexample_adam_fails_adopt_moves_to_optimum():
 # checkpoints, thread counts and the fallback when the C library is unavailable.
 
 #: Two groups; a tensor above 4 blocks of 8192 elements (the threaded size), one of 1 element.
-NATIVE_SHAPES = [[(40000,), (3, 4), (5,)], [(50, 700), (1,), (2, 2, 2)]]
 NATIVE_STEPS = 24
 
 
@@ -323,44 +323,10 @@ def _native_hp(clipped: bool, decoupled: bool) -> list[dict]:
     ]  # fmt: skip
 
 
-def _native_grads(dtype, steps=NATIVE_STEPS, seed=3):
-    """Per step, per group, per tensor: a gradient or None. Tensor 1 of each group has none on
-    every third step; tensor 2 of group 1 gets its first gradient only at step 5 (its first, v-only
-    step then comes while the others update)."""
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for t in range(steps):
-        step = []
-        for gi, shapes in enumerate(NATIVE_SHAPES):
-            gs = []
-            for pi, s in enumerate(shapes):
-                scale = 10.0 if t % 7 == 0 else 1.0
-                g = torch.randn(s, generator=gen, dtype=torch.float64).mul_(scale).to(dtype)
-                missing = (pi == 1 and t % 3 == 1) or (gi == 1 and pi == 2 and t < 5)
-                gs.append(None if missing else g)
-            step.append(gs)
-        out.append(step)
-    return out
-
-
-def _native_init(dtype, seed=4):
-    gen = torch.Generator().manual_seed(seed)
-    return [
-        [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in shapes]
-        for shapes in NATIVE_SHAPES
-    ]
-
-
 def _make(init, hp, impl):
     params = [[torch.nn.Parameter(p.clone()) for p in grp] for grp in init]
     groups = [{"params": ps, **h} for ps, h in zip(params, hp, strict=True)]
     return params, ADOPT(groups, implementation=impl)
-
-
-def _feed(params, step_grads):
-    for ps, gs in zip(params, step_grads, strict=True):
-        for p, g in zip(ps, gs, strict=True):
-            p.grad = None if g is None else g.clone()
 
 
 def _snapshot(params, opt, skip_state_of=None):
@@ -399,14 +365,14 @@ def test_native_path_tracks_the_loop_path_step_by_step(dtype, clipped, decoupled
     largest value of that quantity in the model (torch's CPU sqrt is not correctly rounded, the C
     one is: u differs by an ulp on ~20% of the fp32 elements); step counters are equal."""
     hp = _native_hp(clipped, decoupled)
-    init, grads = _native_init(dtype), _native_grads(dtype)
+    init, grads = initial_weights(dtype), scaled_gradients(dtype, steps=NATIVE_STEPS)
     ref_params, ref = _make(init, hp, "loop")
     params, opt = _make(init, hp, "compiled")
     tol = 1e-6 if dtype == torch.float32 else 1e-13
     worst = dict.fromkeys(("param", "exp_avg", "exp_avg_sq"), 0.0)
     for t, step_grads in enumerate(grads):
-        _feed(ref_params, step_grads)
-        _feed(params, step_grads)
+        feed(ref_params, step_grads)
+        feed(params, step_grads)
         ref.step()
         opt.step()
         expected, got = _by_kind(ref_params, ref), _by_kind(params, opt)
@@ -488,19 +454,19 @@ def test_native_nonfinite_gradient_leaves_params_and_state_bit_identical(bad, na
     then continues exactly as if that step never happened."""
     hp = _native_hp(True, True)
     dtype = torch.float32
-    init, grads = _native_init(dtype), _native_grads(dtype, steps=8)
+    init, grads = initial_weights(dtype), scaled_gradients(dtype, steps=8)
     params, opt = _make(init, hp, "compiled")
     clean_params, clean = _make(init, hp, "compiled")
     for step_grads in grads[:5]:
         for ps, o in ((params, opt), (clean_params, clean)):
-            _feed(ps, step_grads)
+            feed(ps, step_grads)
             o.step()
     late = params[1][2]  # first gradient at step 5: the poisoned step
     assert not opt.state[late]
     before = _snapshot(params, opt)
     poisoned = [[None if g is None else g.clone() for g in gs] for gs in grads[5]]
     poisoned[1][0].view(-1)[123] = bad
-    _feed(params, poisoned)
+    feed(params, poisoned)
     with pytest.warns(RuntimeWarning, match="NaN or Inf"):
         opt.step()
     assert bool(opt.last_step_skipped)
@@ -511,7 +477,7 @@ def test_native_nonfinite_gradient_leaves_params_and_state_bit_identical(bad, na
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
     for step_grads in grads[5:]:
         for ps, o in ((params, opt), (clean_params, clean)):
-            _feed(ps, step_grads)
+            feed(ps, step_grads)
             o.step()
     assert not bool(opt.last_step_skipped)
     assert opt.stats()["skipped_steps"] == 1.0
@@ -526,10 +492,10 @@ def test_native_state_dict_round_trip_continues_bit_exactly(tmp_path, native_cal
     bit-identical to the uninterrupted run."""
     hp = _native_hp(True, False)
     dtype = torch.float32
-    init, grads = _native_init(dtype), _native_grads(dtype, steps=16)
+    init, grads = initial_weights(dtype), scaled_gradients(dtype, steps=16)
     params, opt = _make(init, hp, "compiled")
     for step_grads in grads[:8]:
-        _feed(params, step_grads)
+        feed(params, step_grads)
         opt.step()
     torch.save(opt.state_dict(), tmp_path / "optimizer.pt")
     resumed_params, resumed = _make([[p.detach() for p in ps] for ps in params], hp, "compiled")
@@ -540,7 +506,7 @@ def test_native_state_dict_round_trip_continues_bit_exactly(tmp_path, native_cal
     )
     for step_grads in grads[8:]:
         for ps, o in ((params, opt), (resumed_params, resumed)):
-            _feed(ps, step_grads)
+            feed(ps, step_grads)
             o.step()
     got, expected = _snapshot(resumed_params, resumed), _snapshot(params, opt)
     assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
@@ -550,7 +516,7 @@ def test_native_state_dict_round_trip_continues_bit_exactly(tmp_path, native_cal
 def test_native_path_is_independent_of_the_thread_count(native_calls):
     """Elementwise work split into blocks: 1 and 2 threads give bit-identical results."""
     hp = _native_hp(True, True)
-    init, grads = _native_init(torch.float32), _native_grads(torch.float32, steps=6)
+    init, grads = initial_weights(torch.float32), scaled_gradients(torch.float32, steps=6)
     threads = torch.get_num_threads()
     results = []
     try:
@@ -558,7 +524,7 @@ def test_native_path_is_independent_of_the_thread_count(native_calls):
             torch.set_num_threads(n)
             params, opt = _make(init, hp, "compiled")
             for step_grads in grads:
-                _feed(params, step_grads)
+                feed(params, step_grads)
                 opt.step()
             results.append(_snapshot(params, opt))
     finally:
@@ -572,7 +538,7 @@ def test_native_reads_a_tensor_learning_rate_without_host_reads(monkeypatch, nat
     the run equals a loop-path run with the same float learning rates (fp64)."""
     dtype = torch.float64
     hp = _native_hp(True, True)
-    init, grads = _native_init(dtype), _native_grads(dtype, steps=10)
+    init, grads = initial_weights(dtype), scaled_gradients(dtype, steps=10)
     params, opt = _make(init, hp, "compiled")
     ref_params, ref = _make(init, hp, "loop")
     lr = torch.tensor(0.05, dtype=torch.float64)
@@ -585,8 +551,8 @@ def test_native_reads_a_tensor_learning_rate_without_host_reads(monkeypatch, nat
         value = 0.05 * (1.0 - t / 20)
         lr.fill_(value)
         ref.param_groups[0]["lr"] = value
-        _feed(params, step_grads)
-        _feed(ref_params, step_grads)
+        feed(params, step_grads)
+        feed(ref_params, step_grads)
         with monkeypatch.context() as m:
             for name in ("item", "__float__", "__bool__"):
                 m.setattr(torch.Tensor, name, no_host_read)
@@ -608,12 +574,12 @@ def test_without_the_c_library_the_torch_paths_give_the_same_numbers(impl, monke
     monkeypatch.setattr(_native, "adopt_update", lambda *a, **k: calls.append(1))
     hp = _native_hp(True, False)
     dtype = torch.float32
-    init, grads = _native_init(dtype), _native_grads(dtype, steps=12)
+    init, grads = initial_weights(dtype), scaled_gradients(dtype, steps=12)
     ref_params, ref = _make(init, hp, "loop")
     params, opt = _make(init, hp, impl)
     for step_grads in grads:
         for ps, o in ((ref_params, ref), (params, opt)):
-            _feed(ps, step_grads)
+            feed(ps, step_grads)
             o.step()
     if impl == "auto":
         expected, got = _snapshot(ref_params, ref), _snapshot(params, opt)
@@ -633,20 +599,20 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("HF_TUNINGFREE_CACHE", str(tmp_path / "cache"))
     hp = _native_hp(False, True)
-    init, grads = _native_init(torch.float32), _native_grads(torch.float32, steps=6)
+    init, grads = initial_weights(torch.float32), scaled_gradients(torch.float32, steps=6)
     ref_params, ref = _make(init, hp, "loop")
     params, opt = _make(init, hp, "auto")
     with pytest.warns(RuntimeWarning, match="building the fused CPU kernels failed"):
-        _feed(params, grads[0])
+        feed(params, grads[0])
         opt.step()
     assert _native.load() is None
-    _feed(ref_params, grads[0])
+    feed(ref_params, grads[0])
     ref.step()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no second warning
         for step_grads in grads[1:]:
             for ps, o in ((ref_params, ref), (params, opt)):
-                _feed(ps, step_grads)
+                feed(ps, step_grads)
                 o.step()
     expected, got = _snapshot(ref_params, ref), _snapshot(params, opt)
     assert all(torch.equal(a, b) for a, b in zip(expected, got, strict=True))

@@ -14,12 +14,12 @@ import math
 
 import pytest
 import torch
+from native_scenarios import SHAPES, feed, initial_weights, missing
 
 from hf_tuningfree.optim import DAdaptAdaGrad, DAdaptAdam, DAdaptSGD, Prodigy, _native
 from hf_tuningfree.optim.dadapt import DAdaptationBase
 
 #: Two groups; tensors above 4 blocks of 8192 elements (the threaded size), one of 1 element.
-SHAPES = [[(40000,), (3, 4), (5,)], [(50, 700), (1,), (2, 2, 2)]]
 STEPS = 24
 
 
@@ -125,19 +125,10 @@ def _grads(dtype, steps=STEPS, seed=3):
             for pi, s in enumerate(shapes):
                 noise = torch.randn(s, generator=gen, dtype=torch.float64)
                 g = (bias[gi][pi] + 0.5 * noise).to(dtype)
-                missing = (pi == 1 and t % 3 == 1) or (gi == 1 and pi == 2 and t < 5)
-                gs.append(None if missing else g)
+                gs.append(None if missing(t, gi, pi) else g)
             step.append(gs)
         out.append(step)
     return out
-
-
-def _init(dtype, seed=4):
-    gen = torch.Generator().manual_seed(seed)
-    return [
-        [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in shapes]
-        for shapes in SHAPES
-    ]
 
 
 def _make(name, init, impl, decoupled=True):
@@ -145,12 +136,6 @@ def _make(name, init, impl, decoupled=True):
     params = [[torch.nn.Parameter(p.clone()) for p in grp] for grp in init]
     groups = [{"params": ps, **h} for ps, h in zip(params, hp, strict=True)]
     return params, cls(groups, implementation=impl, **model)
-
-
-def _feed(params, step_grads):
-    for ps, gs in zip(params, step_grads, strict=True):
-        for p, g in zip(ps, gs, strict=True):
-            p.grad = None if g is None else g.clone()
 
 
 def _snapshot(params, opt, skip_state_of=None):
@@ -201,14 +186,14 @@ def test_native_path_tracks_the_loop_path_step_by_step(
     by an ulp after the first step; the largest difference measured over the run was 4e-7.)
     Both forms: fused (one process) and two-pass (what sharded runs use)."""
     _use_form(form, monkeypatch)
-    init, grads = _init(dtype), _grads(dtype)
+    init, grads = initial_weights(dtype), _grads(dtype)
     ref_params, ref = _make(name, init, "loop", decoupled)
     params, opt = _make(name, init, "compiled", decoupled)
     tol = 1e-6 if dtype == torch.float32 else 1e-12
     worst: dict[str, float] = {}
     for t, step_grads in enumerate(grads):
-        _feed(ref_params, step_grads)
-        _feed(params, step_grads)
+        feed(ref_params, step_grads)
+        feed(params, step_grads)
         ref.step()
         opt.step()
         expected, got = _by_kind(ref_params, ref), _by_kind(params, opt)
@@ -232,13 +217,13 @@ def test_fused_and_two_pass_forms_agree(name, dtype, native_calls, monkeypatch):
     """The fused form (one process) and the two-pass form (sharded runs) evaluate the same
     elementwise expressions over the same blocks and add the same per-block sums: equal to
     fp64 rounding of the sums (measured: bit-identical with GCC 12, every optimizer and dtype)."""
-    init, grads = _init(dtype), _grads(dtype, steps=12)
+    init, grads = initial_weights(dtype), _grads(dtype, steps=12)
     runs = []
     for form in FORMS:
         _use_form(form, monkeypatch)
         params, opt = _make(name, init, "compiled", decoupled=False)
         for step_grads in grads:
-            _feed(params, step_grads)
+            feed(params, step_grads)
             opt.step()
         runs.append(_by_kind(params, opt))
     fused, two_pass = runs
@@ -261,19 +246,19 @@ def test_native_nonfinite_gradient_leaves_params_and_state_bit_identical(
     continues exactly as if that step never happened."""
     _use_form(form, monkeypatch)
     dtype = torch.float32
-    init, grads = _init(dtype), _grads(dtype, steps=9)
+    init, grads = initial_weights(dtype), _grads(dtype, steps=9)
     params, opt = _make(name, init, "compiled")
     clean_params, clean = _make(name, init, "compiled")
     for step_grads in grads[:5]:
         for ps, o in ((params, opt), (clean_params, clean)):
-            _feed(ps, step_grads)
+            feed(ps, step_grads)
             o.step()
     late = params[1][2]  # first gradient at step 5: the poisoned step
     assert not opt.state[late]
     before = _snapshot(params, opt)
     poisoned = [[None if g is None else g.clone() for g in gs] for gs in grads[5]]
     poisoned[1][0].view(-1)[123] = bad
-    _feed(params, poisoned)
+    feed(params, poisoned)
     with pytest.warns(RuntimeWarning, match="NaN or Inf"):
         opt.step()
     assert bool(opt.last_step_skipped)
@@ -287,7 +272,7 @@ def test_native_nonfinite_gradient_leaves_params_and_state_bit_identical(
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
     for step_grads in grads[5:]:
         for ps, o in ((params, opt), (clean_params, clean)):
-            _feed(ps, step_grads)
+            feed(ps, step_grads)
             o.step()
     assert not bool(opt.last_step_skipped)
     assert opt.stats()["skipped_steps"] == 1.0
@@ -302,10 +287,10 @@ def test_native_state_dict_round_trip_continues_bit_exactly(name, tmp_path, nati
     does), load into a fresh optimizer over copied parameters: the next steps are bit-identical to
     the uninterrupted run."""
     dtype = torch.float32
-    init, grads = _init(dtype), _grads(dtype, steps=14)
+    init, grads = initial_weights(dtype), _grads(dtype, steps=14)
     params, opt = _make(name, init, "compiled")
     for step_grads in grads[:7]:
-        _feed(params, step_grads)
+        feed(params, step_grads)
         opt.step()
     torch.save(opt.state_dict(), tmp_path / "optimizer.pt")
     copied = [[p.detach() for p in ps] for ps in params]
@@ -317,7 +302,7 @@ def test_native_state_dict_round_trip_continues_bit_exactly(name, tmp_path, nati
     )
     for step_grads in grads[7:]:
         for ps, o in ((params, opt), (resumed_params, resumed)):
-            _feed(ps, step_grads)
+            feed(ps, step_grads)
             o.step()
     got, expected = _snapshot(resumed_params, resumed), _snapshot(params, opt)
     assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
@@ -330,7 +315,7 @@ def test_native_path_is_independent_of_the_thread_count(name, form, native_calls
     """Elementwise work and per-block sums added in block order: 1 and 2 threads give
     bit-identical parameters, state and d."""
     _use_form(form, monkeypatch)
-    init, grads = _init(torch.float32), _grads(torch.float32, steps=6)
+    init, grads = initial_weights(torch.float32), _grads(torch.float32, steps=6)
     threads = torch.get_num_threads()
     results = []
     try:
@@ -338,7 +323,7 @@ def test_native_path_is_independent_of_the_thread_count(name, form, native_calls
             torch.set_num_threads(n)
             params, opt = _make(name, init, "compiled")
             for step_grads in grads:
-                _feed(params, step_grads)
+                feed(params, step_grads)
                 opt.step()
             results.append(_snapshot(params, opt))
     finally:
@@ -350,14 +335,14 @@ def test_native_path_is_independent_of_the_thread_count(name, form, native_calls
 def test_native_step_makes_no_host_reads(name, monkeypatch, native_calls):
     """``step()`` on the C path reads no tensor on the host (no ``.item()``, ``float()``,
     ``bool()``): the C code reads ``ok`` and the coefficients from tensor memory."""
-    init, grads = _init(torch.float32), _grads(torch.float32, steps=4)
+    init, grads = initial_weights(torch.float32), _grads(torch.float32, steps=4)
     params, opt = _make(name, init, "auto")
 
     def no_host_read(*_args, **_kwargs):
         raise AssertionError("host read of a tensor inside step()")
 
     for step_grads in grads:
-        _feed(params, step_grads)
+        feed(params, step_grads)
         with monkeypatch.context() as m:
             for attr in ("item", "__float__", "__bool__"):
                 m.setattr(torch.Tensor, attr, no_host_read)
@@ -376,12 +361,12 @@ def test_without_the_c_library_auto_is_the_loop_path(name, monkeypatch):
     calls = []
     monkeypatch.setattr(_native, "dadapt_kernel", lambda *a, **k: calls.append(a[0]))
     dtype = torch.float32
-    init, grads = _init(dtype), _grads(dtype, steps=10)
+    init, grads = initial_weights(dtype), _grads(dtype, steps=10)
     ref_params, ref = _make(name, init, "loop")
     params, opt = _make(name, init, "auto")
     for step_grads in grads:
         for ps, o in ((ref_params, ref), (params, opt)):
-            _feed(ps, step_grads)
+            feed(ps, step_grads)
             o.step()
     expected, got = _snapshot(ref_params, ref), _snapshot(params, opt)
     assert all(torch.equal(a, b) for a, b in zip(expected, got, strict=True))

@@ -14,6 +14,7 @@ import math
 
 import pytest
 import torch
+from native_scenarios import feed, initial_weights, scaled_gradients
 from torch.func import functional_call
 
 from hf_tuningfree.optim import (
@@ -742,7 +743,6 @@ def native_calls(monkeypatch):
 
 
 #: Two groups; a tensor above 4 blocks of 8192 elements (the threaded size), one of 1 element.
-NATIVE_SHAPES = [[(40000,), (3, 4), (5,)], [(50, 700), (1,), (2, 2, 2)]]
 NATIVE_STEPS = 24
 #: name: (class, constructor arguments, settings of the two groups)
 NATIVE_CONFIGS = {
@@ -772,34 +772,6 @@ NATIVE_CONFIGS = {
 }
 
 
-def _native_grads(dtype, steps=NATIVE_STEPS, seed=3):
-    """Per step, group and tensor: a gradient or None. Tensor 1 of each group has none on every
-    third step; tensor 2 of group 1 gets its first gradient at step 5; every seventh step is 10x
-    larger."""
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for t in range(steps):
-        step = []
-        for gi, shapes in enumerate(NATIVE_SHAPES):
-            gs = []
-            for pi, shape in enumerate(shapes):
-                scale = 10.0 if t % 7 == 0 else 1.0
-                g = torch.randn(shape, generator=gen, dtype=torch.float64).mul_(scale).to(dtype)
-                missing = (pi == 1 and t % 3 == 1) or (gi == 1 and pi == 2 and t < 5)
-                gs.append(None if missing else g)
-            step.append(gs)
-        out.append(step)
-    return out
-
-
-def _native_init(dtype, seed=4):
-    gen = torch.Generator().manual_seed(seed)
-    return [
-        [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in shapes]
-        for shapes in NATIVE_SHAPES
-    ]
-
-
 def _native_make(config, init, impl):
     cls, kwargs, settings = NATIVE_CONFIGS[config]
     params = [[torch.nn.Parameter(p.clone()) for p in grp] for grp in init]
@@ -807,16 +779,10 @@ def _native_make(config, init, impl):
     return params, cls(groups, implementation=impl, **kwargs)
 
 
-def _feed(params, step_grads):
-    for ps, gs in zip(params, step_grads, strict=True):
-        for p, g in zip(ps, gs, strict=True):
-            p.grad = None if g is None else g.clone()
-
-
 def _run_native_config(config, init, grads, impl, params_opt=None):
     params, opt = params_opt or _native_make(config, init, impl)
     for step_grads in grads:
-        _feed(params, step_grads)
+        feed(params, step_grads)
         opt.step()
     return params, opt
 
@@ -877,15 +843,15 @@ def test_native_path_tracks_the_loop_path_step_by_step(config, dtype, native_cal
     differs by ``1 / (1 - rho)`` ulps, and a first step's direction ``g / sqrt((1 - rho) g^2)``
     with it (measured: 1e-5 for ``d_decay``, 3e-6 for the direction, 2e-7 for the parameters).
     (``"compiled"`` takes the same C path as ``"auto"``: the AdaGrad case runs it.)"""
-    init, grads = _native_init(dtype), _native_grads(dtype)
+    init, grads = initial_weights(dtype), scaled_gradients(dtype, steps=NATIVE_STEPS)
     ref_params, ref = _native_make(config, init, "loop")
     impl = "compiled" if config == "adagrad" else "auto"
     params, opt = _native_make(config, init, impl)
     tol = 1e-6 if dtype == torch.float32 else 1e-12
     worst = collections.defaultdict(float)
     for t, step_grads in enumerate(grads):
-        _feed(ref_params, step_grads)
-        _feed(params, step_grads)
+        feed(ref_params, step_grads)
+        feed(params, step_grads)
         ref.step()
         opt.step()
         expected, got = _by_kind(ref_params, ref), _by_kind(params, opt)
@@ -1097,7 +1063,7 @@ def test_native_nonfinite_gradient_leaves_params_and_all_state_bit_identical(
     bit-identical; the state of the tensor whose first gradient arrives in that step is only
     created. Training then continues exactly as if that step never happened."""
     dtype = torch.float32
-    init, grads = _native_init(dtype), _native_grads(dtype, steps=9)
+    init, grads = initial_weights(dtype), scaled_gradients(dtype, steps=9)
     params, opt = _run_native_config(config, init, grads[:5], "auto")
     clean = _run_native_config(config, init, grads[:5], "auto")
     late = params[1][2]  # first gradient at step 5: the poisoned step
@@ -1105,7 +1071,7 @@ def test_native_nonfinite_gradient_leaves_params_and_all_state_bit_identical(
     before = _everything(params, opt)
     poisoned = [[None if g is None else g.clone() for g in gs] for gs in grads[5]]
     poisoned[1][0].view(-1)[123] = bad
-    _feed(params, poisoned)
+    feed(params, poisoned)
     with pytest.warns(RuntimeWarning, match="NaN or Inf"):
         opt.step()
     assert bool(opt.last_step_skipped)
@@ -1123,7 +1089,7 @@ def test_native_state_dict_round_trip_continues_bit_exactly(config, tmp_path, na
     does), load into a fresh optimizer over copied parameters: every tensor equal, and the next
     steps bit-identical to the uninterrupted run."""
     dtype = torch.float32
-    init, grads = _native_init(dtype), _native_grads(dtype, steps=16)
+    init, grads = initial_weights(dtype), scaled_gradients(dtype, steps=16)
     params, opt = _run_native_config(config, init, grads[:8], "auto")
     torch.save(opt.state_dict(), tmp_path / "optimizer.pt")
     resumed = _native_make(config, [[p.detach() for p in ps] for ps in params], "auto")
@@ -1138,7 +1104,7 @@ def test_native_state_dict_round_trip_continues_bit_exactly(config, tmp_path, na
 def test_native_path_is_independent_of_the_thread_count(native_calls):
     """Elementwise updates, and dots summed per block in a fixed order: 1 and 2 threads give
     bit-identical parameters, state and towers."""
-    init, grads = _native_init(torch.float32), _native_grads(torch.float32, steps=6)
+    init, grads = initial_weights(torch.float32), scaled_gradients(torch.float32, steps=6)
     threads = torch.get_num_threads()
     results = collections.defaultdict(list)
     try:
@@ -1157,7 +1123,7 @@ def test_native_step_makes_no_host_reads(monkeypatch, native_calls):
     """On the C path ``step()`` reads no tensor on the host (no ``.item()``, ``float()``,
     ``bool()``): the learned step size, momentum, step counters and ``ok`` are read from their
     memory by the C code."""
-    init, grads = _native_init(torch.float32), _native_grads(torch.float32, steps=6)
+    init, grads = initial_weights(torch.float32), scaled_gradients(torch.float32, steps=6)
     for config in ("sgd_lr_momentum", "adam", "rmsprop"):
         params, opt = _native_make(config, init, "auto")
 
@@ -1165,7 +1131,7 @@ def test_native_step_makes_no_host_reads(monkeypatch, native_calls):
             raise AssertionError("host read of a tensor inside step()")
 
         for step_grads in grads:
-            _feed(params, step_grads)
+            feed(params, step_grads)
             with monkeypatch.context() as m:
                 for name in ("item", "__float__", "__bool__"):
                     m.setattr(torch.Tensor, name, no_host_read)
@@ -1180,7 +1146,7 @@ def test_without_the_c_library_the_torch_paths_give_the_same_numbers(config, mon
     bit-identical to ``implementation="foreach"``, and within rounding of the C path (relative
     1e-6 in fp32, as against the loop path); no C kernel is called."""
     dtype = torch.float32
-    init, grads = _native_init(dtype), _native_grads(dtype, steps=12)
+    init, grads = initial_weights(dtype), scaled_gradients(dtype, steps=12)
     native = None
     if _native.load() is not None:
         native = _by_kind(*_run_native_config(config, init, grads, "auto"))
