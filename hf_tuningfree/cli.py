@@ -48,7 +48,7 @@ def _toy(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from hf_tuningfree.compare import run
+    from hf_tuningfree.compare.cli import run
 
     run(args)
     return 0
@@ -61,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--readme", nargs="?", const="README.md", default=None,
                    help="rewrite the table in this README (default README.md)")  # fmt: skip
     p.set_defaults(func=_optimizers)
-    from hf_tuningfree import compare
+    from hf_tuningfree.compare import cli as compare
 
     p = sub.add_parser(
         "compare",

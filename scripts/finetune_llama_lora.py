@@ -44,13 +44,6 @@ from transformers import HfArgumentParser, default_data_collator, set_seed
 from hf_tuningfree.data.sources import load_multiple_choice
 from hf_tuningfree.eval import score_mmlu
 from hf_tuningfree.hf import TuningFreeTrainer
-from hf_tuningfree.hf.arguments import (
-    DataArguments,
-    FinetuneTrainingArguments,
-    LoraArguments,
-    MMLUScoringArguments,
-    ModelArguments,
-)
 from hf_tuningfree.hf.clm import limit_samples, resolve_block_size, tokenize_and_group
 from hf_tuningfree.hf.lora import apply_lora, merge_adapter
 from hf_tuningfree.hf.pipeline import (
@@ -68,6 +61,13 @@ from hf_tuningfree.hf.pipeline import (
     save_extra_metrics,
     setup_logging,
     train_evaluate_save,
+)
+from hf_tuningfree.hf.script_args import (
+    DataArguments,
+    FinetuneTrainingArguments,
+    LoraArguments,
+    MMLUScoringArguments,
+    ModelArguments,
 )
 from hf_tuningfree.hf.sft import PaddingCollator, detect_format, tokenize_supervised
 

@@ -20,7 +20,7 @@ from transformers import HfArgumentParser, TrainingArguments
 from transformers.training_args import OptimizerNames
 
 from hf_tuningfree.data.resolve import offline_names
-from hf_tuningfree.hf.arguments import (
+from hf_tuningfree.hf.script_args import (
     DataArguments,
     LoraArguments,
     ModelArguments,

@@ -1,5 +1,5 @@
 """PEFT LoRA (Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022) for the
-fine-tuning scripts: wrap a causal LM from :class:`~hf_tuningfree.hf.arguments.LoraArguments`, and
+fine-tuning scripts: wrap a causal LM from :class:`~hf_tuningfree.hf.script_args.LoraArguments`, and
 merge a saved adapter into its base model.
 
 Each targeted linear layer ``W`` becomes ``W + (alpha / r) * B A`` with ``A`` (r x in) random and
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from peft import LoraConfig, PeftModel
     from transformers import PreTrainedTokenizerBase
 
-    from hf_tuningfree.hf.arguments import LoraArguments
+    from hf_tuningfree.hf.script_args import LoraArguments
 
 logger = logging.getLogger(__name__)
 

@@ -68,7 +68,7 @@ class _AveragingCallback(TrainerCallback):
 class TuningFreeTrainer(Trainer):
     """``transformers.Trainer`` that understands ``optim="<registry name>"``.
 
-    Use it with :class:`~hf_tuningfree.hf.args.TuningFreeTrainingArguments` (or stock
+    Use it with :class:`~hf_tuningfree.hf.training_args.TuningFreeTrainingArguments` (or stock
     ``TrainingArguments`` after :func:`hf_tuningfree.hf.install`). Everything else is the stock
     Trainer.
     """
