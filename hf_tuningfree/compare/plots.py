@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from hf_tuningfree.compare.report import Row, Verdict, curves
+from hf_tuningfree.compare.results import Row, Verdict, curves
 
 FIGSIZE = (8, 5)
 DPI = 100

@@ -31,8 +31,8 @@ import transformers
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from hf_tuningfree.data.assets import MissingAssetError
 from hf_tuningfree.data.mmlu_format import HubOfflineError, MMLUFormatError
+from hf_tuningfree.data.packages import MissingAssetError
 from hf_tuningfree.data.resolve import ResolvedModel, resolve_dataset, resolve_model_source
 from hf_tuningfree.hf.trainer import optimizer_log_values
 
