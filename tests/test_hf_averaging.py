@@ -3,9 +3,8 @@ with the training weights, checkpoints carry both."""
 
 from __future__ import annotations
 
-import pytest
 import torch
-from test_hf_trainer import NAMES, _args, _trainer
+from test_hf_trainer import _args, _trainer
 from trainer_helpers import PatternDataset
 
 from hf_tuningfree import TuningFreeTrainer
@@ -41,8 +40,6 @@ def test_iterate_average_is_used_for_evaluation_and_saving(tmp_path):
 
 
 def test_dog_family_averages_by_default_and_checkpoints_carry_it(tmp_path):
-    if "dog" not in NAMES:
-        pytest.fail("the DoG optimizers are not registered")
     trainer = _trainer(_args(tmp_path, optim="dog", max_steps=10, save_strategy="steps",
                              save_steps=10))  # fmt: skip
     trainer.train()
