@@ -327,12 +327,21 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
     return paths
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def run_command(args: argparse.Namespace) -> int:
+    """``run(args)`` as a command: the exit status."""
+    run(args)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hf-tuningfree compare",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_arguments(parser)
-    run(parser.parse_args(argv))
-    return 0
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command(build_parser().parse_args(argv))
