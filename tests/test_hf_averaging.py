@@ -6,8 +6,7 @@ from __future__ import annotations
 import torch
 from test_hf_trainer import _args, _trainer
 from trainer_helpers import PatternDataset
-
-from hf_tuningfree import TuningFreeTrainer
+from transformers import Trainer
 
 
 def test_iterate_average_is_used_for_evaluation_and_saving(tmp_path):
@@ -21,7 +20,7 @@ def test_iterate_average_is_used_for_evaluation_and_saving(tmp_path):
     trainer.train()
     assert trainer.averager is not None and trainer.averager.num_updates == 20
     training = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    stock_evaluate = super(TuningFreeTrainer, trainer).evaluate  # the Trainer's own evaluation
+    stock_evaluate = Trainer.evaluate.__get__(trainer)  # the stock Trainer's own evaluation
     on_training_weights = stock_evaluate()["eval_loss"]
     with trainer.averager.swapped():
         averaged = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
