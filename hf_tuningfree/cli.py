@@ -32,7 +32,7 @@ def _toy(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from hf_tuningfree.compare import cli as compare
 
-    return compare.run_command(args)
+    return compare.run_command(args, exiting=True)
 
 
 def build_parser() -> argparse.ArgumentParser:

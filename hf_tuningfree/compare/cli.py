@@ -24,13 +24,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import re
+import signal
+import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
-from hf_tuningfree.compare.spec import CUSTOM, TaskSpec, build_runs, log_grid
+from hf_tuningfree.compare.spec import ADAMW, CUSTOM, RunSpec, TaskSpec, build_runs, log_grid
 
 #: AdamW grids per task kind: from-scratch training wants larger steps than LoRA fine-tuning.
 DEFAULT_GRIDS = {"offline-gpt2": (1e-4, 1e-1), "smollm2-lora": (1e-5, 1e-2)}
@@ -47,16 +52,55 @@ CUSTOM_OPTIONS = {
     "train_file": "--train-file",
     "validation_file": "--validation-file",
     "text_column": "--text-column",
-    "max_eval_samples": "--max-eval-samples",
     "lora": "--lora",
     "lora_r": "--lora-r",
     "lora_alpha": "--lora-alpha",
     "lora_dropout": "--lora-dropout",
     "lora_target_modules": "--lora-target-modules",
     "mc_split": "--mc-split",
+}
+#: Options that size any task kind (to shrink a fixed kind for a quick check, e.g.
+#: ``--task smollm2-lora --steps 4 --max-eval-samples 12 --mc-max-questions 12``).
+SIZE_OPTIONS = {
+    "max_eval_samples": "--max-eval-samples",
     "mc_shots": "--mc-shots",
     "mc_max_questions": "--mc-max-questions",
 }
+#: How many times ``--extend-grid`` may add a learning rate beyond an end of the grid.
+MAX_GRID_EXTENSIONS = 3
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (learning rates)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -75,31 +119,75 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--adamw-lrs",
         nargs="+",
-        type=float,
+        type=positive_float,
         default=None,
         help="explicit AdamW learning rates (default: a log-spaced grid)",
     )
-    parser.add_argument("--grid-points", type=int, default=7)
-    parser.add_argument("--grid-low", type=float, default=None)
-    parser.add_argument("--grid-high", type=float, default=None)
-    parser.add_argument("--steps", type=int, default=None, help="training steps per run")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument(
+        "--grid-points", type=positive_int, default=7, help="AdamW grid points (default 7)"
+    )
+    parser.add_argument(
+        "--grid-low", type=positive_float, default=None, help="lowest AdamW lr of the grid"
+    )
+    parser.add_argument(
+        "--grid-high", type=positive_float, default=None, help="highest AdamW lr of the grid"
+    )
+    parser.add_argument(
+        "--extend-grid",
+        action="store_true",
+        help="when the best AdamW lr is an end of the grid, add the next lr beyond it (one "
+        f"log-step of the grid) and run it, up to {MAX_GRID_EXTENSIONS} times per end; without "
+        "it the summary warns, as the tuned baseline may then be better than the grid shows",
+    )
+    parser.add_argument("--steps", type=positive_int, default=None, help="training steps per run")
+    parser.add_argument("--seeds", nargs="+", type=nonnegative_int, default=[0])
     parser.add_argument("--output-dir", default=None)
-    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument(
+        "--workers",
+        type=nonnegative_int,
+        default=min(2, os.cpu_count() or 1),
+        help="worker processes (default 2; 0 runs in this process, one after another)",
+    )
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--no-stock-adamw", action="store_true",
                         help="skip AdamW at the stock Trainer lr (5e-5)")  # fmt: skip
     parser.add_argument(
         "--batch-size",
-        type=int,
+        type=positive_int,
         default=None,
         help="examples per step (default: the task's; custom 8)",
     )
     parser.add_argument(
         "--block-size",
-        type=int,
+        type=positive_int,
         default=None,
         help="tokens per text block / longest supervised example (default: the task's; custom 128)",
+    )
+    sizes = parser.add_argument_group(
+        "evaluation size (any task kind)",
+        "Shrink a comparison for a quick check, e.g. --task smollm2-lora --steps 4 "
+        "--max-eval-samples 12 --mc-max-questions 12. The fixed kinds draw their evaluation and "
+        "scored questions from the synthetic benchmark's six subjects, so a count is rounded up "
+        "to a multiple of six.",
+    )
+    sizes.add_argument(
+        "--max-eval-samples",
+        type=positive_int,
+        default=None,
+        help="evaluation blocks / examples (default: the task's; custom 64)",
+    )
+    sizes.add_argument(
+        "--mc-shots",
+        type=nonnegative_int,
+        default=None,
+        help="k of the k-shot scoring prompts, from the dev split (default 0)",
+    )
+    sizes.add_argument(
+        "--mc-max-questions",
+        type=positive_int,
+        default=None,
+        help="multiple-choice questions scored after training, a fixed subset (default: the "
+        "task's; custom 200)",
     )
     _add_custom_arguments(
         parser.add_argument_group(
@@ -162,18 +250,12 @@ def _add_custom_arguments(group: argparse._ActionsContainer) -> None:
         "supervised examples; otherwise 'text', else the first column)",
     )
     group.add_argument(
-        "--max-eval-samples",
-        type=int,
-        default=None,
-        help="evaluation blocks / examples (default 64)",
-    )
-    group.add_argument(
         "--lora", action="store_true", default=None, help="train LoRA adapters only (PEFT)"
     )
-    group.add_argument("--lora-r", type=int, default=None, help="LoRA rank (default 16)")
+    group.add_argument("--lora-r", type=positive_int, default=None, help="LoRA rank (default 16)")
     group.add_argument(
         "--lora-alpha",
-        type=int,
+        type=positive_int,
         default=None,
         help="LoRA alpha; the update is scaled by alpha/r (default 32)",
     )
@@ -193,22 +275,36 @@ def _add_custom_arguments(group: argparse._ActionsContainer) -> None:
         "validation, when the data has the question/subject/choices/answer "
         "columns; the default), a split name, or none",
     )
-    group.add_argument(
-        "--mc-shots",
-        type=int,
-        default=None,
-        help="k of the k-shot scoring prompts, from the dev split (default 0)",
-    )
-    group.add_argument(
-        "--mc-max-questions",
-        type=int,
-        default=None,
-        help="questions scored, a fixed subset (default 200)",
-    )
 
 
 def _custom_options_given(args: argparse.Namespace) -> list[str]:
     return [flag for dest, flag in CUSTOM_OPTIONS.items() if getattr(args, dest, None) is not None]
+
+
+def _sized_fixed_task(task: TaskSpec, args: argparse.Namespace) -> TaskSpec:
+    """A fixed task kind with the command line's sizes (batch, block, evaluation, scoring)."""
+    from hf_tuningfree.data.synthetic_mc import SUBJECTS
+
+    def per_subject(count: int) -> int:
+        return math.ceil(count / len(SUBJECTS))
+
+    changes: dict[str, Any] = {
+        k: v
+        for k, v in (("batch_size", args.batch_size), ("block_size", args.block_size),
+                     ("mc_shots", args.mc_shots))
+        if v is not None
+    }  # fmt: skip
+    options = dict(task.options)
+    if args.max_eval_samples is not None:
+        if task.kind == "offline-gpt2":  # text blocks of the validation split
+            options["max_eval_blocks"] = args.max_eval_samples
+        else:  # supervised examples: validation questions, per subject
+            options["mc_validation"] = per_subject(args.max_eval_samples)
+    if args.mc_max_questions is not None:
+        changes["mc_questions_per_subject"] = per_subject(args.mc_max_questions)
+    if options != task.options:
+        changes["options"] = options
+    return dataclasses.replace(task, **changes)
 
 
 def task_from_args(args: argparse.Namespace) -> TaskSpec:
@@ -227,10 +323,12 @@ def task_from_args(args: argparse.Namespace) -> TaskSpec:
                 f"hf-tuningfree compare: error: {' and '.join(given)} describe a custom task "
                 f"(any model and data), not --task {kind}; drop --task: they imply --task custom"
             )
-        task = default_task(kind, args.steps)
-        sizes = {"batch_size": args.batch_size, "block_size": args.block_size}
-        return dataclasses.replace(task, **{k: v for k, v in sizes.items() if v is not None})
+        try:
+            return _sized_fixed_task(default_task(kind, args.steps), args)
+        except ValueError as error:
+            raise SystemExit(f"hf-tuningfree compare: error: --task {kind}: {error}") from None
     custom = {dest: getattr(args, dest, None) for dest in CUSTOM_OPTIONS}
+    custom.update({dest: getattr(args, dest, None) for dest in SIZE_OPTIONS})
     lora_options = [flag for flag in given if flag.startswith("--lora-")]
     if lora_options and not custom["lora"]:
         raise SystemExit(f"hf-tuningfree compare: error: {' and '.join(lora_options)} need --lora")
@@ -283,54 +381,148 @@ def check_task(task: TaskSpec, output_dir: Path) -> None:
     """
     if task.kind != CUSTOM:
         return
+    import datasets
+
     from hf_tuningfree.compare.tasks import build_task
     from hf_tuningfree.hf.pipeline import USER_ERRORS
 
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # the console shows the comparison's progress only
     try:
         build_task(task, output_dir / "cache")
     except (*USER_ERRORS, ValueError) as error:
         raise SystemExit(f"hf-tuningfree compare: error: {error}") from error
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
 
 
-def run(args: argparse.Namespace) -> dict[str, Path]:
+def console_printer() -> Callable[[str], None]:
+    """A line printer to this process's stdout as it is now: it keeps writing to the console
+    while a run in this process sends file descriptor 1 to its log file (``--workers 0``), and it
+    is unbuffered (``os.write``), so the Ctrl-C handler may call it while a line is being written
+    (``signal_safe``)."""
+    try:
+        sys.stdout.flush()
+        fd = os.dup(sys.stdout.fileno())
+    except (AttributeError, OSError, ValueError):  # no real stdout (captured): print as usual
+        return lambda text: print(text, flush=True)
+
+    def write(text: str) -> None:
+        data = (text + "\n").encode("utf-8", errors="replace")
+        while data:
+            data = data[os.write(fd, data) :]
+
+    write.signal_safe = True  # type: ignore[attr-defined]
+    return write
+
+
+def _grid_extension(
+    results: list[dict[str, Any]], runs: list[RunSpec], seeds: list[int]
+) -> tuple[str | None, list[RunSpec]]:
+    """Where the best AdamW lies (``"low"``/``"high"`` end of the grid, or None) and the runs
+    ``--extend-grid`` adds there: the lr one log-step of the grid beyond that end."""
+    from hf_tuningfree.compare.results import aggregate, grid_edge
+
+    edge = grid_edge(aggregate(results))
+    lrs = sorted({r.lr for r in runs if r.role == "adamw-grid" and r.lr is not None})
+    if edge is None or len(lrs) < 2:
+        return None, []
+    beyond = lrs[-1] * lrs[-1] / lrs[-2] if edge == "high" else lrs[0] * lrs[0] / lrs[1]
+    lr = float(f"{beyond:.3g}")
+    return edge, [RunSpec(ADAMW, lr, seed, "adamw-grid") for seed in seeds]
+
+
+def run(args: argparse.Namespace, progress: Callable[[str], None] | None = None) -> dict[str, Path]:
+    """Run the comparison the command line describes and write its outputs.
+
+    Raises:
+        SystemExit: bad input (one line naming the option).
+        ComparisonInterrupted: Ctrl-C; the finished runs are cached.
+    """
     from hf_tuningfree.compare.report import write_outputs
     from hf_tuningfree.compare.runner import load_cached, run_comparison
     from hf_tuningfree.optim import available_optimizers
 
+    say = progress or console_printer()
     task = task_from_args(args)
     optimizers = args.optimizers or available_optimizers(tuning_free_only=True)
     unknown = sorted(set(optimizers) - set(available_optimizers()))
     if unknown:
-        raise SystemExit(f"unknown optimizers {unknown}; valid: {available_optimizers()}")
+        raise SystemExit(
+            f"hf-tuningfree compare: error: --optimizers: unknown {unknown}; valid: "
+            f"{', '.join(available_optimizers())}"
+        )
+    if len(set(args.seeds)) != len(args.seeds):
+        raise SystemExit(f"hf-tuningfree compare: error: --seeds repeats a seed: {args.seeds}")
     low, high = default_grid(task)
-    lrs = args.adamw_lrs or log_grid(args.grid_low or low, args.grid_high or high, args.grid_points)
+    low, high = args.grid_low or low, args.grid_high or high
+    if args.adamw_lrs is None and low > high:
+        raise SystemExit(
+            f"hf-tuningfree compare: error: --grid-low {low:g} is above --grid-high {high:g}"
+        )
+    lrs = args.adamw_lrs or log_grid(low, high, args.grid_points)
     runs = build_runs(optimizers, lrs, args.seeds, include_stock=not args.no_stock_adamw)
     output_dir = Path(args.output_dir) if args.output_dir else default_output_dir(task)
     if any(load_cached(output_dir, task, r) is None for r in runs):
         check_task(task, output_dir)
-    print(
+    say(
         f"hf-tuningfree compare: {task.kind}, {task.max_steps} steps, {len(optimizers)} "
         f"tuning-free optimizer(s) + AdamW at {len(lrs)} learning rates, seeds {args.seeds}: "
-        f"{len(runs)} runs, {args.workers} worker(s); output in {output_dir}",
-        flush=True,
+        f"{len(runs)} runs, {args.workers} worker(s); output in {output_dir}"
     )
     start = time.perf_counter()
-    results = run_comparison(
-        task, runs, output_dir, workers=args.workers, progress=lambda s: print(s, flush=True)
-    )
+    results = run_comparison(task, runs, output_dir, workers=args.workers, progress=say)
+    extended = {"low": 0, "high": 0}
+    while args.extend_grid:
+        edge, extra = _grid_extension(results, runs, args.seeds)
+        if edge is None or extended[edge] >= MAX_GRID_EXTENSIONS:
+            break
+        extended[edge] += 1
+        say(
+            f"--extend-grid: the best AdamW lr is the {edge} end of the grid; "
+            f"adding lr={extra[0].lr:g}"
+        )
+        runs += extra
+        results += run_comparison(task, extra, output_dir, workers=args.workers, progress=say)
     paths = write_outputs(results, task, output_dir, plots=not args.no_plots)
-    print()
-    print(paths["markdown"].read_text(encoding="utf-8"))
-    print(f"finished in {time.perf_counter() - start:.0f}s; written:")
+    say("")
+    say(paths["markdown"].read_text(encoding="utf-8"))
+    say(f"finished in {time.perf_counter() - start:.0f}s; written:")
     for name, path in paths.items():
-        print(f"  {name:<18} {path}")
+        say(f"  {name:<18} {path}")
     return paths
 
 
-def run_command(args: argparse.Namespace) -> int:
-    """``run(args)`` as a command: the exit status."""
-    run(args)
+def run_command(args: argparse.Namespace, *, exiting: bool = False) -> int:
+    """``run(args)`` as a command: 0, or 130 after Ctrl-C (with a line saying what is kept).
+
+    ``exiting``: the process ends after this (the command line): after a Ctrl-C, further ones
+    are ignored, so a quick second Ctrl-C cannot interrupt the interpreter's shutdown with a
+    traceback.
+    """
+    from hf_tuningfree.compare.runner import ComparisonInterrupted
+
+    say = console_printer()
+    try:
+        run(args, progress=say)
+    except ComparisonInterrupted as stop:
+        _ignore_further_interrupts(exiting)
+        say(
+            f"hf-tuningfree compare: {stop}; run the same command again to continue (the cached "
+            "runs are not trained again)"
+        )
+        return 130
+    except KeyboardInterrupt:  # before the runs started (building the task)
+        _ignore_further_interrupts(exiting)
+        say("hf-tuningfree compare: interrupted before any run started")
+        return 130
     return 0
+
+
+def _ignore_further_interrupts(exiting: bool) -> None:
+    if exiting and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -343,5 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return run_command(build_parser().parse_args(argv))
+def main(argv: Sequence[str] | None = None, *, exiting: bool = False) -> int:
+    """``hf-tuningfree compare ARGV``; the exit status (130 after Ctrl-C). ``exiting``: see
+    :func:`run_command`."""
+    return run_command(build_parser().parse_args(argv), exiting=exiting)

@@ -20,6 +20,7 @@ from hf_tuningfree.compare.results import (
     Verdict,
     aggregate,
     curves,
+    outcome,
     verdict,
 )
 from hf_tuningfree.compare.spec import STOCK_LR, TaskSpec
@@ -40,13 +41,28 @@ __all__ = [
 
 
 def _fmt(x: float | None, spec: str = ".4f") -> str:
-    if x is None:
+    """A number for the table; ``-`` where there is none (no result, no baseline to divide
+    by)."""
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "-"
-    if isinstance(x, float) and math.isinf(x):
-        return "diverged"
-    if isinstance(x, float) and math.isnan(x):
-        return "n/a"
     return format(x, spec)
+
+
+def _times(ratio: float | None) -> str:
+    """``1.234x``, or ``-`` when there is no ratio (never ``n/ax``)."""
+    return "-" if ratio is None or not math.isfinite(ratio) else f"{ratio:.3f}x"
+
+
+def _loss(row: Row) -> str:
+    """The final eval loss, or what happened instead: ``diverged`` (the loss went NaN/Inf) or
+    ``error`` (the run failed, e.g. bad input; its message is in results.json and the log)."""
+    kind = outcome(row)
+    if kind != "ok":
+        return kind
+    text = f"{row.eval_loss:.4f}"
+    if row.seeds > 1:
+        text += f" ± {row.eval_loss_spread / 2:.4f}"
+    return text
 
 
 def markdown_table(rows: list[Row], v: Verdict) -> str:
@@ -58,9 +74,6 @@ def markdown_table(rows: list[Row], v: Verdict) -> str:
     ]
     order = {"tuning-free": 0, "adamw-grid": 1, "adamw-default": 2}
     for r in sorted(rows, key=lambda r: (order[r.role], r.lr or 0, r.label)):
-        loss = _fmt(r.eval_loss)
-        if r.seeds > 1 and math.isfinite(r.eval_loss):
-            loss += f" ± {r.eval_loss_spread / 2:.4f}"
         ratio = r.eval_loss / base if math.isfinite(base) and math.isfinite(r.eval_loss) else None
         label = r.label + (" (stock default)" if r.lr == STOCK_LR else "")
         if r is v.best_adamw:
@@ -68,12 +81,20 @@ def markdown_table(rows: list[Row], v: Verdict) -> str:
         if r is v.best_tuning_free:
             label += " (best tuning-free)"
         lines.append(
-            f"| {label} | {_fmt(r.learning_rate, '.3g')} | {r.schedule} | {loss} | "
+            f"| {label} | {_fmt(r.learning_rate, '.3g')} | {r.schedule} | {_loss(r)} | "
             f"{_fmt(ratio, '.3f')} | {_fmt(r.perplexity, '.1f')} | "
             f"{_fmt(r.mc_accuracy, '.3f')} | {_fmt(r.wall_seconds, '.0f')} | "
             f"{_fmt(r.peak_rss_mb, '.0f')} | {_fmt(r.optimizer_state_mb, '.2f')} |"
         )
     return "\n".join(lines)
+
+
+def _goal_word(value: bool | None) -> str:
+    return {True: "met", False: "NOT met", None: "not measured"}[value]
+
+
+def _seeds(n: int) -> str:
+    return f"{n} seed" + ("s" if n != 1 else "")
 
 
 def summary_text(rows: list[Row], v: Verdict, task: TaskSpec) -> str:
@@ -83,39 +104,55 @@ def summary_text(rows: list[Row], v: Verdict, task: TaskSpec) -> str:
         out.append(
             f"Best tuning-free optimizer: {v.best_tuning_free.label}, final eval loss "
             f"{v.best_tuning_free.eval_loss:.4f}, with no tuning "
-            f"({v.runs_tuning_free} run per seed)."
+            f"(one run per seed, {_seeds(v.seeds)})."
         )
     if v.best_adamw:
         out.append(
             f"Best tuned AdamW: lr={v.best_adamw.lr:.3g}, final eval loss "
             f"{v.best_adamw.eval_loss:.4f}, found with {v.runs_adamw} runs over the grid."
         )
+    if v.grid_edge and v.best_adamw:
+        word = "highest" if v.grid_edge == "high" else "lowest"
+        option = "--grid-high" if v.grid_edge == "high" else "--grid-low"
+        out.append(
+            f"WARNING: the best AdamW lr ({v.best_adamw.lr:.3g}) is the {word} point of the grid: "
+            "a learning rate beyond it may do better, so the tuned baseline may be stronger "
+            f"than this grid shows. Extend the grid ({option}, or --extend-grid to do it "
+            "automatically)."
+        )
     if v.best_tuning_free and v.best_adamw:
         out.append(
             f"The best tuning-free optimizer reaches {v.best_ratio:.3f}x the best AdamW loss."
         )
     if v.stock_adamw:
+        stock = v.stock_adamw
         ratio = (
-            v.stock_adamw.eval_loss / v.best_adamw.eval_loss
-            if v.best_adamw and math.isfinite(v.stock_adamw.eval_loss)
-            else float("nan")
+            stock.eval_loss / v.best_adamw.eval_loss
+            if v.best_adamw and math.isfinite(stock.eval_loss)
+            else None
         )
-        out.append(
-            f"AdamW at the stock Trainer default lr={STOCK_LR:g}: final eval loss "
-            f"{_fmt(v.stock_adamw.eval_loss)} ({_fmt(ratio, '.3f')}x the best AdamW)."
-        )
+        what = _loss(stock) if outcome(stock) != "ok" else f"final eval loss {_loss(stock)}"
+        times = f" ({_times(ratio)} the best AdamW)" if ratio is not None else ""
+        out.append(f"AdamW at the stock Trainer default lr={STOCK_LR:g}: {what}{times}.")
     lagging = sorted(
         (k for k, r in v.every_ratio.items() if not r <= EVERY_RATIO_GOAL), key=v.every_ratio.get
     )
     if lagging:
         out.append(
-            "Tuning-free optimizers above 1.05x the best AdamW: "
-            + ", ".join(f"{k} ({_fmt(v.every_ratio[k], '.3f')}x)" for k in lagging)
+            f"Tuning-free optimizers above {EVERY_RATIO_GOAL}x the best AdamW: "
+            + ", ".join(f"{k} ({_times(v.every_ratio[k])})" for k in lagging)
             + "."
         )
-    out.append(
-        "Goals: " + "; ".join(f"{k}: {'met' if ok else 'NOT met'}" for k, ok in v.goals.items())
-    )
+    if v.failed:
+        out.append(
+            "Without a result: "
+            + ", ".join(f"{k} ({why})" for k, why in sorted(v.failed.items()))
+            + " (see results.json and each run's log under logs/)."
+        )
+    errors = [r for r in rows if r.errors and r.role != "tuning-free"]
+    if errors:
+        out.append("AdamW runs that failed: " + ", ".join(r.label for r in errors) + ".")
+    out.append("Goals: " + "; ".join(f"{k}: {_goal_word(ok)}" for k, ok in v.goals.items()))
     return "\n".join(out)
 
 
@@ -140,6 +177,8 @@ def write_outputs(
             "best_ratio": v.best_ratio,
             "every_ratio": v.every_ratio,
             "goals": v.goals,
+            "without_result": v.failed,
+            "best_adamw_at_grid_edge": v.grid_edge,
         },
         "runs": results,
     }

@@ -116,14 +116,64 @@ def aggregate(results: list[dict[str, Any]]) -> list[Row]:
 
 @dataclass
 class Verdict:
+    """What a comparison found.
+
+    ``goals`` maps each goal to True (met), False (not met) or None (not measured: nothing to
+    compare, e.g. no AdamW at the stock lr with ``--no-stock-adamw``, or runs that failed).
+    ``every_ratio`` holds the finite ratios only; ``failed`` names the tuning-free configurations
+    without a result (``"diverged"`` or ``"error"``).
+    """
+
     best_tuning_free: Row | None
     best_adamw: Row | None
     stock_adamw: Row | None
     best_ratio: float
     every_ratio: dict[str, float]
-    goals: dict[str, bool]
-    runs_tuning_free: int
+    goals: dict[str, bool | None]
+    seeds: int
     runs_adamw: int
+    failed: dict[str, str]
+    grid_edge: str | None
+
+    @property
+    def runs_tuning_free(self) -> int:
+        """Runs per tuning-free optimizer: one per seed (kept for earlier callers)."""
+        return self.seeds
+
+
+def outcome(row: Row) -> str:
+    """``"ok"``, ``"diverged"`` (a seed's loss went NaN/Inf or its steps kept being skipped) or
+    ``"error"`` (a run failed: bad input, a crash; no loss to report)."""
+    if row.diverged:
+        return "diverged"
+    if math.isfinite(row.eval_loss):
+        return "ok"
+    return "error" if row.errors else "diverged"
+
+
+def grid_edge(rows: list[Row]) -> str | None:
+    """``"low"`` or ``"high"`` when the best AdamW of the grid is its lowest or highest learning
+    rate (then a learning rate beyond it may be better, and the tuned baseline stronger than the
+    grid shows); None when it is inside, or the grid has fewer than 3 points."""
+    grid = sorted((r for r in rows if r.role == "adamw-grid" and r.lr), key=lambda r: r.lr or 0.0)
+    finite = [r for r in grid if math.isfinite(r.eval_loss)]
+    if len(grid) < 3 or not finite:
+        return None
+    best = min(finite, key=lambda r: r.eval_loss)
+    if best is grid[-1]:
+        return "high"
+    if best is grid[0]:
+        return "low"
+    return None
+
+
+def _goal(values: list[bool | None]) -> bool | None:
+    """False if any part failed the goal, else None if any could not be measured, else True."""
+    if any(v is False for v in values):
+        return False
+    if any(v is None for v in values) or not values:
+        return None
+    return True
 
 
 def verdict(rows: list[Row]) -> Verdict:
@@ -136,13 +186,30 @@ def verdict(rows: list[Row]) -> Verdict:
     stock = next((r for r in grid if r.lr == STOCK_LR), None)
     base = best_adamw.eval_loss if best_adamw else float("nan")
     ratio = best_tf.eval_loss / base if best_tf and best_adamw else float("nan")
-    every = {r.optimizer: r.eval_loss / base for r in tf} if best_adamw else {}
-    stock_ratio = stock.eval_loss / base if stock and best_adamw else float("nan")
+    every = {r.optimizer: r.eval_loss / base for r in finite_tf} if best_adamw else {}
+    failed = {r.optimizer: outcome(r) for r in tf if outcome(r) != "ok"}
+    stock_ratio = (
+        stock.eval_loss / base
+        if stock and best_adamw and math.isfinite(stock.eval_loss)
+        else float("nan")
+    )
+
+    def at_most(value: float, goal: float) -> bool | None:
+        return value <= goal if math.isfinite(value) else None
+
+    every_parts: list[bool | None] = [at_most(v, EVERY_RATIO_GOAL) for v in every.values()]
+    every_parts += [False if why == "diverged" else None for why in failed.values()]
+    if not best_adamw:
+        every_parts = [None]
+    stock_goal: bool | None
+    if stock is not None and outcome(stock) == "diverged":
+        stock_goal = True  # diverging at the stock lr is "clearly worse"
+    else:
+        stock_goal = stock_ratio > 1.05 if math.isfinite(stock_ratio) else None
     goals = {
-        f"best tuning-free <= {BEST_RATIO_GOAL}x best AdamW": ratio <= BEST_RATIO_GOAL,
-        f"every tuning-free <= {EVERY_RATIO_GOAL}x best AdamW": bool(every)
-        and all(v <= EVERY_RATIO_GOAL for v in every.values()),
-        "AdamW at the stock lr clearly worse (> 1.05x best AdamW)": stock_ratio > 1.05,
+        f"best tuning-free <= {BEST_RATIO_GOAL}x best AdamW": at_most(ratio, BEST_RATIO_GOAL),
+        f"every tuning-free <= {EVERY_RATIO_GOAL}x best AdamW": _goal(every_parts),
+        "AdamW at the stock lr clearly worse (> 1.05x best AdamW)": stock_goal,
     }
     return Verdict(
         best_tf,
@@ -151,6 +218,8 @@ def verdict(rows: list[Row]) -> Verdict:
         ratio,
         every,
         goals,
-        runs_tuning_free=sum(1 for r in tf) and max(r.seeds for r in tf),
+        seeds=max((r.seeds for r in tf), default=0),
         runs_adamw=sum(r.seeds for r in grid if r.role == "adamw-grid"),
+        failed=failed,
+        grid_edge=grid_edge(rows),
     )
