@@ -375,10 +375,21 @@ def check_task(task: TaskSpec, output_dir: Path) -> None:
     """Build a custom task in this process before any run starts (when some run is not cached),
     so that a bad model or data name, a missing column or an offline hub name stops the command
     with one message (workers build it again; with ``--workers 0`` the runs reuse this build).
+    For ``smollm2-lora``, convert the model from its GGUF file here, once, so that the message
+    saying so reaches the console (the workers' output goes to the runs' log files).
 
     Raises:
         SystemExit: the task cannot be built from the user's input.
     """
+    if task.kind == "smollm2-lora":  # converted once (~30 s), here where its message is seen
+        from hf_tuningfree.data.assets import smollm2_dir
+        from hf_tuningfree.data.packages import MissingAssetError
+
+        try:
+            smollm2_dir()
+        except MissingAssetError as error:
+            raise SystemExit(f"hf-tuningfree compare: error: {error}") from error
+        return
     if task.kind != CUSTOM:
         return
     import datasets

