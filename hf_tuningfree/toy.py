@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .argtypes import positive_int
 from .optim import ADOPT
 
 
@@ -117,14 +118,6 @@ def format_results(results: Sequence[ToyResult], steps: int, k: float) -> str:
     for r in results:
         lines.append(f"  {r.name:<24} " + " ".join(f"{v:+.2f}" for _, v in r.trajectory))
     return "\n".join(lines)
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -77,6 +77,26 @@ def test_stock_trainer_gets_statistics_averaging_and_the_model_card(tmp_path, in
     assert "- optimizer: DoG (hf_tuningfree `optim=dog`)" in card
 
 
+def test_stock_trainer_resumes_dog_with_its_average_bit_exactly(tmp_path, installed):
+    installed()
+    common = dict(optim="dog", max_steps=8, logging_steps=1, save_strategy="steps", save_steps=4)
+    full = Trainer(model=tiny_gpt2(), args=_stock_args(tmp_path / "full", **common),
+                   train_dataset=PatternDataset())  # fmt: skip
+    full.train()
+    ckpt = tmp_path / "full" / "checkpoint-4"
+    assert (ckpt / "averager.pt").exists() and (ckpt / "training_weights.pt").exists()
+    resumed = Trainer(model=tiny_gpt2(seed=1), args=_stock_args(tmp_path / "r", **common),
+                      train_dataset=PatternDataset())  # fmt: skip
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    losses = [[h["loss"] for h in t.state.log_history if "loss" in h] for t in (full, resumed)]
+    assert losses[1][-4:] == losses[0][-4:]
+    for a, b in zip(full.model.parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    with full.averaged_weights(), resumed.averaged_weights():
+        for a, b in zip(full.model.parameters(), resumed.model.parameters(), strict=True):
+            assert torch.equal(a, b)
+
+
 def test_stock_route_keeps_subclasses_and_leaves_stock_optimizers_alone(tmp_path, installed):
     import datasets
     from helpers import sample_texts, trained_bpe_tokenizer

@@ -70,8 +70,9 @@ class SkippedStepCounter:
 
     def update(self, skipped: torch.Tensor | bool, step: int) -> None:
         """Count optimizer step ``step`` (1-based), skipped or not."""
-        if not isinstance(skipped, torch.Tensor):
-            skipped = torch.tensor(bool(skipped))
+        if not isinstance(skipped, torch.Tensor):  # no step taken: count it where we count
+            device = self._total.device if self._total is not None else "cpu"
+            skipped = torch.tensor(bool(skipped), device=device)
         flag = skipped.detach().reshape(()).to(torch.int64)
         if self._total is None or self._total.device != flag.device:
             zeros = [torch.zeros((), dtype=torch.int64, device=flag.device) for _ in range(4)]
