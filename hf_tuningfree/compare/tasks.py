@@ -136,8 +136,8 @@ def build_smollm2_lora(spec: TaskSpec, cache_dir: Path) -> BuiltTask:
     with the scorer's own prompt; evaluated on its ``validation`` questions."""
     from hf_tuningfree.data import make_synthetic_mc
     from hf_tuningfree.data.assets import load_smollm2_tokenizer, smollm2_dir
-    from hf_tuningfree.hf.arguments import LoraArguments
     from hf_tuningfree.hf.lora import apply_lora
+    from hf_tuningfree.hf.script_args import LoraArguments
     from hf_tuningfree.hf.sft import PaddingCollator, tokenize_supervised
 
     opts = spec.options
@@ -400,9 +400,9 @@ def build_custom(spec: TaskSpec, cache_dir: Path) -> BuiltTask:
     context fails before the first run; ``make_model(seed)`` loads the weights (random-init
     models and LoRA adapters initialised under ``seed``)."""
     from hf_tuningfree.data.resolve import resolve_model_config, resolve_model_source
-    from hf_tuningfree.hf.arguments import LoraArguments
     from hf_tuningfree.hf.clm import limit_samples, resolve_block_size, tokenize_and_group
     from hf_tuningfree.hf.lora import apply_lora
+    from hf_tuningfree.hf.script_args import LoraArguments
     from hf_tuningfree.hf.sft import PaddingCollator, detect_format, tokenize_supervised
 
     opts = spec.options

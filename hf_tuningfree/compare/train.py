@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from hf_tuningfree.compare.spec import STOCK_LR, RunSpec, TaskSpec
+from hf_tuningfree.compare.spec import RunSpec, TaskSpec
 from hf_tuningfree.compare.tasks import build_task
 
 _LOGGED = ("step", "loss", "eval_loss", "learning_rate")
@@ -45,10 +45,13 @@ def train_and_score(task: TaskSpec, run: RunSpec, output_dir: Path) -> dict[str,
     trainable, total = trainable_parameters(model)
     use_cpu = not torch.cuda.is_available()
     with tempfile.TemporaryDirectory(prefix="hf_tuningfree_run_") as tmp:
+        # lr None: not set, so the optimizer's recommendation applies (an explicit value, even
+        # the stock 5e-5, would be kept as given)
+        lr = {"learning_rate": run.lr} if run.lr is not None else {}
         args = TuningFreeTrainingArguments(
             tmp,
             optim=run.optimizer,
-            learning_rate=run.lr if run.lr is not None else STOCK_LR,
+            **lr,
             max_steps=task.max_steps,
             per_device_train_batch_size=task.batch_size,
             per_device_eval_batch_size=task.batch_size,
