@@ -30,12 +30,20 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from hf_tuningfree.compare.spec import CUSTOM, RunSpec, TaskSpec, build_runs, log_grid
+from hf_tuningfree.compare.spec import (
+    CUSTOM,
+    TASK_GRIDS,
+    RunSpec,
+    TaskSpec,
+    build_runs,
+    log_grid,
+    parse_optimizers,
+)
 
 __all__ = ["RunSpec", "TaskSpec", "build_runs", "log_grid", "main", "run"]
 
 #: AdamW grids per task kind: from-scratch training wants larger steps than LoRA fine-tuning.
-DEFAULT_GRIDS = {"offline-gpt2": (1e-4, 1e-1), "smollm2-lora": (1e-5, 1e-2)}
+DEFAULT_GRIDS = TASK_GRIDS
 #: ``custom`` tasks: a random-init model trained from scratch, or fine-tuning (pretrained, LoRA).
 CUSTOM_GRIDS = {"from-scratch": (1e-4, 1e-1), "fine-tuning": (1e-5, 1e-2)}
 
@@ -64,15 +72,18 @@ CUSTOM_OPTIONS = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--task",
+        nargs="+",
         default=None,
-        help="task kind: offline-gpt2 (the default), smollm2-lora, or custom (any model and "
-        "data; implied by --model, --data or --train-file, which the fixed kinds reject)",
+        help="task kind: offline-gpt2 (the default), smollm2-lora, gpt2-long, gpt2-shift-ft, "
+        "gpt2-shift-lora, or custom (any model and data; implied by --model, --data or "
+        "--train-file, which the fixed kinds reject); several kinds: a suite run (see --suite)",
     )
     parser.add_argument(
         "--optimizers",
         nargs="+",
         default=None,
-        help="registry names (default: every tuning-free optimizer)",
+        help="registry names or variants NAME:KEY=VALUE,... (e.g. prodigy:d_coef=2,beta3=0.99), "
+        "labelled by their canonical spelling (default: every tuning-free optimizer)",
     )
     parser.add_argument(
         "--adamw-lrs",
@@ -103,6 +114,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="tokens per text block / longest supervised example (default: the task's; custom 128)",
     )
+    from hf_tuningfree.compare.suite import add_suite_arguments
+
+    add_suite_arguments(parser)
     _add_custom_arguments(
         parser.add_argument_group(
             "any model and data (task kind custom)",
@@ -222,7 +236,8 @@ def task_from_args(args: argparse.Namespace) -> TaskSpec:
     from hf_tuningfree.compare.tasks import custom_task, default_task
 
     given = _custom_options_given(args)
-    kind = args.task or (CUSTOM if given else "offline-gpt2")
+    task = args.task[0] if isinstance(args.task, list) else args.task  # one kind here
+    kind = task or (CUSTOM if given else "offline-gpt2")
     if kind != CUSTOM:
         if given:
             raise SystemExit(
@@ -297,13 +312,17 @@ def check_task(task: TaskSpec, output_dir: Path) -> None:
 def run(args: argparse.Namespace) -> dict[str, Path]:
     from hf_tuningfree.compare.report import write_outputs
     from hf_tuningfree.compare.runner import load_cached, run_comparison
+    from hf_tuningfree.compare.suite import requested_tasks, run_suite
     from hf_tuningfree.optim import available_optimizers
 
+    if requested_tasks(args) is not None:  # --suite or several --task kinds
+        return run_suite(args)
     task = task_from_args(args)
-    optimizers = args.optimizers or available_optimizers(tuning_free_only=True)
-    unknown = sorted(set(optimizers) - set(available_optimizers()))
-    if unknown:
-        raise SystemExit(f"unknown optimizers {unknown}; valid: {available_optimizers()}")
+    try:
+        optimizers = parse_optimizers(args.optimizers or [])
+    except ValueError as error:
+        raise SystemExit(f"hf-tuningfree compare: error: --optimizers {error}") from error
+    optimizers = optimizers or available_optimizers(tuning_free_only=True)
     low, high = default_grid(task)
     lrs = args.adamw_lrs or log_grid(args.grid_low or low, args.grid_high or high, args.grid_points)
     runs = build_runs(optimizers, lrs, args.seeds, include_stock=not args.no_stock_adamw)
