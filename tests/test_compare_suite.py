@@ -397,3 +397,25 @@ def test_tiny_suite_writes_a_cross_task_table_equal_to_the_per_task_files(tmp_pa
     )
     assert compare.main(argv) == 0
     assert json.loads((out / "suite.json").read_text())["rows"] == table["rows"]
+
+
+def test_suite_runs_every_suite_task_with_three_seeds_by_default(tmp_path, monkeypatch):
+    seen = {}
+
+    def capture(tasks, optimizers, seeds, output_dir, **kwargs):
+        seen.update(kinds=[t.kind for t in tasks], optimizers=optimizers, seeds=seeds,
+                    output_dir=output_dir, workers=kwargs["workers"])  # fmt: skip
+        (output_dir / "suite.md").parent.mkdir(parents=True)
+        (output_dir / "suite.md").write_text("table\n")
+        return {"markdown": output_dir / "suite.md"}
+
+    monkeypatch.setattr(suite_module, "compare_suite", capture)
+    compare.main(["--suite", "--workers", "1", "--output-dir", str(tmp_path / "s")])
+    assert seen == {"kinds": list(suite_module.SUITE), "optimizers": None, "seeds": [0, 1, 2],
+                    "output_dir": tmp_path / "s", "workers": 1}  # fmt: skip
+    assert suite_module.SUITE == ("offline-gpt2", "gpt2-long", "gpt2-shift-ft", "gpt2-shift-lora")
+    argv = ["--task", "gpt2-long", "offline-gpt2", "--seeds", "4",
+            "--optimizers", "prodigy:d_coef=2", "--output-dir", str(tmp_path / "t")]  # fmt: skip
+    compare.main(argv)
+    assert seen["kinds"] == ["gpt2-long", "offline-gpt2"] and seen["seeds"] == [4]
+    assert seen["optimizers"] == ["prodigy:d_coef=2.0"]

@@ -96,7 +96,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grid-low", type=float, default=None)
     parser.add_argument("--grid-high", type=float, default=None)
     parser.add_argument("--steps", type=int, default=None, help="training steps per run")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--seeds", nargs="+", type=int, default=None,
+                        help="seeds of each configuration (default 0; a suite: 0 1 2)")  # fmt: skip
     parser.add_argument("--output-dir", default=None)
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--no-plots", action="store_true")
@@ -325,13 +326,14 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
     optimizers = optimizers or available_optimizers(tuning_free_only=True)
     low, high = default_grid(task)
     lrs = args.adamw_lrs or log_grid(args.grid_low or low, args.grid_high or high, args.grid_points)
-    runs = build_runs(optimizers, lrs, args.seeds, include_stock=not args.no_stock_adamw)
+    seeds = args.seeds or [0]
+    runs = build_runs(optimizers, lrs, seeds, include_stock=not args.no_stock_adamw)
     output_dir = Path(args.output_dir) if args.output_dir else default_output_dir(task)
     if any(load_cached(output_dir, task, r) is None for r in runs):
         check_task(task, output_dir)
     print(
         f"hf-tuningfree compare: {task.kind}, {task.max_steps} steps, {len(optimizers)} "
-        f"tuning-free optimizer(s) + AdamW at {len(lrs)} learning rates, seeds {args.seeds}: "
+        f"tuning-free optimizer(s) + AdamW at {len(lrs)} learning rates, seeds {seeds}: "
         f"{len(runs)} runs, {args.workers} worker(s); output in {output_dir}",
         flush=True,
     )

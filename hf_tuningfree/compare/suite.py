@@ -53,6 +53,8 @@ from hf_tuningfree.compare.spec import (
 
 #: The tasks of ``--suite``, in table order.
 SUITE = ("offline-gpt2", "gpt2-long", "gpt2-shift-ft", "gpt2-shift-lora")
+#: The seeds of a suite run unless ``--seeds`` says otherwise.
+SUITE_SEEDS = (0, 1, 2)
 #: A run whose final eval loss is above this multiple of its own best eval loss has spiked.
 SPIKE_LIMIT = 1.02
 SUITE_FILES = {"markdown": "suite.md", "csv": "suite.csv", "json": "suite.json"}
@@ -140,7 +142,7 @@ def run_suite(args: argparse.Namespace) -> dict[str, Path]:
     paths = compare_suite(
         suite_tasks(kinds),
         optimizers,
-        args.seeds,
+        args.seeds or list(SUITE_SEEDS),
         output_dir,
         adamw_lrs=args.adamw_lrs,
         grid_points=args.grid_points,
