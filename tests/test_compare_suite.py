@@ -212,6 +212,9 @@ def test_suite_task_specs_carry_what_decides_their_results():
     assert (long.max_steps, long.block_size, long.eval_every) == (1000, 64, 100)
     assert (ft.max_steps, ft.block_size, ft.eval_every, ft.data) == (200, 128, 20, "offline:kjv")
     assert (lora.max_steps, lora.eval_every, lora.data) == (300, 30, "offline:pydoc")
+    short = corpus_lm_task("gpt2-shift-lora-short")
+    assert (short.max_steps, short.eval_every) == (50, 5)
+    assert short.options == lora.options and short.kind != lora.kind
     assert ft.options["pretrained_key"] == pretrain_key(PretrainRecipe())
     assert lora.options["lora"] == {"r": 8, "alpha": 16, "target_modules": ["c_attn", "c_proj"]}
     assert ft.options["data_source"]["corpus"] == "kjv" and "lora" not in ft.options
@@ -389,14 +392,22 @@ def test_tiny_suite_writes_a_cross_task_table_equal_to_the_per_task_files(tmp_pa
         ("Prodigy", 2.0)
     ] * 2
     assert {r["hyperparameters"]["lr"] for r in ran if r["label"] == "adamw lr=3e-02"} == {0.03}
-    assert "Wall time" in markdown and table["workers"] == 0
+    assert table["workers"] == 0 and (table["runs_trained"], table["runs_cached"]) == (16, 0)
+    assert table["run_seconds"] == pytest.approx(
+        sum(r["wall_seconds"] for k in table["tasks"]
+            for r in json.loads((out / k / "results.json").read_text())["runs"])
+    )  # fmt: skip
+    assert "16 runs trained and 0 reused from the cache" in markdown
 
     # again: everything is cached, nothing trains
     monkeypatch.setattr(
         "hf_tuningfree.compare.runner.execute_run", lambda *a: pytest.fail("trained again")
     )
     assert compare.main(argv) == 0
-    assert json.loads((out / "suite.json").read_text())["rows"] == table["rows"]
+    again = json.loads((out / "suite.json").read_text())
+    assert again["rows"] == table["rows"]
+    assert (again["runs_trained"], again["runs_cached"]) == (0, 16)
+    assert again["run_seconds"] == pytest.approx(table["run_seconds"])
 
 
 def test_suite_runs_every_suite_task_with_three_seeds_by_default(tmp_path, monkeypatch):
@@ -413,7 +424,8 @@ def test_suite_runs_every_suite_task_with_three_seeds_by_default(tmp_path, monke
     compare.main(["--suite", "--workers", "1", "--output-dir", str(tmp_path / "s")])
     assert seen == {"kinds": list(suite_module.SUITE), "optimizers": None, "seeds": [0, 1, 2],
                     "output_dir": tmp_path / "s", "workers": 1}  # fmt: skip
-    assert suite_module.SUITE == ("offline-gpt2", "gpt2-long", "gpt2-shift-ft", "gpt2-shift-lora")
+    assert suite_module.SUITE == ("offline-gpt2", "gpt2-long", "gpt2-shift-ft", "gpt2-shift-lora",
+                                  "gpt2-shift-lora-short")  # fmt: skip
     argv = ["--task", "gpt2-long", "offline-gpt2", "--seeds", "4",
             "--optimizers", "prodigy:d_coef=2", "--output-dir", str(tmp_path / "t")]  # fmt: skip
     compare.main(argv)

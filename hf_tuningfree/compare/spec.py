@@ -40,6 +40,7 @@ TASK_GRIDS = {
     "gpt2-long": (1e-4, 1e-1),
     "gpt2-shift-ft": (1e-5, 1e-2),
     "gpt2-shift-lora": (1e-4, 1e-1),
+    "gpt2-shift-lora-short": (1e-4, 1e-1),
 }
 
 #: ``name:key=value,...``: a registry optimizer with other hyperparameters.

@@ -8,11 +8,12 @@ step in the output layer). Everything is built locally; nothing touches the mode
 
 ``smollm2-lora``: LoRA on SmolLM2-135M-Instruct trained on the synthetic multiple-choice questions.
 
-``gpt2-long``, ``gpt2-shift-ft``, ``gpt2-shift-lora``: the other regimes of the compare suite
-(:func:`corpus_lm_task`, built by :func:`build_corpus_lm`): a causal LM on one offline corpus cut
-into blocks, either trained from scratch for 1,000 steps, or starting from the GPT-2 pretrained
-here on Shakespeare (:mod:`hf_tuningfree.data.pretrained`) and fine-tuned on another corpus, fully
-or with LoRA adapters (zero-initialised B, as PEFT does).
+``gpt2-long``, ``gpt2-shift-ft``, ``gpt2-shift-lora``, ``gpt2-shift-lora-short``: the other
+regimes of the compare suite (:func:`corpus_lm_task`, built by :func:`build_corpus_lm`): a causal
+LM on one offline corpus cut into blocks, either trained from scratch for 1,000 steps, or starting
+from the GPT-2 pretrained here on Shakespeare (:mod:`hf_tuningfree.data.pretrained`) and
+fine-tuned on another corpus, fully or with LoRA adapters (zero-initialised B, as PEFT does), for
+300 or 50 steps.
 
 ``custom``: any model and data the fine-tuning scripts accept (:func:`custom_task` makes the
 spec, :func:`build_custom` builds it). The model is an ``offline:NAME``, a local directory or a hub
@@ -573,6 +574,9 @@ def corpus_lm_task(kind: str, max_steps: int | None = None) -> TaskSpec:
       parameters, B zero at the start) on that model, 300 steps of 8 x 64 tokens of Python's
       reference documentation (pydoc): a larger shift, and the regime where the distance
       estimators start far too small.
+    - ``gpt2-shift-lora-short``: the same LoRA task stopped after 50 steps: the short fine-tune
+      (as ``smollm2-lora``'s 30 steps, at a thirtieth of its cost) where an estimate that grows
+      from 1e-6 has no time to reach its scale.
     """
     from hf_tuningfree.data.pretrained import (
         PretrainRecipe,
@@ -620,6 +624,7 @@ CORPUS_LM_KINDS = {
     "gpt2-long": ("kjv", 1000, 64, False),
     "gpt2-shift-ft": ("kjv", 200, 128, False),
     "gpt2-shift-lora": ("pydoc", 300, 64, True),
+    "gpt2-shift-lora-short": ("pydoc", 50, 64, True),
 }
 
 BUILDERS: dict[str, Callable[[TaskSpec, Path], BuiltTask]] = {
