@@ -36,10 +36,19 @@ from pathlib import Path
 from typing import Any
 
 from hf_tuningfree.argtypes import nonnegative_int, positive_float, positive_int
-from hf_tuningfree.compare.spec import ADAMW, CUSTOM, RunSpec, TaskSpec, build_runs, log_grid
+from hf_tuningfree.compare.spec import (
+    ADAMW,
+    CUSTOM,
+    TASK_GRIDS,
+    RunSpec,
+    TaskSpec,
+    build_runs,
+    log_grid,
+    parse_optimizers,
+)
 
 #: AdamW grids per task kind: from-scratch training wants larger steps than LoRA fine-tuning.
-DEFAULT_GRIDS = {"offline-gpt2": (1e-4, 1e-1), "smollm2-lora": (1e-5, 1e-2)}
+DEFAULT_GRIDS = TASK_GRIDS
 #: ``custom`` tasks: a random-init model trained from scratch, or fine-tuning (pretrained, LoRA).
 CUSTOM_GRIDS = {"from-scratch": (1e-4, 1e-1), "fine-tuning": (1e-5, 1e-2)}
 
@@ -74,15 +83,18 @@ MAX_GRID_EXTENSIONS = 3
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--task",
+        nargs="+",
         default=None,
-        help="task kind: offline-gpt2 (the default), smollm2-lora, or custom (any model and "
-        "data; implied by --model, --data or --train-file, which the fixed kinds reject)",
+        help="task kind: offline-gpt2 (the default), smollm2-lora, gpt2-long, gpt2-shift-ft, "
+        "gpt2-shift-lora, or custom (any model and data; implied by --model, --data or "
+        "--train-file, which the fixed kinds reject); several kinds: a suite run (see --suite)",
     )
     parser.add_argument(
         "--optimizers",
         nargs="+",
         default=None,
-        help="registry names (default: every tuning-free optimizer)",
+        help="registry names or variants NAME:KEY=VALUE,... (e.g. prodigy:d_coef=2,beta3=0.99), "
+        "labelled by their canonical spelling (default: every tuning-free optimizer)",
     )
     parser.add_argument(
         "--adamw-lrs",
@@ -108,7 +120,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "it the summary warns, as the tuned baseline may then be better than the grid shows",
     )
     parser.add_argument("--steps", type=positive_int, default=None, help="training steps per run")
-    parser.add_argument("--seeds", nargs="+", type=nonnegative_int, default=[0])
+    parser.add_argument(
+        "--seeds",
+        nargs="+",
+        type=nonnegative_int,
+        default=None,
+        help="seeds of each configuration (default 0; a suite: 0 1 2)",
+    )
     parser.add_argument("--output-dir", default=None)
     parser.add_argument(
         "--workers",
@@ -157,6 +175,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="multiple-choice questions scored after training, a fixed subset (default: the "
         "task's; custom 200)",
     )
+    from hf_tuningfree.compare.suite import add_suite_arguments
+
+    add_suite_arguments(parser)
     _add_custom_arguments(
         parser.add_argument_group(
             "any model and data (task kind custom)",
@@ -284,7 +305,8 @@ def task_from_args(args: argparse.Namespace) -> TaskSpec:
     from hf_tuningfree.compare.tasks import custom_task, default_task
 
     given = _custom_options_given(args)
-    kind = args.task or (CUSTOM if given else "offline-gpt2")
+    task = args.task[0] if isinstance(args.task, list) else args.task  # one kind here
+    kind = task or (CUSTOM if given else "offline-gpt2")
     if kind != CUSTOM:
         if given:
             raise SystemExit(
@@ -421,19 +443,21 @@ def run(args: argparse.Namespace, progress: Callable[[str], None] | None = None)
     """
     from hf_tuningfree.compare.report import write_outputs
     from hf_tuningfree.compare.runner import load_cached, run_comparison
+    from hf_tuningfree.compare.suite import requested_tasks, run_suite
     from hf_tuningfree.optim import available_optimizers
 
     say = progress or console_printer()
-    task = task_from_args(args)
-    optimizers = args.optimizers or available_optimizers(tuning_free_only=True)
-    unknown = sorted(set(optimizers) - set(available_optimizers()))
-    if unknown:
-        raise SystemExit(
-            f"hf-tuningfree compare: error: --optimizers: unknown {unknown}; valid: "
-            f"{', '.join(available_optimizers())}"
-        )
-    if len(set(args.seeds)) != len(args.seeds):
+    if args.seeds is not None and len(set(args.seeds)) != len(args.seeds):
         raise SystemExit(f"hf-tuningfree compare: error: --seeds repeats a seed: {args.seeds}")
+    if requested_tasks(args) is not None:  # --suite or several --task kinds
+        return run_suite(args, _custom_options_given(args), progress=say)
+    task = task_from_args(args)
+    try:
+        optimizers = parse_optimizers(args.optimizers or [])
+    except ValueError as error:
+        raise SystemExit(f"hf-tuningfree compare: error: --optimizers {error}") from error
+    optimizers = optimizers or available_optimizers(tuning_free_only=True)
+    seeds = args.seeds or [0]
     low, high = default_grid(task)
     low, high = args.grid_low or low, args.grid_high or high
     if args.adamw_lrs is None and low > high:
@@ -441,20 +465,20 @@ def run(args: argparse.Namespace, progress: Callable[[str], None] | None = None)
             f"hf-tuningfree compare: error: --grid-low {low:g} is above --grid-high {high:g}"
         )
     lrs = args.adamw_lrs or log_grid(low, high, args.grid_points)
-    runs = build_runs(optimizers, lrs, args.seeds, include_stock=not args.no_stock_adamw)
+    runs = build_runs(optimizers, lrs, seeds, include_stock=not args.no_stock_adamw)
     output_dir = Path(args.output_dir) if args.output_dir else default_output_dir(task)
     if any(load_cached(output_dir, task, r) is None for r in runs):
         check_task(task, output_dir)
     say(
         f"hf-tuningfree compare: {task.kind}, {task.max_steps} steps, {len(optimizers)} "
-        f"tuning-free optimizer(s) + AdamW at {len(lrs)} learning rates, seeds {args.seeds}: "
+        f"tuning-free optimizer(s) + AdamW at {len(lrs)} learning rates, seeds {seeds}: "
         f"{len(runs)} runs, {args.workers} worker(s); output in {output_dir}"
     )
     start = time.perf_counter()
     results = run_comparison(task, runs, output_dir, workers=args.workers, progress=say)
     extended = {"low": 0, "high": 0}
     while args.extend_grid:
-        edge, extra = _grid_extension(results, runs, args.seeds)
+        edge, extra = _grid_extension(results, runs, seeds)
         if edge is None or extended[edge] >= MAX_GRID_EXTENSIONS:
             break
         extended[edge] += 1

@@ -29,6 +29,9 @@ Assets:
   on a corpus' train split (default: Shakespeare, 4,096 tokens, ~3 s). A 4k vocabulary makes a
   small GPT-2 about six times faster per step on a CPU than GPT-2's 50k one, where the embedding
   and output layers dominate.
+- **A small pretrained GPT-2** (:mod:`hf_tuningfree.data.pretrained`): trained here once,
+  deterministically, on an offline corpus with the corpus BPE, through :func:`build_once`; the
+  base model of the compare suite's fine-tuning tasks.
 """
 
 from __future__ import annotations
