@@ -29,6 +29,7 @@ from hf_tuningfree.hf.recommend import (
     optim_name,
     optimizer_cls_and_kwargs,
 )
+from hf_tuningfree.hf.schedule_free import ScheduleFreeCallback, eval_mode
 from hf_tuningfree.optim.registry import get_optimizer_spec
 
 AVERAGER_FILE = "averager.pt"
@@ -75,6 +76,7 @@ class TuningFreeTrainer(Trainer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.add_callback(ScheduleFreeCallback())  # schedule-free: x for saving, after training
         self.averager: Any = None
         if self._wants_averaging():
             from hf_tuningfree.optim.averaging import PolynomialDecayAverager
@@ -131,6 +133,7 @@ class TuningFreeTrainer(Trainer):
             return super().evaluate(*args, **kwargs)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        eval_mode(self.optimizer)  # schedule-free optimizers: save the average x
         with self.averaged_weights():
             super().save_model(output_dir, _internal_call=_internal_call)
 
