@@ -311,8 +311,8 @@ def _register_builtins() -> None:
             name="dadapt_sgd",
             cls=DAdaptSGD,
             lr=1.0,
-            description="SGD whose step d*lr/||g0|| learns d, a lower bound on the distance "
-            "to the solution",
+            description="SGD whose step d*lr/G learns d, a lower bound on the distance to the "
+            "solution (G: the largest gradient norm so far)",
             paper=dadapt_paper,
             lr_is_multiplier=True,
         )
