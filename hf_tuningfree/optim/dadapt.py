@@ -124,6 +124,20 @@ __all__ = [
 ]
 
 
+#: ``d_groups``: one estimate of ``d`` for the model, or one per named param group.
+D_GROUPS = ("model", "group")
+
+
+def _scoped(stats: dict[str, torch.Tensor], scope: str) -> dict[str, torch.Tensor]:
+    """The reduced sums of one estimate (keys ``name + scope``), under their plain names."""
+    out = {}
+    for key, value in stats.items():
+        name, _, owner = key.partition("@")
+        if ("@" + owner if owner else "") == scope:
+            out[name] = value
+    return out
+
+
 def check_growth_rate(value: object) -> float:
     """``growth_rate`` is a factor >= 1 (``inf``: unrestricted)."""
     v = check_positive("growth_rate", value, allow_inf=True)
@@ -254,6 +268,9 @@ class DAdaptationBase(TuningFreeOptimizer):
     #: Whether a step may run in the fused form (see ``_fuses``); tests switch it off to compare.
     FUSE = True
     _fused_step = False
+    #: The estimate being worked on: "" (the model's, or the unnamed groups' with
+    #: ``d_groups="group"``) or "@<name>"; it suffixes every ``global_state`` key (``_global``).
+    _scope = ""
 
     # ------------------------------------------------------------------ construction
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -263,7 +280,7 @@ class DAdaptationBase(TuningFreeOptimizer):
         self._validate_group(merged)
         if self.param_groups:
             first = self.param_groups[0]
-            for key in self._MODEL_WIDE:
+            for key in (*self._MODEL_WIDE, "d_groups"):
                 if key in merged and merged[key] != first[key]:
                     raise ValueError(
                         f"{type(self).__name__}: {key}={merged[key]!r} in a param group differs "
@@ -278,6 +295,17 @@ class DAdaptationBase(TuningFreeOptimizer):
         check_nonnegative("weight_decay", group["weight_decay"])
         check_bool("maximize", group["maximize"])
         check_choice("implementation", group["implementation"], IMPLEMENTATIONS)
+        check_choice("d_groups", group.get("d_groups", "model"), D_GROUPS)
+        name = group.get("name")
+        if (
+            group.get("d_groups") == "group"
+            and name is not None
+            and (not isinstance(name, str) or not name or "@" in name)
+        ):
+            raise ValueError(
+                f"Invalid param group name {name!r}; allowed with d_groups='group': a non-empty "
+                "string without '@' (groups with the same name share one d)"
+            )
 
     # ------------------------------------------------------------------ subclass hooks
     def _statistics_pass(
@@ -334,10 +362,24 @@ class DAdaptationBase(TuningFreeOptimizer):
         return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
 
     def _global(self, name: str, device: torch.device, value: float = 0.0) -> torch.Tensor:
+        """The current estimate's ``name`` in ``global_state`` (see ``_scope``)."""
         dtype = self._scalar_dtype()
         return self.global_tensor(
-            name, device, lambda dev: torch.full((), value, dtype=dtype, device=dev)
+            name + self._scope, device, lambda dev: torch.full((), value, dtype=dtype, device=dev)
         )
+
+    def _estimates(self, batch: StepBatch) -> list[tuple[str, StepBatch]]:
+        """``(scope, the groups it covers)`` for every estimate of ``d``: the whole batch with
+        ``d_groups="model"``; with ``"group"`` one per distinct group ``name`` (groups without a
+        name share the unnamed one, so the Trainer's decay/no-decay split stays one estimate),
+        in the order of the param groups (the same on every rank)."""
+        if self.param_groups[0].get("d_groups", "model") != "group":
+            return [("", batch)]
+        scopes: dict[str, list[GroupBatch]] = {}
+        for gb in batch.groups:
+            name = gb.group.get("name")
+            scopes.setdefault("" if name is None else f"@{name}", []).append(gb)
+        return [(scope, StepBatch(gbs, batch.device)) for scope, gbs in scopes.items()]
 
     def _d_and_step(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         return self._global("d", device, self.param_groups[0]["d0"]), self._global("step", device)
@@ -369,12 +411,29 @@ class DAdaptationBase(TuningFreeOptimizer):
     def _local_statistics(self, batch: StepBatch) -> dict[str, torch.Tensor]:
         self._step_scalar_dtype = None
         self._step_scalar_dtype = self._scalar_dtype()  # until the end of _update
-        dtype = self._step_scalar_dtype
         self._fused_step = self._fuses(batch)
+        self._guard_by_scope: dict[str, list[torch.Tensor]] = {}
+        local: dict[str, torch.Tensor] = {}
+        finite = []
+        try:
+            for scope, sub in self._estimates(batch):
+                self._scope = scope
+                sums = self._estimate_statistics(sub)
+                local.update({name + scope: value for name, value in sums.items()})
+                finite.append(self._finite_term)
+        finally:
+            self._scope = ""
+        self._finite_term = torch.stack(finite).sum()
+        return local
+
+    def _estimate_statistics(self, batch: StepBatch) -> dict[str, torch.Tensor]:
+        """This rank's sums for the current estimate (the groups in ``batch``)."""
+        dtype = self._step_scalar_dtype
         if self._fused_step:
             # only the guard's sums now; the others come out of the fused update (_fused_update)
-            self._guard_sums = [self._grad_sq(gb) for gb in batch.groups]
-            self._finite_term = torch.stack(self._guard_sums).sum().to(dtype)
+            guard = [self._grad_sq(gb) for gb in batch.groups]
+            self._guard_by_scope[self._scope] = guard
+            self._finite_term = torch.stack(guard).sum().to(dtype)
             return {}
         d, step = self._d_and_step(batch.device)
         per_group = self._run_pass(batch, lambda gb: self._statistics_pass(gb, d, step))
@@ -406,9 +465,10 @@ class DAdaptationBase(TuningFreeOptimizer):
         """The update of a fused step, one C kernel per group; returns this step's sums as the
         two-pass form's statistics would have them (the fused kernels write zero sums and nothing
         else when ``ok`` is False)."""
-        before = self._guard_statistics(batch, self._guard_sums)
+        guard = self._guard_by_scope[self._scope]
+        before = self._guard_statistics(batch, guard)
         per_group = []
-        for gb, g_sq in zip(batch.groups, self._guard_sums, strict=True):
+        for gb, g_sq in zip(batch.groups, guard, strict=True):
             tensor_pass, scalars, static = self._update_pass(gb, d, step, before, ok)
             assert tensor_pass.fused is not None
             names = tensor_pass.fused_sums
@@ -434,15 +494,25 @@ class DAdaptationBase(TuningFreeOptimizer):
 
     def _update(self, batch: StepBatch, stats: dict[str, torch.Tensor], ok: torch.Tensor) -> None:
         try:
-            d, step = self._d_and_step(batch.device)
-            if self._fused_step:
-                stats = self._fused_update(batch, d, step, ok)
-            else:
-                self._run_pass(batch, lambda gb: self._update_pass(gb, d, step, stats, ok))
-            self._finish(stats, ok, d, step)
-            step.add_(ok.to(step.dtype))
+            for scope, sub in self._estimates(batch):
+                self._scope = scope
+                self._update_estimate(sub, _scoped(stats, scope), ok)
         finally:
+            self._scope = ""
             self._step_scalar_dtype = None
+
+    def _update_estimate(
+        self, batch: StepBatch, stats: dict[str, torch.Tensor], ok: torch.Tensor
+    ) -> None:
+        """Update the groups of the current estimate, then its ``d``."""
+        self._scope_groups = [gb.group for gb in batch.groups]
+        d, step = self._d_and_step(batch.device)
+        if self._fused_step:
+            stats = self._fused_update(batch, d, step, ok)
+        else:
+            self._run_pass(batch, lambda gb: self._update_pass(gb, d, step, stats, ok))
+        self._finish(stats, ok, d, step)
+        step.add_(ok.to(step.dtype))
 
     def _store_unless_skipped(self, ok: torch.Tensor, **values: torch.Tensor) -> None:
         """Write this step's model-wide scalars into ``global_state``; a skipped step (``ok``
@@ -558,7 +628,15 @@ class DAdaptationBase(TuningFreeOptimizer):
 
     def stats(self) -> dict[str, float]:
         out = super().stats()
-        out["d"] = self._global_float("d", self.param_groups[0]["d0"])
+        d0 = self.param_groups[0]["d0"]
+        out["d"] = self._global_float("d", d0)
+        names = [g.get("name") for g in self.param_groups]
+        if self.param_groups[0].get("d_groups", "model") == "group":
+            named = list(dict.fromkeys(n for n in names if n is not None))
+            for name in named:  # d/<name> per named estimate; d stays the unnamed groups'
+                out[f"d/{name}"] = self._global_float(f"d@{name}", d0)
+            if named and None not in names:
+                out["d"] = out[f"d/{named[0]}"]
         out["step"] = self._global_float("step")
         out["lr"] = max((g["lr"] for g in self.param_groups), default=0.0)
         return out
@@ -761,6 +839,9 @@ class DAdaptSGD(DAdaptationBase):
             style; ``x`` itself without momentum), kept out of ``s`` and ``d``.
         d0: initial lower bound on the distance to the solution (default 1e-6).
         growth_rate: ``d`` grows by at most this factor per step (default inf).
+        d_groups: ``"model"`` (default: one ``d`` for all groups, the papers') or ``"group"``:
+            one ``d`` per param-group ``name`` (groups without a name share one), e.g. for LoRA
+            A/B or two networks; every estimate is the model-wide algorithm run on its groups.
         gradient_bound: ``"max"`` (default) or ``"first"`` (the authors'), see above.
         maximize: maximize the objective.
         implementation: ``"auto"``, ``"loop"`` or ``"compiled"`` (see
@@ -784,6 +865,7 @@ class DAdaptSGD(DAdaptationBase):
         decoupled_weight_decay: bool = False,
         d0: float = 1e-6,
         growth_rate: float = float("inf"),
+        d_groups: str = "model",
         gradient_bound: str = "max",
         maximize: bool = False,
         implementation: str = "auto",
@@ -798,6 +880,7 @@ class DAdaptSGD(DAdaptationBase):
             "decoupled_weight_decay": decoupled_weight_decay,
             "d0": check_positive("d0", d0),
             "growth_rate": check_growth_rate(growth_rate),
+            "d_groups": d_groups,
             "gradient_bound": check_choice("gradient_bound", gradient_bound, ("max", "first")),
             "maximize": maximize,
             "implementation": implementation,
@@ -1118,6 +1201,9 @@ class DAdaptAdam(AdamFormBase):
         use_bias_correction: see above (default True).
         d0: initial lower bound on the distance to the solution (default 1e-6).
         growth_rate: ``d`` grows by at most this factor per step (default inf).
+        d_groups: ``"model"`` (default: one ``d`` for all groups, the papers') or ``"group"``:
+            one ``d`` per param-group ``name`` (groups without a name share one), e.g. for LoRA
+            A/B or two networks; every estimate is the model-wide algorithm run on its groups.
         maximize: maximize the objective.
         implementation: ``"auto"``, ``"loop"`` or ``"compiled"``; ``"foreach"`` runs the loop.
             On CPU, ``"auto"`` and ``"compiled"`` run the C kernels (see the module docstring).
@@ -1140,6 +1226,7 @@ class DAdaptAdam(AdamFormBase):
         use_bias_correction: bool = True,
         d0: float = 1e-6,
         growth_rate: float = float("inf"),
+        d_groups: str = "model",
         maximize: bool = False,
         implementation: str = "auto",
         *,
@@ -1155,6 +1242,7 @@ class DAdaptAdam(AdamFormBase):
             "use_bias_correction": check_bool("use_bias_correction", use_bias_correction),
             "d0": check_positive("d0", d0),
             "growth_rate": check_growth_rate(growth_rate),
+            "d_groups": d_groups,
             "maximize": maximize,
             "implementation": implementation,
         }
@@ -1331,7 +1419,7 @@ class DAdaptAdaGrad(DAdaptationBase):
         weight_decay: L2 coefficient added to the gradient (default 0).
         eps: added to ``sqrt(alpha)`` (default 1e-6, the authors').
         initial_accumulator_value: ``alpha_0`` (default 1e-6, the authors' fixed value).
-        d0, growth_rate, maximize, implementation: as :class:`DAdaptSGD`.
+        d0, growth_rate, d_groups, maximize, implementation: as :class:`DAdaptSGD`.
         skip_nonfinite, global_reduce: see :class:`~hf_tuningfree.optim.base.TuningFreeOptimizer`.
 
     State: per parameter ``alpha``, ``s``, ``x0``; model-wide ``d``, ``numerator`` (N),
@@ -1350,6 +1438,7 @@ class DAdaptAdaGrad(DAdaptationBase):
         initial_accumulator_value: float = 1e-6,
         d0: float = 1e-6,
         growth_rate: float = float("inf"),
+        d_groups: str = "model",
         maximize: bool = False,
         implementation: str = "auto",
         *,
@@ -1364,6 +1453,7 @@ class DAdaptAdaGrad(DAdaptationBase):
             "initial_accumulator_value": initial_accumulator_value,
             "d0": check_positive("d0", d0),
             "growth_rate": check_growth_rate(growth_rate),
+            "d_groups": d_groups,
             "maximize": maximize,
             "implementation": implementation,
         }

@@ -208,6 +208,7 @@ class ProdigyScheduleFree(ScheduleFreeModes, Prodigy):
         d0: float = 1e-6,
         d_coef: float = 1.0,
         growth_rate: float = float("inf"),
+        d_groups: str = "model",
         maximize: bool = False,
         implementation: str = "auto",
         *,
@@ -232,6 +233,7 @@ class ProdigyScheduleFree(ScheduleFreeModes, Prodigy):
             d0=d0,
             d_coef=d_coef,
             growth_rate=growth_rate,
+            d_groups=d_groups,
             maximize=maximize,
             implementation=implementation,
             skip_nonfinite=skip_nonfinite,
@@ -257,8 +259,10 @@ class ProdigyScheduleFree(ScheduleFreeModes, Prodigy):
         return torch.sqrt(1.0 - torch.pow(group["betas"][1], step + 1.0))
 
     def _reference_step(self, d: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-        """The step that sets the averaging weight: ``d lr bc`` with the largest group ``lr``."""
-        lr = max((g["lr"] for g in self.param_groups), default=0.0)
+        """The step that sets the averaging weight: ``d lr bc`` with the largest ``lr`` of the
+        groups of the current estimate (all groups, unless ``d_groups="group"``)."""
+        groups = getattr(self, "_scope_groups", None) or self.param_groups
+        lr = max((g["lr"] for g in groups), default=0.0)
         return d * self._bias_correction(step) * lr
 
     def _averaging(
