@@ -73,7 +73,7 @@ def test_the_command_line_refuses_a_bad_variant_before_any_run(tmp_path):
     with pytest.raises(SystemExit) as error:
         compare.main(["--optimizers", "prodigy:dcoef=2", "--output-dir", str(tmp_path / "x")])
     assert str(error.value).startswith(
-        "hf-tuningfree compare: error: --optimizers 'prodigy:dcoef=2': Unknown hyperparameter"
+        "hf-tuningfree compare: error: --optimizers: 'prodigy:dcoef=2': Unknown hyperparameter"
     )
     assert not (tmp_path / "x").exists()
     with pytest.raises(SystemExit, match="'adopt' is listed twice"):
@@ -312,7 +312,7 @@ def test_multi_task_options_are_refused_with_one_line(tmp_path):
         (["--suite", "--steps", "5"], "--steps describe one task"),
         (["--task", "gpt2-long", "offline-gpt2", "--grid-low", "1e-3"], "--grid-low describe"),
         (["--suite", "--data", "offline:kjv"], "--data describe one task"),
-        (["--suite", "--optimizers", "dog:x=1"], "--optimizers 'dog:x=1': Unknown"),
+        (["--suite", "--optimizers", "dog:x=1"], "--optimizers: 'dog:x=1': Unknown"),
     ]:
         with pytest.raises(SystemExit) as error:
             compare.main([*argv, *out])

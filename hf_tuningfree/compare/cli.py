@@ -455,7 +455,7 @@ def run(args: argparse.Namespace, progress: Callable[[str], None] | None = None)
     try:
         optimizers = parse_optimizers(args.optimizers or [])
     except ValueError as error:
-        raise SystemExit(f"hf-tuningfree compare: error: --optimizers {error}") from error
+        raise SystemExit(f"hf-tuningfree compare: error: --optimizers: {error}") from error
     optimizers = optimizers or available_optimizers(tuning_free_only=True)
     seeds = args.seeds or [0]
     low, high = default_grid(task)

@@ -143,7 +143,7 @@ def run_suite(
     try:
         optimizers = parse_optimizers(args.optimizers) if args.optimizers else None
     except ValueError as error:
-        raise SystemExit(f"hf-tuningfree compare: error: --optimizers {error}") from error
+        raise SystemExit(f"hf-tuningfree compare: error: --optimizers: {error}") from error
     output_dir = Path(args.output_dir) if args.output_dir else Path("outputs/compare-suite")
     paths = compare_suite(
         suite_tasks(kinds),

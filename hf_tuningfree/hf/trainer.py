@@ -43,6 +43,7 @@ from hf_tuningfree.hf.recommend import (
     optim_name,
     registry_optimizer_cls_and_kwargs,
 )
+from hf_tuningfree.hf.schedule_free import ScheduleFreeCallback, eval_mode
 from hf_tuningfree.optim.registry import get_optimizer_spec
 
 AVERAGER_FILE = "averager.pt"
@@ -85,6 +86,7 @@ class TuningFreeTrainerMixin:
         """Create the averager (when wanted) and register the callback; call once, after
         ``Trainer.__init__``. The arguments are used where ``self.args`` has no such field (a
         stock ``TrainingArguments``)."""
+        self.add_callback(ScheduleFreeCallback())  # schedule-free: x for saving, after training
         self.averager: Any = None
         if self._wants_averaging(average_weights):
             from hf_tuningfree.optim.averaging import PolynomialDecayAverager
@@ -140,6 +142,7 @@ class TuningFreeTrainerMixin:
             return super().evaluate(*args, **kwargs)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        eval_mode(self.optimizer)  # schedule-free optimizers: save the average x
         with self.averaged_weights():
             super().save_model(output_dir, _internal_call=_internal_call)
 
