@@ -137,7 +137,10 @@ def test_inconsistent_values_fail_before_any_run(tmp_path, capsys):
             ["--grid-low", "1e-2", "--grid-high", "1e-3"],
             "--grid-low 0.01 is above --grid-high 0.001",
         ),
-        (["--optimizers", "adpot"], "--optimizers: unknown optimizer 'adpot' in 'adpot'; valid: adopt, "),
+        (
+            ["--optimizers", "adpot"],
+            "--optimizers: unknown optimizer 'adpot' in 'adpot'; valid: adopt, ",
+        ),
     ]:
         with pytest.raises(SystemExit) as info:
             cli.main([*argv, *out])
