@@ -134,6 +134,11 @@ def _optimizer_kwargs(
     kwargs.update(overrides)
     for key in overrides:
         origins[key] = f"the override {key}={overrides[key]!r}"
+    stage = deepspeed_zero_stage(args)
+    if stage and "global_reduce" in spec.hyperparameters() and "global_reduce" not in kwargs:
+        # ZeRO hands each rank's optimizer its partition only: model-wide sums must span ranks
+        kwargs["global_reduce"] = "world"
+        origins["global_reduce"] = f"DeepSpeed ZeRO stage {stage}"
     try:
         kwargs = spec.validate_overrides(kwargs)
     except TypeError as exc:
@@ -349,15 +354,82 @@ def warn_multiplier(spec: OptimizerSpec, learning_rate: float) -> None:
         )
 
 
-def deepspeed_declares_optimizer(deepspeed: object) -> bool:
-    """Whether a DeepSpeed config (dict or JSON path) declares its own optimizer."""
+def _deepspeed_config(deepspeed: object) -> dict[str, Any] | None:
+    """A DeepSpeed config given as a dict or a JSON file's path (``--deepspeed``), else None."""
     if not deepspeed:
-        return False
+        return None
     config = deepspeed
     if isinstance(deepspeed, (str, os.PathLike)):
         with open(deepspeed, encoding="utf-8") as fh:
             config = json.load(fh)
-    return isinstance(config, dict) and "optimizer" in config
+    return config if isinstance(config, dict) else None
+
+
+def deepspeed_declares_optimizer(deepspeed: object) -> bool:
+    """Whether a DeepSpeed config (dict or JSON path) declares its own optimizer."""
+    config = _deepspeed_config(deepspeed)
+    return config is not None and "optimizer" in config
+
+
+#: Accelerate's launcher (``accelerate launch --use_deepspeed`` or a DeepSpeed ``accelerate
+#: config``) passes its DeepSpeed settings to the processes in these variables; the Trainer then
+#: builds its DeepSpeed plugin from them.
+ACCELERATE_DEEPSPEED_ENV = (
+    "ACCELERATE_USE_DEEPSPEED",
+    "ACCELERATE_DEEPSPEED_CONFIG_FILE",
+    "ACCELERATE_DEEPSPEED_ZERO_STAGE",
+)
+#: Accelerate's ``DeepSpeedPlugin`` default when neither a config file nor a stage is given.
+_ACCELERATE_DEFAULT_ZERO_STAGE = 2
+
+
+def _stage(value: object, where: str) -> int:
+    try:
+        stage = int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        stage = -1
+    if stage not in (0, 1, 2, 3):
+        raise OptimizerArgumentError(
+            f"DeepSpeed zero_optimization.stage {value!r} (from {where}) is not 0, 1, 2 or 3; the "
+            "registry optimizers need the stage to know whether each rank holds a partition"
+        )
+    return stage
+
+
+def deepspeed_zero_stage(args: Any) -> int | None:
+    """The DeepSpeed ZeRO stage of the run ``args`` describe, or None without DeepSpeed.
+
+    Read from the Trainer's ``deepspeed`` argument (a config dict or JSON file; no
+    ``zero_optimization`` section is stage 0) or, where that is not set, from Accelerate's
+    launcher variables (:data:`ACCELERATE_DEEPSPEED_ENV`: the config file it names, else
+    ``ACCELERATE_DEEPSPEED_ZERO_STAGE``, else Accelerate's default, 2).
+
+    Under ZeRO stage >= 1 every rank's optimizer steps only its partition of the (flattened)
+    parameters, so D-Adaptation's and Prodigy's numerator, DoG's distances and the
+    hypergradient dot products must be summed over the ranks: the Trainer routes then pass
+    ``global_reduce="world"`` (unless ``optim_args`` sets it). Stage 0 keeps whole parameters
+    on every rank (data parallel): no collective is needed.
+
+    Raises:
+        OptimizerArgumentError: a stage that is not 0-3.
+    """
+    config = _deepspeed_config(getattr(args, "deepspeed", None))
+    if config is None and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in (
+        "1",
+        "true",
+        "yes",
+    ):
+        config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+        if config_file and config_file.lower() != "none":
+            config = _deepspeed_config(config_file)
+        else:
+            stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+            where = "ACCELERATE_DEEPSPEED_ZERO_STAGE"
+            return _stage(_ACCELERATE_DEFAULT_ZERO_STAGE if stage is None else stage, where)
+    if config is None:
+        return None
+    zero = config.get("zero_optimization") or {}
+    return _stage(zero.get("stage", 0), "the DeepSpeed config")
 
 
 def check_compatible(args: TrainingArguments) -> None:
@@ -371,3 +443,13 @@ def check_compatible(args: TrainingArguments) -> None:
             "zero_allow_untested_optimizer) or drop optim."
         )
     parse_optim_args(name, args.optim_args)
+    stage = deepspeed_zero_stage(args)
+    if stage and getattr(get_optimizer_spec(name).cls, "_layerwise", False):
+        logger.warning(
+            "hf_tuningfree: optim=%s under DeepSpeed ZeRO stage %d: its statistics are per "
+            "tensor, and ZeRO hands each rank one flat partition per param group, so its "
+            "'layers' become partitions of the flattened model, not the model's layers. Use "
+            "optim='dog' (model-wide statistics) for the same method without that dependence.",
+            name,
+            stage,
+        )
