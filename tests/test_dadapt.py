@@ -91,6 +91,14 @@ def _sum_over_seen(s, seen, f):
                if seen[gi][pi] for u in p)  # fmt: skip
 
 
+def _start(prob, rel, kind="rms"):
+    """The fast start: d0_rel times the initial weights' RMS (SGD: their L2 norm); at step 0
+    every parameter of the problem has a gradient."""
+    values = [v for grp in prob["init"] for p in grp for v in p]
+    sq = sum(v * v for v in values)
+    return rel * (math.sqrt(sq) if kind == "norm" else math.sqrt(sq / len(values)))
+
+
 def _adam_bias_correction(k, betas, on):
     b1, b2 = betas
     return math.sqrt(1 - b2 ** (k + 1)) / (1 - b1 ** (k + 1)) if on else 1.0
@@ -172,7 +180,7 @@ def _assert_matches_reference(cls, prob, groups_hp, model_hp, reference, min_gro
 
 
 # ---------------------------------------------------------------------- references
-def reference_sgd(prob, groups_hp, d0, growth_rate, gradient_bound="max"):
+def reference_sgd(prob, groups_hp, d0, growth_rate, gradient_bound="max", d0_rel=0.0):
     """D-Adapted SGD: lambda_k = d_k lr / G_k, G_k the largest gradient norm so far (this step's
     included; "first": ||g_0||), over groups with lr > 0, raw gradients; N += lambda <g, s_k>,
     s += lambda g, z -= lambda g, x = beta x + (1 - beta) z, d_hat = 2 N / ||s||_2."""
@@ -213,11 +221,13 @@ def reference_sgd(prob, groups_hp, d0, growth_rate, gradient_bound="max"):
         if s_sq > 0:
             d_hat = 2 * numerator / math.sqrt(s_sq)
             d = max(d, min(d_hat, growth_rate * d))
+        if t == 0:
+            d = max(d, _start(prob, d0_rel, "norm"))
         ds.append(d)
     return x, ds
 
 
-def reference_adam(prob, groups_hp, d0, growth_rate, betas, bias_correction):
+def reference_adam(prob, groups_hp, d0, growth_rate, betas, bias_correction, d0_rel=0.0):
     """D-Adapted Adam, published form: dlr = d lr bc; r = sqrt(b2) r + (1 - sqrt(b2)) dlr
     <g, s/(sqrt(v)+eps)>; m = b1 m + (1-b1) dlr g; v = b2 v + (1-b2) g^2; s = sqrt(b2) s +
     (1 - sqrt(b2)) dlr g; d_hat = r / ((1 - sqrt(b2)) ||s||_1); x -= m / (sqrt(v) + eps)."""
@@ -249,11 +259,13 @@ def reference_adam(prob, groups_hp, d0, growth_rate, betas, bias_correction):
         l1 = _sum_over_seen(s, seen, abs)
         if l1 > 0:
             d = max(d, min(r / ((1 - b3) * l1), growth_rate * d))
+        if k == 0:
+            d = max(d, _start(prob, d0_rel))
         ds.append(d)
     return x, ds
 
 
-def reference_adagrad(prob, groups_hp, d0, growth_rate):
+def reference_adagrad(prob, groups_hp, d0, growth_rate, d0_rel=0.0):
     """D-Adapted AdaGrad (dual averaging): alpha += g^2; s += d lr g; x = x0 - s / (sqrt(alpha)
     + eps); d_hat = (sum s^2/(sqrt(alpha)+eps) - sum_k (d lr)^2 g^2/(sqrt(alpha)+eps)) / ||s||_1."""
     x0 = _initial(prob)
@@ -287,11 +299,15 @@ def reference_adagrad(prob, groups_hp, d0, growth_rate):
                         l1 += abs(u)
         if l1 > 0:
             d = max(d, min((sksq - gsq_weighted) / l1, growth_rate * d))
+        if k == 0:
+            d = max(d, _start(prob, d0_rel))
         ds.append(d)
     return x, ds
 
 
-def reference_prodigy(prob, groups_hp, d0, growth_rate, betas, bias_correction, safeguard, coef):
+def reference_prodigy(
+    prob, groups_hp, d0, growth_rate, betas, bias_correction, safeguard, coef, d0_rel=0.0
+):
     """Prodigy, Adam form: m = b1 m + (1-b1) d g; v = b2 v + (1-b2) d^2 g^2; r = b3 r + (d/d0)
     dlr <g, x0 - x>; s = b3 s + (d/d0) dlr g (safeguard: (d/d0) d g); d_hat = coef r / ||s||_1;
     d_max = max(d_max, d_hat); d = min(d_max, growth d); x -= dlr m / (sqrt(v) + d eps)."""
@@ -326,6 +342,8 @@ def reference_prodigy(prob, groups_hp, d0, growth_rate, betas, bias_correction, 
         if l1 > 0:
             d_max = max(d_max, coef * r / l1)
             d = max(d, min(d_max, growth_rate * d))
+        if k == 0:
+            d, d_max = max(d, _start(prob, d0_rel)), max(d_max, _start(prob, d0_rel))
         ds.append(d)
     return x, ds
 
@@ -346,50 +364,57 @@ TOL = 1e-5
 ADAM_BETAS = (0.8, 0.99)
 
 
+START = pytest.mark.parametrize("d0_rel", [1e-3, 0.0], ids=["start1e-3", "no_start"])
+
+
+@START
 @pytest.mark.parametrize("bound", ["max", "first"], ids=["bound_max", "bound_first"])
 @pytest.mark.parametrize("momentum", [0.0, 0.9], ids=["no_momentum", "momentum"])
 @pytest.mark.parametrize("decoupled", [False, True], ids=["coupled_wd", "decoupled_wd"])
 @pytest.mark.parametrize("growth_rate", [math.inf, 1.5], ids=["growth_inf", "growth_1.5"])
-def test_sgd_matches_reference(bound, momentum, decoupled, growth_rate, monkeypatch):
+def test_sgd_matches_reference(d0_rel, bound, momentum, decoupled, growth_rate, monkeypatch):
     prob = _make_problem()
     hp = _groups(decoupled, momentum=momentum)
-    reference = reference_sgd(prob, hp, D0, growth_rate, bound)
-    model = {"d0": D0, "growth_rate": growth_rate, "gradient_bound": bound}
+    reference = reference_sgd(prob, hp, D0, growth_rate, bound, d0_rel)
+    model = {"d0": D0, "d0_rel": d0_rel, "growth_rate": growth_rate, "gradient_bound": bound}
     _assert_matches_reference(
         DAdaptSGD, prob, hp, model, reference, min_growth=100, monkeypatch=monkeypatch
     )
 
 
+@START
 @pytest.mark.parametrize("bias_correction", [True, False], ids=["bc", "no_bc"])
 @pytest.mark.parametrize("decoupled", [False, True], ids=["coupled_wd", "decoupled_wd"])
 @pytest.mark.parametrize("growth_rate", [math.inf, 1.5], ids=["growth_inf", "growth_1.5"])
-def test_adam_matches_reference(bias_correction, decoupled, growth_rate, monkeypatch):
+def test_adam_matches_reference(d0_rel, bias_correction, decoupled, growth_rate, monkeypatch):
     prob = _make_problem()
     hp = _adam_groups(decoupled)
-    reference = reference_adam(prob, hp, D0, growth_rate, ADAM_BETAS, bias_correction)
-    model = {"d0": D0, "growth_rate": growth_rate, "betas": ADAM_BETAS}
+    reference = reference_adam(prob, hp, D0, growth_rate, ADAM_BETAS, bias_correction, d0_rel)
+    model = {"d0": D0, "d0_rel": d0_rel, "growth_rate": growth_rate, "betas": ADAM_BETAS}
     model["use_bias_correction"] = bias_correction
     _assert_matches_reference(
         DAdaptAdam, prob, hp, model, reference, min_growth=10, monkeypatch=monkeypatch
     )
 
 
+@START
 @pytest.mark.parametrize("momentum", [0.0, 0.5], ids=["no_momentum", "momentum"])
 @pytest.mark.parametrize("growth_rate", [math.inf, 1.5], ids=["growth_inf", "growth_1.5"])
-def test_adagrad_matches_reference(momentum, growth_rate, monkeypatch):
+def test_adagrad_matches_reference(d0_rel, momentum, growth_rate, monkeypatch):
     """Weight decay is coupled only for AdaGrad (x is recomputed from x0 each step)."""
     prob = _make_problem()
     hp = [
         dict(lr=1.0, weight_decay=0.1, eps=1e-6, momentum=momentum, initial_accumulator_value=1e-6),
         dict(lr=0.5, weight_decay=0.0, eps=1e-3, momentum=momentum, initial_accumulator_value=0.1),
     ]
-    reference = reference_adagrad(prob, hp, D0, growth_rate)
-    model = {"d0": D0, "growth_rate": growth_rate}
+    reference = reference_adagrad(prob, hp, D0, growth_rate, d0_rel)
+    model = {"d0": D0, "d0_rel": d0_rel, "growth_rate": growth_rate}
     _assert_matches_reference(
         DAdaptAdaGrad, prob, hp, model, reference, min_growth=10, monkeypatch=monkeypatch
     )
 
 
+@START
 @pytest.mark.parametrize(
     "bias_correction, safeguard, coef",
     [(True, False, 1.0), (False, False, 1.0), (True, True, 0.5)],
@@ -398,14 +423,15 @@ def test_adagrad_matches_reference(momentum, growth_rate, monkeypatch):
 @pytest.mark.parametrize("decoupled", [False, True], ids=["coupled_wd", "decoupled_wd"])
 @pytest.mark.parametrize("growth_rate", [math.inf, 1.5], ids=["growth_inf", "growth_1.5"])
 def test_prodigy_matches_reference(
-    bias_correction, safeguard, coef, decoupled, growth_rate, monkeypatch
+    d0_rel, bias_correction, safeguard, coef, decoupled, growth_rate, monkeypatch
 ):
     prob = _make_problem()
     hp = _adam_groups(decoupled)
     reference = reference_prodigy(
-        prob, hp, D0, growth_rate, ADAM_BETAS, bias_correction, safeguard, coef
+        prob, hp, D0, growth_rate, ADAM_BETAS, bias_correction, safeguard, coef, d0_rel
     )
-    model = {"d0": D0, "growth_rate": growth_rate, "betas": ADAM_BETAS, "d_coef": coef}
+    model = {"d0": D0, "d0_rel": d0_rel, "growth_rate": growth_rate, "betas": ADAM_BETAS}
+    model["d_coef"] = coef
     model |= {"use_bias_correction": bias_correction, "safeguard_warmup": safeguard}
     _assert_matches_reference(
         Prodigy, prob, hp, model, reference, min_growth=10, monkeypatch=monkeypatch
@@ -753,7 +779,8 @@ def test_sgd_step_bounded_by_the_largest_gradient_does_not_diverge():
     """With G = ||g_0|| (the authors' estimate) the step d / G outgrows the curvature once the
     gradients grow, and d never decreases: the loss goes from 11.6 to ~1e35 and most steps are
     skipped for Inf gradients. With G the largest gradient norm so far the step shrinks as the
-    gradients grow: measured 11.6 -> 1.48 (min 1.16), no skipped step."""
+    gradients grow: measured 11.6 -> 1.02 with one transient rise to 26 (the bound catches up
+    within a step), no skipped step."""
     with pytest.warns(RuntimeWarning, match="skipped"):
         first, first_stats = _noise_regression("first")
     assert first_stats["skipped_steps"] > 50
@@ -761,4 +788,4 @@ def test_sgd_step_bounded_by_the_largest_gradient_does_not_diverge():
     losses, stats = _noise_regression("max")
     print(f"first: max {max(first):.3g}; max: {losses[0]:.3g} -> {losses[-1]:.3g}")
     assert stats["skipped_steps"] == 0
-    assert max(losses) < 1.1 * 12.7 and losses[-1] < 0.2 * losses[0]
+    assert max(losses) < 3 * losses[0] and losses[-1] < 0.2 * losses[0]

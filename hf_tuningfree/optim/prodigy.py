@@ -174,7 +174,9 @@ class Prodigy(AdamFormBase):
         safeguard_warmup: leave ``lr`` (and bias correction) out of ``s`` so that a warm-up that
             starts ``lr`` small does not inflate ``d`` (default False, the authors'); a group
             with ``lr = 0`` still stays out of ``s``.
-        d0: initial lower bound on the distance to the solution (default 1e-6).
+        d0: lower bound on the distance to the solution at the first step (default 1e-6).
+        d0_rel: after the first step, ``d`` (and ``d_max``) is raised to ``d0_rel`` times the
+            RMS of the initial weights (default 1e-3; 0: the authors' start from ``d0``).
         d_coef: multiplies ``d_hat``; the authors' preferred knob when tuning (default 1.0).
         growth_rate: ``d`` grows by at most this factor per step (default inf).
         d_groups: ``"model"`` (default: one ``d`` for all groups, the papers') or ``"group"``:
@@ -190,6 +192,7 @@ class Prodigy(AdamFormBase):
     ``d_max``, ``numerator`` (r), ``s_l1``, ``step``.
     """
 
+    _START_KEYS = ("d", "d_max")
     _MODEL_WIDE = (
         "d0",
         "growth_rate",
@@ -212,6 +215,7 @@ class Prodigy(AdamFormBase):
         use_bias_correction: bool = True,
         safeguard_warmup: bool = False,
         d0: float = 1e-6,
+        d0_rel: float = 1e-3,
         d_coef: float = 1.0,
         growth_rate: float = float("inf"),
         d_groups: str = "model",
@@ -231,6 +235,7 @@ class Prodigy(AdamFormBase):
             "use_bias_correction": check_bool("use_bias_correction", use_bias_correction),
             "safeguard_warmup": check_bool("safeguard_warmup", safeguard_warmup),
             "d0": check_positive("d0", d0),
+            "d0_rel": d0_rel,
             "d_coef": check_positive("d_coef", d_coef),
             "growth_rate": check_growth_rate(growth_rate),
             "d_groups": d_groups,
