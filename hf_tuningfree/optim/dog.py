@@ -621,8 +621,8 @@ class LDoG(DoG):
 
     Args: as :class:`DoG`; ``reps_rel`` and ``eps`` may differ between param groups.
     ``zero_init_scale`` (default True): a tensor whose initial weights are all zero (LoRA's B)
-    takes :math:`\sqrt{n_k}\,\mathrm{RMS}(x_0)` in place of :math:`\|x^k_0\|`, the RMS over
-    every tensor at its first step; False: the paper's :math:`1 + 0`.
+    takes :math:`\sqrt{n_k}\,\mathrm{RMS}(x_0)` in place of :math:`\|x^k_0\|`, the RMS over the
+    initial weights of every tensor with a gradient at that step; False: the paper's ``1 + 0``.
 
     Per-parameter state: ``x0``, ``dist_sq``, ``rbar`` and ``G`` (0-dim). ``stats()`` reports
     ``eta_min``, ``eta_median``, ``eta_max`` over tensors (without the ``lr`` multiplier),
@@ -673,10 +673,12 @@ class LDoG(DoG):
             out["x0_sq"] = torch.stack(
                 [next(norms).to(batch.device, sdt).square() if f else zero for f in fresh]
             )
-            if self._zero_init_scale:  # the fresh tensors' sum of squares and (local) size
-                count = sum(local_view(p).numel() for p in chosen)
+            if self._zero_init_scale:  # sum of squares and (local) size of every x_0 in the step
+                x0s = [x0 for gb in batch.groups for x0 in gb.state_list("x0")]
+                total = torch.stack([n.to(batch.device, sdt) for n in foreach_norms(x0s)])
+                count = float(sum(local_view(x0).numel() for x0 in x0s))
                 out["x0_all"] = torch.stack(
-                    [out["x0_sq"].sum(), torch.tensor(float(count), dtype=sdt, device=batch.device)]
+                    [total.square().sum(), torch.tensor(count, dtype=sdt, device=batch.device)]
                 )
         return out
 
@@ -706,7 +708,7 @@ class LDoG(DoG):
         if r_eps is not None:  # tensors at their first step (rbar still 0) start at r_eps;
             # this initialisation happens even on a skipped step, like taking x_0
             norm = stats["x0_sq"].sqrt()
-            if "x0_all" in stats:  # all-zero tensors: sqrt(n_k) RMS of the fresh tensors
+            if "x0_all" in stats:  # all-zero tensors: sqrt(n_k) RMS of the step's x_0
                 total, count = stats["x0_all"].unbind(0)
                 numel = [float(p.numel()) for gb in batch.groups for p in gb.originals]
                 numel_t = torch.tensor(numel, dtype=sdt, device=device)
