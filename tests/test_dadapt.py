@@ -599,7 +599,8 @@ def test_trainer_group_split_does_not_change_d(name):
     one, two = run(False), run(True)
     rel = ((one - two).abs() / one).max().item()
     assert rel <= 1e-12, f"{name}: d sequences differ by {rel:.2e} (relative)"
-    assert one[-1] > 100 * one[0], f"{name}: d did not grow ({one[0]:.2g} -> {one[-1]:.2g})"
+    # the first d is the fast start's (d0_rel times the weights' scale); measured 48-86x growth
+    assert one[-1] > 20 * one[0], f"{name}: d did not grow ({one[0]:.2g} -> {one[-1]:.2g})"
 
 
 @pytest.mark.parametrize("name", ["dadapt_sgd", "dadapt_adam", "dadapt_adagrad", "prodigy"])

@@ -248,7 +248,7 @@ class ProdigyScheduleFree(ScheduleFreeModes, Prodigy):
         use_bias_correction: bool = True,
         safeguard_warmup: bool = False,
         d0: float = 1e-6,
-        d0_rel: float = 1e-3,
+        d0_rel: float = 1e-2,
         d_coef: float = 1.0,
         growth_rate: float = float("inf"),
         d_groups: str = "model",
