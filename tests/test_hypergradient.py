@@ -25,6 +25,7 @@ from hf_tuningfree.optim import (
     _native,
 )
 from hf_tuningfree.optim import hypergradient as hg
+from hf_tuningfree.optim.kernels import StateShapeError
 
 CLASSES = {"sgd": HyperSGD, "adam": HyperAdam, "adagrad": HyperAdaGrad, "rmsprop": HyperRMSProp}
 LEARNABLE = {
@@ -907,32 +908,35 @@ def test_native_path_with_fp32_and_fp64_tensors_in_one_group(cls, native_calls):
 
 def test_native_addresses_refuse_what_the_c_loops_cannot_take(native_calls):
     """``_native.hyper_addresses`` (the C path's one check-and-address pass per bucket) refuses
-    16-bit and mixed dtypes, non-contiguous tensors, a state tensor whose size differs from its
-    parameter's (a mismatched checkpoint would otherwise be read out of bounds) and step counters
-    that are not fp32; a group with a non-contiguous parameter takes the torch paths (the
-    numbers of ``implementation="foreach"``)."""
+    16-bit and mixed dtypes, non-contiguous tensors and step counters that are not fp32, and
+    raises on a state tensor whose shape differs from its parameter's (a mismatched checkpoint
+    would otherwise be read out of bounds), naming the stream; a group with a non-contiguous
+    parameter is updated through a contiguous copy, so the C path takes it and gives the numbers
+    of a contiguous parameter on the same path, bit for bit."""
     a, b = torch.zeros(4, 3), torch.zeros(5)
     assert [len(x) for x in _native.hyper_addresses([[a, b], [a, b]])] == [2, 2]
     assert _native.hyper_addresses([[a.half()], [a.half()]]) is None
     assert _native.hyper_addresses([[a, b], [a, b.double()]]) is None
-    assert _native.hyper_addresses([[a, b], [a.t(), b]]) is None
-    assert _native.hyper_addresses([[a, b], [a, torch.zeros(6)]]) is None
+    assert _native.hyper_addresses([[a, b], [torch.zeros(3, 4).t(), b]]) is None
+    with pytest.raises(StateShapeError, match=r"exp_avg has shape \[6\] but its parameter"):
+        _native.hyper_addresses([[a, b], [a, torch.zeros(6)]], names=["param", "exp_avg"])
     assert _native.hyper_addresses([[a]], [[torch.tensor(1.0, dtype=torch.float64)]]) is None
     counters = _native.hyper_addresses([[a]], [[torch.tensor(1.0)]])
     assert counters is not None and len(counters) == 2
     weight = torch.randn(6, 4).t()  # non-contiguous
     runs = []
-    for impl in ("foreach", "auto"):
-        params = [torch.nn.Parameter(weight.t().clone().t()), torch.nn.Parameter(b.clone())]
-        assert not params[0].is_contiguous()
-        opt = HyperAdam(params, implementation=impl)
+    for strided in (False, True):
+        first = weight.t().clone().t() if strided else weight.contiguous()
+        params = [torch.nn.Parameter(first), torch.nn.Parameter(b.clone())]
+        assert params[0].is_contiguous() is not strided
+        opt = HyperAdam(params, implementation="auto")
         for t in range(4):
             for p in params:
                 p.grad = torch.full_like(p, 0.1 * (t + 1))
             opt.step()
         runs.append([p.detach().clone() for p in params])
     assert all(torch.equal(x, y) for x, y in zip(*runs, strict=True))
-    assert native_calls["dots"] == 0 and native_calls["hyper_adam_update"] == 0
+    assert native_calls["hyper_adam_update"] == 2 * 4
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])

@@ -91,6 +91,7 @@ from .base import (
     TuningFreeOptimizer,
     bucket_by_device_and_dtype,
     compute_dtype,
+    real_dtype,
 )
 from .distributed import is_dtensor, local_view, plan_reduction
 from .kernels import (
@@ -227,6 +228,21 @@ def _run_native(
     return out
 
 
+def _state_streams(gb: Any) -> list[tuple[list[list[torch.Tensor]], list[str]]]:
+    """The group's tensors as the C path's checks take them: ``[params, grads]``, then for each
+    state key ``[params that have it, their state under it]`` (a parameter at its first step may
+    lack a key the update creates, e.g. DAdaptSGD's ``z``); rank-local views."""
+    view = local_view if any(map(is_dtensor, gb.originals)) else (lambda t: t)
+    out = [([[view(t) for t in gb.params], [view(t) for t in gb.grads]], ["param", "grad"])]
+    keys = dict.fromkeys(k for st in gb.states for k in st)
+    for key in keys:
+        pairs = [(p, st[key]) for p, st in zip(gb.params, gb.states, strict=True) if key in st]
+        tensors = [[view(p) for p, _ in pairs], [view(t) for _, t in pairs]]
+        if all(isinstance(t, torch.Tensor) for t in tensors[1]):
+            out.append((tensors, ["param", key]))
+    return out
+
+
 class DAdaptationBase(TuningFreeOptimizer):
     """What the D-Adaptation family (and Prodigy) share: the model-wide ``d`` and step counter in
     ``global_state``, the statistics and update passes over (packed) tensors, and the checks that
@@ -331,7 +347,8 @@ class DAdaptationBase(TuningFreeOptimizer):
         if cached is not None:
             return cached
         params = (p for g in self.param_groups for p in g["params"])
-        return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+        fp64 = any(real_dtype(p.dtype) == torch.float64 for p in params)
+        return torch.float64 if fp64 else torch.float32
 
     def _global(self, name: str, device: torch.device, value: float = 0.0) -> torch.Tensor:
         dtype = self._scalar_dtype()
@@ -357,12 +374,10 @@ class DAdaptationBase(TuningFreeOptimizer):
         for gb in batch.groups:
             if not gb.params:
                 continue
-            tensors = [*gb.params, *gb.grads, *(t for st in gb.states for t in st.values())]
-            if any(map(is_dtensor, gb.originals)):
-                tensors = [local_view(t) for t in tensors]
             numel = sum(p.numel() for p in gb.params)
-            requested = gb.group["implementation"]
-            if not _wants_native(requested, batch.device, numel) or not _native.available(tensors):
+            if not _wants_native(gb.group["implementation"], batch.device, numel):
+                return False
+            if not all(_native.accepts(s, names) for s, names in _state_streams(gb)):
                 return False
         return True
 
@@ -486,7 +501,7 @@ class DAdaptationBase(TuningFreeOptimizer):
                     if (
                         tensor_pass.native is not None
                         and _wants_native(requested, dev, numel)
-                        and _native.available([t for lst in bucket for t in lst])
+                        and _native.accepts(bucket, ["param", "grad", *keys])
                     ):
                         # one C call for the whole bucket, no packing needed
                         sums = len(tensor_pass.sums)
@@ -868,7 +883,8 @@ class DAdaptSGD(DAdaptationBase):
             return _SGD_UPDATE, scalars, _flags(group)
         for p, st in zip(gb.originals, gb.states, strict=True):
             if "z" not in st:  # momentum switched on after the first step: start z at x
-                st["z"] = p.detach().clone(memory_format=torch.preserve_format)
+                x = torch.view_as_real(p) if p.is_complex() else p
+                st["z"] = x.detach().clone(memory_format=torch.contiguous_format)
         average = ok.to(lam.dtype) * (1.0 - group["momentum"])
         return _SGD_MOMENTUM_UPDATE, [*scalars, average], _flags(group)
 

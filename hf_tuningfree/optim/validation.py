@@ -23,6 +23,17 @@ def _as_float(name: str, value: object) -> float:
     return float(value)
 
 
+def scalar_value(name: str, value: object) -> object:
+    """A one-element tensor (shape ``[]``, ``[1]``, ``[1, 1]``, ...) as the Python number it
+    holds; anything else unchanged (the caller validates it). Used for a param group's ``lr``
+    when the group is set up (construction, ``add_param_group``, ``load_state_dict``), as
+    torch.optim accepts a tensor ``lr``: reading it there keeps ``step()`` free of host reads
+    and makes every shape behave like the number."""
+    if isinstance(value, torch.Tensor):
+        return _as_float(name, value)
+    return value
+
+
 def check_nonnegative(name: str, value: object) -> float:
     """``value`` must be a finite number >= 0."""
     v = _as_float(name, value)
