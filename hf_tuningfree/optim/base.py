@@ -334,31 +334,35 @@ class TuningFreeOptimizer(torch.optim.Optimizer):
             group["lr"] = scalar_value("lr", group["lr"])
 
     def _check_state_shapes(self, state: dict[Any, Any], groups: list[dict[str, Any]]) -> None:
-        """Every per-parameter state tensor must fit its parameter: one number under
-        ``SCALAR_STATE_KEYS``, the parameter's shape (of its real view if complex) otherwise."""
+        """Every per-parameter state tensor of a state dict being loaded must fit its parameter
+        (:meth:`_misfit`); ``ValueError`` naming the parameter and the key otherwise."""
         for gi, group in enumerate(groups):
             for i, p in enumerate(group["params"]):
                 saved = state.get(p) if isinstance(p, torch.Tensor) else None
-                if not isinstance(saved, dict):
-                    continue
-                expected = [tuple(p.shape)]
-                if is_dtensor(p):
-                    expected.append(tuple(local_view(p).shape))
-                if p.is_complex():
-                    expected = [(*shape, 2) for shape in expected]
-                for key, value in saved.items():
-                    if not isinstance(value, torch.Tensor):
-                        continue
-                    if key in self.SCALAR_STATE_KEYS:
-                        fits, want = value.numel() == 1, "one number"
-                    else:
-                        fits, want = tuple(value.shape) in expected, f"shape {list(expected[0])}"
-                    if not fits:
-                        raise ValueError(
-                            f"{type(self).__name__}: the state of param_groups[{gi}]['params']"
-                            f"[{i}] does not fit it: {key!r} has shape {list(value.shape)}, "
-                            f"expected {want}; was the state dict saved for another model?"
-                        )
+                problem = self._misfit(p, saved) if isinstance(saved, dict) else None
+                if problem is not None:
+                    raise ValueError(
+                        f"{type(self).__name__}: the state of param_groups[{gi}]['params'][{i}] "
+                        f"does not fit it: {problem}; was the state dict saved for another model?"
+                    )
+
+    def _misfit(self, param: torch.Tensor, state: dict[str, Any]) -> str | None:
+        """What in ``state`` does not fit ``param``, or None: the keys in ``SCALAR_STATE_KEYS``
+        hold one number, every other tensor has the parameter's shape (that of its real view
+        if complex; global or rank-local for a ``DTensor``)."""
+        expected: list[torch.Size] | None = None
+        for key, value in state.items():
+            if not isinstance(value, torch.Tensor):
+                continue
+            if key in self.SCALAR_STATE_KEYS:
+                if value.numel() != 1:
+                    return f"{key!r} has shape {list(value.shape)}, expected one number"
+                continue
+            if expected is None:
+                expected = _state_shapes(param)
+            if value.shape not in expected:
+                return f"{key!r} has shape {list(value.shape)}, expected shape {list(expected[0])}"
+        return None
 
     # ------------------------------------------------------------------ subclass hooks
     def _init_param_state(self, param: torch.Tensor, state: dict[str, Any], group: dict) -> None:
@@ -395,12 +399,12 @@ class TuningFreeOptimizer(torch.optim.Optimizer):
         groups: list[GroupBatch] = []
         device: torch.device | None = None
         write_back = self._write_back = []
-        for group in self.param_groups:
+        for gi, group in enumerate(self.param_groups):
             lr = group["lr"]
             if isinstance(lr, torch.Tensor) and lr.dim() != 0:  # assigned after the setup
                 group["lr"] = _zero_dim_lr(lr)
             gb = GroupBatch(group)
-            for p in group["params"]:
+            for pi, p in enumerate(group["params"]):
                 grad = p.grad
                 if grad is None:
                     continue
@@ -421,6 +425,14 @@ class TuningFreeOptimizer(torch.optim.Optimizer):
                         torch.view_as_real(p) if p.is_complex() else p, state, group
                     )
                     _make_contiguous(state)
+                else:  # a state changed by hand since it was loaded or created
+                    problem = self._misfit(p, state)
+                    if problem is not None:
+                        raise RuntimeError(
+                            f"{type(self).__name__}: the state of param_groups[{gi}]['params']"
+                            f"[{pi}] does not fit it: {problem}; nothing was updated (was the "
+                            "state changed by hand?)"
+                        )
                 if not local_p.is_contiguous():
                     # a strided view: update a contiguous copy, written back after the step
                     work = local_p.contiguous()
@@ -563,6 +575,17 @@ class TuningFreeOptimizer(torch.optim.Optimizer):
             for k, v in saved_global.items()
         }
         self._notice = _NonfiniteNotice(type(self).__name__)
+
+
+def _state_shapes(param: torch.Tensor) -> list[torch.Size]:
+    """The shapes a state tensor of ``param`` may have: the parameter's (of its real view if
+    complex), and for a ``DTensor`` also its rank-local shard's."""
+    shapes = [param.shape]
+    if is_dtensor(param):
+        shapes.append(local_view(param).shape)
+    if param.is_complex():
+        shapes = [torch.Size((*shape, 2)) for shape in shapes]
+    return shapes
 
 
 def _zero_dim_lr(lr: torch.Tensor) -> torch.Tensor:

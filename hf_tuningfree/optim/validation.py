@@ -15,7 +15,10 @@ import torch
 def _as_float(name: str, value: object) -> float:
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
-            raise ValueError(f"{name} must be a single number, got a tensor of shape {value.shape}")
+            raise ValueError(
+                f"Invalid {name}: a tensor of shape {list(value.shape)}; allowed: a number or a "
+                "one-element tensor"
+            )
         # Constructor-time only: never called inside step().
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
