@@ -569,6 +569,52 @@ def test_bad_input_in_param_groups():
         HyperAdam(emb.parameters()).step()
 
 
+def test_initial_step_sizes_outside_the_log_range_are_rejected_not_moved():
+    """With ``lr_parametrization="log"`` the learned log step size is kept in [-50, 50]: an
+    initial lr (constructor or a per-group value) or a learned level's ``hyper_lr`` below
+    exp(-50) is an error naming it and the range, instead of being raised to 1.9e-22 at the
+    first step; the bound itself and, with ``"identity"``, any positive lr are accepted."""
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    low = math.exp(-50.0)
+    range_text = r"allowed with lr_parametrization='log': a number in \[exp\(-50\), exp\(50\)\]"
+    with pytest.raises(ValueError, match=r"Invalid lr: 1e-23; " + range_text):
+        HyperSGD([a], lr=1e-23)
+    with pytest.raises(ValueError, match=r"Invalid lr: 1e-30; " + range_text):
+        HyperAdam([{"params": [a]}, {"params": [b], "lr": 1e-30}], lr=1e-3, per_group=True)
+    with pytest.raises(ValueError, match=r"Invalid hyper_lr\[0\]: 1e-30; " + range_text):
+        HyperAdam([a], height=2, hyper_lr=(1e-30, 1e-3))
+    HyperAdam([a], height=2, hyper_lr=(1e-3, 1e-30))  # the top level is fixed, not learned
+    opt = HyperSGD([a], lr=low)
+    a.grad = torch.ones(2)
+    opt.step()
+    assert opt.stats()["hyper/level0/lr"] == pytest.approx(low, rel=1e-3)
+    assert HyperSGD([b], lr=1e-30, lr_parametrization="identity").defaults["lr"] == 1e-30
+
+
+def test_learn_betas_names_both_of_adams_betas():
+    """``learn=("lr", "betas")`` (the README's spelling) learns beta1 and beta2: the same
+    optimizer, step for step, as ``learn=("lr", "beta1", "beta2")``."""
+    runs = []
+    for learn in (("lr", "betas"), ("lr", "beta1", "beta2"), "lr+betas"):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(3))]
+        opt = HyperAdam(params, lr=1e-2, learn=learn)
+        assert opt.learn == ("lr", "beta1", "beta2")
+        for t in range(4):
+            for p in params:
+                p.grad = torch.sin(p.detach() * (t + 1))
+            opt.step()
+        runs.append(([p.detach().clone() for p in params], opt.stats()))
+    for got, stats in runs[1:]:
+        assert all(torch.equal(x, y) for x, y in zip(got, runs[0][0], strict=True))
+        assert stats == runs[0][1]
+    assert runs[0][1]["hyper/level0/beta1"] != pytest.approx(0.9, abs=1e-9)
+    with pytest.raises(
+        ValueError, match=r"learnable: \['lr', 'beta1', 'beta2'\] \(or \['betas'\]\)"
+    ):
+        HyperAdam([torch.nn.Parameter(torch.zeros(2))], learn="lr+gamma")
+
+
 # ---------------------------------------------------------------------- 8. code paths agree
 def _run_impl(kind, impl, dtype, wd, steps=15, **kwargs):
     x_all, y_all = _data(dtype=dtype)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import pickle
 import subprocess
 import sys
@@ -489,3 +490,26 @@ def test_step_and_state_dict_hooks_run(name):
     assert twin.param_groups[0]["lr"] == 0.5 * opt.param_groups[0]["lr"]
     assert loaded_calls == [1]
     assert opt.param_groups[0]["lr"] == saved["param_groups"][0]["lr"]  # the saved dict unchanged
+
+
+# ---------------------------------------------------------------------- constructor-only options
+@by_name
+def test_constructor_only_options_in_a_param_group_are_an_error(name):
+    """Every constructor argument that is not a per-group setting (``skip_nonfinite``,
+    ``global_reduce``; the hypergradient tower's ``learn``, ``height``, ``hyper_lr``, ...) named
+    in a param group raises a ValueError naming it, in the constructor and in
+    ``add_param_group``, instead of being silently ignored."""
+    opt = _make(name, [torch.nn.Parameter(torch.zeros(2))])
+    cls = type(opt)
+    signature = inspect.signature(cls.__init__).parameters
+    per_group = set(opt.param_groups[0])
+    only = [k for k in signature if k not in ("self", "params") and k not in per_group]
+    assert {"skip_nonfinite", "global_reduce"} <= set(only)
+    for key in only:
+        value = signature[key].default
+        message = rf"{cls.__name__}: {key} is a constructor argument .* cannot be set in a param"
+        with pytest.raises(ValueError, match=message):
+            cls([{"params": [torch.nn.Parameter(torch.zeros(2))], key: value}])
+        with pytest.raises(ValueError, match=message):
+            opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], key: value})
+    assert len(opt.param_groups) == 1
