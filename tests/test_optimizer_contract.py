@@ -266,6 +266,8 @@ def test_the_fast_paths_check_what_they_are_handed():
         _native.dog_update([p], [g], [torch.zeros(10)], *step)
     with pytest.raises(ValueError, match="stream 1 holds a tensor that is not a contiguous"):
         _native.dog_update([p], [torch.zeros(3, 4).t()], [p.clone()], *step)
+    with pytest.raises(ValueError, match="stream 2 holds a tensor that is not a contiguous"):
+        _native.dog_update([p], [g], [p.double()], *step)
 
 
 #: Run with ``python -O`` (asserts removed): each optimizer, on its default path, with a state

@@ -97,6 +97,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import operator
 import os
 import platform
 import shutil
@@ -504,6 +505,9 @@ def _library() -> ctypes.CDLL:
 
 _numel = torch.Tensor.numel
 _contiguous = torch.Tensor.is_contiguous
+_data_ptr = torch.Tensor.data_ptr
+_is_cpu = operator.attrgetter("is_cpu")
+_dtype_of = operator.attrgetter("dtype")
 
 
 def _checked_pointers(streams: Sequence[Sequence[torch.Tensor]]) -> list[int]:
@@ -518,10 +522,12 @@ def _checked_pointers(streams: Sequence[Sequence[torch.Tensor]]) -> list[int]:
             f"stream {j} does not have its parameters' number of elements (or tensors)",
         )
         _require(
-            all(map(_contiguous, stream)) and all(t.is_cpu and t.dtype == dtype for t in stream),
+            all(map(_contiguous, stream))
+            and all(map(_is_cpu, stream))
+            and {*map(_dtype_of, stream)} <= {dtype},
             f"stream {j} holds a tensor that is not a contiguous {dtype} CPU tensor",
         )
-    return [t.data_ptr() for stream in streams for t in stream]
+    return [ptr for stream in streams for ptr in map(_data_ptr, stream)]
 
 
 def _pointers(tensors: Sequence[torch.Tensor]) -> ctypes.Array:

@@ -58,6 +58,7 @@ registry optimizer and every code path to it):
 
 from __future__ import annotations
 
+import operator
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -399,12 +400,12 @@ class TuningFreeOptimizer(torch.optim.Optimizer):
         groups: list[GroupBatch] = []
         device: torch.device | None = None
         write_back = self._write_back = []
-        for gi, group in enumerate(self.param_groups):
+        for group in self.param_groups:
             lr = group["lr"]
             if isinstance(lr, torch.Tensor) and lr.dim() != 0:  # assigned after the setup
                 group["lr"] = _zero_dim_lr(lr)
             gb = GroupBatch(group)
-            for pi, p in enumerate(group["params"]):
+            for p in group["params"]:
                 grad = p.grad
                 if grad is None:
                     continue
@@ -425,14 +426,7 @@ class TuningFreeOptimizer(torch.optim.Optimizer):
                         torch.view_as_real(p) if p.is_complex() else p, state, group
                     )
                     _make_contiguous(state)
-                else:  # a state changed by hand since it was loaded or created
-                    problem = self._misfit(p, state)
-                    if problem is not None:
-                        raise RuntimeError(
-                            f"{type(self).__name__}: the state of param_groups[{gi}]['params']"
-                            f"[{pi}] does not fit it: {problem}; nothing was updated (was the "
-                            "state changed by hand?)"
-                        )
+
                 if not local_p.is_contiguous():
                     # a strided view: update a contiguous copy, written back after the step
                     work = local_p.contiguous()
@@ -447,11 +441,53 @@ class TuningFreeOptimizer(torch.optim.Optimizer):
                 gb.fresh.append(fresh)
                 if device is None:
                     device = local_p.device
+            self._check_fit(gb)  # a state changed by hand since it was loaded or created
             groups.append(gb)
         if device is None:  # no gradients on this rank: still take part in collectives
             first = next((p for g in self.param_groups for p in g["params"]), None)
             device = local_view(first).device if first is not None else torch.device("cpu")
         return StepBatch(groups, device)
+
+    def _check_fit(self, gb: GroupBatch) -> None:
+        """``RuntimeError`` naming the parameter and the key if a state of the group does not fit
+        its parameter (:meth:`_misfit`). This runs for every tensor at every step, so the common
+        case (every parameter with the same keys, each state tensor of its parameter's shape or
+        one number under ``SCALAR_STATE_KEYS``) is tested with whole-list comparisons; anything
+        else (a complex or sharded parameter, a key some parameters lack) per parameter."""
+        states = gb.states
+        if not states:
+            return
+        keys = states[0].keys()
+        try:
+            if all(map(keys.__eq__, map(dict.keys, states))):
+                shapes = list(map(_shape, gb.originals))
+                fits = True
+                for key in keys:
+                    values = list(map(operator.itemgetter(key), states))
+                    if key in self.SCALAR_STATE_KEYS:
+                        fits = all(map((1).__eq__, map(torch.Tensor.numel, values)))
+                    else:
+                        fits = list(map(_shape, values)) == shapes
+                    if not fits:
+                        break
+                if fits:
+                    return
+        except (AttributeError, TypeError):  # a state value that is not a tensor
+            pass
+        for p, state in zip(gb.originals, states, strict=True):
+            problem = self._misfit(p, state)
+            if problem is not None:
+                gi, pi = next(
+                    (gi, pi)
+                    for gi, group in enumerate(self.param_groups)
+                    for pi, q in enumerate(group["params"])
+                    if q is p
+                )
+                raise RuntimeError(
+                    f"{type(self).__name__}: the state of param_groups[{gi}]['params'][{pi}] "
+                    f"does not fit it: {problem}; nothing was updated (was the state changed "
+                    "by hand?)"
+                )
 
     def _located(self, batch: StepBatch, exc: StateShapeError) -> RuntimeError:
         """``exc`` with the parameter it is about named by its group and index."""
@@ -577,6 +613,9 @@ class TuningFreeOptimizer(torch.optim.Optimizer):
         self._notice = _NonfiniteNotice(type(self).__name__)
 
 
+_shape = operator.attrgetter("shape")
+
+
 def _state_shapes(param: torch.Tensor) -> list[torch.Size]:
     """The shapes a state tensor of ``param`` may have: the parameter's (of its real view if
     complex), and for a ``DTensor`` also its rank-local shard's."""
@@ -613,10 +652,8 @@ def _bump_versions(batch: StepBatch) -> None:
     in-place ops have bumped them already; a second bump is harmless)."""
     tensors: list[torch.Tensor] = []
     for gb in batch.groups:
-        tensors += gb.originals
-        tensors += gb.params
-        for state in gb.states:
-            tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
+        tensors += gb.originals  # their views in gb.params share their version counters
+        tensors += [v for st in gb.states for v in st.values() if isinstance(v, torch.Tensor)]
     if tensors:
         torch.autograd.graph.increment_version(tensors)
 

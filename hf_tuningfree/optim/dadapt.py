@@ -76,6 +76,7 @@ authors' code leaves them out of the norm for that step, which can raise ``d`` f
 from __future__ import annotations
 
 import math
+import operator
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -229,17 +230,25 @@ def _run_native(
 
 
 def _state_streams(gb: Any) -> list[tuple[list[list[torch.Tensor]], list[str]]]:
-    """The group's tensors as the C path's checks take them: ``[params, grads]``, then for each
-    state key ``[params that have it, their state under it]`` (a parameter at its first step may
-    lack a key the update creates, e.g. DAdaptSGD's ``z``); rank-local views."""
-    view = local_view if any(map(is_dtensor, gb.originals)) else (lambda t: t)
-    out = [([[view(t) for t in gb.params], [view(t) for t in gb.grads]], ["param", "grad"])]
-    keys = dict.fromkeys(k for st in gb.states for k in st)
-    for key in keys:
-        pairs = [(p, st[key]) for p, st in zip(gb.params, gb.states, strict=True) if key in st]
-        tensors = [[view(p) for p, _ in pairs], [view(t) for _, t in pairs]]
-        if all(isinstance(t, torch.Tensor) for t in tensors[1]):
-            out.append((tensors, ["param", key]))
+    """The group's tensors as the C path's checks take them (``gb.params``/``gb.grads`` are
+    rank-local already; state tensors are made so): ``[params, grads, *state lists]`` when every
+    parameter has the same state keys, else ``[params, grads]`` and, for each state key,
+    ``[params that have it, their state under it]`` (a parameter at its first step may lack a key
+    the update creates, e.g. DAdaptSGD's ``z``)."""
+    states = gb.states
+    sharded = any(map(is_dtensor, gb.originals))
+
+    def local(tensors: list[Any]) -> list[Any]:
+        return [local_view(t) for t in tensors] if sharded else tensors
+
+    keys = states[0].keys()
+    if all(map(keys.__eq__, map(dict.keys, states))):  # the common case, in C-level loops
+        lists = [local(list(map(operator.itemgetter(k), states))) for k in keys]
+        return [([gb.params, gb.grads, *lists], ["param", "grad", *keys])]
+    out = [([gb.params, gb.grads], ["param", "grad"])]
+    for key in dict.fromkeys(k for st in states for k in st):
+        pairs = [(p, st[key]) for p, st in zip(gb.params, states, strict=True) if key in st]
+        out.append(([[p for p, _ in pairs], local([t for _, t in pairs])], ["param", key]))
     return out
 
 

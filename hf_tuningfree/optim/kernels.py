@@ -33,6 +33,7 @@ anything is written.
 
 from __future__ import annotations
 
+import operator
 import os
 import time
 import warnings
@@ -83,26 +84,34 @@ def fast_path_accepts(
         return False
     dtype = params[0].dtype
     device = params[0].device
+    # Whole-list comparisons (C-level iteration): this runs for every bucket at every step.
+    shapes = list(map(_shape, params))
     accepted = dtype in dtypes and (params[0].is_cpu or not cpu_only)
     for stream, name in zip(streams, names, strict=True):
         if len(stream) != len(params):
             raise ValueError(
                 f"{name}: {len(stream)} tensors for {len(params)} parameters in one bucket"
             )
-        for t, p in zip(stream, params, strict=True):
-            if t.shape != p.shape:
-                raise StateShapeError(
-                    f"{name} has shape {list(t.shape)} but its parameter has shape {list(p.shape)}",
-                    param=p,
-                    key=name,
-                )
-            if accepted and not (
-                t.dtype == dtype
-                and t.is_contiguous()
-                and (t.is_cpu if cpu_only else t.device == device)
-            ):
-                accepted = False
+        if list(map(_shape, stream)) != shapes:
+            t, p = next((t, p) for t, p in zip(stream, params, strict=True) if t.shape != p.shape)
+            raise StateShapeError(
+                f"{name} has shape {list(t.shape)} but its parameter has shape {list(p.shape)}",
+                param=p,
+                key=name,
+            )
+        accepted = accepted and (
+            all(map(_is_contiguous, stream))
+            and {*map(_dtype, stream)} == {dtype}
+            and (all(map(_is_cpu, stream)) if cpu_only else {*map(_device, stream)} == {device})
+        )
     return accepted
+
+
+_shape = operator.attrgetter("shape")
+_dtype = operator.attrgetter("dtype")
+_device = operator.attrgetter("device")
+_is_cpu = operator.attrgetter("is_cpu")
+_is_contiguous = torch.Tensor.is_contiguous
 
 
 def _compile_errors() -> tuple[type[BaseException], ...]:
