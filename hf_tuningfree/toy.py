@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .argtypes import positive_int
 from .optim import ADOPT
 
 
@@ -119,16 +120,33 @@ def format_results(results: Sequence[ToyResult], steps: int, k: float) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=50_000)
-    parser.add_argument("--seeds", type=int, default=256)
-    parser.add_argument("--k", type=float, default=50.0)
-    args = parser.parse_args(argv)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The toy's options, shared by ``hf-tuningfree toy`` and ``python -m hf_tuningfree.toy``."""
+    parser.add_argument("--steps", type=positive_int, default=50_000, help="steps (default 50000)")
+    parser.add_argument(
+        "--seeds", type=positive_int, default=256, help="independent runs in parallel (default 256)"
+    )
+    parser.add_argument(
+        "--k", type=float, default=50.0, help="the rare gradient is k^2, the common one -k (50)"
+    )
+
+
+def run(args: argparse.Namespace) -> list[ToyResult]:
+    """Run every toy optimizer as ``args`` says and print the table."""
     torch.set_num_threads(1)
     results = run_all(args.steps, args.seeds, args.k)
     print(format_results(results, args.steps, args.k))
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m hf_tuningfree.toy", description=__doc__.split("\n\n")[0]
+    )
+    add_arguments(parser)
+    run(parser.parse_args(argv))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -94,6 +94,12 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"--data: {err}") from err
     if args.split not in data:
         raise SystemExit(f"--split {args.split}: the data has splits {sorted(data)}")
+    if args.shots > 0 and args.fewshot_split not in data:
+        raise SystemExit(
+            f"--shots {args.shots} needs the few-shot split {args.fewshot_split!r}, and the data "
+            f"has splits {sorted(data)}: pass --shots 0, name the split with --fewshot_split, or "
+            f"add a file for it (--data test=FILE {args.fewshot_split}=FILE)"
+        )
     result = score_mmlu(
         args.model,
         first_per_subject(data[args.split], args.limit),

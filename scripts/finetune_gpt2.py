@@ -34,7 +34,6 @@ from pathlib import Path
 from transformers import HfArgumentParser, default_data_collator, set_seed
 
 from hf_tuningfree.hf import TuningFreeTrainer
-from hf_tuningfree.hf.arguments import DataArguments, FinetuneTrainingArguments, ModelArguments
 from hf_tuningfree.hf.clm import limit_samples, resolve_block_size, tokenize_and_group
 from hf_tuningfree.hf.pipeline import (
     USER_ERRORS,
@@ -50,6 +49,7 @@ from hf_tuningfree.hf.pipeline import (
     setup_logging,
     train_evaluate_save,
 )
+from hf_tuningfree.hf.script_args import DataArguments, FinetuneTrainingArguments, ModelArguments
 
 DEFAULT_MODEL = "offline:gpt2-tiny"
 DEFAULT_DATASET = "offline:pydoc"

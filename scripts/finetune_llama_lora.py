@@ -44,13 +44,6 @@ from transformers import HfArgumentParser, default_data_collator, set_seed
 from hf_tuningfree.data.sources import load_multiple_choice
 from hf_tuningfree.eval import score_mmlu
 from hf_tuningfree.hf import TuningFreeTrainer
-from hf_tuningfree.hf.arguments import (
-    DataArguments,
-    FinetuneTrainingArguments,
-    LoraArguments,
-    MMLUScoringArguments,
-    ModelArguments,
-)
 from hf_tuningfree.hf.clm import limit_samples, resolve_block_size, tokenize_and_group
 from hf_tuningfree.hf.lora import apply_lora, merge_adapter
 from hf_tuningfree.hf.pipeline import (
@@ -68,6 +61,13 @@ from hf_tuningfree.hf.pipeline import (
     save_extra_metrics,
     setup_logging,
     train_evaluate_save,
+)
+from hf_tuningfree.hf.script_args import (
+    DataArguments,
+    FinetuneTrainingArguments,
+    LoraArguments,
+    MMLUScoringArguments,
+    ModelArguments,
 )
 from hf_tuningfree.hf.sft import PaddingCollator, detect_format, tokenize_supervised
 
@@ -101,6 +101,22 @@ def train_split_name(raw: datasets.DatasetDict, data_args: DataArguments) -> str
     return name
 
 
+def row_source(
+    raw: datasets.DatasetDict, key: str, split: str, data_args: DataArguments
+) -> tuple[str, int]:
+    """What an error about a row of ``split`` names: the file it came from and where the split
+    starts in it (with only ``--train_file``, the first rows became the validation split), or
+    the dataset and split."""
+    carved = data_args.train_file and not data_args.validation_file and "validation" in raw
+    if key == "train" and data_args.train_file:
+        return str(data_args.train_file), len(raw["validation"]) if carved else 0
+    if key == "eval" and data_args.validation_file:
+        return str(data_args.validation_file), 0
+    if key == "eval" and carved:
+        return str(data_args.train_file), 0
+    return f"{data_args.dataset_name or DEFAULT_DATASET} [{split}]", 0
+
+
 def prepare_splits(
     raw: datasets.DatasetDict,
     splits: dict[str, str],
@@ -128,6 +144,7 @@ def prepare_splits(
         return {key: limit_samples(blocks[key], limits[key]) for key in blocks}, data_format
     out = {}
     for key, split in chosen.items():
+        source, first_row = row_source(raw, key, splits[key][0], data_args)
         out[key] = tokenize_supervised(
             limit_samples(split, limits[key]),
             tokenizer,
@@ -138,6 +155,8 @@ def prepare_splits(
             load_from_cache_file=not data_args.overwrite_cache,
             main_process_first=training_args.main_process_first,
             desc=f"Tokenising {splits[key][0]}",
+            source=source,
+            first_row=first_row,
         )
     return out, data_format
 

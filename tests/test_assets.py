@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from hf_tuningfree import asset_packages
-from hf_tuningfree.data import assets, corpora, resolve
-from hf_tuningfree.data.assets import MissingAssetError, build_once
+from hf_tuningfree.data import assets, corpora, packages, resolve
+from hf_tuningfree.data.assets import build_once
 from hf_tuningfree.data.mmlu_format import HubOfflineError
 from hf_tuningfree.data.model_configs import (
     count_parameters,
@@ -21,6 +21,7 @@ from hf_tuningfree.data.model_configs import (
     tiny_gpt2_config,
     tiny_llama_config,
 )
+from hf_tuningfree.data.packages import MissingAssetError
 
 
 @pytest.fixture
@@ -33,8 +34,8 @@ def tmp_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def _hide_module(monkeypatch: pytest.MonkeyPatch, module: str) -> None:
     """Make ``module`` look uninstalled to the asset locator."""
-    real = assets._find_spec
-    monkeypatch.setattr(assets, "_find_spec", lambda name: None if name == module else real(name))
+    real = packages._find_spec
+    monkeypatch.setattr(packages, "_find_spec", lambda name: None if name == module else real(name))
 
 
 # --- GPT-2 tokenizer ----------------------------------------------------------------------------

@@ -92,6 +92,17 @@ def test_tiny_comparison_end_to_end_and_cached(tmp_path, monkeypatch):
     results = run_comparison(task, runs, out, workers=0, progress=messages.append)
     assert [r["status"] for r in results] == ["ok"] * 5, [r.get("error") for r in results]
     assert any("[5/5]" in m and "ETA" in m for m in messages)
+    # the untuned runs get the registry's recommendations, the AdamW runs their grid lr
+    by_label = {r["label"]: r for r in results}
+    assert (by_label["adopt"]["learning_rate"], by_label["adopt"]["lr_scheduler_type"]) == (
+        1e-3, "linear")  # fmt: skip
+    assert (by_label["dog"]["learning_rate"], by_label["dog"]["lr_scheduler_type"]) == (
+        1.0, "constant")  # fmt: skip
+    assert by_label["adamw lr=3e-02"]["learning_rate"] == 3e-2
+    # every run's Trainer output went to its own log file, not the console
+    for r in results:
+        log = (out / "logs").glob(f"*-seed0-{r['key']}.log")
+        assert "'loss':" in next(log).read_text()
     paths = write_outputs(results, task, out)
 
     # every file exists; the PNGs are real images of the expected size

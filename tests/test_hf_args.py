@@ -161,3 +161,111 @@ def test_deepspeed_config_with_its_own_optimizer_is_rejected(tmp_path):
     cfg.write_text(json.dumps({"optimizer": {"type": "AdamW"}, "zero_optimization": {"stage": 2}}))
     with pytest.raises(ValueError, match="declares its own 'optimizer' section"):
         _args(tmp_path, optim="adopt", deepspeed=str(cfg))
+
+
+# --- explicit values win, even when they equal the stock defaults (issue 18.3) ------------------
+
+
+def _parse(tmp_path, *argv):
+    (args,) = HfArgumentParser(TuningFreeTrainingArguments).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--report_to", "none", *argv]
+    )
+    return args
+
+
+def test_explicit_values_equal_to_the_stock_defaults_are_kept(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="hf_tuningfree"):
+        args = _parse(tmp_path, "--optim", "dog", "--learning_rate", "5e-5", "--max_grad_norm",
+                      "1.0", "--lr_scheduler_type", "linear")  # fmt: skip
+    assert args.learning_rate == 5e-5
+    assert args.lr_scheduler_type.value == "linear"
+    assert args.max_grad_norm == 1.0
+    assert "registry's recommendations" not in caplog.text  # nothing was replaced
+    assert "MULTIPLIER" in caplog.text  # but 5e-5 as DoG's multiplier is worth a warning
+    assert optimizer_cls_and_kwargs(args)[1]["lr"] == 5e-5
+
+
+def test_what_was_not_set_is_filled_in_and_the_log_says_exactly_what(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="hf_tuningfree"):
+        args = _parse(tmp_path, "--optim", "dog", "--max_grad_norm", "1.0")
+    assert args.learning_rate == 1.0
+    assert args.lr_scheduler_type.value == "constant"
+    assert args.max_grad_norm == 1.0  # given, though DoG recommends 0
+    (line,) = [r.getMessage() for r in caplog.records if "recommendations" in r.getMessage()]
+    assert line == (
+        "hf_tuningfree: optim=dog: not set, so the registry's recommendations are used: "
+        "learning_rate 5e-05 -> 1.0, lr_scheduler_type 'linear' -> 'constant' (lr multiplies the "
+        "adapted step). Set any of them to keep your value, or tuning_free_defaults=False."
+    )
+    # Python keyword arguments and a stock optimizer: explicit wins, unset gets the stock default
+    kept = _args(tmp_path, optim="dog", learning_rate=5e-5, lr_scheduler_type="linear")
+    assert (kept.learning_rate, kept.lr_scheduler_type.value) == (5e-5, "linear")
+    assert kept.max_grad_norm == 0.0
+    stock = _args(tmp_path, optim="adamw_torch")
+    assert (stock.learning_rate, stock.lr_scheduler_type.value, stock.max_grad_norm) == (
+        5e-5, "linear", 1.0)  # fmt: skip
+    off = _args(tmp_path, optim="dog", tuning_free_defaults=False)
+    assert (off.learning_rate, off.max_grad_norm) == (5e-5, 1.0)
+
+
+def test_a_config_file_value_equal_to_the_stock_default_is_explicit(tmp_path):
+    from hf_tuningfree.hf.pipeline import parse_script_arguments
+
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"output_dir: {tmp_path}\noptim: dog\nlearning_rate: 5.0e-5\nreport_to: none\n"
+    )
+    parser = HfArgumentParser(TuningFreeTrainingArguments)
+    (args,) = parse_script_arguments(parser, [str(config)])
+    assert args.learning_rate == 5e-5 and args.max_grad_norm == 0.0
+    (args,) = parse_script_arguments(parser, [str(config), "--max_grad_norm", "1.0"])
+    assert args.learning_rate == 5e-5 and args.max_grad_norm == 1.0
+
+
+def test_set_optimizer_keeps_an_explicit_learning_rate_and_fills_a_missing_one(tmp_path):
+    args = _args(tmp_path)
+    args.set_optimizer(name="dog", learning_rate=5e-5)
+    assert args.learning_rate == 5e-5
+    args.set_optimizer(name="dog")  # the stock method would reset it to 5e-5: counts as unset
+    assert args.learning_rate == 1.0
+    later = _args(tmp_path, optim="adamw_torch")
+    later.learning_rate = 5e-5  # assigned after construction: the user's value
+    later.set_optimizer(name="dog", learning_rate=later.learning_rate)
+    assert later.learning_rate == 5e-5
+
+
+# --- optimizer mistakes fail when the arguments are built (issue 18.2) --------------------------
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--optim", "prodigy", "--optim_args", "beta2=1.5"],
+         "optim='prodigy': Invalid betas[1]: 1.5; allowed: a number in [0.0, 1.0) "
+         "(from optim_args='beta2=1.5')"),
+        (["--optim", "adopt", "--optim_args", "eps=-1"],
+         "optim='adopt': Invalid eps: -1.0; allowed: a finite number > 0 "
+         "(from optim_args='eps=-1')"),
+        (["--optim", "dog", "--learning_rate=-1e-3"],
+         "optim='dog': Invalid lr: -0.001; allowed: a finite number >= 0 "
+         "(from learning_rate=-0.001)"),
+        (["--optim", "dadapt_adam", "--adam_beta2", "1.5"],
+         "optim='dadapt_adam': Invalid betas[1]: 1.5; allowed: a number in [0.0, 1.0) "
+         "(from adam_beta1=0.9, adam_beta2=1.5)"),
+        (["--optim", "hyper_sgd", "--weight_decay=-0.1"],
+         "optim='hyper_sgd': Invalid weight_decay: -0.1; allowed: a finite number >= 0 "
+         "(from weight_decay=-0.1)"),
+        (["--optim", "adopt", "--optim_args", "d0=1e-5"],
+         "optim_args: Unknown hyperparameter 'd0' for optimizer 'adopt'; valid: "),
+        (["--optim", "adopt", "--max_consecutive_skipped_steps=-1"],
+         "max_consecutive_skipped_steps must be >= 0 (0: never stop), got -1"),
+    ],
+)  # fmt: skip
+def test_bad_optimizer_values_fail_while_parsing_with_one_line(tmp_path, argv, message):
+    from hf_tuningfree.hf.errors import OptimizerArgumentError
+
+    with pytest.raises(OptimizerArgumentError) as info:
+        _parse(tmp_path, *argv)
+    text = str(info.value)
+    assert text.startswith(message), text
+    assert "\n" not in text

@@ -138,7 +138,11 @@ def test_register_rejects_duplicates_and_bad_names(monkeypatch):
     spec = OptimizerSpec("my_sgd", torch.optim.SGD, 0.1, "plain SGD for a test", "Robbins 1951")
     register_optimizer(spec)
     assert "my_sgd" in available_optimizers()
-    assert "my_sgd" not in available_optimizers(tuning_free_only=True) or spec.tuning_free
+    assert "my_sgd" in available_optimizers(tuning_free_only=True)  # tuning_free defaults True
+    baseline = OptimizerSpec("my_sgd_baseline", torch.optim.SGD, 0.1, "x", "y", tuning_free=False)
+    register_optimizer(baseline)
+    assert "my_sgd_baseline" in available_optimizers()
+    assert "my_sgd_baseline" not in available_optimizers(tuning_free_only=True)
     with pytest.raises(ValueError, match="already registered"):
         register_optimizer(spec)
     with pytest.raises(ValueError, match="Invalid optimizer name"):
@@ -172,20 +176,29 @@ def test_optim_package_imports_with_torch_only():
 
 
 def test_readme_table_is_the_registry_table():
-    from pathlib import Path
+    from script_loader import load_script
 
-    from hf_tuningfree.cli import README_END, README_START
+    tool = load_script("update_readme_table")
+    text = tool.README.read_text(encoding="utf-8")
+    assert tool.table_block(text) == registry_table(), (
+        "run `python scripts/update_readme_table.py` to update README.md"
+    )
+    assert tool.main(["--check"]) == 0
 
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    block = text.split(README_START, 1)[1].split("\n", 1)[1].split(README_END, 1)[0].strip()
-    assert block == registry_table(), "run `hf-tuningfree optimizers --readme` to update README.md"
 
+def test_readme_tool_rewrites_only_the_marked_block_of_the_readme_it_is_given(tmp_path):
+    from script_loader import load_script
 
-def test_replace_readme_table_rewrites_only_the_marked_block():
-    from hf_tuningfree.cli import replace_readme_table
-
+    tool = load_script("update_readme_table")
     text = "intro\n<!-- registry-table:start x -->\nold\n<!-- registry-table:end -->\nrest\n"
-    new = replace_readme_table(text, "NEW")
+    new = tool.replace_readme_table(text, "NEW")
     assert new == "intro\n<!-- registry-table:start x -->\nNEW\n<!-- registry-table:end -->\nrest\n"
     with pytest.raises(ValueError, match="registry-table"):
-        replace_readme_table("no markers", "NEW")
+        tool.replace_readme_table("no markers", "NEW")
+    readme = tmp_path / "README.md"
+    readme.write_text(text, encoding="utf-8")
+    assert tool.main(["--readme", str(readme), "--check"]) == 1
+    assert readme.read_text(encoding="utf-8") == text  # --check writes nothing
+    assert tool.main(["--readme", str(readme)]) == 0
+    assert tool.table_block(readme.read_text(encoding="utf-8")) == registry_table()
+    assert tool.main(["--readme", str(readme), "--check"]) == 0

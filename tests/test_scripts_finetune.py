@@ -23,7 +23,6 @@ from hf_tuningfree.data.resolve import resolve_tokenizer
 from hf_tuningfree.data.synthetic_mc import make_synthetic_mc
 from hf_tuningfree.eval.loglikelihood import encode_question
 from hf_tuningfree.eval.prompts import build_prompt, get_format
-from hf_tuningfree.hf.arguments import LoraArguments
 from hf_tuningfree.hf.clm import group_texts, resolve_block_size, text_column, tokenize_and_group
 from hf_tuningfree.hf.lora import apply_lora
 from hf_tuningfree.hf.pipeline import (
@@ -32,6 +31,7 @@ from hf_tuningfree.hf.pipeline import (
     parse_script_arguments,
     tensor_checksum,
 )
+from hf_tuningfree.hf.script_args import LoraArguments
 from hf_tuningfree.hf.sft import (
     IGNORE_INDEX,
     PaddingCollator,

@@ -1,5 +1,5 @@
 import sys
 
-from hf_tuningfree.compare import main
+from hf_tuningfree.compare.cli import main
 
-sys.exit(main())
+sys.exit(main(exiting=True))

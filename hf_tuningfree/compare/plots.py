@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from hf_tuningfree.compare.report import Row, Verdict, curves
+from hf_tuningfree.compare.results import Row, Verdict, curves, outcome
 
 FIGSIZE = (8, 5)
 DPI = 100
@@ -35,7 +35,7 @@ def plot_lr_sweep(rows: list[Row], v: Verdict, path: Path) -> Path:
     for r in grid:
         if not math.isfinite(r.eval_loss):
             ax.axvline(r.lr, color="black", alpha=0.15)
-            ax.annotate("diverged", (r.lr, ax.get_ylim()[1]), rotation=90, va="top", fontsize=7)
+            ax.annotate(outcome(r), (r.lr, ax.get_ylim()[1]), rotation=90, va="top", fontsize=7)
     cmap = plt.get_cmap("tab10")
     styles = ("--", "-.", ":")  # 10 colours x 3 styles: 30 distinguishable lines
     for i, r in enumerate(x for x in rows if x.role == "tuning-free"):

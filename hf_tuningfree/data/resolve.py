@@ -436,6 +436,15 @@ def _builder_for(paths: Sequence[str]) -> str:
     return builders.pop()
 
 
+def looks_like_a_path(text: str) -> bool:
+    """Whether ``text`` names a local file or directory rather than a hub dataset: it ends in a
+    data-file suffix (``.txt``, ``.jsonl``, ...), or starts with ``/``, ``./``, ``../`` or ``~``.
+    Hub names (``wikitext``, ``cais/mmlu``) do neither."""
+    return Path(text).suffix.lower() in _FILE_BUILDERS or text.startswith(
+        ("/", "./", "../", "~", ".\\")
+    )
+
+
 def _load_files(
     data_files: Mapping[str, list[str]], keep_linebreaks: bool, cache_dir: str | None
 ) -> datasets.DatasetDict:
@@ -506,6 +515,8 @@ def resolve_dataset(
     Raises:
         HubOfflineError: a hub name not in the local cache while the hub is offline (fast).
         MissingAssetError: a corpus package is missing (says how to install it).
+        FileNotFoundError: ``name`` looks like a path (:func:`looks_like_a_path`) and does not
+            exist; it is not looked up on the hub.
     """
     files = {"train": _as_list(train_file), "validation": _as_list(validation_file)}
     files = {split: paths for split, paths in files.items() if paths}
@@ -524,6 +535,12 @@ def resolve_dataset(
             raise ValueError(f"offline datasets have no configurations; got {config_name!r}")
         return make_synthetic_mc(0) if key == SYNTHETIC_MC else load_text_corpus(key)
     path = Path(text).expanduser()
+    if not path.exists() and looks_like_a_path(text):
+        raise FileNotFoundError(
+            f"no such file or directory: {text!r} (a data file ends in "
+            f"{', '.join(sorted(_FILE_BUILDERS))}; a hub dataset is a name like 'wikitext' or "
+            f"'cais/mmlu'; offline: {', '.join(offline_names('dataset'))})"
+        )
     if path.is_file():
         data = _load_files({"train": [str(path)]}, keep_linebreaks, cache_dir)
     elif path.is_dir():  # datasets infers the splits from the file names (train, validation...)

@@ -6,7 +6,7 @@
   averaging for evaluation and saving, an optimizer section in the model card.
 - :func:`install`: the same optimizers for the stock ``Trainer`` and its subclasses.
 - :class:`OptimizerFactory`: for ``Trainer(optimizers=...)`` / ``optimizer_cls_and_kwargs=...``.
-- :mod:`.arguments`: the scripts' argument groups (``ModelArguments``, ``DataArguments``,
+- :mod:`.script_args`: the scripts' argument groups (``ModelArguments``, ``DataArguments``,
   ``LoraArguments``, ``MMLUScoringArguments``, ``FinetuneTrainingArguments``).
 - :mod:`.clm` (text -> ``block_size`` blocks), :mod:`.sft` (prompt/completion examples, MMLU-format
   rows in the scorer's prompt, the padding collator), :mod:`.lora` (PEFT wrapping and merging) and
@@ -14,7 +14,6 @@
   are made of, importable on their own.
 """
 
-from hf_tuningfree.hf.args import OptimChoices, TuningFreeTrainingArguments
 from hf_tuningfree.hf.factory import OptimizerFactory, trainer_param_groups
 from hf_tuningfree.hf.recommend import (
     apply_recommended_defaults,
@@ -23,6 +22,7 @@ from hf_tuningfree.hf.recommend import (
 )
 from hf_tuningfree.hf.stock_trainer import install
 from hf_tuningfree.hf.trainer import TuningFreeTrainer, optimizer_log_values, unwrap_optimizer
+from hf_tuningfree.hf.training_args import OptimChoices, TuningFreeTrainingArguments
 
 __all__ = [
     "OptimChoices",

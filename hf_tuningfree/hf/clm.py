@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import datasets
 
+from hf_tuningfree.hf.errors import UserInputError
+
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
@@ -47,12 +49,12 @@ def text_column(dataset: datasets.Dataset, name: str | None = None) -> str:
     """
     columns = list(dataset.column_names)
     if name is not None and name not in columns:
-        raise ValueError(f"text_column_name={name!r} is not a column; the data has {columns}")
+        raise UserInputError(f"text_column_name={name!r} is not a column; the data has {columns}")
     chosen = name or ("text" if "text" in columns else columns[0])
     feature = dataset.features.get(chosen)
     dtype = getattr(feature, "dtype", None)
     if dtype not in ("string", "large_string"):
-        raise ValueError(
+        raise UserInputError(
             f"column {chosen!r} holds {feature}, not text; pass text_column_name= (one of "
             f"{columns})"
         )
@@ -92,9 +94,9 @@ def resolve_block_size(
     if requested is None:
         return min(context or DEFAULT_MAX_BLOCK_SIZE, DEFAULT_MAX_BLOCK_SIZE)
     if requested <= 0:
-        raise ValueError(f"block_size must be positive, got {requested}")
+        raise UserInputError(f"block_size must be positive, got {requested}")
     if model_max is not None and requested > model_max:
-        raise ValueError(
+        raise UserInputError(
             f"block_size={requested} exceeds the model's context of {model_max} tokens; "
             f"use block_size <= {model_max}"
         )
@@ -108,7 +110,7 @@ def group_texts(examples: Mapping[str, list[list[Any]]], block_size: int) -> dic
     A ``datasets.map(batched=True)`` function: ``examples`` maps column -> list of lists.
     """
     if block_size <= 0:
-        raise ValueError(f"block_size must be positive, got {block_size}")
+        raise UserInputError(f"block_size must be positive, got {block_size}")
     joined = {key: [item for row in rows for item in row] for key, rows in examples.items()}
     total = (len(joined["input_ids"]) // block_size) * block_size
     out = {
@@ -207,7 +209,7 @@ def tokenize_and_group(
     names = list(splits) if splits is not None else list(raw)
     missing = [name for name in names if name not in raw]
     if missing:
-        raise ValueError(f"splits {missing} are not in the data, which has {sorted(raw)}")
+        raise UserInputError(f"splits {missing} are not in the data, which has {sorted(raw)}")
     guard = main_process_first or (lambda **_: contextlib.nullcontext())
     tokenizer_digest = tokenizer_fingerprint(tokenizer)
     out = datasets.DatasetDict()
@@ -242,7 +244,7 @@ def tokenize_and_group(
             )
         if len(blocks) == 0:
             tokens = sum(len(ids) for ids in tokenized["input_ids"])
-            raise ValueError(
+            raise UserInputError(
                 f"split {name!r} has {tokens} tokens, not enough for one block of {block_size}; "
                 "use a smaller block_size or more data"
             )
@@ -259,5 +261,5 @@ def limit_samples(dataset: datasets.Dataset, count: int | None) -> datasets.Data
     if count is None:
         return dataset
     if count <= 0:
-        raise ValueError(f"the sample limit must be positive, got {count}")
+        raise UserInputError(f"the sample limit must be positive, got {count}")
     return dataset.select(range(min(count, len(dataset))))

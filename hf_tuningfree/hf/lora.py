@@ -1,5 +1,5 @@
 """PEFT LoRA (Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022) for the
-fine-tuning scripts: wrap a causal LM from :class:`~hf_tuningfree.hf.arguments.LoraArguments`, and
+fine-tuning scripts: wrap a causal LM from :class:`~hf_tuningfree.hf.script_args.LoraArguments`, and
 merge a saved adapter into its base model.
 
 Each targeted linear layer ``W`` becomes ``W + (alpha / r) * B A`` with ``A`` (r x in) random and
@@ -16,11 +16,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from hf_tuningfree.hf.errors import UserInputError
+
 if TYPE_CHECKING:
     from peft import LoraConfig, PeftModel
     from transformers import PreTrainedTokenizerBase
 
-    from hf_tuningfree.hf.arguments import LoraArguments
+    from hf_tuningfree.hf.script_args import LoraArguments
 
 logger = logging.getLogger(__name__)
 
@@ -40,11 +42,11 @@ def lora_config(lora_args: LoraArguments) -> LoraConfig:
     from peft import LoraConfig, TaskType
 
     if lora_args.lora_r <= 0:
-        raise ValueError(f"lora_r must be positive, got {lora_args.lora_r}")
+        raise UserInputError(f"lora_r must be positive, got {lora_args.lora_r}")
     if not 0.0 <= lora_args.lora_dropout < 1.0:
-        raise ValueError(f"lora_dropout must be in [0, 1), got {lora_args.lora_dropout}")
+        raise UserInputError(f"lora_dropout must be in [0, 1), got {lora_args.lora_dropout}")
     if not lora_args.lora_target_modules:
-        raise ValueError("lora_target_modules is empty; name at least one linear layer")
+        raise UserInputError("lora_target_modules is empty; name at least one linear layer")
     return LoraConfig(
         task_type=TaskType.CAUSAL_LM,
         r=lora_args.lora_r,
@@ -79,7 +81,7 @@ def apply_lora(
     available = linear_module_names(model)
     missing = [name for name in lora_args.lora_target_modules if name not in available]
     if missing:
-        raise ValueError(
+        raise UserInputError(
             f"lora_target_modules {missing} match no linear layer of {type(model).__name__}; "
             f"its linear layers are named {available}"
         )

@@ -31,10 +31,26 @@ import transformers
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from hf_tuningfree.data.assets import MissingAssetError
 from hf_tuningfree.data.mmlu_format import HubOfflineError, MMLUFormatError
+from hf_tuningfree.data.packages import MissingAssetError
 from hf_tuningfree.data.resolve import ResolvedModel, resolve_dataset, resolve_model_source
+from hf_tuningfree.hf.callback import NonFiniteGradientsError
+from hf_tuningfree.hf.errors import ScriptArgumentError, UserInputError
 from hf_tuningfree.hf.trainer import optimizer_log_values
+
+__all__ = [
+    "RANK_REPORT_ENV",
+    "USER_ERRORS",
+    "FinetuneResult",
+    "ScriptArgumentError",
+    "UserInputError",
+    "find_resume_checkpoint",
+    "load_model",
+    "load_raw_data",
+    "parse_script_arguments",
+    "train_evaluate_save",
+    "write_rank_report",
+]
 
 logger = logging.getLogger("hf_tuningfree")
 
@@ -54,14 +70,11 @@ class FinetuneResult:
     output_dir: Path
 
 
-class ScriptArgumentError(ValueError):
-    """Bad command-line or config-file arguments; the message says what to change."""
-
-
 #: Errors a script reports as a one-line message (exit status 1) instead of a traceback: they are
 #: about the user's input (names, paths, missing assets), not bugs.
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    ScriptArgumentError,
+    UserInputError,
+    NonFiniteGradientsError,
     HubOfflineError,
     MissingAssetError,
     MMLUFormatError,

@@ -37,6 +37,7 @@ from hf_tuningfree.data.mmlu_format import validate_row
 from hf_tuningfree.eval.loglikelihood import split_continuation
 from hf_tuningfree.eval.prompts import build_prompt, get_format
 from hf_tuningfree.hf.clm import map_fingerprint, tokenizer_fingerprint
+from hf_tuningfree.hf.errors import UserInputError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -69,15 +70,18 @@ def detect_format(columns: Sequence[str]) -> str:
     return "text"
 
 
-def mmlu_prompt_completion(row: Mapping[str, Any], variant: str = "letters") -> tuple[str, str]:
+def mmlu_prompt_completion(
+    row: Mapping[str, Any], variant: str = "letters", *, source: str = "data", index: int = 0
+) -> tuple[str, str]:
     """The scorer's zero-shot prompt for an MMLU-format row and the right continuation.
 
     ``variant="letters"`` gives ``(header + "Q\\nA. ..\\nD. ..\\nAnswer:", " C")``;
     ``"continuation"`` gives lm-eval's ``mmlu_continuation`` prompt and the answer text. Rows
     without a subject (the hub's ``auxiliary_train`` has an empty one) get the header without
-    "about ...".
+    "about ...". A malformed row raises :class:`~hf_tuningfree.data.mmlu_format.MMLUFormatError`
+    naming ``source`` (the file or dataset), ``index`` (its 0-based row) and the field.
     """
-    clean = validate_row(row, "data", 0)
+    clean = validate_row(row, source, index)
     prompt = build_prompt(clean, [], get_format(variant))
     fewshot = prompt.fewshot
     if not clean["subject"].strip() and variant == "letters":
@@ -93,11 +97,17 @@ def instruction_prompt_completion(row: Mapping[str, Any]) -> tuple[str, str]:
 
 
 def render_prompt_completion(
-    row: Mapping[str, Any], data_format: str, variant: str = "letters"
+    row: Mapping[str, Any],
+    data_format: str,
+    variant: str = "letters",
+    *,
+    source: str = "data",
+    index: int = 0,
 ) -> tuple[str, str]:
-    """``(prompt, completion)`` for one row of ``data_format`` (not ``"text"``)."""
+    """``(prompt, completion)`` for one row of ``data_format`` (not ``"text"``); ``source`` and
+    ``index`` name the row in errors."""
     if data_format == "mmlu":
-        return mmlu_prompt_completion(row, variant)
+        return mmlu_prompt_completion(row, variant, source=source, index=index)
     if data_format == "prompt_completion":
         return str(row["prompt"]), str(row["completion"])
     if data_format == "instruction":
@@ -145,13 +155,16 @@ def _tokenize_rows(
     max_length: int,
     completion_only_loss: bool,
     add_eos: bool,
-) -> Callable[[Mapping[str, list[Any]]], dict[str, list[list[int]]]]:
-    def tokenize(batch: Mapping[str, list[Any]]) -> dict[str, list[list[int]]]:
+    source: str,
+    first_row: int,
+) -> Callable[[Mapping[str, list[Any]], list[int]], dict[str, list[list[int]]]]:
+    def tokenize(batch: Mapping[str, list[Any]], indices: list[int]) -> dict[str, list[list[int]]]:
         out: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "labels": []}
-        size = len(next(iter(batch.values())))
-        for i in range(size):
+        for i, index in enumerate(indices):
             row = {key: values[i] for key, values in batch.items()}
-            prompt, completion = render_prompt_completion(row, data_format, variant)
+            prompt, completion = render_prompt_completion(
+                row, data_format, variant, source=source, index=first_row + index
+            )
             example = tokenize_prompt_completion(
                 tokenizer,
                 prompt,
@@ -181,6 +194,8 @@ def tokenize_supervised(
     load_from_cache_file: bool = True,
     main_process_first: Callable[..., contextlib.AbstractContextManager[Any]] | None = None,
     desc: str = "Tokenising",
+    source: str | None = None,
+    first_row: int = 0,
 ) -> datasets.Dataset:
     """Tokenise every row of a prompt/completion dataset (see the module doc for the layouts).
 
@@ -193,6 +208,10 @@ def tokenize_supervised(
         variant: MMLU prompt variant, ``"letters"`` (MMLU) or ``"continuation"``.
         completion_only_loss: labels only on the completion (and EOS).
         add_eos: end each example with the EOS token.
+        source: what errors call the data (a file name; default ``"data"``); a malformed
+            MMLU-format row is named by ``source`` and its 0-based row there: ``first_row`` plus
+            its position in ``dataset`` (``first_row``: where ``dataset`` starts in ``source``,
+            e.g. after the rows carved off into a validation split).
 
     Returns:
         A dataset with ``input_ids``, ``attention_mask``, ``labels`` of varying lengths, for
@@ -200,10 +219,11 @@ def tokenize_supervised(
 
     Raises:
         ValueError: the layout is plain text, or no example is left.
+        MMLUFormatError: a malformed MMLU-format row (names ``source``, the row and the field).
     """
     data_format = data_format or detect_format(dataset.column_names)
     if data_format not in DATA_FORMATS[:-1]:
-        raise ValueError(
+        raise UserInputError(
             f"columns {dataset.column_names} are not a prompt/completion layout (MMLU-format "
             "question/subject/choices/answer, prompt/completion, or instruction/input/output)"
         )
@@ -211,9 +231,17 @@ def tokenize_supervised(
     with guard(desc=desc):
         tokenized = dataset.map(
             _tokenize_rows(
-                tokenizer, data_format, variant, max_length, completion_only_loss, add_eos
+                tokenizer,
+                data_format,
+                variant,
+                max_length,
+                completion_only_loss,
+                add_eos,
+                source or "data",
+                first_row,
             ),
             batched=True,
+            with_indices=True,
             remove_columns=dataset.column_names,
             num_proc=num_proc,
             load_from_cache_file=load_from_cache_file,
@@ -240,7 +268,7 @@ def tokenize_supervised(
             max_length,
         )
     if len(tokenized) == 0:
-        raise ValueError(f"{desc}: no example left; raise block_size above {max_length}")
+        raise UserInputError(f"{desc}: no example left; raise block_size above {max_length}")
     return tokenized
 
 

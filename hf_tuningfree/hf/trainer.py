@@ -6,44 +6,48 @@ On top of the stock Trainer it
   the learned hyper-step sizes, ...) to every training log under ``optim/...`` keys, so they reach
   ``state.log_history`` and every ``report_to`` integration; ``learning_rate`` stays the schedule's
   multiplier;
+- watches steps the optimizer skipped for NaN/Inf gradients: logs them and stops with a clear
+  error after ``max_consecutive_skipped_steps`` in a row (:mod:`hf_tuningfree.hf.callback`);
 - optionally keeps a polynomial-decay iterate average (Ivgi et al., ICML 2023) and uses it for
   evaluation, ``save_model`` and checkpoints, while training continues on the training weights;
-  checkpoints carry the averager and the training weights, so a resume is exact;
+  checkpoints carry the averager and the training weights, so a resume is exact; a checkpoint
+  another optimizer wrote is refused with a message instead of a ``KeyError`` in ``step()``;
 - writes the optimizer, its hyperparameters, its final adapted values and the paper into the model
   card.
+
+All of it lives in :class:`TuningFreeTrainerMixin`: :class:`TuningFreeTrainer` is the mixin on
+``Trainer``, and :func:`hf_tuningfree.hf.install` gives it to the stock ``Trainer`` and its
+subclasses, so the two routes behave the same.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 
+from hf_tuningfree.hf.callback import (
+    DEFAULT_MAX_CONSECUTIVE_SKIPPED,
+    TuningFreeCallback,
+    unwrap_optimizer,
+)
+from hf_tuningfree.hf.errors import ResumeError
 from hf_tuningfree.hf.model_card import optimizer_card_section, rewrite_optimizer_line
 from hf_tuningfree.hf.recommend import (
     is_registry_optimizer,
     optim_name,
-    optimizer_cls_and_kwargs,
+    registry_optimizer_cls_and_kwargs,
 )
+from hf_tuningfree.hf.schedule_free import ScheduleFreeCallback, eval_mode
 from hf_tuningfree.optim.registry import get_optimizer_spec
 
 AVERAGER_FILE = "averager.pt"
 TRAINING_WEIGHTS_FILE = "training_weights.pt"
-
-
-def unwrap_optimizer(optimizer: Any) -> Any:
-    """The user-facing optimizer inside Accelerate/DeepSpeed wrappers."""
-    seen = 0
-    while optimizer is not None and not hasattr(optimizer, "stats") and seen < 4:
-        inner = getattr(optimizer, "optimizer", None)
-        if inner is None or inner is optimizer:
-            break
-        optimizer, seen = inner, seen + 1
-    return optimizer
 
 
 def optimizer_log_values(optimizer: Any) -> dict[str, float]:
@@ -55,39 +59,55 @@ def optimizer_log_values(optimizer: Any) -> dict[str, float]:
     return {f"optim/{k}": float(v) for k, v in stats().items()}
 
 
-class _AveragingCallback(TrainerCallback):
-    """Folds the weights into the average after every optimizer step that was not skipped."""
-
-    def __init__(self, trainer: TuningFreeTrainer) -> None:
-        self.trainer = trainer
-
-    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.trainer._update_average()
+#: Written into each checkpoint by the tuning-free trainers: which optimizer wrote it.
+OPTIMIZER_FILE = "hf_tuningfree_optimizer.json"
+#: Group keys ``torch.optim.Optimizer.load_state_dict`` never restores (torch 2.13 drops
+#: ``differentiable`` from loaded groups), so their absence says nothing about the checkpoint.
+_NOT_RESTORED = frozenset({"differentiable"})
 
 
-class TuningFreeTrainer(Trainer):
-    """``transformers.Trainer`` that understands ``optim="<registry name>"``.
+class TuningFreeTrainerMixin:
+    """What the tuning-free trainers add to a ``transformers.Trainer`` (class or subclass).
 
-    Use it with :class:`~hf_tuningfree.hf.args.TuningFreeTrainingArguments` (or stock
-    ``TrainingArguments`` after :func:`hf_tuningfree.hf.install`). Everything else is the stock
-    Trainer.
+    :class:`TuningFreeTrainer` is this mixin on ``Trainer``; :func:`hf_tuningfree.hf.install`
+    puts it on the class of every stock ``Trainer`` (or subclass, e.g. TRL's ``SFTTrainer``)
+    created with a registry ``optim``, so both routes behave the same: the optimizer's
+    statistics in the logs, skipped steps watched (:class:`~hf_tuningfree.hf.callback.
+    TuningFreeCallback`), the iterate average for evaluation and saving, exact resume, the
+    optimizer section in the model card.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def _setup_tuning_free(
+        self,
+        *,
+        max_consecutive_skipped_steps: int | None = None,
+        average_weights: bool | None = None,
+    ) -> None:
+        """Create the averager (when wanted) and register the callback; call once, after
+        ``Trainer.__init__``. The arguments are used where ``self.args`` has no such field (a
+        stock ``TrainingArguments``)."""
+        self.add_callback(ScheduleFreeCallback())  # schedule-free: x for saving, after training
         self.averager: Any = None
-        if self._wants_averaging():
+        if self._wants_averaging(average_weights):
             from hf_tuningfree.optim.averaging import PolynomialDecayAverager
 
             gamma = float(getattr(self.args, "averaging_gamma", 8.0))
             self.averager = PolynomialDecayAverager(self.model, gamma=gamma)
-            self.add_callback(_AveragingCallback(self))
+        limit = getattr(self.args, "max_consecutive_skipped_steps", None)
+        if limit is None:
+            limit = (
+                DEFAULT_MAX_CONSECUTIVE_SKIPPED
+                if max_consecutive_skipped_steps is None
+                else max_consecutive_skipped_steps
+            )
+        self.tuning_free_callback = TuningFreeCallback(limit, averager=self.averager)
+        self.add_callback(self.tuning_free_callback)
 
     # ------------------------------------------------------------------ optimizer
     @staticmethod
     def get_optimizer_cls_and_kwargs(args: Any, model: Any = None) -> tuple[Any, Any]:
         if is_registry_optimizer(args.optim):
-            return optimizer_cls_and_kwargs(args)
+            return registry_optimizer_cls_and_kwargs(args)
         return Trainer.get_optimizer_cls_and_kwargs(args, model)
 
     # ------------------------------------------------------------------ logging
@@ -97,23 +117,14 @@ class TuningFreeTrainer(Trainer):
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------ iterate averaging
-    def _wants_averaging(self) -> bool:
-        requested = getattr(self.args, "average_weights", None)
+    def _wants_averaging(self, default: bool | None = None) -> bool:
+        requested = getattr(self.args, "average_weights", default)
         if requested is not None:
             return bool(requested)
         if is_registry_optimizer(self.args.optim):
             spec = get_optimizer_spec(optim_name(self.args))
             return bool(spec.trainer_defaults.get("average_weights", False))
         return False
-
-    def _update_average(self) -> None:
-        if self.averager is None:
-            return
-        wrapped = self.optimizer
-        if getattr(wrapped, "step_was_skipped", False):  # fp16 GradScaler skipped the step
-            return
-        inner = unwrap_optimizer(wrapped)
-        self.averager.update(skipped=getattr(inner, "last_step_skipped", False))
 
     @contextlib.contextmanager
     def averaged_weights(self) -> Iterator[None]:
@@ -131,6 +142,7 @@ class TuningFreeTrainer(Trainer):
             return super().evaluate(*args, **kwargs)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        eval_mode(self.optimizer)  # schedule-free optimizers: save the average x
         with self.averaged_weights():
             super().save_model(output_dir, _internal_call=_internal_call)
 
@@ -142,6 +154,11 @@ class TuningFreeTrainer(Trainer):
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
+        if self.args.should_save and is_registry_optimizer(self.args.optim):
+            inner = unwrap_optimizer(self.optimizer)
+            marker = {"optim": optim_name(self.args), "class": type(inner).__name__}
+            with open(os.path.join(output_dir, OPTIMIZER_FILE), "w", encoding="utf-8") as fh:
+                json.dump(marker, fh)
         if self.averager is None or self.averager.num_updates == 0:
             return
         if not (self.args.should_save or self.is_fsdp_enabled):
@@ -154,7 +171,11 @@ class TuningFreeTrainer(Trainer):
         torch.save(training, os.path.join(output_dir, self._averager_file(TRAINING_WEIGHTS_FILE)))
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is not None:
+            check_checkpoint_optimizer(checkpoint, self.args, self.optimizer, before_load=True)
         super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None:
+            check_checkpoint_optimizer(checkpoint, self.args, self.optimizer, before_load=False)
         if checkpoint is None or self.averager is None:
             return
         avg_path = os.path.join(checkpoint, self._averager_file(AVERAGER_FILE))
@@ -188,3 +209,60 @@ class TuningFreeTrainer(Trainer):
         )
         with open(path, "w", encoding="utf-8") as fh:
             fh.write(text)
+
+
+class TuningFreeTrainer(TuningFreeTrainerMixin, Trainer):
+    """``transformers.Trainer`` that understands ``optim="<registry name>"``.
+
+    Use it with :class:`~hf_tuningfree.hf.training_args.TuningFreeTrainingArguments` (or stock
+    ``TrainingArguments`` after :func:`hf_tuningfree.hf.install`). Everything else is the stock
+    Trainer; see :class:`TuningFreeTrainerMixin` for what it adds.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._setup_tuning_free()
+
+
+def check_checkpoint_optimizer(
+    checkpoint: str, args: Any, optimizer: Any, *, before_load: bool
+) -> None:
+    """Refuse to resume a registry optimizer from a checkpoint another optimizer wrote.
+
+    Before loading: the checkpoint's :data:`OPTIMIZER_FILE` names the optimizer that wrote it.
+    After loading (checkpoints without that file, e.g. from the stock Trainer): the loaded param
+    groups must carry every hyperparameter the optimizer defines; another optimizer's groups lack
+    some and would fail later inside ``step()`` with a ``KeyError``.
+
+    Raises:
+        ResumeError: one line naming the checkpoint, both optimizers and what to do.
+    """
+    if not is_registry_optimizer(args.optim):
+        return
+    name = optim_name(args)
+    inner = unwrap_optimizer(optimizer)
+    this = f"optim={name!r} ({type(inner).__name__})"
+    advice = (
+        "resume with the optimizer that wrote it, or start this optimizer from the checkpoint's "
+        "weights without resume_from_checkpoint (model_name_or_path=CHECKPOINT)"
+    )
+    if before_load:
+        path = os.path.join(checkpoint, OPTIMIZER_FILE)
+        if not os.path.exists(path):
+            return
+        with open(path, encoding="utf-8") as fh:
+            written = json.load(fh)
+        if written.get("optim") != name:
+            raise ResumeError(
+                f"checkpoint {checkpoint} was written with optim={written.get('optim')!r} "
+                f"({written.get('class')}); this run uses {this}: {advice}"
+            )
+        return
+    groups = getattr(inner, "param_groups", None) or []
+    defaults = getattr(inner, "defaults", {}) or {}
+    missing = sorted(set(defaults) - set(groups[0]) - _NOT_RESTORED) if groups else []
+    if missing:
+        raise ResumeError(
+            f"checkpoint {checkpoint} holds the state of another optimizer (its param groups lack "
+            f"{', '.join(missing)}, which {this} needs): {advice}"
+        )

@@ -6,7 +6,8 @@
 - :class:`HyperSGD`, :class:`HyperAdam`, :class:`HyperAdaGrad`, :class:`HyperRMSProp`:
   hypergradient descent with hyperoptimizer towers (Chandra et al., NeurIPS 2022)
 - :class:`DAdaptSGD`, :class:`DAdaptAdam`, :class:`DAdaptAdaGrad` (Defazio & Mishchenko, ICML 2023)
-- :class:`Prodigy` (Mishchenko & Defazio, ICML 2024)
+- :class:`Prodigy` (Mishchenko & Defazio, ICML 2024) and :class:`ProdigyScheduleFree`, its
+  schedule-free form (Defazio et al., NeurIPS 2024)
 
 Every optimizer is registered in :mod:`hf_tuningfree.optim.registry`;
 ``create_optimizer(name, params, **overrides)`` builds one by name.
@@ -28,6 +29,7 @@ from .registry import (
     register_optimizer,
     registry_table,
 )
+from .schedule_free import ProdigyScheduleFree
 
 __all__ = [
     "ADOPT",
@@ -44,6 +46,7 @@ __all__ = [
     "OptimizerSpec",
     "PolynomialDecayAverager",
     "Prodigy",
+    "ProdigyScheduleFree",
     "TDoG",
     "TuningFreeOptimizer",
     "available_optimizers",

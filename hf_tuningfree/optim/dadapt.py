@@ -126,6 +126,20 @@ __all__ = [
 ]
 
 
+#: ``d_groups``: one estimate of ``d`` for the model, or one per named param group.
+D_GROUPS = ("model", "group")
+
+
+def _scoped(stats: dict[str, torch.Tensor], scope: str) -> dict[str, torch.Tensor]:
+    """The reduced sums of one estimate (keys ``name + scope``), under their plain names."""
+    out = {}
+    for key, value in stats.items():
+        name, _, owner = key.partition("@")
+        if ("@" + owner if owner else "") == scope:
+            out[name] = value
+    return out
+
+
 def check_growth_rate(value: object) -> float:
     """``growth_rate`` is a factor >= 1 (``inf``: unrestricted)."""
     v = check_positive("growth_rate", value, allow_inf=True)
@@ -279,6 +293,9 @@ class DAdaptationBase(TuningFreeOptimizer):
     #: Whether a step may run in the fused form (see ``_fuses``); tests switch it off to compare.
     FUSE = True
     _fused_step = False
+    #: The estimate being worked on: "" (the model's, or the unnamed groups' with
+    #: ``d_groups="group"``) or "@<name>"; it suffixes every ``global_state`` key (``_global``).
+    _scope = ""
 
     # ------------------------------------------------------------------ construction
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -288,7 +305,7 @@ class DAdaptationBase(TuningFreeOptimizer):
         self._validate_group(merged)
         if self.param_groups:
             first = self.param_groups[0]
-            for key in self._MODEL_WIDE:
+            for key in (*self._MODEL_WIDE, "d_groups"):
                 if key in merged and merged[key] != first[key]:
                     raise ValueError(
                         f"{type(self).__name__}: {key}={merged[key]!r} in a param group differs "
@@ -303,6 +320,17 @@ class DAdaptationBase(TuningFreeOptimizer):
         check_nonnegative("weight_decay", group["weight_decay"])
         check_bool("maximize", group["maximize"])
         check_choice("implementation", group["implementation"], IMPLEMENTATIONS)
+        check_choice("d_groups", group.get("d_groups", "model"), D_GROUPS)
+        name = group.get("name")
+        if (
+            group.get("d_groups") == "group"
+            and name is not None
+            and (not isinstance(name, str) or not name or "@" in name)
+        ):
+            raise ValueError(
+                f"Invalid param group name {name!r}; allowed with d_groups='group': a non-empty "
+                "string without '@' (groups with the same name share one d)"
+            )
 
     # ------------------------------------------------------------------ subclass hooks
     def _statistics_pass(
@@ -360,10 +388,24 @@ class DAdaptationBase(TuningFreeOptimizer):
         return torch.float64 if fp64 else torch.float32
 
     def _global(self, name: str, device: torch.device, value: float = 0.0) -> torch.Tensor:
+        """The current estimate's ``name`` in ``global_state`` (see ``_scope``)."""
         dtype = self._scalar_dtype()
         return self.global_tensor(
-            name, device, lambda dev: torch.full((), value, dtype=dtype, device=dev)
+            name + self._scope, device, lambda dev: torch.full((), value, dtype=dtype, device=dev)
         )
+
+    def _estimates(self, batch: StepBatch) -> list[tuple[str, StepBatch]]:
+        """``(scope, the groups it covers)`` for every estimate of ``d``: the whole batch with
+        ``d_groups="model"``; with ``"group"`` one per distinct group ``name`` (groups without a
+        name share the unnamed one, so the Trainer's decay/no-decay split stays one estimate),
+        in the order of the param groups (the same on every rank)."""
+        if self.param_groups[0].get("d_groups", "model") != "group":
+            return [("", batch)]
+        scopes: dict[str, list[GroupBatch]] = {}
+        for gb in batch.groups:
+            name = gb.group.get("name")
+            scopes.setdefault("" if name is None else f"@{name}", []).append(gb)
+        return [(scope, StepBatch(gbs, batch.device)) for scope, gbs in scopes.items()]
 
     def _d_and_step(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         return self._global("d", device, self.param_groups[0]["d0"]), self._global("step", device)
@@ -393,12 +435,29 @@ class DAdaptationBase(TuningFreeOptimizer):
     def _local_statistics(self, batch: StepBatch) -> dict[str, torch.Tensor]:
         self._step_scalar_dtype = None
         self._step_scalar_dtype = self._scalar_dtype()  # until the end of _update
-        dtype = self._step_scalar_dtype
         self._fused_step = self._fuses(batch)
+        self._guard_by_scope: dict[str, list[torch.Tensor]] = {}
+        local: dict[str, torch.Tensor] = {}
+        finite = []
+        try:
+            for scope, sub in self._estimates(batch):
+                self._scope = scope
+                sums = self._estimate_statistics(sub)
+                local.update({name + scope: value for name, value in sums.items()})
+                finite.append(self._finite_term)
+        finally:
+            self._scope = ""
+        self._finite_term = torch.stack(finite).sum()
+        return local
+
+    def _estimate_statistics(self, batch: StepBatch) -> dict[str, torch.Tensor]:
+        """This rank's sums for the current estimate (the groups in ``batch``)."""
+        dtype = self._step_scalar_dtype
         if self._fused_step:
             # only the guard's sums now; the others come out of the fused update (_fused_update)
-            self._guard_sums = [self._grad_sq(gb) for gb in batch.groups]
-            self._finite_term = torch.stack(self._guard_sums).sum().to(dtype)
+            guard = [self._grad_sq(gb) for gb in batch.groups]
+            self._guard_by_scope[self._scope] = guard
+            self._finite_term = torch.stack(guard).sum().to(dtype)
             return {}
         d, step = self._d_and_step(batch.device)
         per_group = self._run_pass(batch, lambda gb: self._statistics_pass(gb, d, step))
@@ -430,9 +489,10 @@ class DAdaptationBase(TuningFreeOptimizer):
         """The update of a fused step, one C kernel per group; returns this step's sums as the
         two-pass form's statistics would have them (the fused kernels write zero sums and nothing
         else when ``ok`` is False)."""
-        before = self._guard_statistics(batch, self._guard_sums)
+        guard = self._guard_by_scope[self._scope]
+        before = self._guard_statistics(batch, guard)
         per_group = []
-        for gb, g_sq in zip(batch.groups, self._guard_sums, strict=True):
+        for gb, g_sq in zip(batch.groups, guard, strict=True):
             tensor_pass, scalars, static = self._update_pass(gb, d, step, before, ok)
             assert tensor_pass.fused is not None
             names = tensor_pass.fused_sums
@@ -458,15 +518,25 @@ class DAdaptationBase(TuningFreeOptimizer):
 
     def _update(self, batch: StepBatch, stats: dict[str, torch.Tensor], ok: torch.Tensor) -> None:
         try:
-            d, step = self._d_and_step(batch.device)
-            if self._fused_step:
-                stats = self._fused_update(batch, d, step, ok)
-            else:
-                self._run_pass(batch, lambda gb: self._update_pass(gb, d, step, stats, ok))
-            self._finish(stats, ok, d, step)
-            step.add_(ok.to(step.dtype))
+            for scope, sub in self._estimates(batch):
+                self._scope = scope
+                self._update_estimate(sub, _scoped(stats, scope), ok)
         finally:
+            self._scope = ""
             self._step_scalar_dtype = None
+
+    def _update_estimate(
+        self, batch: StepBatch, stats: dict[str, torch.Tensor], ok: torch.Tensor
+    ) -> None:
+        """Update the groups of the current estimate, then its ``d``."""
+        self._scope_groups = [gb.group for gb in batch.groups]
+        d, step = self._d_and_step(batch.device)
+        if self._fused_step:
+            stats = self._fused_update(batch, d, step, ok)
+        else:
+            self._run_pass(batch, lambda gb: self._update_pass(gb, d, step, stats, ok))
+        self._finish(stats, ok, d, step)
+        step.add_(ok.to(step.dtype))
 
     def _store_unless_skipped(self, ok: torch.Tensor, **values: torch.Tensor) -> None:
         """Write this step's model-wide scalars into ``global_state``; a skipped step (``ok``
@@ -582,7 +652,15 @@ class DAdaptationBase(TuningFreeOptimizer):
 
     def stats(self) -> dict[str, float]:
         out = super().stats()
-        out["d"] = self._global_float("d", self.param_groups[0]["d0"])
+        d0 = self.param_groups[0]["d0"]
+        out["d"] = self._global_float("d", d0)
+        names = [g.get("name") for g in self.param_groups]
+        if self.param_groups[0].get("d_groups", "model") == "group":
+            named = list(dict.fromkeys(n for n in names if n is not None))
+            for name in named:  # d/<name> per named estimate; d stays the unnamed groups'
+                out[f"d/{name}"] = self._global_float(f"d@{name}", d0)
+            if named and None not in names:
+                out["d"] = out[f"d/{named[0]}"]
         out["step"] = self._global_float("step")
         out["lr"] = max((g["lr"] for g in self.param_groups), default=0.0)
         return out
@@ -748,10 +826,9 @@ class DAdaptSGD(DAdaptationBase):
     r"""SGD with D-Adaptation (Defazio & Mishchenko, ICML 2023), the form of the authors'
     ``dadaptation`` package: a dual-averaging gradient sum ``s`` and primal-averaging momentum.
 
-    With ``gamma`` the group's ``lr`` and ``g_0`` the first nonzero gradient (over the groups
-    with ``lr > 0``; without the weight-decay term, as the authors)::
+    With ``gamma`` the group's ``lr`` and ``G_k`` the bound on the gradient norm (below)::
 
-        lambda_k  = d_k * gamma / ||g_0||
+        lambda_k  = d_k * gamma / G_k
         N_{k+1}   = N_k + lambda_k <g_k, s_k>                   (summed over all groups)
         s_{k+1}   = s_k + lambda_k g_k
         z_{k+1}   = z_k - lambda_k g_k                           (z_0 = x_0)
@@ -759,8 +836,21 @@ class DAdaptSGD(DAdaptationBase):
         d_hat     = 2 N_{k+1} / ||s_{k+1}||_2
         d_{k+1}   = max(d_k, min(d_hat, growth_rate * d_k))
 
-    ``d`` is a lower bound on ``||x_0 - x*||`` for convex problems (the paper's Theorem); the
-    step of the first iteration is ``d0 * lr``. ``stats()["d_lr"]`` is ``d * lr / ||g_0||``.
+    ``d`` is a lower bound on ``||x_0 - x*||`` for convex problems (the paper's Theorem), for any
+    positive weights ``lambda_k``; the paper's step ``d / G`` takes ``G`` a bound on every
+    gradient norm (G-Lipschitz objective). The authors' code estimates ``G`` by the first
+    gradient's norm ``||g_0||`` (``gradient_bound="first"``). Here ``G_k`` is by default the
+    largest gradient norm seen so far, this step's included (``gradient_bound="max"``): the
+    tightest bound the run has shown. With ``||g_0||``, a run whose gradients grow (a small
+    first gradient, a sharper region reached later) takes steps ``d / ||g_0||`` that the
+    curvature cannot take, and ``d`` never decreases: a 10-32-1 MLP regressing noise diverges
+    from loss 11.6 to 8e35 in 100 full-batch steps (issue 18), a 1.3M GPT-2 jumps from eval loss
+    6.1 back to 8.7 mid-run (issue 13). With the running maximum the step shrinks as soon as the
+    gradients grow, so the move ``lambda_k ||g_k||`` of a step stays at most ``d_k lr``.
+    Gradient norms are of the raw gradients of the groups with ``lr > 0`` (as the authors').
+
+    The step of the first iteration is ``d0 * lr`` (``G_0 = ||g_0||`` either way).
+    ``stats()["d_lr"]`` is ``d * lr / G``.
 
     Args:
         params: parameters or param groups.
@@ -773,6 +863,10 @@ class DAdaptSGD(DAdaptationBase):
             style; ``x`` itself without momentum), kept out of ``s`` and ``d``.
         d0: initial lower bound on the distance to the solution (default 1e-6).
         growth_rate: ``d`` grows by at most this factor per step (default inf).
+        d_groups: ``"model"`` (default: one ``d`` for all groups, the papers') or ``"group"``:
+            one ``d`` per param-group ``name`` (groups without a name share one), e.g. for LoRA
+            A/B or two networks; every estimate is the model-wide algorithm run on its groups.
+        gradient_bound: ``"max"`` (default) or ``"first"`` (the authors'), see above.
         maximize: maximize the objective.
         implementation: ``"auto"``, ``"loop"`` or ``"compiled"`` (see
             :mod:`hf_tuningfree.optim.kernels`); ``"foreach"`` runs the per-tensor loop. On CPU,
@@ -780,11 +874,11 @@ class DAdaptSGD(DAdaptationBase):
         skip_nonfinite, global_reduce: see :class:`~hf_tuningfree.optim.base.TuningFreeOptimizer`.
 
     State: per parameter ``s`` (and ``z`` when ``momentum > 0``); model-wide in
-    ``global_state``: ``d``, ``numerator`` (``N``), ``g0_sq`` (``||g_0||^2``), ``s_sq``
+    ``global_state``: ``d``, ``numerator`` (``N``), ``grad_bound_sq`` (``G^2``), ``s_sq``
     (``||s||^2``), ``step``.
     """
 
-    _MODEL_WIDE = ("d0", "growth_rate")
+    _MODEL_WIDE = ("d0", "growth_rate", "gradient_bound")
 
     def __init__(
         self,
@@ -795,6 +889,8 @@ class DAdaptSGD(DAdaptationBase):
         decoupled_weight_decay: bool = False,
         d0: float = 1e-6,
         growth_rate: float = float("inf"),
+        d_groups: str = "model",
+        gradient_bound: str = "max",
         maximize: bool = False,
         implementation: str = "auto",
         *,
@@ -808,6 +904,8 @@ class DAdaptSGD(DAdaptationBase):
             "decoupled_weight_decay": decoupled_weight_decay,
             "d0": check_positive("d0", d0),
             "growth_rate": check_growth_rate(growth_rate),
+            "d_groups": d_groups,
+            "gradient_bound": check_choice("gradient_bound", gradient_bound, ("max", "first")),
             "maximize": maximize,
             "implementation": implementation,
         }
@@ -819,6 +917,7 @@ class DAdaptSGD(DAdaptationBase):
         super()._validate_group(group)
         check_in_range("momentum", group["momentum"], 0.0, 1.0)
         check_bool("decoupled_weight_decay", group["decoupled_weight_decay"])
+        check_choice("gradient_bound", group["gradient_bound"], ("max", "first"))
 
     def _init_param_state(self, param: torch.Tensor, state: dict[str, Any], group: dict) -> None:
         state["s"] = torch.zeros_like(param, memory_format=torch.preserve_format)
@@ -827,17 +926,27 @@ class DAdaptSGD(DAdaptationBase):
         s = local_view(state["s"]).to(compute_dtype(state["s"].dtype))
         return {"s_sq": (s * s).sum()}
 
-    def _inv_g0(self, device: torch.device) -> torch.Tensor:
-        """``1 / ||g_0||`` as known before this step (0 while not fixed yet)."""
-        g0_sq = self._global("g0_sq", device)
-        return torch.where(g0_sq > 0, g0_sq.rsqrt(), 0.0)
+    @staticmethod
+    def _inverse(bound_sq: torch.Tensor) -> torch.Tensor:
+        """``1 / G`` (0 while no gradient has been seen, and for a NaN bound)."""
+        return torch.where(bound_sq > 0, bound_sq.rsqrt(), 0.0)
+
+    def _bound_sq(self, stats: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+        """``G_k^2`` of this step: the largest ``||g||^2`` so far, this step's included
+        (``"max"``), or the first nonzero one (``"first"``). Gradients of groups with lr = 0 do
+        not count (a warm-up from lr = 0 and frozen groups are skipped over)."""
+        old = self._global("grad_bound_sq", device)
+        new = stats["grad_sq"].to(old.dtype)
+        if self.param_groups[0]["gradient_bound"] == "first":
+            return torch.where(old > 0, old, new)
+        return torch.maximum(old, new)
 
     def _statistics_pass(
         self, gb: GroupBatch, d: torch.Tensor, step: torch.Tensor
     ) -> tuple[TensorPass, list[torch.Tensor], dict[str, Any]]:
-        # lambda of this step, unless ||g_0|| is fixed by this very step (then s = 0, lambda
-        # unknown: "gg" covers it in _finish).
-        lam = d * self._inv_g0(d.device) * gb.group["lr"]
+        # ||s_k + lambda g'||^2 with lambda of the bound known before this step; _finish corrects
+        # it when this step raises the bound (and on the first step, where s_k = 0).
+        lam = d * self._inverse(self._global("grad_bound_sq", d.device)) * gb.group["lr"]
         coupled, _ = _weight_decay_scalars(gb.group, lam)
         return _SGD_STATISTICS, [coupled, lam], _flags(gb.group)
 
@@ -849,14 +958,12 @@ class DAdaptSGD(DAdaptationBase):
         step: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
         dtype = self._scalar_dtype()
-        lam = d * self._inv_g0(d.device)  # times each group's lr
         lrs = [gb.group["lr"] for gb in batch.groups]
         pairs = list(zip(per_group, lrs, strict=True))
         return {
-            # sum_k lambda_k <g', s_k>, this step's term
-            "numerator": lam * batch.sum_on_device(pg["dot"] * lr for pg, lr in pairs).to(dtype),
+            # sum lr <g', s_k> (the numerator's term is lambda_k times it, lambda_k / lr = d / G)
+            "dot_lr": batch.sum_on_device(pg["dot"] * lr for pg, lr in pairs).to(dtype),
             "s_sq": batch.sum_on_device(pg["s_sq"] for pg, _ in pairs).to(dtype),
-            # for fixing ||g_0||: sum lr^2 ||g'||^2
             "gg_lr2": batch.sum_on_device(pg["gg"] * lr * lr for pg, lr in pairs).to(dtype),
             **self._guard_statistics(batch, [pg["g_sq"] for pg in per_group]),
         }
@@ -864,16 +971,10 @@ class DAdaptSGD(DAdaptationBase):
     def _guard_statistics(
         self, batch: StepBatch, g_sq: list[torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        """For fixing ``||g_0||``: the raw ``||g||^2`` of the groups with lr > 0."""
+        """For the gradient bound: the raw ``||g||^2`` of the groups with lr > 0."""
         lrs = [gb.group["lr"] for gb in batch.groups]
         grad_sq = batch.sum_on_device(v for v, lr in zip(g_sq, lrs, strict=True) if lr > 0)
         return {"grad_sq": grad_sq.to(self._scalar_dtype())}
-
-    def _latched_g0_sq(self, stats: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
-        """``||g_0||^2``: fixed at the first step where the gradients of groups with lr > 0 are
-        not all zero (warm-up from lr = 0 and frozen groups are skipped over)."""
-        g0_sq = self._global("g0_sq", device)
-        return torch.where(g0_sq > 0, g0_sq, stats["grad_sq"].to(g0_sq.dtype))
 
     def _update_pass(
         self,
@@ -884,9 +985,9 @@ class DAdaptSGD(DAdaptationBase):
         ok: torch.Tensor,
     ) -> tuple[TensorPass, list[torch.Tensor], dict[str, Any]]:
         group = gb.group
-        g0_sq = self._latched_g0_sq(stats, d.device)
-        # lambda = d lr / ||g_0||: 0 until a gradient was nonzero, and on a skipped step.
-        lam = d * torch.where(ok & (g0_sq > 0), g0_sq.rsqrt(), 0.0) * group["lr"]
+        # lambda = d lr / G_k: 0 until a gradient was nonzero, and on a skipped step.
+        inverse = self._inverse(self._bound_sq(stats, d.device))
+        lam = d * torch.where(ok, inverse, 0.0) * group["lr"]
         scalars = [ok, lam, *_weight_decay_scalars(group, lam)]
         if group["momentum"] == 0:
             return _SGD_UPDATE, scalars, _flags(group)
@@ -902,23 +1003,33 @@ class DAdaptSGD(DAdaptationBase):
     ) -> None:
         growth = self.param_groups[0]["growth_rate"]
         numerator = self._global("numerator", d.device)
-        g0_sq = self._global("g0_sq", d.device)
-        latched = self._latched_g0_sq(stats, d.device)
-        # ||s_{k+1}||^2; on the step that fixes ||g_0||, s_k = 0 and s_{k+1} = lambda g'
-        first = torch.where(latched > 0, d * d * stats["gg_lr2"] / latched, 0.0)
-        new_s_sq = torch.where(g0_sq > 0, stats["s_sq"], first)
-        new_numerator = numerator + stats["numerator"]
+        before = self._inverse(self._global("grad_bound_sq", d.device))
+        bound_sq = self._bound_sq(stats, d.device)
+        after = self._inverse(bound_sq)
+        new_s_sq = stats["s_sq"]
+        if not self._fused_step:
+            # ||s_k + lambda' g||^2 from ||s_k + lambda g||^2, lambda' - lambda = d lr (1/G' - 1/G)
+            # (0 when the bound did not change: the same number as before)
+            change = d * (after - before)
+            new_s_sq = (
+                new_s_sq
+                + d * d * (after * after - before * before) * stats["gg_lr2"]
+                + 2.0 * change * stats["dot_lr"]
+            )
+        new_numerator = numerator + d * after * stats["dot_lr"]
         d_hat = 2.0 * new_numerator / new_s_sq.sqrt()
         valid = ok & (new_s_sq > 0)
         d.copy_(_d_update(d, d_hat, valid, growth))
-        self._store_unless_skipped(ok, numerator=new_numerator, s_sq=new_s_sq, g0_sq=latched)
+        self._store_unless_skipped(
+            ok, numerator=new_numerator, s_sq=new_s_sq, grad_bound_sq=bound_sq
+        )
 
     def stats(self) -> dict[str, float]:
         out = super().stats()
-        g0_sq = self._global_float("g0_sq")
-        g0 = math.sqrt(g0_sq) if g0_sq > 0 else 0.0
-        out["g0_norm"] = g0
-        out["d_lr"] = out["d"] * out["lr"] / g0 if g0 > 0 else 0.0
+        bound_sq = self._global_float("grad_bound_sq")
+        bound = math.sqrt(bound_sq) if bound_sq > 0 else 0.0
+        out["grad_bound"] = bound
+        out["d_lr"] = out["d"] * out["lr"] / bound if bound > 0 else 0.0
         out["numerator"] = self._global_float("numerator")
         out["s_norm"] = math.sqrt(max(self._global_float("s_sq"), 0.0))
         return out
@@ -1115,6 +1226,9 @@ class DAdaptAdam(AdamFormBase):
         use_bias_correction: see above (default True).
         d0: initial lower bound on the distance to the solution (default 1e-6).
         growth_rate: ``d`` grows by at most this factor per step (default inf).
+        d_groups: ``"model"`` (default: one ``d`` for all groups, the papers') or ``"group"``:
+            one ``d`` per param-group ``name`` (groups without a name share one), e.g. for LoRA
+            A/B or two networks; every estimate is the model-wide algorithm run on its groups.
         maximize: maximize the objective.
         implementation: ``"auto"``, ``"loop"`` or ``"compiled"``; ``"foreach"`` runs the loop.
             On CPU, ``"auto"`` and ``"compiled"`` run the C kernels (see the module docstring).
@@ -1137,6 +1251,7 @@ class DAdaptAdam(AdamFormBase):
         use_bias_correction: bool = True,
         d0: float = 1e-6,
         growth_rate: float = float("inf"),
+        d_groups: str = "model",
         maximize: bool = False,
         implementation: str = "auto",
         *,
@@ -1152,6 +1267,7 @@ class DAdaptAdam(AdamFormBase):
             "use_bias_correction": check_bool("use_bias_correction", use_bias_correction),
             "d0": check_positive("d0", d0),
             "growth_rate": check_growth_rate(growth_rate),
+            "d_groups": d_groups,
             "maximize": maximize,
             "implementation": implementation,
         }
@@ -1328,7 +1444,7 @@ class DAdaptAdaGrad(DAdaptationBase):
         weight_decay: L2 coefficient added to the gradient (default 0).
         eps: added to ``sqrt(alpha)`` (default 1e-6, the authors').
         initial_accumulator_value: ``alpha_0`` (default 1e-6, the authors' fixed value).
-        d0, growth_rate, maximize, implementation: as :class:`DAdaptSGD`.
+        d0, growth_rate, d_groups, maximize, implementation: as :class:`DAdaptSGD`.
         skip_nonfinite, global_reduce: see :class:`~hf_tuningfree.optim.base.TuningFreeOptimizer`.
 
     State: per parameter ``alpha``, ``s``, ``x0``; model-wide ``d``, ``numerator`` (N),
@@ -1347,6 +1463,7 @@ class DAdaptAdaGrad(DAdaptationBase):
         initial_accumulator_value: float = 1e-6,
         d0: float = 1e-6,
         growth_rate: float = float("inf"),
+        d_groups: str = "model",
         maximize: bool = False,
         implementation: str = "auto",
         *,
@@ -1361,6 +1478,7 @@ class DAdaptAdaGrad(DAdaptationBase):
             "initial_accumulator_value": initial_accumulator_value,
             "d0": check_positive("d0", d0),
             "growth_rate": check_growth_rate(growth_rate),
+            "d_groups": d_groups,
             "maximize": maximize,
             "implementation": implementation,
         }

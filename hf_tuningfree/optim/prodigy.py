@@ -177,6 +177,9 @@ class Prodigy(AdamFormBase):
         d0: initial lower bound on the distance to the solution (default 1e-6).
         d_coef: multiplies ``d_hat``; the authors' preferred knob when tuning (default 1.0).
         growth_rate: ``d`` grows by at most this factor per step (default inf).
+        d_groups: ``"model"`` (default: one ``d`` for all groups, the papers') or ``"group"``:
+            one ``d`` per param-group ``name`` (groups without a name share one), e.g. for LoRA
+            A/B or two networks; every estimate is the model-wide algorithm run on its groups.
         maximize: maximize the objective.
         implementation: ``"auto"``, ``"loop"`` or ``"compiled"``; ``"foreach"`` runs the loop.
             On CPU, ``"auto"`` and ``"compiled"`` run the C kernels of
@@ -211,6 +214,7 @@ class Prodigy(AdamFormBase):
         d0: float = 1e-6,
         d_coef: float = 1.0,
         growth_rate: float = float("inf"),
+        d_groups: str = "model",
         maximize: bool = False,
         implementation: str = "auto",
         *,
@@ -229,6 +233,7 @@ class Prodigy(AdamFormBase):
             "d0": check_positive("d0", d0),
             "d_coef": check_positive("d_coef", d_coef),
             "growth_rate": check_growth_rate(growth_rate),
+            "d_groups": d_groups,
             "maximize": maximize,
             "implementation": implementation,
         }

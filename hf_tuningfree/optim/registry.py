@@ -300,6 +300,7 @@ def _register_builtins() -> None:
     from .dog import DoG, LDoG, TDoG
     from .hypergradient import HyperAdaGrad, HyperAdam, HyperRMSProp, HyperSGD
     from .prodigy import Prodigy
+    from .schedule_free import ProdigyScheduleFree
 
     register_optimizer(
         OptimizerSpec(
@@ -317,8 +318,8 @@ def _register_builtins() -> None:
             name="dadapt_sgd",
             cls=DAdaptSGD,
             lr=1.0,
-            description="SGD whose step d*lr/||g0|| learns d, a lower bound on the distance "
-            "to the solution",
+            description="SGD whose step d*lr/G learns d, a lower bound on the distance to the "
+            "solution (G: the largest gradient norm so far)",
             paper=dadapt_paper,
             lr_is_multiplier=True,
         )
@@ -353,6 +354,19 @@ def _register_builtins() -> None:
             "adapt",
             paper="Mishchenko & Defazio, Prodigy: An Expeditiously Adaptive Parameter-Free "
             "Learner, ICML 2024",
+            lr_is_multiplier=True,
+        )
+    )
+    register_optimizer(
+        OptimizerSpec(
+            name="prodigy_sf",
+            cls=ProdigyScheduleFree,
+            lr=1.0,
+            description="Schedule-free Prodigy: Prodigy's step size, schedule-free averaging "
+            "instead of a schedule (eval() for evaluation and saving)",
+            paper="Defazio et al., The Road Less Scheduled, NeurIPS 2024; Mishchenko & Defazio, "
+            "Prodigy, ICML 2024",
+            trainer_defaults={"lr_scheduler_type": "constant"},
             lr_is_multiplier=True,
         )
     )

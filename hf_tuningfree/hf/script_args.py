@@ -22,7 +22,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from hf_tuningfree.data.resolve import offline_names
-from hf_tuningfree.hf.args import TuningFreeTrainingArguments
+from hf_tuningfree.hf.training_args import TuningFreeTrainingArguments
 
 _OFFLINE_MODELS = ", ".join(offline_names("model"))
 _OFFLINE_DATASETS = ", ".join(offline_names("dataset"))

@@ -1,0 +1,318 @@
+"""Schedule-free Prodigy: Prodigy's step size with schedule-free iterate averaging.
+
+Defazio, Yang, Mehta, Mishchenko, Khaled & Cutkosky, "The Road Less Scheduled", NeurIPS 2024
+(arXiv:2405.15682): the momentum of Adam is replaced by an interpolation and an average of three
+sequences, so that a CONSTANT step size reaches what a decaying schedule reaches, without knowing
+the run's length. With ``gamma_k`` the step and ``u_k`` Adam's normalised gradient::
+
+    y_k     = (1 - beta1) z_k + beta1 x_k          (the gradient is taken here)
+    z_{k+1} = z_k - gamma_k u_k                    (the base optimizer's iterate)
+    x_{k+1} = (1 - c_{k+1}) x_k + c_{k+1} z_{k+1}   (the average: evaluate and save this one)
+    c_{k+1} = w_k / sum_{i <= k} w_i,   w_k = (max_{i <= k} gamma_i)^2
+
+Prodigy (Mishchenko & Defazio, ICML 2024) supplies ``gamma_k = d_k lr sqrt(1 - beta2^(k+1))``,
+with ``d_k`` its lower bound on the distance to the solution estimated from ``<g_k, x_0 - y_k>``
+(the point where the gradient is taken: the convexity inequality behind the bound holds there).
+The averaging weights ``w_k`` are the squared steps, as the paper's warm-up analysis and the
+authors' code use, so the iterates of the first steps, taken while ``d`` is still tiny, weigh
+almost nothing in ``x``: Prodigy's growth of ``d`` acts as the warm-up schedule-free needs. This is
+the combination ``prodigy-plus-schedule-free`` ships for LoRA training.
+
+The parameters hold ``y`` while training and ``x`` after :meth:`eval`; :meth:`train` goes back.
+Only ``z`` is stored: ``x = (y - (1 - beta1) z) / beta1``, so the state is the size of
+Prodigy's (``z, v, s, x0`` against ``m, v, s, x0``). The step combines the three updates into
+two (the authors' form)::
+
+    y_{k+1} = y_k + c (z_k - y_k) - gamma_k (1 - beta1 (1 - c)) u_k
+    z_{k+1} = z_k - gamma_k u_k
+
+Evaluate and save in eval mode (``optimizer.eval()``, then ``optimizer.train()`` before the next
+step; ``step()`` in eval mode raises). ``TuningFreeTrainer`` does this for evaluation, for
+``save_model`` and for checkpoints (:mod:`hf_tuningfree.hf.schedule_free`). Switching modes is a
+``lerp`` each way, exact to rounding (one ulp), and a checkpoint holds the mode, so a resume
+repeats the same operations and continues bit-exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.optim.optimizer import ParamsT
+
+from .base import GroupBatch
+from .dadapt import TensorPass, _flags, _pass, _weight_decay_scalars, effective_grad
+from .distributed import local_view
+from .prodigy import Prodigy
+
+__all__ = ["ProdigyScheduleFree", "prodigy_sf_tensor_update", "schedule_free_weight"]
+
+#: The param-group key that says whether the group's parameters hold ``y`` (True) or ``x``.
+TRAIN_MODE = "train_mode"
+
+
+def prodigy_sf_tensor_update(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    z: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    s: torch.Tensor,
+    ok: torch.Tensor,
+    d: torch.Tensor,
+    step_size: torch.Tensor,
+    y_step: torch.Tensor,
+    average: torch.Tensor,
+    s_weight: torch.Tensor,
+    coupled_wd: torch.Tensor,
+    decoupled_wd: torch.Tensor,
+    c_v: torch.Tensor,
+    c_s: torch.Tensor,
+    d_eps: torch.Tensor,
+    *,
+    maximize: bool,
+    coupled: bool,
+    acc64: bool,
+) -> None:
+    """One tensor of schedule-free Prodigy, in place (``param`` holds ``y``).
+
+    ``step_size`` is ``gamma = d lr bc``, ``average`` the averaging weight ``c``, ``y_step``
+    ``gamma (1 - beta1 (1 - c))``; ``s_weight`` the weight of ``g`` in ``s``; ``c_v = 1 - beta2``,
+    ``c_s = beta3 - 1``; ``decoupled_wd`` the decay coefficient applied at ``y`` (inside ``u``,
+    as the authors' schedule-free AdamW), ``d_eps = d eps``. On a skipped step every coefficient
+    is 0 and nothing changes."""
+    g, y = effective_grad(grad, param, coupled_wd, maximize=maximize, coupled=coupled)
+    g = torch.where(ok, g, 0.0)
+    zz = z.to(g.dtype)
+    v = exp_avg_sq.to(g.dtype)
+    s_new = s.to(g.dtype)
+    dg = d * g
+    v = v + c_v * (dg * dg - v)
+    s_new = s_new + c_s * s_new + s_weight * g
+    u = dg / (v.sqrt() + d_eps) + decoupled_wd * y
+    param.copy_(y + average * (zz - y) - y_step * u)
+    z.copy_(zz - step_size * u)
+    exp_avg_sq.copy_(v)
+    s.copy_(s_new)
+
+
+_PRODIGY_SF_UPDATE = _pass(
+    prodigy_sf_tensor_update,
+    "ProdigyScheduleFree",
+    ("z", "exp_avg_sq", "s"),
+    (),
+    ("param", "z", "exp_avg_sq", "s"),
+)
+
+
+def schedule_free_weight(
+    step_size: torch.Tensor, lr_max: torch.Tensor, weight_sum: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(new lr_max, new weight_sum, c)``: the averaging weight of this step's ``z`` in ``x``,
+    ``c = w / (weight_sum + w)`` with ``w = max(lr_max, step_size)^2`` (0 while no step was
+    taken: a warm-up from ``lr = 0`` leaves ``x`` at ``x_0``)."""
+    new_max = torch.maximum(lr_max, step_size)
+    w = new_max * new_max
+    new_sum = weight_sum + w
+    c = torch.where(new_sum > 0, w / torch.where(new_sum > 0, new_sum, 1.0), 0.0)
+    return new_max, new_sum, c
+
+
+class ScheduleFreeModes:
+    """``train()`` / ``eval()`` of a schedule-free optimizer whose parameters hold ``y`` in train
+    mode and ``x`` in eval mode, with ``z`` in ``state[p]["z"]`` and ``beta1`` in
+    ``group["betas"][0]``. The mode is a param-group key, so it is saved in the state dict."""
+
+    param_groups: list[dict[str, Any]]
+    state: Any
+
+    def _interpolate(self, train: bool) -> None:
+        with torch.no_grad():
+            for group in self.param_groups:
+                if group.get(TRAIN_MODE, True) == train:
+                    continue
+                beta1 = group["betas"][0]
+                # x -> y: y = x + (1 - beta1) (z - x); y -> x: x = y + (1 - 1/beta1) (z - y)
+                weight = 1.0 - beta1 if train else 1.0 - 1.0 / beta1
+                for p in group["params"]:
+                    z = self.state[p].get("z") if p in self.state else None
+                    if z is not None:
+                        local_view(p).lerp_(local_view(z).to(p.dtype), weight)
+                group[TRAIN_MODE] = train
+
+    def train(self, mode: bool = True) -> None:
+        """Put ``y`` into the parameters (the point where gradients are taken); a no-op in train
+        mode. ``train(False)`` is ``eval()``, as for modules."""
+        self._interpolate(bool(mode))
+
+    def eval(self) -> None:
+        """Put the average ``x`` into the parameters, for evaluation and saving; a no-op in eval
+        mode."""
+        self._interpolate(False)
+
+    @property
+    def training(self) -> bool:
+        """Whether the parameters hold ``y`` (every group is in train mode)."""
+        return all(g.get(TRAIN_MODE, True) for g in self.param_groups)
+
+    def _check_train_mode(self) -> None:
+        if not self.training:
+            raise RuntimeError(
+                f"{type(self).__name__}.step() called in eval mode: the parameters hold the "
+                "averaged weights x, not the point y where gradients must be taken; call "
+                "optimizer.train() before training steps and optimizer.eval() before evaluating "
+                "or saving"
+            )
+
+
+class ProdigyScheduleFree(ScheduleFreeModes, Prodigy):
+    r"""Schedule-free Prodigy (Defazio et al., NeurIPS 2024; Mishchenko & Defazio, ICML 2024).
+
+    With ``gamma_k = d_k lr bc_k``, ``bc_k = sqrt(1 - beta2^(k+1))`` (1 with
+    ``use_bias_correction=False``), the parameters holding ``y_k``::
+
+        v_{k+1}   = beta2 v_k + (1 - beta2) d_k^2 g_k^2
+        u_k       = d_k g_k / (sqrt(v_{k+1}) + d_k eps) + wd y_k        (decoupled decay at y)
+        r_{k+1}   = beta3 r_k + (d_k / d0) gamma_k <g_k, x_0 - y_k>        (summed over groups)
+        s_{k+1}   = beta3 s_k + (d_k / d0) gamma_k g_k
+        d_{k+1}   = max(d_k, min(d_coef r_{k+1} / ||s_{k+1}||_1, growth_rate d_k))  (via d_max)
+        z_{k+1}   = z_k - gamma_k u_k
+        x_{k+1}   = (1 - c_{k+1}) x_k + c_{k+1} z_{k+1},   c from schedule_free_weight
+        y_{k+1}   = (1 - beta1) z_{k+1} + beta1 x_{k+1}
+
+    Use a constant ``lr`` (no decaying schedule: the average replaces it); a warm-up is not
+    needed (``d`` starts small and the early iterates weigh ~nothing in ``x``) but does no harm.
+    Call :meth:`eval` before evaluating or saving and :meth:`train` after.
+
+    Args: as :class:`~hf_tuningfree.optim.prodigy.Prodigy`; ``betas[0]`` is the interpolation
+    weight ``beta1`` of ``y`` between ``z`` and ``x`` (default 0.9, the authors').
+
+    State: per parameter ``z``, ``exp_avg_sq`` (v), ``s``, ``x0``; model-wide ``d``, ``d_max``,
+    ``numerator``, ``s_l1``, ``step``, ``sf_lr_max`` and ``sf_weight_sum`` (the averaging).
+    ``stats()`` adds ``sf_average_weight`` (the last ``c``).
+    """
+
+    FUSE = False  # no fused C kernel for this update yet: the torch passes run
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        beta3: float | None = None,
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        decoupled_weight_decay: bool = True,
+        use_bias_correction: bool = True,
+        safeguard_warmup: bool = False,
+        d0: float = 1e-6,
+        d_coef: float = 1.0,
+        growth_rate: float = float("inf"),
+        d_groups: str = "model",
+        maximize: bool = False,
+        implementation: str = "auto",
+        *,
+        skip_nonfinite: bool = True,
+        global_reduce: object = "auto",
+    ) -> None:
+        if not 0.0 < betas[0] < 1.0:
+            raise ValueError(
+                f"Invalid betas[0]: {betas[0]!r}; allowed: 0 < beta1 < 1 (the schedule-free "
+                "interpolation weight; eval() divides by it)"
+            )
+        super().__init__(
+            params,
+            lr=lr,
+            betas=betas,
+            beta3=beta3,
+            eps=eps,
+            weight_decay=weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay,
+            use_bias_correction=use_bias_correction,
+            safeguard_warmup=safeguard_warmup,
+            d0=d0,
+            d_coef=d_coef,
+            growth_rate=growth_rate,
+            d_groups=d_groups,
+            maximize=maximize,
+            implementation=implementation,
+            skip_nonfinite=skip_nonfinite,
+            global_reduce=global_reduce,
+        )
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        # a group added in eval mode starts in eval mode: its parameters are x = y = z at first
+        param_group.setdefault(TRAIN_MODE, self.training if self.param_groups else True)
+        super().add_param_group(param_group)
+
+    def _init_param_state(self, param: torch.Tensor, state: dict[str, Any], group: dict) -> None:
+        for key in ("exp_avg_sq", "s"):
+            state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        state["z"] = param.detach().clone(memory_format=torch.preserve_format)
+        state["x0"] = param.detach().clone(memory_format=torch.preserve_format)
+
+    def _bias_correction(self, step: torch.Tensor) -> torch.Tensor | float:
+        """``sqrt(1 - beta2^(k+1))``: the second moment's correction (there is no first moment)."""
+        group = self.param_groups[0]
+        if not group["use_bias_correction"]:
+            return 1.0
+        return torch.sqrt(1.0 - torch.pow(group["betas"][1], step + 1.0))
+
+    def _reference_step(self, d: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        """The step that sets the averaging weight: ``d lr bc`` with the largest ``lr`` of the
+        groups of the current estimate (all groups, unless ``d_groups="group"``)."""
+        groups = getattr(self, "_scope_groups", None) or self.param_groups
+        lr = max((g["lr"] for g in groups), default=0.0)
+        return d * self._bias_correction(step) * lr
+
+    def _averaging(
+        self, d: torch.Tensor, step: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        lr_max = self._global("sf_lr_max", d.device)
+        weight_sum = self._global("sf_weight_sum", d.device)
+        return schedule_free_weight(self._reference_step(d, step), lr_max, weight_sum)
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        self._check_train_mode()
+        return super().step(closure)
+
+    def _update_pass(
+        self,
+        gb: GroupBatch,
+        d: torch.Tensor,
+        step: torch.Tensor,
+        stats: dict[str, torch.Tensor],
+        ok: torch.Tensor,
+    ) -> tuple[TensorPass, list[torch.Tensor], dict[str, Any]]:
+        group = gb.group
+        beta1, beta2 = group["betas"]
+        on = ok.to(d.dtype)  # every coefficient is 0 on a skipped step
+        dlr = on * self._dlr(group, d, step)
+        c = on * self._averaging(d, step)[2]
+        coupled, decoupled = _weight_decay_scalars(group, on)
+        scalars = [
+            ok,
+            d,
+            dlr,
+            dlr * (1.0 - beta1 * (1.0 - c)),
+            c,
+            on * self._s_weight(group, d, dlr),
+            coupled,
+            decoupled,
+            on * (1.0 - beta2),
+            on * (self._beta3() - 1.0),
+            d * group["eps"],
+        ]
+        return _PRODIGY_SF_UPDATE, scalars, _flags(group)
+
+    def _finish(
+        self, stats: dict[str, torch.Tensor], ok: torch.Tensor, d: torch.Tensor, step: torch.Tensor
+    ) -> None:
+        lr_max, weight_sum, c = self._averaging(d, step)  # with d_k, before d is updated
+        self._store_unless_skipped(ok, sf_lr_max=lr_max, sf_weight_sum=weight_sum, sf_c=c)
+        super()._finish(stats, ok, d, step)
+
+    def stats(self) -> dict[str, float]:
+        out = super().stats()
+        out["sf_average_weight"] = self._global_float("sf_c")
+        return out

@@ -1,0 +1,239 @@
+"""Schedule-free Prodigy against a per-element statement of the two papers' algorithms, its
+train/eval modes, checkpoints, skipped steps and the Trainer's use of it.
+
+The reference keeps the three sequences of Defazio et al. (NeurIPS 2024) as separate numbers,
+``x`` (the average), ``z`` (the base iterate) and ``y`` (where the gradient is taken), with
+Prodigy's estimate of ``d`` (Mishchenko & Defazio, ICML 2024) computed at ``y``; the optimizer
+stores only ``y`` (the parameters) and ``z``. The test problem is test_dadapt's (a separable
+noisy quadratic, two groups, a parameter without gradient every third step).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_dadapt import (
+    D0,
+    SHAPES,
+    STEPS,
+    _grads,
+    _initial,
+    _make_problem,
+    _run_ours,
+    _sum_over_seen,
+    _unseen,
+    _zeros,
+)
+
+from hf_tuningfree.optim import ProdigyScheduleFree, _native, create_optimizer
+
+TOL = 1e-12
+#: The reference updates x and y from z (three sequences), the optimizer y directly (two): the
+#: operations differ in order, so their ~1e-16 roundings differ, and the iteration amplifies
+#: them; measured up to 9e-11 (no bias correction, d grown to 1.9), 1e-13 or less elsewhere.
+TOL_ITERATES = 2e-10
+BETAS = (0.8, 0.99)
+
+
+def reference_prodigy_sf(prob, groups_hp, d0, growth_rate, betas, bias_correction, safeguard,
+                         coef):  # fmt: skip
+    """Per element: gamma = d lr bc (bc = sqrt(1 - b2^(k+1))); g at y; v = b2 v + (1-b2) d^2 g^2;
+    u = d g / (sqrt(v) + d eps) (+ wd y, decoupled); r = b3 r + (d/d0) gamma <g, x0 - y>;
+    s = b3 s + (d/d0) gamma g; z -= gamma u; c = lr_max^2 / sum lr_max^2 (lr_max the largest
+    d lr bc so far, lr of the first group); x = (1-c) x + c z; y = (1-b1) z + b1 x; d from
+    d_max = max(d_max, coef r / ||s||_1)."""
+    b1, b2 = betas
+    b3 = math.sqrt(b2)
+    x0, x, y, z = (_initial(prob) for _ in range(4))
+    v, s = _zeros(prob), _zeros(prob)
+    seen = _unseen(prob)
+    d, d_max, r, lr_max, weight_sum, ds = d0, d0, 0.0, 0.0, 0.0, []
+    lr_ref = max(hp["lr"] for hp in groups_hp)
+    for k in range(STEPS):
+        grads = _grads(prob, k, y)
+        bc = math.sqrt(1 - b2 ** (k + 1)) if bias_correction else 1.0
+        lr_max = max(lr_max, d * lr_ref * bc)
+        weight_sum += lr_max * lr_max
+        c = lr_max * lr_max / weight_sum
+        acc = 0.0
+        for gi, hp in enumerate(groups_hp):
+            gamma = d * hp["lr"] * bc
+            wd, eps = hp["weight_decay"], hp["eps"]
+            s_w = (d / d0) * d * (hp["lr"] > 0) if safeguard else (d / d0) * gamma
+            for pi, g_list in enumerate(grads[gi]):
+                if g_list is None:
+                    continue  # no gradient: the parameter (x, y, z) is left alone
+                seen[gi][pi] = True
+                for e, g in enumerate(g_list):
+                    ye = y[gi][pi][e]
+                    if not hp["decoupled_weight_decay"]:
+                        g = g + wd * ye
+                    acc += (d / d0) * gamma * g * (x0[gi][pi][e] - ye)
+                    v[gi][pi][e] = b2 * v[gi][pi][e] + (1 - b2) * d * d * g * g
+                    s[gi][pi][e] = b3 * s[gi][pi][e] + s_w * g
+                    u = d * g / (math.sqrt(v[gi][pi][e]) + d * eps)
+                    if hp["decoupled_weight_decay"]:
+                        u += wd * ye
+                    z[gi][pi][e] -= gamma * u
+                    x[gi][pi][e] = (1 - c) * x[gi][pi][e] + c * z[gi][pi][e]
+                    y[gi][pi][e] = (1 - b1) * z[gi][pi][e] + b1 * x[gi][pi][e]
+        r = b3 * r + acc
+        l1 = _sum_over_seen(s, seen, abs)
+        if l1 > 0:
+            d_max = max(d_max, coef * r / l1)
+            d = max(d, min(d_max, growth_rate * d))
+        ds.append(d)
+    return x, y, ds
+
+
+def _groups(decoupled):
+    return [
+        dict(lr=1.0, weight_decay=0.1, decoupled_weight_decay=decoupled, eps=1e-8),
+        dict(lr=0.5, weight_decay=0.0, decoupled_weight_decay=decoupled, eps=1e-3),
+    ]
+
+
+def _worst(params, expected):
+    return max(
+        ((p.detach().double().flatten() - torch.tensor(e, dtype=torch.float64)).abs()
+         / (1 + torch.tensor(e, dtype=torch.float64).abs())).max().item()
+        for ps, es in zip(params, expected, strict=True)
+        for p, e in zip(ps, es, strict=True)
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "bias_correction, safeguard, coef",
+    [(True, False, 1.0), (False, False, 1.0), (True, True, 0.5)],
+    ids=["bc", "no_bc", "bc_safeguard_coef0.5"],
+)
+@pytest.mark.parametrize("decoupled", [False, True], ids=["coupled_wd", "decoupled_wd"])
+@pytest.mark.parametrize("growth_rate", [math.inf, 1.5], ids=["growth_inf", "growth_1.5"])
+def test_matches_the_three_sequence_reference(bias_correction, safeguard, coef, decoupled,
+                                              growth_rate):  # fmt: skip
+    """The parameters follow y, after eval() x, and d follows the reference's at every step
+    (fp64; d to 1e-12 relative, the iterates to TOL_ITERATES), on the per-tensor loop and on
+    the C statistics path."""
+    prob = _make_problem()
+    hp = _groups(decoupled)
+    x_ref, y_ref, ds_ref = reference_prodigy_sf(
+        prob, hp, D0, growth_rate, BETAS, bias_correction, safeguard, coef
+    )
+    model = {"d0": D0, "growth_rate": growth_rate, "betas": BETAS, "d_coef": coef}
+    model |= {"use_bias_correction": bias_correction, "safeguard_warmup": safeguard}
+    impls = ["loop"] + (["compiled"] if _native.load() is not None else [])
+    for impl in impls:
+        params, ds, opt = _run_ours(ProdigyScheduleFree, prob, hp, model, impl=impl)
+        worst_y = _worst(params, y_ref)
+        worst_d = max(abs(a - b) / b for a, b in zip(ds, ds_ref, strict=True))
+        opt.eval()
+        worst_x = _worst(params, x_ref)
+        print(f"{impl}: y {worst_y:.1e} x {worst_x:.1e} d {worst_d:.1e} d_30 {ds[-1]:.3g}")
+        assert worst_y <= TOL_ITERATES and worst_x <= TOL_ITERATES and worst_d <= TOL
+        assert ds[-1] > 3 * D0, "d did not grow: the test would not exercise it"
+
+
+def _quadratic_run(steps, *, checkpoint_at=None, eval_at=(), tmp_path=None, **kwargs):
+    """A small fp32 problem: ``steps`` steps with eval()/train() around the steps in
+    ``eval_at``; with ``checkpoint_at``, the state is saved there in eval mode (as the Trainer
+    saves), loaded into a fresh optimizer and parameter, and the run continues."""
+    torch.manual_seed(0)
+    init = torch.randn(13)
+    target = torch.randn(13)
+    noise = [0.1 * torch.randn(13) for _ in range(steps)]
+    p = torch.nn.Parameter(init.clone())
+    opt = ProdigyScheduleFree([p], d0=1e-3, **kwargs)
+    for t in range(steps):
+        if t == checkpoint_at:
+            opt.eval()
+            torch.save({"p": p.detach(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
+            ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+            p = torch.nn.Parameter(ckpt["p"].clone())
+            opt = ProdigyScheduleFree([p], d0=1e-3, **kwargs)
+            opt.load_state_dict(ckpt["opt"])
+        elif t in eval_at:
+            opt.eval()
+        opt.train()
+        p.grad = (p.detach() - target) * 2 + noise[t]
+        opt.step()
+    return p, opt
+
+
+def test_resume_from_an_eval_mode_checkpoint_is_bit_identical(tmp_path):
+    """Saving in eval mode (x in the model, z in the state, the mode in the param groups) and
+    resuming repeats exactly the uninterrupted run that evaluated at the same step."""
+    pa, oa = _quadratic_run(20, eval_at=(8,), weight_decay=0.01)
+    pb, ob = _quadratic_run(20, checkpoint_at=8, tmp_path=tmp_path, weight_decay=0.01)
+    assert torch.equal(pa.detach(), pb.detach())
+    assert oa.stats() == ob.stats()
+    assert torch.equal(oa.state[pa]["z"], ob.state[pb]["z"])
+
+
+def test_train_and_eval_switch_between_y_and_x():
+    p, opt = _quadratic_run(15)
+    z = opt.state[p]["z"].clone()
+    y = p.detach().clone()
+    beta1 = opt.param_groups[0]["betas"][0]
+    opt.eval()
+    assert not opt.training and opt.param_groups[0]["train_mode"] is False
+    x = p.detach().clone()
+    torch.testing.assert_close(x, (y - (1 - beta1) * z) / beta1, rtol=0, atol=1e-6)
+    opt.eval()  # a no-op in eval mode
+    assert torch.equal(p.detach(), x)
+    opt.train()
+    assert opt.training
+    torch.testing.assert_close(p.detach(), y, rtol=0, atol=1e-6)
+    assert opt.state_dict()["param_groups"][0]["train_mode"] is True
+
+
+def test_step_in_eval_mode_raises_and_changes_nothing():
+    p, opt = _quadratic_run(5)
+    opt.eval()
+    before = p.detach().clone()
+    p.grad = torch.ones_like(p)
+    with pytest.raises(RuntimeError, match=r"eval mode.*optimizer\.train\(\)"):
+        opt.step()
+    assert torch.equal(p.detach(), before)
+
+
+def test_skipped_step_leaves_parameters_and_state_bit_identical():
+    p, opt = _quadratic_run(6)
+    before = {k: v.clone() for k, v in opt.state[p].items()}
+    weights = p.detach().clone()
+    stats = opt.stats()
+    p.grad = torch.full_like(p, float("nan"))
+    with pytest.warns(RuntimeWarning, match="skipped 1 step"):
+        opt.step()
+    assert torch.equal(p.detach(), weights)
+    assert all(torch.equal(opt.state[p][k], v) for k, v in before.items())
+    after = opt.stats()
+    assert after.pop("skipped_steps") == 1.0
+    stats.pop("skipped_steps")
+    assert after == stats
+
+
+def test_first_steps_weigh_almost_nothing_in_the_average():
+    """The averaging weight is the squared step: while d grows from d0, c stays small and x
+    moves little; with a constant step it is 1/(k+1) (the uniform average)."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(50))
+    opt = ProdigyScheduleFree([p], d0=1e-6, growth_rate=1.0, use_bias_correction=False)
+    cs = []
+    for _ in range(8):
+        p.grad = p.detach().clone()
+        opt.step()
+        cs.append(opt.stats()["sf_average_weight"])
+    assert cs == pytest.approx([1 / (k + 1) for k in range(8)], rel=1e-6)
+
+
+def test_registry_builds_it_and_rejects_beta1_zero():
+    p = torch.nn.Parameter(torch.zeros(3))
+    assert isinstance(create_optimizer("prodigy_sf", [p]), ProdigyScheduleFree)
+    with pytest.raises(ValueError, match=r"betas\[0\].*0 < beta1 < 1"):
+        ProdigyScheduleFree([p], betas=(0.0, 0.999))
+
+
+def test_shapes_are_the_dadapt_problem():
+    assert len(SHAPES) == 2  # the reference above iterates over test_dadapt's two groups
