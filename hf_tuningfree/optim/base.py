@@ -366,6 +366,11 @@ class TuningFreeOptimizer(torch.optim.Optimizer):
         return None
 
     # ------------------------------------------------------------------ subclass hooks
+    def _before_step(self) -> None:
+        """Checks a subclass makes before anything of a step runs (the closure included).
+        Subclasses extend this rather than ``step()``: torch wraps every class's ``step`` with
+        the step hooks, so a ``step`` override calling ``super().step()`` runs them twice."""
+
     def _init_param_state(self, param: torch.Tensor, state: dict[str, Any], group: dict) -> None:
         """Create the state of ``param`` at its first step with a gradient."""
         raise NotImplementedError
@@ -544,6 +549,7 @@ class TuningFreeOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Perform one optimization step (see the module docstring for the phases)."""
+        self._before_step()
         loss = None
         if closure is not None:
             with torch.enable_grad():
