@@ -31,6 +31,7 @@ import pickle
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -444,6 +445,7 @@ def test_a_state_dict_without_newer_group_keys_loads_with_the_constructor_values
     loaded = _make(name, copies, implementation=implementation)
     loaded.load_state_dict({**saved, "param_groups": stripped})
     assert loaded.param_groups[0].keys() == opt.param_groups[0].keys()
+    assert set(loaded.keys_filled_on_load) == missing & set(opt.defaults)
     for key in missing:
         assert loaded.param_groups[0][key] == opt.param_groups[0][key], key
     grads = _gradients(shapes, steps=2, seed=1)
@@ -518,3 +520,38 @@ def test_constructor_only_options_in_a_param_group_are_an_error(name):
         with pytest.raises(ValueError, match=message):
             opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], key: value})
     assert len(opt.param_groups) == 1
+
+
+# ---------------------------------------------------------------------- the C library and notices
+def test_c_library_cache_follows_the_package_convention_and_can_be_switched_off(
+    monkeypatch, tmp_path
+):
+    """The library is built as ``hf_tuningfree_cpu_kernels_<hash>.so`` in ``$HF_TUNINGFREE_CACHE``,
+    else ``$XDG_CACHE_HOME/hf_tuningfree``; ``HF_TUNINGFREE_NATIVE=0`` makes ``load()`` None (the
+    torch paths run)."""
+    monkeypatch.delenv("HF_TUNINGFREE_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert _native._cache_dir() == str(tmp_path / "xdg" / "hf_tuningfree")
+    monkeypatch.setenv("HF_TUNINGFREE_CACHE", str(tmp_path / "own"))
+    assert _native._cache_dir() == str(tmp_path / "own")
+    assert _native.LIBRARY_NAME == "hf_tuningfree_cpu_kernels"
+    for off in ("0", "false", "off"):
+        monkeypatch.setenv(_native.NATIVE_ENV_VAR, off)
+        assert _native.load() is None and not _native.enabled()
+    monkeypatch.setenv(_native.NATIVE_ENV_VAR, "1")
+    assert _native.enabled()
+
+
+def test_skipped_step_warning_repeats_when_the_count_doubles():
+    """Warnings at the 1st, 2nd, 4th and 8th skipped step, not at the others."""
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = create_optimizer("adopt", [p])
+    counts = []
+    for _ in range(9):
+        p.grad = torch.full((3,), float("nan"))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt.step()
+        counts.append(sum("NaN or Inf" in str(w.message) for w in caught))
+    assert counts == [1, 1, 0, 1, 0, 0, 0, 1, 0]
+    assert opt.stats()["skipped_steps"] == 9.0

@@ -286,6 +286,7 @@ class TuningFreeOptimizer(torch.optim.Optimizer):
         self._notice = _NonfiniteNotice(type(self).__name__)
         self._last_ok: torch.Tensor | None = None
         self._write_back: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.keys_filled_on_load: tuple[str, ...] = ()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group: its ``lr`` may be a one-element tensor (read once, as a number); the
@@ -607,11 +608,17 @@ class TuningFreeOptimizer(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As torch's, plus the model-wide state; group keys the saved groups lack take the
+        constructor's values (``__setstate__``) and are listed in ``keys_filled_on_load`` (an
+        older version of the optimizer lacks a few; another optimizer's state lacks many: the
+        Trainer's resume check reads it)."""
         groups = [dict(g) for g in state_dict["param_groups"]]
         saved_global: dict[str, torch.Tensor] = {}
         for g in groups:
             saved_global.update(g.pop(GLOBAL_STATE_KEY, None) or {})
+        lacking = {k for g in groups for k in self.defaults if k not in g}
         super().load_state_dict({**state_dict, "param_groups": groups})
+        self.keys_filled_on_load = tuple(sorted(lacking - _TORCH_ONLY_DEFAULTS))
         self.global_state = {
             k: (v.clone() if isinstance(v, torch.Tensor) else torch.tensor(v))
             for k, v in saved_global.items()
