@@ -61,15 +61,30 @@ forms from 0-dim tensors rounded in those tensors' dtype and no fma contraction:
 bit-identical to the per-tensor path; Adam, AdaGrad and RMSProp differ by the rounding of
 ``sqrt`` (and Adam's bias corrections by that of ``pow``): ~1e-7 relative in fp32. HyperAdam
 with learned betas keeps its torch paths. ``hyper_addresses`` checks a bucket and takes its
-tensors' addresses in one pass, once per step for both passes; it also refuses a state tensor
-whose size differs from its parameter's, so a mismatched checkpoint cannot make the C code read
-or write out of bounds.
+tensors' addresses in one pass, once per step for both passes.
 
-The shared library is built with the system C compiler (``cc``; the same requirement as
-inductor's CPU backend) into ``$HF_TUNINGFREE_CACHE`` or ``~/.cache/hf_tuningfree``, named by a
-hash of the source, the compiler flags and the CPU's feature flags (``-march=native``), so a
-cache shared between machines never serves a binary built for another CPU. If anything fails,
-``load()`` returns None after one warning and callers use their torch paths.
+Which buckets come here is decided by :func:`accepts` (the one check every fused or C path of
+the package uses, :func:`hf_tuningfree.optim.kernels.fast_path_accepts`): CPU tensors that are
+contiguous, of one dtype (fp32 or fp64) and of their parameter's shape; a state tensor of another
+shape raises :class:`~hf_tuningfree.optim.kernels.StateShapeError` before anything is written,
+so a mismatched checkpoint cannot make the C code read or write out of bounds. The wrappers
+below check again what they hand to C (every list as long as the parameters', every tensor
+contiguous with its parameter's number of elements, the output tensors' sizes) with real checks
+that ``python -O`` keeps. The C code writes behind autograd's back: the optimizers' base class
+bumps the version counter of every parameter and state tensor after the step
+(``torch.autograd.graph.increment_version``), so a step between a forward and its backward
+raises, as on the torch paths.
+
+The shared library (``hf_tuningfree_cpu_kernels_<hash>.so``) is built with the system C compiler
+(``cc``; the same requirement as inductor's CPU backend) into the package's cache directory
+(``$HF_TUNINGFREE_CACHE``, else ``$XDG_CACHE_HOME/hf_tuningfree``, else
+``~/.cache/hf_tuningfree``; the convention of :mod:`hf_tuningfree.data.assets`), under a
+cross-process file lock (``filelock``, a dependency of torch), named by a hash of the source, the
+compiler flags and the CPU's feature flags (``-march=native``), so a cache shared between
+machines never serves a binary built for another CPU. If anything fails, ``load()`` returns None
+after one warning and callers use their torch paths. ``HF_TUNINGFREE_NATIVE=0`` switches the
+library off (``load()`` returns None: ``"compiled"`` then runs ``torch.compile``, as on GPUs);
+the tests use it to exercise the torch paths on a machine that has a compiler.
 
 Only CPU tensors that are contiguous and fp32 or fp64 are handled here; the flag ``ok`` (False:
 a gradient somewhere was not finite; nothing is written), step sizes, step counters and learning
@@ -82,6 +97,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import operator
 import os
 import platform
 import shutil
@@ -94,7 +110,18 @@ from typing import Any
 
 import torch
 
-__all__ = ["adopt_update", "available", "dog_update", "grad_sq", "load", "sum_sq"]
+from .kernels import fast_path_accepts
+
+__all__ = [
+    "NATIVE_ENV_VAR",
+    "accepts",
+    "adopt_update",
+    "available",
+    "dog_update",
+    "grad_sq",
+    "load",
+    "sum_sq",
+]
 
 _SOURCE = r"""
 #include <math.h>
@@ -343,12 +370,29 @@ def _cpu_signature() -> str:
     return platform.processor() or platform.machine()
 
 
+#: Environment variable that switches the C library off when set to 0/false/no/off.
+NATIVE_ENV_VAR = "HF_TUNINGFREE_NATIVE"
+#: Base name of the built library (the hash of what it is built from follows).
+LIBRARY_NAME = "hf_tuningfree_cpu_kernels"
+_C_DTYPES = (torch.float32, torch.float64)
+
+
 def _cache_dir() -> str:
-    root = os.environ.get("HF_TUNINGFREE_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "hf_tuningfree"
-    )
+    """``$HF_TUNINGFREE_CACHE``, else ``$XDG_CACHE_HOME/hf_tuningfree``, else
+    ``~/.cache/hf_tuningfree`` (as :func:`hf_tuningfree.data.assets.cache_root`; not imported
+    from there, which would pull the data layer into the optimizers), created if missing."""
+    root = os.environ.get("HF_TUNINGFREE_CACHE")
+    if not root:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
+        root = os.path.join(base, "hf_tuningfree")
+    root = os.path.expanduser(root)
     os.makedirs(root, exist_ok=True)
     return root
+
+
+def enabled() -> bool:
+    """False when ``HF_TUNINGFREE_NATIVE`` is 0/false/no/off: the torch paths then run."""
+    return os.environ.get(NATIVE_ENV_VAR, "").strip().lower() not in ("0", "false", "no", "off")
 
 
 _I64, _PTR, _DBL, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double, ctypes.c_int
@@ -374,20 +418,26 @@ def _build() -> ctypes.CDLL:
         raise OSError("no C compiler (cc/gcc) on PATH")
     parts = [_SOURCE, compiler, *_FLAGS, *_LIBS, _cpu_signature(), platform.machine()]
     key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
-    target = os.path.join(_cache_dir(), f"dog_kernels_{key}.so")
+    cache = _cache_dir()
+    target = os.path.join(cache, f"{LIBRARY_NAME}_{key}.so")
     if not os.path.exists(target):
-        with tempfile.TemporaryDirectory(dir=_cache_dir()) as tmp:
-            src = os.path.join(tmp, "dog_kernels.c")
-            with open(src, "w") as f:
-                f.write(_SOURCE)
-            built = os.path.join(tmp, "dog_kernels.so")
-            subprocess.run(
-                [compiler, *_FLAGS, src, "-o", built, *_LIBS],
-                check=True,
-                capture_output=True,
-                timeout=120,
-            )
-            os.replace(built, target)  # atomic: concurrent builders never see half a file
+        from filelock import FileLock  # a dependency of torch
+
+        # One builder per machine at a time; the others wait and then load its result.
+        with FileLock(target + ".lock", timeout=300):
+            if not os.path.exists(target):
+                with tempfile.TemporaryDirectory(dir=cache) as tmp:
+                    src = os.path.join(tmp, f"{LIBRARY_NAME}.c")
+                    with open(src, "w") as f:
+                        f.write(_SOURCE)
+                    built = os.path.join(tmp, f"{LIBRARY_NAME}.so")
+                    subprocess.run(
+                        [compiler, *_FLAGS, src, "-o", built, *_LIBS],
+                        check=True,
+                        capture_output=True,
+                        timeout=120,
+                    )
+                    os.replace(built, target)  # atomic: a reader never sees half a file
     lib = ctypes.CDLL(target)
     for base, argtypes in _SIGNATURES.items():
         for suffix in ("_f32", "_f64"):
@@ -398,8 +448,11 @@ def _build() -> ctypes.CDLL:
 
 
 def load() -> ctypes.CDLL | None:
-    """The compiled library, built on first use; None (after one warning) if that fails."""
+    """The compiled library, built on first use; None (after one warning) if that fails, and
+    None while ``HF_TUNINGFREE_NATIVE=0`` (see :func:`enabled`)."""
     global _lib, _failed
+    if not enabled():
+        return None
     if _lib is not None or _failed:
         return _lib
     with _lock:
@@ -419,20 +472,73 @@ def load() -> ctypes.CDLL | None:
     return _lib
 
 
+def accepts(streams: Sequence[Sequence[torch.Tensor]], names: Sequence[str]) -> bool:
+    """Whether the C loops take this bucket: ``streams`` (parameters first, then gradients and
+    state, named by ``names``) pass :func:`~hf_tuningfree.optim.kernels.fast_path_accepts` for
+    fp32/fp64 CPU tensors and the library is available. A tensor whose shape differs from its
+    parameter's raises :class:`~hf_tuningfree.optim.kernels.StateShapeError`."""
+    return fast_path_accepts(streams, names, dtypes=_C_DTYPES, cpu_only=True) and load() is not None
+
+
 def available(tensors: Sequence[torch.Tensor]) -> bool:
-    """Whether ``dog_update`` handles these tensors (CPU, fp32/fp64, contiguous, one dtype)."""
-    if not tensors:
-        return False
-    dtype = tensors[0].dtype
-    return (
-        dtype in (torch.float32, torch.float64)
-        and all(t.is_cpu and t.dtype == dtype and t.is_contiguous() for t in tensors)
-        and load() is not None
-    )
+    """Whether the C loops take these tensors as one stream (CPU, fp32/fp64, contiguous, one
+    dtype): the guard's ``sum_sq`` over gradients. Buckets of parameters and their state go
+    through :func:`accepts`, which also compares every tensor with its parameter."""
+    return accepts([list(tensors)], ["tensor"])
+
+
+def _require(condition: bool, message: str) -> None:
+    """A real check (kept under ``python -O``, unlike ``assert``) of what is handed to C."""
+    if not condition:
+        raise ValueError(f"hf_tuningfree C kernels: {message}")
+
+
+def _library() -> ctypes.CDLL:
+    lib = load()
+    if lib is None:
+        raise RuntimeError(
+            "hf_tuningfree C kernels are not available (no C compiler, a failed build or "
+            f"{NATIVE_ENV_VAR}=0); check accepts(...) before calling them"
+        )
+    return lib
+
+
+_numel = torch.Tensor.numel
+_contiguous = torch.Tensor.is_contiguous
+_data_ptr = torch.Tensor.data_ptr
+_is_cpu = operator.attrgetter("is_cpu")
+_dtype_of = operator.attrgetter("dtype")
+
+
+def _checked_pointers(streams: Sequence[Sequence[torch.Tensor]]) -> list[int]:
+    """The addresses of every tensor of ``streams`` (stream-major) after the checks that keep the
+    C code inside them: every stream as long as the first, every tensor contiguous, on the CPU,
+    of the first tensor's dtype and with its parameter's (first stream's) number of elements."""
+    sizes = list(map(_numel, streams[0]))
+    dtype = streams[0][0].dtype if sizes else None
+    for j, stream in enumerate(streams):
+        _require(
+            list(map(_numel, stream)) == sizes,
+            f"stream {j} does not have its parameters' number of elements (or tensors)",
+        )
+        _require(
+            all(map(_contiguous, stream))
+            and all(map(_is_cpu, stream))
+            and {*map(_dtype_of, stream)} <= {dtype},
+            f"stream {j} holds a tensor that is not a contiguous {dtype} CPU tensor",
+        )
+    return [ptr for stream in streams for ptr in map(_data_ptr, stream)]
 
 
 def _pointers(tensors: Sequence[torch.Tensor]) -> ctypes.Array:
     return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
+
+
+def _stream_arrays(streams: Sequence[Sequence[torch.Tensor]]) -> list[ctypes.Array]:
+    """One ctypes pointer array per stream, after :func:`_checked_pointers`' checks."""
+    flat = _checked_pointers(streams)
+    n = len(streams[0])
+    return [(ctypes.c_void_p * n)(*flat[j * n : (j + 1) * n]) for j in range(len(streams))]
 
 
 def dog_update(
@@ -447,19 +553,27 @@ def dog_update(
     """``x <- x - s (g + wd x)`` and ``out[k] <- ||x_k - x0_k||^2`` for every tensor, where the
     0-dim bool ``ok`` is True; nothing is written otherwise. ``steps``: the step size of every
     tensor (1-D, the parameters' dtype) or one for all (0-dim or 1 element); ``out``: fp64, one
-    entry per tensor. Check ``available(...)`` first."""
-    lib = load()
-    assert lib is not None
+    entry per tensor. Check ``accepts(...)`` first."""
+    lib = _library()
+    if not params:
+        return
     dtype = params[0].dtype
     fn = lib.dog_update_f32 if dtype == torch.float32 else lib.dog_update_f64
-    steps = steps.to(dtype).contiguous()
-    ok_u8 = ok.to(torch.uint8).contiguous()
-    assert out.dtype == torch.float64 and out.is_contiguous() and out.numel() == len(params)
+    xs_a, gs_a, x0s_a = _stream_arrays([params, grads, x0s])
+    steps = steps.to("cpu", dtype).contiguous()
+    _require(steps.numel() in (1, len(params)), "steps: one step size, or one per tensor")
+    ok_u8 = ok.to("cpu", torch.uint8).contiguous()
+    _require(ok_u8.numel() == 1, "ok must be one flag")
+    _require(
+        out.dtype == torch.float64 and out.is_cpu and out.is_contiguous()
+        and out.numel() == len(params),
+        "out must be a contiguous fp64 CPU tensor with one entry per tensor",
+    )  # fmt: skip
     fn(
         len(params),
-        _pointers(params),
-        _pointers(grads),
-        _pointers(x0s),
+        xs_a,
+        gs_a,
+        x0s_a,
         (ctypes.c_int64 * len(params))(*[p.numel() for p in params]),
         steps.data_ptr(),
         1 if steps.numel() > 1 else 0,
@@ -477,15 +591,21 @@ def grad_sq(
     out: torch.Tensor,
 ) -> None:
     """``out[k] <- [||g_k||^2, ||g_k + wd x_k||^2]`` (``out``: fp64, shape ``(n, 2)``), one
-    reduction pass (over ``g`` only when ``weight_decay`` is 0). Check ``available(...)`` first."""
-    lib = load()
-    assert lib is not None
+    reduction pass (over ``g`` only when ``weight_decay`` is 0). Check ``accepts(...)`` first."""
+    lib = _library()
+    _require(
+        out.dtype == torch.float64 and out.is_cpu and out.is_contiguous()
+        and out.shape == (len(params), 2),
+        "out must be a contiguous fp64 CPU tensor of shape (tensors, 2)",
+    )  # fmt: skip
+    if not params:
+        return
     fn = lib.dog_grad_sq_f32 if params[0].dtype == torch.float32 else lib.dog_grad_sq_f64
-    assert out.dtype == torch.float64 and out.is_contiguous() and out.shape == (len(params), 2)
+    xs_a, gs_a = _stream_arrays([params, grads])
     fn(
         len(params),
-        _pointers(params),
-        _pointers(grads),
+        xs_a,
+        gs_a,
         (ctypes.c_int64 * len(params))(*[p.numel() for p in params]),
         float(weight_decay),
         out.data_ptr(),
@@ -498,17 +618,20 @@ def sum_sq(tensors: Sequence[torch.Tensor], out: torch.Tensor) -> None:
     back on the Python side): one pass over every tensor in one parallel loop. Per-block sums in
     the tensors' dtype, added in fp64 in a fixed order (independent of the thread count). Check
     ``available(...)`` first."""
-    lib = load()
-    assert lib is not None
-    assert out.dtype == torch.float64 and out.is_cpu and out.numel() == 1
+    lib = _library()
+    _require(
+        out.dtype == torch.float64 and out.is_cpu and out.numel() == 1 and out.is_contiguous(),
+        "out must be a one-element fp64 CPU tensor",
+    )
     n = len(tensors)
     if n == 0:
         out.zero_()
         return
     fn = lib.sum_sq_f32 if tensors[0].dtype == torch.float32 else lib.sum_sq_f64
+    (ts_a,) = _stream_arrays([tensors])
     fn(
         n,
-        _pointers(tensors),
+        ts_a,
         (ctypes.c_int64 * n)(*[t.numel() for t in tensors]),
         out.data_ptr(),
         torch.get_num_threads(),
@@ -538,24 +661,27 @@ def adopt_update(
     ``steps``: each tensor's 0-dim fp32 step counter, read (0: only ``v = g^2``) and incremented
     by the C code; ``lr``: a float or a 0-dim tensor (read from its memory in C; a CPU tensor
     avoids a device copy); ``decoupled``: AdamW-style decay ``x *= 1 - lr wd``, else ``wd x`` is
-    added to the gradient. Check ``available(...)`` first (and that ``steps`` are fp32 on CPU)."""
-    lib = load()
-    assert lib is not None
+    added to the gradient. Check ``accepts(...)`` first (and that ``steps`` are fp32 on CPU)."""
+    lib = _library()
     n = len(params)
     if n == 0:
         return
     fn = lib.adopt_update_f32 if params[0].dtype == torch.float32 else lib.adopt_update_f64
+    arrays = _stream_arrays([params, grads, exp_avgs, exp_avg_sqs])
+    _require(
+        len(steps) == n and all(s.is_cpu and s.dtype == torch.float32 and s.numel() == 1
+                                for s in steps),
+        "steps must be one fp32 CPU counter per tensor",
+    )  # fmt: skip
     lr_t = None
     if isinstance(lr, torch.Tensor):
         lr_t = lr.detach().to("cpu", torch.float64).contiguous()
-    ok_u8 = ok if ok.dtype in (torch.bool, torch.uint8) else ok.to(torch.uint8)
+        _require(lr_t.numel() == 1, "lr must be one number")
+    ok_u8 = _ok_flag(ok)
     flags = (clip_exponent is not None) | (maximize << 1) | ((decoupled and weight_decay != 0) << 2)
     fn(
         n,
-        _pointers(params),
-        _pointers(grads),
-        _pointers(exp_avgs),
-        _pointers(exp_avg_sqs),
+        *arrays,
         (ctypes.c_int64 * n)(*[p.numel() for p in params]),
         _pointers(steps),
         None if lr_t is None else lr_t.data_ptr(),
@@ -1143,27 +1269,36 @@ def dadapt_kernel(
 
     ``streams``: ``[params, grads, *state lists]`` in the order of the per-element function's
     arguments (a fused kernel: the update's, then any state only the statistics read; equal
-    lengths, one dtype, contiguous CPU tensors: check ``available`` first); ``coefficients``: the
+    lengths, one dtype, contiguous CPU tensors: check ``accepts`` first); ``coefficients``: the
     pass's float coefficients, in the order of its 0-dim tensor arguments (``ok`` left out), as a
     1-D fp64 CPU tensor, read by the C code from its memory. A statistics or fused kernel writes
     its sums into ``out`` (fp64, one entry each, accumulated in double, the same bits for any
     thread count); an update or fused kernel reads the 0-dim bool ``ok`` from memory and writes
     nothing when it is False (a fused kernel then writes zero sums)."""
-    lib = load()
-    assert lib is not None
+    lib = _library()
     nstreams, ncoef, nsums, takes_ok = DADAPT_KERNELS[name]
-    assert len(streams) == nstreams, (name, len(streams))
-    assert coefficients.dtype == torch.float64 and coefficients.is_cpu
-    assert coefficients.is_contiguous() and coefficients.numel() == ncoef, name
+    _require(len(streams) == nstreams, f"{name} takes {nstreams} tensor lists, got {len(streams)}")
+    _require(
+        coefficients.dtype == torch.float64 and coefficients.is_cpu
+        and coefficients.is_contiguous() and coefficients.numel() == ncoef,
+        f"{name} takes its {ncoef} coefficients as a contiguous 1-D fp64 CPU tensor",
+    )  # fmt: skip
     n = len(streams[0])
     targets = []
     if takes_ok:
-        assert ok is not None and ok.is_cpu and ok.dtype in (torch.bool, torch.uint8)
-        targets.append(ok.data_ptr())
+        _require(
+            ok is not None and ok.is_cpu and ok.dtype in (torch.bool, torch.uint8)
+            and ok.numel() == 1,
+            f"{name} reads ok: a one-element bool CPU tensor",
+        )  # fmt: skip
+        targets.append(ok.data_ptr())  # type: ignore[union-attr]
     if nsums:
-        assert out is not None and out.dtype == torch.float64 and out.is_cpu
-        assert out.is_contiguous() and out.numel() == nsums
-        targets.append(out.data_ptr())
+        _require(
+            out is not None and out.dtype == torch.float64 and out.is_cpu
+            and out.is_contiguous() and out.numel() == nsums,
+            f"{name} writes {nsums} sums into a contiguous fp64 CPU tensor",
+        )  # fmt: skip
+        targets.append(out.data_ptr())  # type: ignore[union-attr]
     if n == 0:
         if nsums:
             out.zero_()  # type: ignore[union-attr]
@@ -1171,7 +1306,7 @@ def dadapt_kernel(
     suffix = "_f32" if streams[0][0].dtype == torch.float32 else "_f64"
     fn = _dadapt_fn(lib, name + suffix, takes_ok and nsums > 0)
     # array.array: built about twice as fast as a ctypes array from 700 Python ints
-    pointers = _pyarray.array("q", [t.data_ptr() for s in streams for t in s])
+    pointers = _pyarray.array("q", _checked_pointers(streams))
     numels = _pyarray.array("q", [t.numel() for t in streams[0]])
     fn(
         n,
@@ -1592,34 +1727,35 @@ Tensors = Sequence[torch.Tensor] | Addresses
 
 
 def hyper_addresses(
-    lists: Sequence[Sequence[torch.Tensor]], counters: Sequence[Sequence[torch.Tensor]] = ()
+    lists: Sequence[Sequence[torch.Tensor]],
+    counters: Sequence[Sequence[torch.Tensor]] = (),
+    names: Sequence[str] | None = None,
 ) -> list[Addresses] | None:
     """Check a bucket for the C path and take its addresses, in one pass over its tensors.
 
-    ``lists``: parallel lists (parameters first, then gradients and state) whose tensors must be
-    CPU, contiguous, of one dtype (fp32 or fp64) and of the first list's sizes; ``counters``:
-    lists of 0-dim fp32 CPU tensors (step counters). Returns one ``Addresses`` per list
-    (``lists`` then ``counters``), or None if the C path cannot take them or the library is
-    unavailable."""
-    if not lists or not lists[0] or load() is None:
+    ``lists``: parallel lists (parameters first, then gradients and state, named by ``names``
+    in errors) that must pass :func:`accepts`; ``counters``: lists of 0-dim fp32 CPU tensors
+    (step counters). Returns one ``Addresses`` per list (``lists`` then ``counters``), or None if
+    the C path cannot take them or the library is unavailable; a tensor whose shape differs from
+    its parameter's raises :class:`~hf_tuningfree.optim.kernels.StateShapeError`."""
+    if not lists or not lists[0]:
+        return None
+    if names is None:
+        names = ["param", "grad", *(f"state list {j}" for j in range(2, len(lists)))]
+        names = names[: len(lists)]
+    if not accepts(lists, names):
         return None
     dtype = lists[0][0].dtype
-    if dtype not in (torch.float32, torch.float64):
-        return None
-    sizes = [t.numel() for t in lists[0]]
+    sizes = list(map(_numel, lists[0]))
     numels = (ctypes.c_int64 * len(sizes))(*sizes)
     out = []
     for tensors in lists:
-        if len(tensors) != len(sizes):
-            return None
-        ptrs = []
-        for t, n in zip(tensors, sizes, strict=True):
-            if not (t.is_cpu and t.dtype == dtype and t.is_contiguous() and t.numel() == n):
-                return None
-            ptrs.append(t.data_ptr())
-        out.append(Addresses(tensors, (ctypes.c_void_p * len(ptrs))(*ptrs), numels, dtype))
+        array = (ctypes.c_void_p * len(sizes))(*[t.data_ptr() for t in tensors])
+        out.append(Addresses(tensors, array, numels, dtype))
     for tensors in counters:
         ptrs = []
+        if len(tensors) != len(sizes):
+            return None
         for t in tensors:
             if not (t.is_cpu and t.dtype == torch.float32 and t.numel() == 1):
                 return None
@@ -1631,8 +1767,7 @@ def hyper_addresses(
 
 def _hyper_fn(name: str, dtype: torch.dtype) -> ctypes._CFuncPtr:
     """The ``_f32``/``_f64`` variant of a hypergradient kernel, its types declared once."""
-    lib = load()
-    assert lib is not None
+    lib = _library()
     fn = getattr(lib, f"{name}_{'f64' if dtype == torch.float64 else 'f32'}")
     if fn.argtypes is None:
         fn.restype = None
@@ -1644,26 +1779,56 @@ def _dtype(tensors: Tensors) -> torch.dtype:
     return tensors.dtype if isinstance(tensors, Addresses) else tensors[0].dtype
 
 
-def _array(tensors: Tensors | None) -> ctypes.Array | None:
-    if tensors is None:
-        return None
-    return tensors.array if isinstance(tensors, Addresses) else _pointers(tensors)
-
-
-def _numels(tensors: Tensors) -> ctypes.Array:
-    if isinstance(tensors, Addresses) and tensors.numels is not None:
-        return tensors.numels
-    return (ctypes.c_int64 * len(tensors))(*[t.numel() for t in tensors])
+def _bucket_arrays(*lists: Tensors | None) -> tuple[list[ctypes.Array | None], ctypes.Array]:
+    """The pointer arrays of a kernel's tensor arguments (None stays None) and the element counts
+    of the first. ``Addresses`` (checked by ``hyper_addresses``) are used as they are; plain
+    lists go through :func:`_checked_pointers` with the others, so that a direct call cannot hand
+    C a tensor shorter than its parameter or a strided one."""
+    present = [t for t in lists if t is not None]
+    n = len(present[0])
+    _require(all(len(t) == n for t in present), "every tensor list must be as long as the first")
+    if all(isinstance(t, Addresses) for t in present) and present[0].numels is not None:
+        return [None if t is None else t.array for t in lists], present[0].numels  # type: ignore[union-attr]
+    plain = [t.tensors if isinstance(t, Addresses) else t for t in present]
+    arrays = iter(_stream_arrays(plain))
+    numels = (ctypes.c_int64 * n)(*map(_numel, plain[0]))
+    return [None if t is None else next(arrays) for t in lists], numels
 
 
 def _hyper_scalar(t: torch.Tensor) -> int:
     """Address of a 0-dim fp32/fp64 CPU tensor (a learned hyperparameter, read by the C code)."""
-    assert t.is_cpu and t.numel() == 1 and t.dtype in (torch.float32, torch.float64)
+    _require(
+        t.is_cpu and t.numel() == 1 and t.dtype in (torch.float32, torch.float64),
+        "a learned hyperparameter must be a one-element fp32/fp64 CPU tensor",
+    )
     return t.data_ptr()
 
 
+def _counters(steps: Tensors, n: int) -> ctypes.Array:
+    """The addresses of ``n`` fp32 CPU step counters (checked unless taken by
+    ``hyper_addresses``)."""
+    if isinstance(steps, Addresses):
+        _require(len(steps) == n and steps.dtype == torch.float32, "one fp32 counter per tensor")
+        return steps.array
+    _require(
+        len(steps) == n and all(s.is_cpu and s.dtype == torch.float32 and s.numel() == 1
+                                for s in steps),
+        "steps must be one fp32 CPU counter per tensor",
+    )  # fmt: skip
+    return _pointers(steps)
+
+
+def _out_check(out: torch.Tensor, shape: tuple[int, int]) -> None:
+    _require(
+        out.dtype == torch.float64 and out.is_cpu and out.is_contiguous() and out.shape == shape,
+        f"out must be a contiguous fp64 CPU tensor of shape {shape}",
+    )
+
+
 def _ok_flag(ok: torch.Tensor) -> torch.Tensor:
-    return ok if ok.dtype in (torch.bool, torch.uint8) else ok.to(torch.uint8)
+    flag = ok if ok.dtype in (torch.bool, torch.uint8) else ok.to(torch.uint8)
+    _require(flag.is_cpu and flag.numel() == 1, "ok must be one flag on the CPU")
+    return flag
 
 
 def hyper_direction_dots(grads: Tensors, stored: Sequence[Tensors], out: torch.Tensor) -> None:
@@ -1672,18 +1837,18 @@ def hyper_direction_dots(grads: Tensors, stored: Sequence[Tensors], out: torch.T
     all gradients. ``out``: fp64 CPU, shape ``(len(grads), len(stored))``. Products and sums in
     fp64, per block of ``BLOCK`` elements, added in a fixed order (independent of the thread
     count); a NaN/Inf gradient element makes its tensor's entries NaN/Inf. Lists of tensors or
-    their ``Addresses``; check ``available(...)`` (or take ``hyper_addresses``) first."""
+    their ``Addresses``; check ``accepts(...)`` (or take ``hyper_addresses``) first."""
     n, nd = len(grads), len(stored)
-    assert nd in (1, 2) and out.dtype == torch.float64 and out.is_contiguous()
-    assert out.shape == (n, nd)
+    _require(nd in (1, 2), "one or two lists of stored derivatives")
+    _out_check(out, (n, nd))
     if n == 0:
         return
-    arrays = [_array(d) for d in stored]
+    (g_a, *arrays), numels = _bucket_arrays(grads, *stored)
     ds = arrays[0] if nd == 1 else (ctypes.c_void_p * (2 * n))()
     if nd == 2:  # tensor-major: ds[2k + j]
         ds[0::2], ds[1::2] = arrays[0], arrays[1]
     _hyper_fn("hg_direction_dots", _dtype(grads))(
-        n, _array(grads), ds, nd, _numels(grads), out.data_ptr(), torch.get_num_threads()
+        n, g_a, ds, nd, numels, out.data_ptr(), torch.get_num_threads()
     )
 
 
@@ -1703,16 +1868,15 @@ def hyper_adam_dots(
     size and fixed betas), one parallel pass: ``out[k, 0] <- <g, mhat / (sqrt(vhat) + eps)>`` of
     the last update (bias corrections from the fp32 step counters ``steps``, read in C) and, when
     ``params`` is given, ``out[k, 1] <- <g, x>``. ``out``: fp64 CPU, ``(len(grads), 1 or 2)``.
-    Check ``available(...)`` first (and that ``steps`` are fp32 CPU tensors)."""
+    Check ``accepts(...)`` first (and that ``steps`` are fp32 CPU tensors)."""
     n = len(grads)
-    assert out.dtype == torch.float64 and out.is_contiguous()
-    assert out.shape == (n, 1 if params is None else 2)
+    _out_check(out, (n, 1 if params is None else 2))
     if n == 0:
         return
+    arrays, numels = _bucket_arrays(grads, exp_avgs, exp_avg_sqs, params)
     _hyper_fn("hg_adam_dots", _dtype(grads))(
-        n, _array(grads), _array(exp_avgs), _array(exp_avg_sqs), _array(params), _numels(grads),
-        _array(steps), float(beta1), float(beta2), float(eps), out.data_ptr(),
-        torch.get_num_threads(),
+        n, *arrays, numels, _counters(steps, n), float(beta1), float(beta2), float(eps),
+        out.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
 
 
@@ -1731,16 +1895,16 @@ def hyper_sgd_update(
     """HyperSGD's update (``_sgd_update``) of every tensor of a bucket where the 0-dim bool
     ``ok`` is True: ``buf <- momentum buf + (g + wd x)``, ``x <- x - lr buf`` (and ``prev <-``
     the old ``buf`` when ``prevs`` is given: learned momentum). ``lr``, ``momentum``: 0-dim CPU
-    tensors of one dtype, read from memory by the C code. Check ``available(...)`` first."""
+    tensors of one dtype, read from memory by the C code. Check ``accepts(...)`` first."""
     n = len(params)
     if n == 0:
         return
-    assert lr.dtype == momentum.dtype
+    _require(lr.dtype == momentum.dtype, "lr and momentum must have one dtype")
+    arrays, numels = _bucket_arrays(params, grads, bufs, prevs)
     _hyper_fn("hg_sgd_update", _dtype(params))(
-        n, _array(params), _array(grads), _array(bufs), _array(prevs), _numels(params),
-        _hyper_scalar(lr), _hyper_scalar(momentum), int(lr.dtype == torch.float64),
-        float(weight_decay), int(bool(maximize)), _ok_flag(ok).data_ptr(),
-        torch.get_num_threads(),
+        n, *arrays, numels, _hyper_scalar(lr), _hyper_scalar(momentum),
+        int(lr.dtype == torch.float64), float(weight_decay), int(bool(maximize)),
+        _ok_flag(ok).data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
 
 
@@ -1764,16 +1928,16 @@ def hyper_adam_update(
     the 0-dim bool ``ok`` is True; the fp32 step counters ``steps`` are read and then advanced by
     the C code. ``lr``: 0-dim CPU tensor (the learned step size times the schedule multiplier),
     read from memory; ``1 - beta`` and ``lr * weight_decay`` are rounded in its dtype, as the
-    torch path rounds them. Check ``available(...)`` first."""
+    torch path rounds them. Check ``accepts(...)`` first."""
     n = len(params)
     if n == 0:
         return
     flags = int(bool(maximize)) | (int(bool(decoupled)) << 1)
+    arrays, numels = _bucket_arrays(params, grads, exp_avgs, exp_avg_sqs)
     _hyper_fn("hg_adam_update", _dtype(params))(
-        n, _array(params), _array(grads), _array(exp_avgs), _array(exp_avg_sqs), _numels(params),
-        _array(steps), _hyper_scalar(lr), int(lr.dtype == torch.float64), float(beta1),
-        float(beta2), float(eps), float(weight_decay), flags, _ok_flag(ok).data_ptr(),
-        torch.get_num_threads(),
+        n, *arrays, numels, _counters(steps, n), _hyper_scalar(lr),
+        int(lr.dtype == torch.float64), float(beta1), float(beta2), float(eps),
+        float(weight_decay), flags, _ok_flag(ok).data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
 
 
@@ -1791,14 +1955,15 @@ def hyper_adagrad_update(
 ) -> None:
     """HyperAdaGrad's update (``_adagrad_update``) of every tensor of a bucket where ``ok``:
     ``G += g^2``, ``x -= lr g / (sqrt(G) + eps)``, the direction kept when ``directions`` is
-    given. ``lr``: 0-dim CPU tensor read from memory. Check ``available(...)`` first."""
+    given. ``lr``: 0-dim CPU tensor read from memory. Check ``accepts(...)`` first."""
     n = len(params)
     if n == 0:
         return
+    arrays, numels = _bucket_arrays(params, grads, sums, directions)
     _hyper_fn("hg_adagrad_update", _dtype(params))(
-        n, _array(params), _array(grads), _array(sums), _array(directions), _numels(params),
-        _hyper_scalar(lr), int(lr.dtype == torch.float64), float(eps), float(weight_decay),
-        int(bool(maximize)), _ok_flag(ok).data_ptr(), torch.get_num_threads(),
+        n, *arrays, numels, _hyper_scalar(lr), int(lr.dtype == torch.float64), float(eps),
+        float(weight_decay), int(bool(maximize)), _ok_flag(ok).data_ptr(),
+        torch.get_num_threads(),
     )  # fmt: skip
 
 
@@ -1819,14 +1984,14 @@ def hyper_rmsprop_update(
     """HyperRMSProp's update (``_rmsprop_update``) of every tensor of a bucket where ``ok``:
     ``v = rho v + (1 - rho) g^2``, ``x -= lr g / (sqrt(v) + eps)``, the direction and
     ``d direction / d rho`` kept when given. ``lr``, ``decay``: 0-dim CPU tensors of one dtype,
-    read from memory. Check ``available(...)`` first."""
+    read from memory. Check ``accepts(...)`` first."""
     n = len(params)
     if n == 0:
         return
-    assert lr.dtype == decay.dtype
+    _require(lr.dtype == decay.dtype, "lr and decay must have one dtype")
+    arrays, numels = _bucket_arrays(params, grads, square_avgs, directions, d_decays)
     _hyper_fn("hg_rmsprop_update", _dtype(params))(
-        n, _array(params), _array(grads), _array(square_avgs), _array(directions),
-        _array(d_decays), _numels(params), _hyper_scalar(lr), _hyper_scalar(decay),
+        n, *arrays, numels, _hyper_scalar(lr), _hyper_scalar(decay),
         int(lr.dtype == torch.float64), float(eps), float(weight_decay), int(bool(maximize)),
         _ok_flag(ok).data_ptr(), torch.get_num_threads(),
     )  # fmt: skip

@@ -207,14 +207,18 @@ def _wants_native(requested: str, device: torch.device, numel: int) -> bool:
     return resolve_implementation(requested, device, numel) == "compiled"
 
 
+_STREAMS = ("param", "grad", "exp_avg", "exp_avg_sq")
+
+
 def _native_ready(bucket: list[list[torch.Tensor]], steps: list[torch.Tensor], lr: Any) -> bool:
-    """Whether ``_native.adopt_update`` can take this bucket (fp32/fp64 contiguous CPU tensors,
-    fp32 CPU step counters, a float or CPU-tensor learning rate, a compiler on the machine)."""
+    """Whether ``_native.adopt_update`` can take this bucket (``_native.accepts``: fp32/fp64
+    contiguous CPU tensors of their parameters' shapes; fp32 CPU step counters, a float or
+    CPU-tensor learning rate, a compiler on the machine)."""
     if isinstance(lr, torch.Tensor) and lr.device.type != "cpu":
         return False
     if not all(s.is_cpu and s.dtype == torch.float32 for s in steps):
         return False
-    return _native.available([t for lst in bucket for t in lst])
+    return _native.accepts(bucket, _STREAMS)
 
 
 def _foreach_adopt(

@@ -70,9 +70,10 @@ from .base import (
     compute_dtype,
     foreach_norms,
     statistic_dtype,
+    working_view,
 )
 from .distributed import local_view
-from .kernels import IMPL_ENV_VAR, IMPLEMENTATIONS, resolve_implementation
+from .kernels import IMPL_ENV_VAR, IMPLEMENTATIONS, fast_path_accepts, resolve_implementation
 from .validation import check_choice, check_in_range, check_nonnegative, check_positive
 
 __all__ = ["DoG", "LDoG", "TDoG", "dog_tensor_update", "taming_factor"]
@@ -81,6 +82,8 @@ __all__ = ["DoG", "LDoG", "TDoG", "dog_tensor_update", "taming_factor"]
 #: (torch casts floating per-parameter state to the parameter's dtype, which would round them to
 #: bf16 for bf16 parameters).
 _SCALAR_STATE_KEYS = ("dist_sq", "rbar", "G")
+#: The streams the C update takes, for its checks' messages.
+_STREAMS = ("param", "grad", "x0")
 
 
 # --------------------------------------------------------------------------- kernels
@@ -109,14 +112,20 @@ def dog_tensor_update(
     dist_sq.copy_(torch.where(ok, (diff * diff).sum(), dist_sq))
 
 
-def _fused_sgd_available(device: torch.device, dtype: torch.dtype) -> bool:
+def _fused_sgd_available(params: list[torch.Tensor], grads: list[torch.Tensor]) -> bool:
     """Whether torch's fused SGD kernel takes this bucket: fp32/fp64 only, because on CPU (torch
     2.13) it leaves the vectorised part of bf16/fp16 tensors unchanged (``SGD(fused=True)`` has
-    the same defect)."""
+    the same defect), and only contiguous tensors of their parameters' shapes
+    (``fast_path_accepts``: it treats a strided tensor as contiguous memory)."""
     return (
         hasattr(torch, "_fused_sgd_")
-        and device.type in ("cpu", "cuda", "xpu", "mps")
-        and dtype in (torch.float32, torch.float64)
+        and params[0].device.type in ("cpu", "cuda", "xpu", "mps")
+        and fast_path_accepts(
+            [params, grads],
+            ("param", "grad"),
+            dtypes=(torch.float32, torch.float64),
+            cpu_only=False,
+        )
     )
 
 
@@ -227,6 +236,7 @@ class DoG(TuningFreeOptimizer):
     """
 
     _layerwise = False
+    SCALAR_STATE_KEYS = TuningFreeOptimizer.SCALAR_STATE_KEYS | frozenset(_SCALAR_STATE_KEYS)
 
     def __init__(
         self,
@@ -247,7 +257,6 @@ class DoG(TuningFreeOptimizer):
             "eps": check_nonnegative("eps", eps),
             "implementation": check_choice("implementation", implementation, IMPLEMENTATIONS),
         }
-        self._fresh: set[int] = set()
         super().__init__(
             params, defaults, skip_nonfinite=skip_nonfinite, global_reduce=global_reduce
         )
@@ -284,11 +293,6 @@ class DoG(TuningFreeOptimizer):
         if self._layerwise:
             state["rbar"] = torch.zeros((), dtype=sdt, device=device)  # 0 until initialised
             state["G"] = torch.zeros((), dtype=sdt, device=device)
-        self._fresh.add(id(param))
-
-    def _collect(self) -> StepBatch:
-        self._fresh = set()
-        return super()._collect()
 
     # ------------------------------------------------------------------ statistics
     @staticmethod
@@ -315,7 +319,7 @@ class DoG(TuningFreeOptimizer):
             buckets = bucket_by_device_and_dtype([gb.params, gb.grads])
             for (device, _), ([ps, gs], idx) in buckets.items():
                 impl = _resolve(gb.group["implementation"], device, sum(p.numel() for p in ps))
-                if impl == "compiled" and _native.available([*ps, *gs]):
+                if impl == "compiled" and _native.accepts([ps, gs], ("param", "grad")):
                     both = torch.empty(len(ps), 2, dtype=torch.float64)
                     _native.grad_sq(ps, gs, wd, both)
                     r, e = both[:, 0].to(sdt), both[:, 1].to(sdt)
@@ -429,12 +433,12 @@ class DoG(TuningFreeOptimizer):
             sizes = [step_sizes[i].to(device, cdt) for i in idx]
             params, grads, x0s, dists = bucket
             impl = _resolve(group["implementation"], device, sum(p.numel() for p in params))
-            if impl == "compiled" and _native.available([*params, *grads, *x0s]):
+            if impl == "compiled" and _native.accepts([params, grads, x0s], _STREAMS):
                 steps = sizes[0] if shared else torch.stack(sizes)
                 new = torch.stack(dists).to(torch.float64)  # kept as is on a skipped step
                 _native.dog_update(params, grads, x0s, steps, wd, ok_d, new)
                 torch._foreach_copy_(dists, list(new.to(dists[0].dtype).unbind(0)))
-            elif impl == "loop" or not _fused_sgd_available(device, dtype):
+            elif impl == "loop" or not _fused_sgd_available(params, grads):
                 for j, (p, g, x0, d) in enumerate(zip(*bucket, strict=True)):
                     dog_tensor_update(p, g, x0, d, ok_d, sizes[j], weight_decay=wd)
             else:
@@ -462,7 +466,7 @@ class DoG(TuningFreeOptimizer):
                 if not state or "x0" not in state:
                     continue
                 d = state["dist_sq"]
-                diff = local_view(p).to(d.dtype) - local_view(state["x0"]).to(d.dtype)
+                diff = working_view(p).to(d.dtype) - local_view(state["x0"]).to(d.dtype)
                 d.copy_((diff * diff).sum())
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -549,12 +553,18 @@ class TDoG(DoG):
             global_reduce=global_reduce,
         )
 
+    _PICKLED_ATTRIBUTES = (*DoG._PICKLED_ATTRIBUTES, "_delta")
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if "delta" in param_group:
             check_in_range("delta", param_group["delta"], 0.0, 1.0, low_inclusive=False)
         else:
             param_group["delta"] = getattr(self, "_delta", 0.1)
         super().add_param_group(param_group)
+
+    def _fill_group(self, group: dict[str, Any]) -> None:
+        super()._fill_group(group)
+        group.setdefault("delta", self._delta)
 
     def _model_wide_keys(self) -> tuple[str, ...]:
         return ("reps_rel", "eps", "delta")
@@ -621,7 +631,7 @@ class LDoG(DoG):
             [d.to(batch.device, sdt) for gb in batch.groups for d in gb.state_list("dist_sq")]
         )
         out = {"g2": self._grad_sq(batch, sdt), "d2": d2}
-        fresh = [id(p) in self._fresh for gb in batch.groups for p in gb.originals]
+        fresh = [f for gb in batch.groups for f in gb.fresh]
         if any(fresh):  # r_eps of the tensors at their first step: ||x_0||^2 per tensor
             params = [p for gb in batch.groups for p in gb.params]
             chosen = [p for p, f in zip(params, fresh, strict=True) if f]

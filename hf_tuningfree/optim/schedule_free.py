@@ -35,7 +35,6 @@ repeats the same operations and continues bit-exactly.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -272,9 +271,14 @@ class ProdigyScheduleFree(ScheduleFreeModes, Prodigy):
         weight_sum = self._global("sf_weight_sum", d.device)
         return schedule_free_weight(self._reference_step(d, step), lr_max, weight_sum)
 
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def _before_step(self) -> None:
+        # not an override of step(): torch wraps each class's step() with the step hooks, so an
+        # override calling super().step() would run every hook twice
         self._check_train_mode()
-        return super().step(closure)
+
+    def _fill_group(self, group: dict[str, Any]) -> None:
+        super()._fill_group(group)
+        group.setdefault(TRAIN_MODE, True)  # a state dict from before the key existed
 
     def _update_pass(
         self,
