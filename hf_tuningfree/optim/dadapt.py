@@ -768,7 +768,8 @@ class DAdaptSGD(DAdaptationBase):
         implementation: ``"auto"``, ``"loop"`` or ``"compiled"`` (see
             :mod:`hf_tuningfree.optim.kernels`); ``"foreach"`` runs the per-tensor loop. On CPU,
             ``"auto"`` and ``"compiled"`` run the C kernels (see the module docstring).
-        skip_nonfinite, global_reduce: see :class:`~hf_tuningfree.optim.base.TuningFreeOptimizer`.
+        skip_nonfinite, global_reduce, stochastic_rounding: see
+            :class:`~hf_tuningfree.optim.base.TuningFreeOptimizer`.
 
     State: per parameter ``s`` (and ``z`` when ``momentum > 0``); model-wide in
     ``global_state``: ``d``, ``numerator`` (``N``), ``g0_sq`` (``||g_0||^2``), ``s_sq``
@@ -791,6 +792,7 @@ class DAdaptSGD(DAdaptationBase):
         *,
         skip_nonfinite: bool = True,
         global_reduce: object = "auto",
+        stochastic_rounding: bool = True,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -803,7 +805,11 @@ class DAdaptSGD(DAdaptationBase):
             "implementation": implementation,
         }
         super().__init__(
-            params, defaults, skip_nonfinite=skip_nonfinite, global_reduce=global_reduce
+            params,
+            defaults,
+            skip_nonfinite=skip_nonfinite,
+            global_reduce=global_reduce,
+            stochastic_rounding=stochastic_rounding,
         )
 
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -1109,7 +1115,8 @@ class DAdaptAdam(AdamFormBase):
         maximize: maximize the objective.
         implementation: ``"auto"``, ``"loop"`` or ``"compiled"``; ``"foreach"`` runs the loop.
             On CPU, ``"auto"`` and ``"compiled"`` run the C kernels (see the module docstring).
-        skip_nonfinite, global_reduce: see :class:`~hf_tuningfree.optim.base.TuningFreeOptimizer`.
+        skip_nonfinite, global_reduce, stochastic_rounding: see
+            :class:`~hf_tuningfree.optim.base.TuningFreeOptimizer`.
 
     State: per parameter ``exp_avg`` (m), ``exp_avg_sq`` (v), ``s``; model-wide ``d``,
     ``numerator`` (r), ``s_l1``, ``step``.
@@ -1133,6 +1140,7 @@ class DAdaptAdam(AdamFormBase):
         *,
         skip_nonfinite: bool = True,
         global_reduce: object = "auto",
+        stochastic_rounding: bool = True,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -1147,7 +1155,11 @@ class DAdaptAdam(AdamFormBase):
             "implementation": implementation,
         }
         super().__init__(
-            params, defaults, skip_nonfinite=skip_nonfinite, global_reduce=global_reduce
+            params,
+            defaults,
+            skip_nonfinite=skip_nonfinite,
+            global_reduce=global_reduce,
+            stochastic_rounding=stochastic_rounding,
         )
 
     def _statistics_pass(
@@ -1320,7 +1332,8 @@ class DAdaptAdaGrad(DAdaptationBase):
         eps: added to ``sqrt(alpha)`` (default 1e-6, the authors').
         initial_accumulator_value: ``alpha_0`` (default 1e-6, the authors' fixed value).
         d0, growth_rate, maximize, implementation: as :class:`DAdaptSGD`.
-        skip_nonfinite, global_reduce: see :class:`~hf_tuningfree.optim.base.TuningFreeOptimizer`.
+        skip_nonfinite, global_reduce, stochastic_rounding: see
+            :class:`~hf_tuningfree.optim.base.TuningFreeOptimizer`.
 
     State: per parameter ``alpha``, ``s``, ``x0``; model-wide ``d``, ``numerator`` (N),
     ``s_l1``, ``step``.
@@ -1343,6 +1356,7 @@ class DAdaptAdaGrad(DAdaptationBase):
         *,
         skip_nonfinite: bool = True,
         global_reduce: object = "auto",
+        stochastic_rounding: bool = True,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -1356,7 +1370,11 @@ class DAdaptAdaGrad(DAdaptationBase):
             "implementation": implementation,
         }
         super().__init__(
-            params, defaults, skip_nonfinite=skip_nonfinite, global_reduce=global_reduce
+            params,
+            defaults,
+            skip_nonfinite=skip_nonfinite,
+            global_reduce=global_reduce,
+            stochastic_rounding=stochastic_rounding,
         )
 
     def _validate_group(self, group: dict[str, Any]) -> None:
