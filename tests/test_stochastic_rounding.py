@@ -199,7 +199,7 @@ def test_every_optimizer_rounds_its_bf16_update_to_a_neighbour(name, implementat
 def test_the_option_is_a_constructor_argument_of_every_optimizer(name):
     assert get_optimizer_spec(name).hyperparameters()["stochastic_rounding"] is True
     p = torch.nn.Parameter(torch.zeros(2))
-    with pytest.raises(TypeError, match="'stochastic_rounding' of optimizer .* must be bool"):
+    with pytest.raises(TypeError, match=r"'stochastic_rounding' of optimizer .* must be bool"):
         create_optimizer(name, [p], stochastic_rounding="yes")
     with pytest.raises(TypeError, match="stochastic_rounding must be True or False, got str"):
         get_optimizer_spec(name).cls([p], stochastic_rounding="yes")
