@@ -37,7 +37,7 @@ import pytest
 import torch
 
 from hf_tuningfree.optim import _native, available_optimizers, create_optimizer
-from hf_tuningfree.optim.base import GLOBAL_STATE_KEY
+from hf_tuningfree.optim.base import GLOBAL_STATE_KEY, ROUNDING_STATE_KEY
 from hf_tuningfree.optim.kernels import IMPL_ENV_VAR, StateShapeError, fast_path_accepts
 
 NAMES = available_optimizers()
@@ -435,7 +435,7 @@ def test_a_state_dict_without_newer_group_keys_loads_with_the_constructor_values
     params, opt = _stepped(name, implementation, shapes, steps=2)
     saved = copy.deepcopy(opt.state_dict())  # a state dict holds the live state tensors
     stripped = [
-        {k: v for k, v in g.items() if k in ("params", "lr", GLOBAL_STATE_KEY)}
+        {k: v for k, v in g.items() if k in ("params", "lr", GLOBAL_STATE_KEY, ROUNDING_STATE_KEY)}
         for g in saved["param_groups"]
     ]
     missing = set(saved["param_groups"][0]) - set(stripped[0])

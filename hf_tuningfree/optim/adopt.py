@@ -281,7 +281,8 @@ class ADOPT(TuningFreeOptimizer):
             :mod:`hf_tuningfree.optim._native` (built once per machine with the system C
             compiler), at every model size; without it, and elsewhere, as described in
             :mod:`hf_tuningfree.optim.kernels`. ``HF_TUNINGFREE_IMPL`` overrides ``"auto"``.
-        skip_nonfinite, global_reduce: see :class:`~hf_tuningfree.optim.base.TuningFreeOptimizer`.
+        skip_nonfinite, global_reduce, stochastic_rounding: see
+            :class:`~hf_tuningfree.optim.base.TuningFreeOptimizer`.
 
     Per-parameter state: ``step`` (0-dim fp32), ``exp_avg`` (m), ``exp_avg_sq`` (v).
     """
@@ -300,6 +301,7 @@ class ADOPT(TuningFreeOptimizer):
         *,
         skip_nonfinite: bool = True,
         global_reduce: object = "auto",
+        stochastic_rounding: bool = True,
     ) -> None:
         defaults = {
             "lr": check_nonnegative("lr", lr),
@@ -314,7 +316,11 @@ class ADOPT(TuningFreeOptimizer):
             "implementation": check_choice("implementation", implementation, IMPLEMENTATIONS),
         }
         super().__init__(
-            params, defaults, skip_nonfinite=skip_nonfinite, global_reduce=global_reduce
+            params,
+            defaults,
+            skip_nonfinite=skip_nonfinite,
+            global_reduce=global_reduce,
+            stochastic_rounding=stochastic_rounding,
         )
 
     def _init_param_state(self, param: torch.Tensor, state: dict[str, Any], group: dict) -> None:

@@ -76,9 +76,12 @@ from .distributed import (
     validate_global_reduce,
 )
 from .kernels import IMPLEMENTATIONS, StateShapeError
+from .rounding import LOW_PRECISION, RoundingStream, stochastic_round
 from .validation import check_bool, check_choice, scalar_value
 
 GLOBAL_STATE_KEY = "global_state"
+#: Where ``state_dict()`` keeps the stochastic-rounding stream's seed and call count.
+ROUNDING_STATE_KEY = "stochastic_rounding_stream"
 
 #: Group keys torch.optim's ``__setstate__`` adds to ``defaults`` for its own optimizers; not ours.
 _TORCH_ONLY_DEFAULTS = frozenset({"differentiable"})
@@ -249,6 +252,12 @@ class TuningFreeOptimizer(torch.optim.Optimizer):
         global_reduce: how model-wide sums are formed across processes: ``"auto"`` (detect FSDP2
             ``DTensor`` / FSDP1 flat shards; DDP and single process need no collective),
             ``"none"``, ``"world"`` (e.g. DeepSpeed ZeRO), or a ``ProcessGroup``.
+        stochastic_rounding: if True (default), bf16/fp16 parameters are stepped as an fp32 copy
+            that is written back with stochastic rounding (:mod:`~hf_tuningfree.optim.rounding`),
+            so updates below half an ulp accumulate as in fp32 instead of being lost; the random
+            bits follow torch's seed at construction and resume exactly. The copy lives for the
+            step only (4 bytes per 16-bit parameter at the peak of ``step()``). False: the
+            update is rounded to nearest, as before. fp32/fp64 parameters are unaffected.
 
     Class attributes a subclass may extend:
 
@@ -261,8 +270,14 @@ class TuningFreeOptimizer(torch.optim.Optimizer):
     """
 
     SCALAR_STATE_KEYS: frozenset[str] = frozenset({"step"})
-    _PICKLED_ATTRIBUTES: tuple[str, ...] = ("global_state", "skip_nonfinite", "global_reduce")
-    _CONSTRUCTOR_ONLY: tuple[str, ...] = ("skip_nonfinite", "global_reduce")
+    _PICKLED_ATTRIBUTES: tuple[str, ...] = (
+        "global_state",
+        "skip_nonfinite",
+        "global_reduce",
+        "stochastic_rounding",
+        "_rounding",
+    )
+    _CONSTRUCTOR_ONLY: tuple[str, ...] = ("skip_nonfinite", "global_reduce", "stochastic_rounding")
 
     def __init__(
         self,
@@ -271,10 +286,15 @@ class TuningFreeOptimizer(torch.optim.Optimizer):
         *,
         skip_nonfinite: bool = True,
         global_reduce: object = "auto",
+        stochastic_rounding: bool = True,
     ) -> None:
         check_choice("implementation", defaults.get("implementation", "auto"), IMPLEMENTATIONS)
         self.skip_nonfinite = check_bool("skip_nonfinite", skip_nonfinite)
         self.global_reduce = validate_global_reduce(global_reduce)
+        self.stochastic_rounding = check_bool("stochastic_rounding", stochastic_rounding)
+        # seeded from torch's seed now: the same seed gives the same roundings (and DDP ranks,
+        # seeded alike, round alike)
+        self._rounding = RoundingStream(torch.initial_seed())
         self.global_state: dict[str, torch.Tensor] = {}
         self._reset_transient()
         if "lr" in defaults:
@@ -285,7 +305,8 @@ class TuningFreeOptimizer(torch.optim.Optimizer):
         """Attributes that live for one process only (recreated by ``__setstate__``)."""
         self._notice = _NonfiniteNotice(type(self).__name__)
         self._last_ok: torch.Tensor | None = None
-        self._write_back: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # (parameter view, the fp32/contiguous copy stepped in its place, round stochastically)
+        self._write_back: list[tuple[torch.Tensor, torch.Tensor, bool]] = []
         self.keys_filled_on_load: tuple[str, ...] = ()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -316,8 +337,14 @@ class TuningFreeOptimizer(torch.optim.Optimizer):
         if "state" in state and "param_groups" in state:
             self._check_state_shapes(state["state"], state["param_groups"])
         super().__setstate__(state)
-        for name, default in (("global_state", {}), ("skip_nonfinite", True)):
+        for name, default in (
+            ("global_state", {}),
+            ("skip_nonfinite", True),
+            ("stochastic_rounding", True),
+        ):
             self.__dict__.setdefault(name, default)
+        if "_rounding" not in self.__dict__:
+            self._rounding = RoundingStream(0)
         self.__dict__.setdefault("global_reduce", "auto")
         if "_notice" not in self.__dict__:
             self._reset_transient()
@@ -433,10 +460,13 @@ class TuningFreeOptimizer(torch.optim.Optimizer):
                     )
                     _make_contiguous(state)
 
-                if not local_p.is_contiguous():
-                    # a strided view: update a contiguous copy, written back after the step
-                    work = local_p.contiguous()
-                    write_back.append((local_p, work))
+                rounded = self.stochastic_rounding and local_p.dtype in LOW_PRECISION
+                if rounded or not local_p.is_contiguous():
+                    # a strided view, or a bf16/fp16 parameter rounded stochastically: step a
+                    # contiguous (fp32) copy, written back after the step
+                    dtype = torch.float32 if rounded else local_p.dtype
+                    work = local_p.to(dtype, memory_format=torch.contiguous_format, copy=True)
+                    write_back.append((local_p, work, rounded))
                     local_p = work
                 if not local_g.is_contiguous():
                     local_g = local_g.contiguous()
@@ -556,6 +586,7 @@ class TuningFreeOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._last_ok = None
+        self._rounding.begin_step()
         batch = self._collect()
         plan = plan_reduction(
             (p for g in self.param_groups for p in g["params"]), self.global_reduce
@@ -576,7 +607,9 @@ class TuningFreeOptimizer(torch.optim.Optimizer):
             raise self._located(batch, exc) from exc
         finally:
             write_back, self._write_back = self._write_back, []
-        for view, work in write_back:  # strided parameters: their updated copies
+        for view, work, rounded in write_back:  # the stepped copies (see _collect)
+            if rounded:
+                work = stochastic_round(work, view.dtype, self._rounding.generator(work.device))
             view.copy_(work)
         _bump_versions(batch)
         self._last_ok = ok
@@ -605,6 +638,7 @@ class TuningFreeOptimizer(torch.optim.Optimizer):
             sd["param_groups"][0][GLOBAL_STATE_KEY] = {
                 k: v.clone() for k, v in self.global_state.items()
             }
+            sd["param_groups"][0][ROUNDING_STATE_KEY] = self._rounding.state()
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -614,8 +648,12 @@ class TuningFreeOptimizer(torch.optim.Optimizer):
         Trainer's resume check reads it)."""
         groups = [dict(g) for g in state_dict["param_groups"]]
         saved_global: dict[str, torch.Tensor] = {}
+        rounding = None
         for g in groups:
             saved_global.update(g.pop(GLOBAL_STATE_KEY, None) or {})
+            rounding = g.pop(ROUNDING_STATE_KEY, None) or rounding
+        if rounding is not None:  # the same random bits from here on as without the resume
+            self._rounding = RoundingStream.from_state(rounding)
         lacking = {k for g in groups for k in self.defaults if k not in g}
         super().load_state_dict({**state_dict, "param_groups": groups})
         self.keys_filled_on_load = tuple(sorted(lacking - _TORCH_ONLY_DEFAULTS))

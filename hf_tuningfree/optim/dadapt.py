@@ -871,7 +871,8 @@ class DAdaptSGD(DAdaptationBase):
         implementation: ``"auto"``, ``"loop"`` or ``"compiled"`` (see
             :mod:`hf_tuningfree.optim.kernels`); ``"foreach"`` runs the per-tensor loop. On CPU,
             ``"auto"`` and ``"compiled"`` run the C kernels (see the module docstring).
-        skip_nonfinite, global_reduce: see :class:`~hf_tuningfree.optim.base.TuningFreeOptimizer`.
+        skip_nonfinite, global_reduce, stochastic_rounding: see
+            :class:`~hf_tuningfree.optim.base.TuningFreeOptimizer`.
 
     State: per parameter ``s`` (and ``z`` when ``momentum > 0``); model-wide in
     ``global_state``: ``d``, ``numerator`` (``N``), ``grad_bound_sq`` (``G^2``), ``s_sq``
@@ -896,6 +897,7 @@ class DAdaptSGD(DAdaptationBase):
         *,
         skip_nonfinite: bool = True,
         global_reduce: object = "auto",
+        stochastic_rounding: bool = True,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -910,7 +912,11 @@ class DAdaptSGD(DAdaptationBase):
             "implementation": implementation,
         }
         super().__init__(
-            params, defaults, skip_nonfinite=skip_nonfinite, global_reduce=global_reduce
+            params,
+            defaults,
+            skip_nonfinite=skip_nonfinite,
+            global_reduce=global_reduce,
+            stochastic_rounding=stochastic_rounding,
         )
 
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -1232,7 +1238,8 @@ class DAdaptAdam(AdamFormBase):
         maximize: maximize the objective.
         implementation: ``"auto"``, ``"loop"`` or ``"compiled"``; ``"foreach"`` runs the loop.
             On CPU, ``"auto"`` and ``"compiled"`` run the C kernels (see the module docstring).
-        skip_nonfinite, global_reduce: see :class:`~hf_tuningfree.optim.base.TuningFreeOptimizer`.
+        skip_nonfinite, global_reduce, stochastic_rounding: see
+            :class:`~hf_tuningfree.optim.base.TuningFreeOptimizer`.
 
     State: per parameter ``exp_avg`` (m), ``exp_avg_sq`` (v), ``s``; model-wide ``d``,
     ``numerator`` (r), ``s_l1``, ``step``.
@@ -1257,6 +1264,7 @@ class DAdaptAdam(AdamFormBase):
         *,
         skip_nonfinite: bool = True,
         global_reduce: object = "auto",
+        stochastic_rounding: bool = True,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -1272,7 +1280,11 @@ class DAdaptAdam(AdamFormBase):
             "implementation": implementation,
         }
         super().__init__(
-            params, defaults, skip_nonfinite=skip_nonfinite, global_reduce=global_reduce
+            params,
+            defaults,
+            skip_nonfinite=skip_nonfinite,
+            global_reduce=global_reduce,
+            stochastic_rounding=stochastic_rounding,
         )
 
     def _statistics_pass(
@@ -1445,7 +1457,8 @@ class DAdaptAdaGrad(DAdaptationBase):
         eps: added to ``sqrt(alpha)`` (default 1e-6, the authors').
         initial_accumulator_value: ``alpha_0`` (default 1e-6, the authors' fixed value).
         d0, growth_rate, d_groups, maximize, implementation: as :class:`DAdaptSGD`.
-        skip_nonfinite, global_reduce: see :class:`~hf_tuningfree.optim.base.TuningFreeOptimizer`.
+        skip_nonfinite, global_reduce, stochastic_rounding: see
+            :class:`~hf_tuningfree.optim.base.TuningFreeOptimizer`.
 
     State: per parameter ``alpha``, ``s``, ``x0``; model-wide ``d``, ``numerator`` (N),
     ``s_l1``, ``step``.
@@ -1469,6 +1482,7 @@ class DAdaptAdaGrad(DAdaptationBase):
         *,
         skip_nonfinite: bool = True,
         global_reduce: object = "auto",
+        stochastic_rounding: bool = True,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -1483,7 +1497,11 @@ class DAdaptAdaGrad(DAdaptationBase):
             "implementation": implementation,
         }
         super().__init__(
-            params, defaults, skip_nonfinite=skip_nonfinite, global_reduce=global_reduce
+            params,
+            defaults,
+            skip_nonfinite=skip_nonfinite,
+            global_reduce=global_reduce,
+            stochastic_rounding=stochastic_rounding,
         )
 
     def _validate_group(self, group: dict[str, Any]) -> None:

@@ -226,7 +226,8 @@ class DoG(TuningFreeOptimizer):
             compiler; otherwise as ``"foreach"``), ``"foreach"`` (torch's fused SGD kernel and
             multi-tensor norms) or ``"loop"`` (tensor by tensor, the reference). The environment
             variable ``HF_TUNINGFREE_IMPL`` overrides ``"auto"``.
-        skip_nonfinite, global_reduce: see :class:`~hf_tuningfree.optim.base.TuningFreeOptimizer`.
+        skip_nonfinite, global_reduce, stochastic_rounding: see
+            :class:`~hf_tuningfree.optim.base.TuningFreeOptimizer`.
 
     Per-parameter state: ``x0`` (the parameter at its first step with a gradient) and
     ``dist_sq`` (``||x - x0||^2`` of this tensor, this rank's part). Model-wide state
@@ -249,6 +250,7 @@ class DoG(TuningFreeOptimizer):
         *,
         skip_nonfinite: bool = True,
         global_reduce: object = "auto",
+        stochastic_rounding: bool = True,
     ) -> None:
         defaults = {
             "lr": check_nonnegative("lr", lr),
@@ -258,7 +260,11 @@ class DoG(TuningFreeOptimizer):
             "implementation": check_choice("implementation", implementation, IMPLEMENTATIONS),
         }
         super().__init__(
-            params, defaults, skip_nonfinite=skip_nonfinite, global_reduce=global_reduce
+            params,
+            defaults,
+            skip_nonfinite=skip_nonfinite,
+            global_reduce=global_reduce,
+            stochastic_rounding=stochastic_rounding,
         )
 
     # ------------------------------------------------------------------ groups and state
@@ -540,6 +546,7 @@ class TDoG(DoG):
         *,
         skip_nonfinite: bool = True,
         global_reduce: object = "auto",
+        stochastic_rounding: bool = True,
     ) -> None:
         self._delta = check_in_range("delta", delta, 0.0, 1.0, low_inclusive=False)
         super().__init__(
@@ -551,6 +558,7 @@ class TDoG(DoG):
             implementation=implementation,
             skip_nonfinite=skip_nonfinite,
             global_reduce=global_reduce,
+            stochastic_rounding=stochastic_rounding,
         )
 
     _PICKLED_ATTRIBUTES = (*DoG._PICKLED_ATTRIBUTES, "_delta")

@@ -243,6 +243,9 @@ _Z_LIMIT = 8.0  # |z| bound of the squashed hyperparameters: (tanh(8) + 1) / 2 <
 _LOG_LIMIT = 50.0  # |log alpha| bound: keeps exp() finite in fp32 (never reached in practice)
 _FUSED_DEVICES = ("cpu", "cuda")
 _FUSED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+#: torch 2.13's CPU ``_fused_sgd_`` leaves the vectorised part of bf16/fp16 tensors unchanged
+#: (``SGD(fused=True)`` too: 3 of 4,099 bf16 elements updated), so on CPU it gets fp32/fp64 only.
+_FUSED_SGD_CPU_DTYPES = (torch.float32, torch.float64)
 _FOREACH_DTYPES = (torch.float32, torch.float64)  # dots run in these as they are (no cast)
 _SMALL_NUMEL = 1 << 16  # below this, Adam's dots of a tensor go through multi-tensor ops
 _ADAM_STREAMS = ("param", "grad", "exp_avg", "exp_avg_sq")
@@ -562,15 +565,21 @@ def _tensor_order(impl: str, fn: Any, sizes: Sequence[int]) -> list[int]:
 
 
 def _fused_ok(
-    group: dict[str, Any], bucket: list[list[torch.Tensor]], names: Sequence[str]
+    group: dict[str, Any],
+    bucket: list[list[torch.Tensor]],
+    names: Sequence[str],
+    cpu_dtypes: Sequence[torch.dtype] = _FUSED_DTYPES,
 ) -> bool:
     """Whether torch's fused multi-tensor kernel may run a bucket of ``group`` (the caller adds
     the optimizer's own condition: fixed momentum / betas): ``fast_path_accepts`` (contiguous
-    tensors of their parameters' shapes: the kernel treats every tensor as contiguous memory)."""
+    tensors of their parameters' shapes: the kernel treats every tensor as contiguous memory),
+    of ``cpu_dtypes`` on CPU."""
+    device = bucket[0][0].device.type
+    dtypes = cpu_dtypes if device == "cpu" else _FUSED_DTYPES
     return (
         group["implementation"] in ("auto", "foreach")
-        and bucket[0][0].device.type in _FUSED_DEVICES
-        and fast_path_accepts(bucket, names, dtypes=_FUSED_DTYPES, cpu_only=False)
+        and device in _FUSED_DEVICES
+        and fast_path_accepts(bucket, names, dtypes=dtypes, cpu_only=False)
     )
 
 
@@ -690,6 +699,7 @@ class HypergradientOptimizer(TuningFreeOptimizer):
         per_group: bool,
         skip_nonfinite: bool,
         global_reduce: object,
+        stochastic_rounding: bool = True,
     ) -> None:
         name = type(self).__name__
         if isinstance(height, bool) or not isinstance(height, int) or height < 0:
@@ -741,7 +751,11 @@ class HypergradientOptimizer(TuningFreeOptimizer):
             self._check_step_range(f"hyper_lr[{level - 1}]", value)
         self._check_initial_values(defaults)
         super().__init__(
-            params, defaults, skip_nonfinite=skip_nonfinite, global_reduce=global_reduce
+            params,
+            defaults,
+            skip_nonfinite=skip_nonfinite,
+            global_reduce=global_reduce,
+            stochastic_rounding=stochastic_rounding,
         )
 
     #: What ``copy.deepcopy`` and pickling keep besides the base's: the tower's configuration.
@@ -1346,7 +1360,8 @@ class HyperSGD(HypergradientOptimizer):
             compiler; fp32/fp64). ``"foreach"`` (and ``"auto"`` elsewhere) use torch's fused
             multi-tensor SGD kernel for the update when the momentum is fixed and non-zero;
             otherwise as in :mod:`hf_tuningfree.optim.kernels`.
-        skip_nonfinite, global_reduce: see :class:`~hf_tuningfree.optim.base.TuningFreeOptimizer`.
+        skip_nonfinite, global_reduce, stochastic_rounding: see
+            :class:`~hf_tuningfree.optim.base.TuningFreeOptimizer`.
 
     Per-parameter state: ``momentum_buffer`` (with ``momentum=0`` it holds the last gradient,
     the last update direction), plus ``momentum_buffer_prev`` when the momentum is learned.
@@ -1375,6 +1390,7 @@ class HyperSGD(HypergradientOptimizer):
         implementation: str = "auto",
         skip_nonfinite: bool = True,
         global_reduce: object = "auto",
+        stochastic_rounding: bool = True,
     ) -> None:
         defaults = {
             "lr": check_nonnegative("lr", lr),
@@ -1396,6 +1412,7 @@ class HyperSGD(HypergradientOptimizer):
             per_group=per_group,
             skip_nonfinite=skip_nonfinite,
             global_reduce=global_reduce,
+            stochastic_rounding=stochastic_rounding,
         )
 
     def _init_param_state(self, param: torch.Tensor, state: dict[str, Any], group: dict) -> None:
@@ -1464,7 +1481,9 @@ class HyperSGD(HypergradientOptimizer):
             if (
                 not learn_momentum
                 and group["momentum"] > 0.0
-                and _fused_ok(group, bucket, ("param", "grad", "momentum_buffer"))
+                and _fused_ok(
+                    group, bucket, ("param", "grad", "momentum_buffer"), _FUSED_SGD_CPU_DTYPES
+                )
             ):
                 torch._fused_sgd_(
                     bucket[0],
@@ -1508,7 +1527,8 @@ class HyperAdam(HypergradientOptimizer):
         implementation: as in :class:`HyperSGD`: the C loops on CPU (fixed betas; learned ones
             keep the torch paths), else ``"foreach"``/``"auto"`` run the update through torch's
             fused Adam(W) kernel when the betas are fixed.
-        skip_nonfinite, global_reduce: see :class:`~hf_tuningfree.optim.base.TuningFreeOptimizer`.
+        skip_nonfinite, global_reduce, stochastic_rounding: see
+            :class:`~hf_tuningfree.optim.base.TuningFreeOptimizer`.
 
     Per-parameter state: ``step``, ``exp_avg``, ``exp_avg_sq``, plus ``d_beta1``/``d_beta2``
     (the derivative of the last update direction) for each learned beta. Learning only the step
@@ -1540,6 +1560,7 @@ class HyperAdam(HypergradientOptimizer):
         implementation: str = "auto",
         skip_nonfinite: bool = True,
         global_reduce: object = "auto",
+        stochastic_rounding: bool = True,
     ) -> None:
         if not (isinstance(betas, Sequence) and len(betas) == 2):
             raise ValueError(f"Invalid betas: {betas!r}; allowed: a sequence of 2 numbers")
@@ -1565,6 +1586,7 @@ class HyperAdam(HypergradientOptimizer):
             per_group=per_group,
             skip_nonfinite=skip_nonfinite,
             global_reduce=global_reduce,
+            stochastic_rounding=stochastic_rounding,
         )
 
     def _init_param_state(self, param: torch.Tensor, state: dict[str, Any], group: dict) -> None:
@@ -1781,7 +1803,8 @@ class HyperAdaGrad(HypergradientOptimizer):
         maximize: maximize the objective.
         learn: ``"lr"`` (the only learnable hyperparameter).
         height, hyper_optimizer, hyper_lr, hyper_betas, hyper_eps, lr_parametrization, per_group,
-        implementation, skip_nonfinite, global_reduce: as in :class:`HyperSGD`.
+        implementation, skip_nonfinite, global_reduce, stochastic_rounding: as in
+            :class:`HyperSGD`.
 
     Per-parameter state: ``sum`` (G) and ``direction`` (the last ``g / (sqrt(G) + eps)``).
     """
@@ -1809,6 +1832,7 @@ class HyperAdaGrad(HypergradientOptimizer):
         implementation: str = "auto",
         skip_nonfinite: bool = True,
         global_reduce: object = "auto",
+        stochastic_rounding: bool = True,
     ) -> None:
         defaults = {
             "lr": check_nonnegative("lr", lr),
@@ -1833,6 +1857,7 @@ class HyperAdaGrad(HypergradientOptimizer):
             per_group=per_group,
             skip_nonfinite=skip_nonfinite,
             global_reduce=global_reduce,
+            stochastic_rounding=stochastic_rounding,
         )
 
     def _init_param_state(self, param: torch.Tensor, state: dict[str, Any], group: dict) -> None:
@@ -1906,7 +1931,8 @@ class HyperRMSProp(HypergradientOptimizer):
         maximize: maximize the objective.
         learn: any of ``"lr"`` (default), ``"decay"``.
         height, hyper_optimizer, hyper_lr, hyper_betas, hyper_eps, lr_parametrization, per_group,
-        implementation, skip_nonfinite, global_reduce: as in :class:`HyperSGD`.
+        implementation, skip_nonfinite, global_reduce, stochastic_rounding: as in
+            :class:`HyperSGD`.
 
     Per-parameter state: ``square_avg``, plus ``direction`` (the last ``g / (sqrt(v) + eps)``)
     when the step size is learned and ``d_decay`` when the decay is.
@@ -1936,6 +1962,7 @@ class HyperRMSProp(HypergradientOptimizer):
         implementation: str = "auto",
         skip_nonfinite: bool = True,
         global_reduce: object = "auto",
+        stochastic_rounding: bool = True,
     ) -> None:
         defaults = {
             "lr": check_nonnegative("lr", lr),
@@ -1958,6 +1985,7 @@ class HyperRMSProp(HypergradientOptimizer):
             per_group=per_group,
             skip_nonfinite=skip_nonfinite,
             global_reduce=global_reduce,
+            stochastic_rounding=stochastic_rounding,
         )
 
     def _init_param_state(self, param: torch.Tensor, state: dict[str, Any], group: dict) -> None:

@@ -213,6 +213,7 @@ class ProdigyScheduleFree(ScheduleFreeModes, Prodigy):
         *,
         skip_nonfinite: bool = True,
         global_reduce: object = "auto",
+        stochastic_rounding: bool = True,
     ) -> None:
         if not 0.0 < betas[0] < 1.0:
             raise ValueError(
@@ -237,6 +238,7 @@ class ProdigyScheduleFree(ScheduleFreeModes, Prodigy):
             implementation=implementation,
             skip_nonfinite=skip_nonfinite,
             global_reduce=global_reduce,
+            stochastic_rounding=stochastic_rounding,
         )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
