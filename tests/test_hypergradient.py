@@ -25,6 +25,7 @@ from hf_tuningfree.optim import (
     _native,
 )
 from hf_tuningfree.optim import hypergradient as hg
+from hf_tuningfree.optim.kernels import StateShapeError
 
 CLASSES = {"sgd": HyperSGD, "adam": HyperAdam, "adagrad": HyperAdaGrad, "rmsprop": HyperRMSProp}
 LEARNABLE = {
@@ -568,6 +569,52 @@ def test_bad_input_in_param_groups():
         HyperAdam(emb.parameters()).step()
 
 
+def test_initial_step_sizes_outside_the_log_range_are_rejected_not_moved():
+    """With ``lr_parametrization="log"`` the learned log step size is kept in [-50, 50]: an
+    initial lr (constructor or a per-group value) or a learned level's ``hyper_lr`` below
+    exp(-50) is an error naming it and the range, instead of being raised to 1.9e-22 at the
+    first step; the bound itself and, with ``"identity"``, any positive lr are accepted."""
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    low = math.exp(-50.0)
+    range_text = r"allowed with lr_parametrization='log': a number in \[exp\(-50\), exp\(50\)\]"
+    with pytest.raises(ValueError, match=r"Invalid lr: 1e-23; " + range_text):
+        HyperSGD([a], lr=1e-23)
+    with pytest.raises(ValueError, match=r"Invalid lr: 1e-30; " + range_text):
+        HyperAdam([{"params": [a]}, {"params": [b], "lr": 1e-30}], lr=1e-3, per_group=True)
+    with pytest.raises(ValueError, match=r"Invalid hyper_lr\[0\]: 1e-30; " + range_text):
+        HyperAdam([a], height=2, hyper_lr=(1e-30, 1e-3))
+    HyperAdam([a], height=2, hyper_lr=(1e-3, 1e-30))  # the top level is fixed, not learned
+    opt = HyperSGD([a], lr=low)
+    a.grad = torch.ones(2)
+    opt.step()
+    assert opt.stats()["hyper/level0/lr"] == pytest.approx(low, rel=1e-3)
+    assert HyperSGD([b], lr=1e-30, lr_parametrization="identity").defaults["lr"] == 1e-30
+
+
+def test_learn_betas_names_both_of_adams_betas():
+    """``learn=("lr", "betas")`` (the README's spelling) learns beta1 and beta2: the same
+    optimizer, step for step, as ``learn=("lr", "beta1", "beta2")``."""
+    runs = []
+    for learn in (("lr", "betas"), ("lr", "beta1", "beta2"), "lr+betas"):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(3))]
+        opt = HyperAdam(params, lr=1e-2, learn=learn)
+        assert opt.learn == ("lr", "beta1", "beta2")
+        for t in range(4):
+            for p in params:
+                p.grad = torch.sin(p.detach() * (t + 1))
+            opt.step()
+        runs.append(([p.detach().clone() for p in params], opt.stats()))
+    for got, stats in runs[1:]:
+        assert all(torch.equal(x, y) for x, y in zip(got, runs[0][0], strict=True))
+        assert stats == runs[0][1]
+    assert runs[0][1]["hyper/level0/beta1"] != pytest.approx(0.9, abs=1e-9)
+    with pytest.raises(
+        ValueError, match=r"learnable: \['lr', 'beta1', 'beta2'\] \(or \['betas'\]\)"
+    ):
+        HyperAdam([torch.nn.Parameter(torch.zeros(2))], learn="lr+gamma")
+
+
 # ---------------------------------------------------------------------- 8. code paths agree
 def _run_impl(kind, impl, dtype, wd, steps=15, **kwargs):
     x_all, y_all = _data(dtype=dtype)
@@ -907,32 +954,35 @@ def test_native_path_with_fp32_and_fp64_tensors_in_one_group(cls, native_calls):
 
 def test_native_addresses_refuse_what_the_c_loops_cannot_take(native_calls):
     """``_native.hyper_addresses`` (the C path's one check-and-address pass per bucket) refuses
-    16-bit and mixed dtypes, non-contiguous tensors, a state tensor whose size differs from its
-    parameter's (a mismatched checkpoint would otherwise be read out of bounds) and step counters
-    that are not fp32; a group with a non-contiguous parameter takes the torch paths (the
-    numbers of ``implementation="foreach"``)."""
+    16-bit and mixed dtypes, non-contiguous tensors and step counters that are not fp32, and
+    raises on a state tensor whose shape differs from its parameter's (a mismatched checkpoint
+    would otherwise be read out of bounds), naming the stream; a group with a non-contiguous
+    parameter is updated through a contiguous copy, so the C path takes it and gives the numbers
+    of a contiguous parameter on the same path, bit for bit."""
     a, b = torch.zeros(4, 3), torch.zeros(5)
     assert [len(x) for x in _native.hyper_addresses([[a, b], [a, b]])] == [2, 2]
     assert _native.hyper_addresses([[a.half()], [a.half()]]) is None
     assert _native.hyper_addresses([[a, b], [a, b.double()]]) is None
-    assert _native.hyper_addresses([[a, b], [a.t(), b]]) is None
-    assert _native.hyper_addresses([[a, b], [a, torch.zeros(6)]]) is None
+    assert _native.hyper_addresses([[a, b], [torch.zeros(3, 4).t(), b]]) is None
+    with pytest.raises(StateShapeError, match=r"exp_avg has shape \[6\] but its parameter"):
+        _native.hyper_addresses([[a, b], [a, torch.zeros(6)]], names=["param", "exp_avg"])
     assert _native.hyper_addresses([[a]], [[torch.tensor(1.0, dtype=torch.float64)]]) is None
     counters = _native.hyper_addresses([[a]], [[torch.tensor(1.0)]])
     assert counters is not None and len(counters) == 2
     weight = torch.randn(6, 4).t()  # non-contiguous
     runs = []
-    for impl in ("foreach", "auto"):
-        params = [torch.nn.Parameter(weight.t().clone().t()), torch.nn.Parameter(b.clone())]
-        assert not params[0].is_contiguous()
-        opt = HyperAdam(params, implementation=impl)
+    for strided in (False, True):
+        first = weight.t().clone().t() if strided else weight.contiguous()
+        params = [torch.nn.Parameter(first), torch.nn.Parameter(b.clone())]
+        assert params[0].is_contiguous() is not strided
+        opt = HyperAdam(params, implementation="auto")
         for t in range(4):
             for p in params:
                 p.grad = torch.full_like(p, 0.1 * (t + 1))
             opt.step()
         runs.append([p.detach().clone() for p in params])
     assert all(torch.equal(x, y) for x, y in zip(*runs, strict=True))
-    assert native_calls["dots"] == 0 and native_calls["hyper_adam_update"] == 0
+    assert native_calls["hyper_adam_update"] == 2 * 4
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])

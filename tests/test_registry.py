@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import subprocess
 import sys
 
@@ -64,6 +65,43 @@ def test_ill_typed_override_names_the_key(override, match):
 def test_beta_alias_out_of_range_is_an_error():
     with pytest.raises(ValueError, match="beta3"):
         create_optimizer("adopt", _params(), beta3=0.9)
+
+
+def _constructor_arguments(cls) -> list[str]:
+    kinds = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    signature = inspect.signature(cls.__init__).parameters
+    return [k for k, p in signature.items() if k not in ("self", "params") and p.kind not in kinds]
+
+
+def _as_text(value) -> str:
+    """How ``optim_args`` or a command line writes a value."""
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+@pytest.mark.parametrize("name", available_optimizers())
+def test_every_constructor_argument_is_reachable_by_name(name):
+    """Each argument of the class's constructor is accepted by ``create_optimizer(name, ...,
+    key=value)`` and parsed from text by ``parse_hyperparameter`` (what the Trainer's
+    ``optim_args`` uses) to the same value, none mistaken for an alias (issue 18.4: Prodigy's
+    ``beta3`` was read as the third entry of ``betas``)."""
+    spec = get_optimizer_spec(name)
+    hyperparameters = spec.hyperparameters()
+    names = _constructor_arguments(spec.cls)
+    assert set(names) <= set(hyperparameters)
+    for key in names:
+        value = hyperparameters[key]
+        opt = create_optimizer(name, _params(), **{key: value})
+        assert type(opt) is spec.cls, key
+        assert parse_hyperparameter(name, key, _as_text(value)) == value, key
+
+
+def test_prodigy_beta3_is_its_own_argument():
+    opt = create_optimizer("prodigy", _params(), beta3=0.99)
+    assert opt.param_groups[0]["beta3"] == 0.99
+    assert opt.param_groups[0]["betas"] == get_optimizer_spec("prodigy").hyperparameters()["betas"]
+    assert parse_hyperparameter("prodigy", "beta3", "0.99") == 0.99
+    # betaN stays an alias where the constructor has no such argument
+    assert create_optimizer("adopt", _params(), beta1=0.8).param_groups[0]["betas"][0] == 0.8
 
 
 def test_lists_are_accepted_for_tuples():

@@ -19,10 +19,10 @@ from test_dadapt import (
     SHAPES,
     STEPS,
     _grads,
-    _start,
     _initial,
     _make_problem,
     _run_ours,
+    _start,
     _sum_over_seen,
     _unseen,
     _zeros,
@@ -224,9 +224,7 @@ def test_first_steps_weigh_almost_nothing_in_the_average():
     moves little; with a constant step it is 1/(k+1) (the uniform average)."""
     torch.manual_seed(0)
     p = torch.nn.Parameter(torch.randn(50))
-    opt = ProdigyScheduleFree(
-        [p], d0=1e-6, d0_rel=0.0, growth_rate=1.0, use_bias_correction=False
-    )
+    opt = ProdigyScheduleFree([p], d0=1e-6, d0_rel=0.0, growth_rate=1.0, use_bias_correction=False)
     cs = []
     for _ in range(8):
         p.grad = p.detach().clone()

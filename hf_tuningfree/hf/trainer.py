@@ -260,7 +260,11 @@ def check_checkpoint_optimizer(
         return
     groups = getattr(inner, "param_groups", None) or []
     defaults = getattr(inner, "defaults", {}) or {}
-    missing = sorted(set(defaults) - set(groups[0]) - _NOT_RESTORED) if groups else []
+    # the package's optimizers fill what a loaded state dict lacks and list it
+    lacking = getattr(inner, "keys_filled_on_load", None)
+    if lacking is None:
+        lacking = set(defaults) - set(groups[0]) if groups else set()
+    missing = sorted(set(lacking) - _NOT_RESTORED)
     if missing:
         raise ResumeError(
             f"checkpoint {checkpoint} holds the state of another optimizer (its param groups lack "

@@ -46,30 +46,49 @@ and a fused kernel takes the time of the update plus reading what only the stati
 (maximize, coupled decay) so that it has no branch and vectorises (with the branch, GCC 12 left
 the statistics loops scalar: 20x slower).
 
-Hypergradient optimizers (``hyper_direction_dots``, ``hyper_adam_dots``, ``hyper_*_update``;
-their C source and wrappers are the last block of this file). A step is two passes, each one
-call per bucket with the blocks of all its tensors in one parallel loop: first the read-only
-pass that forms every tensor's hypergradient dot products ``<g, du/dh>`` (SGD: with the momentum
-buffer; AdaGrad, RMSProp: with the stored direction; Adam: with ``m / (sqrt(v) c + eps)``
-recomputed from the moments and the step counters), which is also the non-finite check; then,
-after the tower has moved the step size (0-dim tensors, torch ops), the base update, which reads
-the learned step size (and a learned momentum or decay), the step counters and ``ok`` from
-memory. The dots are formed in double (products and sums), per block, the blocks of a tensor
-added in a fixed order: like the updates (elementwise), they do not depend on the thread count.
-The updates follow the per-element functions' order of operations, with the scalars that torch
-forms from 0-dim tensors rounded in those tensors' dtype and no fma contraction: SGD's update is
-bit-identical to the per-tensor path; Adam, AdaGrad and RMSProp differ by the rounding of
-``sqrt`` (and Adam's bias corrections by that of ``pow``): ~1e-7 relative in fp32. HyperAdam
-with learned betas keeps its torch paths. ``hyper_addresses`` checks a bucket and takes its
-tensors' addresses in one pass, once per step for both passes; it also refuses a state tensor
-whose size differs from its parameter's, so a mismatched checkpoint cannot make the C code read
-or write out of bounds.
+Hypergradient optimizers (``hyper_direction_dots``, ``hyper_adam_dots``, ``hyper_*_update``; their
+C source is ``csrc/hypergradient.c``, their wrappers the last block of this file). A step is two
+passes, each one call per bucket with the blocks of all its tensors in one parallel loop: first the
+read-only pass that forms every tensor's hypergradient dot products ``<g, du/dh>`` (SGD: with the
+momentum buffer; AdaGrad, RMSProp: with the stored direction; Adam: with ``m / (sqrt(v) c + eps)``
+recomputed from the moments and the step counters), which is also the non-finite check; then, after
+the tower has moved the step size (0-dim tensors, torch ops), the base update, which reads the
+learned step size (and a learned momentum or decay), the step counters and ``ok`` from memory. The
+dots are formed in double (products and sums), per block, the blocks of a tensor added in a fixed
+order: like the updates (elementwise), they do not depend on the thread count. The updates follow
+the per-element functions' order of operations, with the scalars that torch forms from 0-dim
+tensors rounded in those tensors' dtype and no fma contraction: SGD's update is bit-identical to
+the per-tensor path; Adam, AdaGrad and RMSProp differ by the rounding of ``sqrt`` (and Adam's bias
+corrections by that of ``pow``): ~1e-7 relative in fp32. HyperAdam with learned betas keeps its
+torch paths. ``hyper_addresses`` checks a bucket and takes its tensors' addresses in one pass, once
+per step for both passes.
 
-The shared library is built with the system C compiler (``cc``; the same requirement as
-inductor's CPU backend) into ``$HF_TUNINGFREE_CACHE`` or ``~/.cache/hf_tuningfree``, named by a
-hash of the source, the compiler flags and the CPU's feature flags (``-march=native``), so a
-cache shared between machines never serves a binary built for another CPU. If anything fails,
-``load()`` returns None after one warning and callers use their torch paths.
+Which buckets come here is decided by :func:`accepts` (the one check every fused or C path of
+the package uses, :func:`hf_tuningfree.optim.kernels.fast_path_accepts`): CPU tensors that are
+contiguous, of one dtype (fp32 or fp64) and of their parameter's shape; a state tensor of another
+shape raises :class:`~hf_tuningfree.optim.kernels.StateShapeError` before anything is written,
+so a mismatched checkpoint cannot make the C code read or write out of bounds. The wrappers
+below check again what they hand to C (every list as long as the parameters', every tensor
+contiguous with its parameter's number of elements, the output tensors' sizes) with real checks
+that ``python -O`` keeps. The C code writes behind autograd's back: the optimizers' base class
+bumps the version counter of every parameter and state tensor after the step
+(``torch.autograd.graph.increment_version``), so a step between a forward and its backward
+raises, as on the torch paths.
+
+The C code lives in real files, package data in ``csrc/``: ``blocks.h`` (the block bookkeeping
+every kernel shares), ``dog_adopt.c`` (DoG, ADOPT, the guard's sum of squares), ``dadapt.c``
+(D-Adaptation, Prodigy) and ``hypergradient.c``; this module is their loader and the ctypes
+wrappers. The shared library (``hf_tuningfree_cpu_kernels_<hash>.so``, the three units linked
+into one) is built with the system C compiler (``cc``; the same requirement as inductor's CPU
+backend) into the package's cache directory
+(``$HF_TUNINGFREE_CACHE``, else ``$XDG_CACHE_HOME/hf_tuningfree``, else
+``~/.cache/hf_tuningfree``; the convention of :mod:`hf_tuningfree.data.assets`), under a
+cross-process file lock (``filelock``, a dependency of torch), named by a hash of the sources, the
+compiler flags and the CPU's feature flags (``-march=native``), so a cache shared between
+machines never serves a binary built for another CPU. If anything fails, ``load()`` returns None
+after one warning and callers use their torch paths. ``HF_TUNINGFREE_NATIVE=0`` switches the
+library off (``load()`` returns None: ``"compiled"`` then runs ``torch.compile``, as on GPUs);
+the tests use it to exercise the torch paths on a machine that has a compiler.
 
 Only CPU tensors that are contiguous and fp32 or fp64 are handled here; the flag ``ok`` (False:
 a gradient somewhere was not finite; nothing is written), step sizes, step counters and learning
@@ -80,8 +99,10 @@ ADOPT, D-Adaptation and hypergradient functions' results do not depend on the nu
 
 from __future__ import annotations
 
+import array as _pyarray
 import ctypes
 import hashlib
+import operator
 import os
 import platform
 import shutil
@@ -94,235 +115,35 @@ from typing import Any
 
 import torch
 
-__all__ = ["adopt_update", "available", "dog_update", "grad_sq", "load", "sum_sq"]
+from .kernels import fast_path_accepts
 
-_SOURCE = r"""
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#define BLOCK 8192
+__all__ = [
+    "NATIVE_ENV_VAR",
+    "accepts",
+    "adopt_update",
+    "available",
+    "dog_update",
+    "grad_sq",
+    "load",
+    "sum_sq",
+]
 
-/* The blocks of a bucket: tensor k owns blocks first[k] .. first[k+1]-1 (BLOCK elements each,
-   the last one shorter); first[nt] is the number of blocks and *total the number of elements.
-   NULL if out of memory; the caller frees the array. */
-static int64_t* block_starts(int64_t nt, const int64_t* ns, int64_t* total) {
-    int64_t* first = (int64_t*)malloc((size_t)(nt + 1) * sizeof(int64_t));
-    *total = 0;
-    if (!first) return NULL;
-    first[0] = 0;
-    for (int64_t k = 0; k < nt; ++k) {
-        first[k + 1] = first[k] + (ns[k] + BLOCK - 1) / BLOCK;
-        *total += ns[k];
-    }
-    return first;
-}
 
-/* The tensor that owns block b: the largest k with first[k] <= b (empty tensors own none). */
-static inline int64_t block_owner(const int64_t* first, int64_t nt, int64_t b) {
-    int64_t lo = 0, hi = nt - 1;
-    while (lo < hi) {
-        const int64_t mid = (lo + hi + 1) / 2;
-        if (first[mid] <= b) lo = mid; else hi = mid - 1;
-    }
-    return lo;
-}
+#: The C sources of the library (package data in ``csrc/``): one translation unit per family and
+#: the header they share (the block bookkeeping of a bucket).
+C_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
+C_UNITS = ("dog_adopt.c", "dadapt.c", "hypergradient.c")
+C_HEADERS = ("blocks.h",)
 
-/* For every tensor k of a bucket, if *ok:
-     x <- x - s_k * (g + wd * x)        (s_k = steps[k * step_stride])
-     out[k] <- sum_i (x_new_i - x0_i)^2 (accumulated per block in T, then in double)
-   If !*ok nothing is written. */
-#define DOG_UPDATE(NAME, T)                                                                    \
-void NAME(int64_t ntensors, T** xs, T** gs, T** x0s, const int64_t* ns, const T* steps,        \
-          int64_t step_stride, double wd, const uint8_t* ok, double* out, int nthreads) {      \
-    if (!*ok) return;                                                                          \
-    const T w = (T)wd;                                                                         \
-    for (int64_t k = 0; k < ntensors; ++k) {                                                   \
-        T* x = xs[k]; const T* g = gs[k]; const T* x0 = x0s[k];                                \
-        const int64_t n = ns[k];                                                               \
-        const T s = steps[k * step_stride];                                                    \
-        double total = 0.0;                                                                    \
-        _Pragma("omp parallel for reduction(+:total) num_threads(nthreads) if(n > 4 * BLOCK)") \
-        for (int64_t b = 0; b < n; b += BLOCK) {                                               \
-            const int64_t e = b + BLOCK < n ? b + BLOCK : n;                                   \
-            T acc = 0;                                                                         \
-            _Pragma("omp simd reduction(+:acc)")                                               \
-            for (int64_t i = b; i < e; ++i) {                                                  \
-                const T xi = x[i];                                                             \
-                const T xn = xi - s * (g[i] + w * xi);                                         \
-                x[i] = xn;                                                                     \
-                const T d = xn - x0[i];                                                        \
-                acc += d * d;                                                                  \
-            }                                                                                  \
-            total += (double)acc;                                                              \
-        }                                                                                      \
-        out[k] = total;                                                                        \
-    }                                                                                          \
-}
 
-DOG_UPDATE(dog_update_f32, float)
-DOG_UPDATE(dog_update_f64, double)
+def c_sources() -> dict[str, str]:
+    """``{file name: text}`` of the library's C sources, read from :data:`C_DIR`."""
+    out = {}
+    for name in (*C_HEADERS, *C_UNITS):
+        with open(os.path.join(C_DIR, name), encoding="utf-8") as f:
+            out[name] = f.read()
+    return out
 
-/* For every tensor k: out[2k] <- sum g^2, out[2k+1] <- sum (g + wd * x)^2 (x is not read when
-   wd == 0). */
-#define DOG_GRAD_SQ(NAME, T)                                                                   \
-void NAME(int64_t ntensors, T** xs, T** gs, const int64_t* ns, double wd, double* out,         \
-          int nthreads) {                                                                      \
-    const T w = (T)wd;                                                                         \
-    for (int64_t k = 0; k < ntensors; ++k) {                                                   \
-        const T* x = xs[k]; const T* g = gs[k];                                                \
-        const int64_t n = ns[k];                                                               \
-        double s1 = 0.0, s2 = 0.0;                                                             \
-        if (wd == 0.0) {                                                                       \
-            _Pragma("omp parallel for reduction(+:s1) num_threads(nthreads) if(n > 4 * BLOCK)") \
-            for (int64_t b = 0; b < n; b += BLOCK) {                                           \
-                const int64_t e = b + BLOCK < n ? b + BLOCK : n;                               \
-                T acc = 0;                                                                     \
-                _Pragma("omp simd reduction(+:acc)")                                           \
-                for (int64_t i = b; i < e; ++i) acc += g[i] * g[i];                            \
-                s1 += (double)acc;                                                             \
-            }                                                                                  \
-            s2 = s1;                                                                           \
-        } else {                                                                               \
-            _Pragma("omp parallel for reduction(+:s1,s2) num_threads(nthreads) if(n > 4 * BLOCK)") \
-            for (int64_t b = 0; b < n; b += BLOCK) {                                           \
-                const int64_t e = b + BLOCK < n ? b + BLOCK : n;                               \
-                T a1 = 0, a2 = 0;                                                              \
-                _Pragma("omp simd reduction(+:a1,a2)")                                         \
-                for (int64_t i = b; i < e; ++i) {                                              \
-                    const T gi = g[i];                                                         \
-                    const T ei = gi + w * x[i];                                                \
-                    a1 += gi * gi;                                                             \
-                    a2 += ei * ei;                                                             \
-                }                                                                              \
-                s1 += (double)a1;                                                              \
-                s2 += (double)a2;                                                              \
-            }                                                                                  \
-        }                                                                                      \
-        out[2 * k] = s1;                                                                       \
-        out[2 * k + 1] = s2;                                                                   \
-    }                                                                                          \
-}
-
-DOG_GRAD_SQ(dog_grad_sq_f32, float)
-DOG_GRAD_SQ(dog_grad_sq_f64, double)
-
-/* torch's vectorised lerp (aten/src/ATen/native/cpu/LerpKernel.cpp, lerp_vec):
-   start + w (end - start) for |w| < 0.5, else end - (1 - w) (end - start), each as one fma. */
-#define LERP(FMA, start, end, w, small) \
-    ((small) ? FMA((w), (end) - (start), (start)) : FMA((w) - 1, (end) - (start), (end)))
-
-/* ADOPT (adopt.py, adopt_tensor_update), for every tensor k of a bucket, if *ok, with s_k the
-   tensor's step counter (fp32, read and incremented here):
-     g <- -g if maximize;  g <- g + cwd * x (coupled decay)
-     s_k == 0:  v <- g^2                                   (x and m unchanged)
-     s_k >= 1:  d = max(sqrt(v), eps);  v <- lerp(v, g^2, 1 - beta2)
-                u = clamp(g / d, -c, c) (c = s_k^e, or no clip);  m <- lerp(m, u, 1 - beta1)
-                x <- x - x * lr * wd (decoupled decay);  x <- x - lr * m
-     s_k <- s_k + 1
-   The scalars are formed as the torch path forms them in the tensors' dtype T (1 - beta2 as
-   1 - (T)beta2, 1 - beta1 rounded once), so both paths agree to the rounding of single ops.
-   lr is *lr_ptr when lr_ptr is not NULL (a tensor learning rate), else lr_value.
-   One parallel loop over the blocks of all tensors. If !*ok nothing is written. */
-#define ADOPT_UPDATE(NAME, T, SQRT, FMA, POW)                                                  \
-void NAME(int64_t ntensors, T** xs, T** gs, T** ms, T** vs, const int64_t* ns, float** steps,  \
-          const double* lr_ptr, double lr_value, double beta1, double beta2, double eps,       \
-          double weight_decay, double coupled_wd, double clip_exponent, int flags,             \
-          const uint8_t* ok, int nthreads) {                                                   \
-    if (!*ok || ntensors <= 0) return;                                                         \
-    const int clipped = flags & 1, maximize = flags & 2, decoupled = flags & 4;                \
-    const T lr = (T)(lr_ptr ? *lr_ptr : lr_value);                                             \
-    const T lr_wd = lr * (T)weight_decay;                                                      \
-    const T w_m = (T)(1.0 - beta1), w_v = (T)1 - (T)beta2;                                     \
-    const int small_m = w_m < (T)0.5 && w_m > (T)-0.5, small_v = w_v < (T)0.5;                 \
-    const T e = (T)eps, cwd = (T)coupled_wd;                                                   \
-    int64_t* first = (int64_t*)malloc((size_t)(ntensors + 1) * sizeof(int64_t));               \
-    T* clips = (T*)malloc((size_t)ntensors * sizeof(T));                                       \
-    if (!first || !clips) { free(first); free(clips); return; }                                \
-    int64_t total = 0;                                                                         \
-    first[0] = 0;                                                                              \
-    for (int64_t k = 0; k < ntensors; ++k) {                                                   \
-        const T s = (T)*steps[k];                                                              \
-        clips[k] = s > 0 ? (clipped ? POW(s, (T)clip_exponent) : (T)INFINITY) : (T)0;          \
-        first[k + 1] = first[k] + (ns[k] + BLOCK - 1) / BLOCK;                                 \
-        total += ns[k];                                                                        \
-    }                                                                                          \
-    const int64_t nblocks = first[ntensors];                                                   \
-    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(total > 4 * BLOCK)")   \
-    for (int64_t b = 0; b < nblocks; ++b) {                                                    \
-        const int64_t k = block_owner(first, ntensors, b);                                     \
-        const int64_t lo = (b - first[k]) * BLOCK;                                             \
-        const int64_t hi = lo + BLOCK < ns[k] ? lo + BLOCK : ns[k];                            \
-        T* restrict x = xs[k]; const T* restrict g = gs[k];                                    \
-        T* restrict m = ms[k]; T* restrict v = vs[k];                                          \
-        const T c = clips[k];                                                                  \
-        if (!(*steps[k] > 0)) {                                                                \
-            _Pragma("omp simd")                                                                \
-            for (int64_t i = lo; i < hi; ++i) {                                                \
-                T gi = maximize ? -g[i] : g[i];                                                \
-                if (cwd != 0) gi = FMA(x[i], cwd, gi);                                         \
-                v[i] = gi * gi;                                                                \
-            }                                                                                  \
-            continue;                                                                          \
-        }                                                                                      \
-        _Pragma("omp simd")                                                                    \
-        for (int64_t i = lo; i < hi; ++i) {                                                    \
-            const T xi = x[i], vi = v[i];                                                      \
-            T gi = maximize ? -g[i] : g[i];                                                    \
-            if (cwd != 0) gi = FMA(xi, cwd, gi);                                               \
-            T d = SQRT(vi);                                                                    \
-            d = d < e ? e : d;                                                                 \
-            v[i] = LERP(FMA, vi, gi * gi, w_v, small_v);                                       \
-            T u = gi / d;                                                                      \
-            u = u < -c ? -c : u;                                                               \
-            u = u > c ? c : u;                                                                 \
-            const T mi = LERP(FMA, m[i], u, w_m, small_m);                                     \
-            m[i] = mi;                                                                         \
-            T xn = decoupled ? xi - xi * lr_wd : xi;                                           \
-            x[i] = xn - mi * lr;                                                               \
-        }                                                                                      \
-    }                                                                                          \
-    for (int64_t k = 0; k < ntensors; ++k) *steps[k] += 1.0f;                                  \
-    free(first);                                                                               \
-    free(clips);                                                                               \
-}
-
-ADOPT_UPDATE(adopt_update_f32, float, sqrtf, fmaf, powf)
-ADOPT_UPDATE(adopt_update_f64, double, sqrt, fma, pow)
-
-/* *out <- sum over every tensor k and element i of g_k[i]^2: per block of BLOCK elements in T,
-   blocks added in double in a fixed order (the result does not depend on the thread count).
-   One parallel loop over the blocks of all tensors: the non-finite guard's pass. */
-#define SUM_SQ(NAME, T)                                                                        \
-void NAME(int64_t ntensors, T** gs, const int64_t* ns, double* out, int nthreads) {            \
-    *out = 0.0;                                                                                \
-    if (ntensors <= 0) return;                                                                 \
-    int64_t total;                                                                             \
-    int64_t* first = block_starts(ntensors, ns, &total);                                       \
-    if (!first) { *out = NAN; return; }                                                        \
-    const int64_t nblocks = first[ntensors];                                                   \
-    double* partial = (double*)malloc((size_t)(nblocks > 0 ? nblocks : 1) * sizeof(double));   \
-    if (!partial) { free(first); *out = NAN; return; }                                         \
-    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(total > 4 * BLOCK)")   \
-    for (int64_t b = 0; b < nblocks; ++b) {                                                    \
-        const int64_t lo_k = block_owner(first, ntensors, b);                                  \
-        const int64_t lo = (b - first[lo_k]) * BLOCK;                                          \
-        const int64_t hi = lo + BLOCK < ns[lo_k] ? lo + BLOCK : ns[lo_k];                      \
-        const T* restrict g = gs[lo_k];                                                        \
-        T acc = 0;                                                                             \
-        _Pragma("omp simd reduction(+:acc)")                                                   \
-        for (int64_t i = lo; i < hi; ++i) acc += g[i] * g[i];                                  \
-        partial[b] = (double)acc;                                                              \
-    }                                                                                          \
-    double s = 0.0;                                                                            \
-    for (int64_t b = 0; b < nblocks; ++b) s += partial[b];                                     \
-    *out = s;                                                                                  \
-    free(partial);                                                                             \
-    free(first);                                                                               \
-}
-
-SUM_SQ(sum_sq_f32, float)
-SUM_SQ(sum_sq_f64, double)
-"""
 
 # -fno-math-errno: sqrt may then be vectorised (errno is never read; torch builds with it too).
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC", "-std=c99"]
@@ -343,12 +164,29 @@ def _cpu_signature() -> str:
     return platform.processor() or platform.machine()
 
 
+#: Environment variable that switches the C library off when set to 0/false/no/off.
+NATIVE_ENV_VAR = "HF_TUNINGFREE_NATIVE"
+#: Base name of the built library (the hash of what it is built from follows).
+LIBRARY_NAME = "hf_tuningfree_cpu_kernels"
+_C_DTYPES = (torch.float32, torch.float64)
+
+
 def _cache_dir() -> str:
-    root = os.environ.get("HF_TUNINGFREE_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "hf_tuningfree"
-    )
+    """``$HF_TUNINGFREE_CACHE``, else ``$XDG_CACHE_HOME/hf_tuningfree``, else
+    ``~/.cache/hf_tuningfree`` (as :func:`hf_tuningfree.data.assets.cache_root`; not imported
+    from there, which would pull the data layer into the optimizers), created if missing."""
+    root = os.environ.get("HF_TUNINGFREE_CACHE")
+    if not root:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
+        root = os.path.join(base, "hf_tuningfree")
+    root = os.path.expanduser(root)
     os.makedirs(root, exist_ok=True)
     return root
+
+
+def enabled() -> bool:
+    """False when ``HF_TUNINGFREE_NATIVE`` is 0/false/no/off: the torch paths then run."""
+    return os.environ.get(NATIVE_ENV_VAR, "").strip().lower() not in ("0", "false", "no", "off")
 
 
 _I64, _PTR, _DBL, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double, ctypes.c_int
@@ -372,22 +210,31 @@ def _build() -> ctypes.CDLL:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise OSError("no C compiler (cc/gcc) on PATH")
-    parts = [_SOURCE, compiler, *_FLAGS, *_LIBS, _cpu_signature(), platform.machine()]
+    sources = c_sources()
+    parts = [*sources.values(), compiler, *_FLAGS, *_LIBS, _cpu_signature(), platform.machine()]
     key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
-    target = os.path.join(_cache_dir(), f"dog_kernels_{key}.so")
+    cache = _cache_dir()
+    target = os.path.join(cache, f"{LIBRARY_NAME}_{key}.so")
     if not os.path.exists(target):
-        with tempfile.TemporaryDirectory(dir=_cache_dir()) as tmp:
-            src = os.path.join(tmp, "dog_kernels.c")
-            with open(src, "w") as f:
-                f.write(_SOURCE)
-            built = os.path.join(tmp, "dog_kernels.so")
-            subprocess.run(
-                [compiler, *_FLAGS, src, "-o", built, *_LIBS],
-                check=True,
-                capture_output=True,
-                timeout=120,
-            )
-            os.replace(built, target)  # atomic: concurrent builders never see half a file
+        from filelock import FileLock  # a dependency of torch
+
+        # One builder per machine at a time; the others wait and then load its result.
+        with FileLock(target + ".lock", timeout=300):
+            if not os.path.exists(target):
+                with tempfile.TemporaryDirectory(dir=cache) as tmp:
+                    # the very sources hashed above, copied (the package may be read-only)
+                    for name, text in sources.items():
+                        with open(os.path.join(tmp, name), "w") as f:
+                            f.write(text)
+                    units = [os.path.join(tmp, name) for name in C_UNITS]
+                    built = os.path.join(tmp, f"{LIBRARY_NAME}.so")
+                    subprocess.run(
+                        [compiler, *_FLAGS, f"-I{tmp}", *units, "-o", built, *_LIBS],
+                        check=True,
+                        capture_output=True,
+                        timeout=120,
+                    )
+                    os.replace(built, target)  # atomic: a reader never sees half a file
     lib = ctypes.CDLL(target)
     for base, argtypes in _SIGNATURES.items():
         for suffix in ("_f32", "_f64"):
@@ -398,8 +245,11 @@ def _build() -> ctypes.CDLL:
 
 
 def load() -> ctypes.CDLL | None:
-    """The compiled library, built on first use; None (after one warning) if that fails."""
+    """The compiled library, built on first use; None (after one warning) if that fails, and
+    None while ``HF_TUNINGFREE_NATIVE=0`` (see :func:`enabled`)."""
     global _lib, _failed
+    if not enabled():
+        return None
     if _lib is not None or _failed:
         return _lib
     with _lock:
@@ -419,20 +269,73 @@ def load() -> ctypes.CDLL | None:
     return _lib
 
 
+def accepts(streams: Sequence[Sequence[torch.Tensor]], names: Sequence[str]) -> bool:
+    """Whether the C loops take this bucket: ``streams`` (parameters first, then gradients and
+    state, named by ``names``) pass :func:`~hf_tuningfree.optim.kernels.fast_path_accepts` for
+    fp32/fp64 CPU tensors and the library is available. A tensor whose shape differs from its
+    parameter's raises :class:`~hf_tuningfree.optim.kernels.StateShapeError`."""
+    return fast_path_accepts(streams, names, dtypes=_C_DTYPES, cpu_only=True) and load() is not None
+
+
 def available(tensors: Sequence[torch.Tensor]) -> bool:
-    """Whether ``dog_update`` handles these tensors (CPU, fp32/fp64, contiguous, one dtype)."""
-    if not tensors:
-        return False
-    dtype = tensors[0].dtype
-    return (
-        dtype in (torch.float32, torch.float64)
-        and all(t.is_cpu and t.dtype == dtype and t.is_contiguous() for t in tensors)
-        and load() is not None
-    )
+    """Whether the C loops take these tensors as one stream (CPU, fp32/fp64, contiguous, one
+    dtype): the guard's ``sum_sq`` over gradients. Buckets of parameters and their state go
+    through :func:`accepts`, which also compares every tensor with its parameter."""
+    return accepts([list(tensors)], ["tensor"])
+
+
+def _require(condition: bool, message: str) -> None:
+    """A real check (kept under ``python -O``, unlike ``assert``) of what is handed to C."""
+    if not condition:
+        raise ValueError(f"hf_tuningfree C kernels: {message}")
+
+
+def _library() -> ctypes.CDLL:
+    lib = load()
+    if lib is None:
+        raise RuntimeError(
+            "hf_tuningfree C kernels are not available (no C compiler, a failed build or "
+            f"{NATIVE_ENV_VAR}=0); check accepts(...) before calling them"
+        )
+    return lib
+
+
+_numel = torch.Tensor.numel
+_contiguous = torch.Tensor.is_contiguous
+_data_ptr = torch.Tensor.data_ptr
+_is_cpu = operator.attrgetter("is_cpu")
+_dtype_of = operator.attrgetter("dtype")
+
+
+def _checked_pointers(streams: Sequence[Sequence[torch.Tensor]]) -> list[int]:
+    """The addresses of every tensor of ``streams`` (stream-major) after the checks that keep the
+    C code inside them: every stream as long as the first, every tensor contiguous, on the CPU,
+    of the first tensor's dtype and with its parameter's (first stream's) number of elements."""
+    sizes = list(map(_numel, streams[0]))
+    dtype = streams[0][0].dtype if sizes else None
+    for j, stream in enumerate(streams):
+        _require(
+            list(map(_numel, stream)) == sizes,
+            f"stream {j} does not have its parameters' number of elements (or tensors)",
+        )
+        _require(
+            all(map(_contiguous, stream))
+            and all(map(_is_cpu, stream))
+            and {*map(_dtype_of, stream)} <= {dtype},
+            f"stream {j} holds a tensor that is not a contiguous {dtype} CPU tensor",
+        )
+    return [ptr for stream in streams for ptr in map(_data_ptr, stream)]
 
 
 def _pointers(tensors: Sequence[torch.Tensor]) -> ctypes.Array:
     return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
+
+
+def _stream_arrays(streams: Sequence[Sequence[torch.Tensor]]) -> list[ctypes.Array]:
+    """One ctypes pointer array per stream, after :func:`_checked_pointers`' checks."""
+    flat = _checked_pointers(streams)
+    n = len(streams[0])
+    return [(ctypes.c_void_p * n)(*flat[j * n : (j + 1) * n]) for j in range(len(streams))]
 
 
 def dog_update(
@@ -447,19 +350,27 @@ def dog_update(
     """``x <- x - s (g + wd x)`` and ``out[k] <- ||x_k - x0_k||^2`` for every tensor, where the
     0-dim bool ``ok`` is True; nothing is written otherwise. ``steps``: the step size of every
     tensor (1-D, the parameters' dtype) or one for all (0-dim or 1 element); ``out``: fp64, one
-    entry per tensor. Check ``available(...)`` first."""
-    lib = load()
-    assert lib is not None
+    entry per tensor. Check ``accepts(...)`` first."""
+    lib = _library()
+    if not params:
+        return
     dtype = params[0].dtype
     fn = lib.dog_update_f32 if dtype == torch.float32 else lib.dog_update_f64
-    steps = steps.to(dtype).contiguous()
-    ok_u8 = ok.to(torch.uint8).contiguous()
-    assert out.dtype == torch.float64 and out.is_contiguous() and out.numel() == len(params)
+    xs_a, gs_a, x0s_a = _stream_arrays([params, grads, x0s])
+    steps = steps.to("cpu", dtype).contiguous()
+    _require(steps.numel() in (1, len(params)), "steps: one step size, or one per tensor")
+    ok_u8 = ok.to("cpu", torch.uint8).contiguous()
+    _require(ok_u8.numel() == 1, "ok must be one flag")
+    _require(
+        out.dtype == torch.float64 and out.is_cpu and out.is_contiguous()
+        and out.numel() == len(params),
+        "out must be a contiguous fp64 CPU tensor with one entry per tensor",
+    )  # fmt: skip
     fn(
         len(params),
-        _pointers(params),
-        _pointers(grads),
-        _pointers(x0s),
+        xs_a,
+        gs_a,
+        x0s_a,
         (ctypes.c_int64 * len(params))(*[p.numel() for p in params]),
         steps.data_ptr(),
         1 if steps.numel() > 1 else 0,
@@ -477,15 +388,21 @@ def grad_sq(
     out: torch.Tensor,
 ) -> None:
     """``out[k] <- [||g_k||^2, ||g_k + wd x_k||^2]`` (``out``: fp64, shape ``(n, 2)``), one
-    reduction pass (over ``g`` only when ``weight_decay`` is 0). Check ``available(...)`` first."""
-    lib = load()
-    assert lib is not None
+    reduction pass (over ``g`` only when ``weight_decay`` is 0). Check ``accepts(...)`` first."""
+    lib = _library()
+    _require(
+        out.dtype == torch.float64 and out.is_cpu and out.is_contiguous()
+        and out.shape == (len(params), 2),
+        "out must be a contiguous fp64 CPU tensor of shape (tensors, 2)",
+    )  # fmt: skip
+    if not params:
+        return
     fn = lib.dog_grad_sq_f32 if params[0].dtype == torch.float32 else lib.dog_grad_sq_f64
-    assert out.dtype == torch.float64 and out.is_contiguous() and out.shape == (len(params), 2)
+    xs_a, gs_a = _stream_arrays([params, grads])
     fn(
         len(params),
-        _pointers(params),
-        _pointers(grads),
+        xs_a,
+        gs_a,
         (ctypes.c_int64 * len(params))(*[p.numel() for p in params]),
         float(weight_decay),
         out.data_ptr(),
@@ -498,17 +415,20 @@ def sum_sq(tensors: Sequence[torch.Tensor], out: torch.Tensor) -> None:
     back on the Python side): one pass over every tensor in one parallel loop. Per-block sums in
     the tensors' dtype, added in fp64 in a fixed order (independent of the thread count). Check
     ``available(...)`` first."""
-    lib = load()
-    assert lib is not None
-    assert out.dtype == torch.float64 and out.is_cpu and out.numel() == 1
+    lib = _library()
+    _require(
+        out.dtype == torch.float64 and out.is_cpu and out.numel() == 1 and out.is_contiguous(),
+        "out must be a one-element fp64 CPU tensor",
+    )
     n = len(tensors)
     if n == 0:
         out.zero_()
         return
     fn = lib.sum_sq_f32 if tensors[0].dtype == torch.float32 else lib.sum_sq_f64
+    (ts_a,) = _stream_arrays([tensors])
     fn(
         n,
-        _pointers(tensors),
+        ts_a,
         (ctypes.c_int64 * n)(*[t.numel() for t in tensors]),
         out.data_ptr(),
         torch.get_num_threads(),
@@ -538,24 +458,27 @@ def adopt_update(
     ``steps``: each tensor's 0-dim fp32 step counter, read (0: only ``v = g^2``) and incremented
     by the C code; ``lr``: a float or a 0-dim tensor (read from its memory in C; a CPU tensor
     avoids a device copy); ``decoupled``: AdamW-style decay ``x *= 1 - lr wd``, else ``wd x`` is
-    added to the gradient. Check ``available(...)`` first (and that ``steps`` are fp32 on CPU)."""
-    lib = load()
-    assert lib is not None
+    added to the gradient. Check ``accepts(...)`` first (and that ``steps`` are fp32 on CPU)."""
+    lib = _library()
     n = len(params)
     if n == 0:
         return
     fn = lib.adopt_update_f32 if params[0].dtype == torch.float32 else lib.adopt_update_f64
+    arrays = _stream_arrays([params, grads, exp_avgs, exp_avg_sqs])
+    _require(
+        len(steps) == n and all(s.is_cpu and s.dtype == torch.float32 and s.numel() == 1
+                                for s in steps),
+        "steps must be one fp32 CPU counter per tensor",
+    )  # fmt: skip
     lr_t = None
     if isinstance(lr, torch.Tensor):
         lr_t = lr.detach().to("cpu", torch.float64).contiguous()
-    ok_u8 = ok if ok.dtype in (torch.bool, torch.uint8) else ok.to(torch.uint8)
+        _require(lr_t.numel() == 1, "lr must be one number")
+    ok_u8 = _ok_flag(ok)
     flags = (clip_exponent is not None) | (maximize << 1) | ((decoupled and weight_decay != 0) << 2)
     fn(
         n,
-        _pointers(params),
-        _pointers(grads),
-        _pointers(exp_avgs),
-        _pointers(exp_avg_sqs),
+        *arrays,
         (ctypes.c_int64 * n)(*[p.numel() for p in params]),
         _pointers(steps),
         None if lr_t is None else lr_t.data_ptr(),
@@ -575,512 +498,9 @@ def adopt_update(
 # --- D-Adaptation and Prodigy ---------------------------------------------------------------
 # The kernels of ``hf_tuningfree.optim.dadapt`` (DAdaptSGD, DAdaptAdam, DAdaptAdaGrad) and
 # ``hf_tuningfree.optim.prodigy``: per optimizer a read-only statistics pass and an update pass,
-# each ONE call per bucket. Their C source is appended to ``_SOURCE`` here (it is compiled into
-# the same library; the hash that names the library covers it).
+# each ONE call per bucket. Their C source is ``csrc/dadapt.c`` (compiled into the same library;
+# the hash that names the library covers it).
 
-import array as _pyarray  # noqa: E402  (here to keep this section self-contained)
-
-_DADAPT_SOURCE = r"""
-/* ---- D-Adaptation and Prodigy --------------------------------------------------------------
-   Every kernel takes the tensors of one bucket as ``ptrs``, stream-major: ptrs[j * nt + k] is
-   stream j (x, g, then the pass's state tensors) of tensor k; ``ns[k]`` its number of elements;
-   ``sc`` the pass's float coefficients (fp64, read from tensor memory, rounded to T here as the
-   torch path rounds them to the tensors' dtype); ``flags``: 1 maximize, 2 coupled weight decay,
-   4 averaged (AdaGrad's momentum). The elementwise expressions follow the per-element torch
-   functions operation by operation (no contraction into fma: ISO C mode), so the two paths
-   differ only where torch's vectorised sqrt rounds differently.
-
-   All tensors are split into blocks of BLOCK elements, shared among the threads in one parallel
-   loop. A statistics kernel writes each block's sums (accumulated in double) to its own slot and
-   adds the slots in block order afterwards: the sums do not depend on the thread count. An update
-   kernel returns before writing anything when *ok is 0. Each block runs a loop specialised for
-   its flags (DA_DISPATCH: constant flags leave no branch in the loop, which then vectorises). */
-
-typedef void (*da_stats_fn)(void* const*, int64_t, int64_t, int64_t, int64_t, const double*,
-                            int, double*);
-typedef void (*da_update_fn)(void* const*, int64_t, int64_t, int64_t, int64_t, const double*,
-                             int);
-
-static void da_run_stats(int64_t nt, void* const* ptrs, const int64_t* ns, const double* sc,
-                         int flags, double* out, int nsums, int nthreads, da_stats_fn fn) {
-    for (int j = 0; j < nsums; ++j) out[j] = 0.0;
-    if (nt <= 0) return;
-    int64_t total = 0;
-    int64_t* first = block_starts(nt, ns, &total);
-    const int64_t nblocks = first ? first[nt] : 0;
-    double* partial = first ? (double*)malloc((size_t)(nblocks > 0 ? nblocks : 1) * nsums
-                                              * sizeof(double)) : NULL;
-    if (!partial) {                    /* out of memory: NaN sums make the step a skipped one */
-        for (int j = 0; j < nsums; ++j) out[j] = NAN;
-        free(first);
-        return;
-    }
-    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(total > 4 * BLOCK)")
-    for (int64_t b = 0; b < nblocks; ++b) {
-        const int64_t k = block_owner(first, nt, b);
-        const int64_t lo = (b - first[k]) * BLOCK;
-        const int64_t hi = lo + BLOCK < ns[k] ? lo + BLOCK : ns[k];
-        fn(ptrs, nt, k, lo, hi, sc, flags, partial + b * nsums);
-    }
-    for (int64_t b = 0; b < nblocks; ++b)
-        for (int j = 0; j < nsums; ++j) out[j] += partial[b * nsums + j];
-    free(partial);
-    free(first);
-}
-
-static void da_run_update(int64_t nt, void* const* ptrs, const int64_t* ns, const double* sc,
-                          int flags, const uint8_t* ok, int nthreads, da_update_fn fn) {
-    if (!*ok || nt <= 0) return;
-    int64_t total = 0;
-    int64_t* first = block_starts(nt, ns, &total);
-    if (!first) return;                /* (cannot happen in practice: nt + 1 integers) */
-    const int64_t nblocks = first[nt];
-    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(total > 4 * BLOCK)")
-    for (int64_t b = 0; b < nblocks; ++b) {
-        const int64_t k = block_owner(first, nt, b);
-        const int64_t lo = (b - first[k]) * BLOCK;
-        const int64_t hi = lo + BLOCK < ns[k] ? lo + BLOCK : ns[k];
-        fn(ptrs, nt, k, lo, hi, sc, flags);
-    }
-    free(first);
-}
-
-#define DA_INLINE static inline __attribute__((always_inline))
-#define DA_STREAM(T, j) ((T*)p[(j) * nt + k])
-/* effective_grad: g' = -g if maximize; g' + cwd * x if coupled (x read only then) */
-#define DA_GRAD(T, gi, graw, xval)                                                              \
-    T gi = maximize ? -(graw) : (graw);                                                         \
-    if (coupled) gi = gi + cwd * (xval);
-/* BODY(..., maximize, coupled) with both flags as constants */
-#define DA_DISPATCH(BODY, ...)                                                                  \
-    switch (flags & 3) {                                                                        \
-    case 0: BODY(__VA_ARGS__, 0, 0); break;                                                     \
-    case 1: BODY(__VA_ARGS__, 1, 0); break;                                                     \
-    case 2: BODY(__VA_ARGS__, 0, 1); break;                                                     \
-    default: BODY(__VA_ARGS__, 1, 1); break;                                                    \
-    }
-#define DA_STATS_ARGS void* const* p, int64_t nt, int64_t k, int64_t lo, int64_t hi,            \
-                      const double* sc, int flags, double* acc, const int maximize,             \
-                      const int coupled
-#define DA_UPDATE_ARGS void* const* p, int64_t nt, int64_t k, int64_t lo, int64_t hi,           \
-                       const double* sc, int flags, const int maximize, const int coupled
-#define DA_KERNELS(NAME, NSUMS)                                                                 \
-static void NAME##_block(void* const* p, int64_t nt, int64_t k, int64_t lo, int64_t hi,         \
-                         const double* sc, int flags, double* acc) {                            \
-    DA_DISPATCH(NAME##_body, p, nt, k, lo, hi, sc, flags, acc)                                  \
-}                                                                                               \
-void NAME(int64_t nt, void* const* ptrs, const int64_t* ns, const double* sc, int flags,        \
-          double* out, int nthreads) {                                                          \
-    da_run_stats(nt, ptrs, ns, sc, flags, out, NSUMS, nthreads, NAME##_block);                  \
-}
-/* a fused kernel: the statistics of the state before the step and the update in one sweep;
-   nothing written and zero sums when !*ok */
-#define DA_FUSED_KERNEL(NAME, NSUMS)                                                            \
-static void NAME##_block(void* const* p, int64_t nt, int64_t k, int64_t lo, int64_t hi,         \
-                         const double* sc, int flags, double* acc) {                            \
-    DA_DISPATCH(NAME##_body, p, nt, k, lo, hi, sc, flags, acc)                                  \
-}                                                                                               \
-void NAME(int64_t nt, void* const* ptrs, const int64_t* ns, const double* sc, int flags,        \
-          const uint8_t* ok, double* out, int nthreads) {                                       \
-    if (!*ok) {                                                                                 \
-        for (int j = 0; j < NSUMS; ++j) out[j] = 0.0;                                           \
-        return;                                                                                 \
-    }                                                                                           \
-    da_run_stats(nt, ptrs, ns, sc, flags, out, NSUMS, nthreads, NAME##_block);                  \
-}
-#define DA_UPDATE_KERNEL(NAME)                                                                  \
-static void NAME##_block(void* const* p, int64_t nt, int64_t k, int64_t lo, int64_t hi,         \
-                         const double* sc, int flags) {                                         \
-    DA_DISPATCH(NAME##_body, p, nt, k, lo, hi, sc, flags)                                       \
-}                                                                                               \
-void NAME(int64_t nt, void* const* ptrs, const int64_t* ns, const double* sc, int flags,        \
-          const uint8_t* ok, int nthreads) {                                                    \
-    da_run_update(nt, ptrs, ns, sc, flags, ok, nthreads, NAME##_block);                         \
-}
-
-/* DAdaptAdam statistics (dadapt_adam_statistics); streams x, g, v, s; sc: cwd, eps, dlr, c_s.
-   sums: ||g||^2, <g', s / (sqrt(v) + eps)>, ||s + c_s (dlr g' - s)||_1 */
-#define DA_ADAM_STATS(NAME, T, SQRT, ABS)                                                       \
-DA_INLINE void NAME##_body(DA_STATS_ARGS) {                                                     \
-    const T* restrict x = DA_STREAM(T, 0); const T* restrict g = DA_STREAM(T, 1);               \
-    const T* restrict v = DA_STREAM(T, 2); const T* restrict s = DA_STREAM(T, 3);               \
-    const T cwd = (T)sc[0], eps = (T)sc[1], dlr = (T)sc[2], cs = (T)sc[3];                      \
-    double a0 = 0.0, a1 = 0.0, a2 = 0.0;                                                        \
-    _Pragma("omp simd reduction(+:a0,a1,a2)")                                                   \
-    for (int64_t i = lo; i < hi; ++i) {                                                         \
-        const T gr = g[i];                                                                      \
-        DA_GRAD(T, gi, gr, x[i])                                                                \
-        const T si = s[i];                                                                      \
-        const T sn = si + cs * (dlr * gi - si);                                                 \
-        a0 += (double)(gr * gr);                                                                \
-        a1 += (double)(gi * si / (SQRT(v[i]) + eps));                                           \
-        a2 += (double)ABS(sn);                                                                  \
-    }                                                                                           \
-    acc[0] = a0; acc[1] = a1; acc[2] = a2;                                                      \
-}                                                                                               \
-DA_KERNELS(NAME, 3)
-
-/* DAdaptAdam update (dadapt_adam_tensor_update); streams x, g, m, v, s;
-   sc: dlr, cwd, decay, c_m, c_v, c_s, on (1 when ok; unused), eps */
-#define DA_ADAM_UPDATE(NAME, T, SQRT)                                                           \
-DA_INLINE void NAME##_body(DA_UPDATE_ARGS) {                                                    \
-    T* restrict x = DA_STREAM(T, 0); const T* restrict g = DA_STREAM(T, 1);                     \
-    T* restrict m = DA_STREAM(T, 2); T* restrict v = DA_STREAM(T, 3);                           \
-    T* restrict s = DA_STREAM(T, 4);                                                            \
-    const T dlr = (T)sc[0], cwd = (T)sc[1], decay = (T)sc[2], cm = (T)sc[3], cv = (T)sc[4];     \
-    const T cs = (T)sc[5], eps = (T)sc[7];                                                      \
-    _Pragma("omp simd")                                                                         \
-    for (int64_t i = lo; i < hi; ++i) {                                                         \
-        const T xi = x[i];                                                                      \
-        DA_GRAD(T, gi, g[i], xi)                                                                \
-        const T dg = dlr * gi;                                                                  \
-        T mi = m[i], vi = v[i], si = s[i];                                                      \
-        mi = mi + cm * (dg - mi);                                                               \
-        vi = vi + cv * (gi * gi - vi);                                                          \
-        si = si + cs * (dg - si);                                                               \
-        x[i] = xi - decay * xi - mi / (SQRT(vi) + eps);                                         \
-        m[i] = mi; v[i] = vi; s[i] = si;                                                        \
-    }                                                                                           \
-}                                                                                               \
-DA_UPDATE_KERNEL(NAME)
-
-/* Prodigy statistics (prodigy_statistics); streams x, g, s, x0; sc: cwd, s_weight, c_s.
-   sums: ||g||^2, <g', x0 - x>, ||s + c_s s + s_weight g'||_1 */
-#define DA_PRODIGY_STATS(NAME, T, ABS)                                                          \
-DA_INLINE void NAME##_body(DA_STATS_ARGS) {                                                     \
-    const T* restrict x = DA_STREAM(T, 0); const T* restrict g = DA_STREAM(T, 1);               \
-    const T* restrict s = DA_STREAM(T, 2); const T* restrict x0 = DA_STREAM(T, 3);              \
-    const T cwd = (T)sc[0], sw = (T)sc[1], cs = (T)sc[2];                                       \
-    double a0 = 0.0, a1 = 0.0, a2 = 0.0;                                                        \
-    _Pragma("omp simd reduction(+:a0,a1,a2)")                                                   \
-    for (int64_t i = lo; i < hi; ++i) {                                                         \
-        const T gr = g[i], xi = x[i];                                                           \
-        DA_GRAD(T, gi, gr, xi)                                                                  \
-        const T si = s[i];                                                                      \
-        const T sn = si + cs * si + sw * gi;                                                    \
-        a0 += (double)(gr * gr);                                                                \
-        a1 += (double)(gi * (x0[i] - xi));                                                      \
-        a2 += (double)ABS(sn);                                                                  \
-    }                                                                                           \
-    acc[0] = a0; acc[1] = a1; acc[2] = a2;                                                      \
-}                                                                                               \
-DA_KERNELS(NAME, 3)
-
-/* Prodigy update (prodigy_tensor_update); streams x, g, m, v, s;
-   sc: d, dlr, s_weight, cwd, decay, c_m, c_v, c_s, d * eps */
-#define DA_PRODIGY_UPDATE(NAME, T, SQRT)                                                        \
-DA_INLINE void NAME##_body(DA_UPDATE_ARGS) {                                                    \
-    T* restrict x = DA_STREAM(T, 0); const T* restrict g = DA_STREAM(T, 1);                     \
-    T* restrict m = DA_STREAM(T, 2); T* restrict v = DA_STREAM(T, 3);                           \
-    T* restrict s = DA_STREAM(T, 4);                                                            \
-    const T d = (T)sc[0], dlr = (T)sc[1], sw = (T)sc[2], cwd = (T)sc[3], decay = (T)sc[4];      \
-    const T cm = (T)sc[5], cv = (T)sc[6], cs = (T)sc[7], deps = (T)sc[8];                       \
-    _Pragma("omp simd")                                                                         \
-    for (int64_t i = lo; i < hi; ++i) {                                                         \
-        const T xi = x[i];                                                                      \
-        DA_GRAD(T, gi, g[i], xi)                                                                \
-        const T dg = d * gi;                                                                    \
-        T mi = m[i], vi = v[i], si = s[i];                                                      \
-        mi = mi + cm * (dg - mi);                                                               \
-        vi = vi + cv * (dg * dg - vi);                                                          \
-        si = si + cs * si + sw * gi;                                                            \
-        x[i] = xi - decay * xi - dlr * (mi / (SQRT(vi) + deps));                                \
-        m[i] = mi; v[i] = vi; s[i] = si;                                                        \
-    }                                                                                           \
-}                                                                                               \
-DA_UPDATE_KERNEL(NAME)
-
-DA_ADAM_STATS(dadapt_adam_stats_f32, float, sqrtf, fabsf)
-DA_ADAM_STATS(dadapt_adam_stats_f64, double, sqrt, fabs)
-DA_ADAM_UPDATE(dadapt_adam_update_f32, float, sqrtf)
-DA_ADAM_UPDATE(dadapt_adam_update_f64, double, sqrt)
-DA_PRODIGY_STATS(prodigy_stats_f32, float, fabsf)
-DA_PRODIGY_STATS(prodigy_stats_f64, double, fabs)
-DA_PRODIGY_UPDATE(prodigy_update_f32, float, sqrtf)
-DA_PRODIGY_UPDATE(prodigy_update_f64, double, sqrt)
-/* DAdaptSGD statistics (dadapt_sgd_statistics); streams x, g, s; sc: cwd, lam.
-   sums: ||g||^2, <g', s>, ||s + lam g'||^2, ||g'||^2 */
-#define DA_SGD_STATS(NAME, T)                                                                   \
-DA_INLINE void NAME##_body(DA_STATS_ARGS) {                                                     \
-    const T* restrict x = DA_STREAM(T, 0); const T* restrict g = DA_STREAM(T, 1);               \
-    const T* restrict s = DA_STREAM(T, 2);                                                      \
-    const T cwd = (T)sc[0], lam = (T)sc[1];                                                     \
-    double a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0;                                              \
-    _Pragma("omp simd reduction(+:a0,a1,a2,a3)")                                                \
-    for (int64_t i = lo; i < hi; ++i) {                                                         \
-        const T gr = g[i];                                                                      \
-        DA_GRAD(T, gi, gr, x[i])                                                                \
-        const T si = s[i];                                                                      \
-        const T sn = si + lam * gi;                                                             \
-        a0 += (double)(gr * gr);                                                                \
-        a1 += (double)(gi * si);                                                                \
-        a2 += (double)(sn * sn);                                                                \
-        a3 += (double)(gi * gi);                                                                \
-    }                                                                                           \
-    acc[0] = a0; acc[1] = a1; acc[2] = a2; acc[3] = a3;                                         \
-}                                                                                               \
-DA_KERNELS(NAME, 4)
-
-/* DAdaptSGD update without momentum (dadapt_sgd_tensor_update); streams x, g, s;
-   sc: lam, cwd, decay */
-#define DA_SGD_UPDATE(NAME, T)                                                                  \
-DA_INLINE void NAME##_body(DA_UPDATE_ARGS) {                                                    \
-    T* restrict x = DA_STREAM(T, 0); const T* restrict g = DA_STREAM(T, 1);                     \
-    T* restrict s = DA_STREAM(T, 2);                                                            \
-    const T lam = (T)sc[0], cwd = (T)sc[1], decay = (T)sc[2];                                   \
-    _Pragma("omp simd")                                                                         \
-    for (int64_t i = lo; i < hi; ++i) {                                                         \
-        const T xi = x[i];                                                                      \
-        DA_GRAD(T, gi, g[i], xi)                                                                \
-        x[i] = xi - decay * xi - lam * gi;                                                      \
-        s[i] = s[i] + lam * gi;                                                                 \
-    }                                                                                           \
-}                                                                                               \
-DA_UPDATE_KERNEL(NAME)
-
-/* DAdaptSGD update with momentum (dadapt_sgd_momentum_tensor_update); streams x, g, s, z;
-   sc: lam, cwd, decay, average (1 - momentum) */
-#define DA_SGD_MOMENTUM_UPDATE(NAME, T)                                                         \
-DA_INLINE void NAME##_body(DA_UPDATE_ARGS) {                                                    \
-    T* restrict x = DA_STREAM(T, 0); const T* restrict g = DA_STREAM(T, 1);                     \
-    T* restrict s = DA_STREAM(T, 2); T* restrict z = DA_STREAM(T, 3);                           \
-    const T lam = (T)sc[0], cwd = (T)sc[1], decay = (T)sc[2], average = (T)sc[3];               \
-    _Pragma("omp simd")                                                                         \
-    for (int64_t i = lo; i < hi; ++i) {                                                         \
-        const T xi = x[i], zi = z[i];                                                           \
-        DA_GRAD(T, gi, g[i], xi)                                                                \
-        const T zz = zi - decay * zi - lam * gi;                                                \
-        x[i] = xi + average * (zz - xi);                                                        \
-        s[i] = s[i] + lam * gi;                                                                 \
-        z[i] = zz;                                                                              \
-    }                                                                                           \
-}                                                                                               \
-DA_UPDATE_KERNEL(NAME)
-
-DA_SGD_STATS(dadapt_sgd_stats_f32, float)
-DA_SGD_STATS(dadapt_sgd_stats_f64, double)
-DA_SGD_UPDATE(dadapt_sgd_update_f32, float)
-DA_SGD_UPDATE(dadapt_sgd_update_f64, double)
-DA_SGD_MOMENTUM_UPDATE(dadapt_sgd_momentum_update_f32, float)
-DA_SGD_MOMENTUM_UPDATE(dadapt_sgd_momentum_update_f64, double)
-/* DAdaptAdaGrad statistics (dadapt_adagrad_statistics); streams x, g, alpha, s;
-   sc: cwd, dlr, eps. sums: ||g||^2, the numerator's change
-   (s^2 + 2 dlr g' s) / (sqrt(alpha + g'^2) + eps) - s^2 / (sqrt(alpha) + eps), and the change of
-   ||s||_1, |s + dlr g'| - |s| */
-#define DA_ADAGRAD_STATS(NAME, T, SQRT, ABS)                                                    \
-DA_INLINE void NAME##_body(DA_STATS_ARGS) {                                                     \
-    const T* restrict x = DA_STREAM(T, 0); const T* restrict g = DA_STREAM(T, 1);               \
-    const T* restrict alpha = DA_STREAM(T, 2); const T* restrict s = DA_STREAM(T, 3);           \
-    const T cwd = (T)sc[0], dlr = (T)sc[1], eps = (T)sc[2];                                     \
-    double a0 = 0.0, a1 = 0.0, a2 = 0.0;                                                        \
-    _Pragma("omp simd reduction(+:a0,a1,a2)")                                                   \
-    for (int64_t i = lo; i < hi; ++i) {                                                         \
-        const T gr = g[i];                                                                      \
-        DA_GRAD(T, gi, gr, x[i])                                                                \
-        const T a = alpha[i], si = s[i];                                                        \
-        const T w_old = SQRT(a) + eps;                                                          \
-        const T w_new = SQRT(a + gi * gi) + eps;                                                \
-        const T dg = dlr * gi;                                                                  \
-        const T s_sq = si * si;                                                                 \
-        a0 += (double)(gr * gr);                                                                \
-        a1 += (double)((s_sq + (T)2 * dg * si) / w_new - s_sq / w_old);                         \
-        a2 += (double)(ABS(si + dg) - ABS(si));                                                 \
-    }                                                                                           \
-    acc[0] = a0; acc[1] = a1; acc[2] = a2;                                                      \
-}                                                                                               \
-DA_KERNELS(NAME, 3)
-
-/* DAdaptAdaGrad update (dadapt_adagrad_tensor_update); streams x, g, alpha, s, x0;
-   sc: dlr, cwd, average (1 - momentum), eps; flag 4: averaged (momentum > 0) */
-#define DA_ADAGRAD_UPDATE(NAME, T, SQRT)                                                        \
-DA_INLINE void NAME##_body(DA_UPDATE_ARGS) {                                                    \
-    T* restrict x = DA_STREAM(T, 0); const T* restrict g = DA_STREAM(T, 1);                     \
-    T* restrict alpha = DA_STREAM(T, 2); T* restrict s = DA_STREAM(T, 3);                       \
-    const T* restrict x0 = DA_STREAM(T, 4);                                                     \
-    const T dlr = (T)sc[0], cwd = (T)sc[1], average = (T)sc[2], eps = (T)sc[3];                 \
-    const int averaged = flags & 4;                                                             \
-    _Pragma("omp simd")                                                                         \
-    for (int64_t i = lo; i < hi; ++i) {                                                         \
-        const T xi = x[i];                                                                      \
-        DA_GRAD(T, gi, g[i], xi)                                                                \
-        const T a_new = alpha[i] + gi * gi;                                                     \
-        const T s_new = s[i] + dlr * gi;                                                        \
-        const T z = x0[i] - s_new / (SQRT(a_new) + eps);                                        \
-        x[i] = averaged ? xi + average * (z - xi) : z;                                          \
-        alpha[i] = a_new; s[i] = s_new;                                                         \
-    }                                                                                           \
-}                                                                                               \
-DA_UPDATE_KERNEL(NAME)
-
-DA_ADAGRAD_STATS(dadapt_adagrad_stats_f32, float, sqrtf, fabsf)
-DA_ADAGRAD_STATS(dadapt_adagrad_stats_f64, double, sqrt, fabs)
-DA_ADAGRAD_UPDATE(dadapt_adagrad_update_f32, float, sqrtf)
-DA_ADAGRAD_UPDATE(dadapt_adagrad_update_f64, double, sqrt)
-/* DAdaptAdam fused (statistics and update); streams x, g, m, v, s; the update's coefficients.
-   Sums as dadapt_adam_stats but ||g||^2; its s_{k+1} is the update's (the same coefficients when
-   ok). */
-#define DA_ADAM_FUSED(NAME, T, SQRT, ABS)                                                       \
-DA_INLINE void NAME##_body(DA_STATS_ARGS) {                                                     \
-    T* restrict x = DA_STREAM(T, 0); const T* restrict g = DA_STREAM(T, 1);                     \
-    T* restrict m = DA_STREAM(T, 2); T* restrict v = DA_STREAM(T, 3);                           \
-    T* restrict s = DA_STREAM(T, 4);                                                            \
-    const T dlr = (T)sc[0], cwd = (T)sc[1], decay = (T)sc[2], cm = (T)sc[3], cv = (T)sc[4];     \
-    const T cs = (T)sc[5], eps = (T)sc[7];                                                      \
-    double a1 = 0.0, a2 = 0.0;                                                                  \
-    _Pragma("omp simd reduction(+:a1,a2)")                                                      \
-    for (int64_t i = lo; i < hi; ++i) {                                                         \
-        const T xi = x[i];                                                                      \
-        DA_GRAD(T, gi, g[i], xi)                                                                \
-        const T dg = dlr * gi;                                                                  \
-        T mi = m[i], vi = v[i], si = s[i];                                                      \
-        a1 += (double)(gi * si / (SQRT(vi) + eps));                                             \
-        mi = mi + cm * (dg - mi);                                                               \
-        vi = vi + cv * (gi * gi - vi);                                                          \
-        si = si + cs * (dg - si);                                                               \
-        a2 += (double)ABS(si);                                                                  \
-        x[i] = xi - decay * xi - mi / (SQRT(vi) + eps);                                         \
-        m[i] = mi; v[i] = vi; s[i] = si;                                                        \
-    }                                                                                           \
-    acc[0] = a1; acc[1] = a2;                                                                   \
-}                                                                                               \
-DA_FUSED_KERNEL(NAME, 2)
-
-DA_ADAM_FUSED(dadapt_adam_fused_f32, float, sqrtf, fabsf)
-DA_ADAM_FUSED(dadapt_adam_fused_f64, double, sqrt, fabs)
-/* Prodigy fused; streams x, g, m, v, s, x0; the update's coefficients. Sums as
-   prodigy_stats but ||g||^2: <g', x0 - x> of the x before the step, ||s_{k+1}||_1 of the
-   update's s. */
-#define DA_PRODIGY_FUSED(NAME, T, SQRT, ABS)                                                    \
-DA_INLINE void NAME##_body(DA_STATS_ARGS) {                                                     \
-    T* restrict x = DA_STREAM(T, 0); const T* restrict g = DA_STREAM(T, 1);                     \
-    T* restrict m = DA_STREAM(T, 2); T* restrict v = DA_STREAM(T, 3);                           \
-    T* restrict s = DA_STREAM(T, 4); const T* restrict x0 = DA_STREAM(T, 5);                    \
-    const T d = (T)sc[0], dlr = (T)sc[1], sw = (T)sc[2], cwd = (T)sc[3], decay = (T)sc[4];      \
-    const T cm = (T)sc[5], cv = (T)sc[6], cs = (T)sc[7], deps = (T)sc[8];                       \
-    double a1 = 0.0, a2 = 0.0;                                                                  \
-    _Pragma("omp simd reduction(+:a1,a2)")                                                      \
-    for (int64_t i = lo; i < hi; ++i) {                                                         \
-        const T xi = x[i];                                                                      \
-        DA_GRAD(T, gi, g[i], xi)                                                                \
-        a1 += (double)(gi * (x0[i] - xi));                                                      \
-        const T dg = d * gi;                                                                    \
-        T mi = m[i], vi = v[i], si = s[i];                                                      \
-        mi = mi + cm * (dg - mi);                                                               \
-        vi = vi + cv * (dg * dg - vi);                                                          \
-        si = si + cs * si + sw * gi;                                                            \
-        a2 += (double)ABS(si);                                                                  \
-        x[i] = xi - decay * xi - dlr * (mi / (SQRT(vi) + deps));                                \
-        m[i] = mi; v[i] = vi; s[i] = si;                                                        \
-    }                                                                                           \
-    acc[0] = a1; acc[1] = a2;                                                                   \
-}                                                                                               \
-DA_FUSED_KERNEL(NAME, 2)
-
-/* DAdaptSGD fused, without momentum; streams x, g, s; the update's coefficients (lam, cwd,
-   decay). Sums as dadapt_sgd_stats but ||g||^2. */
-#define DA_SGD_FUSED(NAME, T)                                                                   \
-DA_INLINE void NAME##_body(DA_STATS_ARGS) {                                                     \
-    T* restrict x = DA_STREAM(T, 0); const T* restrict g = DA_STREAM(T, 1);                     \
-    T* restrict s = DA_STREAM(T, 2);                                                            \
-    const T lam = (T)sc[0], cwd = (T)sc[1], decay = (T)sc[2];                                   \
-    double a1 = 0.0, a2 = 0.0, a3 = 0.0;                                                        \
-    _Pragma("omp simd reduction(+:a1,a2,a3)")                                                   \
-    for (int64_t i = lo; i < hi; ++i) {                                                         \
-        const T xi = x[i];                                                                      \
-        DA_GRAD(T, gi, g[i], xi)                                                                \
-        const T si = s[i];                                                                      \
-        const T sn = si + lam * gi;                                                             \
-        a1 += (double)(gi * si);                                                                \
-        a2 += (double)(sn * sn);                                                                \
-        a3 += (double)(gi * gi);                                                                \
-        x[i] = xi - decay * xi - lam * gi;                                                      \
-        s[i] = sn;                                                                              \
-    }                                                                                           \
-    acc[0] = a1; acc[1] = a2; acc[2] = a3;                                                      \
-}                                                                                               \
-DA_FUSED_KERNEL(NAME, 3)
-
-/* DAdaptSGD fused, with momentum; streams x, g, s, z; coefficients lam, cwd, decay, average. */
-#define DA_SGD_MOMENTUM_FUSED(NAME, T)                                                          \
-DA_INLINE void NAME##_body(DA_STATS_ARGS) {                                                     \
-    T* restrict x = DA_STREAM(T, 0); const T* restrict g = DA_STREAM(T, 1);                     \
-    T* restrict s = DA_STREAM(T, 2); T* restrict z = DA_STREAM(T, 3);                           \
-    const T lam = (T)sc[0], cwd = (T)sc[1], decay = (T)sc[2], average = (T)sc[3];               \
-    double a1 = 0.0, a2 = 0.0, a3 = 0.0;                                                        \
-    _Pragma("omp simd reduction(+:a1,a2,a3)")                                                   \
-    for (int64_t i = lo; i < hi; ++i) {                                                         \
-        const T xi = x[i], zi = z[i];                                                           \
-        DA_GRAD(T, gi, g[i], xi)                                                                \
-        const T si = s[i];                                                                      \
-        const T sn = si + lam * gi;                                                             \
-        a1 += (double)(gi * si);                                                                \
-        a2 += (double)(sn * sn);                                                                \
-        a3 += (double)(gi * gi);                                                                \
-        const T zz = zi - decay * zi - lam * gi;                                                \
-        x[i] = xi + average * (zz - xi);                                                        \
-        s[i] = sn;                                                                              \
-        z[i] = zz;                                                                              \
-    }                                                                                           \
-    acc[0] = a1; acc[1] = a2; acc[2] = a3;                                                      \
-}                                                                                               \
-DA_FUSED_KERNEL(NAME, 3)
-
-/* DAdaptAdaGrad fused; streams x, g, alpha, s, x0; coefficients dlr, cwd, average, eps; flag 4
-   averaged. Sums as dadapt_adagrad_stats but ||g||^2 (its sqrt(alpha + g'^2) is the update's). */
-#define DA_ADAGRAD_FUSED(NAME, T, SQRT, ABS)                                                    \
-DA_INLINE void NAME##_body(DA_STATS_ARGS) {                                                     \
-    T* restrict x = DA_STREAM(T, 0); const T* restrict g = DA_STREAM(T, 1);                     \
-    T* restrict alpha = DA_STREAM(T, 2); T* restrict s = DA_STREAM(T, 3);                       \
-    const T* restrict x0 = DA_STREAM(T, 4);                                                     \
-    const T dlr = (T)sc[0], cwd = (T)sc[1], average = (T)sc[2], eps = (T)sc[3];                 \
-    const int averaged = flags & 4;                                                             \
-    double a1 = 0.0, a2 = 0.0;                                                                  \
-    _Pragma("omp simd reduction(+:a1,a2)")                                                      \
-    for (int64_t i = lo; i < hi; ++i) {                                                         \
-        const T xi = x[i];                                                                      \
-        DA_GRAD(T, gi, g[i], xi)                                                                \
-        const T a = alpha[i], si = s[i];                                                        \
-        const T a_new = a + gi * gi;                                                            \
-        const T w_old = SQRT(a) + eps;                                                          \
-        const T w_new = SQRT(a_new) + eps;                                                      \
-        const T dg = dlr * gi;                                                                  \
-        const T s_sq = si * si;                                                                 \
-        const T s_new = si + dg;                                                                \
-        a1 += (double)((s_sq + (T)2 * dg * si) / w_new - s_sq / w_old);                         \
-        a2 += (double)(ABS(s_new) - ABS(si));                                                   \
-        const T z = x0[i] - s_new / w_new;                                                      \
-        x[i] = averaged ? xi + average * (z - xi) : z;                                          \
-        alpha[i] = a_new; s[i] = s_new;                                                         \
-    }                                                                                           \
-    acc[0] = a1; acc[1] = a2;                                                                   \
-}                                                                                               \
-DA_FUSED_KERNEL(NAME, 2)
-
-DA_PRODIGY_FUSED(prodigy_fused_f32, float, sqrtf, fabsf)
-DA_PRODIGY_FUSED(prodigy_fused_f64, double, sqrt, fabs)
-DA_SGD_FUSED(dadapt_sgd_fused_f32, float)
-DA_SGD_FUSED(dadapt_sgd_fused_f64, double)
-DA_SGD_MOMENTUM_FUSED(dadapt_sgd_momentum_fused_f32, float)
-DA_SGD_MOMENTUM_FUSED(dadapt_sgd_momentum_fused_f64, double)
-DA_ADAGRAD_FUSED(dadapt_adagrad_fused_f32, float, sqrtf, fabsf)
-DA_ADAGRAD_FUSED(dadapt_adagrad_fused_f64, double, sqrt, fabs)
-/* The guard of a fused step: ||g||^2 (accumulated in double like the statistics kernels' sums);
-   streams g; no coefficients. */
-#define DA_GRAD_SQ(NAME, T)                                                                     \
-DA_INLINE void NAME##_body(DA_STATS_ARGS) {                                                     \
-    const T* restrict g = DA_STREAM(T, 0);                                                      \
-    double a0 = 0.0;                                                                            \
-    _Pragma("omp simd reduction(+:a0)")                                                         \
-    for (int64_t i = lo; i < hi; ++i) a0 += (double)(g[i] * g[i]);                              \
-    acc[0] = a0;                                                                                \
-}                                                                                               \
-DA_KERNELS(NAME, 1)
-
-DA_GRAD_SQ(dadapt_grad_sq_f32, float)
-DA_GRAD_SQ(dadapt_grad_sq_f64, double)
-"""
-
-_SOURCE += _DADAPT_SOURCE
 
 #: The D-Adaptation/Prodigy kernels: name -> (number of tensor streams, number of float
 #: coefficients, number of sums, whether it reads ``ok``). ``*_stats``: a read-only statistics
@@ -1143,27 +563,36 @@ def dadapt_kernel(
 
     ``streams``: ``[params, grads, *state lists]`` in the order of the per-element function's
     arguments (a fused kernel: the update's, then any state only the statistics read; equal
-    lengths, one dtype, contiguous CPU tensors: check ``available`` first); ``coefficients``: the
+    lengths, one dtype, contiguous CPU tensors: check ``accepts`` first); ``coefficients``: the
     pass's float coefficients, in the order of its 0-dim tensor arguments (``ok`` left out), as a
     1-D fp64 CPU tensor, read by the C code from its memory. A statistics or fused kernel writes
     its sums into ``out`` (fp64, one entry each, accumulated in double, the same bits for any
     thread count); an update or fused kernel reads the 0-dim bool ``ok`` from memory and writes
     nothing when it is False (a fused kernel then writes zero sums)."""
-    lib = load()
-    assert lib is not None
+    lib = _library()
     nstreams, ncoef, nsums, takes_ok = DADAPT_KERNELS[name]
-    assert len(streams) == nstreams, (name, len(streams))
-    assert coefficients.dtype == torch.float64 and coefficients.is_cpu
-    assert coefficients.is_contiguous() and coefficients.numel() == ncoef, name
+    _require(len(streams) == nstreams, f"{name} takes {nstreams} tensor lists, got {len(streams)}")
+    _require(
+        coefficients.dtype == torch.float64 and coefficients.is_cpu
+        and coefficients.is_contiguous() and coefficients.numel() == ncoef,
+        f"{name} takes its {ncoef} coefficients as a contiguous 1-D fp64 CPU tensor",
+    )  # fmt: skip
     n = len(streams[0])
     targets = []
     if takes_ok:
-        assert ok is not None and ok.is_cpu and ok.dtype in (torch.bool, torch.uint8)
-        targets.append(ok.data_ptr())
+        _require(
+            ok is not None and ok.is_cpu and ok.dtype in (torch.bool, torch.uint8)
+            and ok.numel() == 1,
+            f"{name} reads ok: a one-element bool CPU tensor",
+        )  # fmt: skip
+        targets.append(ok.data_ptr())  # type: ignore[union-attr]
     if nsums:
-        assert out is not None and out.dtype == torch.float64 and out.is_cpu
-        assert out.is_contiguous() and out.numel() == nsums
-        targets.append(out.data_ptr())
+        _require(
+            out is not None and out.dtype == torch.float64 and out.is_cpu
+            and out.is_contiguous() and out.numel() == nsums,
+            f"{name} writes {nsums} sums into a contiguous fp64 CPU tensor",
+        )  # fmt: skip
+        targets.append(out.data_ptr())  # type: ignore[union-attr]
     if n == 0:
         if nsums:
             out.zero_()  # type: ignore[union-attr]
@@ -1171,7 +600,7 @@ def dadapt_kernel(
     suffix = "_f32" if streams[0][0].dtype == torch.float32 else "_f64"
     fn = _dadapt_fn(lib, name + suffix, takes_ok and nsums > 0)
     # array.array: built about twice as fast as a ctypes array from 700 Python ints
-    pointers = _pyarray.array("q", [t.data_ptr() for s in streams for t in s])
+    pointers = _pyarray.array("q", _checked_pointers(streams))
     numels = _pyarray.array("q", [t.numel() for t in streams[0]])
     fn(
         n,
@@ -1190,356 +619,8 @@ __all__ += ["DADAPT_KERNELS", "dadapt_kernel"]
 # --- hypergradient optimizers
 # HyperSGD, HyperAdam, HyperAdaGrad, HyperRMSProp (hypergradient.py): the read-only pass that
 # forms the hypergradient's dot products (and is the non-finite check), then the base update.
-# The C source is appended to the library's (one .so); the functions are declared on first use.
-
-_HYPER_SOURCE = r"""
-/* ======================= hypergradient optimizers (hypergradient.py) ======================= */
-
-/* A 0-dim tensor of the hyper dtype H (fp64 if f64, else fp32), and the scalar arithmetic the
-   torch path does on such tensors, rounded in H (the result is then cast to the tensors' T). */
-static inline double hg_read(const void* p, int f64) {
-    return f64 ? *(const double*)p : (double)*(const float*)p;
-}
-static inline double hg_sub(double a, double b, int f64) {
-    return f64 ? a - b : (double)((float)a - (float)b);
-}
-static inline double hg_mul(double a, double b, int f64) {
-    return f64 ? a * b : (double)((float)a * (float)b);
-}
-
-/* Per-block partial sums (nd per block) -> per-tensor sums out[k * nd + j], blocks in order. */
-static void hg_gather(int64_t nt, int64_t nd, const int64_t* first, const double* partial,
-                      double* out) {
-    for (int64_t k = 0; k < nt; ++k)
-        for (int64_t j = 0; j < nd; ++j) {
-            double s = 0.0;
-            for (int64_t b = first[k]; b < first[k + 1]; ++b) s += partial[b * nd + j];
-            out[k * nd + j] = s;
-        }
-}
-
-/* out[k * nd + j] <- sum_i g_k[i] * D_kj[i] for j < nd (ds tensor-major: ds[k * nd + j]), the
-   stored derivatives of the last update (SGD: buf, buf_prev; AdaGrad, RMSProp: direction,
-   d_decay). Products and sums in double, per block; the blocks of a tensor are added in a fixed
-   order, so the result does not depend on the thread count. A NaN/Inf anywhere in g makes its
-   tensor's sum NaN/Inf (0 * Inf is NaN): the non-finite check. */
-#define HG_DIRECTION_DOTS(NAME, T)                                                             \
-void NAME(int64_t nt, T** gs, T** ds, int64_t nd, const int64_t* ns, double* out,              \
-          int nthreads) {                                                                      \
-    if (nt <= 0) return;                                                                       \
-    int64_t total;                                                                             \
-    int64_t* first = block_starts(nt, ns, &total);                                             \
-    const int64_t nb = first ? first[nt] : 0;                                                  \
-    double* partial = first ? (double*)malloc((size_t)(nb * nd + 1) * sizeof(double)) : NULL;  \
-    if (!partial) {                                                                            \
-        for (int64_t q = 0; q < nt * nd; ++q) out[q] = NAN;                                    \
-        free(first);                                                                           \
-        return;                                                                                \
-    }                                                                                          \
-    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(total > 4 * BLOCK)")   \
-    for (int64_t b = 0; b < nb; ++b) {                                                         \
-        const int64_t k = block_owner(first, nt, b);                                           \
-        const int64_t lo = (b - first[k]) * BLOCK;                                             \
-        const int64_t hi = lo + BLOCK < ns[k] ? lo + BLOCK : ns[k];                            \
-        const T* restrict g = gs[k];                                                           \
-        const T* restrict d0 = ds[k * nd];                                                     \
-        double a0 = 0.0, a1 = 0.0;                                                             \
-        if (nd == 1) {                                                                         \
-            _Pragma("omp simd reduction(+:a0)")                                                \
-            for (int64_t i = lo; i < hi; ++i) a0 += (double)g[i] * (double)d0[i];              \
-        } else {                   /* one loop: all three streams in flight at once */         \
-            const T* restrict d1 = ds[k * nd + 1];                                             \
-            _Pragma("omp simd reduction(+:a0, a1)")                                            \
-            for (int64_t i = lo; i < hi; ++i) {                                                \
-                const double gi = (double)g[i];                                                \
-                a0 += gi * (double)d0[i];                                                      \
-                a1 += gi * (double)d1[i];                                                      \
-            }                                                                                  \
-            partial[b * nd + 1] = a1;                                                          \
-        }                                                                                      \
-        partial[b * nd] = a0;                                                                  \
-    }                                                                                          \
-    hg_gather(nt, nd, first, partial, out);                                                    \
-    free(partial);                                                                             \
-    free(first);                                                                               \
-}
-
-HG_DIRECTION_DOTS(hg_direction_dots_f32, float)
-HG_DIRECTION_DOTS(hg_direction_dots_f64, double)
-
-/* Adam's step-size dot (hypergradient.py, _adam_dots) for every tensor k, with s_k its step
-   count (fp32 state, the updates so far) and, where s_k > 0, bc1 = 1 - beta1^s_k,
-   bc2 = 1 - beta2^s_k (else 1), in T as _adam_scalars forms them:
-     out[k * nd]     <- (sum_i g_i * m_i / (sqrt(v_i) * (1 / sqrt(bc2)) + eps)) * (1 / bc1)
-     out[k * nd + 1] <- sum_i g_i * x_i               (nd = 2: decoupled weight decay, xs != NULL)
-   The direction is formed in T, products and sums in double (per block, fixed order). */
-#define HG_ADAM_DOTS(NAME, T, SQRT, POW)                                                       \
-void NAME(int64_t nt, T** gs, T** ms, T** vs, T** xs, const int64_t* ns, float** steps,        \
-          double beta1, double beta2, double eps, double* out, int nthreads) {                 \
-    if (nt <= 0) return;                                                                       \
-    const int64_t nd = xs ? 2 : 1;                                                             \
-    int64_t total;                                                                             \
-    int64_t* first = block_starts(nt, ns, &total);                                             \
-    const int64_t nb = first ? first[nt] : 0;                                                  \
-    double* partial = first ? (double*)malloc((size_t)(nb * nd + 1) * sizeof(double)) : NULL;  \
-    T* inv = (T*)malloc((size_t)(2 * nt) * sizeof(T));                                         \
-    if (!partial || !inv) {                                                                    \
-        for (int64_t q = 0; q < nt * nd; ++q) out[q] = NAN;                                    \
-        free(first); free(partial); free(inv);                                                 \
-        return;                                                                                \
-    }                                                                                          \
-    for (int64_t k = 0; k < nt; ++k) {                                                         \
-        const T s = (T)*steps[k];                                                              \
-        T bc1 = 1, bc2 = 1;                                                                    \
-        if (s > 0) {                                                                           \
-            bc1 = (T)1 - POW((T)beta1, s);                                                     \
-            bc2 = (T)1 - POW((T)beta2, s);                                                     \
-        }                                                                                      \
-        inv[2 * k] = (T)1 / bc1;                                                               \
-        inv[2 * k + 1] = (T)1 / SQRT(bc2);                                                     \
-    }                                                                                          \
-    const T e = (T)eps;                                                                        \
-    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(total > 4 * BLOCK)")   \
-    for (int64_t b = 0; b < nb; ++b) {                                                         \
-        const int64_t k = block_owner(first, nt, b);                                           \
-        const int64_t lo = (b - first[k]) * BLOCK;                                             \
-        const int64_t hi = lo + BLOCK < ns[k] ? lo + BLOCK : ns[k];                            \
-        const T* restrict g = gs[k];                                                           \
-        const T* restrict m = ms[k];                                                           \
-        const T* restrict v = vs[k];                                                           \
-        const T c = inv[2 * k + 1];                                                            \
-        double acc = 0.0, ax = 0.0;                                                            \
-        if (!xs) {                                                                             \
-            _Pragma("omp simd reduction(+:acc)")                                               \
-            for (int64_t i = lo; i < hi; ++i) {                                                \
-                const T d = m[i] / (SQRT(v[i]) * c + e);                                       \
-                acc += (double)g[i] * (double)d;                                               \
-            }                                                                                  \
-        } else {                                                                               \
-            const T* restrict x = xs[k];                                                       \
-            _Pragma("omp simd reduction(+:acc, ax)")                                           \
-            for (int64_t i = lo; i < hi; ++i) {                                                \
-                const T d = m[i] / (SQRT(v[i]) * c + e);                                       \
-                const double gi = (double)g[i];                                                \
-                acc += gi * (double)d;                                                         \
-                ax += gi * (double)x[i];                                                       \
-            }                                                                                  \
-            partial[b * nd + 1] = ax;                                                          \
-        }                                                                                      \
-        partial[b * nd] = acc;                                                                 \
-    }                                                                                          \
-    hg_gather(nt, nd, first, partial, out);                                                    \
-    for (int64_t k = 0; k < nt; ++k) out[k * nd] *= (double)inv[2 * k];                        \
-    free(inv);                                                                                 \
-    free(partial);                                                                             \
-    free(first);                                                                               \
-}
-
-HG_ADAM_DOTS(hg_adam_dots_f32, float, sqrtf, powf)
-HG_ADAM_DOTS(hg_adam_dots_f64, double, sqrt, pow)
-
-/* The updates below run only where *ok (else nothing is written), in one parallel loop over
-   the blocks of every tensor of the bucket, with the per-element code's order of operations
-   (hypergradient.py, _sgd_update / _adam_update / _adagrad_update / _rmsprop_update) and its
-   roundings: scalars that the torch path forms from 0-dim tensors of the hyper dtype H
-   (lr, momentum, decay, 1 - beta, lr * wd) are formed in H, then cast to T; Python floats
-   (weight decay, eps) are cast to T. No fma contraction (-std=c99: -ffp-contract=off).
-   flags: 1 maximize (g <- -g), 2 decoupled weight decay (Adam). The coupled L2 term is
-   g <- g + wd * x. */
-
-/* SGD (torch's, dampening 0): buf_new = mu * buf + g;  x <- x - lr * buf_new;
-   prev <- buf (learned momentum: d buf / d mu) when prevs != NULL. lr, mu: 0-dim H tensors. */
-#define HG_SGD_UPDATE(NAME, T)                                                                 \
-void NAME(int64_t nt, T** xs, T** gs, T** bufs, T** prevs, const int64_t* ns,                  \
-          const void* lr_ptr, const void* mu_ptr, int f64, double wd, int flags,               \
-          const uint8_t* ok, int nthreads) {                                                   \
-    if (!*ok || nt <= 0) return;                                                               \
-    const int maximize = flags & 1;                                                            \
-    const T lr = (T)hg_read(lr_ptr, f64), mu = (T)hg_read(mu_ptr, f64), w = (T)wd;             \
-    int64_t total;                                                                             \
-    int64_t* first = block_starts(nt, ns, &total);                                             \
-    if (!first) return;                                                                        \
-    const int64_t nb = first[nt];                                                              \
-    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(total > 4 * BLOCK)")   \
-    for (int64_t b = 0; b < nb; ++b) {                                                         \
-        const int64_t k = block_owner(first, nt, b);                                           \
-        const int64_t lo = (b - first[k]) * BLOCK;                                             \
-        const int64_t hi = lo + BLOCK < ns[k] ? lo + BLOCK : ns[k];                            \
-        T* restrict x = xs[k]; const T* restrict g = gs[k]; T* restrict buf = bufs[k];         \
-        if (prevs) {                                                                           \
-            T* restrict prev = prevs[k];                                                       \
-            _Pragma("omp simd")                                                                \
-            for (int64_t i = lo; i < hi; ++i) {                                                \
-                const T xi = x[i], bo = buf[i];                                                \
-                T gi = maximize ? -g[i] : g[i];                                                \
-                if (wd != 0.0) gi = gi + w * xi;                                               \
-                const T bn = mu * bo + gi;                                                     \
-                x[i] = xi - lr * bn;                                                           \
-                prev[i] = bo;                                                                  \
-                buf[i] = bn;                                                                   \
-            }                                                                                  \
-        } else {                                                                               \
-            _Pragma("omp simd")                                                                \
-            for (int64_t i = lo; i < hi; ++i) {                                                \
-                const T xi = x[i];                                                             \
-                T gi = maximize ? -g[i] : g[i];                                                \
-                if (wd != 0.0) gi = gi + w * xi;                                               \
-                const T bn = mu * buf[i] + gi;                                                 \
-                x[i] = xi - lr * bn;                                                           \
-                buf[i] = bn;                                                                   \
-            }                                                                                  \
-        }                                                                                      \
-    }                                                                                          \
-    free(first);                                                                               \
-}
-
-HG_SGD_UPDATE(hg_sgd_update_f32, float)
-HG_SGD_UPDATE(hg_sgd_update_f64, double)
-
-/* Adam / AdamW (torch's formulation) with fixed betas; s_k the tensor's step counter (fp32,
-   read here and incremented after the update), bc = 1 - beta^(s_k + 1) in T:
-     m_new = m + (1 - beta1) * (g - m);   v_new = beta2 * v + (1 - beta2) * g^2
-     x <- x - (lr * wd) * x (decoupled)
-     x <- x - lr * ((m_new / bc1) / (sqrt(v_new / bc2) + eps)) */
-#define HG_ADAM_UPDATE(NAME, T, SQRT, POW)                                                     \
-void NAME(int64_t nt, T** xs, T** gs, T** ms, T** vs, const int64_t* ns, float** steps,        \
-          const void* lr_ptr, int f64, double beta1, double beta2, double eps, double wd,      \
-          int flags, const uint8_t* ok, int nthreads) {                                        \
-    if (!*ok || nt <= 0) return;                                                               \
-    const int maximize = flags & 1, decoupled = flags & 2;                                     \
-    const double lr_h = hg_read(lr_ptr, f64);                                                  \
-    const T lr = (T)lr_h, lr_wd = (T)hg_mul(lr_h, wd, f64);                                    \
-    const T w1 = (T)hg_sub(1.0, beta1, f64), w2 = (T)hg_sub(1.0, beta2, f64);                  \
-    const T b2 = (T)beta2, e = (T)eps, cwd = (T)wd;                                            \
-    const int coupled = !decoupled && wd != 0.0, decay = decoupled && wd != 0.0;               \
-    int64_t total;                                                                             \
-    int64_t* first = block_starts(nt, ns, &total);                                             \
-    T* bc = (T*)malloc((size_t)(2 * nt) * sizeof(T));                                          \
-    if (!first || !bc) { free(first); free(bc); return; }                                      \
-    for (int64_t k = 0; k < nt; ++k) {                                                         \
-        const T s1 = (T)*steps[k] + (T)1;                                                      \
-        bc[2 * k] = (T)1 - POW((T)beta1, s1);                                                  \
-        bc[2 * k + 1] = (T)1 - POW((T)beta2, s1);                                              \
-    }                                                                                          \
-    const int64_t nb = first[nt];                                                              \
-    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(total > 4 * BLOCK)")   \
-    for (int64_t b = 0; b < nb; ++b) {                                                         \
-        const int64_t k = block_owner(first, nt, b);                                           \
-        const int64_t lo = (b - first[k]) * BLOCK;                                             \
-        const int64_t hi = lo + BLOCK < ns[k] ? lo + BLOCK : ns[k];                            \
-        T* restrict x = xs[k]; const T* restrict g = gs[k];                                    \
-        T* restrict m = ms[k]; T* restrict v = vs[k];                                          \
-        const T c1 = bc[2 * k], c2 = bc[2 * k + 1];                                            \
-        _Pragma("omp simd")                                                                    \
-        for (int64_t i = lo; i < hi; ++i) {                                                    \
-            T xi = x[i];                                                                       \
-            const T mo = m[i], vo = v[i];                                                      \
-            T gi = maximize ? -g[i] : g[i];                                                    \
-            if (coupled) gi = gi + cwd * xi;                                                   \
-            const T mn = mo + w1 * (gi - mo);                                                  \
-            const T vn = b2 * vo + w2 * (gi * gi);                                             \
-            const T den = SQRT(vn / c2) + e;                                                   \
-            const T mh = mn / c1;                                                              \
-            if (decay) xi = xi - lr_wd * xi;                                                   \
-            x[i] = xi - lr * (mh / den);                                                       \
-            m[i] = mn;                                                                         \
-            v[i] = vn;                                                                         \
-        }                                                                                      \
-    }                                                                                          \
-    for (int64_t k = 0; k < nt; ++k) *steps[k] += 1.0f;                                        \
-    free(bc);                                                                                  \
-    free(first);                                                                               \
-}
-
-HG_ADAM_UPDATE(hg_adam_update_f32, float, sqrtf, powf)
-HG_ADAM_UPDATE(hg_adam_update_f64, double, sqrt, pow)
-
-/* AdaGrad (torch's, no lr decay): G_new = G + g^2;  d = g / (sqrt(G_new) + eps);  x <- x - lr * d;
-   direction <- d when dirs != NULL (learned step size). */
-#define HG_ADAGRAD_UPDATE(NAME, T, SQRT)                                                       \
-void NAME(int64_t nt, T** xs, T** gs, T** sums, T** dirs, const int64_t* ns,                   \
-          const void* lr_ptr, int f64, double eps, double wd, int flags, const uint8_t* ok,    \
-          int nthreads) {                                                                      \
-    if (!*ok || nt <= 0) return;                                                               \
-    const int maximize = flags & 1;                                                            \
-    const T lr = (T)hg_read(lr_ptr, f64), e = (T)eps, w = (T)wd;                               \
-    int64_t total;                                                                             \
-    int64_t* first = block_starts(nt, ns, &total);                                             \
-    if (!first) return;                                                                        \
-    const int64_t nb = first[nt];                                                              \
-    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(total > 4 * BLOCK)")   \
-    for (int64_t b = 0; b < nb; ++b) {                                                         \
-        const int64_t k = block_owner(first, nt, b);                                           \
-        const int64_t lo = (b - first[k]) * BLOCK;                                             \
-        const int64_t hi = lo + BLOCK < ns[k] ? lo + BLOCK : ns[k];                            \
-        T* restrict x = xs[k]; const T* restrict g = gs[k]; T* restrict a = sums[k];           \
-        T* restrict dir = dirs ? dirs[k] : NULL;                                               \
-        _Pragma("omp simd")                                                                    \
-        for (int64_t i = lo; i < hi; ++i) {                                                    \
-            const T xi = x[i];                                                                 \
-            T gi = maximize ? -g[i] : g[i];                                                    \
-            if (wd != 0.0) gi = gi + w * xi;                                                   \
-            const T an = a[i] + gi * gi;                                                       \
-            const T d = gi / (SQRT(an) + e);                                                   \
-            x[i] = xi - lr * d;                                                                \
-            a[i] = an;                                                                         \
-            if (dir) dir[i] = d;                                                               \
-        }                                                                                      \
-    }                                                                                          \
-    free(first);                                                                               \
-}
-
-HG_ADAGRAD_UPDATE(hg_adagrad_update_f32, float, sqrtf)
-HG_ADAGRAD_UPDATE(hg_adagrad_update_f64, double, sqrt)
-
-/* RMSProp (torch's, no momentum, not centered), rho a 0-dim H tensor:
-     v_new = rho * v + (1 - rho) * g^2;  d = g / (sqrt(v_new) + eps);  x <- x - lr * d
-   direction <- d (dirs != NULL); d_decay <- -(g / den^2) * (v - g^2) / (2 sqrt(v_new)), 0 where
-   sqrt(v_new) == 0 (dds != NULL, learned decay). */
-#define HG_RMSPROP_UPDATE(NAME, T, SQRT)                                                       \
-void NAME(int64_t nt, T** xs, T** gs, T** sqs, T** dirs, T** dds, const int64_t* ns,           \
-          const void* lr_ptr, const void* rho_ptr, int f64, double eps, double wd, int flags,  \
-          const uint8_t* ok, int nthreads) {                                                   \
-    if (!*ok || nt <= 0) return;                                                               \
-    const int maximize = flags & 1;                                                            \
-    const double rho_h = hg_read(rho_ptr, f64);                                                \
-    const T lr = (T)hg_read(lr_ptr, f64), rho = (T)rho_h, w_v = (T)hg_sub(1.0, rho_h, f64);    \
-    const T e = (T)eps, w = (T)wd;                                                             \
-    int64_t total;                                                                             \
-    int64_t* first = block_starts(nt, ns, &total);                                             \
-    if (!first) return;                                                                        \
-    const int64_t nb = first[nt];                                                              \
-    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(total > 4 * BLOCK)")   \
-    for (int64_t b = 0; b < nb; ++b) {                                                         \
-        const int64_t k = block_owner(first, nt, b);                                           \
-        const int64_t lo = (b - first[k]) * BLOCK;                                             \
-        const int64_t hi = lo + BLOCK < ns[k] ? lo + BLOCK : ns[k];                            \
-        T* restrict x = xs[k]; const T* restrict g = gs[k]; T* restrict sq = sqs[k];           \
-        T* restrict dir = dirs ? dirs[k] : NULL;                                               \
-        T* restrict dd = dds ? dds[k] : NULL;                                                  \
-        _Pragma("omp simd")                                                                    \
-        for (int64_t i = lo; i < hi; ++i) {                                                    \
-            const T xi = x[i], vo = sq[i];                                                     \
-            T gi = maximize ? -g[i] : g[i];                                                    \
-            if (wd != 0.0) gi = gi + w * xi;                                                   \
-            const T vn = rho * vo + w_v * (gi * gi);                                           \
-            const T sv = SQRT(vn);                                                             \
-            const T den = sv + e;                                                              \
-            const T d = gi / den;                                                              \
-            x[i] = xi - lr * d;                                                                \
-            if (dir) dir[i] = d;                                                               \
-            if (dd) dd[i] = sv > 0 ? -(gi / (den * den)) * (vo - gi * gi) / ((T)2 * sv) : (T)0; \
-            sq[i] = vn;                                                                        \
-        }                                                                                      \
-    }                                                                                          \
-    free(first);                                                                               \
-}
-
-HG_RMSPROP_UPDATE(hg_rmsprop_update_f32, float, sqrtf)
-HG_RMSPROP_UPDATE(hg_rmsprop_update_f64, double, sqrt)
-"""
-
-_SOURCE += _HYPER_SOURCE
+# The C source is ``csrc/hypergradient.c`` (in the same .so); the functions are declared on
+# first use.
 
 
 def _hyper_argtypes() -> dict[str, list]:
@@ -1592,34 +673,35 @@ Tensors = Sequence[torch.Tensor] | Addresses
 
 
 def hyper_addresses(
-    lists: Sequence[Sequence[torch.Tensor]], counters: Sequence[Sequence[torch.Tensor]] = ()
+    lists: Sequence[Sequence[torch.Tensor]],
+    counters: Sequence[Sequence[torch.Tensor]] = (),
+    names: Sequence[str] | None = None,
 ) -> list[Addresses] | None:
     """Check a bucket for the C path and take its addresses, in one pass over its tensors.
 
-    ``lists``: parallel lists (parameters first, then gradients and state) whose tensors must be
-    CPU, contiguous, of one dtype (fp32 or fp64) and of the first list's sizes; ``counters``:
-    lists of 0-dim fp32 CPU tensors (step counters). Returns one ``Addresses`` per list
-    (``lists`` then ``counters``), or None if the C path cannot take them or the library is
-    unavailable."""
-    if not lists or not lists[0] or load() is None:
+    ``lists``: parallel lists (parameters first, then gradients and state, named by ``names``
+    in errors) that must pass :func:`accepts`; ``counters``: lists of 0-dim fp32 CPU tensors
+    (step counters). Returns one ``Addresses`` per list (``lists`` then ``counters``), or None if
+    the C path cannot take them or the library is unavailable; a tensor whose shape differs from
+    its parameter's raises :class:`~hf_tuningfree.optim.kernels.StateShapeError`."""
+    if not lists or not lists[0]:
+        return None
+    if names is None:
+        names = ["param", "grad", *(f"state list {j}" for j in range(2, len(lists)))]
+        names = names[: len(lists)]
+    if not accepts(lists, names):
         return None
     dtype = lists[0][0].dtype
-    if dtype not in (torch.float32, torch.float64):
-        return None
-    sizes = [t.numel() for t in lists[0]]
+    sizes = list(map(_numel, lists[0]))
     numels = (ctypes.c_int64 * len(sizes))(*sizes)
     out = []
     for tensors in lists:
-        if len(tensors) != len(sizes):
-            return None
-        ptrs = []
-        for t, n in zip(tensors, sizes, strict=True):
-            if not (t.is_cpu and t.dtype == dtype and t.is_contiguous() and t.numel() == n):
-                return None
-            ptrs.append(t.data_ptr())
-        out.append(Addresses(tensors, (ctypes.c_void_p * len(ptrs))(*ptrs), numels, dtype))
+        array = (ctypes.c_void_p * len(sizes))(*[t.data_ptr() for t in tensors])
+        out.append(Addresses(tensors, array, numels, dtype))
     for tensors in counters:
         ptrs = []
+        if len(tensors) != len(sizes):
+            return None
         for t in tensors:
             if not (t.is_cpu and t.dtype == torch.float32 and t.numel() == 1):
                 return None
@@ -1631,8 +713,7 @@ def hyper_addresses(
 
 def _hyper_fn(name: str, dtype: torch.dtype) -> ctypes._CFuncPtr:
     """The ``_f32``/``_f64`` variant of a hypergradient kernel, its types declared once."""
-    lib = load()
-    assert lib is not None
+    lib = _library()
     fn = getattr(lib, f"{name}_{'f64' if dtype == torch.float64 else 'f32'}")
     if fn.argtypes is None:
         fn.restype = None
@@ -1644,26 +725,56 @@ def _dtype(tensors: Tensors) -> torch.dtype:
     return tensors.dtype if isinstance(tensors, Addresses) else tensors[0].dtype
 
 
-def _array(tensors: Tensors | None) -> ctypes.Array | None:
-    if tensors is None:
-        return None
-    return tensors.array if isinstance(tensors, Addresses) else _pointers(tensors)
-
-
-def _numels(tensors: Tensors) -> ctypes.Array:
-    if isinstance(tensors, Addresses) and tensors.numels is not None:
-        return tensors.numels
-    return (ctypes.c_int64 * len(tensors))(*[t.numel() for t in tensors])
+def _bucket_arrays(*lists: Tensors | None) -> tuple[list[ctypes.Array | None], ctypes.Array]:
+    """The pointer arrays of a kernel's tensor arguments (None stays None) and the element counts
+    of the first. ``Addresses`` (checked by ``hyper_addresses``) are used as they are; plain
+    lists go through :func:`_checked_pointers` with the others, so that a direct call cannot hand
+    C a tensor shorter than its parameter or a strided one."""
+    present = [t for t in lists if t is not None]
+    n = len(present[0])
+    _require(all(len(t) == n for t in present), "every tensor list must be as long as the first")
+    if all(isinstance(t, Addresses) for t in present) and present[0].numels is not None:
+        return [None if t is None else t.array for t in lists], present[0].numels  # type: ignore[union-attr]
+    plain = [t.tensors if isinstance(t, Addresses) else t for t in present]
+    arrays = iter(_stream_arrays(plain))
+    numels = (ctypes.c_int64 * n)(*map(_numel, plain[0]))
+    return [None if t is None else next(arrays) for t in lists], numels
 
 
 def _hyper_scalar(t: torch.Tensor) -> int:
     """Address of a 0-dim fp32/fp64 CPU tensor (a learned hyperparameter, read by the C code)."""
-    assert t.is_cpu and t.numel() == 1 and t.dtype in (torch.float32, torch.float64)
+    _require(
+        t.is_cpu and t.numel() == 1 and t.dtype in (torch.float32, torch.float64),
+        "a learned hyperparameter must be a one-element fp32/fp64 CPU tensor",
+    )
     return t.data_ptr()
 
 
+def _counters(steps: Tensors, n: int) -> ctypes.Array:
+    """The addresses of ``n`` fp32 CPU step counters (checked unless taken by
+    ``hyper_addresses``)."""
+    if isinstance(steps, Addresses):
+        _require(len(steps) == n and steps.dtype == torch.float32, "one fp32 counter per tensor")
+        return steps.array
+    _require(
+        len(steps) == n and all(s.is_cpu and s.dtype == torch.float32 and s.numel() == 1
+                                for s in steps),
+        "steps must be one fp32 CPU counter per tensor",
+    )  # fmt: skip
+    return _pointers(steps)
+
+
+def _out_check(out: torch.Tensor, shape: tuple[int, int]) -> None:
+    _require(
+        out.dtype == torch.float64 and out.is_cpu and out.is_contiguous() and out.shape == shape,
+        f"out must be a contiguous fp64 CPU tensor of shape {shape}",
+    )
+
+
 def _ok_flag(ok: torch.Tensor) -> torch.Tensor:
-    return ok if ok.dtype in (torch.bool, torch.uint8) else ok.to(torch.uint8)
+    flag = ok if ok.dtype in (torch.bool, torch.uint8) else ok.to(torch.uint8)
+    _require(flag.is_cpu and flag.numel() == 1, "ok must be one flag on the CPU")
+    return flag
 
 
 def hyper_direction_dots(grads: Tensors, stored: Sequence[Tensors], out: torch.Tensor) -> None:
@@ -1672,18 +783,18 @@ def hyper_direction_dots(grads: Tensors, stored: Sequence[Tensors], out: torch.T
     all gradients. ``out``: fp64 CPU, shape ``(len(grads), len(stored))``. Products and sums in
     fp64, per block of ``BLOCK`` elements, added in a fixed order (independent of the thread
     count); a NaN/Inf gradient element makes its tensor's entries NaN/Inf. Lists of tensors or
-    their ``Addresses``; check ``available(...)`` (or take ``hyper_addresses``) first."""
+    their ``Addresses``; check ``accepts(...)`` (or take ``hyper_addresses``) first."""
     n, nd = len(grads), len(stored)
-    assert nd in (1, 2) and out.dtype == torch.float64 and out.is_contiguous()
-    assert out.shape == (n, nd)
+    _require(nd in (1, 2), "one or two lists of stored derivatives")
+    _out_check(out, (n, nd))
     if n == 0:
         return
-    arrays = [_array(d) for d in stored]
+    (g_a, *arrays), numels = _bucket_arrays(grads, *stored)
     ds = arrays[0] if nd == 1 else (ctypes.c_void_p * (2 * n))()
     if nd == 2:  # tensor-major: ds[2k + j]
         ds[0::2], ds[1::2] = arrays[0], arrays[1]
     _hyper_fn("hg_direction_dots", _dtype(grads))(
-        n, _array(grads), ds, nd, _numels(grads), out.data_ptr(), torch.get_num_threads()
+        n, g_a, ds, nd, numels, out.data_ptr(), torch.get_num_threads()
     )
 
 
@@ -1703,16 +814,15 @@ def hyper_adam_dots(
     size and fixed betas), one parallel pass: ``out[k, 0] <- <g, mhat / (sqrt(vhat) + eps)>`` of
     the last update (bias corrections from the fp32 step counters ``steps``, read in C) and, when
     ``params`` is given, ``out[k, 1] <- <g, x>``. ``out``: fp64 CPU, ``(len(grads), 1 or 2)``.
-    Check ``available(...)`` first (and that ``steps`` are fp32 CPU tensors)."""
+    Check ``accepts(...)`` first (and that ``steps`` are fp32 CPU tensors)."""
     n = len(grads)
-    assert out.dtype == torch.float64 and out.is_contiguous()
-    assert out.shape == (n, 1 if params is None else 2)
+    _out_check(out, (n, 1 if params is None else 2))
     if n == 0:
         return
+    arrays, numels = _bucket_arrays(grads, exp_avgs, exp_avg_sqs, params)
     _hyper_fn("hg_adam_dots", _dtype(grads))(
-        n, _array(grads), _array(exp_avgs), _array(exp_avg_sqs), _array(params), _numels(grads),
-        _array(steps), float(beta1), float(beta2), float(eps), out.data_ptr(),
-        torch.get_num_threads(),
+        n, *arrays, numels, _counters(steps, n), float(beta1), float(beta2), float(eps),
+        out.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
 
 
@@ -1731,16 +841,16 @@ def hyper_sgd_update(
     """HyperSGD's update (``_sgd_update``) of every tensor of a bucket where the 0-dim bool
     ``ok`` is True: ``buf <- momentum buf + (g + wd x)``, ``x <- x - lr buf`` (and ``prev <-``
     the old ``buf`` when ``prevs`` is given: learned momentum). ``lr``, ``momentum``: 0-dim CPU
-    tensors of one dtype, read from memory by the C code. Check ``available(...)`` first."""
+    tensors of one dtype, read from memory by the C code. Check ``accepts(...)`` first."""
     n = len(params)
     if n == 0:
         return
-    assert lr.dtype == momentum.dtype
+    _require(lr.dtype == momentum.dtype, "lr and momentum must have one dtype")
+    arrays, numels = _bucket_arrays(params, grads, bufs, prevs)
     _hyper_fn("hg_sgd_update", _dtype(params))(
-        n, _array(params), _array(grads), _array(bufs), _array(prevs), _numels(params),
-        _hyper_scalar(lr), _hyper_scalar(momentum), int(lr.dtype == torch.float64),
-        float(weight_decay), int(bool(maximize)), _ok_flag(ok).data_ptr(),
-        torch.get_num_threads(),
+        n, *arrays, numels, _hyper_scalar(lr), _hyper_scalar(momentum),
+        int(lr.dtype == torch.float64), float(weight_decay), int(bool(maximize)),
+        _ok_flag(ok).data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
 
 
@@ -1764,16 +874,16 @@ def hyper_adam_update(
     the 0-dim bool ``ok`` is True; the fp32 step counters ``steps`` are read and then advanced by
     the C code. ``lr``: 0-dim CPU tensor (the learned step size times the schedule multiplier),
     read from memory; ``1 - beta`` and ``lr * weight_decay`` are rounded in its dtype, as the
-    torch path rounds them. Check ``available(...)`` first."""
+    torch path rounds them. Check ``accepts(...)`` first."""
     n = len(params)
     if n == 0:
         return
     flags = int(bool(maximize)) | (int(bool(decoupled)) << 1)
+    arrays, numels = _bucket_arrays(params, grads, exp_avgs, exp_avg_sqs)
     _hyper_fn("hg_adam_update", _dtype(params))(
-        n, _array(params), _array(grads), _array(exp_avgs), _array(exp_avg_sqs), _numels(params),
-        _array(steps), _hyper_scalar(lr), int(lr.dtype == torch.float64), float(beta1),
-        float(beta2), float(eps), float(weight_decay), flags, _ok_flag(ok).data_ptr(),
-        torch.get_num_threads(),
+        n, *arrays, numels, _counters(steps, n), _hyper_scalar(lr),
+        int(lr.dtype == torch.float64), float(beta1), float(beta2), float(eps),
+        float(weight_decay), flags, _ok_flag(ok).data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
 
 
@@ -1791,14 +901,15 @@ def hyper_adagrad_update(
 ) -> None:
     """HyperAdaGrad's update (``_adagrad_update``) of every tensor of a bucket where ``ok``:
     ``G += g^2``, ``x -= lr g / (sqrt(G) + eps)``, the direction kept when ``directions`` is
-    given. ``lr``: 0-dim CPU tensor read from memory. Check ``available(...)`` first."""
+    given. ``lr``: 0-dim CPU tensor read from memory. Check ``accepts(...)`` first."""
     n = len(params)
     if n == 0:
         return
+    arrays, numels = _bucket_arrays(params, grads, sums, directions)
     _hyper_fn("hg_adagrad_update", _dtype(params))(
-        n, _array(params), _array(grads), _array(sums), _array(directions), _numels(params),
-        _hyper_scalar(lr), int(lr.dtype == torch.float64), float(eps), float(weight_decay),
-        int(bool(maximize)), _ok_flag(ok).data_ptr(), torch.get_num_threads(),
+        n, *arrays, numels, _hyper_scalar(lr), int(lr.dtype == torch.float64), float(eps),
+        float(weight_decay), int(bool(maximize)), _ok_flag(ok).data_ptr(),
+        torch.get_num_threads(),
     )  # fmt: skip
 
 
@@ -1819,14 +930,14 @@ def hyper_rmsprop_update(
     """HyperRMSProp's update (``_rmsprop_update``) of every tensor of a bucket where ``ok``:
     ``v = rho v + (1 - rho) g^2``, ``x -= lr g / (sqrt(v) + eps)``, the direction and
     ``d direction / d rho`` kept when given. ``lr``, ``decay``: 0-dim CPU tensors of one dtype,
-    read from memory. Check ``available(...)`` first."""
+    read from memory. Check ``accepts(...)`` first."""
     n = len(params)
     if n == 0:
         return
-    assert lr.dtype == decay.dtype
+    _require(lr.dtype == decay.dtype, "lr and decay must have one dtype")
+    arrays, numels = _bucket_arrays(params, grads, square_avgs, directions, d_decays)
     _hyper_fn("hg_rmsprop_update", _dtype(params))(
-        n, _array(params), _array(grads), _array(square_avgs), _array(directions),
-        _array(d_decays), _numels(params), _hyper_scalar(lr), _hyper_scalar(decay),
+        n, *arrays, numels, _hyper_scalar(lr), _hyper_scalar(decay),
         int(lr.dtype == torch.float64), float(eps), float(weight_decay), int(bool(maximize)),
         _ok_flag(ok).data_ptr(), torch.get_num_threads(),
     )  # fmt: skip

@@ -207,14 +207,18 @@ def _wants_native(requested: str, device: torch.device, numel: int) -> bool:
     return resolve_implementation(requested, device, numel) == "compiled"
 
 
+_STREAMS = ("param", "grad", "exp_avg", "exp_avg_sq")
+
+
 def _native_ready(bucket: list[list[torch.Tensor]], steps: list[torch.Tensor], lr: Any) -> bool:
-    """Whether ``_native.adopt_update`` can take this bucket (fp32/fp64 contiguous CPU tensors,
-    fp32 CPU step counters, a float or CPU-tensor learning rate, a compiler on the machine)."""
+    """Whether ``_native.adopt_update`` can take this bucket (``_native.accepts``: fp32/fp64
+    contiguous CPU tensors of their parameters' shapes; fp32 CPU step counters, a float or
+    CPU-tensor learning rate, a compiler on the machine)."""
     if isinstance(lr, torch.Tensor) and lr.device.type != "cpu":
         return False
     if not all(s.is_cpu and s.dtype == torch.float32 for s in steps):
         return False
-    return _native.available([t for lst in bucket for t in lst])
+    return _native.accepts(bucket, _STREAMS)
 
 
 def _foreach_adopt(
@@ -277,7 +281,8 @@ class ADOPT(TuningFreeOptimizer):
             :mod:`hf_tuningfree.optim._native` (built once per machine with the system C
             compiler), at every model size; without it, and elsewhere, as described in
             :mod:`hf_tuningfree.optim.kernels`. ``HF_TUNINGFREE_IMPL`` overrides ``"auto"``.
-        skip_nonfinite, global_reduce: see :class:`~hf_tuningfree.optim.base.TuningFreeOptimizer`.
+        skip_nonfinite, global_reduce, stochastic_rounding: see
+            :class:`~hf_tuningfree.optim.base.TuningFreeOptimizer`.
 
     Per-parameter state: ``step`` (0-dim fp32), ``exp_avg`` (m), ``exp_avg_sq`` (v).
     """
@@ -296,6 +301,7 @@ class ADOPT(TuningFreeOptimizer):
         *,
         skip_nonfinite: bool = True,
         global_reduce: object = "auto",
+        stochastic_rounding: bool = True,
     ) -> None:
         defaults = {
             "lr": check_nonnegative("lr", lr),
@@ -310,7 +316,11 @@ class ADOPT(TuningFreeOptimizer):
             "implementation": check_choice("implementation", implementation, IMPLEMENTATIONS),
         }
         super().__init__(
-            params, defaults, skip_nonfinite=skip_nonfinite, global_reduce=global_reduce
+            params,
+            defaults,
+            skip_nonfinite=skip_nonfinite,
+            global_reduce=global_reduce,
+            stochastic_rounding=stochastic_rounding,
         )
 
     def _init_param_state(self, param: torch.Tensor, state: dict[str, Any], group: dict) -> None:

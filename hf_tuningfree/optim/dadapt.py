@@ -76,6 +76,7 @@ authors' code leaves them out of the norm for that step, which can raise ``d`` f
 from __future__ import annotations
 
 import math
+import operator
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -91,6 +92,7 @@ from .base import (
     TuningFreeOptimizer,
     bucket_by_device_and_dtype,
     compute_dtype,
+    real_dtype,
 )
 from .distributed import is_dtensor, local_view, plan_reduction
 from .kernels import (
@@ -241,6 +243,29 @@ def _run_native(
     return out
 
 
+def _state_streams(gb: Any) -> list[tuple[list[list[torch.Tensor]], list[str]]]:
+    """The group's tensors as the C path's checks take them (``gb.params``/``gb.grads`` are
+    rank-local already; state tensors are made so): ``[params, grads, *state lists]`` when every
+    parameter has the same state keys, else ``[params, grads]`` and, for each state key,
+    ``[params that have it, their state under it]`` (a parameter at its first step may lack a key
+    the update creates, e.g. DAdaptSGD's ``z``)."""
+    states = gb.states
+    sharded = any(map(is_dtensor, gb.originals))
+
+    def local(tensors: list[Any]) -> list[Any]:
+        return [local_view(t) for t in tensors] if sharded else tensors
+
+    keys = states[0].keys()
+    if all(map(keys.__eq__, map(dict.keys, states))):  # the common case, in C-level loops
+        lists = [local(list(map(operator.itemgetter(k), states))) for k in keys]
+        return [([gb.params, gb.grads, *lists], ["param", "grad", *keys])]
+    out = [([gb.params, gb.grads], ["param", "grad"])]
+    for key in dict.fromkeys(k for st in states for k in st):
+        pairs = [(p, st[key]) for p, st in zip(gb.params, states, strict=True) if key in st]
+        out.append(([[p for p, _ in pairs], local([t for _, t in pairs])], ["param", key]))
+    return out
+
+
 class DAdaptationBase(TuningFreeOptimizer):
     """What the D-Adaptation family (and Prodigy) share: the model-wide ``d`` and step counter in
     ``global_state``, the statistics and update passes over (packed) tensors, and the checks that
@@ -360,7 +385,8 @@ class DAdaptationBase(TuningFreeOptimizer):
         if cached is not None:
             return cached
         params = (p for g in self.param_groups for p in g["params"])
-        return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+        fp64 = any(real_dtype(p.dtype) == torch.float64 for p in params)
+        return torch.float64 if fp64 else torch.float32
 
     def _global(self, name: str, device: torch.device, value: float = 0.0) -> torch.Tensor:
         """The current estimate's ``name`` in ``global_state`` (see ``_scope``)."""
@@ -400,12 +426,10 @@ class DAdaptationBase(TuningFreeOptimizer):
         for gb in batch.groups:
             if not gb.params:
                 continue
-            tensors = [*gb.params, *gb.grads, *(t for st in gb.states for t in st.values())]
-            if any(map(is_dtensor, gb.originals)):
-                tensors = [local_view(t) for t in tensors]
             numel = sum(p.numel() for p in gb.params)
-            requested = gb.group["implementation"]
-            if not _wants_native(requested, batch.device, numel) or not _native.available(tensors):
+            if not _wants_native(gb.group["implementation"], batch.device, numel):
+                return False
+            if not all(_native.accepts(s, names) for s, names in _state_streams(gb)):
                 return False
         return True
 
@@ -623,7 +647,7 @@ class DAdaptationBase(TuningFreeOptimizer):
                     if (
                         tensor_pass.native is not None
                         and _wants_native(requested, dev, numel)
-                        and _native.available([t for lst in bucket for t in lst])
+                        and _native.accepts(bucket, ["param", "grad", *keys])
                     ):
                         # one C call for the whole bucket, no packing needed
                         sums = len(tensor_pass.sums)
@@ -917,7 +941,8 @@ class DAdaptSGD(DAdaptationBase):
         implementation: ``"auto"``, ``"loop"`` or ``"compiled"`` (see
             :mod:`hf_tuningfree.optim.kernels`); ``"foreach"`` runs the per-tensor loop. On CPU,
             ``"auto"`` and ``"compiled"`` run the C kernels (see the module docstring).
-        skip_nonfinite, global_reduce: see :class:`~hf_tuningfree.optim.base.TuningFreeOptimizer`.
+        skip_nonfinite, global_reduce, stochastic_rounding: see
+            :class:`~hf_tuningfree.optim.base.TuningFreeOptimizer`.
 
     State: per parameter ``s`` (and ``z`` when ``momentum > 0``); model-wide in
     ``global_state``: ``d``, ``numerator`` (``N``), ``grad_bound_sq`` (``G^2``), ``s_sq``
@@ -944,6 +969,7 @@ class DAdaptSGD(DAdaptationBase):
         *,
         skip_nonfinite: bool = True,
         global_reduce: object = "auto",
+        stochastic_rounding: bool = True,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -959,7 +985,11 @@ class DAdaptSGD(DAdaptationBase):
             "implementation": implementation,
         }
         super().__init__(
-            params, defaults, skip_nonfinite=skip_nonfinite, global_reduce=global_reduce
+            params,
+            defaults,
+            skip_nonfinite=skip_nonfinite,
+            global_reduce=global_reduce,
+            stochastic_rounding=stochastic_rounding,
         )
 
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -1042,7 +1072,8 @@ class DAdaptSGD(DAdaptationBase):
             return _SGD_UPDATE, scalars, _flags(group)
         for p, st in zip(gb.originals, gb.states, strict=True):
             if "z" not in st:  # momentum switched on after the first step: start z at x
-                st["z"] = p.detach().clone(memory_format=torch.preserve_format)
+                x = torch.view_as_real(p) if p.is_complex() else p
+                st["z"] = x.detach().clone(memory_format=torch.contiguous_format)
         average = ok.to(lam.dtype) * (1.0 - group["momentum"])
         return _SGD_MOMENTUM_UPDATE, [*scalars, average], _flags(group)
 
@@ -1283,7 +1314,8 @@ class DAdaptAdam(AdamFormBase):
         maximize: maximize the objective.
         implementation: ``"auto"``, ``"loop"`` or ``"compiled"``; ``"foreach"`` runs the loop.
             On CPU, ``"auto"`` and ``"compiled"`` run the C kernels (see the module docstring).
-        skip_nonfinite, global_reduce: see :class:`~hf_tuningfree.optim.base.TuningFreeOptimizer`.
+        skip_nonfinite, global_reduce, stochastic_rounding: see
+            :class:`~hf_tuningfree.optim.base.TuningFreeOptimizer`.
 
     State: per parameter ``exp_avg`` (m), ``exp_avg_sq`` (v), ``s``; model-wide ``d``,
     ``numerator`` (r), ``s_l1``, ``step``.
@@ -1309,6 +1341,7 @@ class DAdaptAdam(AdamFormBase):
         *,
         skip_nonfinite: bool = True,
         global_reduce: object = "auto",
+        stochastic_rounding: bool = True,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -1325,7 +1358,11 @@ class DAdaptAdam(AdamFormBase):
             "implementation": implementation,
         }
         super().__init__(
-            params, defaults, skip_nonfinite=skip_nonfinite, global_reduce=global_reduce
+            params,
+            defaults,
+            skip_nonfinite=skip_nonfinite,
+            global_reduce=global_reduce,
+            stochastic_rounding=stochastic_rounding,
         )
 
     def _statistics_pass(
@@ -1498,7 +1535,8 @@ class DAdaptAdaGrad(DAdaptationBase):
         eps: added to ``sqrt(alpha)`` (default 1e-6, the authors').
         initial_accumulator_value: ``alpha_0`` (default 1e-6, the authors' fixed value).
         d0, d0_rel, growth_rate, d_groups, maximize, implementation: as :class:`DAdaptSGD`.
-        skip_nonfinite, global_reduce: see :class:`~hf_tuningfree.optim.base.TuningFreeOptimizer`.
+        skip_nonfinite, global_reduce, stochastic_rounding: see
+            :class:`~hf_tuningfree.optim.base.TuningFreeOptimizer`.
 
     State: per parameter ``alpha``, ``s``, ``x0``; model-wide ``d``, ``numerator`` (N),
     ``s_l1``, ``step``.
@@ -1523,6 +1561,7 @@ class DAdaptAdaGrad(DAdaptationBase):
         *,
         skip_nonfinite: bool = True,
         global_reduce: object = "auto",
+        stochastic_rounding: bool = True,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -1538,7 +1577,11 @@ class DAdaptAdaGrad(DAdaptationBase):
             "implementation": implementation,
         }
         super().__init__(
-            params, defaults, skip_nonfinite=skip_nonfinite, global_reduce=global_reduce
+            params,
+            defaults,
+            skip_nonfinite=skip_nonfinite,
+            global_reduce=global_reduce,
+            stochastic_rounding=stochastic_rounding,
         )
 
     def _validate_group(self, group: dict[str, Any]) -> None:

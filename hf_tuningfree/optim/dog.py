@@ -33,9 +33,10 @@ Weight decay is coupled, as in the paper and the authors' code: ``g_t`` above is
 ``grad + weight_decay * x_t`` (it also enters ``G``); ``p.grad`` itself is never modified.
 
 Precision: with bf16/fp16 parameters (no fp32 master weights), an update below half a unit in
-the last place is lost, and DoG's first steps (with the paper's ``reps_rel``, ``r_eps`` is ~1e-6 of
-the weights' norm) are such: the weights, hence ``rbar``, may not move at all. Train DoG with fp32 parameters (autocast
-mixed precision keeps them), or raise ``reps_rel``. Statistics are fp32 (fp64 for fp64 models).
+the last place is lost, and DoG's first steps (with the paper's ``reps_rel``, ``r_eps`` is ~1e-6
+of the weights' norm) are such: the weights, hence ``rbar``, may not move at all. Train DoG with
+fp32 parameters (autocast mixed precision keeps them), or raise ``reps_rel``. Statistics are
+fp32 (fp64 for fp64 models).
 
 Polynomial-decay iterate averaging, which the paper pairs with DoG for its results, is
 :class:`hf_tuningfree.optim.averaging.PolynomialDecayAverager`.
@@ -79,9 +80,10 @@ from .base import (
     compute_dtype,
     foreach_norms,
     statistic_dtype,
+    working_view,
 )
 from .distributed import local_view
-from .kernels import IMPL_ENV_VAR, IMPLEMENTATIONS, resolve_implementation
+from .kernels import IMPL_ENV_VAR, IMPLEMENTATIONS, fast_path_accepts, resolve_implementation
 from .validation import (
     check_bool,
     check_choice,
@@ -96,6 +98,8 @@ __all__ = ["DoG", "LDoG", "TDoG", "dog_tensor_update", "taming_factor"]
 #: (torch casts floating per-parameter state to the parameter's dtype, which would round them to
 #: bf16 for bf16 parameters).
 _SCALAR_STATE_KEYS = ("dist_sq", "rbar", "G")
+#: The streams the C update takes, for its checks' messages.
+_STREAMS = ("param", "grad", "x0")
 
 
 # --------------------------------------------------------------------------- kernels
@@ -124,14 +128,20 @@ def dog_tensor_update(
     dist_sq.copy_(torch.where(ok, (diff * diff).sum(), dist_sq))
 
 
-def _fused_sgd_available(device: torch.device, dtype: torch.dtype) -> bool:
+def _fused_sgd_available(params: list[torch.Tensor], grads: list[torch.Tensor]) -> bool:
     """Whether torch's fused SGD kernel takes this bucket: fp32/fp64 only, because on CPU (torch
     2.13) it leaves the vectorised part of bf16/fp16 tensors unchanged (``SGD(fused=True)`` has
-    the same defect)."""
+    the same defect), and only contiguous tensors of their parameters' shapes
+    (``fast_path_accepts``: it treats a strided tensor as contiguous memory)."""
     return (
         hasattr(torch, "_fused_sgd_")
-        and device.type in ("cpu", "cuda", "xpu", "mps")
-        and dtype in (torch.float32, torch.float64)
+        and params[0].device.type in ("cpu", "cuda", "xpu", "mps")
+        and fast_path_accepts(
+            [params, grads],
+            ("param", "grad"),
+            dtypes=(torch.float32, torch.float64),
+            cpu_only=False,
+        )
     )
 
 
@@ -221,8 +231,8 @@ class DoG(TuningFreeOptimizer):
             it). Not a learning rate to tune.
         reps_rel: ``r_eps`` relative to ``1 + ||x_0||`` (default 1e-3, measured on the suite's
             tasks; the paper's is 1e-6). It sets the first step; the authors suggest 1e-4 for
-            models with batch normalisation and smaller values if the first steps diverge. Must be > 0 and the same in every param group
-            (it defines one model-wide quantity).
+            models with batch normalisation and smaller values if the first steps diverge. Must
+            be > 0 and the same in every param group (it defines one model-wide quantity).
         weight_decay: coupled weight decay (added to the gradient, also in ``G``), per group.
         eps: added to ``G`` for numerical safety (default 1e-8, as the authors); must be the same
             in every param group.
@@ -232,7 +242,8 @@ class DoG(TuningFreeOptimizer):
             compiler; otherwise as ``"foreach"``), ``"foreach"`` (torch's fused SGD kernel and
             multi-tensor norms) or ``"loop"`` (tensor by tensor, the reference). The environment
             variable ``HF_TUNINGFREE_IMPL`` overrides ``"auto"``.
-        skip_nonfinite, global_reduce: see :class:`~hf_tuningfree.optim.base.TuningFreeOptimizer`.
+        skip_nonfinite, global_reduce, stochastic_rounding: see
+            :class:`~hf_tuningfree.optim.base.TuningFreeOptimizer`.
 
     Per-parameter state: ``x0`` (the parameter at its first step with a gradient) and
     ``dist_sq`` (``||x - x0||^2`` of this tensor, this rank's part). Model-wide state
@@ -242,6 +253,7 @@ class DoG(TuningFreeOptimizer):
     """
 
     _layerwise = False
+    SCALAR_STATE_KEYS = TuningFreeOptimizer.SCALAR_STATE_KEYS | frozenset(_SCALAR_STATE_KEYS)
 
     def __init__(
         self,
@@ -254,6 +266,7 @@ class DoG(TuningFreeOptimizer):
         *,
         skip_nonfinite: bool = True,
         global_reduce: object = "auto",
+        stochastic_rounding: bool = True,
     ) -> None:
         defaults = {
             "lr": check_nonnegative("lr", lr),
@@ -262,9 +275,12 @@ class DoG(TuningFreeOptimizer):
             "eps": check_nonnegative("eps", eps),
             "implementation": check_choice("implementation", implementation, IMPLEMENTATIONS),
         }
-        self._fresh: set[int] = set()
         super().__init__(
-            params, defaults, skip_nonfinite=skip_nonfinite, global_reduce=global_reduce
+            params,
+            defaults,
+            skip_nonfinite=skip_nonfinite,
+            global_reduce=global_reduce,
+            stochastic_rounding=stochastic_rounding,
         )
 
     # ------------------------------------------------------------------ groups and state
@@ -299,11 +315,6 @@ class DoG(TuningFreeOptimizer):
         if self._layerwise:
             state["rbar"] = torch.zeros((), dtype=sdt, device=device)  # 0 until initialised
             state["G"] = torch.zeros((), dtype=sdt, device=device)
-        self._fresh.add(id(param))
-
-    def _collect(self) -> StepBatch:
-        self._fresh = set()
-        return super()._collect()
 
     # ------------------------------------------------------------------ statistics
     @staticmethod
@@ -330,7 +341,7 @@ class DoG(TuningFreeOptimizer):
             buckets = bucket_by_device_and_dtype([gb.params, gb.grads])
             for (device, _), ([ps, gs], idx) in buckets.items():
                 impl = _resolve(gb.group["implementation"], device, sum(p.numel() for p in ps))
-                if impl == "compiled" and _native.available([*ps, *gs]):
+                if impl == "compiled" and _native.accepts([ps, gs], ("param", "grad")):
                     both = torch.empty(len(ps), 2, dtype=torch.float64)
                     _native.grad_sq(ps, gs, wd, both)
                     r, e = both[:, 0].to(sdt), both[:, 1].to(sdt)
@@ -444,12 +455,12 @@ class DoG(TuningFreeOptimizer):
             sizes = [step_sizes[i].to(device, cdt) for i in idx]
             params, grads, x0s, dists = bucket
             impl = _resolve(group["implementation"], device, sum(p.numel() for p in params))
-            if impl == "compiled" and _native.available([*params, *grads, *x0s]):
+            if impl == "compiled" and _native.accepts([params, grads, x0s], _STREAMS):
                 steps = sizes[0] if shared else torch.stack(sizes)
                 new = torch.stack(dists).to(torch.float64)  # kept as is on a skipped step
                 _native.dog_update(params, grads, x0s, steps, wd, ok_d, new)
                 torch._foreach_copy_(dists, list(new.to(dists[0].dtype).unbind(0)))
-            elif impl == "loop" or not _fused_sgd_available(device, dtype):
+            elif impl == "loop" or not _fused_sgd_available(params, grads):
                 for j, (p, g, x0, d) in enumerate(zip(*bucket, strict=True)):
                     dog_tensor_update(p, g, x0, d, ok_d, sizes[j], weight_decay=wd)
             else:
@@ -477,7 +488,7 @@ class DoG(TuningFreeOptimizer):
                 if not state or "x0" not in state:
                     continue
                 d = state["dist_sq"]
-                diff = local_view(p).to(d.dtype) - local_view(state["x0"]).to(d.dtype)
+                diff = working_view(p).to(d.dtype) - local_view(state["x0"]).to(d.dtype)
                 d.copy_((diff * diff).sum())
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -551,6 +562,7 @@ class TDoG(DoG):
         *,
         skip_nonfinite: bool = True,
         global_reduce: object = "auto",
+        stochastic_rounding: bool = True,
     ) -> None:
         self._delta = check_in_range("delta", delta, 0.0, 1.0, low_inclusive=False)
         super().__init__(
@@ -562,7 +574,10 @@ class TDoG(DoG):
             implementation=implementation,
             skip_nonfinite=skip_nonfinite,
             global_reduce=global_reduce,
+            stochastic_rounding=stochastic_rounding,
         )
+
+    _PICKLED_ATTRIBUTES = (*DoG._PICKLED_ATTRIBUTES, "_delta")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if "delta" in param_group:
@@ -570,6 +585,10 @@ class TDoG(DoG):
         else:
             param_group["delta"] = getattr(self, "_delta", 0.1)
         super().add_param_group(param_group)
+
+    def _fill_group(self, group: dict[str, Any]) -> None:
+        super()._fill_group(group)
+        group.setdefault("delta", self._delta)
 
     def _model_wide_keys(self) -> tuple[str, ...]:
         return ("reps_rel", "eps", "delta")
@@ -630,6 +649,7 @@ class LDoG(DoG):
     """
 
     _layerwise = True
+    _CONSTRUCTOR_ONLY = (*DoG._CONSTRUCTOR_ONLY, "zero_init_scale")
 
     def __init__(
         self,
@@ -643,6 +663,7 @@ class LDoG(DoG):
         zero_init_scale: bool = True,
         skip_nonfinite: bool = True,
         global_reduce: object = "auto",
+        stochastic_rounding: bool = True,
     ) -> None:
         self._zero_init_scale = check_bool("zero_init_scale", zero_init_scale)
         super().__init__(
@@ -654,6 +675,7 @@ class LDoG(DoG):
             implementation=implementation,
             skip_nonfinite=skip_nonfinite,
             global_reduce=global_reduce,
+            stochastic_rounding=stochastic_rounding,
         )
 
     def _local_statistics(self, batch: StepBatch) -> dict[str, torch.Tensor]:
@@ -664,7 +686,7 @@ class LDoG(DoG):
             [d.to(batch.device, sdt) for gb in batch.groups for d in gb.state_list("dist_sq")]
         )
         out = {"g2": self._grad_sq(batch, sdt), "d2": d2}
-        fresh = [id(p) in self._fresh for gb in batch.groups for p in gb.originals]
+        fresh = [f for gb in batch.groups for f in gb.fresh]
         if any(fresh):  # r_eps of the tensors at their first step: ||x_0||^2 per tensor
             params = [p for gb in batch.groups for p in gb.params]
             chosen = [p for p, f in zip(params, fresh, strict=True) if f]

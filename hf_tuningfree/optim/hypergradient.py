@@ -186,8 +186,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch.optim.optimizer import ParamsT
@@ -199,6 +199,7 @@ from .base import (
     bucket_by_device_and_dtype,
     compute_dtype,
     foreach_norms,
+    real_dtype,
     scalar_state,
 )
 from .distributed import local_view
@@ -206,6 +207,7 @@ from .kernels import (
     IMPL_ENV_VAR,
     IMPLEMENTATIONS,
     CompiledKernel,
+    fast_path_accepts,
     order_for_compile,
     resolve_implementation,
 )
@@ -215,6 +217,7 @@ from .validation import (
     check_in_range,
     check_nonnegative,
     check_positive,
+    scalar_value,
 )
 
 __all__ = [
@@ -240,8 +243,12 @@ _Z_LIMIT = 8.0  # |z| bound of the squashed hyperparameters: (tanh(8) + 1) / 2 <
 _LOG_LIMIT = 50.0  # |log alpha| bound: keeps exp() finite in fp32 (never reached in practice)
 _FUSED_DEVICES = ("cpu", "cuda")
 _FUSED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+#: torch 2.13's CPU ``_fused_sgd_`` leaves the vectorised part of bf16/fp16 tensors unchanged
+#: (``SGD(fused=True)`` too: 3 of 4,099 bf16 elements updated), so on CPU it gets fp32/fp64 only.
+_FUSED_SGD_CPU_DTYPES = (torch.float32, torch.float64)
 _FOREACH_DTYPES = (torch.float32, torch.float64)  # dots run in these as they are (no cast)
 _SMALL_NUMEL = 1 << 16  # below this, Adam's dots of a tensor go through multi-tensor ops
+_ADAM_STREAMS = ("param", "grad", "exp_avg", "exp_avg_sq")
 
 
 # ---------------------------------------------------------------------- parametrisations
@@ -557,13 +564,22 @@ def _tensor_order(impl: str, fn: Any, sizes: Sequence[int]) -> list[int]:
     return list(range(len(sizes)))
 
 
-def _fused_ok(group: dict[str, Any], device: torch.device, dtype: torch.dtype) -> bool:
+def _fused_ok(
+    group: dict[str, Any],
+    bucket: list[list[torch.Tensor]],
+    names: Sequence[str],
+    cpu_dtypes: Sequence[torch.dtype] = _FUSED_DTYPES,
+) -> bool:
     """Whether torch's fused multi-tensor kernel may run a bucket of ``group`` (the caller adds
-    the optimizer's own condition: fixed momentum / betas)."""
+    the optimizer's own condition: fixed momentum / betas): ``fast_path_accepts`` (contiguous
+    tensors of their parameters' shapes: the kernel treats every tensor as contiguous memory),
+    of ``cpu_dtypes`` on CPU."""
+    device = bucket[0][0].device.type
+    dtypes = cpu_dtypes if device == "cpu" else _FUSED_DTYPES
     return (
         group["implementation"] in ("auto", "foreach")
-        and device.type in _FUSED_DEVICES
-        and dtype in _FUSED_DTYPES
+        and device in _FUSED_DEVICES
+        and fast_path_accepts(bucket, names, dtypes=dtypes, cpu_only=False)
     )
 
 
@@ -587,7 +603,13 @@ def _stored_dots(
     for i in _tensor_order(impl, _direction_dots, [p.numel() for p in gb.params]):
         g = gb.grads[i]
         ts = [s[i] for s in stored]
-        if torch_dot and len(ts) == 1 and g.dtype in _FOREACH_DTYPES and g.is_contiguous():
+        if (
+            torch_dot
+            and len(ts) == 1
+            and g.dtype in _FOREACH_DTYPES
+            and g.is_contiguous()
+            and ts[0].is_contiguous()
+        ):
             # torch.dot: one vectorised pass at memory bandwidth, no temporaries
             out[i] = torch.dot(g.view(-1), ts[0].view(-1)).reshape(1)
         else:
@@ -655,6 +677,8 @@ class HypergradientOptimizer(TuningFreeOptimizer):
     """
 
     LEARNABLE: tuple[str, ...] = ("lr",)
+    #: Names ``learn`` accepts for several learnable hyperparameters at once.
+    LEARN_ALIASES: ClassVar[Mapping[str, tuple[str, ...]]] = {}
     SQUASHED: frozenset[str] = frozenset()
     #: ``(learnable hyperparameter, per-parameter state key of its stored du/dh)``, in
     #: ``LEARNABLE`` order.
@@ -675,16 +699,18 @@ class HypergradientOptimizer(TuningFreeOptimizer):
         per_group: bool,
         skip_nonfinite: bool,
         global_reduce: object,
+        stochastic_rounding: bool = True,
     ) -> None:
         name = type(self).__name__
         if isinstance(height, bool) or not isinstance(height, int) or height < 0:
             raise ValueError(f"Invalid height: {height!r}; allowed: an integer >= 0")
-        learned = _names(learn, "learn")
+        learned = tuple(m for n in _names(learn, "learn") for m in self.LEARN_ALIASES.get(n, (n,)))
         unknown = [n for n in learned if n not in self.LEARNABLE]
         if unknown:
+            aliases = f" (or {list(self.LEARN_ALIASES)})" if self.LEARN_ALIASES else ""
             raise ValueError(
                 f"Unknown hyperparameter(s) {unknown} in learn for {name}; learnable: "
-                f"{list(self.LEARNABLE)}"
+                f"{list(self.LEARNABLE)}{aliases}"
             )
         if height > 0 and not learned:
             raise ValueError(f"{name}: learn is empty; name at least one of {list(self.LEARNABLE)}")
@@ -720,13 +746,49 @@ class HypergradientOptimizer(TuningFreeOptimizer):
             check_choice("lr_parametrization", lr_parametrization, STEP_PARAMETRIZATIONS)
         )
         self.per_group = check_bool("per_group", per_group)
+        for level, value in enumerate(self.hyper_lr[: self.height - 1], start=1):
+            # the step sizes of levels 1..height-1 are learned like the base step size
+            self._check_step_range(f"hyper_lr[{level - 1}]", value)
         self._check_initial_values(defaults)
+        super().__init__(
+            params,
+            defaults,
+            skip_nonfinite=skip_nonfinite,
+            global_reduce=global_reduce,
+            stochastic_rounding=stochastic_rounding,
+        )
+
+    #: What ``copy.deepcopy`` and pickling keep besides the base's: the tower's configuration.
+    _PICKLED_ATTRIBUTES = (
+        *TuningFreeOptimizer._PICKLED_ATTRIBUTES,
+        "learn",
+        "height",
+        "hyper_optimizers",
+        "hyper_lr",
+        "hyper_betas",
+        "hyper_eps",
+        "lr_parametrization",
+        "per_group",
+    )
+    #: One tower for the whole optimizer (``per_group=True`` gives each group its own values,
+    #: not its own configuration): a param group naming one of these is an error.
+    _CONSTRUCTOR_ONLY = (
+        *TuningFreeOptimizer._CONSTRUCTOR_ONLY,
+        "learn",
+        "height",
+        "hyper_optimizer",
+        "hyper_lr",
+        "hyper_betas",
+        "hyper_eps",
+        "lr_parametrization",
+        "per_group",
+    )
+
+    def _reset_transient(self) -> None:
+        super()._reset_transient()
         self._finite_term: torch.Tensor | None = None
         self._index_cache: dict[tuple[int, ...], torch.Tensor] = {}
         self._step_cache: dict[str, Any] = {}
-        super().__init__(
-            params, defaults, skip_nonfinite=skip_nonfinite, global_reduce=global_reduce
-        )
 
     # ------------------------------------------------------------------ configuration helpers
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -737,13 +799,31 @@ class HypergradientOptimizer(TuningFreeOptimizer):
         sharing = None if self.per_group else list(range(len(self.param_groups)))
         self._check_initial_values(group, sharing)
 
+    def _fill_group(self, group: dict[str, Any]) -> None:
+        super()._fill_group(group)
+        group.setdefault("lr_ref", group["lr"] if self.per_group else self.defaults["lr"])
+        group["lr_ref"] = scalar_value("lr_ref", group["lr_ref"])
+
+    def _check_step_range(self, name: str, value: float) -> None:
+        """A step size learned in log space must start inside the range its logarithm is kept
+        in (``[-_LOG_LIMIT, _LOG_LIMIT]``); outside, the first step would silently move it to
+        the bound (a factor up to 1e25 for a group sharing the value)."""
+        if self.lr_parametrization == "log":
+            low, high = math.exp(-_LOG_LIMIT), math.exp(_LOG_LIMIT)
+            if not low <= value <= high:
+                raise ValueError(
+                    f"Invalid {name}: {value!r}; allowed with lr_parametrization='log': a number "
+                    f"in [exp(-{_LOG_LIMIT:g}), exp({_LOG_LIMIT:g})] = [{low:.3g}, {high:.3g}] "
+                    "(the learned log step size is kept in that range)"
+                )
+
     def _check_initial_values(
         self, group: dict[str, Any], sharing: list[int] | None = None
     ) -> None:
         """The starting values of the learned hyperparameters in ``group`` (the constructor's
         defaults or a param group) are valid, and equal across the groups ``sharing`` them."""
         if "lr" in self.learn:
-            check_positive("lr", group["lr"])
+            self._check_step_range("lr", check_positive("lr", group["lr"]))
         for key in self.learn:
             if key != "lr":
                 self._check_learnable_value(key, self._initial_value(group, key))
@@ -815,7 +895,8 @@ class HypergradientOptimizer(TuningFreeOptimizer):
         if cached is not None:
             return cached
         dtype = torch.float32
-        if any(p.dtype == torch.float64 for g in self.param_groups for p in g["params"]):
+        params = (p for g in self.param_groups for p in g["params"])
+        if any(real_dtype(p.dtype) == torch.float64 for p in params):
             dtype = torch.float64
         self._step_cache["dtype"] = dtype
         return dtype
@@ -952,7 +1033,8 @@ class HypergradientOptimizer(TuningFreeOptimizer):
         counters = []
         if self.NATIVE_COUNTER is not None:
             counters.append([gb.states[i][self.NATIVE_COUNTER] for i in idx])
-        addrs = _native.hyper_addresses(lists, counters)
+        names = ["param", "grad", *self._native_state_keys(gb.group)]
+        addrs = _native.hyper_addresses(lists, counters, names)
         return None if addrs is None else (addrs, idx)
 
     def _native_dots(self, gb: Any, values: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -1106,16 +1188,18 @@ class HypergradientOptimizer(TuningFreeOptimizer):
         for gi, gb in enumerate(batch.groups):
             group = gb.group
             scale = self._scale(group)
+            if isinstance(scale, torch.Tensor):  # a tensor assigned to group["lr"]
+                scale = scale.to(device, dtype)
             values = self._values(gi, device)
             if self.learning:
                 alpha = values.get("lr")
-                lr = alpha * scale if alpha is not None else torch.tensor(scale, dtype=dtype)
+                lr = alpha * scale if alpha is not None else torch.as_tensor(scale, dtype=dtype)
                 key = f"hyper/group{gi}/prev_scale"
                 self.global_state[key] = torch.where(
-                    ok, torch.tensor(scale, dtype=dtype, device=device), self._g(key)
+                    ok, torch.as_tensor(scale, dtype=dtype, device=device), self._g(key)
                 )
             else:
-                lr = torch.tensor(group["lr"], dtype=dtype, device=device)
+                lr = torch.as_tensor(group["lr"], dtype=dtype, device=device)
             if not gb.params:
                 continue
             plan = self._native_plan(gb)
@@ -1276,7 +1360,8 @@ class HyperSGD(HypergradientOptimizer):
             compiler; fp32/fp64). ``"foreach"`` (and ``"auto"`` elsewhere) use torch's fused
             multi-tensor SGD kernel for the update when the momentum is fixed and non-zero;
             otherwise as in :mod:`hf_tuningfree.optim.kernels`.
-        skip_nonfinite, global_reduce: see :class:`~hf_tuningfree.optim.base.TuningFreeOptimizer`.
+        skip_nonfinite, global_reduce, stochastic_rounding: see
+            :class:`~hf_tuningfree.optim.base.TuningFreeOptimizer`.
 
     Per-parameter state: ``momentum_buffer`` (with ``momentum=0`` it holds the last gradient,
     the last update direction), plus ``momentum_buffer_prev`` when the momentum is learned.
@@ -1305,6 +1390,7 @@ class HyperSGD(HypergradientOptimizer):
         implementation: str = "auto",
         skip_nonfinite: bool = True,
         global_reduce: object = "auto",
+        stochastic_rounding: bool = True,
     ) -> None:
         defaults = {
             "lr": check_nonnegative("lr", lr),
@@ -1326,6 +1412,7 @@ class HyperSGD(HypergradientOptimizer):
             per_group=per_group,
             skip_nonfinite=skip_nonfinite,
             global_reduce=global_reduce,
+            stochastic_rounding=stochastic_rounding,
         )
 
     def _init_param_state(self, param: torch.Tensor, state: dict[str, Any], group: dict) -> None:
@@ -1391,7 +1478,13 @@ class HyperSGD(HypergradientOptimizer):
         for (device, dtype), (bucket, _) in bucket_by_device_and_dtype(lists).items():
             ok_d = ok.to(device)
             lr_d = lr.to(device)
-            if not learn_momentum and group["momentum"] > 0.0 and _fused_ok(group, device, dtype):
+            if (
+                not learn_momentum
+                and group["momentum"] > 0.0
+                and _fused_ok(
+                    group, bucket, ("param", "grad", "momentum_buffer"), _FUSED_SGD_CPU_DTYPES
+                )
+            ):
                 torch._fused_sgd_(
                     bucket[0],
                     bucket[1],
@@ -1434,7 +1527,8 @@ class HyperAdam(HypergradientOptimizer):
         implementation: as in :class:`HyperSGD`: the C loops on CPU (fixed betas; learned ones
             keep the torch paths), else ``"foreach"``/``"auto"`` run the update through torch's
             fused Adam(W) kernel when the betas are fixed.
-        skip_nonfinite, global_reduce: see :class:`~hf_tuningfree.optim.base.TuningFreeOptimizer`.
+        skip_nonfinite, global_reduce, stochastic_rounding: see
+            :class:`~hf_tuningfree.optim.base.TuningFreeOptimizer`.
 
     Per-parameter state: ``step``, ``exp_avg``, ``exp_avg_sq``, plus ``d_beta1``/``d_beta2``
     (the derivative of the last update direction) for each learned beta. Learning only the step
@@ -1442,6 +1536,7 @@ class HyperAdam(HypergradientOptimizer):
     """
 
     LEARNABLE = ("lr", "beta1", "beta2")
+    LEARN_ALIASES: ClassVar[Mapping[str, tuple[str, ...]]] = {"betas": ("beta1", "beta2")}
     SQUASHED = frozenset({"beta1", "beta2"})
 
     def __init__(
@@ -1465,6 +1560,7 @@ class HyperAdam(HypergradientOptimizer):
         implementation: str = "auto",
         skip_nonfinite: bool = True,
         global_reduce: object = "auto",
+        stochastic_rounding: bool = True,
     ) -> None:
         if not (isinstance(betas, Sequence) and len(betas) == 2):
             raise ValueError(f"Invalid betas: {betas!r}; allowed: a sequence of 2 numbers")
@@ -1490,6 +1586,7 @@ class HyperAdam(HypergradientOptimizer):
             per_group=per_group,
             skip_nonfinite=skip_nonfinite,
             global_reduce=global_reduce,
+            stochastic_rounding=stochastic_rounding,
         )
 
     def _init_param_state(self, param: torch.Tensor, state: dict[str, Any], group: dict) -> None:
@@ -1648,7 +1745,7 @@ class HyperAdam(HypergradientOptimizer):
             ok_d = ok.to(device)
             lr_d = lr.to(device)
             bucket_steps = [steps[i] for i in idx]
-            if not learned_betas and _fused_ok(group, device, dtype):
+            if not learned_betas and _fused_ok(group, bucket, _ADAM_STREAMS):
                 torch._foreach_add_(bucket_steps, ok_d.to(torch.float32))
                 beta1, beta2 = group["betas"]
                 fused = (
@@ -1706,7 +1803,8 @@ class HyperAdaGrad(HypergradientOptimizer):
         maximize: maximize the objective.
         learn: ``"lr"`` (the only learnable hyperparameter).
         height, hyper_optimizer, hyper_lr, hyper_betas, hyper_eps, lr_parametrization, per_group,
-        implementation, skip_nonfinite, global_reduce: as in :class:`HyperSGD`.
+        implementation, skip_nonfinite, global_reduce, stochastic_rounding: as in
+            :class:`HyperSGD`.
 
     Per-parameter state: ``sum`` (G) and ``direction`` (the last ``g / (sqrt(G) + eps)``).
     """
@@ -1734,6 +1832,7 @@ class HyperAdaGrad(HypergradientOptimizer):
         implementation: str = "auto",
         skip_nonfinite: bool = True,
         global_reduce: object = "auto",
+        stochastic_rounding: bool = True,
     ) -> None:
         defaults = {
             "lr": check_nonnegative("lr", lr),
@@ -1758,6 +1857,7 @@ class HyperAdaGrad(HypergradientOptimizer):
             per_group=per_group,
             skip_nonfinite=skip_nonfinite,
             global_reduce=global_reduce,
+            stochastic_rounding=stochastic_rounding,
         )
 
     def _init_param_state(self, param: torch.Tensor, state: dict[str, Any], group: dict) -> None:
@@ -1831,7 +1931,8 @@ class HyperRMSProp(HypergradientOptimizer):
         maximize: maximize the objective.
         learn: any of ``"lr"`` (default), ``"decay"``.
         height, hyper_optimizer, hyper_lr, hyper_betas, hyper_eps, lr_parametrization, per_group,
-        implementation, skip_nonfinite, global_reduce: as in :class:`HyperSGD`.
+        implementation, skip_nonfinite, global_reduce, stochastic_rounding: as in
+            :class:`HyperSGD`.
 
     Per-parameter state: ``square_avg``, plus ``direction`` (the last ``g / (sqrt(v) + eps)``)
     when the step size is learned and ``d_decay`` when the decay is.
@@ -1861,6 +1962,7 @@ class HyperRMSProp(HypergradientOptimizer):
         implementation: str = "auto",
         skip_nonfinite: bool = True,
         global_reduce: object = "auto",
+        stochastic_rounding: bool = True,
     ) -> None:
         defaults = {
             "lr": check_nonnegative("lr", lr),
@@ -1883,6 +1985,7 @@ class HyperRMSProp(HypergradientOptimizer):
             per_group=per_group,
             skip_nonfinite=skip_nonfinite,
             global_reduce=global_reduce,
+            stochastic_rounding=stochastic_rounding,
         )
 
     def _init_param_state(self, param: torch.Tensor, state: dict[str, Any], group: dict) -> None:

@@ -21,10 +21,19 @@ loops are unavailable.
 ``"auto"`` picks the fastest measured path for the device (see ``resolve_implementation`` and the
 benchmark in ``benchmarks/step_time.py``). Compilation that fails (no C++ compiler, no Triton, an
 unsupported torch) warns once and falls back to ``"loop"``: training never stops for it.
+
+Which tensors a path that takes raw memory may see is decided in one place,
+:func:`fast_path_accepts`: torch's fused multi-tensor kernels (``torch._fused_sgd_``,
+``torch._fused_adam(w)_``; on CPU in torch 2.13 they treat every tensor as contiguous memory of
+its parameter's size and check neither) and the C loops of :mod:`hf_tuningfree.optim._native`
+get a bucket only when every tensor in it is contiguous, of the bucket's dtype and device, and of
+its parameter's shape; a state tensor of another shape raises :class:`StateShapeError` before
+anything is written.
 """
 
 from __future__ import annotations
 
+import operator
 import os
 import time
 import warnings
@@ -42,6 +51,67 @@ IMPL_ENV_VAR = "HF_TUNINGFREE_IMPL"
 #: one-off compile (seconds) costs more than the per-step saving. Measured in
 #: benchmarks/step_time.py; see README "Performance".
 CPU_COMPILE_MIN_NUMEL = 1 << 22
+
+
+class StateShapeError(RuntimeError):
+    """A per-parameter state tensor (or gradient) whose shape differs from its parameter's: the
+    fused and C paths would read or write past its end. ``param`` is the parameter (as the kernel
+    saw it) and ``key`` the state key, so the optimizer can name both."""
+
+    def __init__(self, message: str, *, param: torch.Tensor, key: str) -> None:
+        super().__init__(message)
+        self.param = param
+        self.key = key
+
+
+def fast_path_accepts(
+    streams: Sequence[Sequence[torch.Tensor]],
+    names: Sequence[str],
+    *,
+    dtypes: Sequence[torch.dtype],
+    cpu_only: bool,
+) -> bool:
+    """Whether a fused multi-tensor kernel or a C loop may take this bucket.
+
+    ``streams``: parallel lists, the parameters first, then gradients and state (``names`` gives
+    each stream's name for errors). Every tensor must have its parameter's shape, else
+    :class:`StateShapeError` (whatever path would run: a mismatched state is an error on every
+    path). Returns False, so that the caller runs its per-tensor torch path, when a tensor is not
+    contiguous, not of the parameters' dtype (one of ``dtypes``) or not on the parameters' device
+    (on CPU when ``cpu_only``)."""
+    params = streams[0]
+    if not params:
+        return False
+    dtype = params[0].dtype
+    device = params[0].device
+    # Whole-list comparisons (C-level iteration): this runs for every bucket at every step.
+    shapes = list(map(_shape, params))
+    accepted = dtype in dtypes and (params[0].is_cpu or not cpu_only)
+    for stream, name in zip(streams, names, strict=True):
+        if len(stream) != len(params):
+            raise ValueError(
+                f"{name}: {len(stream)} tensors for {len(params)} parameters in one bucket"
+            )
+        if list(map(_shape, stream)) != shapes:
+            t, p = next((t, p) for t, p in zip(stream, params, strict=True) if t.shape != p.shape)
+            raise StateShapeError(
+                f"{name} has shape {list(t.shape)} but its parameter has shape {list(p.shape)}",
+                param=p,
+                key=name,
+            )
+        accepted = accepted and (
+            all(map(_is_contiguous, stream))
+            and {*map(_dtype, stream)} == {dtype}
+            and (all(map(_is_cpu, stream)) if cpu_only else {*map(_device, stream)} == {device})
+        )
+    return accepted
+
+
+_shape = operator.attrgetter("shape")
+_dtype = operator.attrgetter("dtype")
+_device = operator.attrgetter("device")
+_is_cpu = operator.attrgetter("is_cpu")
+_is_contiguous = torch.Tensor.is_contiguous
 
 
 def _compile_errors() -> tuple[type[BaseException], ...]:

@@ -187,7 +187,8 @@ class Prodigy(AdamFormBase):
         implementation: ``"auto"``, ``"loop"`` or ``"compiled"``; ``"foreach"`` runs the loop.
             On CPU, ``"auto"`` and ``"compiled"`` run the C kernels of
             :mod:`hf_tuningfree.optim._native` (see :mod:`hf_tuningfree.optim.dadapt`).
-        skip_nonfinite, global_reduce: see :class:`~hf_tuningfree.optim.base.TuningFreeOptimizer`.
+        skip_nonfinite, global_reduce, stochastic_rounding: see
+            :class:`~hf_tuningfree.optim.base.TuningFreeOptimizer`.
 
     State: per parameter ``exp_avg`` (m), ``exp_avg_sq`` (v), ``s``, ``x0``; model-wide ``d``,
     ``d_max``, ``numerator`` (r), ``s_l1``, ``step``.
@@ -225,6 +226,7 @@ class Prodigy(AdamFormBase):
         *,
         skip_nonfinite: bool = True,
         global_reduce: object = "auto",
+        stochastic_rounding: bool = True,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -244,7 +246,11 @@ class Prodigy(AdamFormBase):
             "implementation": implementation,
         }
         super().__init__(
-            params, defaults, skip_nonfinite=skip_nonfinite, global_reduce=global_reduce
+            params,
+            defaults,
+            skip_nonfinite=skip_nonfinite,
+            global_reduce=global_reduce,
+            stochastic_rounding=stochastic_rounding,
         )
 
     def _init_param_state(self, param: torch.Tensor, state: dict[str, Any], group: dict) -> None:

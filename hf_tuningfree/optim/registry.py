@@ -22,6 +22,7 @@ import torch
 from torch.optim.optimizer import ParamsT
 
 __all__ = [
+    "RECOMMENDED",
     "OptimizerSpec",
     "available_optimizers",
     "create_optimizer",
@@ -29,7 +30,6 @@ __all__ = [
     "parse_hyperparameter",
     "register_alias",
     "register_optimizer",
-    "RECOMMENDED",
 ]
 
 _NOT_HYPERPARAMETERS = {"self", "params"}
@@ -186,8 +186,9 @@ def _fold_beta_aliases(
     name: str, overrides: dict[str, Any], hp: Mapping[str, Any]
 ) -> dict[str, Any]:
     """``beta1=..``/``beta2=..`` set one entry of a ``betas`` tuple (``optim_args`` cannot carry
-    a tuple: it splits on commas)."""
-    aliases = {k: v for k, v in overrides.items() if k.startswith("beta") and k[4:].isdigit()}
+    a tuple: it splits on commas). A name the constructor itself takes (Prodigy's ``beta3``) is
+    that argument, not an alias."""
+    aliases = {k: v for k, v in overrides.items() if _is_beta_alias(k, hp)}
     if not aliases or "betas" not in hp or hp["betas"] is None:
         return overrides
     betas = list(overrides.pop("betas", hp["betas"]))
@@ -201,6 +202,10 @@ def _fold_beta_aliases(
         betas[index] = overrides.pop(key)
     overrides["betas"] = tuple(betas)
     return overrides
+
+
+def _is_beta_alias(key: str, hp: Mapping[str, Any]) -> bool:
+    return key not in hp and key.startswith("beta") and key[4:].isdigit()
 
 
 def _type_name(hint: Any) -> str:
@@ -230,6 +235,8 @@ def _fits(value: Any, hint: Any) -> bool:
     if hint is bool:
         return isinstance(value, bool)
     if hint is float:
+        if isinstance(value, torch.Tensor):  # torch.optim accepts a one-element tensor lr
+            return value.numel() == 1 and value.is_floating_point()
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
@@ -256,7 +263,7 @@ def parse_hyperparameter(name: str, key: str, text: str) -> Any:
     type for ``key`` of optimizer ``name``; errors name the key and the expected type."""
     spec = get_optimizer_spec(name)
     hints = spec.annotations()
-    lookup = "betas" if (key.startswith("beta") and key[4:].isdigit() and "betas" in hints) else key
+    lookup = "betas" if _is_beta_alias(key, hints) and "betas" in hints else key
     if lookup not in hints:
         raise ValueError(
             f"Unknown hyperparameter {key!r} for optimizer {name!r}; valid: "

@@ -41,7 +41,6 @@ repeats the same operations and continues bit-exactly.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -257,6 +256,7 @@ class ProdigyScheduleFree(ScheduleFreeModes, Prodigy):
         *,
         skip_nonfinite: bool = True,
         global_reduce: object = "auto",
+        stochastic_rounding: bool = True,
     ) -> None:
         if not 0.0 < betas[0] < 1.0:
             raise ValueError(
@@ -282,6 +282,7 @@ class ProdigyScheduleFree(ScheduleFreeModes, Prodigy):
             implementation=implementation,
             skip_nonfinite=skip_nonfinite,
             global_reduce=global_reduce,
+            stochastic_rounding=stochastic_rounding,
         )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -325,9 +326,14 @@ class ProdigyScheduleFree(ScheduleFreeModes, Prodigy):
         scalars = [coupled, self._s_weight(group, d, dlr), _scalar(self._beta3() - 1.0, d)]
         return _PRODIGY_SF_STATISTICS, scalars, _flags(group)
 
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def _before_step(self) -> None:
+        # not an override of step(): torch wraps each class's step() with the step hooks, so an
+        # override calling super().step() would run every hook twice
         self._check_train_mode()
-        return super().step(closure)
+
+    def _fill_group(self, group: dict[str, Any]) -> None:
+        super()._fill_group(group)
+        group.setdefault(TRAIN_MODE, True)  # a state dict from before the key existed
 
     def _update_pass(
         self,

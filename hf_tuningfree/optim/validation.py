@@ -15,12 +15,26 @@ import torch
 def _as_float(name: str, value: object) -> float:
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
-            raise ValueError(f"{name} must be a single number, got a tensor of shape {value.shape}")
+            raise ValueError(
+                f"Invalid {name}: a tensor of shape {list(value.shape)}; allowed: a number or a "
+                "one-element tensor"
+            )
         # Constructor-time only: never called inside step().
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
     return float(value)
+
+
+def scalar_value(name: str, value: object) -> object:
+    """A one-element tensor (shape ``[]``, ``[1]``, ``[1, 1]``, ...) as the Python number it
+    holds; anything else unchanged (the caller validates it). Used for a param group's ``lr``
+    when the group is set up (construction, ``add_param_group``, ``load_state_dict``), as
+    torch.optim accepts a tensor ``lr``: reading it there keeps ``step()`` free of host reads
+    and makes every shape behave like the number."""
+    if isinstance(value, torch.Tensor):
+        return _as_float(name, value)
+    return value
 
 
 def check_nonnegative(name: str, value: object) -> float:
