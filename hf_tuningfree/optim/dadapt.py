@@ -488,7 +488,9 @@ class DAdaptationBase(TuningFreeOptimizer):
         live = [gb for gb in batch.groups if gb.group["lr"] > 0] or batch.groups
         params = [p for gb in live for p in gb.params]
         sq = sum((_sq_sum(p, True) for p in params), torch.zeros((), dtype=torch.float64))
-        count = float(sum(p.numel() for p in params))
+        # an FSDP1 flat shard ends in zero padding that is no weight: leave it out of the count
+        padded = (getattr(o, "_shard_numel_padded", 0) for gb in live for o in gb.originals)
+        count = float(sum(p.numel() for p in params) - sum(padded))
         return {"x0_sq": sq.to(batch.device), "x0_count": torch.tensor(count, device=batch.device)}
 
     def _x0_scale(self, stats: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -698,7 +698,9 @@ class LDoG(DoG):
             if self._zero_init_scale:  # sum of squares and (local) size of every x_0 in the step
                 x0s = [x0 for gb in batch.groups for x0 in gb.state_list("x0")]
                 total = torch.stack([n.to(batch.device, sdt) for n in foreach_norms(x0s)])
-                count = float(sum(local_view(x0).numel() for x0 in x0s))
+                padded = sum(getattr(o, "_shard_numel_padded", 0) for gb in batch.groups
+                             for o in gb.originals)  # FSDP1 flat shards' zero padding  # fmt: skip
+                count = float(sum(local_view(x0).numel() for x0 in x0s) - padded)
                 out["x0_all"] = torch.stack(
                     [total.square().sum(), torch.tensor(count, dtype=sdt, device=batch.device)]
                 )
