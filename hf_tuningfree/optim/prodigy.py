@@ -65,9 +65,24 @@ def prodigy_statistics(
     ``||s_{k+1}||_1`` with ``s_{k+1} = s_k + c_s s_k + s_weight g'`` (``c_s = beta3 - 1``), the
     update's expression."""
     g, p = effective_grad(grad, param, coupled_wd, maximize=maximize, coupled=coupled)
+    return prodigy_sums(grad, g, p, s, x0, s_weight, c_s, acc64)
+
+
+def prodigy_sums(
+    grad: torch.Tensor,
+    g: torch.Tensor,
+    point: torch.Tensor,
+    s: torch.Tensor,
+    x0: torch.Tensor,
+    s_weight: torch.Tensor,
+    c_s: torch.Tensor,
+    acc64: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``||grad||^2``, ``<g, x_0 - point>`` and ``||s + c_s s + s_weight g||_1``: Prodigy's sums
+    for the gradient ``g`` (weight decay included) with the numerator taken at ``point``."""
     s_old = s.to(g.dtype)
     s_new = s_old + c_s * s_old + s_weight * g
-    dot = _total(g * (x0.to(g.dtype) - p), acc64)
+    dot = _total(g * (x0.to(g.dtype) - point), acc64)
     return _sq_sum(grad, acc64), dot, _total(s_new.abs(), acc64)
 
 

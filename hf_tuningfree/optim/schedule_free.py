@@ -52,13 +52,11 @@ from .dadapt import (
     _flags,
     _pass,
     _scalar,
-    _sq_sum,
-    _total,
     _weight_decay_scalars,
     effective_grad,
 )
 from .distributed import local_view
-from .prodigy import Prodigy
+from .prodigy import Prodigy, prodigy_sums
 
 __all__ = ["ProdigyScheduleFree", "prodigy_sf_tensor_update", "schedule_free_weight"]
 
@@ -125,10 +123,7 @@ def prodigy_sf_statistics(
     """Statistics of schedule-free Prodigy for one tensor: ``||g||^2``, ``<g', x_0 - z_k>`` (the
     base iterate: see :class:`ProdigyScheduleFree`) and ``||s_{k+1}||_1``."""
     g, _ = effective_grad(grad, param, coupled_wd, maximize=maximize, coupled=coupled)
-    s_old = s.to(g.dtype)
-    s_new = s_old + c_s * s_old + s_weight * g
-    dot = _total(g * (x0.to(g.dtype) - z.to(g.dtype)), acc64)
-    return _sq_sum(grad, acc64), dot, _total(s_new.abs(), acc64)
+    return prodigy_sums(grad, g, z.to(g.dtype), s, x0, s_weight, c_s, acc64)
 
 
 _PRODIGY_SF_STATISTICS = _pass(
