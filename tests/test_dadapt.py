@@ -91,6 +91,14 @@ def _sum_over_seen(s, seen, f):
                if seen[gi][pi] for u in p)  # fmt: skip
 
 
+def _start(prob, rel, kind="rms"):
+    """The fast start: d0_rel times the initial weights' RMS (SGD: their L2 norm); at step 0
+    every parameter of the problem has a gradient."""
+    values = [v for grp in prob["init"] for p in grp for v in p]
+    sq = sum(v * v for v in values)
+    return rel * (math.sqrt(sq) if kind == "norm" else math.sqrt(sq / len(values)))
+
+
 def _adam_bias_correction(k, betas, on):
     b1, b2 = betas
     return math.sqrt(1 - b2 ** (k + 1)) / (1 - b1 ** (k + 1)) if on else 1.0
@@ -172,7 +180,7 @@ def _assert_matches_reference(cls, prob, groups_hp, model_hp, reference, min_gro
 
 
 # ---------------------------------------------------------------------- references
-def reference_sgd(prob, groups_hp, d0, growth_rate, gradient_bound="max"):
+def reference_sgd(prob, groups_hp, d0, growth_rate, gradient_bound="max", d0_rel=0.0):
     """D-Adapted SGD: lambda_k = d_k lr / G_k, G_k the largest gradient norm so far (this step's
     included; "first": ||g_0||), over groups with lr > 0, raw gradients; N += lambda <g, s_k>,
     s += lambda g, z -= lambda g, x = beta x + (1 - beta) z, d_hat = 2 N / ||s||_2."""
@@ -213,11 +221,13 @@ def reference_sgd(prob, groups_hp, d0, growth_rate, gradient_bound="max"):
         if s_sq > 0:
             d_hat = 2 * numerator / math.sqrt(s_sq)
             d = max(d, min(d_hat, growth_rate * d))
+        if t == 0:
+            d = max(d, _start(prob, d0_rel, "norm"))
         ds.append(d)
     return x, ds
 
 
-def reference_adam(prob, groups_hp, d0, growth_rate, betas, bias_correction):
+def reference_adam(prob, groups_hp, d0, growth_rate, betas, bias_correction, d0_rel=0.0):
     """D-Adapted Adam, published form: dlr = d lr bc; r = sqrt(b2) r + (1 - sqrt(b2)) dlr
     <g, s/(sqrt(v)+eps)>; m = b1 m + (1-b1) dlr g; v = b2 v + (1-b2) g^2; s = sqrt(b2) s +
     (1 - sqrt(b2)) dlr g; d_hat = r / ((1 - sqrt(b2)) ||s||_1); x -= m / (sqrt(v) + eps)."""
@@ -249,11 +259,13 @@ def reference_adam(prob, groups_hp, d0, growth_rate, betas, bias_correction):
         l1 = _sum_over_seen(s, seen, abs)
         if l1 > 0:
             d = max(d, min(r / ((1 - b3) * l1), growth_rate * d))
+        if k == 0:
+            d = max(d, _start(prob, d0_rel))
         ds.append(d)
     return x, ds
 
 
-def reference_adagrad(prob, groups_hp, d0, growth_rate):
+def reference_adagrad(prob, groups_hp, d0, growth_rate, d0_rel=0.0):
     """D-Adapted AdaGrad (dual averaging): alpha += g^2; s += d lr g; x = x0 - s / (sqrt(alpha)
     + eps); d_hat = (sum s^2/(sqrt(alpha)+eps) - sum_k (d lr)^2 g^2/(sqrt(alpha)+eps)) / ||s||_1."""
     x0 = _initial(prob)
@@ -287,11 +299,15 @@ def reference_adagrad(prob, groups_hp, d0, growth_rate):
                         l1 += abs(u)
         if l1 > 0:
             d = max(d, min((sksq - gsq_weighted) / l1, growth_rate * d))
+        if k == 0:
+            d = max(d, _start(prob, d0_rel))
         ds.append(d)
     return x, ds
 
 
-def reference_prodigy(prob, groups_hp, d0, growth_rate, betas, bias_correction, safeguard, coef):
+def reference_prodigy(
+    prob, groups_hp, d0, growth_rate, betas, bias_correction, safeguard, coef, d0_rel=0.0
+):
     """Prodigy, Adam form: m = b1 m + (1-b1) d g; v = b2 v + (1-b2) d^2 g^2; r = b3 r + (d/d0)
     dlr <g, x0 - x>; s = b3 s + (d/d0) dlr g (safeguard: (d/d0) d g); d_hat = coef r / ||s||_1;
     d_max = max(d_max, d_hat); d = min(d_max, growth d); x -= dlr m / (sqrt(v) + d eps)."""
@@ -326,6 +342,8 @@ def reference_prodigy(prob, groups_hp, d0, growth_rate, betas, bias_correction, 
         if l1 > 0:
             d_max = max(d_max, coef * r / l1)
             d = max(d, min(d_max, growth_rate * d))
+        if k == 0:
+            d, d_max = max(d, _start(prob, d0_rel)), max(d_max, _start(prob, d0_rel))
         ds.append(d)
     return x, ds
 
@@ -346,50 +364,57 @@ TOL = 1e-5
 ADAM_BETAS = (0.8, 0.99)
 
 
+START = pytest.mark.parametrize("d0_rel", [1e-3, 0.0], ids=["start1e-3", "no_start"])
+
+
+@START
 @pytest.mark.parametrize("bound", ["max", "first"], ids=["bound_max", "bound_first"])
 @pytest.mark.parametrize("momentum", [0.0, 0.9], ids=["no_momentum", "momentum"])
 @pytest.mark.parametrize("decoupled", [False, True], ids=["coupled_wd", "decoupled_wd"])
 @pytest.mark.parametrize("growth_rate", [math.inf, 1.5], ids=["growth_inf", "growth_1.5"])
-def test_sgd_matches_reference(bound, momentum, decoupled, growth_rate, monkeypatch):
+def test_sgd_matches_reference(d0_rel, bound, momentum, decoupled, growth_rate, monkeypatch):
     prob = _make_problem()
     hp = _groups(decoupled, momentum=momentum)
-    reference = reference_sgd(prob, hp, D0, growth_rate, bound)
-    model = {"d0": D0, "growth_rate": growth_rate, "gradient_bound": bound}
+    reference = reference_sgd(prob, hp, D0, growth_rate, bound, d0_rel)
+    model = {"d0": D0, "d0_rel": d0_rel, "growth_rate": growth_rate, "gradient_bound": bound}
     _assert_matches_reference(
         DAdaptSGD, prob, hp, model, reference, min_growth=100, monkeypatch=monkeypatch
     )
 
 
+@START
 @pytest.mark.parametrize("bias_correction", [True, False], ids=["bc", "no_bc"])
 @pytest.mark.parametrize("decoupled", [False, True], ids=["coupled_wd", "decoupled_wd"])
 @pytest.mark.parametrize("growth_rate", [math.inf, 1.5], ids=["growth_inf", "growth_1.5"])
-def test_adam_matches_reference(bias_correction, decoupled, growth_rate, monkeypatch):
+def test_adam_matches_reference(d0_rel, bias_correction, decoupled, growth_rate, monkeypatch):
     prob = _make_problem()
     hp = _adam_groups(decoupled)
-    reference = reference_adam(prob, hp, D0, growth_rate, ADAM_BETAS, bias_correction)
-    model = {"d0": D0, "growth_rate": growth_rate, "betas": ADAM_BETAS}
+    reference = reference_adam(prob, hp, D0, growth_rate, ADAM_BETAS, bias_correction, d0_rel)
+    model = {"d0": D0, "d0_rel": d0_rel, "growth_rate": growth_rate, "betas": ADAM_BETAS}
     model["use_bias_correction"] = bias_correction
     _assert_matches_reference(
         DAdaptAdam, prob, hp, model, reference, min_growth=10, monkeypatch=monkeypatch
     )
 
 
+@START
 @pytest.mark.parametrize("momentum", [0.0, 0.5], ids=["no_momentum", "momentum"])
 @pytest.mark.parametrize("growth_rate", [math.inf, 1.5], ids=["growth_inf", "growth_1.5"])
-def test_adagrad_matches_reference(momentum, growth_rate, monkeypatch):
+def test_adagrad_matches_reference(d0_rel, momentum, growth_rate, monkeypatch):
     """Weight decay is coupled only for AdaGrad (x is recomputed from x0 each step)."""
     prob = _make_problem()
     hp = [
         dict(lr=1.0, weight_decay=0.1, eps=1e-6, momentum=momentum, initial_accumulator_value=1e-6),
         dict(lr=0.5, weight_decay=0.0, eps=1e-3, momentum=momentum, initial_accumulator_value=0.1),
     ]
-    reference = reference_adagrad(prob, hp, D0, growth_rate)
-    model = {"d0": D0, "growth_rate": growth_rate}
+    reference = reference_adagrad(prob, hp, D0, growth_rate, d0_rel)
+    model = {"d0": D0, "d0_rel": d0_rel, "growth_rate": growth_rate}
     _assert_matches_reference(
         DAdaptAdaGrad, prob, hp, model, reference, min_growth=10, monkeypatch=monkeypatch
     )
 
 
+@START
 @pytest.mark.parametrize(
     "bias_correction, safeguard, coef",
     [(True, False, 1.0), (False, False, 1.0), (True, True, 0.5)],
@@ -398,14 +423,15 @@ def test_adagrad_matches_reference(momentum, growth_rate, monkeypatch):
 @pytest.mark.parametrize("decoupled", [False, True], ids=["coupled_wd", "decoupled_wd"])
 @pytest.mark.parametrize("growth_rate", [math.inf, 1.5], ids=["growth_inf", "growth_1.5"])
 def test_prodigy_matches_reference(
-    bias_correction, safeguard, coef, decoupled, growth_rate, monkeypatch
+    d0_rel, bias_correction, safeguard, coef, decoupled, growth_rate, monkeypatch
 ):
     prob = _make_problem()
     hp = _adam_groups(decoupled)
     reference = reference_prodigy(
-        prob, hp, D0, growth_rate, ADAM_BETAS, bias_correction, safeguard, coef
+        prob, hp, D0, growth_rate, ADAM_BETAS, bias_correction, safeguard, coef, d0_rel
     )
-    model = {"d0": D0, "growth_rate": growth_rate, "betas": ADAM_BETAS, "d_coef": coef}
+    model = {"d0": D0, "d0_rel": d0_rel, "growth_rate": growth_rate, "betas": ADAM_BETAS}
+    model["d_coef"] = coef
     model |= {"use_bias_correction": bias_correction, "safeguard_warmup": safeguard}
     _assert_matches_reference(
         Prodigy, prob, hp, model, reference, min_growth=10, monkeypatch=monkeypatch
@@ -573,7 +599,8 @@ def test_trainer_group_split_does_not_change_d(name):
     one, two = run(False), run(True)
     rel = ((one - two).abs() / one).max().item()
     assert rel <= 1e-12, f"{name}: d sequences differ by {rel:.2e} (relative)"
-    assert one[-1] > 100 * one[0], f"{name}: d did not grow ({one[0]:.2g} -> {one[-1]:.2g})"
+    # the first d is the fast start's (d0_rel times the weights' scale); measured 48-86x growth
+    assert one[-1] > 20 * one[0], f"{name}: d did not grow ({one[0]:.2g} -> {one[-1]:.2g})"
 
 
 @pytest.mark.parametrize("name", ["dadapt_sgd", "dadapt_adam", "dadapt_adagrad", "prodigy"])
@@ -728,17 +755,20 @@ def test_resume_is_bit_identical(cls, kwargs, tmp_path):
             opt.step()
         return p.detach(), opt.stats()
 
-    (pa, sa), (pb, sb) = run(), run(resume_at=6)
-    assert torch.equal(pa, pb)
-    assert sa == sb
+    (pa, sa) = run()
+    for resume_at in (1, 6):  # 1: right after the fast start raised d (x0_scale is saved)
+        pb, sb = run(resume_at=resume_at)
+        assert torch.equal(pa, pb)
+        assert sa == sb
 
 
-def _noise_regression(gradient_bound, steps=100):
+def _noise_regression(gradient_bound, steps=100, d0_rel=0.0):
     """Issue 18's case: a 10-32-1 ReLU MLP fitting noise (loss ~11), full batch."""
     torch.manual_seed(0)
     x, y = torch.randn(64, 10), 3.2 * torch.randn(64, 1)
     model = torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1))
-    opt = create_optimizer("dadapt_sgd", model.parameters(), gradient_bound=gradient_bound)
+    start = {} if d0_rel is None else {"d0_rel": d0_rel}  # None: the registry's default
+    opt = create_optimizer("dadapt_sgd", model.parameters(), gradient_bound=gradient_bound, **start)
     losses = []
     for _ in range(steps):
         loss = torch.nn.functional.mse_loss(model(x), y)
@@ -753,7 +783,8 @@ def test_sgd_step_bounded_by_the_largest_gradient_does_not_diverge():
     """With G = ||g_0|| (the authors' estimate) the step d / G outgrows the curvature once the
     gradients grow, and d never decreases: the loss goes from 11.6 to ~1e35 and most steps are
     skipped for Inf gradients. With G the largest gradient norm so far the step shrinks as the
-    gradients grow: measured 11.6 -> 1.48 (min 1.16), no skipped step."""
+    gradients grow: measured 11.6 -> 1.48 (max 12.6), no skipped step. Both from d0 (d0_rel=0):
+    the authors' start."""
     with pytest.warns(RuntimeWarning, match="skipped"):
         first, first_stats = _noise_regression("first")
     assert first_stats["skipped_steps"] > 50
@@ -762,3 +793,94 @@ def test_sgd_step_bounded_by_the_largest_gradient_does_not_diverge():
     print(f"first: max {max(first):.3g}; max: {losses[0]:.3g} -> {losses[-1]:.3g}")
     assert stats["skipped_steps"] == 0
     assert max(losses) < 1.1 * 12.7 and losses[-1] < 0.2 * losses[0]
+
+
+def test_sgd_fast_start_ends_lower_with_one_transient():
+    """The same problem with the registry's default fast start (d0_rel=1e-2: d = 0.035 after
+    step 0, from ||x_0|| = 3.5; d ends at 2.26): the loss ends lower (1.00 against 1.48 from d0),
+    but d_hat overshoots once on the way: the loss rises to 18.1 at step 32 (12.6 from d0) and
+    is below half its start 5 steps later. D-Adapt SGD's estimate can overshoot whatever its
+    start (README, "Fast start")."""
+    losses, stats = _noise_regression("max", d0_rel=None)
+    slow, _ = _noise_regression("max")
+    assert stats["skipped_steps"] == 0
+    assert losses[-1] < 0.75 * slow[-1] and losses[-1] < 0.1 * losses[0]
+    peak = max(range(len(losses)), key=losses.__getitem__)
+    assert 1.3 * losses[0] < losses[peak] < 2 * losses[0]
+    assert max(losses[peak + 5 :]) < 0.5 * losses[0]
+
+
+# ---------------------------------------------------------------------- fast start (d0_rel)
+def _start_case(cls, rel, first_grad=None):
+    """Two named estimates: "a" (random weights, two tensors) and "b" (all zero, LoRA's B)."""
+    from hf_tuningfree.optim import ProdigyScheduleFree
+
+    cls = ProdigyScheduleFree if cls == "prodigy_sf" else cls
+    gen = torch.Generator().manual_seed(3)
+    a = [torch.randn(4, 3, generator=gen, dtype=torch.float64), torch.randn(5, generator=gen,
+         dtype=torch.float64)]  # fmt: skip
+    b = [torch.zeros(6, 2, dtype=torch.float64)]
+    params = [torch.nn.Parameter(x.clone()) for x in (*a, *b)]
+    opt = cls(
+        [{"params": params[:2], "name": "a"}, {"params": params[2:], "name": "b"}],
+        d0=1e-9, d0_rel=rel, d_groups="group",
+    )  # fmt: skip
+    grads = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in params]
+    return opt, params, grads, [v for x in a for v in x.flatten().tolist()], 12
+
+
+START_CLASSES = [DAdaptSGD, DAdaptAdam, DAdaptAdaGrad, Prodigy, "prodigy_sf"]
+
+
+@pytest.mark.parametrize("cls", START_CLASSES, ids=lambda c: getattr(c, "__name__", c))
+def test_fast_start_raises_d_to_the_weights_scale_and_zero_weights_take_the_models(cls):
+    """After the first step (where every estimator's numerator is 0: x = x_0), each estimate's d
+    is d0_rel times its weights' RMS (D-Adapt SGD, whose d is an L2 distance: their norm); the
+    all-zero estimate "b" takes the RMS of all the weights (SGD: that RMS times sqrt(n_b)), the
+    scale its n_b weights would have at the model's RMS. Per element in plain floats, fp64."""
+    rel = 1e-3
+    opt, params, grads, a_values, n_b = _start_case(cls, rel)
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g
+    opt.step()
+    sq_a = sum(v * v for v in a_values)
+    rms_all = math.sqrt(sq_a / (len(a_values) + n_b))
+    if cls is DAdaptSGD:
+        want_a, want_b = rel * math.sqrt(sq_a), rel * rms_all * math.sqrt(n_b)
+    else:
+        want_a, want_b = rel * math.sqrt(sq_a / len(a_values)), rel * rms_all
+    st = opt.stats()
+    assert st["d/a"] == pytest.approx(want_a, rel=1e-12)
+    assert st["d/b"] == pytest.approx(want_b, rel=1e-12)
+    if isinstance(opt, Prodigy):  # Prodigy's d_max is raised with d
+        assert float(opt.global_state["d_max@a"]) == pytest.approx(want_a, rel=1e-12)
+        assert float(opt.global_state["d_max@b"]) == pytest.approx(want_b, rel=1e-12)
+
+
+@pytest.mark.parametrize("cls", START_CLASSES, ids=lambda c: getattr(c, "__name__", c))
+def test_fast_start_off_and_after_a_skipped_first_step(cls):
+    """d0_rel=0: d stays d0 after the first step (the authors' start). A first step skipped for a
+    non-finite gradient leaves d at d0; the start comes with the first applied step."""
+    off, params, grads, _, _ = _start_case(cls, 0.0)
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g
+    off.step()
+    assert off.stats()["d/a"] == off.stats()["d/b"] == 1e-9
+    on, params, grads, _, _ = _start_case(cls, 1e-3)
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g.clone()
+    params[0].grad[0, 0] = float("nan")
+    before = [p.detach().clone() for p in params]
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        on.step()
+    assert on.stats()["d/a"] == 1e-9
+    assert all(torch.equal(p.detach(), q) for p, q in zip(params, before, strict=True))
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g
+    on.step()
+    reference, params2, grads2, _, _ = _start_case(cls, 1e-3)
+    for p, g in zip(params2, grads2, strict=True):
+        p.grad = g
+    reference.step()
+    assert on.stats()["d/a"] == reference.stats()["d/a"] > 1e-6
+    assert on.stats()["d/b"] == reference.stats()["d/b"] > 1e-6

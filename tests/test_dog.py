@@ -17,7 +17,7 @@ STEPS = 30
 
 
 # --------------------------------------------------------------------------- reference
-def reference_dog(init, grads, groups_hp, mode, delta=0.1):
+def reference_dog(init, grads, groups_hp, mode, delta=0.1, zero_init_scale=False):
     """Plain Python floats, one element at a time.
 
     ``init[g][i]``: list of floats (parameter i of group g); ``grads[t][g][i]``: list of floats or
@@ -26,6 +26,8 @@ def reference_dog(init, grads, groups_hp, mode, delta=0.1):
     scratch every step over every tensor that has an x0 (taken at its first gradient); r_eps
     comes from the tensors that have a gradient at the first step. Returns the parameters and the
     step sizes used at every step (a float, or for L-DoG a dict {(g, i): eta}).
+    ``zero_init_scale`` (L-DoG): a tensor whose x0 is all zero uses sqrt(n) times the RMS of the
+    x0 of every tensor with a gradient at that step in place of ||x0||.
     """
     x = [[list(p) for p in grp] for grp in init]
     x0: dict[tuple[int, int], list[float]] = {}
@@ -46,13 +48,18 @@ def reference_dog(init, grads, groups_hp, mode, delta=0.1):
             norm0 = math.sqrt(sum(sq(x[gi][pi]) for gi, pi in live))
             rbar = groups_hp[0]["reps_rel"] * (1.0 + norm0)
             G = 0.0
-        for key in live:
-            if key not in x0:
-                x0[key] = list(x[key[0]][key[1]])
-                if mode == "ldog":
-                    gi, pi = key
-                    r_eps = groups_hp[gi]["reps_rel"] * (1.0 + math.sqrt(sq(x[gi][pi])))
-                    per[key] = {"rbar": r_eps, "G": 0.0}
+        new = [key for key in live if key not in x0]
+        for key in new:
+            x0[key] = list(x[key[0]][key[1]])
+        for key in new:
+            if mode == "ldog":
+                gi, pi = key
+                norm = math.sqrt(sq(x[gi][pi]))
+                if zero_init_scale and norm == 0:
+                    mean_sq = sum(sq(x0[k]) for k in live) / sum(len(x0[k]) for k in live)
+                    norm = math.sqrt(len(x0[key]) * mean_sq)
+                r_eps = groups_hp[gi]["reps_rel"] * (1.0 + norm)
+                per[key] = {"rbar": r_eps, "G": 0.0}
         geff = {}
         for gi, pi in live:
             wd = groups_hp[gi]["weight_decay"]
@@ -559,3 +566,58 @@ def test_convex_dog_with_averaging_matches_the_best_sgd_over_four_orders_of_reps
     for (name, reps_rel), value in results.items():
         if name == "dog":
             assert value <= 1.02 * best, f"DoG reps_rel={reps_rel}: {value:.5f} vs {best:.5f}"
+
+
+@pytest.mark.parametrize("impl", ["loop", "foreach", "compiled"])
+@pytest.mark.parametrize("zero_init_scale", [True, False], ids=["scaled", "paper"])
+def test_ldog_zero_initialised_tensors_take_the_models_scale(zero_init_scale, impl):
+    """Two tensors start at 0 (LoRA's B), one of them with its first gradient at step 2: with
+    zero_init_scale their r_eps is reps_rel (1 + sqrt(n_k) RMS(x_0)), the RMS over the step's
+    tensors; without, the paper's reps_rel (1 + 0). Per element against the reference, fp64."""
+    init, grads = _make_problem()
+    init[0][1] = torch.zeros_like(init[0][1])
+    init[2][0] = torch.zeros_like(init[2][0])  # first gradient at step 2
+    hp = _groups_hp("ldog")
+    expected, expected_etas = reference_dog(
+        *_as_lists(init, grads), hp, "ldog", zero_init_scale=zero_init_scale
+    )
+    params = [[torch.nn.Parameter(p.clone()) for p in grp] for grp in init]
+    opt = LDoG(
+        [{"params": ps, **h} for ps, h in zip(params, hp, strict=True)],
+        implementation=impl,
+        zero_init_scale=zero_init_scale,
+    )
+    record = []
+    for step_grads in grads:
+        for ps, gs in zip(params, step_grads, strict=True):
+            for p, g in zip(ps, gs, strict=True):
+                p.grad = g
+        opt.step()
+        record.append(_current_etas(opt, params, "ldog"))
+    for t, (ours, ref) in enumerate(zip(record, expected_etas, strict=True)):
+        assert ours.keys() == ref.keys()
+        for key, value in ref.items():
+            assert ours[key] == pytest.approx(value, rel=1e-12), f"step {t}, tensor {key}"
+    worst = max(
+        (p.detach().flatten() - torch.tensor(e, dtype=torch.float64)).abs().max().item()
+        for ps, es in zip(params, expected, strict=True)
+        for p, e in zip(ps, es, strict=True)
+    )
+    assert worst <= 1e-9
+    first_b = expected_etas[0][(0, 1)] * math.sqrt(grads[0][0][1].square().sum().item() + 1e-8)
+    if zero_init_scale:  # rbar_0 of the zero tensor: reps_rel (1 + 2.2) here
+        assert first_b > 3 * hp[0]["reps_rel"]
+    else:
+        assert first_b == pytest.approx(hp[0]["reps_rel"], rel=1e-9)
+
+
+def test_dog_family_defaults_start_at_a_thousandth_of_the_weights():
+    """The fast start: reps_rel = 1e-3 by default (the paper's 1e-6 is an argument away)."""
+    for cls in (DoG, LDoG, TDoG):
+        p = torch.nn.Parameter(torch.ones(100))
+        opt = cls([p])
+        assert opt.param_groups[0]["reps_rel"] == 1e-3
+        p.grad = torch.ones(100)
+        opt.step()
+        rbar = opt.global_state["rbar"] if cls is not LDoG else opt.state[p]["rbar"]
+        assert float(rbar) == pytest.approx(1e-3 * (1 + 10.0), rel=1e-6)

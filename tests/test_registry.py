@@ -202,3 +202,71 @@ def test_readme_tool_rewrites_only_the_marked_block_of_the_readme_it_is_given(tm
     assert tool.main(["--readme", str(readme)]) == 0
     assert tool.table_block(readme.read_text(encoding="utf-8")) == registry_table()
     assert tool.main(["--readme", str(readme), "--check"]) == 0
+
+
+# ---------------------------------------------------------------------- the recommended name
+def test_tuningfree_is_the_recommended_entry_under_a_second_name():
+    from hf_tuningfree.optim.registry import RECOMMENDED, RECOMMENDED_TARGET
+
+    assert RECOMMENDED == "tuningfree"
+    alias, target = get_optimizer_spec("tuningfree"), get_optimizer_spec(RECOMMENDED_TARGET)
+    assert alias.alias_of == RECOMMENDED_TARGET and target.alias_of is None
+    assert (alias.cls, alias.lr, dict(alias.defaults)) == (target.cls, target.lr, target.defaults)
+    assert dict(alias.trainer_defaults) == dict(target.trainer_defaults)
+    assert alias.hyperparameters() == target.hyperparameters()
+    opt = create_optimizer("tuningfree", _params())
+    ref = create_optimizer(RECOMMENDED_TARGET, _params())
+    assert type(opt) is type(ref)
+    assert opt.param_groups[0].keys() == ref.param_groups[0].keys()
+    assert all(
+        opt.param_groups[0][k] == ref.param_groups[0][k]
+        for k in ref.param_groups[0]
+        if k != "params"
+    )
+
+
+def test_tuningfree_is_marked_first_in_the_listing_and_left_out_of_compare_defaults():
+    table = registry_table().splitlines()
+    assert table[2].startswith("| `tuningfree` |") and "**recommended**" in table[2]
+    assert sum("**recommended**" in row for row in table) == 1
+    assert "tuningfree" in available_optimizers()
+    assert "tuningfree" not in available_optimizers(tuning_free_only=True, aliases=False)
+    assert available_optimizers(aliases=False) == [
+        n for n in available_optimizers() if n != "tuningfree"
+    ]
+
+
+def test_an_alias_of_an_alias_is_refused(monkeypatch):
+    from hf_tuningfree.optim.registry import register_alias
+
+    monkeypatch.setattr(registry_module, "_REGISTRY", dict(registry_module._REGISTRY))
+    with pytest.raises(ValueError, match="'tuningfree' is itself an alias"):
+        register_alias("again", "tuningfree")
+    spec = register_alias("tuningfree", "prodigy")  # re-pointing the name replaces it
+    assert get_optimizer_spec("tuningfree").cls is get_optimizer_spec("prodigy").cls
+    assert spec.alias_of == "prodigy"
+
+
+def test_tuningfree_round_trips_through_the_trainer_arguments(tmp_path):
+    import json
+
+    from transformers import HfArgumentParser
+
+    from hf_tuningfree import TuningFreeTrainingArguments
+    from hf_tuningfree.hf import optimizer_cls_and_kwargs
+    from hf_tuningfree.optim.registry import RECOMMENDED_TARGET
+
+    target = get_optimizer_spec(RECOMMENDED_TARGET)
+    parser = HfArgumentParser(TuningFreeTrainingArguments)
+    argv = ["--output_dir", str(tmp_path), "--optim", "tuningfree", "--report_to", "none"]
+    (args,) = parser.parse_args_into_dataclasses(argv)
+    assert args.optim == "tuningfree"
+    assert args.learning_rate == target.lr  # the target's recommendation, applied
+    for key, value in target.trainer_defaults.items():
+        if hasattr(args, key):
+            assert getattr(args, key) == value, key
+    cls, kwargs = optimizer_cls_and_kwargs(args)
+    assert cls is target.cls
+    again = TuningFreeTrainingArguments(**json.loads(args.to_json_string()))
+    assert again.optim == "tuningfree"
+    assert optimizer_cls_and_kwargs(again) == (cls, kwargs)

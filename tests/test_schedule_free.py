@@ -22,6 +22,7 @@ from test_dadapt import (
     _initial,
     _make_problem,
     _run_ours,
+    _start,
     _sum_over_seen,
     _unseen,
     _zeros,
@@ -38,12 +39,12 @@ BETAS = (0.8, 0.99)
 
 
 def reference_prodigy_sf(prob, groups_hp, d0, growth_rate, betas, bias_correction, safeguard,
-                         coef):  # fmt: skip
-    """Per element: gamma = d lr bc (bc = sqrt(1 - b2^(k+1))); g at y; v = b2 v + (1-b2) d^2 g^2;
-    u = d g / (sqrt(v) + d eps) (+ wd y, decoupled); r = b3 r + (d/d0) gamma <g, x0 - y>;
+                         coef, d0_rel):  # fmt: skip
+    """Per element: gamma = d lr bc (bc = sqrt(1 - b2^(k+1))); g at y; v = b2 v + (1-b2) g^2;
+    u = g / (sqrt(v) + eps) (+ wd y, decoupled); r = b3 r + (d/d0) gamma <g, x0 - z>;
     s = b3 s + (d/d0) gamma g; z -= gamma u; c = lr_max^2 / sum lr_max^2 (lr_max the largest
     d lr bc so far, lr of the first group); x = (1-c) x + c z; y = (1-b1) z + b1 x; d from
-    d_max = max(d_max, coef r / ||s||_1)."""
+    d_max = max(d_max, coef r / ||s||_1); after step 0, d and d_max at least d0_rel RMS(x0)."""
     b1, b2 = betas
     b3 = math.sqrt(b2)
     x0, x, y, z = (_initial(prob) for _ in range(4))
@@ -70,10 +71,10 @@ def reference_prodigy_sf(prob, groups_hp, d0, growth_rate, betas, bias_correctio
                     ye = y[gi][pi][e]
                     if not hp["decoupled_weight_decay"]:
                         g = g + wd * ye
-                    acc += (d / d0) * gamma * g * (x0[gi][pi][e] - ye)
-                    v[gi][pi][e] = b2 * v[gi][pi][e] + (1 - b2) * d * d * g * g
+                    acc += (d / d0) * gamma * g * (x0[gi][pi][e] - z[gi][pi][e])
+                    v[gi][pi][e] = b2 * v[gi][pi][e] + (1 - b2) * g * g
                     s[gi][pi][e] = b3 * s[gi][pi][e] + s_w * g
-                    u = d * g / (math.sqrt(v[gi][pi][e]) + d * eps)
+                    u = g / (math.sqrt(v[gi][pi][e]) + eps)
                     if hp["decoupled_weight_decay"]:
                         u += wd * ye
                     z[gi][pi][e] -= gamma * u
@@ -84,6 +85,8 @@ def reference_prodigy_sf(prob, groups_hp, d0, growth_rate, betas, bias_correctio
         if l1 > 0:
             d_max = max(d_max, coef * r / l1)
             d = max(d, min(d_max, growth_rate * d))
+        if k == 0:
+            d, d_max = max(d, _start(prob, d0_rel)), max(d_max, _start(prob, d0_rel))
         ds.append(d)
     return x, y, ds
 
@@ -104,6 +107,7 @@ def _worst(params, expected):
     )  # fmt: skip
 
 
+@pytest.mark.parametrize("d0_rel", [1e-3, 0.0], ids=["start1e-3", "no_start"])
 @pytest.mark.parametrize(
     "bias_correction, safeguard, coef",
     [(True, False, 1.0), (False, False, 1.0), (True, True, 0.5)],
@@ -111,17 +115,18 @@ def _worst(params, expected):
 )
 @pytest.mark.parametrize("decoupled", [False, True], ids=["coupled_wd", "decoupled_wd"])
 @pytest.mark.parametrize("growth_rate", [math.inf, 1.5], ids=["growth_inf", "growth_1.5"])
-def test_matches_the_three_sequence_reference(bias_correction, safeguard, coef, decoupled,
-                                              growth_rate):  # fmt: skip
+def test_matches_the_three_sequence_reference(d0_rel, bias_correction, safeguard, coef,
+                                              decoupled, growth_rate):  # fmt: skip
     """The parameters follow y, after eval() x, and d follows the reference's at every step
     (fp64; d to 1e-12 relative, the iterates to TOL_ITERATES), on the per-tensor loop and on
     the C statistics path."""
     prob = _make_problem()
     hp = _groups(decoupled)
     x_ref, y_ref, ds_ref = reference_prodigy_sf(
-        prob, hp, D0, growth_rate, BETAS, bias_correction, safeguard, coef
+        prob, hp, D0, growth_rate, BETAS, bias_correction, safeguard, coef, d0_rel
     )
-    model = {"d0": D0, "growth_rate": growth_rate, "betas": BETAS, "d_coef": coef}
+    model = {"d0": D0, "d0_rel": d0_rel, "growth_rate": growth_rate, "betas": BETAS}
+    model["d_coef"] = coef
     model |= {"use_bias_correction": bias_correction, "safeguard_warmup": safeguard}
     impls = ["loop"] + (["compiled"] if _native.load() is not None else [])
     for impl in impls:
@@ -219,7 +224,7 @@ def test_first_steps_weigh_almost_nothing_in_the_average():
     moves little; with a constant step it is 1/(k+1) (the uniform average)."""
     torch.manual_seed(0)
     p = torch.nn.Parameter(torch.randn(50))
-    opt = ProdigyScheduleFree([p], d0=1e-6, growth_rate=1.0, use_bias_correction=False)
+    opt = ProdigyScheduleFree([p], d0=1e-6, d0_rel=0.0, growth_rate=1.0, use_bias_correction=False)
     cs = []
     for _ in range(8):
         p.grad = p.detach().clone()

@@ -456,7 +456,7 @@ def run(args: argparse.Namespace, progress: Callable[[str], None] | None = None)
         optimizers = parse_optimizers(args.optimizers or [])
     except ValueError as error:
         raise SystemExit(f"hf-tuningfree compare: error: --optimizers: {error}") from error
-    optimizers = optimizers or available_optimizers(tuning_free_only=True)
+    optimizers = optimizers or available_optimizers(tuning_free_only=True, aliases=False)
     seeds = args.seeds or [0]
     low, high = default_grid(task)
     low, high = args.grid_low or low, args.grid_high or high

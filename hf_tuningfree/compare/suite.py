@@ -188,7 +188,7 @@ def compare_suite(
     from hf_tuningfree.compare.runner import run_comparison
     from hf_tuningfree.optim import available_optimizers
 
-    names = list(optimizers or available_optimizers(tuning_free_only=True))
+    names = list(optimizers or available_optimizers(tuning_free_only=True, aliases=False))
     kinds = [t.kind for t in tasks]
     if len(set(kinds)) != len(kinds):
         raise ValueError(f"each task kind once per suite, got {kinds}")

@@ -11,8 +11,14 @@ the run's length. With ``gamma_k`` the step and ``u_k`` Adam's normalised gradie
     c_{k+1} = w_k / sum_{i <= k} w_i,   w_k = (max_{i <= k} gamma_i)^2
 
 Prodigy (Mishchenko & Defazio, ICML 2024) supplies ``gamma_k = d_k lr sqrt(1 - beta2^(k+1))``,
-with ``d_k`` its lower bound on the distance to the solution estimated from ``<g_k, x_0 - y_k>``
-(the point where the gradient is taken: the convexity inequality behind the bound holds there).
+with ``d_k`` its lower bound on the distance to the solution estimated from ``<g_k, x_0 - z_k>``:
+the schedule-free bound (the paper's Theorem 1) makes ``sum_k w_k <g_k, z_k - x_*>`` (gradients at
+``y_k``, the base iterate ``z_k``) non-negative, so ``sum_k w_k <g_k, x_0 - z_k> <= ||s|| D`` as
+in D-Adaptation's dual-averaging argument, with ``z`` the sequence that moves by the steps.
+Adam's second moment ``v`` is of the raw gradients (schedule-free AdamW's ``u``, with ``d`` in
+``gamma``); at a constant ``d`` it is Prodigy's ``d g / (sqrt(v_d) + d eps)``, and a ``d`` that
+jumps (the fast start, ``d0_rel``) does not make the next steps ``d_{k+1} / d_k`` times larger
+through a ``v`` that remembers the small ``d_k``.
 The averaging weights ``w_k`` are the squared steps, as the paper's warm-up analysis and the
 authors' code use, so the iterates of the first steps, taken while ``d`` is still tiny, weigh
 almost nothing in ``x``: Prodigy's growth of ``d`` acts as the warm-up schedule-free needs. This is
@@ -41,9 +47,16 @@ import torch
 from torch.optim.optimizer import ParamsT
 
 from .base import GroupBatch
-from .dadapt import TensorPass, _flags, _pass, _weight_decay_scalars, effective_grad
+from .dadapt import (
+    TensorPass,
+    _flags,
+    _pass,
+    _scalar,
+    _weight_decay_scalars,
+    effective_grad,
+)
 from .distributed import local_view
-from .prodigy import Prodigy
+from .prodigy import Prodigy, prodigy_sums
 
 __all__ = ["ProdigyScheduleFree", "prodigy_sf_tensor_update", "schedule_free_weight"]
 
@@ -58,7 +71,6 @@ def prodigy_sf_tensor_update(
     exp_avg_sq: torch.Tensor,
     s: torch.Tensor,
     ok: torch.Tensor,
-    d: torch.Tensor,
     step_size: torch.Tensor,
     y_step: torch.Tensor,
     average: torch.Tensor,
@@ -67,7 +79,7 @@ def prodigy_sf_tensor_update(
     decoupled_wd: torch.Tensor,
     c_v: torch.Tensor,
     c_s: torch.Tensor,
-    d_eps: torch.Tensor,
+    eps: torch.Tensor,
     *,
     maximize: bool,
     coupled: bool,
@@ -78,23 +90,48 @@ def prodigy_sf_tensor_update(
     ``step_size`` is ``gamma = d lr bc``, ``average`` the averaging weight ``c``, ``y_step``
     ``gamma (1 - beta1 (1 - c))``; ``s_weight`` the weight of ``g`` in ``s``; ``c_v = 1 - beta2``,
     ``c_s = beta3 - 1``; ``decoupled_wd`` the decay coefficient applied at ``y`` (inside ``u``,
-    as the authors' schedule-free AdamW), ``d_eps = d eps``. On a skipped step every coefficient
-    is 0 and nothing changes."""
+    as the authors' schedule-free AdamW). On a skipped step every coefficient is 0 and nothing
+    changes."""
     g, y = effective_grad(grad, param, coupled_wd, maximize=maximize, coupled=coupled)
     g = torch.where(ok, g, 0.0)
     zz = z.to(g.dtype)
     v = exp_avg_sq.to(g.dtype)
     s_new = s.to(g.dtype)
-    dg = d * g
-    v = v + c_v * (dg * dg - v)
+    v = v + c_v * (g * g - v)
     s_new = s_new + c_s * s_new + s_weight * g
-    u = dg / (v.sqrt() + d_eps) + decoupled_wd * y
+    u = g / (v.sqrt() + eps) + decoupled_wd * y
     param.copy_(y + average * (zz - y) - y_step * u)
     z.copy_(zz - step_size * u)
     exp_avg_sq.copy_(v)
     s.copy_(s_new)
 
 
+def prodigy_sf_statistics(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    z: torch.Tensor,
+    s: torch.Tensor,
+    x0: torch.Tensor,
+    coupled_wd: torch.Tensor,
+    s_weight: torch.Tensor,
+    c_s: torch.Tensor,
+    *,
+    maximize: bool,
+    coupled: bool,
+    acc64: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Statistics of schedule-free Prodigy for one tensor: ``||g||^2``, ``<g', x_0 - z_k>`` (the
+    base iterate: see :class:`ProdigyScheduleFree`) and ``||s_{k+1}||_1``."""
+    g, _ = effective_grad(grad, param, coupled_wd, maximize=maximize, coupled=coupled)
+    return prodigy_sums(grad, g, z.to(g.dtype), s, x0, s_weight, c_s, acc64)
+
+
+_PRODIGY_SF_STATISTICS = _pass(
+    prodigy_sf_statistics,
+    "ProdigyScheduleFree statistics",
+    ("z", "s", "x0"),
+    ("g_sq", "dot", "s_l1"),
+)
 _PRODIGY_SF_UPDATE = _pass(
     prodigy_sf_tensor_update,
     "ProdigyScheduleFree",
@@ -170,9 +207,9 @@ class ProdigyScheduleFree(ScheduleFreeModes, Prodigy):
     With ``gamma_k = d_k lr bc_k``, ``bc_k = sqrt(1 - beta2^(k+1))`` (1 with
     ``use_bias_correction=False``), the parameters holding ``y_k``::
 
-        v_{k+1}   = beta2 v_k + (1 - beta2) d_k^2 g_k^2
-        u_k       = d_k g_k / (sqrt(v_{k+1}) + d_k eps) + wd y_k        (decoupled decay at y)
-        r_{k+1}   = beta3 r_k + (d_k / d0) gamma_k <g_k, x_0 - y_k>        (summed over groups)
+        v_{k+1}   = beta2 v_k + (1 - beta2) g_k^2
+        u_k       = g_k / (sqrt(v_{k+1}) + eps) + wd y_k                (decoupled decay at y)
+        r_{k+1}   = beta3 r_k + (d_k / d0) gamma_k <g_k, x_0 - z_k>        (summed over groups)
         s_{k+1}   = beta3 s_k + (d_k / d0) gamma_k g_k
         d_{k+1}   = max(d_k, min(d_coef r_{k+1} / ||s_{k+1}||_1, growth_rate d_k))  (via d_max)
         z_{k+1}   = z_k - gamma_k u_k
@@ -205,6 +242,7 @@ class ProdigyScheduleFree(ScheduleFreeModes, Prodigy):
         use_bias_correction: bool = True,
         safeguard_warmup: bool = False,
         d0: float = 1e-6,
+        d0_rel: float = 1e-2,
         d_coef: float = 1.0,
         growth_rate: float = float("inf"),
         d_groups: str = "model",
@@ -231,6 +269,7 @@ class ProdigyScheduleFree(ScheduleFreeModes, Prodigy):
             use_bias_correction=use_bias_correction,
             safeguard_warmup=safeguard_warmup,
             d0=d0,
+            d0_rel=d0_rel,
             d_coef=d_coef,
             growth_rate=growth_rate,
             d_groups=d_groups,
@@ -273,6 +312,15 @@ class ProdigyScheduleFree(ScheduleFreeModes, Prodigy):
         weight_sum = self._global("sf_weight_sum", d.device)
         return schedule_free_weight(self._reference_step(d, step), lr_max, weight_sum)
 
+    def _statistics_pass(
+        self, gb: GroupBatch, d: torch.Tensor, step: torch.Tensor
+    ) -> tuple[TensorPass, list[torch.Tensor], dict[str, Any]]:
+        group = gb.group
+        dlr = self._dlr(group, d, step)
+        coupled, _ = _weight_decay_scalars(group, dlr)
+        scalars = [coupled, self._s_weight(group, d, dlr), _scalar(self._beta3() - 1.0, d)]
+        return _PRODIGY_SF_STATISTICS, scalars, _flags(group)
+
     def _before_step(self) -> None:
         # not an override of step(): torch wraps each class's step() with the step hooks, so an
         # override calling super().step() would run every hook twice
@@ -298,7 +346,6 @@ class ProdigyScheduleFree(ScheduleFreeModes, Prodigy):
         coupled, decoupled = _weight_decay_scalars(group, on)
         scalars = [
             ok,
-            d,
             dlr,
             dlr * (1.0 - beta1 * (1.0 - c)),
             c,
@@ -307,7 +354,7 @@ class ProdigyScheduleFree(ScheduleFreeModes, Prodigy):
             decoupled,
             on * (1.0 - beta2),
             on * (self._beta3() - 1.0),
-            d * group["eps"],
+            _scalar(group["eps"], d),
         ]
         return _PRODIGY_SF_UPDATE, scalars, _flags(group)
 
