@@ -83,7 +83,13 @@ from .base import (
     working_view,
 )
 from .distributed import local_view
-from .kernels import IMPL_ENV_VAR, IMPLEMENTATIONS, fast_path_accepts, resolve_implementation
+from .kernels import (
+    FUSED_SGD_CPU_DTYPES,
+    IMPL_ENV_VAR,
+    IMPLEMENTATIONS,
+    fast_path_accepts,
+    resolve_implementation,
+)
 from .validation import (
     check_bool,
     check_choice,
@@ -139,7 +145,7 @@ def _fused_sgd_available(params: list[torch.Tensor], grads: list[torch.Tensor]) 
         and fast_path_accepts(
             [params, grads],
             ("param", "grad"),
-            dtypes=(torch.float32, torch.float64),
+            dtypes=FUSED_SGD_CPU_DTYPES,  # on every device: 16-bit on GPU is untested here
             cpu_only=False,
         )
     )

@@ -204,6 +204,7 @@ from .base import (
 )
 from .distributed import local_view
 from .kernels import (
+    FUSED_SGD_CPU_DTYPES,
     IMPL_ENV_VAR,
     IMPLEMENTATIONS,
     CompiledKernel,
@@ -243,9 +244,6 @@ _Z_LIMIT = 8.0  # |z| bound of the squashed hyperparameters: (tanh(8) + 1) / 2 <
 _LOG_LIMIT = 50.0  # |log alpha| bound: keeps exp() finite in fp32 (never reached in practice)
 _FUSED_DEVICES = ("cpu", "cuda")
 _FUSED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-#: torch 2.13's CPU ``_fused_sgd_`` leaves the vectorised part of bf16/fp16 tensors unchanged
-#: (``SGD(fused=True)`` too: 3 of 4,099 bf16 elements updated), so on CPU it gets fp32/fp64 only.
-_FUSED_SGD_CPU_DTYPES = (torch.float32, torch.float64)
 _FOREACH_DTYPES = (torch.float32, torch.float64)  # dots run in these as they are (no cast)
 _SMALL_NUMEL = 1 << 16  # below this, Adam's dots of a tensor go through multi-tensor ops
 _ADAM_STREAMS = ("param", "grad", "exp_avg", "exp_avg_sq")
@@ -1482,7 +1480,7 @@ class HyperSGD(HypergradientOptimizer):
                 not learn_momentum
                 and group["momentum"] > 0.0
                 and _fused_ok(
-                    group, bucket, ("param", "grad", "momentum_buffer"), _FUSED_SGD_CPU_DTYPES
+                    group, bucket, ("param", "grad", "momentum_buffer"), FUSED_SGD_CPU_DTYPES
                 )
             ):
                 torch._fused_sgd_(
