@@ -27,11 +27,11 @@ def _history(log_history: list[dict[str, Any]]) -> list[dict[str, float]]:
 
 
 def _state_mb(optimizer: Any) -> float:
-    total = 0
-    for st in getattr(optimizer, "state", {}).values():
-        if isinstance(st, dict):
-            total += sum(v.numel() * v.element_size() for v in st.values() if torch.is_tensor(v))
-    return total / 2**20
+    """The optimizer's state in MiB, each storage once (:func:`hf_tuningfree.optim.state_bytes`,
+    which counts torch's optimizers too)."""
+    from hf_tuningfree.optim import state_bytes
+
+    return state_bytes(optimizer).total / 2**20
 
 
 def train_and_score(task: TaskSpec, run: RunSpec, output_dir: Path) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from .base import TuningFreeOptimizer
 from .dadapt import DAdaptAdaGrad, DAdaptAdam, DAdaptSGD
 from .dog import DoG, LDoG, TDoG
 from .hypergradient import HyperAdaGrad, HyperAdam, HypergradientOptimizer, HyperRMSProp, HyperSGD
+from .memory import StateBytes, state_bytes
 from .prodigy import Prodigy
 from .registry import (
     OptimizerSpec,
@@ -47,6 +48,7 @@ __all__ = [
     "PolynomialDecayAverager",
     "Prodigy",
     "ProdigyScheduleFree",
+    "StateBytes",
     "TDoG",
     "TuningFreeOptimizer",
     "available_optimizers",
@@ -55,4 +57,5 @@ __all__ = [
     "parse_hyperparameter",
     "register_optimizer",
     "registry_table",
+    "state_bytes",
 ]

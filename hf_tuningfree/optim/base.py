@@ -76,6 +76,7 @@ from .distributed import (
     validate_global_reduce,
 )
 from .kernels import IMPLEMENTATIONS, StateShapeError
+from .memory import StateBytes, state_bytes
 from .rounding import LOW_PRECISION, RoundingStream, stochastic_round
 from .validation import check_bool, check_choice, scalar_value
 
@@ -427,6 +428,12 @@ class TuningFreeOptimizer(torch.optim.Optimizer):
         if skipped is not None:
             self._notice.check_now(skipped)
         return {"skipped_steps": float(count)}
+
+    def state_bytes(self) -> StateBytes:
+        """The optimizer's state in bytes (:func:`~hf_tuningfree.optim.memory.state_bytes`):
+        ``.per_element`` is the per-parameter state per parameter element (AdamW, fp32: 8.0).
+        Reads no device value."""
+        return state_bytes(self)
 
     # ------------------------------------------------------------------ step machinery
     def _collect(self) -> StepBatch:
