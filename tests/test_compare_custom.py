@@ -179,6 +179,10 @@ def test_lora_on_mmlu_format_data_is_scored_and_trains_only_the_adapters(mc_file
     assert lora_adopt["label"] == full_adopt["label"] == "adopt"
     assert lora_adopt["optimizer_state_mb"] == pytest.approx(2 * adapters * 4 / 2**20, rel=0.05)
     assert full_adopt["optimizer_state_mb"] > 1000 * lora_adopt["optimizer_state_mb"]
+    # per trained element: two fp32 moments, plus ADOPT's 0-dim fp32 step per tensor (8 adapters)
+    assert lora_adopt["optimizer_state_bytes_per_param"] == pytest.approx(
+        8.0 + 8 * 4 / adapters, rel=1e-12
+    )
 
     # MMLU-format data without a test split: its 12 validation questions are scored
     for run in lora["runs"] + full["runs"]:

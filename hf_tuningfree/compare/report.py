@@ -69,8 +69,8 @@ def markdown_table(rows: list[Row], v: Verdict) -> str:
     base = v.best_adamw.eval_loss if v.best_adamw else float("nan")
     lines = [
         "| run | lr | schedule | final eval loss | x best AdamW | perplexity | MC accuracy "
-        "| wall (s) | peak RSS (MB) | opt. state (MB) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| wall (s) | peak RSS (MB) | opt. state (MB) | state B/param |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     order = {"tuning-free": 0, "adamw-grid": 1, "adamw-default": 2}
     for r in sorted(rows, key=lambda r: (order[r.role], r.lr or 0, r.label)):
@@ -84,7 +84,8 @@ def markdown_table(rows: list[Row], v: Verdict) -> str:
             f"| {label} | {_fmt(r.learning_rate, '.3g')} | {r.schedule} | {_loss(r)} | "
             f"{_fmt(ratio, '.3f')} | {_fmt(r.perplexity, '.1f')} | "
             f"{_fmt(r.mc_accuracy, '.3f')} | {_fmt(r.wall_seconds, '.0f')} | "
-            f"{_fmt(r.peak_rss_mb, '.0f')} | {_fmt(r.optimizer_state_mb, '.2f')} |"
+            f"{_fmt(r.peak_rss_mb, '.0f')} | {_fmt(r.optimizer_state_mb, '.2f')} | "
+            f"{_fmt(r.state_bytes_per_param, '.2f')} |"
         )
     return "\n".join(lines)
 

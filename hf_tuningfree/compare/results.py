@@ -64,6 +64,7 @@ class Row:
     wall_seconds: float
     peak_rss_mb: float
     optimizer_state_mb: float
+    state_bytes_per_param: float
     seeds: int
     diverged: int
     errors: int
@@ -106,6 +107,9 @@ def aggregate(results: list[dict[str, Any]]) -> list[Row]:
                 wall_seconds=_mean([r.get("wall_seconds", float("nan")) for r in rs]),
                 peak_rss_mb=_mean([r.get("peak_rss_mb", float("nan")) for r in rs]),
                 optimizer_state_mb=_mean([r.get("optimizer_state_mb", float("nan")) for r in ok]),
+                state_bytes_per_param=_mean(
+                    [r.get("optimizer_state_bytes_per_param", float("nan")) for r in ok]
+                ),
                 seeds=len(rs),
                 diverged=diverged,
                 errors=errors,

@@ -26,12 +26,20 @@ def _history(log_history: list[dict[str, Any]]) -> list[dict[str, float]]:
     ]
 
 
-def _state_mb(optimizer: Any) -> float:
-    """The optimizer's state in MiB, each storage once (:func:`hf_tuningfree.optim.state_bytes`,
-    which counts torch's optimizers too)."""
+def _state_measures(optimizer: Any, averager: Any) -> dict[str, float]:
+    """The optimizer's state, each storage once (:func:`hf_tuningfree.optim.state_bytes`, which
+    counts torch's optimizers too): MiB in all (the iterate average's copy included, when the run
+    keeps one) and per-parameter bytes per trainable element."""
     from hf_tuningfree.optim import state_bytes
 
-    return state_bytes(optimizer).total / 2**20
+    counted = state_bytes(optimizer)
+    average = getattr(averager, "_avg", None) or {}
+    avg_bytes = sum(t.untyped_storage().nbytes() for t in average.values())
+    per_element = (counted.per_parameter + avg_bytes) / max(counted.elements, 1)
+    return {
+        "optimizer_state_mb": (counted.total + avg_bytes) / 2**20,
+        "optimizer_state_bytes_per_param": per_element,
+    }
 
 
 def train_and_score(task: TaskSpec, run: RunSpec, output_dir: Path) -> dict[str, Any]:
@@ -94,7 +102,7 @@ def train_and_score(task: TaskSpec, run: RunSpec, output_dir: Path) -> dict[str,
             if math.isfinite(final["eval_loss"]) and final["eval_loss"] < 700
             else float("inf"),
             "train_seconds": train_seconds,
-            "optimizer_state_mb": _state_mb(unwrap_optimizer(trainer.optimizer)),
+            **_state_measures(unwrap_optimizer(trainer.optimizer), trainer.averager),
             "trainable_parameters": trainable,
             "total_parameters": total,
             "averaged": trainer.averager is not None,
