@@ -49,7 +49,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from hf_tuningfree.optim import available_optimizers, create_optimizer
+from hf_tuningfree.optim import available_optimizers, create_optimizer, state_bytes
 
 BASELINE = "AdamW fused"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -121,28 +121,6 @@ class Result:
     host_syncs: str = "n/a"
     error: str | None = None
     times_ms: list[float] = field(default_factory=list)
-
-
-def state_bytes(opt: torch.optim.Optimizer) -> int:
-    """Bytes held by the optimizer's tensors: per-parameter state and, for this package's
-    optimizers, the model-wide ``global_state``; each storage counted once."""
-    seen: set[int] = set()
-    total = 0
-
-    def add(t: Any) -> None:
-        nonlocal total
-        if isinstance(t, torch.Tensor):
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in seen:
-                seen.add(storage.data_ptr())
-                total += storage.nbytes()
-
-    for state in opt.state.values():
-        for v in state.values():
-            add(v)
-    for v in getattr(opt, "global_state", {}).values():
-        add(v)
-    return total
 
 
 class Timer:
@@ -217,7 +195,7 @@ def measure(
     result.times_ms = times
     result.median_ms = statistics.median(times)
     result.p10_ms = sorted(times)[len(times) // 10]
-    result.state_mb = state_bytes(opt) / 2**20
+    result.state_mb = state_bytes(opt).total / 2**20
     if device.type == "cuda":
         result.peak_extra_mb = (torch.cuda.max_memory_allocated(device) - base) / 2**20
         torch.cuda.set_sync_debug_mode("error")
