@@ -84,3 +84,35 @@ def test_empty_optimizer_reads_zero():
     opt = create_optimizer("prodigy", [torch.nn.Parameter(torch.zeros(0))])
     counted = opt.state_bytes()
     assert (counted.total, counted.elements, counted.per_element) == (0, 0, 0.0)
+
+
+def _fsdp2_worker(rank, world, port, out):
+    from dist_helpers import process_group, shard_fsdp2
+
+    with process_group(rank, world, port):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 8))
+        full = sum(p.numel() for p in model.parameters())
+        mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (world,))
+        shard_fsdp2(model, mesh)
+        opt = create_optimizer("prodigy", model.parameters())
+        model(torch.randn(4, 16)).sum().backward()
+        opt.step()
+        counted = opt.state_bytes()
+        local = sum(p.to_local().numel() for p in model.parameters())
+        totals = torch.tensor([counted.elements, counted.per_parameter, local], dtype=torch.int64)
+        gathered = [torch.zeros_like(totals) for _ in range(world)]
+        torch.distributed.all_gather(gathered, totals)
+        if rank == 0:
+            torch.save({"ranks": torch.stack(gathered), "full": full}, out)
+
+
+def test_fsdp2_counts_each_ranks_own_shard():
+    from dist_helpers import spawn_and_collect
+
+    got = spawn_and_collect(_fsdp2_worker)
+    ranks, full = got["ranks"], got["full"]
+    assert ranks[:, 0].tolist() == ranks[:, 2].tolist()  # elements: the rank-local shards
+    assert int(ranks[:, 0].sum()) == full  # which together are the model
+    # Prodigy: four fp32 copies of each rank's own elements, nothing of the other rank's
+    assert (ranks[:, 1] == 16 * ranks[:, 0]).all()
