@@ -153,14 +153,22 @@ def test_a_failing_run_is_recorded_not_fatal(tmp_path):
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
 
 
-def test_effective_step_size_is_read_from_each_optimizers_statistics():
+def test_effective_step_size_is_the_key_the_registry_declares():
     from hf_tuningfree.compare.report import curves
 
-    def result(**stats):
-        return {"log_history": [{"step": 5.0, "loss": 2.0, "learning_rate": 0.5, **stats}]}
+    def result(optimizer, **stats):
+        history = [{"step": 5.0, "loss": 2.0, "learning_rate": 0.5, **stats}]
+        return {"run": {"optimizer": optimizer}, "log_history": history}
 
-    assert curves(result(**{"optim/d_lr": 3e-4, "optim/lr": 0.5}))["step_size"] == [(5.0, 3e-4)]
-    assert curves(result(**{"optim/eta": 0.2}))["step_size"] == [(5.0, 0.2)]
-    assert curves(result(**{"optim/hyper/level0/lr": 0.01}))["step_size"] == [(5.0, 0.01)]
-    assert curves(result())["step_size"] == [(5.0, 0.5)]  # AdamW / ADOPT: the scheduled lr
-    assert curves(result())["train"] == [(5.0, 2.0)]
+    stats = {"optim/d_lr": 3e-4, "optim/eta": 0.2, "optim/eta_median": 0.3}
+    stats["optim/hyper/level0/lr"] = 0.01
+    assert curves(result("dadapt_adam", **stats))["step_size"] == [(5.0, 3e-4)]
+    assert curves(result("prodigy:d_coef=2.0", **stats))["step_size"] == [(5.0, 3e-4)]
+    assert curves(result("dog", **stats))["step_size"] == [(5.0, 0.2)]
+    assert curves(result("ldog", **stats))["step_size"] == [(5.0, 0.3)]
+    assert curves(result("hyper_adam", **stats))["step_size"] == [(5.0, 0.01)]
+    # AdamW / ADOPT (no key declared): the scheduled lr, whatever else the log holds
+    assert curves(result("adopt", **stats))["step_size"] == [(5.0, 0.5)]
+    assert curves(result("adamw_torch", **stats))["step_size"] == [(5.0, 0.5)]
+    assert curves(result("dog"))["step_size"] == []  # declared but not logged: no curve
+    assert curves(result("dog"))["train"] == [(5.0, 2.0)]

@@ -270,3 +270,21 @@ def test_tuningfree_round_trips_through_the_trainer_arguments(tmp_path):
     again = TuningFreeTrainingArguments(**json.loads(args.to_json_string()))
     assert again.optim == "tuningfree"
     assert optimizer_cls_and_kwargs(again) == (cls, kwargs)
+
+
+@pytest.mark.parametrize("name", available_optimizers())
+def test_the_declared_step_size_key_is_in_stats(name):
+    """``step_size_key`` names a positive, finite ``stats()`` entry after a few steps, and every
+    optimizer that estimates its own step (``lr_is_multiplier``) declares one."""
+    spec = get_optimizer_spec(name)
+    if spec.step_size_key is None:
+        assert not spec.lr_is_multiplier, "an optimizer that estimates its step must declare it"
+        return
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(8, 4))
+    opt = create_optimizer(name, [p])
+    for _ in range(3):
+        p.grad = torch.randn_like(p)
+        opt.step()
+    value = opt.stats()[spec.step_size_key]
+    assert 0 < value < float("inf")

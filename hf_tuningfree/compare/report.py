@@ -15,7 +15,6 @@ from typing import Any
 from hf_tuningfree.compare.results import (
     BEST_RATIO_GOAL,
     EVERY_RATIO_GOAL,
-    STEP_SIZE_KEYS,
     Row,
     Verdict,
     aggregate,
@@ -28,7 +27,6 @@ from hf_tuningfree.compare.spec import STOCK_LR, TaskSpec
 __all__ = [
     "BEST_RATIO_GOAL",
     "EVERY_RATIO_GOAL",
-    "STEP_SIZE_KEYS",
     "Row",
     "Verdict",
     "aggregate",

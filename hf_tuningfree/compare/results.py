@@ -12,7 +12,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from hf_tuningfree.compare.spec import STOCK_LR
+from hf_tuningfree.compare.spec import STOCK_LR, VARIANT_SEPARATOR
 
 #: The project's goals (issue "the main job"): best tuning-free <= 1.01x best AdamW, every
 #: tuning-free <= 1.05x, AdamW at the stock lr clearly worse.
@@ -20,27 +20,29 @@ BEST_RATIO_GOAL = 1.01
 EVERY_RATIO_GOAL = 1.05
 
 
-#: ``optim/...`` statistics that hold an optimizer's effective step size, in order of preference:
-#: D-Adaptation/Prodigy ``d*lr``, DoG's ``eta`` (L-DoG: the median over tensors), the learned
-#: step size of hypergradient descent. Optimizers without one (AdamW, ADOPT) step by the
-#: scheduled ``learning_rate``.
-STEP_SIZE_KEYS = (
-    "optim/d_lr",
-    "optim/eta",
-    "optim/eta_median",
-    "optim/hyper/level0/lr",
-    "learning_rate",
-)
+def step_size_key(optimizer: str) -> str:
+    """The log-history key of a run's effective step size: ``optim/<key>`` with the key its
+    registry entry declares (``OptimizerSpec.step_size_key``: D-Adaptation's ``d_lr``, DoG's
+    ``eta``, ...), else the scheduled ``learning_rate`` (AdamW, ADOPT). ``optimizer`` is a run's
+    registry name or variant ``name:key=value,...``."""
+    from hf_tuningfree.optim import available_optimizers, get_optimizer_spec
+
+    name = optimizer.partition(VARIANT_SEPARATOR)[0]
+    if name in available_optimizers():
+        key = get_optimizer_spec(name).step_size_key
+        if key is not None:
+            return f"optim/{key}"
+    return "learning_rate"
 
 
 def curves(result: dict[str, Any]) -> dict[str, list[tuple[float, float]]]:
     """Training loss, eval loss and effective step size over steps, from a run's log history."""
     out: dict[str, list[tuple[float, float]]] = {"train": [], "eval": [], "step_size": []}
+    key = step_size_key(result.get("run", {}).get("optimizer", ""))
     for h in result.get("log_history", []):
         if "loss" in h:
             out["train"].append((h["step"], h["loss"]))
-            key = next((k for k in STEP_SIZE_KEYS if k in h), None)
-            if key is not None:
+            if key in h:
                 out["step_size"].append((h["step"], h[key]))
         if "eval_loss" in h:
             out["eval"].append((h["step"], h["eval_loss"]))

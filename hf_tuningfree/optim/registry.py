@@ -53,6 +53,11 @@ class OptimizerSpec:
         lr_is_multiplier: True when ``lr`` multiplies a step size the optimizer estimates
             (D-Adaptation, Prodigy, DoG): 1.0 is the untuned choice and schedules act on it.
         alias_of: for an alias (``tuningfree``), the entry it stands for; None otherwise.
+        step_size_key: the ``stats()`` key that holds the step size the optimizer found
+            (D-Adaptation's ``d_lr``, with the ``lr`` multiplier; DoG's ``eta`` and L-DoG's
+            median ``eta``, without it; the learned step of hypergradient descent), which the
+            Trainer logs as ``optim/<key>`` and ``compare`` plots; None: the optimizer steps by
+            the scheduled ``lr`` itself (ADOPT, AdamW).
     """
 
     name: str
@@ -65,6 +70,7 @@ class OptimizerSpec:
     tuning_free: bool = True
     lr_is_multiplier: bool = False
     alias_of: str | None = None
+    step_size_key: str | None = None
 
     def hyperparameters(self) -> dict[str, Any]:
         """Every keyword the optimizer accepts (besides ``params``) with its default here."""
@@ -354,6 +360,7 @@ def _register_builtins() -> None:
             "solution (G: the largest gradient norm so far)",
             paper=dadapt_paper,
             lr_is_multiplier=True,
+            step_size_key="d_lr",
         )
     )
     register_optimizer(
@@ -365,6 +372,7 @@ def _register_builtins() -> None:
             "correction on)",
             paper=dadapt_paper,
             lr_is_multiplier=True,
+            step_size_key="d_lr",
         )
     )
     register_optimizer(
@@ -375,6 +383,7 @@ def _register_builtins() -> None:
             description="AdaGrad (dual averaging) with the D-Adaptation step size",
             paper=dadapt_paper,
             lr_is_multiplier=True,
+            step_size_key="d_lr",
         )
     )
     register_optimizer(
@@ -387,6 +396,7 @@ def _register_builtins() -> None:
             paper="Mishchenko & Defazio, Prodigy: An Expeditiously Adaptive Parameter-Free "
             "Learner, ICML 2024",
             lr_is_multiplier=True,
+            step_size_key="d_lr",
         )
     )
     register_optimizer(
@@ -400,6 +410,7 @@ def _register_builtins() -> None:
             "Prodigy, ICML 2024",
             trainer_defaults={"lr_scheduler_type": "constant"},
             lr_is_multiplier=True,
+            step_size_key="d_lr",
         )
     )
     dog_paper = (
@@ -421,6 +432,7 @@ def _register_builtins() -> None:
             paper=dog_paper,
             trainer_defaults=dog_trainer,
             lr_is_multiplier=True,
+            step_size_key="eta",
         )
     )
     register_optimizer(
@@ -432,6 +444,7 @@ def _register_builtins() -> None:
             paper=dog_paper,
             trainer_defaults=dog_trainer,
             lr_is_multiplier=True,
+            step_size_key="eta_median",
         )
     )
     register_optimizer(
@@ -444,6 +457,7 @@ def _register_builtins() -> None:
             paper=dog_paper,
             trainer_defaults=dog_trainer,
             lr_is_multiplier=True,
+            step_size_key="eta",
         )
     )
 
@@ -465,6 +479,7 @@ def _register_builtins() -> None:
                 # stock linear decay to 0 would also stop the learning (the hypergradient of the
                 # step size is proportional to the multiplier).
                 trainer_defaults={"lr_scheduler_type": "constant"},
+                step_size_key="hyper/level0/lr",
             )
         )
 
