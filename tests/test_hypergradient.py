@@ -24,7 +24,7 @@ from hf_tuningfree.optim import (
     HyperSGD,
     _native,
 )
-from hf_tuningfree.optim import hypergradient as hg
+from hf_tuningfree.optim.hypergradient import kernels as hg
 from hf_tuningfree.optim.kernels import StateShapeError
 
 CLASSES = {"sgd": HyperSGD, "adam": HyperAdam, "adagrad": HyperAdaGrad, "rmsprop": HyperRMSProp}
@@ -987,7 +987,7 @@ def test_native_addresses_refuse_what_the_c_loops_cannot_take(native_calls):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 def test_native_kernels_against_the_per_element_functions(dtype):
-    """The C kernels on one bucket against hypergradient.py's per-element functions with the
+    """The C kernels on one bucket against hypergradient/kernels.py's per-element functions with the
     same 0-dim inputs: SGD's update bit for bit (learned momentum, maximize, weight decay);
     Adam's, AdaGrad's and RMSProp's to the rounding of sqrt/pow (elementwise <= 1e-6 of the
     largest value in fp32, 1e-14 in fp64); the dots to fp64 sums of the same products; with

@@ -617,7 +617,7 @@ __all__ += ["DADAPT_KERNELS", "dadapt_kernel"]
 
 
 # --- hypergradient optimizers
-# HyperSGD, HyperAdam, HyperAdaGrad, HyperRMSProp (hypergradient.py): the read-only pass that
+# HyperSGD, HyperAdam, HyperAdaGrad, HyperRMSProp (optim/hypergradient/): the read-only pass that
 # forms the hypergradient's dot products (and is the non-finite check), then the base update.
 # The C source is ``csrc/hypergradient.c`` (in the same .so); the functions are declared on
 # first use.

@@ -1,6 +1,6 @@
 #include "blocks.h"
 
-/* ======================= hypergradient optimizers (hypergradient.py) ======================= */
+/* ======================= hypergradient optimizers (optim/hypergradient/) ======================= */
 
 /* A 0-dim tensor of the hyper dtype H (fp64 if f64, else fp32), and the scalar arithmetic the
    torch path does on such tensors, rounded in H (the result is then cast to the tensors' T). */
@@ -74,7 +74,7 @@ void NAME(int64_t nt, T** gs, T** ds, int64_t nd, const int64_t* ns, double* out
 HG_DIRECTION_DOTS(hg_direction_dots_f32, float)
 HG_DIRECTION_DOTS(hg_direction_dots_f64, double)
 
-/* Adam's step-size dot (hypergradient.py, _adam_dots) for every tensor k, with s_k its step
+/* Adam's step-size dot (hypergradient/kernels.py, _adam_dots) for every tensor k, with s_k its step
    count (fp32 state, the updates so far) and, where s_k > 0, bc1 = 1 - beta1^s_k,
    bc2 = 1 - beta2^s_k (else 1), in T as _adam_scalars forms them:
      out[k * nd]     <- (sum_i g_i * m_i / (sqrt(v_i) * (1 / sqrt(bc2)) + eps)) * (1 / bc1)
@@ -147,7 +147,7 @@ HG_ADAM_DOTS(hg_adam_dots_f64, double, sqrt, pow)
 
 /* The updates below run only where *ok (else nothing is written), in one parallel loop over
    the blocks of every tensor of the bucket, with the per-element code's order of operations
-   (hypergradient.py, _sgd_update / _adam_update / _adagrad_update / _rmsprop_update) and its
+   (hypergradient/kernels.py, _sgd_update / _adam_update / _adagrad_update / _rmsprop_update) and its
    roundings: scalars that the torch path forms from 0-dim tensors of the hyper dtype H
    (lr, momentum, decay, 1 - beta, lr * wd) are formed in H, then cast to T; Python floats
    (weight decay, eps) are cast to T. No fma contraction (-std=c99: -ffp-contract=off).

@@ -1,0 +1,160 @@
+"""HyperRMSProp: RMSProp under a hypergradient tower."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.optim.optimizer import ParamsT
+
+from .. import _native
+from ..base import (
+    bucket_by_device_and_dtype,
+)
+from ..kernels import (
+    IMPLEMENTATIONS,
+)
+from ..validation import (
+    check_bool,
+    check_choice,
+    check_in_range,
+    check_nonnegative,
+    check_positive,
+)
+from .kernels import (
+    _rmsprop_update,
+    _update_each,
+)
+from .tower import HypergradientOptimizer
+
+
+# ---------------------------------------------------------------------- RMSProp
+class HyperRMSProp(HypergradientOptimizer):
+    r"""RMSProp whose step size, and optionally decay, are learned online by hypergradient
+    descent, with a tower of ``height`` hyperoptimizers on top.
+
+    Base update (torch's RMSprop, no momentum, not centered)::
+
+        v = decay * v + (1 - decay) * g^2;     x -= alpha * s * g / (sqrt(v) + eps)
+
+    Args:
+        params: parameters or param groups.
+        lr: initial step size ``alpha``.
+        decay: smoothing constant of ``v`` (torch calls it ``alpha``; default 0.99); learned if
+            ``"decay"`` is in ``learn`` (then in (0, 1), through ``(tanh(z) + 1) / 2``).
+        eps: added to ``sqrt(v)``.
+        weight_decay: L2 penalty added to the gradient.
+        maximize: maximize the objective.
+        learn: any of ``"lr"`` (default), ``"decay"``.
+        height, hyper_optimizer, hyper_lr, hyper_betas, hyper_eps, lr_parametrization, per_group,
+        implementation, skip_nonfinite, global_reduce, stochastic_rounding: as in
+            :class:`HyperSGD`.
+
+    Per-parameter state: ``square_avg``, plus ``direction`` (the last ``g / (sqrt(v) + eps)``)
+    when the step size is learned and ``d_decay`` when the decay is.
+    """
+
+    LEARNABLE = ("lr", "decay")
+    SQUASHED = frozenset({"decay"})
+    STORED_DERIVATIVES = (("lr", "direction"), ("decay", "d_decay"))
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-3,
+        decay: float = 0.99,
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        maximize: bool = False,
+        *,
+        learn: str | tuple[str, ...] = "lr",
+        height: int = 2,
+        hyper_optimizer: str | tuple[str, ...] = "adam",
+        hyper_lr: float | tuple[float, ...] | None = None,
+        hyper_betas: tuple[float, float] = (0.9, 0.99),
+        hyper_eps: float = 1e-16,
+        lr_parametrization: str = "log",
+        per_group: bool = False,
+        implementation: str = "auto",
+        skip_nonfinite: bool = True,
+        global_reduce: object = "auto",
+        stochastic_rounding: bool = True,
+    ) -> None:
+        defaults = {
+            "lr": check_nonnegative("lr", lr),
+            "decay": check_in_range("decay", decay, 0.0, 1.0),
+            "eps": check_positive("eps", eps),
+            "weight_decay": check_nonnegative("weight_decay", weight_decay),
+            "maximize": check_bool("maximize", maximize),
+            "implementation": check_choice("implementation", implementation, IMPLEMENTATIONS),
+        }
+        super().__init__(
+            params,
+            defaults,
+            learn=learn,
+            height=height,
+            hyper_optimizer=hyper_optimizer,
+            hyper_lr=hyper_lr,
+            hyper_betas=hyper_betas,
+            hyper_eps=hyper_eps,
+            lr_parametrization=lr_parametrization,
+            per_group=per_group,
+            skip_nonfinite=skip_nonfinite,
+            global_reduce=global_reduce,
+            stochastic_rounding=stochastic_rounding,
+        )
+
+    def _init_param_state(self, param: torch.Tensor, state: dict[str, Any], group: dict) -> None:
+        state["square_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        for key in self._stored_derivatives():
+            state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+    def _native_state_keys(self, group: dict[str, Any]) -> list[str]:
+        return ["square_avg", *self._stored_derivatives()]
+
+    def _native_update(
+        self,
+        gb: Any,
+        addrs: list[_native.Addresses],
+        values: dict[str, torch.Tensor],
+        lr: torch.Tensor,
+        ok: torch.Tensor,
+    ) -> None:
+        group = gb.group
+        stored = dict(zip(self._stored_derivatives(), addrs[3:], strict=True))
+        _native.hyper_rmsprop_update(
+            addrs[0],
+            addrs[1],
+            addrs[2],
+            stored.get("direction"),
+            stored.get("d_decay"),
+            ok,
+            lr=lr,
+            decay=values["decay"],
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            maximize=group["maximize"],
+        )
+
+    def _group_update(
+        self,
+        gb: Any,
+        values: dict[str, torch.Tensor],
+        lr: torch.Tensor,
+        ok: torch.Tensor,
+        impl: str,
+    ) -> None:
+        group = gb.group
+        lists = [gb.params, gb.grads, gb.state_list("square_avg")]
+        lists += [gb.state_list(k) for k in self._stored_derivatives()]
+        static = {
+            "eps": group["eps"],
+            "weight_decay": group["weight_decay"],
+            "maximize": group["maximize"],
+            "learn_lr": "lr" in self.learn,
+            "learn_decay": "decay" in self.learn,
+        }
+        for (device, _), (bucket, _) in bucket_by_device_and_dtype(lists).items():
+            ok_d, lr_d = ok.to(device), lr.to(device)
+            rho = values["decay"].to(device)
+            _update_each(_rmsprop_update, impl, bucket, ok_d, lr_d, rho, **static)
