@@ -18,10 +18,14 @@ from hf_tuningfree.optim.base import TuningFreeOptimizer, _NonfiniteNotice
 
 NAMES = available_optimizers()
 
-#: Learning-rate multipliers for the training test. T-DoG divides DoG's step by its theory's
-#: taming factor (~1e5-1e6 on this problem, see test_dog.py); multiplying it back checks that the
-#: rest of the machinery trains.
-TRAINING_TEST_LR = {"tdog": 1e6}
+
+def _visible_lr(name: str) -> dict:
+    """The registry's ``visible_lr`` where it has one (T-DoG divides DoG's step by its theory's
+    taming factor, ~1e5-1e6 on this problem: multiplying it back checks that the rest of the
+    machinery trains)."""
+    lr = get_optimizer_spec(name).visible_lr
+    return {} if lr is None else {"lr": lr}
+
 
 #: Steps allowed to cut the loss by 20%, where an algorithm is slower by design. D-Adapted AdaGrad
 #: grows d by only ~1.2x per step here (its authors warn that it adapts slowly): from d0 = 1e-6
@@ -87,7 +91,7 @@ def _state_snapshot(opt):
 def test_trains_a_small_model(name):
     model = _model()
     x, y = _data()
-    extra = {"lr": TRAINING_TEST_LR[name]} if name in TRAINING_TEST_LR else {}
+    extra = _visible_lr(name)
     opt = create_optimizer(name, _groups(model, 0.01), **extra)
     losses = _train(model, opt, STEPS_TO_TRAIN.get(name, 60), x, y)
     assert losses[-1] < 0.8 * losses[0], f"{name}: loss {losses[0]:.3f} -> {losses[-1]:.3f}"
@@ -187,7 +191,7 @@ def test_grad_none_params_and_empty_groups_are_left_alone(name):
 def test_bf16_parameters(name):
     model = _model(torch.bfloat16)
     x, y = _data()
-    extra = {"lr": TRAINING_TEST_LR[name]} if name in TRAINING_TEST_LR else {}
+    extra = _visible_lr(name)
     opt = create_optimizer(name, _groups(model, 0.01), **extra)
     losses = _train(model, opt, 30, x, y)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())

@@ -36,7 +36,7 @@ import warnings
 import pytest
 import torch
 
-from hf_tuningfree.optim import _native, available_optimizers, create_optimizer
+from hf_tuningfree.optim import _native, available_optimizers, create_optimizer, get_optimizer_spec
 from hf_tuningfree.optim.base import GLOBAL_STATE_KEY, ROUNDING_STATE_KEY
 from hf_tuningfree.optim.kernels import IMPL_ENV_VAR, StateShapeError, fast_path_accepts
 
@@ -55,15 +55,14 @@ PATHS = {
 #: optimizer's kernels costs ~2 s each; the kernel-facing tests run them).
 EAGER_PATHS = [p for p in PATHS if p != "torch_compile"]
 STEPS = 3
-#: T-DoG divides DoG's step by its theory's taming factor (~1e5-1e6 here): in 3 fp32 steps its
-#: parameters would not move at all; multiplying the factor back makes every step visible.
-LR = {"tdog": 1e6}
 
 
 def _make(name, params, **kwargs):
-    """``create_optimizer`` with the test's learning rate where the registry's does not move."""
-    if name in LR and "lr" not in kwargs:
-        kwargs["lr"] = LR[name]
+    """``create_optimizer`` with the registry's ``visible_lr`` where its ``lr`` does not move the
+    weights in 3 fp32 steps (T-DoG divides DoG's step by its theory's taming factor, ~1e5-1e6)."""
+    visible = get_optimizer_spec(name).visible_lr
+    if visible is not None and "lr" not in kwargs:
+        kwargs["lr"] = visible
     return create_optimizer(name, params, **kwargs)
 
 

@@ -58,6 +58,9 @@ class OptimizerSpec:
             median ``eta``, without it; the learned step of hypergradient descent), which the
             Trainer logs as ``optim/<key>`` and ``compare`` plots; None: the optimizer steps by
             the scheduled ``lr`` itself (ADOPT, AdamW).
+        visible_lr: an ``lr`` under which a few steps visibly move fp32 weights on a small
+            problem, where the registry's ``lr`` does not (T-DoG: its theory divides DoG's step
+            by a taming factor of ~1e5-1e6); what smoke tests and demos use. None: ``lr``.
     """
 
     name: str
@@ -71,6 +74,7 @@ class OptimizerSpec:
     lr_is_multiplier: bool = False
     alias_of: str | None = None
     step_size_key: str | None = None
+    visible_lr: float | None = None
 
     def hyperparameters(self) -> dict[str, Any]:
         """Every keyword the optimizer accepts (besides ``params``) with its default here."""
@@ -458,6 +462,7 @@ def _register_builtins() -> None:
             trainer_defaults=dog_trainer,
             lr_is_multiplier=True,
             step_size_key="eta",
+            visible_lr=1e6,
         )
     )
 
