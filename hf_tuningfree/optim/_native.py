@@ -196,8 +196,8 @@ _I64, _PTR, _DBL, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double, ctype
 _SIGNATURES: dict[str, list[Any]] = {
     # ntensors, xs, gs, ns, wd, out, nthreads
     "dog_grad_sq": [_I64, _PTR, _PTR, _PTR, _DBL, _PTR, _INT],
-    # ntensors, xs, gs, x0s, ns, steps, step_stride, wd, ok, out, nthreads
-    "dog_update": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _DBL, _PTR, _PTR, _INT],
+    # ntensors, xs, gs, x0s, x0_strides, ns, steps, step_stride, wd, ok, out, nthreads
+    "dog_update": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _DBL, _PTR, _PTR, _INT],
     # ntensors, xs, gs, ms, vs, ns, steps, lr_ptr, lr_value, beta1, beta2, eps, weight_decay,
     # coupled_wd, clip exponent, flags, ok, nthreads
     "adopt_update": [_I64, *[_PTR] * 7, *[_DBL] * 7, _INT, _PTR, _INT],
@@ -341,37 +341,60 @@ def _stream_arrays(streams: Sequence[Sequence[torch.Tensor]]) -> list[ctypes.Arr
 def dog_update(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
-    x0s: Sequence[torch.Tensor],
+    x0s: Sequence[torch.Tensor | None],
     steps: torch.Tensor,
     weight_decay: float,
     ok: torch.Tensor,
     out: torch.Tensor,
+    *,
+    x0_strides: Sequence[int] | None = None,
 ) -> None:
     """``x <- x - s (g + wd x)`` and ``out[k] <- ||x_k - x0_k||^2`` for every tensor, where the
     0-dim bool ``ok`` is True; nothing is written otherwise. ``steps``: the step size of every
     tensor (1-D, the parameters' dtype) or one for all (0-dim or 1 element); ``out``: fp64, one
-    entry per tensor. Check ``accepts(...)`` first."""
+    entry per tensor. ``x0s[k]`` None: no stored ``x0``, read as 0 (``out[k] = ||x_k||^2``).
+    ``x0_strides[k]`` (default 1 for all) ``q > 1``: ``x0s[k]`` holds the initial values of
+    elements ``0, q, 2q, ...`` of the flattened tensor only (``ceil(n / q)`` elements) and
+    ``out[k]`` is the sum over those elements (unscaled). Check ``accepts(...)`` on the
+    parameters and gradients first; the ``x0`` tensors are checked here."""
     lib = _library()
     if not params:
         return
     dtype = params[0].dtype
     fn = lib.dog_update_f32 if dtype == torch.float32 else lib.dog_update_f64
-    xs_a, gs_a, x0s_a = _stream_arrays([params, grads, x0s])
+    xs_a, gs_a = _stream_arrays([params, grads])
+    n = len(params)
+    strides = [1] * n if x0_strides is None else [int(q) for q in x0_strides]
+    _require(len(x0s) == n and len(strides) == n, "x0s and x0_strides: one entry per tensor")
+    for p, x0, q in zip(params, x0s, strides, strict=True):
+        if x0 is None:
+            continue
+        _require(q >= 1, "x0_strides must be >= 1 where an x0 is given")
+        _require(
+            x0.numel() == -(-p.numel() // q) and x0.is_contiguous() and x0.is_cpu
+            and x0.dtype == dtype,
+            f"an x0 is not a contiguous {dtype} CPU tensor of ceil(n / {q}) elements",
+        )  # fmt: skip
+    x0s_a = (ctypes.c_void_p * n)(*[None if x0 is None else x0.data_ptr() for x0 in x0s])
+    strides_a = (ctypes.c_int64 * n)(
+        *[0 if x0 is None else q for x0, q in zip(x0s, strides, strict=True)]
+    )
     steps = steps.to("cpu", dtype).contiguous()
-    _require(steps.numel() in (1, len(params)), "steps: one step size, or one per tensor")
+    _require(steps.numel() in (1, n), "steps: one step size, or one per tensor")
     ok_u8 = ok.to("cpu", torch.uint8).contiguous()
     _require(ok_u8.numel() == 1, "ok must be one flag")
     _require(
         out.dtype == torch.float64 and out.is_cpu and out.is_contiguous()
-        and out.numel() == len(params),
+        and out.numel() == n,
         "out must be a contiguous fp64 CPU tensor with one entry per tensor",
     )  # fmt: skip
     fn(
-        len(params),
+        n,
         xs_a,
         gs_a,
         x0s_a,
-        (ctypes.c_int64 * len(params))(*[p.numel() for p in params]),
+        strides_a,
+        (ctypes.c_int64 * n)(*[p.numel() for p in params]),
         steps.data_ptr(),
         1 if steps.numel() > 1 else 0,
         float(weight_decay),

@@ -61,6 +61,19 @@ How a step runs, without reading device memory on the host, in as few passes as 
 * ``x_0`` is per-parameter state created at the parameter's first step with a gradient. ``r_eps``
   is taken from the parameters that have a gradient at the optimizer's first step; a parameter
   whose first gradient comes later starts its own distance at that point.
+
+Memory (issue 17). ``x_0`` is DoG's only parameter-sized state (AdamW keeps two):
+
+* ``implicit_zero_x0=True`` (default): a tensor whose every element is 0 at its first step
+  (LoRA's B matrices, zero-initialised biases) stores no ``x_0``; its distance is ``||x||``,
+  the same number as from a stored copy of zeros, bit for bit on every path (the idea of prodigy
+  PR #23, where LoRA users asked for it), so ``rbar``, ``eta`` and L-DoG's ``zero_init_scale``
+  are unchanged. Deciding it needs the values on the host: the step that creates a tensor's
+  state reads one flag per fresh tensor, all in one read (one device synchronisation on GPUs,
+  none on CPU, where the flags are read through numpy); no later step reads anything. The
+  flags travel with the step's one collective, so under FSDP every rank of a sharded tensor
+  makes the same choice (the state dict has the same keys on every rank). A state (or a
+  checkpoint) without ``x0`` for a tensor means an implicit zero ``x0``, whatever the option.
 """
 
 from __future__ import annotations
@@ -74,6 +87,7 @@ from torch.optim.optimizer import ParamsT
 
 from . import _native
 from .base import (
+    GroupBatch,
     StepBatch,
     TuningFreeOptimizer,
     bucket_by_device_and_dtype,
@@ -82,7 +96,7 @@ from .base import (
     statistic_dtype,
     working_view,
 )
-from .distributed import local_view
+from .distributed import is_dtensor, local_view
 from .kernels import (
     FUSED_SGD_CPU_DTYPES,
     IMPL_ENV_VAR,
@@ -112,7 +126,7 @@ _STREAMS = ("param", "grad", "x0")
 def dog_tensor_update(
     param: torch.Tensor,
     grad: torch.Tensor,
-    x0: torch.Tensor,
+    x0: torch.Tensor | None,
     dist_sq: torch.Tensor,
     ok: torch.Tensor,
     step_size: torch.Tensor,
@@ -122,16 +136,21 @@ def dog_tensor_update(
     """One tensor's DoG update in place, and the squared distance of the result from ``x0``.
 
     ``x <- x - step_size * (g + weight_decay * x)`` then ``dist_sq <- ||x - x0||^2`` (summed in
-    ``dist_sq``'s dtype, from ``x`` as stored). Where ``ok`` is False (a NaN/Inf gradient
-    somewhere) nothing changes. The per-tensor ("loop") path, and the reference for the others.
+    ``dist_sq``'s dtype, from ``x`` as stored; ``x0`` None: an implicit all-zero ``x0``, the
+    distance is ``||x||``). Where ``ok`` is False (a NaN/Inf gradient somewhere) nothing changes.
+    The per-tensor ("loop") path, and the reference for the others.
     """
     g = torch.where(ok, grad, 0.0)  # a private copy: a skipped step's NaN/Inf never reaches x
     if weight_decay != 0.0:
         g = g.add_(param, alpha=weight_decay)  # coupled decay: the paper's g + wd * x
     param.addcmul_(g, step_size, value=-1.0)
-    sdt = dist_sq.dtype
-    diff = param.to(sdt) - x0.to(sdt)
-    dist_sq.copy_(torch.where(ok, (diff * diff).sum(), dist_sq))
+    dist_sq.copy_(torch.where(ok, _distance_sq(param, x0, dist_sq.dtype), dist_sq))
+
+
+def _distance_sq(param: torch.Tensor, x0: torch.Tensor | None, sdt: torch.dtype) -> torch.Tensor:
+    """``||param - x0||^2`` (0-dim, summed in ``sdt``); ``x0`` None: ``||param||^2``."""
+    diff = param.to(sdt) if x0 is None else param.to(sdt) - x0.to(sdt)
+    return (diff * diff).sum()
 
 
 def _fused_sgd_available(params: list[torch.Tensor], grads: list[torch.Tensor]) -> bool:
@@ -178,11 +197,34 @@ def _sgd_step_(
 
 
 def _foreach_distances(
-    params: list[torch.Tensor], x0s: list[torch.Tensor], sdt: torch.dtype
+    params: list[torch.Tensor], x0s: list[torch.Tensor | None], sdt: torch.dtype
 ) -> torch.Tensor:
-    """``||x - x0||^2`` of each tensor (a vector), with foreach ops."""
-    norms = torch._foreach_norm(torch._foreach_sub(params, x0s), 2, dtype=sdt)
-    return torch.stack(norms).square()
+    """``||x - x0||^2`` of each tensor (a vector), with foreach ops (``x0`` None: ``||x||^2``)."""
+    stored = [i for i, x0 in enumerate(x0s) if x0 is not None]
+    if len(stored) == len(params):
+        norms = torch._foreach_norm(torch._foreach_sub(params, x0s), 2, dtype=sdt)
+        return torch.stack(norms).square()
+    out: list[torch.Tensor | None] = [None] * len(params)
+    if stored:
+        diffs = torch._foreach_sub([params[i] for i in stored], [x0s[i] for i in stored])
+        for i, n in zip(stored, torch._foreach_norm(diffs, 2, dtype=sdt), strict=True):
+            out[i] = n
+        del diffs
+    implicit = [i for i, x0 in enumerate(x0s) if x0 is None]
+    for i, n in zip(implicit, torch._foreach_norm([params[i] for i in implicit], 2, dtype=sdt),
+                    strict=True):  # fmt: skip
+        out[i] = n
+    return torch.stack(out).square()  # type: ignore[arg-type]
+
+
+def _read_flags(flags: torch.Tensor) -> list[bool]:
+    """The one host read of the DoG family, made once at state creation (never in a later
+    step): which fresh tensors are not all zero. For CPU tensors the values are already in host
+    memory and are read through numpy (no device synchronisation exists to avoid); elsewhere
+    ``tolist()`` is one synchronisation, for all the step's fresh tensors at once."""
+    if flags.device.type == "cpu":
+        return [bool(v) for v in flags.numpy().tolist()]
+    return [bool(v) for v in flags.tolist()]
 
 
 def _resolve(requested: str, device: torch.device, numel: int) -> str:
@@ -248,10 +290,15 @@ class DoG(TuningFreeOptimizer):
             compiler; otherwise as ``"foreach"``), ``"foreach"`` (torch's fused SGD kernel and
             multi-tensor norms) or ``"loop"`` (tensor by tensor, the reference). The environment
             variable ``HF_TUNINGFREE_IMPL`` overrides ``"auto"``.
+        implicit_zero_x0: True (default): no stored ``x0`` for a tensor that is all zero at its
+            first step (its distance is ``||x||``; the same ``rbar`` and ``eta``, bit for bit,
+            as with a stored copy); one batched host read at the step that creates state (see
+            the module docstring). False: every tensor stores its copy, as before.
         skip_nonfinite, global_reduce, stochastic_rounding: see
             :class:`~hf_tuningfree.optim.base.TuningFreeOptimizer`.
 
-    Per-parameter state: ``x0`` (the parameter at its first step with a gradient) and
+    Per-parameter state: ``x0`` (the parameter at its first step with a gradient; absent for an
+    all-zero tensor with ``implicit_zero_x0``) and
     ``dist_sq`` (``||x - x0||^2`` of this tensor, this rank's part). Model-wide state
     (``global_state``): ``rbar``, ``G``, ``eta`` (0-dim, on the parameters' device) and ``step``
     (steps applied).
@@ -260,6 +307,8 @@ class DoG(TuningFreeOptimizer):
 
     _layerwise = False
     SCALAR_STATE_KEYS = TuningFreeOptimizer.SCALAR_STATE_KEYS | frozenset(_SCALAR_STATE_KEYS)
+    _CONSTRUCTOR_ONLY = (*TuningFreeOptimizer._CONSTRUCTOR_ONLY, "implicit_zero_x0")
+    _PICKLED_ATTRIBUTES = (*TuningFreeOptimizer._PICKLED_ATTRIBUTES, "_implicit_zero_x0")
 
     def __init__(
         self,
@@ -270,10 +319,12 @@ class DoG(TuningFreeOptimizer):
         eps: float = 1e-8,
         implementation: str = "auto",
         *,
+        implicit_zero_x0: bool = True,
         skip_nonfinite: bool = True,
         global_reduce: object = "auto",
         stochastic_rounding: bool = True,
     ) -> None:
+        self._implicit_zero_x0 = check_bool("implicit_zero_x0", implicit_zero_x0)
         defaults = {
             "lr": check_nonnegative("lr", lr),
             "reps_rel": check_positive("reps_rel", reps_rel),
@@ -316,11 +367,66 @@ class DoG(TuningFreeOptimizer):
     def _init_param_state(self, param: torch.Tensor, state: dict[str, Any], group: dict) -> None:
         device = local_view(param).device
         sdt = statistic_dtype(param.dtype)
-        state["x0"] = param.detach().clone(memory_format=torch.preserve_format)
+        if not getattr(self, "_implicit_zero_x0", True):
+            state["x0"] = param.detach().clone(memory_format=torch.preserve_format)
+        # else x0 is taken in this step's _update (_take_x0), only if the tensor is not all zero
         state["dist_sq"] = torch.zeros((), dtype=sdt, device=device)  # ||x - x0||^2, local part
         if self._layerwise:
             state["rbar"] = torch.zeros((), dtype=sdt, device=device)  # 0 until initialised
             state["G"] = torch.zeros((), dtype=sdt, device=device)
+
+    def _check_fit(self, gb: GroupBatch) -> None:
+        """The base class's check, on the tensors with a stored ``x0`` and on those without one
+        apart, so that a group mixing both (LoRA: A stored, B implicit) keeps its whole-list
+        comparisons instead of a per-parameter check every step."""
+        has = ["x0" in s for s in gb.states]
+        if all(has) or not any(has):
+            super()._check_fit(gb)
+            return
+        for want in (True, False):
+            idx = [i for i, h in enumerate(has) if h is want]
+            part = GroupBatch(
+                gb.group,
+                params=[gb.params[i] for i in idx],
+                grads=[gb.grads[i] for i in idx],
+                states=[gb.states[i] for i in idx],
+                originals=[gb.originals[i] for i in idx],
+            )
+            super()._check_fit(part)
+
+    def _zero_check(self, batch: StepBatch, sdt: torch.dtype) -> torch.Tensor | None:
+        """For implicit zero ``x0``: per tensor of the batch (batch order) 1.0 where it is fresh
+        (first step) and not all zero on this rank, else 0.0; summed over ranks with the step's
+        other statistics (no collective of its own), so every rank of a sharded tensor makes the
+        same choice. None when no tensor needs the check (no fresh tensor, or the option off)."""
+        if not getattr(self, "_implicit_zero_x0", True):
+            return None
+        if not any(f for gb in batch.groups for f in gb.fresh):
+            return None
+        zero = torch.zeros((), dtype=torch.bool, device=batch.device)
+        flags = [
+            _x0_source(p).ne(0).any().to(batch.device) if f else zero  # NaN counts as nonzero
+            for gb in batch.groups
+            for p, f in zip(gb.originals, gb.fresh, strict=True)
+        ]
+        return torch.stack(flags).to(sdt)
+
+    def _take_x0(self, batch: StepBatch, stats: dict[str, torch.Tensor]) -> None:
+        """Store ``x0`` for the fresh tensors that are not all zero (on any rank), before the
+        update writes them; the others keep none (``x0`` implicitly 0). Reads the flags of
+        :meth:`_zero_check` on the host: once, at the step that creates the state."""
+        nonzero = stats.get("x0_nz")
+        if nonzero is None:
+            return
+        flags = iter(_read_flags(nonzero > 0))
+        for gb in batch.groups:
+            for state, p, fresh in zip(gb.states, gb.originals, gb.fresh, strict=True):
+                if next(flags) and fresh and "x0" not in state:
+                    src = torch.view_as_real(p) if p.is_complex() else p
+                    x0 = src.detach().clone(memory_format=torch.preserve_format)
+                    if not is_dtensor(x0) and not x0.is_contiguous():
+                        x0 = x0.contiguous()
+                    state["x0"] = x0
 
     # ------------------------------------------------------------------ statistics
     @staticmethod
@@ -392,6 +498,9 @@ class DoG(TuningFreeOptimizer):
                 if norms
                 else zero
             )
+        nonzero = self._zero_check(batch, sdt)
+        if nonzero is not None:
+            out["x0_nz"] = nonzero
         return out
 
     def _eta(
@@ -433,6 +542,7 @@ class DoG(TuningFreeOptimizer):
         return eta
 
     def _update(self, batch: StepBatch, stats: dict[str, torch.Tensor], ok: torch.Tensor) -> None:
+        self._take_x0(batch, stats)
         eta = self._eta(stats, ok, batch.device)
         zero = torch.zeros((), dtype=eta.dtype, device=eta.device)
         for gb in batch.groups:
@@ -454,14 +564,15 @@ class DoG(TuningFreeOptimizer):
         """
         group = gb.group
         wd = group["weight_decay"]
-        lists = [gb.params, gb.grads, gb.state_list("x0"), gb.state_list("dist_sq")]
+        x0_list = [_stored_x0(s) for s in gb.states]
+        lists = [gb.params, gb.grads, x0_list, gb.state_list("dist_sq")]
         for (device, dtype), (bucket, idx) in bucket_by_device_and_dtype(lists).items():
             ok_d = ok.to(device)
             cdt = compute_dtype(dtype)
             sizes = [step_sizes[i].to(device, cdt) for i in idx]
             params, grads, x0s, dists = bucket
             impl = _resolve(group["implementation"], device, sum(p.numel() for p in params))
-            if impl == "compiled" and _native.accepts([params, grads, x0s], _STREAMS):
+            if impl == "compiled" and _c_takes(params, grads, x0s):
                 steps = sizes[0] if shared else torch.stack(sizes)
                 new = torch.stack(dists).to(torch.float64)  # kept as is on a skipped step
                 _native.dog_update(params, grads, x0s, steps, wd, ok_d, new)
@@ -491,11 +602,10 @@ class DoG(TuningFreeOptimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 state = self.state.get(p)
-                if not state or "x0" not in state:
+                if not state or "dist_sq" not in state:
                     continue
                 d = state["dist_sq"]
-                diff = working_view(p).to(d.dtype) - local_view(state["x0"]).to(d.dtype)
-                d.copy_((diff * diff).sum())
+                d.copy_(_distance_sq(working_view(p), _stored_x0(state), d.dtype))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # torch casts floating per-parameter state to the parameter's dtype; keep the 0-dim
@@ -566,6 +676,7 @@ class TDoG(DoG):
         delta: float = 0.1,
         implementation: str = "auto",
         *,
+        implicit_zero_x0: bool = True,
         skip_nonfinite: bool = True,
         global_reduce: object = "auto",
         stochastic_rounding: bool = True,
@@ -578,6 +689,7 @@ class TDoG(DoG):
             weight_decay=weight_decay,
             eps=eps,
             implementation=implementation,
+            implicit_zero_x0=implicit_zero_x0,
             skip_nonfinite=skip_nonfinite,
             global_reduce=global_reduce,
             stochastic_rounding=stochastic_rounding,
@@ -649,13 +761,15 @@ class LDoG(DoG):
     takes :math:`\sqrt{n_k}\,\mathrm{RMS}(x_0)` in place of :math:`\|x^k_0\|`, the RMS over the
     initial weights of every tensor with a gradient at that step; False: the paper's ``1 + 0``.
 
-    Per-parameter state: ``x0``, ``dist_sq``, ``rbar`` and ``G`` (0-dim). ``stats()`` reports
+    Per-parameter state: ``x0`` (absent for all-zero tensors with ``implicit_zero_x0``),
+    ``dist_sq``, ``rbar`` and ``G`` (0-dim). ``stats()`` reports
     ``eta_min``, ``eta_median``, ``eta_max`` over tensors (without the ``lr`` multiplier),
     ``rbar_median``, ``rbar_max``, ``G_median`` and ``step``.
     """
 
     _layerwise = True
     _CONSTRUCTOR_ONLY = (*DoG._CONSTRUCTOR_ONLY, "zero_init_scale")
+    _PICKLED_ATTRIBUTES = (*DoG._PICKLED_ATTRIBUTES, "_zero_init_scale")
 
     def __init__(
         self,
@@ -667,6 +781,7 @@ class LDoG(DoG):
         implementation: str = "auto",
         *,
         zero_init_scale: bool = True,
+        implicit_zero_x0: bool = True,
         skip_nonfinite: bool = True,
         global_reduce: object = "auto",
         stochastic_rounding: bool = True,
@@ -679,6 +794,7 @@ class LDoG(DoG):
             weight_decay=weight_decay,
             eps=eps,
             implementation=implementation,
+            implicit_zero_x0=implicit_zero_x0,
             skip_nonfinite=skip_nonfinite,
             global_reduce=global_reduce,
             stochastic_rounding=stochastic_rounding,
@@ -702,17 +818,33 @@ class LDoG(DoG):
                 [next(norms).to(batch.device, sdt).square() if f else zero for f in fresh]
             )
             if self._zero_init_scale:  # sum of squares and (local) size of every x_0 in the step
-                x0s = [x0 for gb in batch.groups for x0 in gb.state_list("x0")]
-                total = torch.stack([n.to(batch.device, sdt) for n in foreach_norms(x0s)])
+                # a fresh tensor's x_0 is the tensor itself (with implicit zero x_0 it is stored
+                # in _update); an implicit x_0 adds 0 to the sum and its size to the count
+                x0s = [
+                    x0 if x0 is not None else _x0_source(p)
+                    for gb in batch.groups
+                    for s, p, f in zip(gb.states, gb.originals, gb.fresh, strict=True)
+                    if (x0 := _stored_x0(s)) is not None or f
+                ]
+                norms = foreach_norms(x0s)
+                total = (
+                    torch.stack([n.to(batch.device, sdt) for n in norms])
+                    if norms
+                    else torch.zeros(1, dtype=sdt, device=batch.device)
+                )
                 padded = sum(getattr(o, "_shard_numel_padded", 0) for gb in batch.groups
                              for o in gb.originals)  # FSDP1 flat shards' zero padding  # fmt: skip
-                count = float(sum(local_view(x0).numel() for x0 in x0s) - padded)
+                count = float(sum(p.numel() for gb in batch.groups for p in gb.params) - padded)
                 out["x0_all"] = torch.stack(
                     [total.square().sum(), torch.tensor(count, dtype=sdt, device=batch.device)]
                 )
+        nonzero = self._zero_check(batch, sdt)
+        if nonzero is not None:
+            out["x0_nz"] = nonzero
         return out
 
     def _update(self, batch: StepBatch, stats: dict[str, torch.Tensor], ok: torch.Tensor) -> None:
+        self._take_x0(batch, stats)
         if batch.num_tensors == 0:
             return
         device = batch.device
@@ -813,3 +945,27 @@ def _median(sorted_values: list[float]) -> float:
     n = len(sorted_values)
     mid = n // 2
     return sorted_values[mid] if n % 2 else 0.5 * (sorted_values[mid - 1] + sorted_values[mid])
+
+
+def _x0_source(p: torch.Tensor) -> torch.Tensor:
+    """The rank-local tensor a parameter's ``x0`` is taken from (its real view if complex)."""
+    local = local_view(p)
+    return torch.view_as_real(local) if local.is_complex() else local
+
+
+def _stored_x0(state: dict[str, Any]) -> torch.Tensor | None:
+    """The rank-local stored ``x0`` of a parameter, None where it is implicitly all zero."""
+    x0 = state.get("x0")
+    return None if x0 is None else local_view(x0)
+
+
+def _c_takes(
+    params: list[torch.Tensor], grads: list[torch.Tensor], x0s: list[torch.Tensor | None]
+) -> bool:
+    """Whether the C update takes this bucket: parameters and gradients as ``_native.accepts``
+    (which raises on a gradient of another shape), every stored ``x0`` a contiguous CPU tensor
+    of the parameters' dtype (the base class has checked its shape); implicit ones are NULL."""
+    if not _native.accepts([params, grads], _STREAMS[:2]):
+        return False
+    dtype = params[0].dtype
+    return all(x is None or (x.is_cpu and x.dtype == dtype and x.is_contiguous()) for x in x0s)

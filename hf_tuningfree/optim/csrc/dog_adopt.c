@@ -5,30 +5,69 @@
 /* For every tensor k of a bucket, if *ok:
      x <- x - s_k * (g + wd * x)        (s_k = steps[k * step_stride])
      out[k] <- sum_i (x_new_i - x0_i)^2 (accumulated per block in T, then in double)
+   with q = x0_strides[k] saying what x0s[k] holds (dog.py, "state"):
+     q == 1: x0 of every element (the sum runs over every element);
+     q == 0: nothing (x0s[k] may be NULL): x0 is implicitly 0, out[k] <- sum_i x_new_i^2;
+     q > 1:  x0 of elements 0, q, 2q, ... only (x0s[k][j] for element j*q): the sum runs over
+             those elements (the caller scales it), read back from the block just written.
    If !*ok nothing is written. */
 #define DOG_UPDATE(NAME, T)                                                                    \
-void NAME(int64_t ntensors, T** xs, T** gs, T** x0s, const int64_t* ns, const T* steps,        \
-          int64_t step_stride, double wd, const uint8_t* ok, double* out, int nthreads) {      \
+void NAME(int64_t ntensors, T** xs, T** gs, T** x0s, const int64_t* x0_strides,                \
+          const int64_t* ns, const T* steps, int64_t step_stride, double wd, const uint8_t* ok, \
+          double* out, int nthreads) {                                                         \
     if (!*ok) return;                                                                          \
     const T w = (T)wd;                                                                         \
     for (int64_t k = 0; k < ntensors; ++k) {                                                   \
         T* x = xs[k]; const T* g = gs[k]; const T* x0 = x0s[k];                                \
         const int64_t n = ns[k];                                                               \
+        const int64_t q = x0 ? x0_strides[k] : 0;                                              \
         const T s = steps[k * step_stride];                                                    \
         double total = 0.0;                                                                    \
-        _Pragma("omp parallel for reduction(+:total) num_threads(nthreads) if(n > 4 * BLOCK)") \
-        for (int64_t b = 0; b < n; b += BLOCK) {                                               \
-            const int64_t e = b + BLOCK < n ? b + BLOCK : n;                                   \
-            T acc = 0;                                                                         \
-            _Pragma("omp simd reduction(+:acc)")                                               \
-            for (int64_t i = b; i < e; ++i) {                                                  \
-                const T xi = x[i];                                                             \
-                const T xn = xi - s * (g[i] + w * xi);                                         \
-                x[i] = xn;                                                                     \
-                const T d = xn - x0[i];                                                        \
-                acc += d * d;                                                                  \
+        if (q == 1) {                                                                          \
+            _Pragma("omp parallel for reduction(+:total) num_threads(nthreads) if(n > 4 * BLOCK)") \
+            for (int64_t b = 0; b < n; b += BLOCK) {                                           \
+                const int64_t e = b + BLOCK < n ? b + BLOCK : n;                               \
+                T acc = 0;                                                                     \
+                _Pragma("omp simd reduction(+:acc)")                                           \
+                for (int64_t i = b; i < e; ++i) {                                              \
+                    const T xi = x[i];                                                         \
+                    const T xn = xi - s * (g[i] + w * xi);                                     \
+                    x[i] = xn;                                                                 \
+                    const T d = xn - x0[i];                                                    \
+                    acc += d * d;                                                              \
+                }                                                                              \
+                total += (double)acc;                                                          \
             }                                                                                  \
-            total += (double)acc;                                                              \
+        } else if (q == 0) {                                                                   \
+            _Pragma("omp parallel for reduction(+:total) num_threads(nthreads) if(n > 4 * BLOCK)") \
+            for (int64_t b = 0; b < n; b += BLOCK) {                                           \
+                const int64_t e = b + BLOCK < n ? b + BLOCK : n;                               \
+                T acc = 0;                                                                     \
+                _Pragma("omp simd reduction(+:acc)")                                           \
+                for (int64_t i = b; i < e; ++i) {                                              \
+                    const T xi = x[i];                                                         \
+                    const T xn = xi - s * (g[i] + w * xi);                                     \
+                    x[i] = xn;                                                                 \
+                    acc += xn * xn;                                                            \
+                }                                                                              \
+                total += (double)acc;                                                          \
+            }                                                                                  \
+        } else {                                                                               \
+            _Pragma("omp parallel for reduction(+:total) num_threads(nthreads) if(n > 4 * BLOCK)") \
+            for (int64_t b = 0; b < n; b += BLOCK) {                                           \
+                const int64_t e = b + BLOCK < n ? b + BLOCK : n;                               \
+                _Pragma("omp simd")                                                            \
+                for (int64_t i = b; i < e; ++i) {                                              \
+                    const T xi = x[i];                                                         \
+                    x[i] = xi - s * (g[i] + w * xi);                                           \
+                }                                                                              \
+                T acc = 0;                                                                     \
+                for (int64_t i = ((b + q - 1) / q) * q; i < e; i += q) {                       \
+                    const T d = x[i] - x0[i / q];                                              \
+                    acc += d * d;                                                              \
+                }                                                                              \
+                total += (double)acc;                                                          \
+            }                                                                                  \
         }                                                                                      \
         out[k] = total;                                                                        \
     }                                                                                          \

@@ -1,0 +1,349 @@
+"""Memory options of the DoG family and ADOPT (issue 17): no stored ``x0`` for tensors that start
+at zero, ADOPT's ``beta1 = 0`` without a first-moment buffer, DoG's subsampled distance
+(``slice_p``). Each against the run it must reproduce (bit for bit where the numbers cannot
+differ) or against an fp64 per-element statement of the algorithm, on the C path (CPU default)
+and the torch paths, through a state-dict round trip and, for DoG, under FSDP2 on gloo."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from test_dog import _as_lists, _current_etas, _groups_hp, _make_problem, reference_dog
+
+from hf_tuningfree.optim import DoG, LDoG, TDoG, _native
+from hf_tuningfree.optim import dog as dog_module
+
+CLASSES = {"dog": DoG, "ldog": LDoG, "tdog": TDoG}
+#: "compiled" is the C loop on CPU; "torch" is "compiled" with the C library switched off (torch's
+#: fused SGD and foreach norms: DoG has no torch.compile kernel).
+IMPLS = ["loop", "foreach", "compiled", "torch"]
+
+
+def _impl(name: str, monkeypatch) -> str:
+    if name == "torch":
+        monkeypatch.setenv("HF_TUNINGFREE_NATIVE", "0")
+        return "compiled"
+    return name
+
+
+def _zero_problem(seed: int = 0):
+    """test_dog's problem with two tensors that start at 0 (LoRA's B), one of them with its first
+    gradient at step 2 (its state is created then)."""
+    init, grads = _make_problem(seed)
+    init[0][1] = torch.zeros_like(init[0][1])
+    init[2][0] = torch.zeros_like(init[2][0])
+    return init, grads
+
+
+def _run(init, grads, mode, impl, *, steps=None, dtype=torch.float64, **kw):
+    params = [[torch.nn.Parameter(p.clone().to(dtype)) for p in grp] for grp in init]
+    hp = _groups_hp(mode)
+    opt = CLASSES[mode]([{"params": ps, **h} for ps, h in zip(params, hp, strict=True)], **kw,
+                        implementation=impl)  # fmt: skip
+    record = []
+    for step_grads in grads[:steps]:
+        _set_grads(params, step_grads, dtype)
+        opt.step()
+        record.append(_current_etas(opt, params, mode))
+    return params, opt, record
+
+
+def _set_grads(params, step_grads, dtype=torch.float64):
+    for ps, gs in zip(params, step_grads, strict=True):
+        for p, g in zip(ps, gs, strict=True):
+            p.grad = None if g is None else g.to(dtype)
+
+
+def _flat(nested):
+    return [x for grp in nested for x in grp]
+
+
+def _flat_state(opt, params):
+    out = []
+    for ps in params:
+        for p in ps:
+            st = opt.state.get(p, {})
+            out += [(k, v.clone()) for k, v in sorted(st.items()) if isinstance(v, torch.Tensor)]
+    return out
+
+
+# --------------------------------------------------------------------------- 1. implicit x0
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mode", ["dog", "ldog", "tdog"])
+def test_implicit_zero_x0_gives_the_stored_copy_run_bit_for_bit(mode, impl, monkeypatch):
+    """Same parameters, step sizes and distances as with a stored all-zero x0, on every path; the
+    two zero tensors (one fresh at step 2) keep no x0, every other tensor keeps its copy."""
+    impl = _impl(impl, monkeypatch)
+    init, grads = _zero_problem()
+    ours, opt, etas = _run(init, grads, mode, impl)
+    ref, ref_opt, ref_etas = _run(init, grads, mode, impl, implicit_zero_x0=False)
+    assert etas == ref_etas
+    for a, b in zip(_flat(ours), _flat(ref), strict=True):
+        assert torch.equal(a, b)
+    for gi, ps in enumerate(ours):
+        for pi, p in enumerate(ps):
+            zero = (gi, pi) in ((0, 1), (2, 0))
+            assert ("x0" in opt.state[p]) is not zero, (gi, pi)
+            assert "x0" in ref_opt.state[ref[gi][pi]]
+            assert torch.equal(opt.state[p]["dist_sq"], ref_opt.state[ref[gi][pi]]["dist_sq"])
+    saved = sum(v.nbytes for _, v in _flat_state(ref_opt, ref)) - sum(
+        v.nbytes for _, v in _flat_state(opt, ours)
+    )
+    assert saved == 8 * (5 + 6)  # the two zero tensors' fp64 copies
+
+
+@pytest.mark.parametrize("impl", ["loop", "compiled"])
+@pytest.mark.parametrize("zero_init_scale", [True, False])
+def test_implicit_zero_x0_matches_the_per_element_reference(zero_init_scale, impl):
+    """fp64 against test_dog's per-element reference (which stores every x0): L-DoG with the
+    zero tensors' r_eps from zero_init_scale, and DoG; step sizes within 1e-12 relative."""
+    init, grads = _zero_problem(seed=2)
+    for mode in ("ldog", "dog"):
+        hp = _groups_hp(mode)
+        kw = {"zero_init_scale": zero_init_scale} if mode == "ldog" else {}
+        expected, expected_etas = reference_dog(*_as_lists(init, grads), hp, mode, **kw)
+        params, opt, etas = _run(init, grads, mode, impl, **kw)
+        for t, (a, b) in enumerate(zip(etas, expected_etas, strict=True)):
+            if mode == "ldog":
+                assert a.keys() == b.keys()
+                for key in b:
+                    assert a[key] == pytest.approx(b[key], rel=1e-12), (mode, t, key)
+            else:
+                assert a == pytest.approx(b, rel=1e-12), (mode, t)
+        for p, e in zip(_flat(params), _flat(expected), strict=True):
+            assert torch.allclose(p.detach().flatten(), torch.tensor(e, dtype=torch.float64),
+                                  rtol=1e-12, atol=1e-14)  # fmt: skip
+        assert "x0" not in opt.state[params[0][1]] and "x0" in opt.state[params[0][0]]
+
+
+def test_the_zero_check_is_one_host_read_at_state_creation(monkeypatch):
+    """One read of the step's flags at the first step, one at step 2 (a tensor's first gradient),
+    none in the other steps; none with implicit_zero_x0=False."""
+    calls = []
+    original = dog_module._read_flags
+
+    def counting(flags):
+        calls.append(flags.numel())
+        return original(flags)
+
+    monkeypatch.setattr(dog_module, "_read_flags", counting)
+    init, grads = _zero_problem()
+    per_step = []
+    params = [[torch.nn.Parameter(p.clone()) for p in grp] for grp in init]
+    opt = DoG([{"params": ps} for ps in params])
+    for step_grads in grads[:6]:
+        _set_grads(params, step_grads)
+        before = len(calls)
+        opt.step()
+        per_step.append(len(calls) - before)
+    assert per_step == [1, 0, 1, 0, 0, 0]
+    assert calls[0] == sum(g is not None for gs in grads[0] for g in gs)
+    calls.clear()
+    _run(init, grads, "ldog", "auto", steps=4, implicit_zero_x0=False)
+    assert calls == []
+
+
+def test_tiny_nonzero_and_empty_tensors():
+    """A subnormal element keeps the copy (its L2 norm would underflow in fp32: the check is
+    exact); an empty tensor and an all-zero one keep none."""
+    tiny = torch.zeros(5)
+    tiny[3] = 1e-45
+    ps = [
+        torch.nn.Parameter(t)
+        for t in (tiny.clone(), torch.zeros(0), torch.zeros(4), -torch.zeros(2))
+    ]
+    opt = LDoG(ps)
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert ["x0" in opt.state[p] for p in ps] == [True, False, False, False]
+    assert torch.equal(opt.state[ps[0]]["x0"], tiny)
+
+
+@pytest.mark.parametrize("mode", ["dog", "ldog"])
+@pytest.mark.parametrize("impl", ["compiled", "loop"])
+def test_resume_without_x0_continues_bit_exactly(mode, impl):
+    """A weights_only round trip after 5 steps (the late tensor not yet fresh) continues exactly
+    as the uninterrupted run; the saved state holds no x0 for the zero tensors, and an optimizer
+    built with implicit_zero_x0=False reads the missing x0 as implicit too."""
+    init, grads = _zero_problem()
+    full, _, full_etas = _run(init, grads, mode, impl)
+    for flag in (True, False):
+        params, opt, etas = _run(init, grads, mode, impl, steps=5)
+        buf = io.BytesIO()
+        torch.save(opt.state_dict(), buf)
+        buf.seek(0)
+        saved = torch.load(buf, weights_only=True)
+        ids = [i for g in saved["param_groups"] for i in g["params"]]
+        assert "x0" not in saved["state"][ids[1]] and "x0" in saved["state"][ids[0]]
+        hp = _groups_hp(mode)
+        opt2 = CLASSES[mode]([{"params": ps, **h} for ps, h in zip(params, hp, strict=True)],
+                             implementation=impl, implicit_zero_x0=flag)  # fmt: skip
+        opt2.load_state_dict(saved)
+        for step_grads in grads[5:]:
+            _set_grads(params, step_grads)
+            opt2.step()
+            etas.append(_current_etas(opt2, params, mode))
+        assert etas == full_etas
+        for a, b in zip(_flat(params), _flat(full), strict=True):
+            assert torch.equal(a, b)
+        assert "x0" not in opt2.state[params[2][0]]  # fresh after the resume: implicit
+
+
+def test_deepcopy_keeps_the_constructor_options():
+    """copy.deepcopy keeps implicit_zero_x0 and L-DoG's zero_init_scale (both constructor-only):
+    the copy steps exactly as the original."""
+    init, grads = _zero_problem()
+    params, opt, _ = _run(init, grads, "ldog", "loop", steps=1, zero_init_scale=False,
+                          implicit_zero_x0=False)  # fmt: skip
+    twin_params, twin = copy.deepcopy((params, opt))  # one memo: the copy steps its own
+    assert twin._zero_init_scale is False and twin._implicit_zero_x0 is False
+    for step_grads in grads[1:4]:
+        _set_grads(params, step_grads)
+        _set_grads(twin_params, step_grads)
+        opt.step()
+        twin.step()
+    assert "x0" in twin.state[twin_params[2][0]]  # fresh after the copy: stored (option kept)
+    for a, b in zip(_flat(params), _flat(twin_params), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"implicit_zero_x0": 1}, "implicit_zero_x0 must be True or False"),
+        ({"implicit_zero_x0": "yes"}, "implicit_zero_x0 must be True or False"),
+    ],
+)
+@pytest.mark.parametrize("cls", [DoG, LDoG, TDoG])
+def test_bad_memory_options_name_the_argument(cls, kwargs, match):
+    """As every bool option of the package (validation.check_bool): a TypeError naming it."""
+    with pytest.raises((TypeError, ValueError), match=match):
+        cls([torch.nn.Parameter(torch.ones(2))], **kwargs)
+
+
+def test_implicit_zero_x0_is_not_a_group_setting():
+    with pytest.raises(ValueError, match="implicit_zero_x0 is a constructor argument"):
+        DoG([{"params": [torch.nn.Parameter(torch.ones(2))], "implicit_zero_x0": False}])
+
+
+def test_c_kernel_reads_a_null_x0_as_zero():
+    """The C update with x0 None for some tensors equals it with explicit zero tensors, bit for
+    bit (fp32 and fp64), and the per-tensor torch update."""
+    if _native.load() is None:
+        pytest.skip("no C compiler")
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float64):
+        xs = [torch.randn(n, generator=gen, dtype=dtype) for n in (7, 40000, 3)]
+        gs = [torch.randn_like(x) for x in xs]
+        x0s = [torch.randn_like(xs[0]), None, None]
+        steps = torch.tensor([0.1, 0.2, 0.3], dtype=dtype)
+        ok = torch.tensor(True)
+        a = [x.clone() for x in xs]
+        b = [x.clone() for x in xs]
+        out_a = torch.zeros(3, dtype=torch.float64)
+        out_b = torch.zeros(3, dtype=torch.float64)
+        _native.dog_update(a, gs, x0s, steps, 0.01, ok, out_a)
+        zeros = [x0s[0], torch.zeros_like(xs[1]), torch.zeros_like(xs[2])]
+        _native.dog_update(b, gs, zeros, steps, 0.01, ok, out_b)
+        assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
+        assert torch.equal(out_a, out_b)
+        assert out_a[1] == pytest.approx(float(a[1].double().square().sum()), rel=1e-6)
+
+
+# --------------------------------------------------------------------------- FSDP2
+def _fsdp_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(6, 10),
+        torch.nn.Tanh(),
+        torch.nn.Linear(10, 5),  # zeroed: LoRA's B; 5 rows over 2 ranks
+        torch.nn.Tanh(),
+        torch.nn.Linear(5, 1),
+    ).double()
+    with torch.no_grad():
+        model[2].weight.zero_()
+    return model
+
+
+def _fsdp_data(steps: int):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(steps, 16, 6, generator=gen, dtype=torch.float64)
+    y = torch.randn(steps, 16, 1, generator=gen, dtype=torch.float64)
+    return x, y
+
+
+def _fsdp_train(model, opt, name, x, y, rank=0, world=1):
+    etas = []
+    for t in range(x.shape[0]):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x[t][rank::world]), y[t][rank::world]).backward()
+        opt.step()
+        if name == "ldog":
+            etas.append([eta for _, eta in opt.etas()])
+        else:
+            etas.append([float(opt.global_state["eta"])])
+    return etas
+
+
+FSDP_CASES = (("dog", {}), ("ldog", {}), ("ldog", {"slice_p": 3}))
+
+
+def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
+    from dist_helpers import process_group, shard_fsdp2
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from hf_tuningfree.optim import create_optimizer
+
+    with process_group(rank, world, port):
+        mesh = init_device_mesh("cpu", (world,))
+        x, y = _fsdp_data(6)
+        results = {}
+        for name, kw in FSDP_CASES:
+            if "slice_p" in kw and "slice_p" not in LDoG.__init__.__code__.co_varnames:
+                continue
+            model = shard_fsdp2(_fsdp_model(), mesh)
+            opt = create_optimizer(name, model.parameters(), reps_rel=1e-3, **kw)
+            etas = _fsdp_train(model, opt, name, x, y, rank, world)
+            keys = [sorted(opt.state[p]) for p in model.parameters()]
+            full = get_optimizer_state_dict(model, opt)
+            dcp_keys = {fqn: sorted(st) for fqn, st in full["state"].items()}
+            gathered = [None] * world
+            torch.distributed.all_gather_object(gathered, (keys, dcp_keys))
+            params = [p.full_tensor().detach().clone() for p in model.parameters()]
+            results[f"{name}{kw}"] = {"etas": etas, "params": params, "keys": gathered}
+        if rank == 0:
+            torch.save(results, out)
+
+
+@pytest.mark.slow
+def test_fsdp2_implicit_x0_is_consistent_and_equals_one_process():
+    """Two gloo ranks under FSDP2 (the zero tensor's rows split between them): same step sizes
+    and parameters as one process, and every rank's state (and the distributed-checkpoint
+    state dict) has the same keys, no x0 for the zero tensor."""
+    from dist_helpers import spawn_and_collect
+
+    x, y = _fsdp_data(6)
+    sharded = spawn_and_collect(_fsdp_worker)
+    for name, kw in FSDP_CASES:
+        tag = f"{name}{kw}"
+        if tag not in sharded:
+            continue
+        model = _fsdp_model()
+        from hf_tuningfree.optim import create_optimizer
+
+        opt = create_optimizer(name, model.parameters(), reps_rel=1e-3, **kw)
+        ref = _fsdp_train(model, opt, name, x, y)
+        ours = sharded[tag]
+        for t, (a, b) in enumerate(zip(ours["etas"], ref, strict=True)):
+            assert a == pytest.approx(b, rel=1e-9), f"{tag} step {t}"
+        for a, p in zip(ours["params"], model.parameters(), strict=True):
+            assert torch.allclose(a, p.detach(), rtol=1e-9, atol=1e-12), tag
+        (keys0, dcp0), (keys1, dcp1) = ours["keys"]
+        assert keys0 == keys1 and dcp0 == dcp1, tag
+        assert "x0" not in keys0[2] and "x0" in keys0[0], tag  # [2]: the zeroed weight
+        assert "x0" not in dcp0["2.weight"] and "x0" in dcp0["0.weight"], tag
