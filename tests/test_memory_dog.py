@@ -347,3 +347,218 @@ def test_fsdp2_implicit_x0_is_consistent_and_equals_one_process():
         assert keys0 == keys1 and dcp0 == dcp1, tag
         assert "x0" not in keys0[2] and "x0" in keys0[0], tag  # [2]: the zeroed weight
         assert "x0" not in dcp0["2.weight"] and "x0" in dcp0["0.weight"], tag
+
+
+# --------------------------------------------------------------------------- 2. ADOPT beta1 = 0
+from hf_tuningfree.optim import ADOPT  # noqa: E402
+
+
+class _BufferedADOPT(ADOPT):
+    """ADOPT as before issue 17: a first-moment buffer at beta1 = 0 too (m = lerp(m, u, 1))."""
+
+    _drop_unused_first_moment = False
+
+
+ADOPT_IMPLS = ["loop", "foreach", "native", "compiled_torch"]
+
+
+def _adopt_impl(name: str, monkeypatch) -> str:
+    if name == "native":
+        if _native.load() is None:
+            pytest.skip("no C compiler")
+        return "compiled"
+    if name == "compiled_torch":  # the torch.compile kernel, the C library made unavailable
+        monkeypatch.setattr(_native, "load", lambda: None)
+        return "compiled"
+    return name
+
+
+def _reference_tolerance(impl: str) -> float:
+    """1e-12 in fp64 (measured ~1e-15), but for the torch.compile kernel, whose learning rate is
+    an fp32 tensor (ADOPT._compiled, before issue 17 too): 4.6e-8 measured, with or without the
+    first-moment buffer."""
+    compiled_torch = impl == "compiled" and _native.load() is None
+    return 1e-7 if compiled_torch else 1e-12
+
+
+def _adopt_problem(seed=0, steps=30):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [[(3, 4), (5,), (70, 130)], [(4,), (1,)]]
+    init = [[torch.randn(s, generator=gen, dtype=torch.float64) for s in grp] for grp in shapes]
+    grads = [
+        [
+            [
+                None if (pi == 1 and t % 3 == 1) else torch.randn(p.shape, generator=gen,
+                                                                  dtype=torch.float64)
+                for pi, p in enumerate(grp)
+            ]
+            for grp in init
+        ]
+        for t in range(steps)
+    ]  # fmt: skip
+    hp = [
+        dict(lr=0.05, betas=(0.0, 0.999), eps=1e-6, weight_decay=0.1, clip_exponent=0.25),
+        dict(lr=0.02, betas=(0.0, 0.99), eps=1e-3, weight_decay=0.0, clip_exponent=None,
+             maximize=True, decoupled_weight_decay=False),
+    ]  # fmt: skip
+    return init, grads, hp
+
+
+def _adopt_run(cls, init, grads, hp, impl, *, switch=None, dtype=torch.float64):
+    """``switch``: (step, beta1) sets every group's beta1 before that step."""
+    params = [[torch.nn.Parameter(p.clone().to(dtype)) for p in grp] for grp in init]
+    opt = cls([{"params": ps, **h} for ps, h in zip(params, hp, strict=True)],
+              implementation=impl)  # fmt: skip
+    for t, step_grads in enumerate(grads):
+        if switch is not None and t == switch[0]:
+            for g in opt.param_groups:
+                g["betas"] = (switch[1], g["betas"][1])
+        _set_grads(params, step_grads, dtype)
+        opt.step()
+    return params, opt
+
+
+def _adopt_reference(init, grads, hp, switch=None):
+    """fp64 per element: ADOPT with m = beta1 m + (1 - beta1) u, m starting at 0 and restarting
+    at 0 when ``switch`` turns beta1 on (from 0: there was no m to keep)."""
+    import math
+
+    x = [[p.flatten().tolist() for p in grp] for grp in init]
+    st = [[[{"t": 0, "m": 0.0, "v": 0.0} for _ in p] for p in grp] for grp in x]
+    beta1 = [h["betas"][0] for h in hp]
+    for t, step_grads in enumerate(grads):
+        if switch is not None and t == switch[0]:
+            beta1 = [switch[1]] * len(hp)
+            for s in (s for grp in st for p in grp for s in p):
+                s["m"] = 0.0
+        for gi, h in enumerate(hp):
+            b1, b2 = beta1[gi], h["betas"][1]
+            wd = h["weight_decay"]
+            decoupled = h.get("decoupled_weight_decay", True)
+            for pi, g in enumerate(step_grads[gi]):
+                if g is None:
+                    continue
+                for e, ge in enumerate(g.flatten().tolist()):
+                    s = st[gi][pi][e]
+                    if h.get("maximize"):
+                        ge = -ge
+                    if wd and not decoupled:
+                        ge += wd * x[gi][pi][e]
+                    if s["t"] == 0:
+                        s["v"], s["t"] = ge * ge, 1
+                        continue
+                    u = ge / max(math.sqrt(s["v"]), h["eps"])
+                    if h["clip_exponent"] is not None:
+                        c = s["t"] ** h["clip_exponent"]
+                        u = min(max(u, -c), c)
+                    s["m"] = b1 * s["m"] + (1 - b1) * u
+                    xe = x[gi][pi][e]
+                    if wd and decoupled:
+                        xe -= h["lr"] * wd * xe
+                    x[gi][pi][e] = xe - h["lr"] * s["m"]
+                    s["v"] = b2 * s["v"] + (1 - b2) * ge * ge
+                    s["t"] += 1
+    return x
+
+
+@pytest.mark.parametrize("impl", ADOPT_IMPLS)
+def test_adopt_beta1_zero_allocates_no_first_moment_and_keeps_the_numbers(impl, monkeypatch):
+    """beta1 = 0: no exp_avg in any state, the buffered run's numbers (bit for bit on the C,
+    per-tensor and compiled paths; foreach formed m + (u - m), an ulp away) and the fp64
+    per-element reference within 1e-12."""
+    impl = _adopt_impl(impl, monkeypatch)
+    init, grads, hp = _adopt_problem()
+    ours, opt = _adopt_run(ADOPT, init, grads, hp, impl)
+    ref, ref_opt = _adopt_run(_BufferedADOPT, init, grads, hp, impl)
+    assert all("exp_avg" not in s for s in opt.state.values())
+    assert all("exp_avg" in s for s in ref_opt.state.values())
+    for a, b in zip(_flat(ours), _flat(ref), strict=True):
+        if impl == "foreach":
+            assert torch.allclose(a, b, rtol=1e-14, atol=1e-15)
+        else:
+            assert torch.equal(a, b)
+    tol = _reference_tolerance(impl)
+    for a, b in zip(_flat(ours), _flat(_adopt_reference(init, grads, hp)), strict=True):
+        assert torch.allclose(a.detach().flatten(), torch.tensor(b, dtype=torch.float64),
+                              rtol=tol, atol=tol)  # fmt: skip
+    n = sum(p.numel() for p in _flat(ours))
+    assert sum(v.nbytes for _, v in _flat_state(opt, ours)) == 8 * n + 4 * 5  # v + step
+    assert sum(v.nbytes for _, v in _flat_state(ref_opt, ref)) == 16 * n + 4 * 5
+
+
+@pytest.mark.parametrize("impl", ["native", "loop", "compiled_torch"])
+def test_adopt_switching_beta1_on_and_off(impl, monkeypatch):
+    """beta1 0 -> 0.9 at step 10 allocates exp_avg at 0 then (the per-element reference restarts
+    m at 0); 0.9 -> 0 drops it and continues exactly as a buffer that is overwritten by u."""
+    impl = _adopt_impl(impl, monkeypatch)
+    init, grads, hp = _adopt_problem(seed=1, steps=16)
+    ours, opt = _adopt_run(ADOPT, init, grads[:10], hp, impl)
+    assert all("exp_avg" not in s for s in opt.state.values())
+    for g in opt.param_groups:
+        g["betas"] = (0.9, g["betas"][1])
+    _set_grads(ours, grads[10])
+    opt.step()
+    p = ours[0][0]
+    assert "exp_avg" in opt.state[p] and opt.state[p]["exp_avg"].shape == p.shape
+    for step_grads in grads[11:]:
+        _set_grads(ours, step_grads)
+        opt.step()
+    expected = _adopt_reference(init, grads, hp, switch=(10, 0.9))
+    tol = _reference_tolerance(impl)
+    for a, b in zip(_flat(ours), _flat(expected), strict=True):
+        assert torch.allclose(a.detach().flatten(), torch.tensor(b, dtype=torch.float64),
+                              rtol=tol, atol=tol)  # fmt: skip
+    on = [dict(h, betas=(0.9, h["betas"][1])) for h in hp]
+    off, off_opt = _adopt_run(ADOPT, init, grads, on, impl, switch=(8, 0.0))
+    ref, _ = _adopt_run(_BufferedADOPT, init, grads, on, impl, switch=(8, 0.0))
+    assert all("exp_avg" not in s for s in off_opt.state.values())
+    for a, b in zip(_flat(off), _flat(ref), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("impl", ["native", "loop"])
+def test_adopt_beta1_zero_resume_is_bit_exact(impl, monkeypatch):
+    """A weights_only round trip after 12 steps: no exp_avg saved, the continuation identical."""
+    impl = _adopt_impl(impl, monkeypatch)
+    init, grads, hp = _adopt_problem(seed=2, steps=20)
+    full, _ = _adopt_run(ADOPT, init, grads, hp, impl)
+    params, opt = _adopt_run(ADOPT, init, grads[:12], hp, impl)
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    assert all("exp_avg" not in s for s in saved["state"].values())
+    opt2 = ADOPT([{"params": ps, **h} for ps, h in zip(params, hp, strict=True)],
+                 implementation=impl)  # fmt: skip
+    opt2.load_state_dict(saved)
+    for step_grads in grads[12:]:
+        _set_grads(params, step_grads)
+        opt2.step()
+    for a, b in zip(_flat(params), _flat(full), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_adopt_c_kernel_without_first_moment():
+    """The C update with exp_avgs None equals it with a buffer at beta1 = 0 (fp32, fp64), and
+    refuses None with beta1 != 0."""
+    if _native.load() is None:
+        pytest.skip("no C compiler")
+    gen = torch.Generator().manual_seed(3)
+    for dtype in (torch.float32, torch.float64):
+        xs = [torch.randn(n, generator=gen, dtype=dtype) for n in (9, 30000)]
+        gs = [torch.randn_like(x) for x in xs]
+        vs = [torch.rand_like(x) for x in xs]
+        kw = dict(lr=0.01, beta2=0.99, eps=1e-6, weight_decay=0.1, decoupled=True,
+                  clip_exponent=0.25, maximize=False)  # fmt: skip
+        a, b = [x.clone() for x in xs], [x.clone() for x in xs]
+        va, vb = [v.clone() for v in vs], [v.clone() for v in vs]
+        sa = [torch.full((), 3.0) for _ in xs]
+        sb = [torch.full((), 3.0) for _ in xs]
+        ok = torch.tensor(True)
+        _native.adopt_update(a, gs, None, va, sa, ok, beta1=0.0, **kw)
+        _native.adopt_update(b, gs, [torch.zeros_like(x) for x in xs], vb, sb, ok, beta1=0.0,
+                             **kw)  # fmt: skip
+        assert all(torch.equal(u, w) for u, w in zip(a + va + sa, b + vb + sb, strict=True))
+        assert not torch.equal(a[1], xs[1])
+        with pytest.raises(ValueError, match="beta1 == 0"):
+            _native.adopt_update(a, gs, None, va, sa, ok, beta1=0.9, **kw)

@@ -461,7 +461,7 @@ def sum_sq(tensors: Sequence[torch.Tensor], out: torch.Tensor) -> None:
 def adopt_update(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
-    exp_avgs: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor] | None,
     exp_avg_sqs: Sequence[torch.Tensor],
     steps: Sequence[torch.Tensor],
     ok: torch.Tensor,
@@ -481,13 +481,20 @@ def adopt_update(
     ``steps``: each tensor's 0-dim fp32 step counter, read (0: only ``v = g^2``) and incremented
     by the C code; ``lr``: a float or a 0-dim tensor (read from its memory in C; a CPU tensor
     avoids a device copy); ``decoupled``: AdamW-style decay ``x *= 1 - lr wd``, else ``wd x`` is
-    added to the gradient. Check ``accepts(...)`` first (and that ``steps`` are fp32 on CPU)."""
+    added to the gradient; ``exp_avgs`` None (``beta1 == 0``, no first-moment buffer): the update
+    is the clipped normalised gradient itself. Check ``accepts(...)`` first (and that ``steps``
+    are fp32 on CPU)."""
     lib = _library()
     n = len(params)
     if n == 0:
         return
     fn = lib.adopt_update_f32 if params[0].dtype == torch.float32 else lib.adopt_update_f64
-    arrays = _stream_arrays([params, grads, exp_avgs, exp_avg_sqs])
+    if exp_avgs is None:
+        _require(beta1 == 0.0, "exp_avgs may be None only with beta1 == 0")
+        xs_a, gs_a, vs_a = _stream_arrays([params, grads, exp_avg_sqs])
+        arrays = [xs_a, gs_a, None, vs_a]
+    else:
+        arrays = _stream_arrays([params, grads, exp_avgs, exp_avg_sqs])
     _require(
         len(steps) == n and all(s.is_cpu and s.dtype == torch.float32 and s.numel() == 1
                                 for s in steps),

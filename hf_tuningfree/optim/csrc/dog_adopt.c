@@ -136,6 +136,8 @@ DOG_GRAD_SQ(dog_grad_sq_f64, double)
    The scalars are formed as the torch path forms them in the tensors' dtype T (1 - beta2 as
    1 - (T)beta2, 1 - beta1 rounded once), so both paths agree to the rounding of single ops.
    lr is *lr_ptr when lr_ptr is not NULL (a tensor learning rate), else lr_value.
+   ms NULL (beta1 == 0, no first-moment buffer): x <- x - lr * u, which is what the lerp gives
+   with w_m == 1 (fma(0, u - m, u) == u), so the numbers are those of a zero-initialised m.
    One parallel loop over the blocks of all tensors. If !*ok nothing is written. */
 #define ADOPT_UPDATE(NAME, T, SQRT, FMA, POW)                                                  \
 void NAME(int64_t ntensors, T** xs, T** gs, T** ms, T** vs, const int64_t* ns, float** steps,  \
@@ -167,7 +169,7 @@ void NAME(int64_t ntensors, T** xs, T** gs, T** ms, T** vs, const int64_t* ns, f
         const int64_t lo = (b - first[k]) * BLOCK;                                             \
         const int64_t hi = lo + BLOCK < ns[k] ? lo + BLOCK : ns[k];                            \
         T* restrict x = xs[k]; const T* restrict g = gs[k];                                    \
-        T* restrict m = ms[k]; T* restrict v = vs[k];                                          \
+        T* restrict m = ms ? ms[k] : NULL; T* restrict v = vs[k];                              \
         const T c = clips[k];                                                                  \
         if (!(*steps[k] > 0)) {                                                                \
             _Pragma("omp simd")                                                                \
@@ -175,6 +177,23 @@ void NAME(int64_t ntensors, T** xs, T** gs, T** ms, T** vs, const int64_t* ns, f
                 T gi = maximize ? -g[i] : g[i];                                                \
                 if (cwd != 0) gi = FMA(x[i], cwd, gi);                                         \
                 v[i] = gi * gi;                                                                \
+            }                                                                                  \
+            continue;                                                                          \
+        }                                                                                      \
+        if (!m) {                                                                              \
+            _Pragma("omp simd")                                                                \
+            for (int64_t i = lo; i < hi; ++i) {                                                \
+                const T xi = x[i], vi = v[i];                                                  \
+                T gi = maximize ? -g[i] : g[i];                                                \
+                if (cwd != 0) gi = FMA(xi, cwd, gi);                                           \
+                T d = SQRT(vi);                                                                \
+                d = d < e ? e : d;                                                             \
+                v[i] = LERP(FMA, vi, gi * gi, w_v, small_v);                                   \
+                T u = gi / d;                                                                  \
+                u = u < -c ? -c : u;                                                           \
+                u = u > c ? c : u;                                                             \
+                T xn = decoupled ? xi - xi * lr_wd : xi;                                       \
+                x[i] = xn - u * lr;                                                            \
             }                                                                                  \
             continue;                                                                          \
         }                                                                                      \
