@@ -289,7 +289,9 @@ def _fsdp_train(model, opt, name, x, y, rank=0, world=1):
     return etas
 
 
-FSDP_CASES = (("dog", {}), ("ldog", {}), ("ldog", {"slice_p": 3}))
+#: slice_p = 4: the first weight's rows split 5/5 (rank 1 starts at element 30, so its kept
+#: elements start at local offset 2), the biases at element 5 (offset 3).
+FSDP_CASES = (("dog", {}), ("ldog", {}), ("dog", {"slice_p": 4}), ("ldog", {"slice_p": 4}))
 
 
 def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
@@ -304,8 +306,6 @@ def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
         x, y = _fsdp_data(6)
         results = {}
         for name, kw in FSDP_CASES:
-            if "slice_p" in kw and "slice_p" not in LDoG.__init__.__code__.co_varnames:
-                continue
             model = shard_fsdp2(_fsdp_model(), mesh)
             opt = create_optimizer(name, model.parameters(), reps_rel=1e-3, **kw)
             etas = _fsdp_train(model, opt, name, x, y, rank, world)
@@ -331,8 +331,6 @@ def test_fsdp2_implicit_x0_is_consistent_and_equals_one_process():
     sharded = spawn_and_collect(_fsdp_worker)
     for name, kw in FSDP_CASES:
         tag = f"{name}{kw}"
-        if tag not in sharded:
-            continue
         model = _fsdp_model()
         from hf_tuningfree.optim import create_optimizer
 
@@ -562,3 +560,203 @@ def test_adopt_c_kernel_without_first_moment():
         assert not torch.equal(a[1], xs[1])
         with pytest.raises(ValueError, match="beta1 == 0"):
             _native.adopt_update(a, gs, None, va, sa, ok, beta1=0.9, **kw)
+
+
+# --------------------------------------------------------------------------- 3. slice_p
+def reference_sliced(init, grads, groups_hp, mode, k, zero_init_scale=True):
+    """Plain Python floats, one element at a time: DoG ("dog") or L-DoG ("ldog") whose distance
+    of a tensor of n elements is sqrt(n / ceil(n / k) * sum over j = 0, k, 2k, ... of
+    (x_j - x0_j)^2), except for tensors that are all zero at their first step (implicit x0: the
+    exact ||x||); gradient norms and r_eps exact. L-DoG's zero_init_scale: the RMS of the step's
+    x0 from the kept elements (scaled alike) of the tensors whose state is older than the step,
+    from all elements of those whose state is created in it."""
+    import math
+
+    x = [[list(p) for p in grp] for grp in init]
+    x0, zero, per = {}, set(), {}
+    rbar = G = None
+
+    def sq(v):
+        return sum(e * e for e in v)
+
+    def est_sq(key, values):
+        if key in zero:
+            return sq(values)
+        n = len(values)
+        kept = [(a - b) ** 2 for j, (a, b) in enumerate(zip(values, x0[key], strict=True))
+                if j % k == 0]  # fmt: skip
+        return n / math.ceil(n / k) * sum(kept) if n else 0.0
+
+    etas = []
+    for step_grads in grads:
+        live = [(gi, pi) for gi, gs in enumerate(step_grads) for pi, g in enumerate(gs)
+                if g is not None]  # fmt: skip
+        if mode == "dog" and rbar is None:
+            rbar = groups_hp[0]["reps_rel"] * (1.0 + math.sqrt(sum(sq(x[g][p]) for g, p in live)))
+            G = 0.0
+        new = [key for key in live if key not in x0]
+        for key in new:
+            x0[key] = list(x[key[0]][key[1]])
+            if all(v == 0 for v in x0[key]):
+                zero.add(key)
+        if mode == "ldog":
+            for key in new:
+                gi, pi = key
+                norm = math.sqrt(sq(x[gi][pi]))
+                if zero_init_scale and norm == 0:
+                    total = sum(
+                        sq(x0[q]) if (q in new or q in zero) else est_sq(q, [0.0] * len(x0[q]))
+                        for q in live
+                    )
+                    norm = math.sqrt(len(x0[key]) * total / sum(len(x0[q]) for q in live))
+                per[key] = {"rbar": groups_hp[gi]["reps_rel"] * (1.0 + norm), "G": 0.0}
+        geff = {
+            (gi, pi): [g + groups_hp[gi]["weight_decay"] * xe
+                       for g, xe in zip(step_grads[gi][pi], x[gi][pi], strict=True)]
+            for gi, pi in live
+        }  # fmt: skip
+        if mode == "ldog":
+            step_etas = {}
+            for key in live:
+                st = per[key]
+                st["rbar"] = max(st["rbar"], math.sqrt(est_sq(key, x[key[0]][key[1]])))
+                st["G"] += sq(geff[key])
+                step_etas[key] = st["rbar"] / math.sqrt(st["G"] + groups_hp[key[0]]["eps"])
+            etas.append(step_etas)
+        else:
+            d = math.sqrt(sum(est_sq(key, x[key[0]][key[1]]) for key in x0))
+            rbar = max(rbar, d)
+            G += sum(sq(v) for v in geff.values())
+            eta = rbar / math.sqrt(G + groups_hp[0]["eps"])
+            step_etas = {key: eta for key in live}
+            etas.append(eta)
+        for gi, pi in live:
+            lr = groups_hp[gi]["lr"]
+            x[gi][pi] = [xe - lr * step_etas[(gi, pi)] * ge
+                         for xe, ge in zip(x[gi][pi], geff[(gi, pi)], strict=True)]  # fmt: skip
+    return x, etas
+
+
+def _check_against(etas, expected_etas, params, expected, mode, rel=1e-12):
+    for t, (a, b) in enumerate(zip(etas, expected_etas, strict=True)):
+        if mode == "ldog":
+            assert a.keys() == b.keys()
+            for key in b:
+                assert a[key] == pytest.approx(b[key], rel=rel), (t, key)
+        else:
+            assert a == pytest.approx(b, rel=rel), t
+    for p, e in zip(_flat(params), _flat(expected), strict=True):
+        assert torch.allclose(p.detach().flatten(), torch.tensor(e, dtype=torch.float64),
+                              rtol=rel, atol=rel)  # fmt: skip
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mode", ["dog", "ldog"])
+@pytest.mark.parametrize("k", [2, 7])
+def test_slice_p_matches_the_per_element_statement(mode, k, impl, monkeypatch):
+    """fp64, every path, the zero tensors implicit (exact distance), a tensor fresh at step 2:
+    step sizes and parameters within 1e-12 of the independent per-element statement; x0 holds
+    ceil(n / k) elements per stored tensor."""
+    impl = _impl(impl, monkeypatch)
+    init, grads = _zero_problem(seed=4)
+    expected, expected_etas = reference_sliced(*_as_lists(init, grads), _groups_hp(mode), mode, k)
+    params, opt, etas = _run(init, grads, mode, impl, slice_p=k)
+    _check_against(etas, expected_etas, params, expected, mode)
+    for gi, ps in enumerate(params):
+        for pi, p in enumerate(ps):
+            st = opt.state[p]
+            if (gi, pi) in ((0, 1), (2, 0)):
+                assert "x0" not in st
+            else:
+                assert st["x0"].shape == (-(-p.numel() // k),)
+                assert torch.equal(st["x0"], init[gi][pi].flatten()[::k])
+    # the estimate is not the exact distance (what it saves is not free)
+    _, exact_etas = reference_dog(*_as_lists(init, grads), _groups_hp(mode), mode,
+                                      zero_init_scale=mode == "ldog")  # fmt: skip
+    assert etas[-1] != pytest.approx(exact_etas[-1], rel=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["loop", "compiled"])
+def test_slice_p_with_stored_zero_copies_and_zero_init_scale(impl):
+    """implicit_zero_x0=False: zero tensors keep a 1/k copy too and their distance is estimated
+    (the reference with no implicit tensors: every tensor subsampled); L-DoG's zero_init_scale
+    reads the kept elements of older states, scaled."""
+    init, grads = _zero_problem(seed=5)
+    init[1][0] = torch.zeros_like(init[1][0])
+    hp = _groups_hp("ldog")
+    params, _, etas = _run(init, grads, "ldog", impl, slice_p=3)
+    expected, expected_etas = reference_sliced(*_as_lists(init, grads), hp, "ldog", 3)
+    _check_against(etas, expected_etas, params, expected, "ldog")
+    ref_off = reference_sliced(*_as_lists(init, grads), hp, "ldog", 3, zero_init_scale=False)
+    params_off, _, etas_off = _run(init, grads, "ldog", impl, slice_p=3, zero_init_scale=False)
+    _check_against(etas_off, ref_off[1], params_off, ref_off[0], "ldog")
+    stored, stored_opt, stored_etas = _run(init, grads, "ldog", impl, slice_p=3,
+                                           implicit_zero_x0=False)  # fmt: skip
+    b = stored[0][1]
+    assert stored_opt.state[b]["x0"].shape == (-(-b.numel() // 3),)
+    assert not stored_opt.state[b]["x0"].any()
+    assert stored_etas != etas  # the zero tensors' distances are now estimates
+
+
+@pytest.mark.parametrize("mode", ["dog", "ldog"])
+@pytest.mark.parametrize("impl", ["compiled", "loop"])
+def test_slice_p_resume_is_bit_exact_and_a_changed_slice_p_is_an_error(mode, impl):
+    init, grads = _zero_problem(seed=6)
+    full, _, full_etas = _run(init, grads, mode, impl, slice_p=4)
+    params, opt, etas = _run(init, grads, mode, impl, steps=6, slice_p=4)
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    hp = _groups_hp(mode)
+    opt2 = CLASSES[mode](
+        [{"params": ps, **h} for ps, h in zip(params, hp, strict=True)], implementation=impl
+    )  # fmt: skip  (slice_p comes from the checkpoint)
+    opt2.load_state_dict(saved)
+    assert all(g["slice_p"] == 4 for g in opt2.param_groups)
+    for step_grads in grads[6:]:
+        _set_grads(params, step_grads)
+        opt2.step()
+        etas.append(_current_etas(opt2, params, mode))
+    assert etas == full_etas
+    for a, b in zip(_flat(params), _flat(full), strict=True):
+        assert torch.equal(a, b)
+    opt2.param_groups[0]["slice_p"] = 3
+    _set_grads(params, grads[0])
+    with pytest.raises(RuntimeError, match=r"param_groups\[0\]\['params'\]\[0\].*slice_p=3"):
+        opt2.step()
+
+
+@pytest.mark.parametrize("value", [0, -2, 1.5, True, "2", None])
+def test_slice_p_must_be_an_int_of_at_least_one(value):
+    with pytest.raises(ValueError, match="Invalid slice_p"):
+        LDoG([torch.nn.Parameter(torch.ones(2))], slice_p=value)
+    with pytest.raises(ValueError, match="Invalid slice_p"):
+        DoG([{"params": [torch.nn.Parameter(torch.ones(2))], "slice_p": value}])
+
+
+def test_c_kernel_strided_distance_with_offsets():
+    """The C update's strided sums (strides 3 and 5, offsets 0..4, tensors across several
+    blocks) against torch's strided sums: same parameters bit for bit, sums within 1e-13
+    (fp64) / 1e-6 (fp32) relative."""
+    if _native.load() is None:
+        pytest.skip("no C compiler")
+    gen = torch.Generator().manual_seed(7)
+    for dtype, rel in ((torch.float64, 1e-13), (torch.float32, 1e-6)):
+        xs = [torch.randn(n, generator=gen, dtype=dtype) for n in (10, 30001, 8192 * 3 + 5, 4)]
+        gs = [torch.randn_like(x) for x in xs]
+        strides, offsets = [3, 5, 5, 3], [1, 4, 0, 2]
+        x0s = [x[o::q].clone() + 0.5 for x, q, o in zip(xs, strides, offsets, strict=True)]
+        steps = torch.tensor(0.1, dtype=dtype)
+        a = [x.clone() for x in xs]
+        out = torch.zeros(4, dtype=torch.float64)
+        _native.dog_update(a, gs, x0s, steps, 0.0, torch.tensor(True), out,
+                           x0_strides=strides, x0_offsets=offsets)  # fmt: skip
+        for k, (x, g) in enumerate(zip(xs, gs, strict=True)):
+            moved = x - 0.1 * g
+            assert torch.allclose(a[k], moved, rtol=0, atol=4 * torch.finfo(dtype).eps)
+            want = (a[k].double()[offsets[k] :: strides[k]] - x0s[k].double()).square().sum()
+            assert float(out[k]) == pytest.approx(float(want), rel=rel)
+        with pytest.raises(ValueError, match=r"stream 2 .* expected ceil\(\(n - 1\) / 3\) = 3"):
+            _native.dog_update(a, gs, [x0s[0][:-1], *x0s[1:]], steps, 0.0, torch.tensor(True),
+                               out, x0_strides=strides, x0_offsets=offsets)  # fmt: skip

@@ -196,8 +196,8 @@ _I64, _PTR, _DBL, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double, ctype
 _SIGNATURES: dict[str, list[Any]] = {
     # ntensors, xs, gs, ns, wd, out, nthreads
     "dog_grad_sq": [_I64, _PTR, _PTR, _PTR, _DBL, _PTR, _INT],
-    # ntensors, xs, gs, x0s, x0_strides, ns, steps, step_stride, wd, ok, out, nthreads
-    "dog_update": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _DBL, _PTR, _PTR, _INT],
+    # ntensors, xs, gs, x0s, x0_strides, x0_offsets, ns, steps, step_stride, wd, ok, out, nthreads
+    "dog_update": [_I64, *[_PTR] * 7, _I64, _DBL, _PTR, _PTR, _INT],
     # ntensors, xs, gs, ms, vs, ns, steps, lr_ptr, lr_value, beta1, beta2, eps, weight_decay,
     # coupled_wd, clip exponent, flags, ok, nthreads
     "adopt_update": [_I64, *[_PTR] * 7, *[_DBL] * 7, _INT, _PTR, _INT],
@@ -348,15 +348,17 @@ def dog_update(
     out: torch.Tensor,
     *,
     x0_strides: Sequence[int] | None = None,
+    x0_offsets: Sequence[int] | None = None,
 ) -> None:
     """``x <- x - s (g + wd x)`` and ``out[k] <- ||x_k - x0_k||^2`` for every tensor, where the
     0-dim bool ``ok`` is True; nothing is written otherwise. ``steps``: the step size of every
     tensor (1-D, the parameters' dtype) or one for all (0-dim or 1 element); ``out``: fp64, one
     entry per tensor. ``x0s[k]`` None: no stored ``x0``, read as 0 (``out[k] = ||x_k||^2``).
     ``x0_strides[k]`` (default 1 for all) ``q > 1``: ``x0s[k]`` holds the initial values of
-    elements ``0, q, 2q, ...`` of the flattened tensor only (``ceil(n / q)`` elements) and
-    ``out[k]`` is the sum over those elements (unscaled). Check ``accepts(...)`` on the
-    parameters and gradients first; the ``x0`` tensors are checked here."""
+    elements ``o, o + q, o + 2q, ...`` of the flattened tensor only (``o = x0_offsets[k]``,
+    default 0, ``0 <= o < q``; ``ceil((n - o) / q)`` elements) and ``out[k]`` is the sum over
+    those elements (unscaled). Check ``accepts(...)`` on the parameters and gradients first; the
+    ``x0`` tensors are checked here."""
     lib = _library()
     if not params:
         return
@@ -365,16 +367,25 @@ def dog_update(
     xs_a, gs_a = _stream_arrays([params, grads])
     n = len(params)
     strides = [1] * n if x0_strides is None else [int(q) for q in x0_strides]
-    _require(len(x0s) == n and len(strides) == n, "x0s and x0_strides: one entry per tensor")
-    for p, x0, q in zip(params, x0s, strides, strict=True):
+    offsets = [0] * n if x0_offsets is None else [int(o) for o in x0_offsets]
+    _require(
+        len(x0s) == n and len(strides) == n and len(offsets) == n,
+        "x0s, x0_strides and x0_offsets: one entry per tensor",
+    )
+    for p, x0, q, o in zip(params, x0s, strides, offsets, strict=True):
         if x0 is None:
             continue
-        _require(q >= 1, "x0_strides must be >= 1 where an x0 is given")
+        _require(q >= 1 and 0 <= o < q, "x0_strides >= 1 and 0 <= x0_offsets < x0_strides")
+        want = max(0, -(-(p.numel() - o) // q))
         _require(
-            x0.numel() == -(-p.numel() // q) and x0.is_contiguous() and x0.is_cpu
-            and x0.dtype == dtype,
-            f"an x0 is not a contiguous {dtype} CPU tensor of ceil(n / {q}) elements",
-        )  # fmt: skip
+            x0.numel() == want,
+            "stream 2 does not have its parameters' number of elements (or tensors): an x0 "
+            f"holds {x0.numel()}, expected ceil((n - {o}) / {q}) = {want}",
+        )
+        _require(
+            x0.is_contiguous() and x0.is_cpu and x0.dtype == dtype,
+            f"stream 2 holds a tensor that is not a contiguous {dtype} CPU tensor",
+        )
     x0s_a = (ctypes.c_void_p * n)(*[None if x0 is None else x0.data_ptr() for x0 in x0s])
     strides_a = (ctypes.c_int64 * n)(
         *[0 if x0 is None else q for x0, q in zip(x0s, strides, strict=True)]
@@ -394,6 +405,7 @@ def dog_update(
         gs_a,
         x0s_a,
         strides_a,
+        (ctypes.c_int64 * n)(*offsets),
         (ctypes.c_int64 * n)(*[p.numel() for p in params]),
         steps.data_ptr(),
         1 if steps.numel() > 1 else 0,

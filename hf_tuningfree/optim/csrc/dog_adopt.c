@@ -8,19 +8,20 @@
    with q = x0_strides[k] saying what x0s[k] holds (dog.py, "state"):
      q == 1: x0 of every element (the sum runs over every element);
      q == 0: nothing (x0s[k] may be NULL): x0 is implicitly 0, out[k] <- sum_i x_new_i^2;
-     q > 1:  x0 of elements 0, q, 2q, ... only (x0s[k][j] for element j*q): the sum runs over
-             those elements (the caller scales it), read back from the block just written.
+     q > 1:  x0 of elements o, o + q, o + 2q, ... only (o = x0_offsets[k] < q; x0s[k][j] for
+             element o + j*q): the sum runs over those elements (the caller scales it), read
+             back from the block just written.
    If !*ok nothing is written. */
 #define DOG_UPDATE(NAME, T)                                                                    \
 void NAME(int64_t ntensors, T** xs, T** gs, T** x0s, const int64_t* x0_strides,                \
-          const int64_t* ns, const T* steps, int64_t step_stride, double wd, const uint8_t* ok, \
+          const int64_t* x0_offsets, const int64_t* ns, const T* steps, int64_t step_stride, double wd, const uint8_t* ok, \
           double* out, int nthreads) {                                                         \
     if (!*ok) return;                                                                          \
     const T w = (T)wd;                                                                         \
     for (int64_t k = 0; k < ntensors; ++k) {                                                   \
         T* x = xs[k]; const T* g = gs[k]; const T* x0 = x0s[k];                                \
         const int64_t n = ns[k];                                                               \
-        const int64_t q = x0 ? x0_strides[k] : 0;                                              \
+        const int64_t q = x0 ? x0_strides[k] : 0, o = x0_offsets[k];                           \
         const T s = steps[k * step_stride];                                                    \
         double total = 0.0;                                                                    \
         if (q == 1) {                                                                          \
@@ -62,8 +63,10 @@ void NAME(int64_t ntensors, T** xs, T** gs, T** x0s, const int64_t* x0_strides, 
                     x[i] = xi - s * (g[i] + w * xi);                                           \
                 }                                                                              \
                 T acc = 0;                                                                     \
-                for (int64_t i = ((b + q - 1) / q) * q; i < e; i += q) {                       \
-                    const T d = x[i] - x0[i / q];                                              \
+                const int64_t r = (b - o) % q;               /* in (-q, q): C rounds to 0 */   \
+                int64_t i = r > 0 ? b - r + q : b - r;       /* first i >= b, i = o (mod q) */ \
+                for (; i < e; i += q) {                                                        \
+                    const T d = x[i] - x0[(i - o) / q];                                        \
                     acc += d * d;                                                              \
                 }                                                                              \
                 total += (double)acc;                                                          \
