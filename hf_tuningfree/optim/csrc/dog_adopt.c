@@ -62,14 +62,20 @@ void NAME(int64_t ntensors, T** xs, T** gs, T** x0s, const int64_t* x0_strides, 
                     const T xi = x[i];                                                         \
                     x[i] = xi - s * (g[i] + w * xi);                                           \
                 }                                                                              \
-                T acc = 0;                                                                     \
                 const int64_t r = (b - o) % q;               /* in (-q, q): C rounds to 0 */   \
                 int64_t i = r > 0 ? b - r + q : b - r;       /* first i >= b, i = o (mod q) */ \
-                for (; i < e; i += q) {                                                        \
-                    const T d = x[i] - x0[(i - o) / q];                                        \
-                    acc += d * d;                                                              \
+                int64_t j = (i - o) / q;                                                       \
+                T a0 = 0, a1 = 0, a2 = 0, a3 = 0;      /* four chains: no add-latency stall */ \
+                for (; i + 3 * q < e; i += 4 * q, j += 4) {                                    \
+                    const T d0 = x[i] - x0[j], d1 = x[i + q] - x0[j + 1];                      \
+                    const T d2 = x[i + 2 * q] - x0[j + 2], d3 = x[i + 3 * q] - x0[j + 3];      \
+                    a0 += d0 * d0; a1 += d1 * d1; a2 += d2 * d2; a3 += d3 * d3;                \
                 }                                                                              \
-                total += (double)acc;                                                          \
+                for (; i < e; i += q, ++j) {                                                   \
+                    const T d = x[i] - x0[j];                                                  \
+                    a0 += d * d;                                                               \
+                }                                                                              \
+                total += (double)((a0 + a1) + (a2 + a3));                                      \
             }                                                                                  \
         }                                                                                      \
         out[k] = total;                                                                        \
