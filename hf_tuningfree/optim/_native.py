@@ -196,8 +196,8 @@ _I64, _PTR, _DBL, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double, ctype
 _SIGNATURES: dict[str, list[Any]] = {
     # ntensors, xs, gs, ns, wd, out, nthreads
     "dog_grad_sq": [_I64, _PTR, _PTR, _PTR, _DBL, _PTR, _INT],
-    # ntensors, xs, gs, x0s, ns, steps, step_stride, wd, ok, out, nthreads
-    "dog_update": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _DBL, _PTR, _PTR, _INT],
+    # ntensors, xs, gs, x0s, x0_strides, x0_offsets, ns, steps, step_stride, wd, ok, out, nthreads
+    "dog_update": [_I64, *[_PTR] * 7, _I64, _DBL, _PTR, _PTR, _INT],
     # ntensors, xs, gs, ms, vs, ns, steps, lr_ptr, lr_value, beta1, beta2, eps, weight_decay,
     # coupled_wd, clip exponent, flags, ok, nthreads
     "adopt_update": [_I64, *[_PTR] * 7, *[_DBL] * 7, _INT, _PTR, _INT],
@@ -341,37 +341,72 @@ def _stream_arrays(streams: Sequence[Sequence[torch.Tensor]]) -> list[ctypes.Arr
 def dog_update(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
-    x0s: Sequence[torch.Tensor],
+    x0s: Sequence[torch.Tensor | None],
     steps: torch.Tensor,
     weight_decay: float,
     ok: torch.Tensor,
     out: torch.Tensor,
+    *,
+    x0_strides: Sequence[int] | None = None,
+    x0_offsets: Sequence[int] | None = None,
 ) -> None:
     """``x <- x - s (g + wd x)`` and ``out[k] <- ||x_k - x0_k||^2`` for every tensor, where the
     0-dim bool ``ok`` is True; nothing is written otherwise. ``steps``: the step size of every
     tensor (1-D, the parameters' dtype) or one for all (0-dim or 1 element); ``out``: fp64, one
-    entry per tensor. Check ``accepts(...)`` first."""
+    entry per tensor. ``x0s[k]`` None: no stored ``x0``, read as 0 (``out[k] = ||x_k||^2``).
+    ``x0_strides[k]`` (default 1 for all) ``q > 1``: ``x0s[k]`` holds the initial values of
+    elements ``o, o + q, o + 2q, ...`` of the flattened tensor only (``o = x0_offsets[k]``,
+    default 0, ``0 <= o < q``; ``ceil((n - o) / q)`` elements) and ``out[k]`` is the sum over
+    those elements (unscaled). Check ``accepts(...)`` on the parameters and gradients first; the
+    ``x0`` tensors are checked here."""
     lib = _library()
     if not params:
         return
     dtype = params[0].dtype
     fn = lib.dog_update_f32 if dtype == torch.float32 else lib.dog_update_f64
-    xs_a, gs_a, x0s_a = _stream_arrays([params, grads, x0s])
+    xs_a, gs_a = _stream_arrays([params, grads])
+    n = len(params)
+    strides = [1] * n if x0_strides is None else [int(q) for q in x0_strides]
+    offsets = [0] * n if x0_offsets is None else [int(o) for o in x0_offsets]
+    _require(
+        len(x0s) == n and len(strides) == n and len(offsets) == n,
+        "x0s, x0_strides and x0_offsets: one entry per tensor",
+    )
+    for p, x0, q, o in zip(params, x0s, strides, offsets, strict=True):
+        if x0 is None:
+            continue
+        _require(q >= 1 and 0 <= o < q, "x0_strides >= 1 and 0 <= x0_offsets < x0_strides")
+        want = max(0, -(-(p.numel() - o) // q))
+        _require(
+            x0.numel() == want,
+            "stream 2 does not have its parameters' number of elements (or tensors): an x0 "
+            f"holds {x0.numel()}, expected ceil((n - {o}) / {q}) = {want}",
+        )
+        _require(
+            x0.is_contiguous() and x0.is_cpu and x0.dtype == dtype,
+            f"stream 2 holds a tensor that is not a contiguous {dtype} CPU tensor",
+        )
+    x0s_a = (ctypes.c_void_p * n)(*[None if x0 is None else x0.data_ptr() for x0 in x0s])
+    strides_a = (ctypes.c_int64 * n)(
+        *[0 if x0 is None else q for x0, q in zip(x0s, strides, strict=True)]
+    )
     steps = steps.to("cpu", dtype).contiguous()
-    _require(steps.numel() in (1, len(params)), "steps: one step size, or one per tensor")
+    _require(steps.numel() in (1, n), "steps: one step size, or one per tensor")
     ok_u8 = ok.to("cpu", torch.uint8).contiguous()
     _require(ok_u8.numel() == 1, "ok must be one flag")
     _require(
         out.dtype == torch.float64 and out.is_cpu and out.is_contiguous()
-        and out.numel() == len(params),
+        and out.numel() == n,
         "out must be a contiguous fp64 CPU tensor with one entry per tensor",
     )  # fmt: skip
     fn(
-        len(params),
+        n,
         xs_a,
         gs_a,
         x0s_a,
-        (ctypes.c_int64 * len(params))(*[p.numel() for p in params]),
+        strides_a,
+        (ctypes.c_int64 * n)(*offsets),
+        (ctypes.c_int64 * n)(*[p.numel() for p in params]),
         steps.data_ptr(),
         1 if steps.numel() > 1 else 0,
         float(weight_decay),
@@ -438,7 +473,7 @@ def sum_sq(tensors: Sequence[torch.Tensor], out: torch.Tensor) -> None:
 def adopt_update(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
-    exp_avgs: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor] | None,
     exp_avg_sqs: Sequence[torch.Tensor],
     steps: Sequence[torch.Tensor],
     ok: torch.Tensor,
@@ -458,13 +493,20 @@ def adopt_update(
     ``steps``: each tensor's 0-dim fp32 step counter, read (0: only ``v = g^2``) and incremented
     by the C code; ``lr``: a float or a 0-dim tensor (read from its memory in C; a CPU tensor
     avoids a device copy); ``decoupled``: AdamW-style decay ``x *= 1 - lr wd``, else ``wd x`` is
-    added to the gradient. Check ``accepts(...)`` first (and that ``steps`` are fp32 on CPU)."""
+    added to the gradient; ``exp_avgs`` None (``beta1 == 0``, no first-moment buffer): the update
+    is the clipped normalised gradient itself. Check ``accepts(...)`` first (and that ``steps``
+    are fp32 on CPU)."""
     lib = _library()
     n = len(params)
     if n == 0:
         return
     fn = lib.adopt_update_f32 if params[0].dtype == torch.float32 else lib.adopt_update_f64
-    arrays = _stream_arrays([params, grads, exp_avgs, exp_avg_sqs])
+    if exp_avgs is None:
+        _require(beta1 == 0.0, "exp_avgs may be None only with beta1 == 0")
+        xs_a, gs_a, vs_a = _stream_arrays([params, grads, exp_avg_sqs])
+        arrays = [xs_a, gs_a, None, vs_a]
+    else:
+        arrays = _stream_arrays([params, grads, exp_avgs, exp_avg_sqs])
     _require(
         len(steps) == n and all(s.is_cpu and s.dtype == torch.float32 and s.numel() == 1
                                 for s in steps),

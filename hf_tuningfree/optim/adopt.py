@@ -76,7 +76,7 @@ __all__ = ["ADOPT", "adopt_tensor_update"]
 def adopt_tensor_update(
     param: torch.Tensor,
     grad: torch.Tensor,
-    exp_avg: torch.Tensor,
+    exp_avg: torch.Tensor | None,
     exp_avg_sq: torch.Tensor,
     ok: torch.Tensor,
     clip: torch.Tensor,
@@ -101,7 +101,8 @@ def adopt_tensor_update(
     skipped step (``ok`` False: nothing changes) and clipping need no branch on device values:
     ``clip`` is 0 at the first step (``u = 0``), ``+inf`` when unclipped; ``w_m = (1-beta1)``,
     ``lr_eff = lr`` and ``lr_wd = lr*wd`` on real updates, else 0; ``w_v`` is 1 at
-    the first step, ``1 - beta2`` after, 0 when skipped.
+    the first step, ``1 - beta2`` after, 0 when skipped. ``exp_avg`` None (``beta1 == 0``): the
+    update is ``u`` itself, the value the lerp gives with ``w_m == 1`` (no first-moment buffer).
     """
     g = torch.where(ok, grad, 0.0)  # a skipped step's NaN/Inf never reaches the state
     if maximize:
@@ -111,10 +112,11 @@ def adopt_tensor_update(
     denom = exp_avg_sq.sqrt().clamp_(min=eps)  # max(sqrt(v_{t-1}), eps)
     exp_avg_sq.lerp_(g.square(), w_v)  # v_t, once v_{t-1} has been used
     u = g.div_(denom).clamp_(-clip, clip)  # normalise before the momentum, then clip
-    exp_avg.lerp_(u, w_m)  # m_t = m_{t-1} + (1 - beta1) (u_t - m_{t-1})
+    if exp_avg is not None:
+        exp_avg.lerp_(u, w_m)  # m_t = m_{t-1} + (1 - beta1) (u_t - m_{t-1})
     if decoupled:
         param.addcmul_(param, lr_wd, value=-1.0)  # not p*(1 - lr*wd): that rounding biases p
-    param.addcmul_(exp_avg, lr_eff, value=-1.0)
+    param.addcmul_(u if exp_avg is None else exp_avg, lr_eff, value=-1.0)
 
 
 def _coefficients(
@@ -146,7 +148,7 @@ def _coefficients(
 def _adopt_step_one(
     param: torch.Tensor,
     grad: torch.Tensor,
-    exp_avg: torch.Tensor,
+    exp_avg: torch.Tensor | None,
     exp_avg_sq: torch.Tensor,
     ok: torch.Tensor,
     step: torch.Tensor,
@@ -193,7 +195,15 @@ def _adopt_step_one(
     )
 
 
+def _adopt_step_one_without_m(
+    param: torch.Tensor, grad: torch.Tensor, exp_avg_sq: torch.Tensor, *args: Any, **kwargs: Any
+) -> None:
+    """``_adopt_step_one`` for ``beta1 == 0`` (no first-moment buffer), compiled on its own."""
+    _adopt_step_one(param, grad, None, exp_avg_sq, *args, **kwargs)
+
+
 _compiled_adopt = CompiledKernel(_adopt_step_one, "ADOPT")
+_compiled_adopt_without_m = CompiledKernel(_adopt_step_one_without_m, "ADOPT (beta1 = 0)")
 
 
 def _wants_native(requested: str, device: torch.device, numel: int) -> bool:
@@ -210,7 +220,9 @@ def _wants_native(requested: str, device: torch.device, numel: int) -> bool:
 _STREAMS = ("param", "grad", "exp_avg", "exp_avg_sq")
 
 
-def _native_ready(bucket: list[list[torch.Tensor]], steps: list[torch.Tensor], lr: Any) -> bool:
+def _native_ready(
+    bucket: list[list[torch.Tensor] | None], steps: list[torch.Tensor], lr: Any
+) -> bool:
     """Whether ``_native.adopt_update`` can take this bucket (``_native.accepts``: fp32/fp64
     contiguous CPU tensors of their parameters' shapes; fp32 CPU step counters, a float or
     CPU-tensor learning rate, a compiler on the machine)."""
@@ -218,13 +230,14 @@ def _native_ready(bucket: list[list[torch.Tensor]], steps: list[torch.Tensor], l
         return False
     if not all(s.is_cpu and s.dtype == torch.float32 for s in steps):
         return False
-    return _native.accepts(bucket, _STREAMS)
+    present = [(t, n) for t, n in zip(bucket, _STREAMS, strict=True) if t is not None]
+    return _native.accepts([t for t, _ in present], [n for _, n in present])
 
 
 def _foreach_adopt(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
-    exp_avgs: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor] | None,
     exp_avg_sqs: list[torch.Tensor],
     ok: torch.Tensor,
     coef: dict[str, list[torch.Tensor]],
@@ -235,7 +248,8 @@ def _foreach_adopt(
     decoupled: bool,
 ) -> None:
     """The same update as ``adopt_tensor_update`` for a device/dtype bucket, with foreach ops
-    (arithmetic in the parameters' dtype, as torch's foreach Adam)."""
+    (arithmetic in the parameters' dtype, as torch's foreach Adam). ``exp_avgs`` None
+    (``beta1 == 0``): the update is the clipped normalised gradient ``u``."""
     g = torch._foreach_neg(grads) if maximize else list(grads)
     g = [torch.where(ok, x, 0.0) for x in g]
     if coupled_wd != 0.0:
@@ -247,12 +261,14 @@ def _foreach_adopt(
     neg_clip = torch._foreach_neg(coef["clip"])
     torch._foreach_maximum_(u, neg_clip)
     torch._foreach_minimum_(u, coef["clip"])
-    torch._foreach_sub_(u, exp_avgs)
-    torch._foreach_mul_(u, coef["w_m"])
-    torch._foreach_add_(exp_avgs, u)
+    if exp_avgs is not None:
+        torch._foreach_sub_(u, exp_avgs)
+        torch._foreach_mul_(u, coef["w_m"])
+        torch._foreach_add_(exp_avgs, u)
     if decoupled:
         torch._foreach_sub_(params, torch._foreach_mul(params, coef["lr_wd"]))
-    torch._foreach_sub_(params, torch._foreach_mul(exp_avgs, coef["lr_eff"]))
+    torch._foreach_sub_(params, torch._foreach_mul(u if exp_avgs is None else exp_avgs,
+                                                   coef["lr_eff"]))  # fmt: skip
     g2 = torch._foreach_mul(g, g)
     torch._foreach_sub_(g2, exp_avg_sqs)
     torch._foreach_mul_(g2, coef["w_v"])
@@ -285,6 +301,16 @@ class ADOPT(TuningFreeOptimizer):
             :class:`~hf_tuningfree.optim.base.TuningFreeOptimizer`.
 
     Per-parameter state: ``step`` (0-dim fp32), ``exp_avg`` (m), ``exp_avg_sq`` (v).
+
+    ``betas[0] == 0`` keeps no first moment (issue 17; prodigy PR #32 asked the same of Prodigy):
+    ``m_t = u_t``, so the update is the clipped normalised gradient itself and ``exp_avg`` is
+    never allocated (4 bytes of state per fp32 parameter instead of 8), with the numbers of the
+    run that keeps a zero-initialised buffer (bit for bit on the C, per-tensor and compiled
+    paths; the foreach path formed ``m + (u - m)`` and differs from it by an ulp). Setting
+    ``betas[0]`` of a group to 0 later drops the buffers of its parameters at their next step;
+    setting it back to nonzero allocates them at 0, as at the start of a run (ADOPT has no bias
+    correction, so the first updates after that are ``(1 - beta1)`` times the normalised
+    gradient, as at a run's first steps).
     """
 
     def __init__(
@@ -325,8 +351,26 @@ class ADOPT(TuningFreeOptimizer):
 
     def _init_param_state(self, param: torch.Tensor, state: dict[str, Any], group: dict) -> None:
         state["step"] = scalar_state(local_view(param).device)
-        state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        if not self._without_first_moment(group["betas"][0]):  # see the class docstring
+            state["exp_avg"] = _zeros_like(param)
+        state["exp_avg_sq"] = _zeros_like(param)
+
+    #: False keeps a first-moment buffer at ``beta1 == 0`` too (the behaviour before issue 17;
+    #: the tests compare against it).
+    _drop_unused_first_moment = True
+
+    def _without_first_moment(self, beta1: float) -> bool:
+        return beta1 == 0.0 and self._drop_unused_first_moment
+
+    @staticmethod
+    def _match_first_moment(gb: Any, drop: bool) -> None:
+        """The buffers of a group whose ``beta1`` changed since their state was made: dropped at
+        ``beta1 == 0`` (they would only be overwritten by ``u``), allocated at 0 otherwise."""
+        for state, p in zip(gb.states, gb.originals, strict=True):
+            if drop:
+                state.pop("exp_avg", None)
+            elif "exp_avg" not in state:
+                state["exp_avg"] = _zeros_like(torch.view_as_real(p) if p.is_complex() else p)
 
     def _finiteness_statistic(self, batch: StepBatch) -> torch.Tensor:
         """The non-finite guard's statistic, one read of every gradient: on buckets that take the
@@ -366,8 +410,13 @@ class ADOPT(TuningFreeOptimizer):
             }
             hyper = {"beta1": beta1, "beta2": beta2, "weight_decay": group["weight_decay"]}
             steps = [s["step"] for s in gb.states]
-            lists = [gb.params, gb.grads, gb.state_list("exp_avg"), gb.state_list("exp_avg_sq")]
+            no_m = self._without_first_moment(beta1)
+            self._match_first_moment(gb, no_m)
+            moments = gb.state_list("exp_avg_sq") if no_m else gb.state_list("exp_avg")
+            lists = [gb.params, gb.grads, moments, gb.state_list("exp_avg_sq")]
             for (device, dtype), (bucket, idx) in bucket_by_device_and_dtype(lists).items():
+                if no_m:  # the list above only held a place
+                    bucket = [bucket[0], bucket[1], None, bucket[3]]
                 bucket_steps = [steps[i] for i in idx]
                 ok_d = ok.to(device)
                 numel = sum(p.numel() for p in bucket[0])
@@ -400,7 +449,8 @@ class ADOPT(TuningFreeOptimizer):
                     if impl == "foreach":
                         _foreach_adopt(*bucket, ok_d, cols, **static)
                     else:
-                        for i, tensors in enumerate(zip(*bucket, strict=True)):
+                        columns = [c if c is not None else [None] * len(idx) for c in bucket]
+                        for i, tensors in enumerate(zip(*columns, strict=True)):
                             adopt_tensor_update(
                                 *tensors,
                                 ok_d,
@@ -421,9 +471,11 @@ class ADOPT(TuningFreeOptimizer):
         exponent = group["clip_exponent"]
         bounds = torch._foreach_pow(steps, exponent) if exponent is not None else steps
         lr = torch.full((), group["lr"], dtype=torch.float32, device=ok.device)
-        for i in order_for_compile(_compiled_adopt, [p.numel() for p in bucket[0]]):
-            _compiled_adopt(
-                [t[i] for t in bucket],
+        kernel = _compiled_adopt if bucket[2] is not None else _compiled_adopt_without_m
+        streams = [t for t in bucket if t is not None]
+        for i in order_for_compile(kernel, [p.numel() for p in bucket[0]]):
+            kernel(
+                [t[i] for t in streams],
                 ok,
                 steps[i],
                 bounds[i],
@@ -443,3 +495,7 @@ class ADOPT(TuningFreeOptimizer):
             if exponent is not None:
                 out["clip"] = max(t - 1.0, 0.0) ** exponent if t > 1 else 0.0
         return out
+
+
+def _zeros_like(param: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(param, memory_format=torch.preserve_format)

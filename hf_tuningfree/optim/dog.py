@@ -61,6 +61,41 @@ How a step runs, without reading device memory on the host, in as few passes as 
 * ``x_0`` is per-parameter state created at the parameter's first step with a gradient. ``r_eps``
   is taken from the parameters that have a gradient at the optimizer's first step; a parameter
   whose first gradient comes later starts its own distance at that point.
+
+Memory (issue 17). ``x_0`` is DoG's only parameter-sized state (AdamW keeps two):
+
+* ``implicit_zero_x0=True`` (default): a tensor whose every element is 0 at its first step
+  (LoRA's B matrices, zero-initialised biases) stores no ``x_0``; its distance is ``||x||``,
+  the same number as from a stored copy of zeros, bit for bit on every path (the idea of prodigy
+  PR #23, where LoRA users asked for it), so ``rbar``, ``eta`` and L-DoG's ``zero_init_scale``
+  are unchanged. Deciding it needs the values on the host: the step that creates a tensor's
+  state reads one flag per fresh tensor, all in one read (one device synchronisation on GPUs,
+  none on CPU, where the flags are read through numpy); no later step reads anything. The
+  flags travel with the step's one collective, so under FSDP every rank of a sharded tensor
+  makes the same choice (the state dict has the same keys on every rank). A state (or a
+  checkpoint) without ``x0`` for a tensor means an implicit zero ``x0``, whatever the option.
+* ``slice_p=k > 1`` (default 1: off; the idea of prodigy PR #22, ``slice_p``, which OneTrainer
+  PR #550 reported to halve Prodigy's memory, applied to DoG's only parameter-sized state):
+  a tensor of ``n`` elements stores ``x_0`` only for the elements ``0, k, 2k, ...`` of its
+  flattened form (``m = ceil(n / k)`` of them) and its squared distance is estimated as
+  ``D2 = (n / m) * sum over those elements of (x - x_0)^2``; ``rbar`` is the max of
+  ``sqrt(D2)`` (summed over tensors first for DoG), the gradient norms ``G`` stay exact (they
+  need no state), and ``eta = rbar / sqrt(G)`` moves with the estimate (its relative error is
+  that of ``sqrt(D2)`` once the distance exceeds ``r_eps``). Bias: under a uniformly random
+  offset ``o`` in ``0..k-1`` (keeping ``o, o + k, ...``) ``D2`` is unbiased when ``k`` divides
+  ``n`` (each element is kept by exactly one offset; otherwise within a factor ``1 - k/n``);
+  the fixed offset 0 used here is deterministic, so its error is structural, not noise: in a
+  matrix whose row length is a multiple of ``k`` it sees the same columns ``0, k, 2k, ...`` of
+  every row and misjudges the distance when those columns move differently from the rest
+  (choose ``k`` coprime with the row lengths to cycle through the columns). The same elements
+  are used at every step, so the error does not compound through the running max. ``sqrt`` of
+  an unbiased ``D2`` is biased low (Jensen: ``E[sqrt(D2)] <= sqrt(E[D2])``). Tensors with an
+  implicit zero ``x_0`` keep their exact distance (it needs no state). Under FSDP2 (a
+  ``DTensor`` sharded on dim 0) each rank keeps the elements whose index in the whole tensor is
+  a multiple of ``k``, so the estimate equals one process's; the subsample is a rank-local
+  tensor (each rank's ``state_dict()`` resumes exactly; resharding a checkpoint with
+  distributed checkpointing is not supported with ``slice_p > 1``). On the C path the update
+  pass sums the kept elements with a strided loop over each block it has just written.
 """
 
 from __future__ import annotations
@@ -74,6 +109,7 @@ from torch.optim.optimizer import ParamsT
 
 from . import _native
 from .base import (
+    GroupBatch,
     StepBatch,
     TuningFreeOptimizer,
     bucket_by_device_and_dtype,
@@ -82,11 +118,12 @@ from .base import (
     statistic_dtype,
     working_view,
 )
-from .distributed import local_view
+from .distributed import is_dtensor, local_view
 from .kernels import (
     FUSED_SGD_CPU_DTYPES,
     IMPL_ENV_VAR,
     IMPLEMENTATIONS,
+    StateShapeError,
     fast_path_accepts,
     resolve_implementation,
 )
@@ -112,26 +149,48 @@ _STREAMS = ("param", "grad", "x0")
 def dog_tensor_update(
     param: torch.Tensor,
     grad: torch.Tensor,
-    x0: torch.Tensor,
+    x0: torch.Tensor | None,
     dist_sq: torch.Tensor,
     ok: torch.Tensor,
     step_size: torch.Tensor,
     *,
     weight_decay: float,
+    layout: tuple[int, int, float] = (1, 0, 1.0),
 ) -> None:
     """One tensor's DoG update in place, and the squared distance of the result from ``x0``.
 
     ``x <- x - step_size * (g + weight_decay * x)`` then ``dist_sq <- ||x - x0||^2`` (summed in
-    ``dist_sq``'s dtype, from ``x`` as stored). Where ``ok`` is False (a NaN/Inf gradient
-    somewhere) nothing changes. The per-tensor ("loop") path, and the reference for the others.
+    ``dist_sq``'s dtype, from ``x`` as stored; ``x0`` None: an implicit all-zero ``x0``, the
+    distance is ``||x||``; ``layout`` ``(stride, offset, scale)`` with ``stride > 1``: ``x0``
+    holds elements ``offset, offset + stride, ...`` of the flattened tensor and the distance is
+    estimated from those, times ``scale``: see :class:`DoG`, ``slice_p``). Where ``ok`` is False
+    (a NaN/Inf gradient somewhere) nothing changes. The per-tensor ("loop") path, and the
+    reference for the others.
     """
     g = torch.where(ok, grad, 0.0)  # a private copy: a skipped step's NaN/Inf never reaches x
     if weight_decay != 0.0:
         g = g.add_(param, alpha=weight_decay)  # coupled decay: the paper's g + wd * x
     param.addcmul_(g, step_size, value=-1.0)
-    sdt = dist_sq.dtype
-    diff = param.to(sdt) - x0.to(sdt)
-    dist_sq.copy_(torch.where(ok, (diff * diff).sum(), dist_sq))
+    dist_sq.copy_(torch.where(ok, _distance_sq(param, x0, dist_sq.dtype, layout), dist_sq))
+
+
+def _distance_sq(
+    param: torch.Tensor,
+    x0: torch.Tensor | None,
+    sdt: torch.dtype,
+    layout: tuple[int, int, float] = (1, 0, 1.0),
+) -> torch.Tensor:
+    """``||param - x0||^2`` (0-dim, summed in ``sdt``); ``x0`` None: ``||param||^2``; a
+    subsampled ``x0`` (``layout``'s stride > 1): the scaled sum over the kept elements."""
+    stride, offset, scale = layout
+    if x0 is None:
+        diff = param.to(sdt)
+    elif stride == 1:
+        diff = param.to(sdt) - x0.to(sdt)
+    else:  # a strided view: torch ops only (never handed to the C or fused kernels)
+        diff = param.reshape(-1)[offset::stride].to(sdt) - x0.to(sdt)
+        return (diff * diff).sum() * scale
+    return (diff * diff).sum()
 
 
 def _fused_sgd_available(params: list[torch.Tensor], grads: list[torch.Tensor]) -> bool:
@@ -178,11 +237,48 @@ def _sgd_step_(
 
 
 def _foreach_distances(
-    params: list[torch.Tensor], x0s: list[torch.Tensor], sdt: torch.dtype
+    params: list[torch.Tensor],
+    x0s: list[torch.Tensor | None],
+    sdt: torch.dtype,
+    layouts: list[tuple[int, int, float]] | None = None,
 ) -> torch.Tensor:
-    """``||x - x0||^2`` of each tensor (a vector), with foreach ops."""
-    norms = torch._foreach_norm(torch._foreach_sub(params, x0s), 2, dtype=sdt)
-    return torch.stack(norms).square()
+    """``||x - x0||^2`` of each tensor (a vector), with foreach ops (``x0`` None: ``||x||^2``;
+    subsampled ``x0`` (``layouts``): per tensor, as :func:`_distance_sq`)."""
+    sliced = [] if layouts is None else [i for i, lay in enumerate(layouts) if lay[0] > 1]
+    if sliced:
+        out = list(_foreach_distances(
+            [p for i, p in enumerate(params) if i not in sliced],
+            [x for i, x in enumerate(x0s) if i not in sliced],
+            sdt,
+        ).unbind(0)) if len(sliced) < len(params) else []  # fmt: skip
+        for i in sliced:  # the kept elements, a strided view: torch ops
+            out.insert(i, _distance_sq(params[i], x0s[i], sdt, layouts[i]))  # type: ignore[index]
+        return torch.stack(out)
+    stored = [i for i, x0 in enumerate(x0s) if x0 is not None]
+    if len(stored) == len(params):
+        norms = torch._foreach_norm(torch._foreach_sub(params, x0s), 2, dtype=sdt)
+        return torch.stack(norms).square()
+    out: list[torch.Tensor | None] = [None] * len(params)
+    if stored:
+        diffs = torch._foreach_sub([params[i] for i in stored], [x0s[i] for i in stored])
+        for i, n in zip(stored, torch._foreach_norm(diffs, 2, dtype=sdt), strict=True):
+            out[i] = n
+        del diffs
+    implicit = [i for i, x0 in enumerate(x0s) if x0 is None]
+    for i, n in zip(implicit, torch._foreach_norm([params[i] for i in implicit], 2, dtype=sdt),
+                    strict=True):  # fmt: skip
+        out[i] = n
+    return torch.stack(out).square()  # type: ignore[arg-type]
+
+
+def _read_flags(flags: torch.Tensor) -> list[bool]:
+    """The one host read of the DoG family, made once at state creation (never in a later
+    step): which fresh tensors are not all zero. For CPU tensors the values are already in host
+    memory and are read through numpy (no device synchronisation exists to avoid); elsewhere
+    ``tolist()`` is one synchronisation, for all the step's fresh tensors at once."""
+    if flags.device.type == "cpu":
+        return [bool(v) for v in flags.numpy().tolist()]
+    return [bool(v) for v in flags.tolist()]
 
 
 def _resolve(requested: str, device: torch.device, numel: int) -> str:
@@ -248,10 +344,21 @@ class DoG(TuningFreeOptimizer):
             compiler; otherwise as ``"foreach"``), ``"foreach"`` (torch's fused SGD kernel and
             multi-tensor norms) or ``"loop"`` (tensor by tensor, the reference). The environment
             variable ``HF_TUNINGFREE_IMPL`` overrides ``"auto"``.
+        implicit_zero_x0: True (default): no stored ``x0`` for a tensor that is all zero at its
+            first step (its distance is ``||x||``; the same ``rbar`` and ``eta``, bit for bit,
+            as with a stored copy); one batched host read at the step that creates state (see
+            the module docstring). False: every tensor stores its copy, as before.
+        slice_p: ``k >= 1`` (int, per group; default 1): with ``k > 1`` store ``x0`` for every
+            ``k``-th element only (``x0`` is then 1-D, ``ceil(n / k)`` elements) and estimate
+            each tensor's distance from them, scaled by ``sqrt(n / ceil(n / k))``: ``1/k`` of the
+            memory, ``rbar`` and ``eta`` from an estimate whose bias the module docstring
+            states. Saved with the param groups; changing it after the state exists raises.
         skip_nonfinite, global_reduce, stochastic_rounding: see
             :class:`~hf_tuningfree.optim.base.TuningFreeOptimizer`.
 
-    Per-parameter state: ``x0`` (the parameter at its first step with a gradient) and
+    Per-parameter state: ``x0`` (the parameter at its first step with a gradient; absent for an
+    all-zero tensor with ``implicit_zero_x0``; 1-D, every ``slice_p``-th element, with
+    ``slice_p > 1``) and
     ``dist_sq`` (``||x - x0||^2`` of this tensor, this rank's part). Model-wide state
     (``global_state``): ``rbar``, ``G``, ``eta`` (0-dim, on the parameters' device) and ``step``
     (steps applied).
@@ -260,6 +367,8 @@ class DoG(TuningFreeOptimizer):
 
     _layerwise = False
     SCALAR_STATE_KEYS = TuningFreeOptimizer.SCALAR_STATE_KEYS | frozenset(_SCALAR_STATE_KEYS)
+    _CONSTRUCTOR_ONLY = (*TuningFreeOptimizer._CONSTRUCTOR_ONLY, "implicit_zero_x0")
+    _PICKLED_ATTRIBUTES = (*TuningFreeOptimizer._PICKLED_ATTRIBUTES, "_implicit_zero_x0")
 
     def __init__(
         self,
@@ -270,11 +379,15 @@ class DoG(TuningFreeOptimizer):
         eps: float = 1e-8,
         implementation: str = "auto",
         *,
+        implicit_zero_x0: bool = True,
+        slice_p: int = 1,
         skip_nonfinite: bool = True,
         global_reduce: object = "auto",
         stochastic_rounding: bool = True,
     ) -> None:
+        self._implicit_zero_x0 = check_bool("implicit_zero_x0", implicit_zero_x0)
         defaults = {
+            "slice_p": _check_slice_p(slice_p),
             "lr": check_nonnegative("lr", lr),
             "reps_rel": check_positive("reps_rel", reps_rel),
             "weight_decay": check_nonnegative("weight_decay", weight_decay),
@@ -292,6 +405,7 @@ class DoG(TuningFreeOptimizer):
     # ------------------------------------------------------------------ groups and state
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         for key, check in (
+            ("slice_p", lambda _, v: _check_slice_p(v)),
             ("lr", check_nonnegative),
             ("reps_rel", check_positive),
             ("weight_decay", check_nonnegative),
@@ -316,11 +430,122 @@ class DoG(TuningFreeOptimizer):
     def _init_param_state(self, param: torch.Tensor, state: dict[str, Any], group: dict) -> None:
         device = local_view(param).device
         sdt = statistic_dtype(param.dtype)
-        state["x0"] = param.detach().clone(memory_format=torch.preserve_format)
+        if not getattr(self, "_implicit_zero_x0", True):
+            state["x0"] = _make_x0(param, group.get("slice_p", 1))
+        # else x0 is taken in this step's _update (_take_x0), only if the tensor is not all zero
         state["dist_sq"] = torch.zeros((), dtype=sdt, device=device)  # ||x - x0||^2, local part
         if self._layerwise:
             state["rbar"] = torch.zeros((), dtype=sdt, device=device)  # 0 until initialised
             state["G"] = torch.zeros((), dtype=sdt, device=device)
+
+    def _check_fit(self, gb: GroupBatch) -> None:
+        """The base class's check, on the tensors with a stored ``x0`` and on those without one
+        apart, so that a group mixing both (LoRA: A stored, B implicit) keeps its whole-list
+        comparisons instead of a per-parameter check every step."""
+        sliced = gb.group.get("slice_p", 1) > 1
+        kind = [_x0_kind(s, p, sliced) for s, p in zip(gb.states, gb.originals, strict=True)]
+        if len(set(kind)) <= 1 and (not kind or kind[0] != "sliced"):
+            super()._check_fit(gb)
+            return
+        for want in ("full", "none", "sliced"):
+            idx = [i for i, k in enumerate(kind) if k == want]
+            if not idx:
+                continue
+            states = [gb.states[i] for i in idx]
+            if want == "sliced":  # checked against the group's slice_p in _layouts, each step
+                states = [{k: v for k, v in st.items() if k != "x0"} for st in states]
+            part = GroupBatch(
+                gb.group,
+                params=[gb.params[i] for i in idx],
+                grads=[gb.grads[i] for i in idx],
+                states=states,
+                originals=[gb.originals[i] for i in idx],
+            )
+            super()._check_fit(part)
+
+    def _check_state_shapes(self, state: dict[Any, Any], groups: list[dict[str, Any]]) -> None:
+        # the groups being loaded say which slice_p each parameter's x0 was made with
+        self._slice_of = {
+            id(p): g.get("slice_p", 1)
+            for g in groups
+            for p in g["params"]
+            if isinstance(p, torch.Tensor)
+        }
+        try:
+            super()._check_state_shapes(state, groups)
+        finally:
+            self._slice_of = {}
+
+    def _misfit(self, param: torch.Tensor, state: dict[str, Any]) -> str | None:
+        """The base class's check, where with ``slice_p = k > 1`` ``x0`` may also be the 1-D
+        subsample of the length :func:`_slice_geometry` gives."""
+        k = self.__dict__.get("_slice_of", {}).get(id(param), 1)
+        x0 = state.get("x0")
+        if k == 1 or not isinstance(x0, torch.Tensor) or is_dtensor(x0) or x0.dim() != 1:
+            return super()._misfit(param, state)
+        problem = super()._misfit(param, {key: v for key, v in state.items() if key != "x0"})
+        if problem is not None or super()._misfit(param, {"x0": x0}) is None:
+            return problem
+        numel = local_view(param).numel() * (2 if param.is_complex() else 1)
+        _, _, kept = _slice_geometry(param, numel, k)
+        if x0.numel() == kept:
+            return None
+        return (
+            f"'x0' has shape {list(x0.shape)}, expected [{kept}] (every {k}-th element, "
+            f"slice_p={k}) or shape {list(param.shape)}"
+        )
+
+    def _layouts(self, gb: Any, x0s: list[torch.Tensor | None]) -> list[tuple[int, int, float]]:
+        """``(stride, offset, scale)`` of every tensor's ``x0`` (see :func:`_slice_geometry`);
+        ``(1, 0, 1.0)`` for a full copy or none. A subsample of the wrong length for the
+        group's ``slice_p`` raises :class:`~hf_tuningfree.optim.kernels.StateShapeError`."""
+        k = gb.group.get("slice_p", 1)
+        out = []
+        for p, local, x0 in zip(gb.originals, gb.params, x0s, strict=True):
+            if x0 is None or k == 1 or x0.shape == local.shape:
+                out.append((1, 0, 1.0))
+                continue
+            offset, scale, kept = _slice_geometry(p, local.numel(), k)
+            if x0.dim() != 1 or x0.numel() != kept:
+                raise StateShapeError(
+                    f"x0 holds {x0.numel()} elements, {kept} expected for slice_p={k} (was "
+                    "slice_p changed after the state was created?)",
+                    param=local,
+                    key="x0",
+                )
+            out.append((k, offset, scale))
+        return out
+
+    def _zero_check(self, batch: StepBatch, sdt: torch.dtype) -> torch.Tensor | None:
+        """For implicit zero ``x0``: per tensor of the batch (batch order) 1.0 where it is fresh
+        (first step) and not all zero on this rank, else 0.0; summed over ranks with the step's
+        other statistics (no collective of its own), so every rank of a sharded tensor makes the
+        same choice. None when no tensor needs the check (no fresh tensor, or the option off)."""
+        if not getattr(self, "_implicit_zero_x0", True):
+            return None
+        if not any(f for gb in batch.groups for f in gb.fresh):
+            return None
+        zero = torch.zeros((), dtype=torch.bool, device=batch.device)
+        flags = [
+            _x0_source(p).ne(0).any().to(batch.device) if f else zero  # NaN counts as nonzero
+            for gb in batch.groups
+            for p, f in zip(gb.originals, gb.fresh, strict=True)
+        ]
+        return torch.stack(flags).to(sdt)
+
+    def _take_x0(self, batch: StepBatch, stats: dict[str, torch.Tensor]) -> None:
+        """Store ``x0`` for the fresh tensors that are not all zero (on any rank), before the
+        update writes them; the others keep none (``x0`` implicitly 0). Reads the flags of
+        :meth:`_zero_check` on the host: once, at the step that creates the state."""
+        nonzero = stats.get("x0_nz")
+        if nonzero is None:
+            return
+        flags = iter(_read_flags(nonzero > 0))
+        for gb in batch.groups:
+            for state, p, fresh in zip(gb.states, gb.originals, gb.fresh, strict=True):
+                if next(flags) and fresh and "x0" not in state:
+                    src = torch.view_as_real(p) if p.is_complex() else p
+                    state["x0"] = _make_x0(src, gb.group.get("slice_p", 1))
 
     # ------------------------------------------------------------------ statistics
     @staticmethod
@@ -392,6 +617,9 @@ class DoG(TuningFreeOptimizer):
                 if norms
                 else zero
             )
+        nonzero = self._zero_check(batch, sdt)
+        if nonzero is not None:
+            out["x0_nz"] = nonzero
         return out
 
     def _eta(
@@ -433,6 +661,7 @@ class DoG(TuningFreeOptimizer):
         return eta
 
     def _update(self, batch: StepBatch, stats: dict[str, torch.Tensor], ok: torch.Tensor) -> None:
+        self._take_x0(batch, stats)
         eta = self._eta(stats, ok, batch.device)
         zero = torch.zeros((), dtype=eta.dtype, device=eta.device)
         for gb in batch.groups:
@@ -454,21 +683,39 @@ class DoG(TuningFreeOptimizer):
         """
         group = gb.group
         wd = group["weight_decay"]
-        lists = [gb.params, gb.grads, gb.state_list("x0"), gb.state_list("dist_sq")]
+        x0_list = [_stored_x0(s) for s in gb.states]
+        layout_list = self._layouts(gb, x0_list)
+        lists = [gb.params, gb.grads, x0_list, gb.state_list("dist_sq")]
         for (device, dtype), (bucket, idx) in bucket_by_device_and_dtype(lists).items():
             ok_d = ok.to(device)
             cdt = compute_dtype(dtype)
             sizes = [step_sizes[i].to(device, cdt) for i in idx]
             params, grads, x0s, dists = bucket
+            layouts = [layout_list[i] for i in idx]
             impl = _resolve(group["implementation"], device, sum(p.numel() for p in params))
-            if impl == "compiled" and _native.accepts([params, grads, x0s], _STREAMS):
+            if impl == "compiled" and _c_takes(params, grads, x0s):
                 steps = sizes[0] if shared else torch.stack(sizes)
                 new = torch.stack(dists).to(torch.float64)  # kept as is on a skipped step
-                _native.dog_update(params, grads, x0s, steps, wd, ok_d, new)
+                _native.dog_update(
+                    params,
+                    grads,
+                    x0s,
+                    steps,
+                    wd,
+                    ok_d,
+                    new,
+                    x0_strides=[lay[0] for lay in layouts],
+                    x0_offsets=[lay[1] for lay in layouts],
+                )
+                if any(lay[0] > 1 for lay in layouts):  # sums over the kept elements, scaled
+                    scales = torch.tensor([lay[2] for lay in layouts], dtype=torch.float64)
+                    new = torch.where(ok_d, new * scales, new)
                 torch._foreach_copy_(dists, list(new.to(dists[0].dtype).unbind(0)))
             elif impl == "loop" or not _fused_sgd_available(params, grads):
                 for j, (p, g, x0, d) in enumerate(zip(*bucket, strict=True)):
-                    dog_tensor_update(p, g, x0, d, ok_d, sizes[j], weight_decay=wd)
+                    dog_tensor_update(
+                        p, g, x0, d, ok_d, sizes[j], weight_decay=wd, layout=layouts[j]
+                    )
             else:
                 skip = (~ok_d).to(torch.float32)
                 if shared:
@@ -476,7 +723,7 @@ class DoG(TuningFreeOptimizer):
                 else:
                     for j in range(len(params)):
                         _sgd_step_(params[j : j + 1], grads[j : j + 1], sizes[j], skip, wd)
-                new = _foreach_distances(params, x0s, dists[0].dtype)
+                new = _foreach_distances(params, x0s, dists[0].dtype, layouts)
                 kept = torch.where(ok_d, new, torch.stack(dists))
                 torch._foreach_copy_(dists, list(kept.unbind(0)))
 
@@ -491,11 +738,14 @@ class DoG(TuningFreeOptimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 state = self.state.get(p)
-                if not state or "x0" not in state:
+                if not state or "dist_sq" not in state:
                     continue
                 d = state["dist_sq"]
-                diff = working_view(p).to(d.dtype) - local_view(state["x0"]).to(d.dtype)
-                d.copy_((diff * diff).sum())
+                x = working_view(p)
+                x0 = _stored_x0(state)
+                gb = GroupBatch(group, params=[x], originals=[p])
+                layout = self._layouts(gb, [x0])[0]
+                d.copy_(_distance_sq(x, x0, d.dtype, layout))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # torch casts floating per-parameter state to the parameter's dtype; keep the 0-dim
@@ -566,6 +816,8 @@ class TDoG(DoG):
         delta: float = 0.1,
         implementation: str = "auto",
         *,
+        implicit_zero_x0: bool = True,
+        slice_p: int = 1,
         skip_nonfinite: bool = True,
         global_reduce: object = "auto",
         stochastic_rounding: bool = True,
@@ -578,6 +830,8 @@ class TDoG(DoG):
             weight_decay=weight_decay,
             eps=eps,
             implementation=implementation,
+            implicit_zero_x0=implicit_zero_x0,
+            slice_p=slice_p,
             skip_nonfinite=skip_nonfinite,
             global_reduce=global_reduce,
             stochastic_rounding=stochastic_rounding,
@@ -649,13 +903,15 @@ class LDoG(DoG):
     takes :math:`\sqrt{n_k}\,\mathrm{RMS}(x_0)` in place of :math:`\|x^k_0\|`, the RMS over the
     initial weights of every tensor with a gradient at that step; False: the paper's ``1 + 0``.
 
-    Per-parameter state: ``x0``, ``dist_sq``, ``rbar`` and ``G`` (0-dim). ``stats()`` reports
+    Per-parameter state: ``x0`` (absent for all-zero tensors with ``implicit_zero_x0``),
+    ``dist_sq``, ``rbar`` and ``G`` (0-dim). ``stats()`` reports
     ``eta_min``, ``eta_median``, ``eta_max`` over tensors (without the ``lr`` multiplier),
     ``rbar_median``, ``rbar_max``, ``G_median`` and ``step``.
     """
 
     _layerwise = True
     _CONSTRUCTOR_ONLY = (*DoG._CONSTRUCTOR_ONLY, "zero_init_scale")
+    _PICKLED_ATTRIBUTES = (*DoG._PICKLED_ATTRIBUTES, "_zero_init_scale")
 
     def __init__(
         self,
@@ -667,6 +923,8 @@ class LDoG(DoG):
         implementation: str = "auto",
         *,
         zero_init_scale: bool = True,
+        implicit_zero_x0: bool = True,
+        slice_p: int = 1,
         skip_nonfinite: bool = True,
         global_reduce: object = "auto",
         stochastic_rounding: bool = True,
@@ -679,6 +937,8 @@ class LDoG(DoG):
             weight_decay=weight_decay,
             eps=eps,
             implementation=implementation,
+            implicit_zero_x0=implicit_zero_x0,
+            slice_p=slice_p,
             skip_nonfinite=skip_nonfinite,
             global_reduce=global_reduce,
             stochastic_rounding=stochastic_rounding,
@@ -702,17 +962,43 @@ class LDoG(DoG):
                 [next(norms).to(batch.device, sdt).square() if f else zero for f in fresh]
             )
             if self._zero_init_scale:  # sum of squares and (local) size of every x_0 in the step
-                x0s = [x0 for gb in batch.groups for x0 in gb.state_list("x0")]
-                total = torch.stack([n.to(batch.device, sdt) for n in foreach_norms(x0s)])
+                # a fresh tensor's x_0 is the tensor itself (with implicit zero x_0 it is stored
+                # in _update); an implicit x_0 adds 0 to the sum and its size to the count
+                # a subsampled x_0 (slice_p) counts its sum of squares times its scale; a
+                # fresh tensor's own values are used where its stored x_0 is not a full copy
+                x0s, weights = [], []
+                for gb in batch.groups:
+                    layouts = self._layouts(gb, [_stored_x0(s) for s in gb.states])
+                    for s, p, f, lay in zip(gb.states, gb.originals, gb.fresh, layouts,
+                                            strict=True):  # fmt: skip
+                        x0 = _stored_x0(s)
+                        if x0 is not None and (lay[0] == 1 or not f):
+                            x0s.append(x0)
+                            weights.append(lay[2])
+                        elif f:
+                            x0s.append(_x0_source(p))
+                            weights.append(1.0)
+                norms = foreach_norms(x0s)
+                total = (
+                    torch.stack([n.to(batch.device, sdt) for n in norms]).square()
+                    if norms
+                    else torch.zeros(1, dtype=sdt, device=batch.device)
+                )
+                if any(w != 1.0 for w in weights):
+                    total = total * torch.tensor(weights, dtype=sdt, device=batch.device)
                 padded = sum(getattr(o, "_shard_numel_padded", 0) for gb in batch.groups
                              for o in gb.originals)  # FSDP1 flat shards' zero padding  # fmt: skip
-                count = float(sum(local_view(x0).numel() for x0 in x0s) - padded)
+                count = float(sum(p.numel() for gb in batch.groups for p in gb.params) - padded)
                 out["x0_all"] = torch.stack(
-                    [total.square().sum(), torch.tensor(count, dtype=sdt, device=batch.device)]
+                    [total.sum(), torch.tensor(count, dtype=sdt, device=batch.device)]
                 )
+        nonzero = self._zero_check(batch, sdt)
+        if nonzero is not None:
+            out["x0_nz"] = nonzero
         return out
 
     def _update(self, batch: StepBatch, stats: dict[str, torch.Tensor], ok: torch.Tensor) -> None:
+        self._take_x0(batch, stats)
         if batch.num_tensors == 0:
             return
         device = batch.device
@@ -813,3 +1099,84 @@ def _median(sorted_values: list[float]) -> float:
     n = len(sorted_values)
     mid = n // 2
     return sorted_values[mid] if n % 2 else 0.5 * (sorted_values[mid - 1] + sorted_values[mid])
+
+
+def _x0_source(p: torch.Tensor) -> torch.Tensor:
+    """The rank-local tensor a parameter's ``x0`` is taken from (its real view if complex)."""
+    local = local_view(p)
+    return torch.view_as_real(local) if local.is_complex() else local
+
+
+def _stored_x0(state: dict[str, Any]) -> torch.Tensor | None:
+    """The rank-local stored ``x0`` of a parameter, None where it is implicitly all zero."""
+    x0 = state.get("x0")
+    return None if x0 is None else local_view(x0)
+
+
+def _c_takes(
+    params: list[torch.Tensor], grads: list[torch.Tensor], x0s: list[torch.Tensor | None]
+) -> bool:
+    """Whether the C update takes this bucket: parameters and gradients as ``_native.accepts``
+    (which raises on a gradient of another shape), every stored ``x0`` a contiguous CPU tensor
+    of the parameters' dtype (the base class has checked its shape); implicit ones are NULL."""
+    if not _native.accepts([params, grads], _STREAMS[:2]):
+        return False
+    dtype = params[0].dtype
+    return all(x is None or (x.is_cpu and x.dtype == dtype and x.is_contiguous()) for x in x0s)
+
+
+def _check_slice_p(value: object) -> int:
+    """``slice_p`` must be an int >= 1 (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"Invalid slice_p: {value!r}; allowed: an int >= 1 (1: no subsampling)")
+    return value
+
+
+def _x0_kind(state: dict[str, Any], p: torch.Tensor, sliced: bool) -> str:
+    """``"none"`` (implicit zero), ``"sliced"`` (with ``slice_p > 1``: not of the parameter's
+    shape; its length is checked in ``_layouts``) or ``"full"`` (anything else: the base class
+    checks it has the parameter's shape)."""
+    x0 = state.get("x0")
+    if x0 is None:
+        return "none"
+    if not sliced or is_dtensor(x0):
+        return "full"
+    shape = (torch.view_as_real(p) if p.is_complex() else p).shape
+    return "full" if x0.shape == shape else "sliced"
+
+
+def _slice_geometry(p: torch.Tensor, local_numel: int, k: int) -> tuple[int, float, int]:
+    """``(offset, scale, kept)`` of the ``slice_p = k`` subsample of parameter ``p`` (rank-local
+    part of ``local_numel`` real elements): the kept elements are those whose index in the
+    flattened (whole) tensor is a multiple of ``k``, i.e. local elements ``offset, offset + k,
+    ...`` (``kept`` of them), and ``scale = n / ceil(n / k)`` for the whole tensor's ``n``
+    elements. A ``DTensor`` sharded on dim 0 only (FSDP2) keeps the same elements as the whole
+    tensor would, so the ranks' scaled sums add up to the one-process estimate; other
+    placements (and FSDP1 flat shards) subsample each rank's part on its own (offset 0, the
+    local ``n``)."""
+    n, start = local_numel, 0
+    if is_dtensor(p):
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        shape = tuple(p.shape)
+        local_shape, offsets = compute_local_shape_and_global_offset(
+            p.shape, p.device_mesh, p.placements
+        )
+        if len(shape) >= 1 and tuple(local_shape[1:]) == shape[1:]:
+            row = math.prod(shape[1:]) * (2 if p.is_complex() else 1)
+            n, start = p.numel() * (2 if p.is_complex() else 1), offsets[0] * row
+    offset = (-start) % k
+    kept = max(0, -(-(local_numel - offset) // k))
+    total_kept = -(-n // k)
+    return offset, (n / total_kept if total_kept else 1.0), kept
+
+
+def _make_x0(param: torch.Tensor, k: int) -> torch.Tensor:
+    """The stored ``x0`` of ``param`` (its real view if complex): a contiguous copy, or with
+    ``slice_p = k > 1`` a 1-D rank-local copy of the kept elements (:func:`_slice_geometry`)."""
+    if k == 1:
+        x0 = param.detach().clone(memory_format=torch.preserve_format)
+        return x0 if is_dtensor(x0) or x0.is_contiguous() else x0.contiguous()
+    local = local_view(param).detach()
+    offset, _, _ = _slice_geometry(param, local.numel(), k)
+    return local.reshape(-1)[offset::k].clone()

@@ -5,30 +5,78 @@
 /* For every tensor k of a bucket, if *ok:
      x <- x - s_k * (g + wd * x)        (s_k = steps[k * step_stride])
      out[k] <- sum_i (x_new_i - x0_i)^2 (accumulated per block in T, then in double)
+   with q = x0_strides[k] saying what x0s[k] holds (dog.py, "state"):
+     q == 1: x0 of every element (the sum runs over every element);
+     q == 0: nothing (x0s[k] may be NULL): x0 is implicitly 0, out[k] <- sum_i x_new_i^2;
+     q > 1:  x0 of elements o, o + q, o + 2q, ... only (o = x0_offsets[k] < q; x0s[k][j] for
+             element o + j*q): the sum runs over those elements (the caller scales it), read
+             back from the block just written.
    If !*ok nothing is written. */
 #define DOG_UPDATE(NAME, T)                                                                    \
-void NAME(int64_t ntensors, T** xs, T** gs, T** x0s, const int64_t* ns, const T* steps,        \
-          int64_t step_stride, double wd, const uint8_t* ok, double* out, int nthreads) {      \
+void NAME(int64_t ntensors, T** xs, T** gs, T** x0s, const int64_t* x0_strides,                \
+          const int64_t* x0_offsets, const int64_t* ns, const T* steps, int64_t step_stride, double wd, const uint8_t* ok, \
+          double* out, int nthreads) {                                                         \
     if (!*ok) return;                                                                          \
     const T w = (T)wd;                                                                         \
     for (int64_t k = 0; k < ntensors; ++k) {                                                   \
         T* x = xs[k]; const T* g = gs[k]; const T* x0 = x0s[k];                                \
         const int64_t n = ns[k];                                                               \
+        const int64_t q = x0 ? x0_strides[k] : 0, o = x0_offsets[k];                           \
         const T s = steps[k * step_stride];                                                    \
         double total = 0.0;                                                                    \
-        _Pragma("omp parallel for reduction(+:total) num_threads(nthreads) if(n > 4 * BLOCK)") \
-        for (int64_t b = 0; b < n; b += BLOCK) {                                               \
-            const int64_t e = b + BLOCK < n ? b + BLOCK : n;                                   \
-            T acc = 0;                                                                         \
-            _Pragma("omp simd reduction(+:acc)")                                               \
-            for (int64_t i = b; i < e; ++i) {                                                  \
-                const T xi = x[i];                                                             \
-                const T xn = xi - s * (g[i] + w * xi);                                         \
-                x[i] = xn;                                                                     \
-                const T d = xn - x0[i];                                                        \
-                acc += d * d;                                                                  \
+        if (q == 1) {                                                                          \
+            _Pragma("omp parallel for reduction(+:total) num_threads(nthreads) if(n > 4 * BLOCK)") \
+            for (int64_t b = 0; b < n; b += BLOCK) {                                           \
+                const int64_t e = b + BLOCK < n ? b + BLOCK : n;                               \
+                T acc = 0;                                                                     \
+                _Pragma("omp simd reduction(+:acc)")                                           \
+                for (int64_t i = b; i < e; ++i) {                                              \
+                    const T xi = x[i];                                                         \
+                    const T xn = xi - s * (g[i] + w * xi);                                     \
+                    x[i] = xn;                                                                 \
+                    const T d = xn - x0[i];                                                    \
+                    acc += d * d;                                                              \
+                }                                                                              \
+                total += (double)acc;                                                          \
             }                                                                                  \
-            total += (double)acc;                                                              \
+        } else if (q == 0) {                                                                   \
+            _Pragma("omp parallel for reduction(+:total) num_threads(nthreads) if(n > 4 * BLOCK)") \
+            for (int64_t b = 0; b < n; b += BLOCK) {                                           \
+                const int64_t e = b + BLOCK < n ? b + BLOCK : n;                               \
+                T acc = 0;                                                                     \
+                _Pragma("omp simd reduction(+:acc)")                                           \
+                for (int64_t i = b; i < e; ++i) {                                              \
+                    const T xi = x[i];                                                         \
+                    const T xn = xi - s * (g[i] + w * xi);                                     \
+                    x[i] = xn;                                                                 \
+                    acc += xn * xn;                                                            \
+                }                                                                              \
+                total += (double)acc;                                                          \
+            }                                                                                  \
+        } else {                                                                               \
+            _Pragma("omp parallel for reduction(+:total) num_threads(nthreads) if(n > 4 * BLOCK)") \
+            for (int64_t b = 0; b < n; b += BLOCK) {                                           \
+                const int64_t e = b + BLOCK < n ? b + BLOCK : n;                               \
+                _Pragma("omp simd")                                                            \
+                for (int64_t i = b; i < e; ++i) {                                              \
+                    const T xi = x[i];                                                         \
+                    x[i] = xi - s * (g[i] + w * xi);                                           \
+                }                                                                              \
+                const int64_t r = (b - o) % q;               /* in (-q, q): C rounds to 0 */   \
+                int64_t i = r > 0 ? b - r + q : b - r;       /* first i >= b, i = o (mod q) */ \
+                int64_t j = (i - o) / q;                                                       \
+                T a0 = 0, a1 = 0, a2 = 0, a3 = 0;      /* four chains: no add-latency stall */ \
+                for (; i + 3 * q < e; i += 4 * q, j += 4) {                                    \
+                    const T d0 = x[i] - x0[j], d1 = x[i + q] - x0[j + 1];                      \
+                    const T d2 = x[i + 2 * q] - x0[j + 2], d3 = x[i + 3 * q] - x0[j + 3];      \
+                    a0 += d0 * d0; a1 += d1 * d1; a2 += d2 * d2; a3 += d3 * d3;                \
+                }                                                                              \
+                for (; i < e; i += q, ++j) {                                                   \
+                    const T d = x[i] - x0[j];                                                  \
+                    a0 += d * d;                                                               \
+                }                                                                              \
+                total += (double)((a0 + a1) + (a2 + a3));                                      \
+            }                                                                                  \
         }                                                                                      \
         out[k] = total;                                                                        \
     }                                                                                          \
@@ -97,6 +145,8 @@ DOG_GRAD_SQ(dog_grad_sq_f64, double)
    The scalars are formed as the torch path forms them in the tensors' dtype T (1 - beta2 as
    1 - (T)beta2, 1 - beta1 rounded once), so both paths agree to the rounding of single ops.
    lr is *lr_ptr when lr_ptr is not NULL (a tensor learning rate), else lr_value.
+   ms NULL (beta1 == 0, no first-moment buffer): x <- x - lr * u, which is what the lerp gives
+   with w_m == 1 (fma(0, u - m, u) == u), so the numbers are those of a zero-initialised m.
    One parallel loop over the blocks of all tensors. If !*ok nothing is written. */
 #define ADOPT_UPDATE(NAME, T, SQRT, FMA, POW)                                                  \
 void NAME(int64_t ntensors, T** xs, T** gs, T** ms, T** vs, const int64_t* ns, float** steps,  \
@@ -128,7 +178,7 @@ void NAME(int64_t ntensors, T** xs, T** gs, T** ms, T** vs, const int64_t* ns, f
         const int64_t lo = (b - first[k]) * BLOCK;                                             \
         const int64_t hi = lo + BLOCK < ns[k] ? lo + BLOCK : ns[k];                            \
         T* restrict x = xs[k]; const T* restrict g = gs[k];                                    \
-        T* restrict m = ms[k]; T* restrict v = vs[k];                                          \
+        T* restrict m = ms ? ms[k] : NULL; T* restrict v = vs[k];                              \
         const T c = clips[k];                                                                  \
         if (!(*steps[k] > 0)) {                                                                \
             _Pragma("omp simd")                                                                \
@@ -136,6 +186,23 @@ void NAME(int64_t ntensors, T** xs, T** gs, T** ms, T** vs, const int64_t* ns, f
                 T gi = maximize ? -g[i] : g[i];                                                \
                 if (cwd != 0) gi = FMA(x[i], cwd, gi);                                         \
                 v[i] = gi * gi;                                                                \
+            }                                                                                  \
+            continue;                                                                          \
+        }                                                                                      \
+        if (!m) {                                                                              \
+            _Pragma("omp simd")                                                                \
+            for (int64_t i = lo; i < hi; ++i) {                                                \
+                const T xi = x[i], vi = v[i];                                                  \
+                T gi = maximize ? -g[i] : g[i];                                                \
+                if (cwd != 0) gi = FMA(xi, cwd, gi);                                           \
+                T d = SQRT(vi);                                                                \
+                d = d < e ? e : d;                                                             \
+                v[i] = LERP(FMA, vi, gi * gi, w_v, small_v);                                   \
+                T u = gi / d;                                                                  \
+                u = u < -c ? -c : u;                                                           \
+                u = u > c ? c : u;                                                             \
+                T xn = decoupled ? xi - xi * lr_wd : xi;                                       \
+                x[i] = xn - u * lr;                                                            \
             }                                                                                  \
             continue;                                                                          \
         }                                                                                      \
