@@ -760,33 +760,3 @@ def test_c_kernel_strided_distance_with_offsets():
         with pytest.raises(ValueError, match=r"stream 2 .* expected ceil\(\(n - 1\) / 3\) = 3"):
             _native.dog_update(a, gs, [x0s[0][:-1], *x0s[1:]], steps, 0.0, torch.tensor(True),
                                out, x0_strides=strides, x0_offsets=offsets)  # fmt: skip
-
-
-# --------------------------------------------------------------------------- LoRA
-@pytest.mark.parametrize("name", ["dog", "ldog"])
-def test_a_lora_run_allocates_no_x0_for_the_b_matrices(name):
-    """PEFT LoRA on a small MLP: after training steps no lora_B matrix (zero-initialised) holds
-    an x0, every lora_A does, and the optimizer state is the A matrices' copies plus scalars."""
-    peft = pytest.importorskip("peft")
-    from hf_tuningfree.optim import create_optimizer
-
-    torch.manual_seed(0)
-    base = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
-    config = peft.LoraConfig(r=4, target_modules=["0", "2"])
-    model = peft.get_peft_model(base, config)
-    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    assert any("lora_B" in n for n in named) and all(
-        not p.any() for n, p in named.items() if "lora_B" in n
-    )
-    opt = create_optimizer(name, list(named.values()))
-    x, y = torch.randn(32, 8), torch.randn(32, 2)
-    for _ in range(3):
-        opt.zero_grad()
-        torch.nn.functional.mse_loss(model(x), y).backward()
-        opt.step()
-    for n, p in named.items():
-        assert ("x0" in opt.state[p]) is ("lora_A" in n), n
-    assert any(p.any() for n, p in named.items() if "lora_B" in n)  # B did train
-    tensors = [v for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
-    a_numel = sum(p.numel() for n, p in named.items() if "lora_A" in n)
-    assert sum(t.numel() for t in tensors if t.dim() > 0) == a_numel
