@@ -124,7 +124,7 @@ def test_the_optimizer_source_hash_covers_python_and_c_files_only(tmp_path, monk
     assert with_c != first  # a C source does
     (package / "kernels.c").write_text("double f(double x) { return 2 * x; }\n")
     assert spec_module.optim_source_hash() not in (first, with_c)
-    dog = package / "dog.py"
+    dog = package / "dog" / "core.py"  # a file of a subpackage counts too
     dog.write_text(dog.read_text() + "\n# edited\n")
     assert spec_module.optim_source_hash() not in (first, with_c)
 

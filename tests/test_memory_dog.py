@@ -14,7 +14,7 @@ import torch
 from test_dog import _as_lists, _current_etas, _groups_hp, _make_problem, reference_dog
 
 from hf_tuningfree.optim import DoG, LDoG, TDoG, _native
-from hf_tuningfree.optim import dog as dog_module
+from hf_tuningfree.optim.dog import core as dog_module
 
 CLASSES = {"dog": DoG, "ldog": LDoG, "tdog": TDoG}
 #: "compiled" is the C loop on CPU; "torch" is "compiled" with the C library switched off (torch's

@@ -5,7 +5,7 @@
 /* For every tensor k of a bucket, if *ok:
      x <- x - s_k * (g + wd * x)        (s_k = steps[k * step_stride])
      out[k] <- sum_i (x_new_i - x0_i)^2 (accumulated per block in T, then in double)
-   with q = x0_strides[k] saying what x0s[k] holds (dog.py, "state"):
+   with q = x0_strides[k] saying what x0s[k] holds (optim/dog/, "state"):
      q == 1: x0 of every element (the sum runs over every element);
      q == 0: nothing (x0s[k] may be NULL): x0 is implicitly 0, out[k] <- sum_i x_new_i^2;
      q > 1:  x0 of elements o, o + q, o + 2q, ... only (o = x0_offsets[k] < q; x0s[k][j] for
