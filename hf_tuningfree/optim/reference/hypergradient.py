@@ -167,14 +167,15 @@ def tower(
     keys = [(gi, pi) for gi, grp in enumerate(init) for pi in range(len(grp))]
     params = {(gi, pi): torch.tensor(init[gi][pi], dtype=F64) for gi, pi in keys}
     state = {key: initial_state(kind, p, groups[key[0]]) for key, p in params.items()}
-    thetas = [{n: torch.tensor(raw(n, initial[n], lr_parametrization), dtype=F64) for n in names}]
+    start = dict(initial)
+    if "betas" in initial:  # Adam's two betas, learnable one by one
+        start["beta1"], start["beta2"] = initial["betas"]
+    thetas = [{n: torch.tensor(raw(n, start[n], lr_parametrization), dtype=F64) for n in names}]
     for j in range(1, height):
         top = raw("lr", hyper_lrs[j - 1], lr_parametrization)
         thetas.append({"lr": torch.tensor(top, dtype=F64)})
     hstate = [{n: (0.0, 0.0) for n in th} for th in thetas]  # Adam moments per level and entry
-    fixed = {"momentum": initial.get("momentum"), "decay": initial.get("decay")}
-    if "betas" in initial:
-        fixed["beta1"], fixed["beta2"] = initial["betas"]
+    fixed = {k: start[k] for k in ("momentum", "decay", "beta1", "beta2") if k in start}
     history = []
     for t in range(steps):
         if t == 0:
@@ -223,7 +224,7 @@ def tower(
                     new[j - 1][n].requires_grad_(True)
         if height > 0:
             thetas = new[:height]
-        hp = {**{k: v for k, v in fixed.items() if v is not None}}
+        hp = dict(fixed)
         hp.update({n: natural(n, thetas[0][n], lr_parametrization) for n in names})
         if "lr" not in names:
             hp["lr"] = initial["lr"]
