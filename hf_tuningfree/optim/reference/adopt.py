@@ -23,16 +23,16 @@ def adopt(
     ``decoupled_weight_decay``, ``clip_exponent`` (None: unclipped), ``maximize``.
 
     Per element, counting the element's own steps ``k`` (a tensor without a gradient is left
-    alone, its count included)::
+    alone and its count unchanged)::
 
-        k = 0:  v = g^2                                   (Algorithm 1, line 2: v_0 = g_0^2)
-        k >= 1: u = g / max(sqrt(v), eps), clipped to [-k^c, k^c]   (line 5, before the momentum)
-                m = b1 m + (1 - b1) u                      (line 5)
-                x = x - lr m                               (line 6)
-                v = b2 v + (1 - b2) g^2                    (line 7)
+        k = 0:  v = g^2                                  (Algorithm 1: v_0 = g_0^2, no step)
+        k >= 1: u = g / max(sqrt(v), eps), clipped to [-k^c, k^c]
+                m = b1 m + (1 - b1) u                    (normalised before the momentum)
+                x = x - lr m
+                v = b2 v + (1 - b2) g^2                  (after the step: v excludes this g)
 
     ``g`` is negated with ``maximize``; coupled weight decay adds ``wd x`` to ``g`` (every step),
-    decoupled multiplies ``x`` by ``1 - lr wd`` before line 6 (steps k >= 1). No adapted scalar:
+    decoupled multiplies ``x`` by ``1 - lr wd`` before the step (steps k >= 1). No adapted scalar:
     the trace is None per step."""
     params = copy_layout(init)
     state = [[[{"step": 0, "m": 0.0, "v": 0.0} for _ in p] for p in grp] for grp in init]
