@@ -10,50 +10,12 @@ import torch
 from native_scenarios import feed, initial_weights, scaled_gradients
 
 from hf_tuningfree.optim import ADOPT, _native
+from hf_tuningfree.optim.reference.adopt import adopt as reference_adopt
 from hf_tuningfree.toy import run_counterexample, toy_optimizers
 
 SHAPES_A = [(3, 4), (5,), (2, 2, 2)]
 SHAPES_B = [(4,), (1,)]
 STEPS = 50
-
-
-def reference_adopt(init, grads, groups_hp):
-    """Plain Python floats, one element at a time: Algorithm 1 of Taniguchi et al. (2024) with the
-    clipped update of the authors' code.
-
-    ``init[g][i]`` is a list of floats (parameter i of group g), ``grads[t][g][i]`` a list of floats
-    or None (no gradient at step t)."""
-    params = [[list(p) for p in grp] for grp in init]
-    state = [[[{"step": 0, "m": 0.0, "v": 0.0} for _ in p] for p in grp] for grp in init]
-    for step_grads in grads:
-        for gi, hp in enumerate(groups_hp):
-            b1, b2 = hp["betas"]
-            for pi, g_list in enumerate(step_grads[gi]):
-                if g_list is None:
-                    continue
-                for e, g in enumerate(g_list):
-                    st = state[gi][pi][e]
-                    x = params[gi][pi][e]
-                    if hp["maximize"]:
-                        g = -g
-                    if hp["weight_decay"] and not hp["decoupled_weight_decay"]:
-                        g = g + hp["weight_decay"] * x
-                    if st["step"] == 0:
-                        st["v"] = g * g
-                        st["step"] = 1
-                        continue
-                    if hp["weight_decay"] and hp["decoupled_weight_decay"]:
-                        x = x - hp["lr"] * hp["weight_decay"] * x
-                    u = g / max(math.sqrt(st["v"]), hp["eps"])
-                    if hp["clip_exponent"] is not None:
-                        c = st["step"] ** hp["clip_exponent"]
-                        u = min(max(u, -c), c)
-                    st["m"] = b1 * st["m"] + (1 - b1) * u
-                    x = x - hp["lr"] * st["m"]
-                    st["v"] = b2 * st["v"] + (1 - b2) * g * g
-                    st["step"] += 1
-                    params[gi][pi][e] = x
-    return params
 
 
 def _make_problem(seed=0):
@@ -128,9 +90,13 @@ def test_matches_per_element_reference(impl, clipped, decoupled, monkeypatch):
     dtype = torch.float64
     init, grads = _make_problem()
     hp = _groups_hp(clipped, decoupled)
-    expected = reference_adopt(
+    grad_lists = [
+        [[None if g is None else g.flatten().tolist() for g in gs] for gs in st] for st in grads
+    ]
+    expected, _ = reference_adopt(
         [[p.flatten().tolist() for p in grp] for grp in init],
-        [[[None if g is None else g.flatten().tolist() for g in gs] for gs in st] for st in grads],
+        lambda t, x: grad_lists[t],
+        len(grad_lists),
         hp,
     )
     params, _ = _run_ours(init, grads, hp, _use_impl(impl, monkeypatch), dtype)

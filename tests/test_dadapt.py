@@ -1,11 +1,11 @@
 """D-Adaptation (SGD, Adam, AdaGrad) and Prodigy against per-element statements of the papers'
 algorithms, and their documented behaviour.
 
-The references below are written from the papers (Defazio & Mishchenko, ICML 2023; Mishchenko &
-Defazio, ICML 2024) in their published form, one element at a time with Python floats, and
-share nothing with the implementation. The test problem makes ``d`` grow: each element has the
-gradient ``2 c (x - t) + noise`` of a separable quadratic, so the reference and the optimizer
-each compute their gradients from their own iterates.
+The references (``hf_tuningfree.optim.reference.dadapt``) are written from the papers (Defazio &
+Mishchenko, ICML 2023; Mishchenko & Defazio, ICML 2024) in their published form, one element at a
+time with Python floats, and share nothing with the implementation. The test problem makes ``d``
+grow: each element has the gradient ``2 c (x - t) + noise`` of a separable quadratic, so the
+reference and the optimizer each compute their gradients from their own iterates.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from hf_tuningfree.optim import (
     _native,
     create_optimizer,
 )
+from hf_tuningfree.optim.reference import dadapt as dadapt_reference
+from hf_tuningfree.optim.reference import problems
 
 SHAPES = [[(3, 4), (5,), (2, 3)], [(4,), (2, 2)]]  # two param groups
 STEPS = 30
@@ -31,77 +33,13 @@ D0 = 1e-4
 
 # ---------------------------------------------------------------------- the test problem
 def _make_problem(seed=0):
-    gen = torch.Generator().manual_seed(seed)
-
-    def rand(shape, scale=1.0):
-        return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).flatten().tolist()
-
-    init = [[rand(s) for s in grp] for grp in SHAPES]
-    curv = [[[abs(v) + 0.5 for v in rand(s)] for s in grp] for grp in SHAPES]
-    target = [[rand(s, 3.0) for s in grp] for grp in SHAPES]
-    noise = []
-    for t in range(STEPS):
-        step = []
-        for grp in SHAPES:
-            # parameter 1 of each group has no gradient on every third step (grad=None)
-            step.append([None if (pi == 1 and t % 3 == 1) else rand(s, 0.3) for pi, s in
-                         enumerate(grp)])  # fmt: skip
-        noise.append(step)
-    return {"init": init, "curv": curv, "target": target, "noise": noise}
+    """The separable noisy quadratic of hf_tuningfree.optim.reference.problems."""
+    return problems.noisy_quadratic(SHAPES, STEPS, seed)
 
 
-def _zeros(prob):
-    return [[[0.0] * len(p) for p in grp] for grp in prob["init"]]
-
-
-def _grad_floats(prob, t, gi, pi, x):
-    n = prob["noise"][t][gi][pi]
-    if n is None:
-        return None
-    c, tg = prob["curv"][gi][pi], prob["target"][gi][pi]
-    return [2.0 * c[e] * (x[e] - tg[e]) + n[e] for e in range(len(x))]
-
-
-def _initial(prob):
-    return [[list(p) for p in grp] for grp in prob["init"]]
-
-
-def _unseen(prob):
-    return [[False] * len(grp) for grp in prob["init"]]
-
-
-def _grads(prob, t, x):
-    return [[_grad_floats(prob, t, gi, pi, x[gi][pi]) for pi in range(len(grp))]
-            for gi, grp in enumerate(x)]  # fmt: skip
-
-
-def _gradient_elements(grads, seen, gi):
-    """(pi, e, g) for every element of the parameters of group gi that have a gradient this
-    step; marks those parameters as seen (from then on their s counts in ||s||)."""
-    for pi, g_list in enumerate(grads[gi]):
-        if g_list is None:
-            continue
-        seen[gi][pi] = True
-        for e, g in enumerate(g_list):
-            yield pi, e, g
-
-
-def _sum_over_seen(s, seen, f):
-    return sum(f(u) for gi, grp in enumerate(s) for pi, p in enumerate(grp)
-               if seen[gi][pi] for u in p)  # fmt: skip
-
-
-def _start(prob, rel, kind="rms"):
-    """The fast start: d0_rel times the initial weights' RMS (SGD: their L2 norm); at step 0
-    every parameter of the problem has a gradient."""
-    values = [v for grp in prob["init"] for p in grp for v in p]
-    sq = sum(v * v for v in values)
-    return rel * (math.sqrt(sq) if kind == "norm" else math.sqrt(sq / len(values)))
-
-
-def _adam_bias_correction(k, betas, on):
-    b1, b2 = betas
-    return math.sqrt(1 - b2 ** (k + 1)) / (1 - b1 ** (k + 1)) if on else 1.0
+def _convention(prob):
+    """``(init, gradient, steps)`` for a reference of hf_tuningfree.optim.reference."""
+    return prob.init, prob.gradient, STEPS
 
 
 def _run_ours(cls, prob, groups_hp, model_hp, impl="loop", dtype=torch.float64):
@@ -110,7 +48,7 @@ def _run_ours(cls, prob, groups_hp, model_hp, impl="loop", dtype=torch.float64):
             torch.nn.Parameter(torch.tensor(v, dtype=dtype).reshape(s))
             for v, s in zip(grp, shp, strict=True)
         ]
-        for grp, shp in zip(prob["init"], SHAPES, strict=True)
+        for grp, shp in zip(prob.init, SHAPES, strict=True)
     ]
     opt = cls(
         [{"params": ps, **hp} for ps, hp in zip(params, groups_hp, strict=True)],
@@ -121,12 +59,12 @@ def _run_ours(cls, prob, groups_hp, model_hp, impl="loop", dtype=torch.float64):
     for t in range(STEPS):
         for gi, ps in enumerate(params):
             for pi, p in enumerate(ps):
-                n = prob["noise"][t][gi][pi]
+                n = prob.noise[t][gi][pi]
                 if n is None:
                     p.grad = None
                     continue
-                c = torch.tensor(prob["curv"][gi][pi], dtype=torch.float64).reshape(p.shape)
-                tg = torch.tensor(prob["target"][gi][pi], dtype=torch.float64).reshape(p.shape)
+                c = torch.tensor(prob.curv[gi][pi], dtype=torch.float64).reshape(p.shape)
+                tg = torch.tensor(prob.target[gi][pi], dtype=torch.float64).reshape(p.shape)
                 nz = torch.tensor(n, dtype=torch.float64).reshape(p.shape)
                 p.grad = (2.0 * c * (p.detach().double() - tg) + nz).to(dtype)
         opt.step()
@@ -179,175 +117,6 @@ def _assert_matches_reference(cls, prob, groups_hp, model_hp, reference, min_gro
     assert len(calls) == (4 * STEPS if len(impls) == 2 else 0)  # 2 passes x 2 groups per step
 
 
-# ---------------------------------------------------------------------- references
-def reference_sgd(prob, groups_hp, d0, growth_rate, gradient_bound="max", d0_rel=0.0):
-    """D-Adapted SGD: lambda_k = d_k lr / G_k, G_k the largest gradient norm so far (this step's
-    included; "first": ||g_0||), over groups with lr > 0, raw gradients; N += lambda <g, s_k>,
-    s += lambda g, z -= lambda g, x = beta x + (1 - beta) z, d_hat = 2 N / ||s||_2."""
-    x = _initial(prob)
-    z = _initial(prob)
-    s = _zeros(prob)
-    seen = _unseen(prob)
-    d, numerator, bound_sq, ds = d0, 0.0, 0.0, []
-    for t in range(STEPS):
-        grads = _grads(prob, t, x)
-        g_sq = sum(
-            v * v
-            for gi, hp in enumerate(groups_hp)
-            if hp["lr"] > 0
-            for g in grads[gi]
-            if g is not None
-            for v in g
-        )
-        if gradient_bound == "max" or bound_sq == 0.0:
-            bound_sq = max(bound_sq, g_sq)
-        for gi, hp in enumerate(groups_hp):
-            lam = d * hp["lr"] / math.sqrt(bound_sq)
-            wd, mom = hp["weight_decay"], hp["momentum"]
-            for pi, e, g in _gradient_elements(grads, seen, gi):
-                xe = x[gi][pi][e]
-                if not hp["decoupled_weight_decay"]:
-                    g = g + wd * xe
-                numerator += lam * g * s[gi][pi][e]
-                s[gi][pi][e] += lam * g
-                dwd = wd if hp["decoupled_weight_decay"] else 0.0
-                if mom == 0.0:
-                    x[gi][pi][e] = xe - lam * dwd * xe - lam * g
-                else:
-                    ze = z[gi][pi][e]
-                    z[gi][pi][e] = ze - lam * dwd * ze - lam * g
-                    x[gi][pi][e] = mom * xe + (1 - mom) * z[gi][pi][e]
-        s_sq = _sum_over_seen(s, seen, lambda u: u * u)
-        if s_sq > 0:
-            d_hat = 2 * numerator / math.sqrt(s_sq)
-            d = max(d, min(d_hat, growth_rate * d))
-        if t == 0:
-            d = max(d, _start(prob, d0_rel, "norm"))
-        ds.append(d)
-    return x, ds
-
-
-def reference_adam(prob, groups_hp, d0, growth_rate, betas, bias_correction, d0_rel=0.0):
-    """D-Adapted Adam, published form: dlr = d lr bc; r = sqrt(b2) r + (1 - sqrt(b2)) dlr
-    <g, s/(sqrt(v)+eps)>; m = b1 m + (1-b1) dlr g; v = b2 v + (1-b2) g^2; s = sqrt(b2) s +
-    (1 - sqrt(b2)) dlr g; d_hat = r / ((1 - sqrt(b2)) ||s||_1); x -= m / (sqrt(v) + eps)."""
-    b1, b2 = betas
-    b3 = math.sqrt(b2)
-    x = _initial(prob)
-    m, v, s = (_zeros(prob) for _ in range(3))
-    seen = _unseen(prob)
-    d, r, ds = d0, 0.0, []
-    for k in range(STEPS):
-        grads = _grads(prob, k, x)
-        bc = _adam_bias_correction(k, betas, bias_correction)
-        acc = 0.0
-        for gi, hp in enumerate(groups_hp):
-            dlr = d * hp["lr"] * bc
-            wd, eps = hp["weight_decay"], hp["eps"]
-            for pi, e, g in _gradient_elements(grads, seen, gi):
-                xe = x[gi][pi][e]
-                if not hp["decoupled_weight_decay"]:
-                    g = g + wd * xe
-                acc += dlr * g * s[gi][pi][e] / (math.sqrt(v[gi][pi][e]) + eps)
-                m[gi][pi][e] = b1 * m[gi][pi][e] + (1 - b1) * dlr * g
-                v[gi][pi][e] = b2 * v[gi][pi][e] + (1 - b2) * g * g
-                s[gi][pi][e] = b3 * s[gi][pi][e] + (1 - b3) * dlr * g
-                if hp["decoupled_weight_decay"]:
-                    xe = xe - dlr * wd * xe
-                x[gi][pi][e] = xe - m[gi][pi][e] / (math.sqrt(v[gi][pi][e]) + eps)
-        r = b3 * r + (1 - b3) * acc
-        l1 = _sum_over_seen(s, seen, abs)
-        if l1 > 0:
-            d = max(d, min(r / ((1 - b3) * l1), growth_rate * d))
-        if k == 0:
-            d = max(d, _start(prob, d0_rel))
-        ds.append(d)
-    return x, ds
-
-
-def reference_adagrad(prob, groups_hp, d0, growth_rate, d0_rel=0.0):
-    """D-Adapted AdaGrad (dual averaging): alpha += g^2; s += d lr g; x = x0 - s / (sqrt(alpha)
-    + eps); d_hat = (sum s^2/(sqrt(alpha)+eps) - sum_k (d lr)^2 g^2/(sqrt(alpha)+eps)) / ||s||_1."""
-    x0 = _initial(prob)
-    x = _initial(prob)
-    s = _zeros(prob)
-    alpha = [[[hp["initial_accumulator_value"]] * len(p) for p in grp]
-             for grp, hp in zip(prob["init"], groups_hp, strict=True)]  # fmt: skip
-    seen = _unseen(prob)
-    d, gsq_weighted, ds = d0, 0.0, []
-    for k in range(STEPS):
-        grads = _grads(prob, k, x)
-        for gi, hp in enumerate(groups_hp):
-            dlr = d * hp["lr"]
-            wd, eps, mom = hp["weight_decay"], hp["eps"], hp["momentum"]
-            for pi, e, g in _gradient_elements(grads, seen, gi):
-                xe = x[gi][pi][e]
-                g = g + wd * xe
-                alpha[gi][pi][e] += g * g
-                w = math.sqrt(alpha[gi][pi][e]) + eps
-                gsq_weighted += dlr * dlr * g * g / w
-                s[gi][pi][e] += dlr * g
-                z = x0[gi][pi][e] - s[gi][pi][e] / w
-                x[gi][pi][e] = z if mom == 0 else mom * xe + (1 - mom) * z
-        sksq = 0.0
-        l1 = 0.0
-        for gi, hp in enumerate(groups_hp):
-            for pi, p in enumerate(s[gi]):
-                if seen[gi][pi]:
-                    for e, u in enumerate(p):
-                        sksq += u * u / (math.sqrt(alpha[gi][pi][e]) + hp["eps"])
-                        l1 += abs(u)
-        if l1 > 0:
-            d = max(d, min((sksq - gsq_weighted) / l1, growth_rate * d))
-        if k == 0:
-            d = max(d, _start(prob, d0_rel))
-        ds.append(d)
-    return x, ds
-
-
-def reference_prodigy(
-    prob, groups_hp, d0, growth_rate, betas, bias_correction, safeguard, coef, d0_rel=0.0
-):
-    """Prodigy, Adam form: m = b1 m + (1-b1) d g; v = b2 v + (1-b2) d^2 g^2; r = b3 r + (d/d0)
-    dlr <g, x0 - x>; s = b3 s + (d/d0) dlr g (safeguard: (d/d0) d g); d_hat = coef r / ||s||_1;
-    d_max = max(d_max, d_hat); d = min(d_max, growth d); x -= dlr m / (sqrt(v) + d eps)."""
-    b1, b2 = betas
-    b3 = math.sqrt(b2)
-    x0 = _initial(prob)
-    x = _initial(prob)
-    m, v, s = (_zeros(prob) for _ in range(3))
-    seen = _unseen(prob)
-    d, d_max, r, ds = d0, d0, 0.0, []
-    for k in range(STEPS):
-        grads = _grads(prob, k, x)
-        bc = _adam_bias_correction(k, betas, bias_correction)
-        acc = 0.0
-        for gi, hp in enumerate(groups_hp):
-            dlr = d * hp["lr"] * bc
-            wd, eps = hp["weight_decay"], hp["eps"]
-            s_w = (d / d0) * d * (hp["lr"] > 0) if safeguard else (d / d0) * dlr
-            for pi, e, g in _gradient_elements(grads, seen, gi):
-                xe = x[gi][pi][e]
-                if not hp["decoupled_weight_decay"]:
-                    g = g + wd * xe
-                acc += (d / d0) * dlr * g * (x0[gi][pi][e] - xe)
-                m[gi][pi][e] = b1 * m[gi][pi][e] + (1 - b1) * d * g
-                v[gi][pi][e] = b2 * v[gi][pi][e] + (1 - b2) * d * d * g * g
-                s[gi][pi][e] = b3 * s[gi][pi][e] + s_w * g
-                if hp["decoupled_weight_decay"]:
-                    xe = xe - dlr * wd * xe
-                x[gi][pi][e] = xe - dlr * m[gi][pi][e] / (math.sqrt(v[gi][pi][e]) + d * eps)
-        r = b3 * r + acc
-        l1 = _sum_over_seen(s, seen, abs)
-        if l1 > 0:
-            d_max = max(d_max, coef * r / l1)
-            d = max(d, min(d_max, growth_rate * d))
-        if k == 0:
-            d, d_max = max(d, _start(prob, d0_rel)), max(d_max, _start(prob, d0_rel))
-        ds.append(d)
-    return x, ds
-
-
 # ---------------------------------------------------------------------- reference tests
 def _groups(decoupled, **extra):
     return [
@@ -375,8 +144,8 @@ START = pytest.mark.parametrize("d0_rel", [1e-3, 0.0], ids=["start1e-3", "no_sta
 def test_sgd_matches_reference(d0_rel, bound, momentum, decoupled, growth_rate, monkeypatch):
     prob = _make_problem()
     hp = _groups(decoupled, momentum=momentum)
-    reference = reference_sgd(prob, hp, D0, growth_rate, bound, d0_rel)
     model = {"d0": D0, "d0_rel": d0_rel, "growth_rate": growth_rate, "gradient_bound": bound}
+    reference = dadapt_reference.sgd(*_convention(prob), hp, **model)
     _assert_matches_reference(
         DAdaptSGD, prob, hp, model, reference, min_growth=100, monkeypatch=monkeypatch
     )
@@ -389,9 +158,9 @@ def test_sgd_matches_reference(d0_rel, bound, momentum, decoupled, growth_rate, 
 def test_adam_matches_reference(d0_rel, bias_correction, decoupled, growth_rate, monkeypatch):
     prob = _make_problem()
     hp = _adam_groups(decoupled)
-    reference = reference_adam(prob, hp, D0, growth_rate, ADAM_BETAS, bias_correction, d0_rel)
     model = {"d0": D0, "d0_rel": d0_rel, "growth_rate": growth_rate, "betas": ADAM_BETAS}
     model["use_bias_correction"] = bias_correction
+    reference = dadapt_reference.adam(*_convention(prob), hp, **model)
     _assert_matches_reference(
         DAdaptAdam, prob, hp, model, reference, min_growth=10, monkeypatch=monkeypatch
     )
@@ -407,8 +176,8 @@ def test_adagrad_matches_reference(d0_rel, momentum, growth_rate, monkeypatch):
         dict(lr=1.0, weight_decay=0.1, eps=1e-6, momentum=momentum, initial_accumulator_value=1e-6),
         dict(lr=0.5, weight_decay=0.0, eps=1e-3, momentum=momentum, initial_accumulator_value=0.1),
     ]
-    reference = reference_adagrad(prob, hp, D0, growth_rate, d0_rel)
     model = {"d0": D0, "d0_rel": d0_rel, "growth_rate": growth_rate}
+    reference = dadapt_reference.adagrad(*_convention(prob), hp, **model)
     _assert_matches_reference(
         DAdaptAdaGrad, prob, hp, model, reference, min_growth=10, monkeypatch=monkeypatch
     )
@@ -427,12 +196,10 @@ def test_prodigy_matches_reference(
 ):
     prob = _make_problem()
     hp = _adam_groups(decoupled)
-    reference = reference_prodigy(
-        prob, hp, D0, growth_rate, ADAM_BETAS, bias_correction, safeguard, coef, d0_rel
-    )
     model = {"d0": D0, "d0_rel": d0_rel, "growth_rate": growth_rate, "betas": ADAM_BETAS}
     model["d_coef"] = coef
     model |= {"use_bias_correction": bias_correction, "safeguard_warmup": safeguard}
+    reference = dadapt_reference.prodigy(*_convention(prob), hp, **model)
     _assert_matches_reference(
         Prodigy, prob, hp, model, reference, min_growth=10, monkeypatch=monkeypatch
     )

@@ -11,104 +11,10 @@ import torch
 
 from hf_tuningfree.optim import DoG, LDoG, PolynomialDecayAverager, TDoG, _native, create_optimizer
 from hf_tuningfree.optim.dog import dog_tensor_update as dog_module_update
+from hf_tuningfree.optim.reference import dog as dog_reference
 
 SHAPES = [[(3, 4), (5,), (2, 2, 2), (70, 100)], [(4,), (1,)], [(6,), (2, 3)]]
 STEPS = 30
-
-
-# --------------------------------------------------------------------------- reference
-def reference_dog(init, grads, groups_hp, mode, delta=0.1, zero_init_scale=False):
-    """Plain Python floats, one element at a time.
-
-    ``init[g][i]``: list of floats (parameter i of group g); ``grads[t][g][i]``: list of floats or
-    None. ``mode``: "dog" (one step size from norms over every tensor of every group), "ldog"
-    (per tensor) or "tdog" (DoG divided by the taming factor). Distances are recomputed from
-    scratch every step over every tensor that has an x0 (taken at its first gradient); r_eps
-    comes from the tensors that have a gradient at the first step. Returns the parameters and the
-    step sizes used at every step (a float, or for L-DoG a dict {(g, i): eta}).
-    ``zero_init_scale`` (L-DoG): a tensor whose x0 is all zero uses sqrt(n) times the RMS of the
-    x0 of every tensor with a gradient at that step in place of ||x0||.
-    """
-    x = [[list(p) for p in grp] for grp in init]
-    x0: dict[tuple[int, int], list[float]] = {}
-    rbar = G = None
-    lbar = l0 = 0.0
-    per = {}  # L-DoG: (g, i) -> {"rbar", "G"}
-    etas = []
-
-    def sq(v):
-        return sum(e * e for e in v)
-
-    for t_applied, step_grads in enumerate(grads):
-        live = [
-            (gi, pi) for gi, gs in enumerate(step_grads) for pi, g in enumerate(gs) if g is not None
-        ]
-        first = rbar is None and mode != "ldog"
-        if first:
-            norm0 = math.sqrt(sum(sq(x[gi][pi]) for gi, pi in live))
-            rbar = groups_hp[0]["reps_rel"] * (1.0 + norm0)
-            G = 0.0
-        new = [key for key in live if key not in x0]
-        for key in new:
-            x0[key] = list(x[key[0]][key[1]])
-        for key in new:
-            if mode == "ldog":
-                gi, pi = key
-                norm = math.sqrt(sq(x[gi][pi]))
-                if zero_init_scale and norm == 0:
-                    mean_sq = sum(sq(x0[k]) for k in live) / sum(len(x0[k]) for k in live)
-                    norm = math.sqrt(len(x0[key]) * mean_sq)
-                r_eps = groups_hp[gi]["reps_rel"] * (1.0 + norm)
-                per[key] = {"rbar": r_eps, "G": 0.0}
-        geff = {}
-        for gi, pi in live:
-            wd = groups_hp[gi]["weight_decay"]
-            geff[(gi, pi)] = [
-                g + wd * xe for g, xe in zip(step_grads[gi][pi], x[gi][pi], strict=True)
-            ]
-        if mode == "ldog":
-            step_etas = {}
-            for key in live:
-                gi, pi = key
-                d = math.sqrt(sum((a - b) ** 2 for a, b in zip(x[gi][pi], x0[key], strict=True)))
-                st = per[key]
-                st["rbar"] = max(st["rbar"], d)
-                st["G"] += sq(geff[key])
-                step_etas[key] = st["rbar"] / math.sqrt(st["G"] + groups_hp[gi]["eps"])
-            etas.append(step_etas)
-        else:
-            d = math.sqrt(
-                sum(
-                    (a - b) ** 2
-                    for (gi, pi), start in x0.items()
-                    for a, b in zip(x[gi][pi], start, strict=True)
-                )
-            )
-            rbar = max(rbar, d)
-            g2 = sum(sq(v) for v in geff.values())
-            G += g2
-            eps = groups_hp[0]["eps"]
-            if mode == "dog":
-                eta = rbar / math.sqrt(G + eps)
-            else:
-                gnorm = math.sqrt(g2)
-                lbar = max(lbar, gnorm)
-                if l0 == 0.0:
-                    l0 = gnorm
-                t = t_applied
-                theta = math.log(60.0 * math.log(6.0 * (t + 1)) / delta)
-                log_plus = 1.0 + math.log(1.0 + t * lbar**2 / l0**2)
-                factor = 8.0**4 * theta * log_plus**2
-                eta = rbar / (factor * math.sqrt(G + 16.0 * lbar**2 + eps))
-            step_etas = {key: eta for key in live}
-            etas.append(eta)
-        for key in live:
-            gi, pi = key
-            lr = groups_hp[gi]["lr"]
-            x[gi][pi] = [
-                xe - lr * step_etas[key] * ge for xe, ge in zip(x[gi][pi], geff[key], strict=True)
-            ]
-    return x, etas
 
 
 def _make_problem(seed=0, steps=STEPS):
@@ -142,6 +48,7 @@ def _groups_hp(mode):
 
 
 CLASSES = {"dog": DoG, "ldog": LDoG, "tdog": TDoG}
+REFERENCES = {"dog": dog_reference.dog, "ldog": dog_reference.ldog, "tdog": dog_reference.tdog}
 
 
 def _run_ours(init, grads, groups_hp, mode, impl, dtype=torch.float64, record=None):
@@ -174,9 +81,14 @@ def _current_etas(opt, params, mode):
 
 
 def _as_lists(init, grads):
+    """``(init, gradient, steps)`` in the calling convention of hf_tuningfree.optim.reference."""
+    grad_lists = [
+        [[None if g is None else g.flatten().tolist() for g in gs] for gs in st] for st in grads
+    ]
     return (
         [[p.flatten().tolist() for p in grp] for grp in init],
-        [[[None if g is None else g.flatten().tolist() for g in gs] for gs in st] for st in grads],
+        lambda t, x: grad_lists[t],
+        len(grad_lists),
     )
 
 
@@ -188,7 +100,7 @@ def test_matches_per_element_reference(mode, impl):
     30 steps, and the step size of every step (every tensor's, for L-DoG) within 1e-9 relative."""
     init, grads = _make_problem()
     hp = _groups_hp(mode)
-    expected, expected_etas = reference_dog(*_as_lists(init, grads), hp, mode)
+    expected, expected_etas = REFERENCES[mode](*_as_lists(init, grads), hp)
     record: list = []
     params, _ = _run_ours(init, grads, hp, mode, impl, record=record)
     worst = max(
@@ -578,8 +490,8 @@ def test_ldog_zero_initialised_tensors_take_the_models_scale(zero_init_scale, im
     init[0][1] = torch.zeros_like(init[0][1])
     init[2][0] = torch.zeros_like(init[2][0])  # first gradient at step 2
     hp = _groups_hp("ldog")
-    expected, expected_etas = reference_dog(
-        *_as_lists(init, grads), hp, "ldog", zero_init_scale=zero_init_scale
+    expected, expected_etas = dog_reference.ldog(
+        *_as_lists(init, grads), hp, zero_init_scale=zero_init_scale
     )
     params = [[torch.nn.Parameter(p.clone()) for p in grp] for grp in init]
     opt = LDoG(

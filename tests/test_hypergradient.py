@@ -26,6 +26,8 @@ from hf_tuningfree.optim import (
 )
 from hf_tuningfree.optim.hypergradient import kernels as hg
 from hf_tuningfree.optim.kernels import StateShapeError
+from hf_tuningfree.optim.reference import hypergradient as hg_reference
+from hf_tuningfree.optim.reference.hypergradient import natural as _natural
 
 CLASSES = {"sgd": HyperSGD, "adam": HyperAdam, "adagrad": HyperAdaGrad, "rmsprop": HyperRMSProp}
 LEARNABLE = {
@@ -72,59 +74,8 @@ def _loss(model, params, x, y):
 
 
 # ---------------------------------------------------------------------- reference updates
-def _natural(name, raw, lr_param="log"):
-    """The parametrisations of the paper's code: betas through (tanh(z) + 1) / 2; step sizes
-    positive through exp (ours), square (the authors' RMSProp) or not at all."""
-    if name == "lr":
-        return {"log": torch.exp, "square": torch.square, "identity": lambda r: r}[lr_param](raw)
-    return (torch.tanh(raw) + 1) / 2
-
-
-def _raw(name, value, lr_param="log"):
-    if name == "lr":
-        return {"log": math.log, "square": math.sqrt, "identity": float}[lr_param](value)
-    return math.atanh(2 * value - 1)
-
-
-def reference_update(kind, x, g, state, hp, group):
-    """One update of the base optimizer, differentiable in the hyperparameters ``hp`` (natural
-    values); ``state`` (detached) holds the per-parameter state before the update. Returns the new
-    parameter and the new state (detached)."""
-    hp = {**{k: v for k, v in INITIAL.items() if k != "lr"}, **hp}  # fixed ones: initial values
-    lr = hp["lr"]
-    wd = group["weight_decay"]
-    if kind == "sgd":
-        gg = g + wd * x
-        buf = hp["momentum"] * state["buf"] + gg
-        return x - lr * buf, {"buf": buf.detach()}
-    if kind == "adam":
-        b1, b2 = hp["beta1"], hp["beta2"]
-        k = state["k"] + 1
-        gg = g if group.get("decoupled", True) else g + wd * x
-        m = b1 * state["m"] + (1 - b1) * gg
-        v = b2 * state["v"] + (1 - b2) * gg * gg
-        d = (m / (1 - b1**k)) / (torch.sqrt(v / (1 - b2**k)) + group["eps"])
-        x_new = x - lr * wd * x - lr * d if group.get("decoupled", True) else x - lr * d
-        return x_new, {"m": m.detach(), "v": v.detach(), "k": k}
-    if kind == "adagrad":
-        gg = g + wd * x
-        s = state["sum"] + gg * gg
-        return x - lr * gg / (torch.sqrt(s) + group["eps"]), {"sum": s.detach()}
-    if kind == "rmsprop":
-        gg = g + wd * x
-        v = hp["decay"] * state["v"] + (1 - hp["decay"]) * gg * gg
-        return x - lr * gg / (torch.sqrt(v) + group["eps"]), {"v": v.detach()}
-    raise AssertionError(kind)
-
-
-def _initial_state(kind, p):
-    z = torch.zeros_like(p)
-    return {
-        "sgd": {"buf": z},
-        "adam": {"m": z, "v": z.clone(), "k": 0},
-        "adagrad": {"sum": z},
-        "rmsprop": {"v": z},
-    }[kind]
+#: the hyperparameters a one-step oracle does not learn stay at their initial values
+FIXED = {k: v for k, v in INITIAL.items() if k != "lr"}
 
 
 def _group_settings(kind, wd):
@@ -186,7 +137,7 @@ def test_hypergradient_equals_autograd_through_the_update(kind, names, impl, req
             group_of[p] = gi
     params = dict(model.named_parameters())
     skipper = "2.bias"  # no gradient on steps 3, 7, 11, ...
-    ref_state = {n: _initial_state(kind, p.detach()) for n, p in params.items()}
+    ref_state = {n: hg_reference.initial_state(kind, p.detach()) for n, p in params.items()}
     prev = None  # (x, g, state, raw hyperparameters used) of the last update, for the oracle
     checked = 0
     for t, idx in enumerate(_batches(x_all, y_all, 20)):
@@ -207,8 +158,8 @@ def test_hypergradient_equals_autograd_through_the_update(kind, names, impl, req
                     continue
                 group = dict(settings[group_of[p]])
                 hp_n = {**hp, "lr": hp["lr"] * prev["scale"]}
-                moved[n], _ = reference_update(
-                    kind, prev["x"][n], prev["g"][n], prev["state"][n], hp_n, group
+                moved[n], _ = hg_reference.update(
+                    kind, prev["x"][n], prev["g"][n], prev["state"][n], {**FIXED, **hp_n}, group
                 )
                 if n == skipper and t % 4 == 3:
                     # no gradient now: the optimizer cannot see this parameter's term (a parameter
@@ -238,9 +189,10 @@ def test_hypergradient_equals_autograd_through_the_update(kind, names, impl, req
                 continue
             hp = {k: _natural(k, torch.tensor(v, dtype=torch.float64)) for k, v in raw_used.items()}
             hp["lr"] = hp["lr"] * _schedule(t)
-            _, ref_state[n] = reference_update(
-                kind, x_before[n], g_used[n], state_before[n], hp, dict(settings[group_of[p]])
-            )
+            _, ref_state[n] = hg_reference.update(
+                kind, x_before[n], g_used[n], state_before[n], {**FIXED, **hp},
+                dict(settings[group_of[p]]),
+            )  # fmt: skip
         prev = {"x": x_before, "g": g_used, "state": state_before, "raw": raw_used,
                 "scale": _schedule(t)}  # fmt: skip
     assert checked == 19 * len(names)
@@ -251,64 +203,48 @@ def test_hypergradient_equals_autograd_through_the_update(kind, names, impl, req
 
 # ---------------------------------------------------------------------- 2. whole-tower oracle
 def paper_tower(kind, names, init, height, hopts, hyper_lrs, lr_param, model, groups, data):
-    """The paper's algorithm the paper's way: every level's hyperparameters are tensors in the
-    autograd graph (``x_t = x_{t-1}.detach() - u(theta_0)``, ``theta_{j-1} = theta_{j-1}.detach()
-    - kappa_j(theta_j) * D_j``, gradients and optimizer states detached), and each step's
-    hypergradients come from one ``autograd.grad`` of the loss. Returns, per step, the natural
-    values of every level after the step."""
+    """The paper's algorithm the paper's way (``hf_tuningfree.optim.reference.hypergradient.
+    tower``: every level's hyperparameters in the autograd graph, each step's hypergradients from
+    one ``autograd.grad``) on this model's loss. Returns, per step, the natural values of every
+    level below the top after the step."""
     x_all, y_all, batches = data
-    params = {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters()}
-    group_of = {n: gi for gi, g in enumerate(groups) for n in g["names"]}
-    state = {n: _initial_state(kind, p) for n, p in params.items()}
-    f64 = torch.float64
-    thetas = [{n: torch.tensor(_raw(n, init[n], lr_param), dtype=f64) for n in names}]
-    for j in range(1, height):
-        thetas.append({"lr": torch.tensor(_raw("lr", hyper_lrs[j - 1], lr_param), dtype=f64)})
-    hstate = [{n: (0.0, 0.0) for n in th} for th in thetas]  # Adam moments per level/entry
-    b1, b2, eps = 0.9, 0.99, 1e-16  # the Adam hyperoptimizers' settings passed below
-    history = []
-    for t, idx in enumerate(batches):
-        if t == 0:
-            for th in thetas:
-                for n in th:
-                    th[n].requires_grad_(True)
-        inputs = list(params.values()) + [th[n] for th in thetas for n in th]
-        loss = _loss(model, params, x_all[idx], y_all[idx])
-        grads = torch.autograd.grad(loss, inputs, allow_unused=True)
-        grads = [torch.zeros((), dtype=f64) if gr is None else gr.detach() for gr in grads]
-        g = dict(zip(params, grads[: len(params)], strict=True))
-        hg = iter(grads[len(params) :])
-        h = [{n: next(hg) for n in th} for th in thetas]
-        new = [None] * height
-        for j in range(height, 0, -1):  # top-down
-            kappa = hyper_lrs[j - 1] if j == height else _natural("lr", new[j]["lr"], lr_param)
-            new[j - 1] = {}
-            for n, raw in thetas[j - 1].items():
-                if t >= j:  # level j has a hypergradient from step j + 1 on
-                    if hopts[j - 1] == "adam":
-                        m, v = hstate[j - 1][n]
-                        m = b1 * m + (1 - b1) * h[j - 1][n]
-                        v = b2 * v + (1 - b2) * h[j - 1][n] ** 2
-                        hstate[j - 1][n] = (m, v)
-                        k = t - j + 1
-                        d = (m / (1 - b1**k)) / (torch.sqrt(v / (1 - b2**k)) + eps)
-                    else:
-                        d = h[j - 1][n]
-                else:
-                    d = torch.zeros((), dtype=f64)
-                new[j - 1][n] = raw.detach() - kappa * d
-                if not new[j - 1][n].requires_grad:  # the top level: kappa_H is a constant
-                    new[j - 1][n].requires_grad_(True)
-        thetas = new
-        hp = {n: _natural(n, thetas[0][n], lr_param) for n in names}
-        for n in params:
-            params[n], state[n] = reference_update(
-                kind, params[n].detach(), g[n], state[n], hp, groups[group_of[n]]
-            )
-        history.append(
-            [{n: _natural(n, r.detach(), lr_param).item() for n, r in th.items()} for th in thetas]
-        )
-    return history
+    named = dict(model.named_parameters())
+    layout = [g["names"] for g in groups]
+
+    def gradient(t, x):
+        params = {
+            n: torch.tensor(x[gi][pi], dtype=torch.float64).reshape(named[n].shape)
+            for gi, grp in enumerate(layout)
+            for pi, n in enumerate(grp)
+        }
+        for p in params.values():
+            p.requires_grad_(True)
+        loss = _loss(model, params, x_all[batches[t]], y_all[batches[t]])
+        grads = dict(zip(params, torch.autograd.grad(loss, list(params.values())), strict=True))
+        return [[grads[n].flatten().tolist() for n in grp] for grp in layout]
+
+    initial = {k: init[k] for k in ("lr", "momentum", "decay")}
+    initial["betas"] = (init["beta1"], init["beta2"])
+    _, history = hg_reference.tower(
+        kind,
+        [[named[n].detach().flatten().tolist() for n in grp] for grp in layout],
+        gradient,
+        len(batches),
+        [{**g, "lr": init["lr"]} for g in groups],
+        initial=initial,
+        learn=names,
+        height=height,
+        hyper_optimizer=hopts,
+        hyper_lr=hyper_lrs,
+        hyper_betas=(0.9, 0.99),
+        hyper_eps=1e-16,
+        lr_parametrization=lr_param,
+    )
+    return [
+        [{key.split("/")[1]: v for key, v in h.items() if key.startswith(f"level{j}/")}
+         for j in range(height)]
+        for h in history
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -14,21 +14,10 @@ import math
 
 import pytest
 import torch
-from test_dadapt import (
-    D0,
-    SHAPES,
-    STEPS,
-    _grads,
-    _initial,
-    _make_problem,
-    _run_ours,
-    _start,
-    _sum_over_seen,
-    _unseen,
-    _zeros,
-)
+from test_dadapt import D0, SHAPES, _convention, _make_problem, _run_ours
 
 from hf_tuningfree.optim import ProdigyScheduleFree, _native, create_optimizer
+from hf_tuningfree.optim.reference.schedule_free import prodigy_sf_sequences
 
 TOL = 1e-12
 #: The reference updates x and y from z (three sequences), the optimizer y directly (two): the
@@ -36,59 +25,6 @@ TOL = 1e-12
 #: them; measured up to 9e-11 (no bias correction, d grown to 1.9), 1e-13 or less elsewhere.
 TOL_ITERATES = 2e-10
 BETAS = (0.8, 0.99)
-
-
-def reference_prodigy_sf(prob, groups_hp, d0, growth_rate, betas, bias_correction, safeguard,
-                         coef, d0_rel):  # fmt: skip
-    """Per element: gamma = d lr bc (bc = sqrt(1 - b2^(k+1))); g at y; v = b2 v + (1-b2) g^2;
-    u = g / (sqrt(v) + eps) (+ wd y, decoupled); r = b3 r + (d/d0) gamma <g, x0 - z>;
-    s = b3 s + (d/d0) gamma g; z -= gamma u; c = lr_max^2 / sum lr_max^2 (lr_max the largest
-    d lr bc so far, lr of the first group); x = (1-c) x + c z; y = (1-b1) z + b1 x; d from
-    d_max = max(d_max, coef r / ||s||_1); after step 0, d and d_max at least d0_rel RMS(x0)."""
-    b1, b2 = betas
-    b3 = math.sqrt(b2)
-    x0, x, y, z = (_initial(prob) for _ in range(4))
-    v, s = _zeros(prob), _zeros(prob)
-    seen = _unseen(prob)
-    d, d_max, r, lr_max, weight_sum, ds = d0, d0, 0.0, 0.0, 0.0, []
-    lr_ref = max(hp["lr"] for hp in groups_hp)
-    for k in range(STEPS):
-        grads = _grads(prob, k, y)
-        bc = math.sqrt(1 - b2 ** (k + 1)) if bias_correction else 1.0
-        lr_max = max(lr_max, d * lr_ref * bc)
-        weight_sum += lr_max * lr_max
-        c = lr_max * lr_max / weight_sum
-        acc = 0.0
-        for gi, hp in enumerate(groups_hp):
-            gamma = d * hp["lr"] * bc
-            wd, eps = hp["weight_decay"], hp["eps"]
-            s_w = (d / d0) * d * (hp["lr"] > 0) if safeguard else (d / d0) * gamma
-            for pi, g_list in enumerate(grads[gi]):
-                if g_list is None:
-                    continue  # no gradient: the parameter (x, y, z) is left alone
-                seen[gi][pi] = True
-                for e, g in enumerate(g_list):
-                    ye = y[gi][pi][e]
-                    if not hp["decoupled_weight_decay"]:
-                        g = g + wd * ye
-                    acc += (d / d0) * gamma * g * (x0[gi][pi][e] - z[gi][pi][e])
-                    v[gi][pi][e] = b2 * v[gi][pi][e] + (1 - b2) * g * g
-                    s[gi][pi][e] = b3 * s[gi][pi][e] + s_w * g
-                    u = g / (math.sqrt(v[gi][pi][e]) + eps)
-                    if hp["decoupled_weight_decay"]:
-                        u += wd * ye
-                    z[gi][pi][e] -= gamma * u
-                    x[gi][pi][e] = (1 - c) * x[gi][pi][e] + c * z[gi][pi][e]
-                    y[gi][pi][e] = (1 - b1) * z[gi][pi][e] + b1 * x[gi][pi][e]
-        r = b3 * r + acc
-        l1 = _sum_over_seen(s, seen, abs)
-        if l1 > 0:
-            d_max = max(d_max, coef * r / l1)
-            d = max(d, min(d_max, growth_rate * d))
-        if k == 0:
-            d, d_max = max(d, _start(prob, d0_rel)), max(d_max, _start(prob, d0_rel))
-        ds.append(d)
-    return x, y, ds
 
 
 def _groups(decoupled):
@@ -122,12 +58,10 @@ def test_matches_the_three_sequence_reference(d0_rel, bias_correction, safeguard
     the C statistics path."""
     prob = _make_problem()
     hp = _groups(decoupled)
-    x_ref, y_ref, ds_ref = reference_prodigy_sf(
-        prob, hp, D0, growth_rate, BETAS, bias_correction, safeguard, coef, d0_rel
-    )
     model = {"d0": D0, "d0_rel": d0_rel, "growth_rate": growth_rate, "betas": BETAS}
     model["d_coef"] = coef
     model |= {"use_bias_correction": bias_correction, "safeguard_warmup": safeguard}
+    x_ref, y_ref, ds_ref = prodigy_sf_sequences(*_convention(prob), hp, **model)
     impls = ["loop"] + (["compiled"] if _native.load() is not None else [])
     for impl in impls:
         params, ds, opt = _run_ours(ProdigyScheduleFree, prob, hp, model, impl=impl)
