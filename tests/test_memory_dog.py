@@ -11,7 +11,7 @@ import io
 
 import pytest
 import torch
-from test_dog import _as_lists, _current_etas, _groups_hp, _make_problem, reference_dog
+from test_dog import REFERENCES, _as_lists, _current_etas, _groups_hp, _make_problem
 
 from hf_tuningfree.optim import DoG, LDoG, TDoG, _native
 from hf_tuningfree.optim.dog import core as dog_module
@@ -104,7 +104,7 @@ def test_implicit_zero_x0_matches_the_per_element_reference(zero_init_scale, imp
     for mode in ("ldog", "dog"):
         hp = _groups_hp(mode)
         kw = {"zero_init_scale": zero_init_scale} if mode == "ldog" else {}
-        expected, expected_etas = reference_dog(*_as_lists(init, grads), hp, mode, **kw)
+        expected, expected_etas = REFERENCES[mode](*_as_lists(init, grads), hp, **kw)
         params, opt, etas = _run(init, grads, mode, impl, **kw)
         for t, (a, b) in enumerate(zip(etas, expected_etas, strict=True)):
             if mode == "ldog":
@@ -563,6 +563,14 @@ def test_adopt_c_kernel_without_first_moment():
 
 
 # --------------------------------------------------------------------------- 3. slice_p
+def _float_lists(init, grads):
+    """``(init, grads)`` as float lists, ``grads[t][g][i]`` None where a tensor has no gradient."""
+    return (
+        [[p.flatten().tolist() for p in grp] for grp in init],
+        [[[None if g is None else g.flatten().tolist() for g in gs] for gs in st] for st in grads],
+    )
+
+
 def reference_sliced(init, grads, groups_hp, mode, k, zero_init_scale=True):
     """Plain Python floats, one element at a time: DoG ("dog") or L-DoG ("ldog") whose distance
     of a tensor of n elements is sqrt(n / ceil(n / k) * sum over j = 0, k, 2k, ... of
@@ -659,7 +667,9 @@ def test_slice_p_matches_the_per_element_statement(mode, k, impl, monkeypatch):
     ceil(n / k) elements per stored tensor."""
     impl = _impl(impl, monkeypatch)
     init, grads = _zero_problem(seed=4)
-    expected, expected_etas = reference_sliced(*_as_lists(init, grads), _groups_hp(mode), mode, k)
+    expected, expected_etas = reference_sliced(
+        *_float_lists(init, grads), _groups_hp(mode), mode, k
+    )
     params, opt, etas = _run(init, grads, mode, impl, slice_p=k)
     _check_against(etas, expected_etas, params, expected, mode)
     for gi, ps in enumerate(params):
@@ -671,8 +681,11 @@ def test_slice_p_matches_the_per_element_statement(mode, k, impl, monkeypatch):
                 assert st["x0"].shape == (-(-p.numel() // k),)
                 assert torch.equal(st["x0"], init[gi][pi].flatten()[::k])
     # the estimate is not the exact distance (what it saves is not free)
-    _, exact_etas = reference_dog(*_as_lists(init, grads), _groups_hp(mode), mode,
-                                      zero_init_scale=mode == "ldog")  # fmt: skip
+    _, exact_etas = REFERENCES[mode](
+        *_as_lists(init, grads),
+        _groups_hp(mode),
+        **({"zero_init_scale": True} if mode == "ldog" else {}),
+    )
     assert etas[-1] != pytest.approx(exact_etas[-1], rel=1e-6)
 
 
@@ -685,9 +698,9 @@ def test_slice_p_with_stored_zero_copies_and_zero_init_scale(impl):
     init[1][0] = torch.zeros_like(init[1][0])
     hp = _groups_hp("ldog")
     params, _, etas = _run(init, grads, "ldog", impl, slice_p=3)
-    expected, expected_etas = reference_sliced(*_as_lists(init, grads), hp, "ldog", 3)
+    expected, expected_etas = reference_sliced(*_float_lists(init, grads), hp, "ldog", 3)
     _check_against(etas, expected_etas, params, expected, "ldog")
-    ref_off = reference_sliced(*_as_lists(init, grads), hp, "ldog", 3, zero_init_scale=False)
+    ref_off = reference_sliced(*_float_lists(init, grads), hp, "ldog", 3, zero_init_scale=False)
     params_off, _, etas_off = _run(init, grads, "ldog", impl, slice_p=3, zero_init_scale=False)
     _check_against(etas_off, ref_off[1], params_off, ref_off[0], "ldog")
     stored, stored_opt, stored_etas = _run(init, grads, "ldog", impl, slice_p=3,
