@@ -108,14 +108,14 @@ def test_matches_per_element_reference(mode, impl):
         for ps, es in zip(params, expected, strict=True)
         for p, e in zip(ps, es, strict=True)
     )
-    assert worst <= 1e-6, f"max abs difference {worst:.2e} > 1e-6"
+    assert worst <= 1e-12, f"max abs difference {worst:.2e} > 1e-12"
     for t, (ours, ref) in enumerate(zip(record, expected_etas, strict=True)):
         if mode == "ldog":
             assert ours.keys() == ref.keys(), f"step {t}: tensors {ours.keys()} vs {ref.keys()}"
             for key, value in ref.items():
-                assert ours[key] == pytest.approx(value, rel=1e-9), f"step {t}, tensor {key}"
+                assert ours[key] == pytest.approx(value, rel=1e-12), f"step {t}, tensor {key}"
         else:
-            assert ours == pytest.approx(ref, rel=1e-9), f"step {t}"
+            assert ours == pytest.approx(ref, rel=1e-12), f"step {t}"
     moved = (params[0][0].detach() - init[0][0]).abs().max().item()
     assert moved > (1e-9 if mode == "tdog" else 1e-2)
 

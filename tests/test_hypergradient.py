@@ -175,10 +175,12 @@ def test_hypergradient_equals_autograd_through_the_update(kind, names, impl, req
             ours = opt.hypergradients()
             for n, o in zip(names, oracle, strict=True):
                 got = ours[f"hyper/level0/{n}"]
-                # relative difference; an exactly-zero oracle (Adam's beta derivatives vanish
-                # at the first update) is compared with an absolute 1e-12
-                rel = abs(got - o.item()) / max(abs(o.item()), 1e-7)
-                assert rel <= 1e-5, f"{kind} {n} step {t}: ours {got:.10e} autograd {o.item():.10e}"
+                # relative difference; a vanishing oracle (Adam's beta derivatives at the first
+                # update: ours exactly 0, autograd's ~5e-18 of rounding) is compared absolutely
+                rel = abs(got - o.item()) / max(abs(o.item()), 1e-4)
+                assert rel <= 1e-12, (
+                    f"{kind} {n} step {t}: ours {got:.10e}, autograd {o.item():.10e}"
+                )
                 checked += 1
         raw_used = {n: float(opt.global_state[f"hyper/level0/{n}/raw"]) for n in names}
         g_used = {n: (None if p.grad is None else p.grad.detach().clone()) for n, p in
@@ -318,7 +320,7 @@ def test_tower_matches_the_papers_autograd_algorithm(kind, hopts, lr_param, lear
                 got = stats[f"hyper/level{level}/{n}"]
                 rel = abs(got - v) / abs(v)
                 worst = max(worst, rel)
-                assert rel <= 1e-9, f"step {t} level {level} {n}: ours {got!r} paper {v!r}"
+                assert rel <= 1e-12, f"step {t} level {level} {n}: ours {got!r} paper {v!r}"
     moved = stats["hyper/level0/lr"] / init["lr"]
     assert abs(math.log(moved)) > 1e-3, "the step size should have moved"
     if native_calls is not None:

@@ -469,8 +469,13 @@ class ADOPT(TuningFreeOptimizer):
         static: dict[str, Any],
     ) -> None:
         exponent = group["clip_exponent"]
+        # lr and the clip bound in the compute dtype: an fp32 lr or step**0.25 would round an
+        # fp64 run at ~1e-8 (the C and loop paths compute them in double)
+        cdt = compute_dtype(bucket[0][0].dtype)
+        if cdt != torch.float32:
+            steps = [s.to(cdt) for s in steps]
         bounds = torch._foreach_pow(steps, exponent) if exponent is not None else steps
-        lr = torch.full((), group["lr"], dtype=torch.float32, device=ok.device)
+        lr = torch.full((), group["lr"], dtype=cdt, device=ok.device)
         kernel = _compiled_adopt if bucket[2] is not None else _compiled_adopt_without_m
         streams = [t for t in bucket if t is not None]
         for i in order_for_compile(kernel, [p.numel() for p in bucket[0]]):
