@@ -525,7 +525,43 @@ DADAPT_KERNELS: dict[str, tuple[int, int, int, bool]] = {
     "dadapt_adagrad_fused": (5, 4, 2, True),
 }
 
+#: Streams of a kernel that may hold None (a NULL pointer in C, read as described in
+#: ``csrc/dadapt.c``; a per-tensor branch): ``m`` of the Adam-form updates when ``beta1 = 0`` (no
+#: first-moment buffer), Prodigy's ``x0`` of a tensor that was all zero at its first step
+#: (``implicit_zero_x0``), ``s`` of the updates when ``slice_p > 1`` (``s`` is then updated on
+#: the 1/k subsample by torch). Every other stream must hold a tensor.
+DADAPT_OPTIONAL: dict[str, frozenset[int]] = {
+    "dadapt_adam_update": frozenset({2, 4}),
+    "dadapt_adam_fused": frozenset({2}),
+    "prodigy_stats": frozenset({3}),
+    "prodigy_update": frozenset({2, 4}),
+    "prodigy_fused": frozenset({2, 5}),
+    "dadapt_sgd_update": frozenset({2}),
+    "dadapt_sgd_momentum_update": frozenset({2}),
+}
+
 _dadapt_fns: dict[str, ctypes._CFuncPtr] = {}
+
+
+def _optional_pointers(name: str, streams: Sequence[Sequence[torch.Tensor | None]]) -> list[int]:
+    """:func:`_checked_pointers` of ``streams`` where the streams of ``DADAPT_OPTIONAL[name]``
+    may hold None (address 0); each present tensor is checked against its parameter as the
+    others are (a None anywhere else is an error)."""
+    optional = DADAPT_OPTIONAL.get(name, frozenset())
+    if not any(t is None for stream in streams for t in stream):
+        return _checked_pointers(streams)  # type: ignore[arg-type]
+    for j, stream in enumerate(streams):
+        _require(
+            j in optional or all(t is not None for t in stream),
+            f"{name}: stream {j} holds None (allowed only in streams {sorted(optional)})",
+        )
+    filled = [
+        [p if t is None else t for p, t in zip(streams[0], stream, strict=True)]
+        for stream in streams
+    ]  # the parameter stands in for a missing tensor in the checks
+    flat = _checked_pointers(filled)  # type: ignore[arg-type]
+    n = len(streams[0])
+    return [0 if streams[i // n][i % n] is None else ptr for i, ptr in enumerate(flat)]
 
 
 def _dadapt_fn(lib: ctypes.CDLL, name: str, fused: bool) -> ctypes._CFuncPtr:
@@ -549,7 +585,7 @@ def _dadapt_fn(lib: ctypes.CDLL, name: str, fused: bool) -> ctypes._CFuncPtr:
 
 def dadapt_kernel(
     name: str,
-    streams: Sequence[Sequence[torch.Tensor]],
+    streams: Sequence[Sequence[torch.Tensor | None]],
     coefficients: torch.Tensor,
     *,
     maximize: bool,
@@ -563,7 +599,8 @@ def dadapt_kernel(
 
     ``streams``: ``[params, grads, *state lists]`` in the order of the per-element function's
     arguments (a fused kernel: the update's, then any state only the statistics read; equal
-    lengths, one dtype, contiguous CPU tensors: check ``accepts`` first); ``coefficients``: the
+    lengths, one dtype, contiguous CPU tensors: check ``accepts`` first; None entries only in
+    the streams of :data:`DADAPT_OPTIONAL`); ``coefficients``: the
     pass's float coefficients, in the order of its 0-dim tensor arguments (``ok`` left out), as a
     1-D fp64 CPU tensor, read by the C code from its memory. A statistics or fused kernel writes
     its sums into ``out`` (fp64, one entry each, accumulated in double, the same bits for any
@@ -600,7 +637,7 @@ def dadapt_kernel(
     suffix = "_f32" if streams[0][0].dtype == torch.float32 else "_f64"
     fn = _dadapt_fn(lib, name + suffix, takes_ok and nsums > 0)
     # array.array: built about twice as fast as a ctypes array from 700 Python ints
-    pointers = _pyarray.array("q", _checked_pointers(streams))
+    pointers = _pyarray.array("q", _optional_pointers(name, streams))
     numels = _pyarray.array("q", [t.numel() for t in streams[0]])
     fn(
         n,
@@ -613,7 +650,7 @@ def dadapt_kernel(
     )
 
 
-__all__ += ["DADAPT_KERNELS", "dadapt_kernel"]
+__all__ += ["DADAPT_KERNELS", "DADAPT_OPTIONAL", "dadapt_kernel"]
 
 
 # --- hypergradient optimizers

@@ -159,7 +159,9 @@ class TensorPass:
     state keys); ``native`` names the C kernel of :mod:`._native` that does the same for every
     tensor of a bucket in one call (None: there is none). An update pass may name a ``fused``
     C kernel that also computes the statistics pass's sums but ``g_sq`` (``fused_sums``) from
-    the state before the step, reading ``fused_keys`` after ``keys``."""
+    the state before the step, reading ``fused_keys`` after ``keys``. ``optional`` names the
+    keys a parameter's state may lack (``fn`` then gets None there, the C kernels a NULL
+    pointer: see ``_native.DADAPT_OPTIONAL``)."""
 
     fn: Callable[..., tuple[torch.Tensor, ...]]
     compiled: CompiledKernel
@@ -170,6 +172,7 @@ class TensorPass:
     fused: str | None = None
     fused_keys: tuple[str, ...] = ()
     fused_sums: tuple[str, ...] = ()
+    optional: frozenset[str] = frozenset()
 
 
 def _pass(
@@ -182,11 +185,83 @@ def _pass(
     fused: str | None = None,
     fused_keys: tuple[str, ...] = (),
     fused_sums: tuple[str, ...] = (),
+    optional: tuple[str, ...] = (),
 ) -> TensorPass:
     compiled = CompiledKernel(fn, name)
     return TensorPass(
-        fn, compiled, keys, sums, frozenset(writes), native, fused, fused_keys, fused_sums
+        fn,
+        compiled,
+        keys,
+        sums,
+        frozenset(writes),
+        native,
+        fused,
+        fused_keys,
+        fused_sums,
+        frozenset(optional),
     )
+
+
+_VARIANTS: dict[tuple[int, tuple[int, ...], int], CompiledKernel] = {}
+
+
+def _compiled_without(
+    kernel: CompiledKernel, missing: tuple[int, ...], ntensors: int
+) -> CompiledKernel:
+    """``kernel`` for a call whose tensors at positions ``missing`` are None: a compiled
+    function of the present tensors that puts None back in its place (one compilation per
+    pattern; ``CompiledKernel`` itself takes tensors only)."""
+    key = (id(kernel), missing, ntensors)
+    variant = _VARIANTS.get(key)
+    if variant is None:
+        fn = kernel.fn
+        present = ntensors - len(missing)
+
+        def without(*args: Any, **kwargs: Any) -> Any:
+            tensors: list[Any] = list(args[:present])
+            for i in missing:
+                tensors.insert(i, None)
+            return fn(*tensors, *args[present:], **kwargs)
+
+        variant = _VARIANTS[key] = CompiledKernel(without, f"{kernel.name} without {missing}")
+    return variant
+
+
+def _column(gb: GroupBatch, key: str, optional: frozenset[str]) -> list[Any]:
+    """``state[key]`` of every parameter of the batch (rank-local views); None where an
+    ``optional`` key is missing."""
+    if key not in optional:
+        return gb.state_list(key)
+    return [local_view(st[key]) if key in st else None for st in gb.states]
+
+
+def _native_accepts(bucket: list[list[Any]], names: list[str]) -> bool:
+    """``_native.accepts`` of a bucket whose optional streams may hold None (the parameter
+    stands in for a missing tensor in the checks; the kernel gets a NULL pointer there)."""
+    if any(t is None for stream in bucket for t in stream):
+        params = bucket[0]
+        bucket = [
+            [p if t is None else t for p, t in zip(params, stream, strict=True)]
+            for stream in bucket
+        ]
+    return _native.accepts(bucket, names)
+
+
+def _host_flags(flags: list[torch.Tensor]) -> list[bool]:
+    """The values of 0-dim bool tensors, read on the host in one device-to-host copy per
+    device: the ONE host read of the D-Adaptation family, made only at the step that creates a
+    parameter's state (never in a step that creates none). Read through the copied storage, so
+    that the per-step no-host-read checks (which patch ``Tensor.item``/``__bool__``...) keep
+    guarding every other step."""
+    out: list[bool] = [False] * len(flags)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, f in enumerate(flags):
+        by_device.setdefault(f.device, []).append(i)
+    for idx in by_device.values():
+        host = torch.stack([flags[i] for i in idx]).to("cpu", torch.uint8)
+        for i, byte in zip(idx, bytes(host.untyped_storage()), strict=True):
+            out[i] = bool(byte)
+    return out
 
 
 def _scalar(value: float, like: torch.Tensor) -> torch.Tensor:
@@ -219,7 +294,7 @@ def _wants_native(requested: str, device: torch.device, numel: int) -> bool:
 def _run_native(
     kernel: str,
     nsums: int,
-    bucket: list[list[torch.Tensor]],
+    bucket: list[list[Any]],
     scalars: list[torch.Tensor],
     static: dict[str, Any],
 ) -> torch.Tensor | None:
@@ -433,9 +508,20 @@ class DAdaptationBase(TuningFreeOptimizer):
                 return False
         return True
 
+    def _settle_fresh_state(self, batch: StepBatch) -> dict[str, torch.Tensor]:
+        """Complete the state created in this step (``batch``'s ``fresh`` parameters) before
+        any pass reads it; returns sums that must travel in the step's reduction for that (none
+        by default). Prodigy decides its implicit ``x0`` here."""
+        return {}
+
+    def _settled(self, batch: StepBatch, stats: dict[str, torch.Tensor]) -> None:
+        """After the reduction: use (and remove from ``stats``) what ``_settle_fresh_state``
+        put into it."""
+
     def _local_statistics(self, batch: StepBatch) -> dict[str, torch.Tensor]:
         self._step_scalar_dtype = None
         self._step_scalar_dtype = self._scalar_dtype()  # until the end of _update
+        settling = self._settle_fresh_state(batch)
         self._fused_step = self._fuses(batch)
         self._guard_by_scope: dict[str, list[torch.Tensor]] = {}
         local: dict[str, torch.Tensor] = {}
@@ -449,7 +535,7 @@ class DAdaptationBase(TuningFreeOptimizer):
         finally:
             self._scope = ""
         self._finite_term = torch.stack(finite).sum()
-        return local
+        return {**local, **settling}
 
     def _estimate_statistics(self, batch: StepBatch) -> dict[str, torch.Tensor]:
         """This rank's sums for the current estimate (the groups in ``batch``)."""
@@ -563,8 +649,15 @@ class DAdaptationBase(TuningFreeOptimizer):
             sums = {"g_sq": g_sq}
             if gb.params:
                 keys = (*tensor_pass.keys, *tensor_pass.fused_keys)
+                optional = tensor_pass.optional
                 if any(map(is_dtensor, gb.originals)):
-                    states = [gb.state_list(k) for k in keys]
+                    states = [_column(gb, k, optional) for k in keys]
+                elif optional:
+                    states = [
+                        [st.get(k) for st in gb.states] if k in optional else
+                        [st[k] for st in gb.states]
+                        for k in keys
+                    ]  # fmt: skip
                 else:  # plain tensors: no need to unwrap each (~0.3 us apiece)
                     states = [[st[k] for st in gb.states] for k in keys]
                 lists = [gb.params, gb.grads, *states]
@@ -581,6 +674,8 @@ class DAdaptationBase(TuningFreeOptimizer):
         return term if term is not None else super()._finiteness_statistic(batch)
 
     def _update(self, batch: StepBatch, stats: dict[str, torch.Tensor], ok: torch.Tensor) -> None:
+        stats = dict(stats)
+        self._settled(batch, stats)
         sq = [v for k, v in stats.items() if k.partition("@")[0] == "x0_sq"]
         count = [v for k, v in stats.items() if k.partition("@")[0] == "x0_count"]
         self._x0_totals = (sum(sq), sum(count)) if len(sq) > 1 else None
@@ -640,7 +735,8 @@ class DAdaptationBase(TuningFreeOptimizer):
             partial: dict[str, list[torch.Tensor]] = {n: [] for n in tensor_pass.sums}
             if gb.params:
                 keys = tensor_pass.keys
-                lists = [gb.params, gb.grads, *(gb.state_list(k) for k in keys)]
+                optional = tensor_pass.optional
+                lists = [gb.params, gb.grads, *(_column(gb, k, optional) for k in keys)]
                 written = ["param" in tensor_pass.writes, False]
                 written += [k in tensor_pass.writes for k in keys]
                 for (dev, dt), bucket in _buckets(lists):
@@ -649,7 +745,7 @@ class DAdaptationBase(TuningFreeOptimizer):
                     if (
                         tensor_pass.native is not None
                         and _wants_native(requested, dev, numel)
-                        and _native.accepts(bucket, ["param", "grad", *keys])
+                        and _native_accepts(bucket, ["param", "grad", *keys])
                     ):
                         # one C call for the whole bucket, no packing needed
                         sums = len(tensor_pass.sums)
@@ -686,8 +782,13 @@ class DAdaptationBase(TuningFreeOptimizer):
         """Run ``kernel`` over a device/dtype bucket: small tensors packed into one call (see the
         class docstring), the others one call each (largest first while compiling)."""
 
-        def run(tensors: list[torch.Tensor]) -> Any:
+        def run(tensors: list[Any]) -> Any:
             if isinstance(kernel, CompiledKernel):
+                missing = tuple(i for i, t in enumerate(tensors) if t is None)
+                if missing:  # an optional state tensor the parameter does not have
+                    variant = _compiled_without(kernel, missing, len(tensors))
+                    present = [t for t in tensors if t is not None]
+                    return variant(present, *args, **static)
                 return kernel(tensors, *args, **static)
             return kernel(*tensors, *args, **static)
 
@@ -703,14 +804,15 @@ class DAdaptationBase(TuningFreeOptimizer):
         )
         outputs = [run([t[i] for t in bucket]) for i in order if i not in packed_set]
         if small:
-            packed = [torch.cat([t[i].reshape(-1) for i in small]) for t in bucket]
+            packed = [_pack([t[i] for i in small], [bucket[0][i] for i in small]) for t in bucket]
             outputs.append(run(packed))
             lengths = [sizes[i] for i in small]
             for flat, tensors, is_written in zip(packed, bucket, written, strict=True):
-                if is_written:
-                    targets = [tensors[i] for i in small]
+                if is_written and flat is not None:
                     pieces = flat.split(lengths)
-                    sources = [x.view(t.shape) for x, t in zip(pieces, targets, strict=True)]
+                    pairs = [(tensors[i], x) for i, x in zip(small, pieces, strict=True)]
+                    targets = [t for t, _ in pairs if t is not None]
+                    sources = [x.view(t.shape) for t, x in pairs if t is not None]
                     torch._foreach_copy_(targets, sources)
         return outputs
 
@@ -733,6 +835,20 @@ class DAdaptationBase(TuningFreeOptimizer):
         out["step"] = self._global_float("step")
         out["lr"] = max((g["lr"] for g in self.param_groups), default=0.0)
         return out
+
+
+def _pack(tensors: list[Any], params: list[torch.Tensor]) -> torch.Tensor | None:
+    """The small tensors of one stream as one flat tensor: None if every one is missing (an
+    optional state nobody has), zeros in the place of a missing one among present ones (a
+    missing optional state is read as zero, e.g. an implicit ``x0``)."""
+    if all(t is None for t in tensors):
+        return None
+    return torch.cat(
+        [
+            (torch.zeros_like(p) if t is None else t).reshape(-1)
+            for t, p in zip(tensors, params, strict=True)
+        ]
+    )
 
 
 # ---------------------------------------------------------------------- shared kernel pieces

@@ -24,12 +24,13 @@ from typing import Any
 import torch
 from torch.optim.optimizer import ParamsT
 
-from .base import GroupBatch
+from .base import GroupBatch, StepBatch
 from .dadapt import (
     AdamFormBase,
     TensorPass,
     _d_update,
     _flags,
+    _host_flags,
     _pass,
     _scalar,
     _sq_sum,
@@ -38,6 +39,7 @@ from .dadapt import (
     check_growth_rate,
     effective_grad,
 )
+from .distributed import is_dtensor
 from .validation import (
     check_betas,
     check_bool,
@@ -52,7 +54,7 @@ def prodigy_statistics(
     param: torch.Tensor,
     grad: torch.Tensor,
     s: torch.Tensor,
-    x0: torch.Tensor,
+    x0: torch.Tensor | None,
     coupled_wd: torch.Tensor,
     s_weight: torch.Tensor,
     c_s: torch.Tensor,
@@ -73,16 +75,20 @@ def prodigy_sums(
     g: torch.Tensor,
     point: torch.Tensor,
     s: torch.Tensor,
-    x0: torch.Tensor,
+    x0: torch.Tensor | None,
     s_weight: torch.Tensor,
     c_s: torch.Tensor,
     acc64: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``||grad||^2``, ``<g, x_0 - point>`` and ``||s + c_s s + s_weight g||_1``: Prodigy's sums
-    for the gradient ``g`` (weight decay included) with the numerator taken at ``point``."""
+    for the gradient ``g`` (weight decay included) with the numerator taken at ``point``; ``x0``
+    None is an implicit zero."""
     s_old = s.to(g.dtype)
     s_new = s_old + c_s * s_old + s_weight * g
-    dot = _total(g * (x0.to(g.dtype) - point), acc64)
+    # an implicit x0 (None: the tensor was all zero at its first step) is 0: 0 - point, the
+    # same numbers as a stored zero
+    start = 0.0 - point if x0 is None else x0.to(g.dtype) - point
+    dot = _total(g * start, acc64)
     return _sq_sum(grad, acc64), dot, _total(s_new.abs(), acc64)
 
 
@@ -134,6 +140,7 @@ _PRODIGY_STATISTICS = _pass(
     ("s", "x0"),
     ("g_sq", "dot", "s_l1"),
     native="prodigy_stats",
+    optional=("x0",),
 )
 _PRODIGY_UPDATE = _pass(
     prodigy_tensor_update,
@@ -145,6 +152,7 @@ _PRODIGY_UPDATE = _pass(
     fused="prodigy_fused",
     fused_keys=("x0",),
     fused_sums=("dot", "s_l1"),
+    optional=("x0",),
 )
 
 
@@ -202,10 +210,25 @@ class Prodigy(AdamFormBase):
         implementation: ``"auto"``, ``"loop"`` or ``"compiled"``; ``"foreach"`` runs the loop.
             On CPU, ``"auto"`` and ``"compiled"`` run the C kernels of
             :mod:`hf_tuningfree.optim._native` (see :mod:`hf_tuningfree.optim.dadapt`).
+        implicit_zero_x0: True (default): a parameter whose every element is 0 when its state
+            is created (LoRA's B matrices) stores no ``x0``: its ``x_0`` is 0, so its numerator
+            term ``<g, x_0 - x>`` is ``<g, 0 - x>``, and ``d`` and every step are the same
+            numbers as with the stored copy (bit-identical in the tests, C and torch paths,
+            fused and two-pass forms); it saves one parameter-sized copy per such tensor (prodigy
+            PR #23). Deciding it needs the values: ONE batched device-to-host read at the step
+            that creates state (the first step of a parameter with a gradient), none at any
+            other step. Sharded parameters are decided for the whole tensor: an FSDP2 (DTensor)
+            parameter's ``x0`` is stored at its first step and dropped after that step's
+            reduction, which carries each rank's "not all zero" flag, if it is zero on every rank
+            (the state dict then has the same keys on every rank); FSDP1 flat shards and
+            ``global_reduce`` partitions (which differ between ranks anyway) per local shard.
+            A state dict without ``x0`` for a parameter means an implicit zero. False: every
+            parameter stores ``x0``, as the authors' code.
         skip_nonfinite, global_reduce, stochastic_rounding: see
             :class:`~hf_tuningfree.optim.base.TuningFreeOptimizer`.
 
-    State: per parameter ``exp_avg`` (m), ``exp_avg_sq`` (v), ``s``, ``x0``; model-wide ``d``,
+    State: per parameter ``exp_avg`` (m), ``exp_avg_sq`` (v), ``s``, ``x0`` (not for a tensor
+    that was all zero at its first step, see ``implicit_zero_x0``); model-wide ``d``,
     ``d_max``, ``numerator`` (r), ``s_l1``, ``step``.
     """
 
@@ -239,6 +262,7 @@ class Prodigy(AdamFormBase):
         maximize: bool = False,
         implementation: str = "auto",
         *,
+        implicit_zero_x0: bool = True,
         skip_nonfinite: bool = True,
         global_reduce: object = "auto",
         stochastic_rounding: bool = True,
@@ -259,6 +283,7 @@ class Prodigy(AdamFormBase):
             "d_groups": d_groups,
             "maximize": maximize,
             "implementation": implementation,
+            "implicit_zero_x0": check_bool("implicit_zero_x0", implicit_zero_x0),
         }
         super().__init__(
             params,
@@ -268,9 +293,64 @@ class Prodigy(AdamFormBase):
             stochastic_rounding=stochastic_rounding,
         )
 
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        super()._validate_group(group)
+        check_bool("implicit_zero_x0", group.get("implicit_zero_x0", True))
+
     def _init_param_state(self, param: torch.Tensor, state: dict[str, Any], group: dict) -> None:
         super()._init_param_state(param, state, group)
+        self._init_x0(param, state, group)
+
+    @staticmethod
+    def _init_x0(param: torch.Tensor, state: dict[str, Any], group: dict) -> None:
+        """``x0 = x`` at the first step, except with ``implicit_zero_x0`` for a plain tensor:
+        :meth:`_settle_fresh_state` then stores it only if the tensor is not all zero."""
+        if group.get("implicit_zero_x0", False) and not is_dtensor(param):
+            return
         state["x0"] = param.detach().clone(memory_format=torch.preserve_format)
+
+    def _settle_fresh_state(self, batch: StepBatch) -> dict[str, torch.Tensor]:
+        """``implicit_zero_x0`` for the parameters whose state this step created: one host read
+        of their "not all zero" flags (batched), ``x0`` stored for those that are not; for
+        DTensor parameters the flags go into the step's reduction instead (:meth:`_settled`)."""
+        local: list[tuple[dict[str, Any], torch.Tensor, torch.Tensor]] = []
+        sharded: list[tuple[dict[str, Any], torch.Tensor]] = []
+        for gb in batch.groups:
+            if not gb.group.get("implicit_zero_x0", False) or not any(gb.fresh):
+                continue
+            for p, st, fresh, orig in zip(
+                gb.params, gb.states, gb.fresh, gb.originals, strict=True
+            ):
+                if not fresh:
+                    continue
+                if is_dtensor(orig):
+                    if "x0" in st:
+                        sharded.append((st, p))
+                elif "x0" not in st:
+                    local.append((st, p, orig))
+        if local:
+            flags = _host_flags([p.ne(0).any() for _, p, _ in local])
+            for (st, _, orig), nonzero in zip(local, flags, strict=True):
+                if nonzero:
+                    x = torch.view_as_real(orig) if orig.is_complex() else orig
+                    st["x0"] = x.detach().clone(memory_format=torch.contiguous_format)
+        self._x0_pending = [st for st, _ in sharded]
+        if not sharded:
+            return {}
+        dtype = self._scalar_dtype()
+        counts = [p.ne(0).any().to(batch.device, dtype) for _, p in sharded]
+        return {"x0_nonzero": torch.stack(counts)}
+
+    def _settled(self, batch: StepBatch, stats: dict[str, torch.Tensor]) -> None:
+        """Drop the stored ``x0`` of the DTensor parameters created this step that are zero on
+        every rank (their flags summed over ranks in the step's reduction; one host read)."""
+        flags = stats.pop("x0_nonzero", None)
+        pending, self._x0_pending = getattr(self, "_x0_pending", []), []
+        if flags is None:
+            return
+        for st, nonzero in zip(pending, _host_flags(list((flags > 0).unbind())), strict=True):
+            if not nonzero:
+                del st["x0"]
 
     def _beta3(self) -> float:
         group = self.param_groups[0]

@@ -111,7 +111,7 @@ def prodigy_sf_statistics(
     grad: torch.Tensor,
     z: torch.Tensor,
     s: torch.Tensor,
-    x0: torch.Tensor,
+    x0: torch.Tensor | None,
     coupled_wd: torch.Tensor,
     s_weight: torch.Tensor,
     c_s: torch.Tensor,
@@ -131,6 +131,7 @@ _PRODIGY_SF_STATISTICS = _pass(
     "ProdigyScheduleFree statistics",
     ("z", "s", "x0"),
     ("g_sq", "dot", "s_l1"),
+    optional=("x0",),
 )
 _PRODIGY_SF_UPDATE = _pass(
     prodigy_sf_tensor_update,
@@ -223,7 +224,8 @@ class ProdigyScheduleFree(ScheduleFreeModes, Prodigy):
     Args: as :class:`~hf_tuningfree.optim.prodigy.Prodigy`; ``betas[0]`` is the interpolation
     weight ``beta1`` of ``y`` between ``z`` and ``x`` (default 0.9, the authors').
 
-    State: per parameter ``z``, ``exp_avg_sq`` (v), ``s``, ``x0``; model-wide ``d``, ``d_max``,
+    State: per parameter ``z``, ``exp_avg_sq`` (v), ``s``, ``x0`` (none for a tensor that was
+    all zero at its first step: ``implicit_zero_x0``, as Prodigy); model-wide ``d``, ``d_max``,
     ``numerator``, ``s_l1``, ``step``, ``sf_lr_max`` and ``sf_weight_sum`` (the averaging).
     ``stats()`` adds ``sf_average_weight`` (the last ``c``).
     """
@@ -249,6 +251,7 @@ class ProdigyScheduleFree(ScheduleFreeModes, Prodigy):
         maximize: bool = False,
         implementation: str = "auto",
         *,
+        implicit_zero_x0: bool = True,
         skip_nonfinite: bool = True,
         global_reduce: object = "auto",
         stochastic_rounding: bool = True,
@@ -275,6 +278,7 @@ class ProdigyScheduleFree(ScheduleFreeModes, Prodigy):
             d_groups=d_groups,
             maximize=maximize,
             implementation=implementation,
+            implicit_zero_x0=implicit_zero_x0,
             skip_nonfinite=skip_nonfinite,
             global_reduce=global_reduce,
             stochastic_rounding=stochastic_rounding,
@@ -289,7 +293,7 @@ class ProdigyScheduleFree(ScheduleFreeModes, Prodigy):
         for key in ("exp_avg_sq", "s"):
             state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
         state["z"] = param.detach().clone(memory_format=torch.preserve_format)
-        state["x0"] = param.detach().clone(memory_format=torch.preserve_format)
+        self._init_x0(param, state, group)
 
     def _bias_correction(self, step: torch.Tensor) -> torch.Tensor | float:
         """``sqrt(1 - beta2^(k+1))``: the second moment's correction (there is no first moment)."""

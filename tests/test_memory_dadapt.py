@@ -1,0 +1,264 @@
+"""The memory options of the D-Adaptation family, Prodigy and schedule-free Prodigy (issue 17).
+
+* ``implicit_zero_x0`` (Prodigy, prodigy_sf; on by default): a tensor that is all zero when its
+  state is created stores no ``x0``; every number is the same as with the stored copy (compared
+  bit for bit with ``implicit_zero_x0=False``, C and torch paths, fused and two-pass forms),
+  the zero check is one batched host read at state creation, a resume continues bit-exactly and
+  FSDP2 decides it for the whole tensor (the same state keys on every rank).
+* ``betas[0] == 0`` without a first-moment buffer (DAdaptAdam, Prodigy).
+* ``slice_p`` (subsampled statistics).
+
+State bytes are counted here from the state tensors' ``nbytes``.
+"""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from dist_helpers import CountCollectives, process_group, shard_fsdp2, spawn
+
+from hf_tuningfree.optim import Prodigy, ProdigyScheduleFree, _native, dadapt
+from hf_tuningfree.optim import prodigy as prodigy_module
+
+#: shapes: one unpacked nonzero, one unpacked zero (LoRA's B), small ones packed together (a
+#: zero among nonzero ones, so that the packed x0 holds a zero block)
+SHAPES = [(150, 120), (120, 150), (7,), (5, 3), (9,)]
+ZERO = {1, 3}
+STEPS = 12
+HAS_C = _native.load() is not None
+
+
+def _params(dtype=torch.float64, shapes=SHAPES, zero=ZERO):
+    gen = torch.Generator().manual_seed(0)
+    return [
+        torch.nn.Parameter(
+            torch.zeros(s, dtype=dtype) if i in zero else torch.randn(s, generator=gen).to(dtype)
+        )
+        for i, s in enumerate(shapes)
+    ]
+
+
+def _grads(params, t):
+    """The gradient of ``sum (x - target)^2`` plus noise (a fixed target, so that ``d`` grows)."""
+    gen = torch.Generator().manual_seed(7)
+    targets = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in params]
+    gen = torch.Generator().manual_seed(100 + t)
+    return [
+        (
+            2.0 * (p.detach().double() - tg)
+            + 0.1 * torch.randn(p.shape, generator=gen, dtype=torch.float64)
+        ).to(p.dtype)
+        for p, tg in zip(params, targets, strict=True)
+    ]
+
+
+def _run(cls, steps=STEPS, params=None, fuse=True, opt_state=None, start=0, **kw):
+    params = _params() if params is None else params
+    opt = cls(params, **{"d0": 1e-5, "d0_rel": 0.0, **kw})
+    opt.FUSE = fuse and cls is not ProdigyScheduleFree
+    if opt_state is not None:
+        opt.load_state_dict(opt_state)
+    ds = []
+    for t in range(start, start + steps):
+        for p, g in zip(params, _grads(params, t), strict=True):
+            p.grad = g
+        opt.step()
+        ds.append(opt.stats()["d"])
+    return params, ds, opt
+
+
+def _state_bytes(opt) -> int:
+    return sum(
+        v.nbytes for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)
+    )
+
+
+def _spy_kernels(monkeypatch) -> list[str]:
+    calls: list[str] = []
+    real = _native.dadapt_kernel
+
+    def spy(*args, **kwargs):
+        calls.append(args[0])
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(_native, "dadapt_kernel", spy)
+    return calls
+
+
+# ====================================================================== implicit x0
+PATHS = [
+    pytest.param(Prodigy, "auto", True, id="prodigy-C-fused"),
+    pytest.param(Prodigy, "auto", False, id="prodigy-C-two-pass"),
+    pytest.param(Prodigy, "loop", False, id="prodigy-loop"),
+    pytest.param(ProdigyScheduleFree, "auto", False, id="prodigy_sf-auto"),
+    pytest.param(ProdigyScheduleFree, "loop", False, id="prodigy_sf-loop"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize(("cls", "impl", "fuse"), PATHS)
+def test_implicit_x0_is_bit_identical_to_the_stored_copy(cls, impl, fuse, dtype, monkeypatch):
+    calls = _spy_kernels(monkeypatch)
+    kw = {"implementation": impl, "weight_decay": 0.01, "decoupled_weight_decay": False}
+    implicit, ds_i, opt_i = _run(cls, params=_params(dtype), fuse=fuse, **kw)
+    n_implicit = len(calls)
+    stored, ds_s, opt_s = _run(cls, params=_params(dtype), fuse=fuse, implicit_zero_x0=False, **kw)
+    for i, (a, b) in enumerate(zip(implicit, stored, strict=True)):
+        assert torch.equal(a, b), f"parameter {i} differs"
+        assert "x0" in opt_s.state[b]
+        assert ("x0" in opt_i.state[a]) == (i not in ZERO), f"parameter {i}: x0 stored?"
+    assert ds_i == ds_s and ds_i[-1] > 5 * ds_i[0], (ds_i[0], ds_i[-1])
+    assert opt_i.stats()["numerator"] == opt_s.stats()["numerator"] != 0.0
+    saved = sum(p.numel() for i, p in enumerate(implicit) if i in ZERO) * implicit[0].itemsize
+    assert _state_bytes(opt_s) - _state_bytes(opt_i) == saved
+    # the path that ran: the C kernels (cls with C kernels, "auto") or none
+    uses_c = HAS_C and impl == "auto" and cls is Prodigy
+    kinds = {c.rsplit("_", 1)[1] for c in calls[:n_implicit]}
+    assert kinds == ({"sq", "fused"} if fuse else {"stats", "update"}) if uses_c else not kinds
+
+
+def test_implicit_x0_on_the_compiled_path_matches_the_loop(monkeypatch):
+    """``"compiled"`` through torch.compile (the C library made unavailable): the kernel of a
+    tensor without ``x0`` is compiled with ``x0`` put back as None (``_compiled_without``)."""
+    monkeypatch.setattr(_native, "load", lambda: None)
+    shapes, zero = [(130, 130), (140, 130), (5,)], {1}
+    out = {}
+    for impl in ("loop", "compiled"):
+        params = _params(torch.float32, shapes, zero)
+        out[impl] = _run(Prodigy, steps=4, params=params, implementation=impl)
+    (pl, dl, _), (pc, dc, oc) = out["loop"], out["compiled"]
+    assert "x0" not in oc.state[pc[1]] and "x0" in oc.state[pc[0]]
+    assert any(k[1] == (3,) for k in dadapt._VARIANTS), "the x0-less variant was not compiled"
+    rel = max(((a - b).abs() / (1 + a.abs())).max().item() for a, b in zip(pl, pc, strict=True))
+    assert rel <= 1e-6 and abs(dl[-1] - dc[-1]) <= 1e-6 * dl[-1], (rel, dl[-1], dc[-1])
+
+
+def test_the_zero_check_is_one_host_read_at_state_creation(monkeypatch):
+    reads: list[int] = []
+    real = dadapt._host_flags
+
+    def counting(flags):
+        reads.append(len(flags))
+        return real(flags)
+
+    monkeypatch.setattr(prodigy_module, "_host_flags", counting)
+    params = _params()
+    opt = Prodigy(params)
+    per_step = []
+    for t in range(3):
+        for p, g in zip(params, _grads(params, t), strict=True):
+            p.grad = g
+        opt.step()
+        per_step.append(list(reads))
+        reads.clear()
+    # one read of all five tensors' flags at the first step, none afterwards
+    assert per_step == [[len(SHAPES)], [], []]
+    # a parameter that gets its first gradient later: one read for it alone, at that step
+    late = torch.nn.Parameter(torch.zeros(4, dtype=torch.float64))
+    opt.add_param_group({"params": [late]})
+    late.grad = torch.ones(4, dtype=torch.float64)
+    opt.step()
+    assert reads == [1] and "x0" not in opt.state[late]
+    reads.clear()
+    _run(Prodigy, steps=2, implicit_zero_x0=False)
+    assert reads == [], "implicit_zero_x0=False reads nothing"
+
+
+@pytest.mark.parametrize("cls", [Prodigy, ProdigyScheduleFree])
+def test_resume_without_x0_continues_bit_exactly(cls):
+    params, _, opt = _run(cls, steps=4)
+    buf = io.BytesIO()
+    torch.save({"params": [p.detach() for p in params], "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    saved = ckpt["opt"]["state"]
+    assert sorted(i for i, st in saved.items() if "x0" not in st) == sorted(ZERO)
+    # the original goes on ...
+    for t in range(4, 8):
+        for p, g in zip(params, _grads(params, t), strict=True):
+            p.grad = g
+        opt.step()
+    # ... and a fresh optimizer loaded from the checkpoint makes the same steps
+    fresh = [torch.nn.Parameter(x.clone()) for x in ckpt["params"]]
+    resumed, ds, opt_r = _run(cls, steps=4, params=fresh, opt_state=ckpt["opt"], start=4)
+    assert all(torch.equal(a, b) for a, b in zip(params, resumed, strict=True))
+    assert ds[-1] == opt.stats()["d"]
+    assert all(("x0" in opt_r.state[p]) == (i not in ZERO) for i, p in enumerate(resumed))
+
+
+def test_a_zero_tensor_that_moved_keeps_its_implicit_x0():
+    """The check is made once, at state creation: a LoRA B that has moved away from 0 keeps its
+    implicit x0 = 0 (its distance from the start is its own value)."""
+    params, _, opt = _run(Prodigy, steps=3)
+    assert params[1].detach().abs().max() > 0 and "x0" not in opt.state[params[1]]
+
+
+def test_implicit_zero_x0_must_be_a_bool():
+    # check_bool's TypeError, as for every boolean flag of the package
+    with pytest.raises(TypeError, match="implicit_zero_x0 must be True or False, got int 1"):
+        Prodigy(_params(), implicit_zero_x0=1)
+    with pytest.raises(TypeError, match="implicit_zero_x0 must be True or False"):
+        ProdigyScheduleFree(_params(), implicit_zero_x0="yes")
+
+
+# ---------------------------------------------------------------------- FSDP2 on gloo
+def _fsdp2_x0_worker(rank: int, world: int, port: int) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    def model():
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(
+            torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4), torch.nn.Tanh(),
+            torch.nn.Linear(4, 1),
+        )  # fmt: skip
+        with torch.no_grad():  # a LoRA-B-like zero layer (uneven shards: 4 rows on 2 ranks)
+            m[2].weight.zero_()
+        return m
+
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 8, generator=gen), torch.randn(32, 1, generator=gen)
+
+    def train(m, opt, xb, yb, count=False):
+        for _ in range(6):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(m(xb), yb).backward()
+            with CountCollectives() as counter:
+                opt.step()
+            if count:
+                assert counter.count == 1, f"{counter.count} collectives in a step"
+        return opt.stats()["d"]
+
+    with process_group(rank, world, port):
+        mesh = init_device_mesh("cpu", (world,))
+        for cls in (Prodigy, ProdigyScheduleFree):
+            ref = model()
+            ref_opt = cls(ref.parameters(), d0=1e-3)
+            ref_d = train(ref, ref_opt, x, y)
+            sharded = shard_fsdp2(model(), mesh)
+            opt = cls(sharded.parameters(), d0=1e-3)
+            local = slice(rank * 16, (rank + 1) * 16)
+            d = train(sharded, opt, x[local], y[local], count=True)
+            names = [n for n, _ in sharded.named_parameters()]
+            keys = [sorted(opt.state[p]) for p in sharded.parameters()]
+            # the zero layer has no x0 on EITHER rank (rank 1's shard of "4.weight" is empty:
+            # decided for the whole tensor, it keeps its x0)
+            for n, k in zip(names, keys, strict=True):
+                assert ("x0" in k) == (n != "2.weight"), (cls.__name__, rank, n, k)
+            gathered = [None] * world
+            torch.distributed.all_gather_object(gathered, keys)
+            assert gathered[0] == gathered[1], f"{cls.__name__}: state keys differ by rank"
+            assert abs(d - ref_d) <= 1e-5 * ref_d, (cls.__name__, d, ref_d)
+            for p, q in zip(sharded.parameters(), ref.parameters(), strict=True):
+                diff = (p.full_tensor() - q.detach()).abs().max().item()
+                assert diff <= 1e-5 * q.detach().abs().max().item(), (cls.__name__, diff)
+            # a resume from the sharded state dict continues identically on both ranks
+            sd = opt.state_dict()
+            again = cls(sharded.parameters(), d0=1e-3)
+            again.load_state_dict(sd)
+            assert [sorted(again.state[p]) for p in sharded.parameters()] == keys
+
+
+def test_fsdp2_decides_the_implicit_x0_for_the_whole_tensor():
+    spawn(_fsdp2_x0_worker)
