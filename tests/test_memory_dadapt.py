@@ -19,7 +19,7 @@ import pytest
 import torch
 from dist_helpers import CountCollectives, process_group, shard_fsdp2, spawn
 
-from hf_tuningfree.optim import Prodigy, ProdigyScheduleFree, _native, dadapt
+from hf_tuningfree.optim import DAdaptAdam, Prodigy, ProdigyScheduleFree, _native, dadapt
 from hf_tuningfree.optim import prodigy as prodigy_module
 
 #: shapes: one unpacked nonzero, one unpacked zero (LoRA's B), small ones packed together (a
@@ -262,3 +262,141 @@ def _fsdp2_x0_worker(rank: int, world: int, port: int) -> None:
 
 def test_fsdp2_decides_the_implicit_x0_for_the_whole_tensor():
     spawn(_fsdp2_x0_worker)
+
+
+# ====================================================================== beta1 = 0
+#: the Adam forms with a first moment, on each path
+ADAM_PATHS = [
+    *PATHS[:3],
+    pytest.param(DAdaptAdam, "auto", True, id="dadapt_adam-C-fused"),
+    pytest.param(DAdaptAdam, "auto", False, id="dadapt_adam-C-two-pass"),
+    pytest.param(DAdaptAdam, "loop", False, id="dadapt_adam-loop"),
+]
+
+
+def _reference_problem():
+    from test_dadapt import _adam_groups, _make_problem
+
+    return _make_problem(), _adam_groups(False)
+
+
+@pytest.mark.parametrize("impl", ["compiled", "loop"], ids=["C", "loop"])
+@pytest.mark.parametrize("name", ["dadapt_adam", "prodigy"])
+def test_beta1_zero_has_no_first_moment_and_follows_the_reference(name, impl, monkeypatch):
+    """``betas[0] = 0``: no ``exp_avg`` is allocated and the run follows the fp64 per-element
+    reference of test_dadapt (its ``m = 0 m + 1 d g`` is ``d g`` exactly) at every step, on the
+    C kernels (``"compiled"`` on CPU) and the per-tensor loop."""
+    from test_dadapt import D0, STEPS, _compare, _run_ours, reference_adam, reference_prodigy
+
+    if impl == "compiled" and not HAS_C:
+        pytest.skip("no C compiler")
+    calls = _spy_kernels(monkeypatch)
+    prob, hp = _reference_problem()
+    betas = (0.0, 0.99)
+    model = {"d0": D0, "d0_rel": 0.0, "betas": betas}
+    if name == "prodigy":
+        expected = reference_prodigy(prob, hp, D0, float("inf"), betas, True, False, 1.0)
+        cls = Prodigy
+    else:
+        expected = reference_adam(prob, hp, D0, float("inf"), betas, True)
+        cls = DAdaptAdam
+    params, ds, opt = _run_ours(cls, prob, hp, model, impl=impl)
+    worst, worst_d = _compare(params, expected[0], ds, expected[1])
+    print(f"{name} {impl}: max |x - x_ref| {worst:.1e}, d rel {worst_d:.1e}, d {ds[-1]:.3g}")
+    assert worst <= 1e-12 and worst_d <= 1e-12, (worst, worst_d)
+    assert ds[-1] > 10 * D0
+    assert all("exp_avg" not in st for st in opt.state.values()) and len(opt.state) == 5
+    if impl == "compiled":  # the C kernels ran, fused (one process)
+        assert {c.rsplit("_", 1)[1] for c in calls} == {"sq", "fused"}, set(calls)
+        assert len(calls) == 4 * STEPS  # 2 groups x (guard + fused update)
+
+
+@pytest.mark.parametrize(("cls", "impl", "fuse"), ADAM_PATHS)
+def test_beta1_zero_equals_the_zero_momentum_buffer(cls, impl, fuse, monkeypatch):
+    """Today's beta1 = 0 with a buffer (``m + 1 (d g - m)``, the update of a buffer that holds
+    the last step) against no buffer (``d g``): equal to rounding (fp64; ``m + (x - m)`` is
+    not always ``x`` in floating point, so not bit for bit)."""
+    stored, ds_b, _ = _run(cls, params=_params(), fuse=fuse, betas=(0.0, 0.99), implementation=impl)
+    # the buffered form: a beta1 of 1e-300 keeps exp_avg, and 1 - 1e-300 == 1.0 in fp64
+    buffered, ds_m, opt_m = _run(
+        cls, params=_params(), fuse=fuse, betas=(1e-300, 0.99), implementation=impl
+    )
+    assert all("exp_avg" in opt_m.state[p] for p in buffered)
+    rel = max(
+        ((a - b).abs() / b.abs().max()).max().item() for a, b in zip(stored, buffered, strict=True)
+    )
+    d_rel = max(abs(a - b) / b for a, b in zip(ds_b, ds_m, strict=True))
+    print(f"no buffer vs buffer: params {rel:.1e}, d {d_rel:.1e}")
+    assert rel <= 1e-13 and d_rel <= 1e-13, (rel, d_rel)
+    assert ds_b[-1] > 5 * ds_b[0]
+
+
+@pytest.mark.parametrize(("cls", "impl", "fuse"), ADAM_PATHS)
+def test_switching_beta1_on_and_off(cls, impl, fuse):
+    """Off -> on: ``exp_avg`` is created as this step's ``d g``, so that step moves as a beta1
+    = 0 step (``m_{k+1} = m_k + (1 - beta1)(d g - m_k) = d g``) and the momentum builds from
+    there; on -> off: the buffer is dropped. Checked against runs that never switched (bias
+    correction off: its ``1 - beta1^(k+1)`` would change the step size at the switch)."""
+    kw = {"implementation": impl, "betas": (0.0, 0.99), "use_bias_correction": False}
+    a, _, opt = _run(cls, steps=4, params=_params(), fuse=fuse, **kw)
+    b, _, ref = _run(cls, steps=5, params=_params(), fuse=fuse, **kw)
+    for group in opt.param_groups:
+        group["betas"] = (0.9, 0.99)
+    for p, g in zip(a, _grads(a, 4), strict=True):
+        p.grad = g
+    opt.step()
+    # the switching step is the beta1 = 0 step, bit for bit (m_k + c (d g - m_k) with m_k = d g
+    # is exactly d g)
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert all("exp_avg" in opt.state[p] for p in a)
+    # m_{k+1} = d g of that step, for every tensor
+    assert all(opt.state[p]["exp_avg"].abs().max() > 0 for p in a)
+    # then it is momentum: the next step differs from the beta1 = 0 run's
+    for x in (a, b):
+        for p, g in zip(x, _grads(x, 5), strict=True):
+            p.grad = g
+    opt.step()
+    ref.step()
+    assert not torch.equal(a[0], b[0])
+    # on -> off: the buffers go, and the steps are beta1 = 0 steps again
+    before = sum(st["exp_avg"].nbytes for st in opt.state.values())
+    for group in opt.param_groups:
+        group["betas"] = (0.0, 0.99)
+    opt.step()
+    assert all("exp_avg" not in opt.state[p] for p in a)
+    assert before == sum(p.nbytes for p in a)
+
+
+@pytest.mark.parametrize("cls", [Prodigy, DAdaptAdam])
+def test_beta1_zero_resume_is_bit_exact(cls):
+    kw = {"betas": (0.0, 0.99)}
+    params, _, opt = _run(cls, steps=4, **kw)
+    buf = io.BytesIO()
+    torch.save({"params": [p.detach() for p in params], "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    assert all("exp_avg" not in st for st in ckpt["opt"]["state"].values())
+    for t in range(4, 8):
+        for p, g in zip(params, _grads(params, t), strict=True):
+            p.grad = g
+        opt.step()
+    fresh = [torch.nn.Parameter(x.clone()) for x in ckpt["params"]]
+    resumed, ds, _ = _run(cls, steps=4, params=fresh, opt_state=ckpt["opt"], start=4, **kw)
+    assert all(torch.equal(a, b) for a, b in zip(params, resumed, strict=True))
+    assert ds[-1] == opt.stats()["d"]
+
+
+@pytest.mark.parametrize("cls", [Prodigy, DAdaptAdam])
+def test_beta1_zero_on_the_compiled_path_matches_the_loop(cls, monkeypatch):
+    """torch.compile (C library unavailable) with ``exp_avg`` None in every call."""
+    monkeypatch.setattr(_native, "load", lambda: None)
+    shapes, zero = [(130, 130), (5,), (3, 2)], set()
+    out = {}
+    for impl in ("loop", "compiled"):
+        params = _params(torch.float32, shapes, zero)
+        out[impl] = _run(cls, steps=6, params=params, implementation=impl, betas=(0.0, 0.99))
+    (pl, dl, _), (pc, dc, oc) = out["loop"], out["compiled"]
+    assert all("exp_avg" not in st for st in oc.state.values())
+    rel = max(((a - b).abs() / (1 + a.abs())).max().item() for a, b in zip(pl, pc, strict=True))
+    assert rel <= 1e-6 and abs(dl[-1] - dc[-1]) <= 1e-6 * dl[-1], (rel, dl[-1], dc[-1])
+    assert dl[-1] > 2 * dl[0]

@@ -1261,7 +1261,7 @@ def dadapt_adam_statistics(
 def dadapt_adam_tensor_update(
     param: torch.Tensor,
     grad: torch.Tensor,
-    exp_avg: torch.Tensor,
+    exp_avg: torch.Tensor | None,
     exp_avg_sq: torch.Tensor,
     s: torch.Tensor,
     ok: torch.Tensor,
@@ -1280,20 +1280,26 @@ def dadapt_adam_tensor_update(
 ) -> None:
     """One tensor of D-Adapted Adam, in place. ``dlr`` is this group's ``d_k lr bc_k``, ``c_m,
     c_v, c_s`` are ``1 - beta1``, ``1 - beta2``, ``1 - sqrt(beta2)`` and ``on`` is 1: all 0 on a
-    skipped step; ``decay`` is the decoupled factor ``dlr * wd``."""
+    skipped step; ``decay`` is the decoupled factor ``dlr * wd``. ``exp_avg`` None (``beta1 =
+    0``, no buffer): ``m_{k+1} = dlr g``."""
     g, p = effective_grad(grad, param, coupled_wd, maximize=maximize, coupled=coupled)
     g = torch.where(ok, g, 0.0)
-    m = exp_avg.to(g.dtype)
     v = exp_avg_sq.to(g.dtype)
     s_new = s.to(g.dtype)
     dg = dlr * g
-    m = m + c_m * (dg - m)
+    m = dg if exp_avg is None else _momentum(exp_avg.to(g.dtype), dg, c_m)
     v = v + c_v * (g * g - v)
     s_new = s_new + c_s * (dg - s_new)
     param.copy_(p - decay * p - on * (m / (v.sqrt() + eps)))
-    exp_avg.copy_(m)
+    if exp_avg is not None:
+        exp_avg.copy_(m)
     exp_avg_sq.copy_(v)
     s.copy_(s_new)
+
+
+def _momentum(m: torch.Tensor, dg: torch.Tensor, c_m: torch.Tensor) -> torch.Tensor:
+    """``m + c_m (dg - m)``: the first moment's update (``c_m = 1 - beta1``)."""
+    return m + c_m * (dg - m)
 
 
 _ADAM_STATISTICS = _pass(
@@ -1312,6 +1318,7 @@ _ADAM_UPDATE = _pass(
     native="dadapt_adam_update",
     fused="dadapt_adam_fused",
     fused_sums=("dot", "s_l1"),
+    optional=("exp_avg",),
 )
 
 
@@ -1339,8 +1346,27 @@ class AdamFormBase(DAdaptationBase):
         check_bool("decoupled_weight_decay", group["decoupled_weight_decay"])
 
     def _init_param_state(self, param: torch.Tensor, state: dict[str, Any], group: dict) -> None:
-        for key in ("exp_avg", "exp_avg_sq", "s"):
+        # beta1 = 0: no first-moment buffer (the update uses this step's d g directly)
+        keys = ("exp_avg", "exp_avg_sq", "s") if group["betas"][0] > 0 else ("exp_avg_sq", "s")
+        for key in keys:
             state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+    def _first_moment_buffers(
+        self, gb: GroupBatch, dg: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    ) -> None:
+        """Make the batch's ``exp_avg`` match ``beta1`` before an update: with ``beta1 = 0`` a
+        buffer left from before is dropped (the update is ``d g`` itself and the buffer would
+        only hold a copy of it); with ``beta1 > 0`` a parameter without one (``beta1`` was 0
+        until now) gets ``m_k = `` this step's ``d g`` (``dg(param, grad)``, 0 on a skipped
+        step), so that ``m_{k+1} = m_k + (1 - beta1)(d g - m_k)`` is exactly ``d g``: the first
+        step after switching on moves as the step before it would have, and the momentum builds
+        up from there (rather than from 0, which would shrink that step by ``1 - beta1``)."""
+        keep = gb.group["betas"][0] > 0
+        for p, g, st in zip(gb.params, gb.grads, gb.states, strict=True):
+            if not keep:
+                st.pop("exp_avg", None)
+            elif "exp_avg" not in st:
+                st["exp_avg"] = dg(p, g).to(p.dtype).contiguous()
 
     def _idle_contribution(self, state: dict[str, Any]) -> dict[str, torch.Tensor]:
         return {"s_l1": local_view(state["s"]).to(compute_dtype(state["s"].dtype)).abs().sum()}
@@ -1414,7 +1440,13 @@ class DAdaptAdam(AdamFormBase):
     Args:
         params: parameters or param groups.
         lr: multiplier of the adapted step (default 1.0; schedules act on it).
-        betas: ``(beta1, beta2)`` (default ``(0.9, 0.999)``, the paper's).
+        betas: ``(beta1, beta2)`` (default ``(0.9, 0.999)``, the paper's). ``beta1 = 0``
+            keeps no first-moment buffer (``m_{k+1} = dlr_k g_k`` is used directly; prodigy
+            PR #32): 4 bytes less state per fp32 element, the same numbers as a zero-momentum
+            buffer to rounding (``m + (x - m)`` is ``x`` up to one rounding), and ``d`` is
+            estimated as before (its sums do not involve ``m``). Setting ``beta1`` from 0 to
+            > 0 on a live optimizer creates the buffer as that step's ``dlr g`` (so the step
+            equals a ``beta1 = 0`` step and the momentum builds from there); back to 0 drops it.
         eps: added to ``sqrt(v)`` (default 1e-8).
         weight_decay: weight decay coefficient (default 0).
         decoupled_weight_decay: True (default): AdamW-style ``x -= dlr * wd * x``, what users of
@@ -1435,8 +1467,8 @@ class DAdaptAdam(AdamFormBase):
         skip_nonfinite, global_reduce, stochastic_rounding: see
             :class:`~hf_tuningfree.optim.base.TuningFreeOptimizer`.
 
-    State: per parameter ``exp_avg`` (m), ``exp_avg_sq`` (v), ``s``; model-wide ``d``,
-    ``numerator`` (r), ``s_l1``, ``step``.
+    State: per parameter ``exp_avg`` (m; none with ``beta1 = 0``), ``exp_avg_sq`` (v), ``s``;
+    model-wide ``d``, ``numerator`` (r), ``s_l1``, ``step``.
     """
 
     _MODEL_WIDE = ("d0", "growth_rate", "betas", "use_bias_correction")
@@ -1508,6 +1540,14 @@ class DAdaptAdam(AdamFormBase):
         beta1, beta2 = group["betas"]
         on = ok.to(d.dtype)  # every coefficient is 0 on a skipped step
         dlr = on * self._dlr(group, d, step)
+        coupled_wd, _ = _weight_decay_scalars(group, dlr)
+        flags = _flags(group)
+
+        def dg(param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+            g, _ = effective_grad(grad, param, coupled_wd.to(param.dtype), **flags)
+            return dlr.to(g.dtype) * torch.where(ok, g, 0.0)
+
+        self._first_moment_buffers(gb, dg)
         scalars = [
             ok,
             dlr,

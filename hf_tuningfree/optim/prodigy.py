@@ -31,6 +31,7 @@ from .dadapt import (
     _d_update,
     _flags,
     _host_flags,
+    _momentum,
     _pass,
     _scalar,
     _sq_sum,
@@ -95,7 +96,7 @@ def prodigy_sums(
 def prodigy_tensor_update(
     param: torch.Tensor,
     grad: torch.Tensor,
-    exp_avg: torch.Tensor,
+    exp_avg: torch.Tensor | None,
     exp_avg_sq: torch.Tensor,
     s: torch.Tensor,
     ok: torch.Tensor,
@@ -118,18 +119,19 @@ def prodigy_tensor_update(
     ``d`` is ``d_k``; ``step_size`` this group's ``dlr = d_k lr bc_k``; ``s_weight`` the weight of
     ``g`` in ``s`` (``(d_k / d0) dlr``, or ``(d_k / d0) d_k`` with ``safeguard_warmup``); ``c_m,
     c_v`` are ``1 - beta1, 1 - beta2`` and ``c_s`` is ``beta3 - 1``: all 0 on a skipped step;
-    ``decay`` is ``dlr * wd`` (decoupled), ``d_eps`` is ``d_k * eps``."""
+    ``decay`` is ``dlr * wd`` (decoupled), ``d_eps`` is ``d_k * eps``; ``exp_avg`` None
+    (``beta1 = 0``, no buffer): ``m_{k+1} = d_k g``."""
     g, p = effective_grad(grad, param, coupled_wd, maximize=maximize, coupled=coupled)
     g = torch.where(ok, g, 0.0)
-    m = exp_avg.to(g.dtype)
     v = exp_avg_sq.to(g.dtype)
     s_new = s.to(g.dtype)
     dg = d * g
-    m = m + c_m * (dg - m)
+    m = dg if exp_avg is None else _momentum(exp_avg.to(g.dtype), dg, c_m)
     v = v + c_v * (dg * dg - v)
     s_new = s_new + c_s * s_new + s_weight * g
     param.copy_(p - decay * p - step_size * (m / (v.sqrt() + d_eps)))
-    exp_avg.copy_(m)
+    if exp_avg is not None:
+        exp_avg.copy_(m)
     exp_avg_sq.copy_(v)
     s.copy_(s_new)
 
@@ -152,7 +154,7 @@ _PRODIGY_UPDATE = _pass(
     fused="prodigy_fused",
     fused_keys=("x0",),
     fused_sums=("dot", "s_l1"),
-    optional=("x0",),
+    optional=("exp_avg", "x0"),
 )
 
 
@@ -187,7 +189,11 @@ class Prodigy(AdamFormBase):
     Args:
         params: parameters or param groups.
         lr: multiplier of the adapted step (default 1.0; schedules act on it).
-        betas: ``(beta1, beta2)`` (default ``(0.9, 0.999)``).
+        betas: ``(beta1, beta2)`` (default ``(0.9, 0.999)``). ``beta1 = 0`` keeps no
+            first-moment buffer (the update uses ``d_k g_k`` directly, prodigy PR #32): 4 bytes
+            less state per fp32 element, the same numbers as a zero-momentum buffer to rounding,
+            and ``d`` is estimated as before (``r``, ``s`` do not involve ``m``); switching
+            ``beta1`` on a live optimizer as :class:`~hf_tuningfree.optim.dadapt.DAdaptAdam`.
         beta3: decay of ``r`` and ``s`` (default None: ``sqrt(beta2)``).
         eps: added to ``sqrt(v)`` after scaling by ``d`` (default 1e-8).
         weight_decay: weight decay coefficient (default 0).
@@ -227,7 +233,8 @@ class Prodigy(AdamFormBase):
         skip_nonfinite, global_reduce, stochastic_rounding: see
             :class:`~hf_tuningfree.optim.base.TuningFreeOptimizer`.
 
-    State: per parameter ``exp_avg`` (m), ``exp_avg_sq`` (v), ``s``, ``x0`` (not for a tensor
+    State: per parameter ``exp_avg`` (m; none with ``beta1 = 0``), ``exp_avg_sq`` (v), ``s``,
+    ``x0`` (not for a tensor
     that was all zero at its first step, see ``implicit_zero_x0``); model-wide ``d``,
     ``d_max``, ``numerator`` (r), ``s_l1``, ``step``.
     """
@@ -389,6 +396,14 @@ class Prodigy(AdamFormBase):
         beta1, beta2 = group["betas"]
         on = ok.to(d.dtype)  # every coefficient is 0 on a skipped step
         dlr = on * self._dlr(group, d, step)
+        coupled_wd, _ = _weight_decay_scalars(group, dlr)
+        flags = _flags(group)
+
+        def dg(param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+            g, _ = effective_grad(grad, param, coupled_wd.to(param.dtype), **flags)
+            return d.to(g.dtype) * torch.where(ok, g, 0.0)
+
+        self._first_moment_buffers(gb, dg)
         scalars = [
             ok,
             d,
