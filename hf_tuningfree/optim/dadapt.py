@@ -48,7 +48,18 @@ the same expressions over the same blocks (tests/test_dadapt_native.py: equal to
 fp64 sums, bit-identical as measured).
 
 Nothing in ``step()`` reads a device value on the host: ``d``, the numerator and the step counter
-are 0-dim tensors in ``self.global_state`` (saved with the optimizer's state dict).
+are 0-dim tensors in ``self.global_state`` (saved with the optimizer's state dict). The one
+exception is Prodigy's ``implicit_zero_x0``: one batched read, at the step that creates a
+parameter's state, of whether each new tensor is all zero.
+
+Memory options (issue 17; the class docstrings give each one's effect on ``d``): ``betas[0] = 0``
+keeps no first-moment buffer (DAdaptAdam, Prodigy); ``slice_p = k`` stores ``s`` (and Prodigy's
+``x0``) on every k-th element only, the estimate's sums taken there (DAdaptSGD, DAdaptAdam,
+Prodigy, schedule-free Prodigy; not AdaGrad, whose ``s`` is part of its iterate); Prodigy's
+``implicit_zero_x0`` (on) stores no ``x0`` for tensors that start at zero. State per fp32
+element: DAdaptAdam 12 bytes, 8 with ``beta1 = 0``, 4 + 4/k with ``slice_p = k`` as well;
+Prodigy 16, 12, 4 + 8/k (LoRA's zero B: 4 less each, 4 + 4/k); DAdaptSGD 4 (8 with momentum),
+4/k (4 + 4/k).
 
 Code paths. Each pass is one function of one tensor and its state, run eagerly (``"loop"``, the
 reference) or compiled (``"compiled"`` on GPU: one fused Triton loop per tensor, see
@@ -90,6 +101,7 @@ from .base import (
     GroupBatch,
     StepBatch,
     TuningFreeOptimizer,
+    _state_shapes,
     bucket_by_device_and_dtype,
     compute_dtype,
     real_dtype,
@@ -161,7 +173,10 @@ class TensorPass:
     C kernel that also computes the statistics pass's sums but ``g_sq`` (``fused_sums``) from
     the state before the step, reading ``fused_keys`` after ``keys``. ``optional`` names the
     keys a parameter's state may lack (``fn`` then gets None there, the C kernels a NULL
-    pointer: see ``_native.DADAPT_OPTIONAL``)."""
+    pointer: see ``_native.DADAPT_OPTIONAL``). ``sliced`` (update passes, ``slice_p > 1``):
+    ``sliced(param, grad, s, *scalars, **static)`` returns the new ``s`` from the kept elements
+    of ``param`` and ``grad`` (the update's own expression for ``s``, which the update then
+    leaves out)."""
 
     fn: Callable[..., tuple[torch.Tensor, ...]]
     compiled: CompiledKernel
@@ -173,6 +188,7 @@ class TensorPass:
     fused_keys: tuple[str, ...] = ()
     fused_sums: tuple[str, ...] = ()
     optional: frozenset[str] = frozenset()
+    sliced: Callable[..., torch.Tensor] | None = None
 
 
 def _pass(
@@ -186,6 +202,7 @@ def _pass(
     fused_keys: tuple[str, ...] = (),
     fused_sums: tuple[str, ...] = (),
     optional: tuple[str, ...] = (),
+    sliced: Callable[..., torch.Tensor] | None = None,
 ) -> TensorPass:
     compiled = CompiledKernel(fn, name)
     return TensorPass(
@@ -199,7 +216,32 @@ def _pass(
         fused_keys,
         fused_sums,
         frozenset(optional),
+        sliced,
     )
+
+
+def check_slice_p(value: object) -> int:
+    """``slice_p`` is an integer >= 1 (1: statistics over every element)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(
+            f"Invalid slice_p: {value!r}; allowed: an integer >= 1 (statistics on every "
+            "slice_p-th element of each tensor; 1: every element)"
+        )
+    return value
+
+
+def _kept(t: torch.Tensor, k: int) -> torch.Tensor:
+    """Elements ``0, k, 2k, ...`` of contiguous ``t`` flattened (a strided view for torch ops
+    only: never handed to the C kernels)."""
+    return t.reshape(-1)[::k]
+
+
+def _kept_count(n: int, k: int) -> int:
+    return -(-n // k)
+
+
+def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
 _VARIANTS: dict[tuple[int, tuple[int, ...], int], CompiledKernel] = {}
@@ -493,7 +535,7 @@ class DAdaptationBase(TuningFreeOptimizer):
         between the sums and the update, so only where none is made (one process, DDP, not
         sharded) and where every group is one bucket the C kernels take; it reads the model's
         state once per step where the two-pass form reads most of it twice."""
-        if not self.FUSE or _native.load() is None:
+        if not self.FUSE or _native.load() is None or self._slice_p() > 1:
             return False
         params = (p for g in self.param_groups for p in g["params"])
         if plan_reduction(params, self.global_reduce).is_sharded:
@@ -729,14 +771,26 @@ class DAdaptationBase(TuningFreeOptimizer):
         a group without gradients, so that every rank stacks the same names). Sums stay in the
         dtype they were accumulated in (fp64 on CPU)."""
         d0 = torch.zeros((), dtype=self._scalar_dtype(), device=batch.device)
+        k = self._slice_p()
+        withheld = self.SLICED_KEYS if k > 1 else frozenset()
         results = []
         for gb in batch.groups:
             tensor_pass, scalars, static = describe(gb)
+            if k > 1 and gb.params:
+                if tensor_pass.sums:  # the statistics, on the kept elements (torch)
+                    results.append(self._sliced_sums(batch, gb, tensor_pass, scalars, static))
+                    continue
+                # the update: s on the kept elements first (it reads x before the update),
+                # then the full update without s
+                self._sliced_state_update(gb, tensor_pass, scalars, static)
             partial: dict[str, list[torch.Tensor]] = {n: [] for n in tensor_pass.sums}
             if gb.params:
                 keys = tensor_pass.keys
                 optional = tensor_pass.optional
-                lists = [gb.params, gb.grads, *(_column(gb, k, optional) for k in keys)]
+                lists = [gb.params, gb.grads]
+                for key in keys:
+                    none = [None] * len(gb.params)
+                    lists.append(none if key in withheld else _column(gb, key, optional))
                 written = ["param" in tensor_pass.writes, False]
                 written += [k in tensor_pass.writes for k in keys]
                 for (dev, dt), bucket in _buckets(lists):
@@ -770,6 +824,141 @@ class DAdaptationBase(TuningFreeOptimizer):
                 {n: batch.sum_on_device(v) if v else _scalar(0.0, d0) for n, v in partial.items()}
             )
         return results
+
+    # ------------------------------------------------------------------ slice_p
+    #: State keys stored on every ``slice_p``-th element only (``slice_p > 1``): the ones that
+    #: serve only the estimate of ``d``.
+    SLICED_KEYS: frozenset[str] = frozenset()
+    #: Whether the subsampled sums are scaled by ``slice_p`` (estimates of the full sums): needed
+    #: where ``d_hat`` is a ratio of sums of different degree (SGD's ``N / ||s||_2``); the ratios
+    #: of the Adam forms (``r / ||s||_1``) are unchanged by it, and their sums are left plain.
+    _SCALE_SLICED_SUMS = False
+
+    def _slice_p(self) -> int:
+        return self.param_groups[0].get("slice_p", 1) if self.param_groups else 1
+
+    def _stat_zeros(self, param: torch.Tensor) -> torch.Tensor:
+        """A zero state tensor for a key of ``SLICED_KEYS``: the parameter's shape, or with
+        ``slice_p = k > 1`` a 1-D tensor for the kept elements (of the rank-local shard)."""
+        k = self._slice_p()
+        if k == 1:
+            return torch.zeros_like(param, memory_format=torch.preserve_format)
+        local = local_view(param)
+        return local.new_zeros(_kept_count(local.numel(), k))
+
+    def _stat_copy(self, param: torch.Tensor) -> torch.Tensor:
+        """A copy of the parameter for a key of ``SLICED_KEYS`` (Prodigy's ``x0``)."""
+        k = self._slice_p()
+        if k == 1:
+            return param.detach().clone(memory_format=torch.preserve_format)
+        return _kept(local_view(param).detach().contiguous(), k).clone()
+
+    def _misfit(self, param: torch.Tensor, state: dict[str, Any]) -> str | None:
+        """As the base's, but with ``slice_p = k > 1`` the keys of ``SLICED_KEYS`` are 1-D with
+        ``ceil(n / k)`` elements (``n`` the parameter's, or its rank-local shard's, size)."""
+        k = getattr(self, "_loading_slice_p", None) or self._slice_p()
+        sliced = [key for key in self.SLICED_KEYS if isinstance(state.get(key), torch.Tensor)]
+        if k > 1 and sliced:
+            sizes = [_kept_count(math.prod(shape), k) for shape in _state_shapes(param)]
+            for key in sliced:
+                shape = list(state[key].shape)
+                if len(shape) != 1 or shape[0] not in sizes:
+                    return (
+                        f"{key!r} has shape {shape}, expected [{sizes[0]}] (slice_p={k}: every "
+                        f"{k}-th element of a parameter of shape {list(param.shape)})"
+                    )
+            state = {key: v for key, v in state.items() if key not in sliced}
+        return super()._misfit(param, state)
+
+    def _check_state_shapes(self, state: dict[Any, Any], groups: list[dict[str, Any]]) -> None:
+        # the state being loaded follows the slice_p of the groups it comes with
+        self._loading_slice_p = groups[0].get("slice_p", 1) if groups else None
+        try:
+            super()._check_state_shapes(state, groups)
+        finally:
+            self._loading_slice_p = None
+
+    def _sliced_sums(
+        self,
+        batch: StepBatch,
+        gb: GroupBatch,
+        tensor_pass: TensorPass,
+        scalars: list[torch.Tensor],
+        static: dict[str, Any],
+    ) -> dict[str, torch.Tensor]:
+        """A statistics pass with ``slice_p = k > 1``: ``g_sq`` (the guard's and the gradient
+        bound's ``||g||^2``) over every element, the other sums over the kept elements (the
+        per-element function run once per bucket on their concatenation; torch, 1/k of the
+        memory traffic). The C kernels take only the full ``||g||^2`` (contiguous memory)."""
+        k = self._slice_p()
+        keys = tensor_pass.keys
+        lists = [gb.params, gb.grads, *(_column(gb, key, tensor_pass.optional) for key in keys)]
+        partial: dict[str, list[torch.Tensor]] = {n: [] for n in tensor_pass.sums}
+        scale = float(k) if self._SCALE_SLICED_SUMS else 1.0
+        for (dev, dt), bucket in _buckets(lists):
+            params, grads = bucket[0], bucket[1]
+            numel = sum(p.numel() for p in params)
+            acc64 = dev.type == "cpu"
+            flags = {"maximize": False, "coupled": False}
+            if _wants_native(gb.group["implementation"], dev, numel) and _native.accepts(
+                [grads], ["grad"]
+            ):
+                g_sq = _run_native("dadapt_grad_sq", 1, [grads], [], flags)[0]  # type: ignore[index]
+            else:
+                g_sq = torch.stack([_sq_sum(g, acc64) for g in grads]).sum()
+            packed: list[torch.Tensor | None] = [
+                _cat([_kept(p, k) for p in params]),
+                _cat([_kept(g, k) for g in grads]),
+            ]
+            for key, stream in zip(keys, bucket[2:], strict=True):
+                if key in self.SLICED_KEYS:
+                    sizes = [_kept_count(p.numel(), k) for p in params]
+                    if all(t is None for t in stream):
+                        packed.append(None)
+                    else:
+                        pieces = [
+                            p.new_zeros(n) if t is None else t.reshape(-1)
+                            for t, p, n in zip(stream, params, sizes, strict=True)
+                        ]
+                        packed.append(_cat(pieces))
+                else:
+                    packed.append(_cat([_kept(t, k) for t in stream]))
+            cdt = compute_dtype(dt)
+            args = [a.to(dev) if a.dtype == torch.bool else a.to(dev, cdt) for a in scalars]
+            out = tensor_pass.fn(*packed, *args, **static, acc64=acc64)
+            partial[tensor_pass.sums[0]].append(g_sq)
+            for name, value in zip(tensor_pass.sums[1:], out[1:], strict=True):
+                partial[name].append(value * scale if scale != 1.0 else value)
+        return {n: batch.sum_on_device(v) for n, v in partial.items()}
+
+    def _sliced_state_update(
+        self,
+        gb: GroupBatch,
+        tensor_pass: TensorPass,
+        scalars: list[torch.Tensor],
+        static: dict[str, Any],
+    ) -> None:
+        """``s`` of an update with ``slice_p = k > 1``, on the kept elements (torch, once per
+        bucket on their concatenation), by the pass's ``sliced`` rule."""
+        rule = tensor_pass.sliced
+        assert rule is not None, "an update pass with slice_p > 1 needs its sliced rule"
+        k = self._slice_p()
+        for (dev, dt), bucket in _buckets([gb.params, gb.grads, gb.state_list("s")]):
+            params, grads, ss = bucket
+            cdt = compute_dtype(dt)
+            args = [a.to(dev) if a.dtype == torch.bool else a.to(dev, cdt) for a in scalars]
+            new = rule(
+                _cat([_kept(p, k) for p in params]),
+                _cat([_kept(g, k) for g in grads]),
+                _cat([s.reshape(-1) for s in ss]),
+                *args,
+                **static,
+                acc64=dev.type == "cpu",
+            )
+            if len(ss) == 1:
+                ss[0].copy_(new)
+            else:
+                torch._foreach_copy_(ss, list(new.split([s.numel() for s in ss])))
 
     def _run_bucket(
         self,
@@ -933,7 +1122,7 @@ def dadapt_sgd_statistics(
 def dadapt_sgd_tensor_update(
     param: torch.Tensor,
     grad: torch.Tensor,
-    s: torch.Tensor,
+    s: torch.Tensor | None,
     ok: torch.Tensor,
     lam: torch.Tensor,
     coupled_wd: torch.Tensor,
@@ -949,13 +1138,31 @@ def dadapt_sgd_tensor_update(
     g, p = effective_grad(grad, param, coupled_wd, maximize=maximize, coupled=coupled)
     g = torch.where(ok, g, 0.0)  # a skipped step's NaN/Inf never reaches the state
     param.copy_(p - decay * p - lam * g)
-    s.copy_(s.to(g.dtype) + lam * g)
+    if s is not None:  # None: slice_p > 1, s updated on its own (dadapt_sgd_sliced_s)
+        s.copy_(s.to(g.dtype) + lam * g)
+
+
+def dadapt_sgd_sliced_s(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    s: torch.Tensor,
+    ok: torch.Tensor,
+    lam: torch.Tensor,
+    coupled_wd: torch.Tensor,
+    *_: torch.Tensor,
+    maximize: bool,
+    coupled: bool,
+    acc64: bool,
+) -> torch.Tensor:
+    """DAdaptSGD's new ``s = s + lam g'`` on the kept elements (``slice_p > 1``)."""
+    g, _ = effective_grad(grad, param, coupled_wd, maximize=maximize, coupled=coupled)
+    return s.to(g.dtype) + lam * torch.where(ok, g, 0.0)
 
 
 def dadapt_sgd_momentum_tensor_update(
     param: torch.Tensor,
     grad: torch.Tensor,
-    s: torch.Tensor,
+    s: torch.Tensor | None,
     z: torch.Tensor,
     ok: torch.Tensor,
     lam: torch.Tensor,
@@ -974,7 +1181,8 @@ def dadapt_sgd_momentum_tensor_update(
     zz = z.to(g.dtype)
     zz = zz - decay * zz - lam * g
     param.copy_(p + average * (zz - p))
-    s.copy_(s.to(g.dtype) + lam * g)
+    if s is not None:
+        s.copy_(s.to(g.dtype) + lam * g)
     z.copy_(zz)
 
 
@@ -994,6 +1202,8 @@ _SGD_UPDATE = _pass(
     native="dadapt_sgd_update",
     fused="dadapt_sgd_fused",
     fused_sums=("dot", "s_sq", "gg"),
+    optional=("s",),
+    sliced=dadapt_sgd_sliced_s,
 )
 _SGD_MOMENTUM_UPDATE = _pass(
     dadapt_sgd_momentum_tensor_update,
@@ -1004,6 +1214,8 @@ _SGD_MOMENTUM_UPDATE = _pass(
     native="dadapt_sgd_momentum_update",
     fused="dadapt_sgd_momentum_fused",
     fused_sums=("dot", "s_sq", "gg"),
+    optional=("s",),
+    sliced=dadapt_sgd_sliced_s,
 )
 
 
@@ -1056,6 +1268,17 @@ class DAdaptSGD(DAdaptationBase):
             A/B or two networks; every estimate is the model-wide algorithm run on its groups.
         gradient_bound: ``"max"`` (default) or ``"first"`` (the authors'), see above.
         maximize: maximize the objective.
+        slice_p: statistics on a deterministic subsample (default 1: every element; prodigy
+            PR #22): with ``k > 1``, ``s`` is stored for elements ``0, k, 2k, ...`` of each
+            flattened tensor only (``ceil(n / k)`` of them) and the sums that only estimate ``d``
+            (``<g, s>``, ``||s||^2``) are taken over those elements and scaled by ``k`` (an
+            estimate of the full sums: ``N / ||s||_2`` mixes degrees, and unscaled sums would
+            bias ``d_hat`` by ``1 / sqrt(k)``); the update of ``x`` (and ``z``) and the gradient
+            bound ``G`` (the full ``||g||``) are unchanged. ``d_hat`` is then a ratio of two
+            subsample estimates: consistent as the subsample grows, with the small-sample bias
+            of a ratio estimator (of order ``1 / (number of kept elements)``); a tensor with
+            ``n <= k`` contributes one element (weighted as ``k``). Saves ``(1 - 1/k)`` of ``s``
+            (4 bytes per fp32 element at ``k`` large). Model-wide (the same in every group).
         implementation: ``"auto"``, ``"loop"`` or ``"compiled"`` (see
             :mod:`hf_tuningfree.optim.kernels`); ``"foreach"`` runs the per-tensor loop. On CPU,
             ``"auto"`` and ``"compiled"`` run the C kernels (see the module docstring).
@@ -1067,8 +1290,10 @@ class DAdaptSGD(DAdaptationBase):
     (``||s||^2``), ``step``.
     """
 
-    _MODEL_WIDE = ("d0", "growth_rate", "gradient_bound")
+    _MODEL_WIDE = ("d0", "growth_rate", "gradient_bound", "slice_p")
     _X0_SCALE = "norm"  # d is an L2 distance: the start is d0_rel ||x_0||
+    SLICED_KEYS = frozenset({"s"})
+    _SCALE_SLICED_SUMS = True
 
     def __init__(
         self,
@@ -1085,6 +1310,7 @@ class DAdaptSGD(DAdaptationBase):
         maximize: bool = False,
         implementation: str = "auto",
         *,
+        slice_p: int = 1,
         skip_nonfinite: bool = True,
         global_reduce: object = "auto",
         stochastic_rounding: bool = True,
@@ -1101,6 +1327,7 @@ class DAdaptSGD(DAdaptationBase):
             "gradient_bound": check_choice("gradient_bound", gradient_bound, ("max", "first")),
             "maximize": maximize,
             "implementation": implementation,
+            "slice_p": check_slice_p(slice_p),
         }
         super().__init__(
             params,
@@ -1117,11 +1344,12 @@ class DAdaptSGD(DAdaptationBase):
         check_choice("gradient_bound", group["gradient_bound"], ("max", "first"))
 
     def _init_param_state(self, param: torch.Tensor, state: dict[str, Any], group: dict) -> None:
-        state["s"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        state["s"] = self._stat_zeros(param)
 
     def _idle_contribution(self, state: dict[str, Any]) -> dict[str, torch.Tensor]:
         s = local_view(state["s"]).to(compute_dtype(state["s"].dtype))
-        return {"s_sq": (s * s).sum()}
+        k = self._slice_p()
+        return {"s_sq": (s * s).sum() * k if k > 1 else (s * s).sum()}
 
     @staticmethod
     def _inverse(bound_sq: torch.Tensor) -> torch.Tensor:
@@ -1263,7 +1491,7 @@ def dadapt_adam_tensor_update(
     grad: torch.Tensor,
     exp_avg: torch.Tensor | None,
     exp_avg_sq: torch.Tensor,
-    s: torch.Tensor,
+    s: torch.Tensor | None,
     ok: torch.Tensor,
     dlr: torch.Tensor,
     coupled_wd: torch.Tensor,
@@ -1285,16 +1513,38 @@ def dadapt_adam_tensor_update(
     g, p = effective_grad(grad, param, coupled_wd, maximize=maximize, coupled=coupled)
     g = torch.where(ok, g, 0.0)
     v = exp_avg_sq.to(g.dtype)
-    s_new = s.to(g.dtype)
     dg = dlr * g
     m = dg if exp_avg is None else _momentum(exp_avg.to(g.dtype), dg, c_m)
     v = v + c_v * (g * g - v)
-    s_new = s_new + c_s * (dg - s_new)
     param.copy_(p - decay * p - on * (m / (v.sqrt() + eps)))
     if exp_avg is not None:
         exp_avg.copy_(m)
     exp_avg_sq.copy_(v)
-    s.copy_(s_new)
+    if s is not None:  # None: slice_p > 1 (dadapt_adam_sliced_s)
+        s_old = s.to(g.dtype)
+        s.copy_(s_old + c_s * (dg - s_old))
+
+
+def dadapt_adam_sliced_s(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    s: torch.Tensor,
+    ok: torch.Tensor,
+    dlr: torch.Tensor,
+    coupled_wd: torch.Tensor,
+    decay: torch.Tensor,
+    c_m: torch.Tensor,
+    c_v: torch.Tensor,
+    c_s: torch.Tensor,
+    *_: torch.Tensor,
+    maximize: bool,
+    coupled: bool,
+    acc64: bool,
+) -> torch.Tensor:
+    """DAdaptAdam's new ``s = s + c_s (dlr g' - s)`` on the kept elements (``slice_p > 1``)."""
+    g, _ = effective_grad(grad, param, coupled_wd, maximize=maximize, coupled=coupled)
+    s_old = s.to(g.dtype)
+    return s_old + c_s * (dlr * torch.where(ok, g, 0.0) - s_old)
 
 
 def _momentum(m: torch.Tensor, dg: torch.Tensor, c_m: torch.Tensor) -> torch.Tensor:
@@ -1318,7 +1568,8 @@ _ADAM_UPDATE = _pass(
     native="dadapt_adam_update",
     fused="dadapt_adam_fused",
     fused_sums=("dot", "s_l1"),
-    optional=("exp_avg",),
+    optional=("exp_avg", "s"),
+    sliced=dadapt_adam_sliced_s,
 )
 
 
@@ -1339,6 +1590,8 @@ class AdamFormBase(DAdaptationBase):
     ``g_sq``, ``dot``, ``s_l1``), ``_update_pass`` and ``_finish``.
     """
 
+    SLICED_KEYS = frozenset({"s"})
+
     def _validate_group(self, group: dict[str, Any]) -> None:
         super()._validate_group(group)
         check_betas("betas", group["betas"])
@@ -1347,9 +1600,10 @@ class AdamFormBase(DAdaptationBase):
 
     def _init_param_state(self, param: torch.Tensor, state: dict[str, Any], group: dict) -> None:
         # beta1 = 0: no first-moment buffer (the update uses this step's d g directly)
-        keys = ("exp_avg", "exp_avg_sq", "s") if group["betas"][0] > 0 else ("exp_avg_sq", "s")
+        keys = ("exp_avg", "exp_avg_sq") if group["betas"][0] > 0 else ("exp_avg_sq",)
         for key in keys:
             state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        state["s"] = self._stat_zeros(param)  # 1/k of it with slice_p = k
 
     def _first_moment_buffers(
         self, gb: GroupBatch, dg: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -1462,6 +1716,20 @@ class DAdaptAdam(AdamFormBase):
             one ``d`` per param-group ``name`` (groups without a name share one), e.g. for LoRA
             A/B or two networks; every estimate is the model-wide algorithm run on its groups.
         maximize: maximize the objective.
+        slice_p: statistics on a deterministic subsample (default 1: every element; prodigy
+            PR #22, reported to halve optimizer memory in OneTrainer PR #550): with ``k > 1``,
+            ``s`` is stored for elements ``0, k, 2k, ...`` of each flattened tensor only
+            (``ceil(n / k)`` of them) and the sums that only estimate ``d`` (the numerator
+            term and ``||s||_1``) are taken over those elements; ``m``, ``v`` and the update of
+            ``x`` are unchanged and full, as is the non-finite guard's ``||g||^2``. ``d_hat``
+            is then the ratio of the subsampled sums: a consistent estimate of the full ratio
+            (both scale with the kept fraction), with the small-sample bias of a ratio
+            estimator (of order ``1 / (number of kept elements)``); a tensor with ``n <= k``
+            contributes one element, so tensors smaller than ``k`` weigh more per element than
+            larger ones (``k / n`` times). Saves ``(1 - 1/k)`` of ``s``. Model-wide (the same in
+            every group). On the C path the update runs in C without ``s`` and the statistics
+            and ``s`` on the kept elements in torch (strided views never reach the C code);
+            the fused single-sweep form is not used.
         implementation: ``"auto"``, ``"loop"`` or ``"compiled"``; ``"foreach"`` runs the loop.
             On CPU, ``"auto"`` and ``"compiled"`` run the C kernels (see the module docstring).
         skip_nonfinite, global_reduce, stochastic_rounding: see
@@ -1471,7 +1739,7 @@ class DAdaptAdam(AdamFormBase):
     model-wide ``d``, ``numerator`` (r), ``s_l1``, ``step``.
     """
 
-    _MODEL_WIDE = ("d0", "growth_rate", "betas", "use_bias_correction")
+    _MODEL_WIDE = ("d0", "growth_rate", "betas", "use_bias_correction", "slice_p")
 
     def __init__(
         self,
@@ -1489,6 +1757,7 @@ class DAdaptAdam(AdamFormBase):
         maximize: bool = False,
         implementation: str = "auto",
         *,
+        slice_p: int = 1,
         skip_nonfinite: bool = True,
         global_reduce: object = "auto",
         stochastic_rounding: bool = True,
@@ -1506,6 +1775,7 @@ class DAdaptAdam(AdamFormBase):
             "d_groups": d_groups,
             "maximize": maximize,
             "implementation": implementation,
+            "slice_p": check_slice_p(slice_p),
         }
         super().__init__(
             params,
@@ -1681,9 +1951,13 @@ class DAdaptAdaGrad(DAdaptationBase):
         x_{k+1}   = beta x_k + (1 - beta) z_{k+1}      (beta = momentum; 0: x = z)
 
     The authors recommend the Adam or SGD variants in most situations: on top of AdaGrad the
-    estimate adapts more slowly in practice. Weight decay is coupled only (``wd * x`` added to the
-    gradient, as the authors): ``x`` is recomputed from ``x_0`` every step, so a decoupled decay
-    of ``x`` would be undone at the next step.
+    estimate adapts more slowly in practice. It has none of the memory options of the other
+    variants: its ``s`` and ``x0`` enter the iterate itself (``z = x_0 - s / w``), so they
+    cannot be subsampled (``slice_p``) without changing the method.
+
+    Weight decay is coupled only (``wd * x`` added to the gradient, as the authors): ``x`` is
+    recomputed from ``x_0`` every step, so a decoupled decay of ``x`` would be undone at the next
+    step.
 
     Args:
         params: parameters or param groups.

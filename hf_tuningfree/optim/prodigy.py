@@ -38,6 +38,7 @@ from .dadapt import (
     _total,
     _weight_decay_scalars,
     check_growth_rate,
+    check_slice_p,
     effective_grad,
 )
 from .distributed import is_dtensor
@@ -98,7 +99,7 @@ def prodigy_tensor_update(
     grad: torch.Tensor,
     exp_avg: torch.Tensor | None,
     exp_avg_sq: torch.Tensor,
-    s: torch.Tensor,
+    s: torch.Tensor | None,
     ok: torch.Tensor,
     d: torch.Tensor,
     step_size: torch.Tensor,
@@ -124,16 +125,45 @@ def prodigy_tensor_update(
     g, p = effective_grad(grad, param, coupled_wd, maximize=maximize, coupled=coupled)
     g = torch.where(ok, g, 0.0)
     v = exp_avg_sq.to(g.dtype)
-    s_new = s.to(g.dtype)
     dg = d * g
     m = dg if exp_avg is None else _momentum(exp_avg.to(g.dtype), dg, c_m)
     v = v + c_v * (dg * dg - v)
-    s_new = s_new + c_s * s_new + s_weight * g
     param.copy_(p - decay * p - step_size * (m / (v.sqrt() + d_eps)))
     if exp_avg is not None:
         exp_avg.copy_(m)
     exp_avg_sq.copy_(v)
-    s.copy_(s_new)
+    if s is not None:  # None: slice_p > 1 (prodigy_sliced_s)
+        s.copy_(prodigy_s(s.to(g.dtype), g, s_weight, c_s))
+
+
+def prodigy_s(
+    s: torch.Tensor, g: torch.Tensor, s_weight: torch.Tensor, c_s: torch.Tensor
+) -> torch.Tensor:
+    """Prodigy's ``s_{k+1} = s_k + c_s s_k + s_weight g`` (``c_s = beta3 - 1``)."""
+    return s + c_s * s + s_weight * g
+
+
+def prodigy_sliced_s(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    s: torch.Tensor,
+    ok: torch.Tensor,
+    d: torch.Tensor,
+    step_size: torch.Tensor,
+    s_weight: torch.Tensor,
+    coupled_wd: torch.Tensor,
+    decay: torch.Tensor,
+    c_m: torch.Tensor,
+    c_v: torch.Tensor,
+    c_s: torch.Tensor,
+    *_: torch.Tensor,
+    maximize: bool,
+    coupled: bool,
+    acc64: bool,
+) -> torch.Tensor:
+    """Prodigy's new ``s`` on the kept elements (``slice_p > 1``)."""
+    g, _ = effective_grad(grad, param, coupled_wd, maximize=maximize, coupled=coupled)
+    return prodigy_s(s.to(g.dtype), torch.where(ok, g, 0.0), s_weight, c_s)
 
 
 _PRODIGY_STATISTICS = _pass(
@@ -154,7 +184,8 @@ _PRODIGY_UPDATE = _pass(
     fused="prodigy_fused",
     fused_keys=("x0",),
     fused_sums=("dot", "s_l1"),
-    optional=("exp_avg", "x0"),
+    optional=("exp_avg", "s", "x0"),
+    sliced=prodigy_sliced_s,
 )
 
 
@@ -230,6 +261,23 @@ class Prodigy(AdamFormBase):
             ``global_reduce`` partitions (which differ between ranks anyway) per local shard.
             A state dict without ``x0`` for a parameter means an implicit zero. False: every
             parameter stores ``x0``, as the authors' code.
+        slice_p: statistics on a deterministic subsample (default 1: every element; prodigy
+            PR #22, reported to halve optimizer memory in OneTrainer PR #550): with ``k > 1``,
+            ``s`` and ``x0`` are stored for elements ``0, k, 2k, ...`` of each flattened tensor
+            only (``ceil(n / k)`` of them) and the sums that only estimate ``d`` (``r``'s term
+            ``<g, x_0 - x>`` and ``||s||_1``) are taken over those elements; ``m``, ``v`` and
+            the update of ``x`` are unchanged and full, as is the non-finite guard's
+            ``||g||^2``. ``d_hat = r / ||s||_1`` is then the ratio of the subsampled sums: a
+            consistent estimate of the full ratio (both scale with the kept fraction), with the
+            small-sample bias of a ratio estimator (of order ``1 / (number of kept elements)``);
+            a tensor with ``n <= k`` contributes one element, so tensors smaller than ``k``
+            weigh ``k / n`` times more per element than larger ones. Saves ``(1 - 1/k)`` of
+            ``s`` and of ``x0``: with ``beta1 = 0`` as well, 4 bytes + 8/k per fp32 element
+            (``v``, and 1/k of ``s`` and ``x0``). Model-wide (the same in every group). On the C
+            path the update runs in C without ``s`` and the statistics and ``s`` on the kept
+            elements in torch (strided views never reach the C code); the fused single-sweep
+            form is not used. Under FSDP2 ``s`` and ``x0`` are plain tensors of the rank-local
+            shard's kept elements (the kept set follows each shard's own offsets).
         skip_nonfinite, global_reduce, stochastic_rounding: see
             :class:`~hf_tuningfree.optim.base.TuningFreeOptimizer`.
 
@@ -240,7 +288,9 @@ class Prodigy(AdamFormBase):
     """
 
     _START_KEYS = ("d", "d_max")
+    SLICED_KEYS = frozenset({"s", "x0"})
     _MODEL_WIDE = (
+        "slice_p",
         "d0",
         "growth_rate",
         "betas",
@@ -270,6 +320,7 @@ class Prodigy(AdamFormBase):
         implementation: str = "auto",
         *,
         implicit_zero_x0: bool = True,
+        slice_p: int = 1,
         skip_nonfinite: bool = True,
         global_reduce: object = "auto",
         stochastic_rounding: bool = True,
@@ -291,6 +342,7 @@ class Prodigy(AdamFormBase):
             "maximize": maximize,
             "implementation": implementation,
             "implicit_zero_x0": check_bool("implicit_zero_x0", implicit_zero_x0),
+            "slice_p": check_slice_p(slice_p),
         }
         super().__init__(
             params,
@@ -308,13 +360,13 @@ class Prodigy(AdamFormBase):
         super()._init_param_state(param, state, group)
         self._init_x0(param, state, group)
 
-    @staticmethod
-    def _init_x0(param: torch.Tensor, state: dict[str, Any], group: dict) -> None:
-        """``x0 = x`` at the first step, except with ``implicit_zero_x0`` for a plain tensor:
-        :meth:`_settle_fresh_state` then stores it only if the tensor is not all zero."""
+    def _init_x0(self, param: torch.Tensor, state: dict[str, Any], group: dict) -> None:
+        """``x0 = x`` at the first step (its kept elements with ``slice_p > 1``), except with
+        ``implicit_zero_x0`` for a plain tensor: :meth:`_settle_fresh_state` then stores it only
+        if the tensor is not all zero."""
         if group.get("implicit_zero_x0", False) and not is_dtensor(param):
             return
-        state["x0"] = param.detach().clone(memory_format=torch.preserve_format)
+        state["x0"] = self._stat_copy(param)
 
     def _settle_fresh_state(self, batch: StepBatch) -> dict[str, torch.Tensor]:
         """``implicit_zero_x0`` for the parameters whose state this step created: one host read
@@ -340,7 +392,7 @@ class Prodigy(AdamFormBase):
             for (st, _, orig), nonzero in zip(local, flags, strict=True):
                 if nonzero:
                     x = torch.view_as_real(orig) if orig.is_complex() else orig
-                    st["x0"] = x.detach().clone(memory_format=torch.contiguous_format)
+                    st["x0"] = self._stat_copy(x).contiguous()
         self._x0_pending = [st for st, _ in sharded]
         if not sharded:
             return {}
