@@ -592,15 +592,22 @@ SLICED = [
 ]
 
 
-@pytest.mark.parametrize("impl", ["compiled", "loop"], ids=["C", "loop"])
+@pytest.mark.parametrize(
+    ("impl", "fuse"),
+    [("compiled", True), ("compiled", False), ("loop", False)],
+    ids=["C-fused", "C-two-pass", "loop"],
+)
 @pytest.mark.parametrize(("cls", "kw", "reference"), SLICED)
-def test_slice_p_follows_the_per_element_reference(cls, kw, reference, impl, monkeypatch):
+def test_slice_p_follows_the_per_element_reference(cls, kw, reference, impl, fuse, monkeypatch):
     """fp64, 20 steps, coupled weight decay (it enters the kept g'), a tensor with n < k: the
-    parameters, d and the stored s against a loop over the kept indices. On the C path the full
-    update runs in C (s left out: its stream is NULL) and the 1/k statistics in torch."""
+    parameters, d and the stored s against a loop over the kept indices. On the C path, fused:
+    one ``*_fused_sliced`` sweep per group (the kept elements' sums and s, then the full update
+    of the block); two-pass (the sharded form): the full update in C with s left out (a NULL
+    stream) and the 1/k statistics and s in torch."""
     if impl == "compiled" and not HAS_C:
         pytest.skip("no C compiler")
     calls = _spy_kernels(monkeypatch)
+    monkeypatch.setattr(cls, "FUSE", fuse)
     params, ds, opt = _slice_run(cls, impl, **kw)
     x_ref, ds_ref, s_ref = reference()
     worst = max(
@@ -622,9 +629,10 @@ def test_slice_p_follows_the_per_element_reference(cls, kw, reference, impl, mon
         assert [opt.state[p]["x0"].tolist() for p in params] == [
             x.flatten()[::K].tolist() for x in _slice_problem()[0]
         ]
-    kinds = {c for c in calls}
-    if impl == "compiled":  # the guard's ||g||^2 and the update in C; no fused sweep
-        assert kinds == {"dadapt_grad_sq", f"{_kernel_prefix(cls, kw)}_update"}, kinds
+    kinds = set(calls)
+    last = "_fused_sliced" if fuse else "_update"
+    if impl == "compiled":  # the full ||g||^2 (guard) and the update in C
+        assert kinds == {"dadapt_grad_sq", _kernel_prefix(cls, kw) + last}, kinds
     else:
         assert not kinds
 
@@ -707,3 +715,66 @@ def test_slice_p_d_estimate_on_a_larger_model_stays_close():
     assert b1 == 4 * 8 * n and b8 == 8 * (
         2 * n + 2 * sum(-(-s // 8) for s in (18000, 18000, 7, 15, 9))
     )
+
+
+@pytest.mark.skipif(not HAS_C, reason="no C compiler")
+@pytest.mark.parametrize("k", [3, 5, 8192])
+@pytest.mark.parametrize(
+    ("cls", "kw"),
+    [
+        pytest.param(DAdaptSGD, {"momentum": 0.9}, id="sgd_momentum"),
+        pytest.param(DAdaptAdam, {}, id="adam"),
+        pytest.param(DAdaptAdam, {"betas": (0.0, 0.99)}, id="adam_beta1_0"),
+        pytest.param(Prodigy, {}, id="prodigy"),
+        pytest.param(Prodigy, {"betas": (0.0, 0.99)}, id="prodigy_beta1_0"),
+    ],
+)
+def test_fused_sliced_kernels_equal_the_two_pass_form(cls, kw, k, monkeypatch):
+    """Tensors of several C blocks (18000 elements, BLOCK = 8192, so kept elements straddle the
+    block boundaries for k = 3, 5), a zero tensor (Prodigy: no x0) and small ones: the fused
+    sliced sweep against the two-pass form (C update, torch statistics), fp64."""
+    calls = _spy_kernels(monkeypatch)
+    runs = {}
+    for fuse in (True, False):
+        weights = {"weight_decay": 0.01, "decoupled_weight_decay": False}
+        runs[fuse] = _run(cls, params=_params(), fuse=fuse, slice_p=k, **weights, **kw)
+    (pf, df, of), (pt, dt, ot) = runs[True], runs[False]
+    rel = max(((a - b).abs() / b.abs().max()).max().item() for a, b in zip(pf, pt, strict=True))
+    d_rel = max(abs(a - b) / b for a, b in zip(df, dt, strict=True))
+    s_rel = max(
+        ((of.state[a]["s"] - ot.state[b]["s"]).abs().max() / ot.state[b]["s"].abs().max()).item()
+        for a, b in zip(pf, pt, strict=True)
+    )
+    assert rel <= 1e-13 and d_rel <= 1e-13 and s_rel <= 1e-13, (rel, d_rel, s_rel)
+    assert df[-1] > 2 * df[0]
+    assert any(c.endswith("_fused_sliced") for c in calls)
+
+
+def test_slice_p_state_changed_by_hand_is_refused_at_the_step():
+    params, _, opt = _run(Prodigy, steps=1, slice_p=4)
+    opt.state[params[0]]["s"] = torch.zeros(9, dtype=torch.float64)
+    with pytest.raises(
+        RuntimeError, match=r"params'\]\[0\].*'s' has shape \[9\], expected \[4500\]"
+    ):
+        opt.step()
+
+
+@pytest.mark.skipif(not HAS_C, reason="no C compiler")
+def test_sliced_kernels_check_the_sliced_streams():
+    """The C entry point itself refuses a sliced stream of the wrong size and a stride that
+    does not belong to the kernel (the stride the C code reads is the checked one)."""
+    x, g, v = (torch.zeros(10, dtype=torch.float64) for _ in range(3))
+    coef = torch.zeros(8, dtype=torch.float64)
+    ok = torch.ones((), dtype=torch.bool)
+    out = torch.zeros(2, dtype=torch.float64)
+    args = {"maximize": False, "coupled": False, "ok": ok, "out": out}
+    streams = [[x], [g], [None], [v], [torch.zeros(4, dtype=torch.float64)]]
+    _native.dadapt_kernel("dadapt_adam_fused_sliced", streams, coef, stride=3, **args)
+    with pytest.raises(ValueError, match=r"stream 4 holds a tensor that is not .* ceil\(n / 2\)"):
+        _native.dadapt_kernel("dadapt_adam_fused_sliced", streams, coef, stride=2, **args)
+    with pytest.raises(ValueError, match="takes stride=1, got 3"):
+        _native.dadapt_kernel(
+            "dadapt_adam_fused", [[x], [g], [x], [v], [x]], coef, stride=3, **args
+        )
+    with pytest.raises(ValueError, match=r"stream 3 holds None \(allowed only in streams \[2\]\)"):
+        _native.dadapt_kernel("dadapt_adam_fused", [[x], [g], [x], [None], [x]], coef, **args)

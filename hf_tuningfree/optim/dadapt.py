@@ -339,10 +339,12 @@ def _run_native(
     bucket: list[list[Any]],
     scalars: list[torch.Tensor],
     static: dict[str, Any],
+    stride: int = 1,
 ) -> torch.Tensor | None:
     """The C ``kernel`` over a whole bucket in one call: the pass's 0-dim coefficients go to the
     C code as one fp64 tensor (read from its memory there, like ``ok``: no host read); returns the
-    bucket's ``nsums`` sums (fp64), or None when there are none (an update)."""
+    bucket's ``nsums`` sums (fp64), or None when there are none (an update). ``stride``: the
+    ``slice_p`` of a ``*_sliced`` kernel."""
     ok = next((a for a in scalars if a.dtype == torch.bool), None)
     floats = [a.to("cpu", torch.float64) for a in scalars if a is not ok]
     coefficients = torch.stack(floats) if floats else torch.zeros(0, dtype=torch.float64)
@@ -356,6 +358,7 @@ def _run_native(
         averaged=static.get("averaged", False),
         ok=None if ok is None else ok.to("cpu"),
         out=out,
+        stride=stride,
     )
     return out
 
@@ -535,8 +538,10 @@ class DAdaptationBase(TuningFreeOptimizer):
         between the sums and the update, so only where none is made (one process, DDP, not
         sharded) and where every group is one bucket the C kernels take; it reads the model's
         state once per step where the two-pass form reads most of it twice."""
-        if not self.FUSE or _native.load() is None or self._slice_p() > 1:
+        if not self.FUSE or _native.load() is None:
             return False
+        # slice_p > 1: the fused *_sliced kernels take s (and x0) at 1/k size, checked there
+        withheld = self.SLICED_KEYS if self._slice_p() > 1 else frozenset()
         params = (p for g in self.param_groups for p in g["params"])
         if plan_reduction(params, self.global_reduce).is_sharded:
             return False
@@ -546,8 +551,12 @@ class DAdaptationBase(TuningFreeOptimizer):
             numel = sum(p.numel() for p in gb.params)
             if not _wants_native(gb.group["implementation"], batch.device, numel):
                 return False
-            if not all(_native.accepts(s, names) for s, names in _state_streams(gb)):
-                return False
+            for streams, names in _state_streams(gb):
+                kept = [i for i, n in enumerate(names) if n not in withheld]
+                if len(kept) > 1 and not _native.accepts(
+                    [streams[i] for i in kept], [names[i] for i in kept]
+                ):
+                    return False
         return True
 
     def _settle_fresh_state(self, batch: StepBatch) -> dict[str, torch.Tensor]:
@@ -683,6 +692,8 @@ class DAdaptationBase(TuningFreeOptimizer):
         else when ``ok`` is False)."""
         guard = self._guard_by_scope[self._scope]
         before = self._guard_statistics(batch, guard)
+        stride = self._slice_p()
+        scale = float(stride) if stride > 1 and self._SCALE_SLICED_SUMS else 1.0
         per_group = []
         for gb, g_sq in zip(batch.groups, guard, strict=True):
             tensor_pass, scalars, static = self._update_pass(gb, d, step, before, ok)
@@ -703,7 +714,10 @@ class DAdaptationBase(TuningFreeOptimizer):
                 else:  # plain tensors: no need to unwrap each (~0.3 us apiece)
                     states = [[st[k] for st in gb.states] for k in keys]
                 lists = [gb.params, gb.grads, *states]
-                out = _run_native(tensor_pass.fused, len(names), lists, scalars, static)
+                kernel = tensor_pass.fused if stride == 1 else tensor_pass.fused + "_sliced"
+                out = _run_native(kernel, len(names), lists, scalars, static, stride=stride)
+                if scale != 1.0:
+                    out = out * scale  # type: ignore[operator]
                 sums.update(zip(names, out, strict=True))  # type: ignore[arg-type]
             else:
                 sums.update({n: torch.zeros((), dtype=torch.float64) for n in names})
@@ -869,6 +883,32 @@ class DAdaptationBase(TuningFreeOptimizer):
                     )
             state = {key: v for key, v in state.items() if key not in sliced}
         return super()._misfit(param, state)
+
+    def _check_fit(self, gb: GroupBatch) -> None:
+        """The base's check, with ``slice_p = k > 1`` first as whole-list comparisons (every
+        parameter with the same keys, the sliced keys 1-D with ``ceil(n / k)`` elements, the
+        others of the parameter's shape); anything else goes to the base's per-parameter check
+        (through :meth:`_misfit`)."""
+        k = self._slice_p()
+        states = gb.states
+        if k == 1 or not states or any(map(torch.Tensor.is_complex, gb.originals)):
+            return super()._check_fit(gb)
+        keys = states[0].keys()
+        try:
+            if all(map(keys.__eq__, map(dict.keys, states))):
+                shapes = [local_view(p).shape for p in gb.originals]
+                kept = [torch.Size((_kept_count(math.prod(s), k),)) for s in shapes]
+                for key in keys:
+                    values = [local_view(st[key]).shape for st in states]
+                    if key in self.SCALAR_STATE_KEYS or values != (
+                        kept if key in self.SLICED_KEYS else shapes
+                    ):
+                        break
+                else:
+                    return
+        except (AttributeError, TypeError):  # a state value that is not a tensor
+            pass
+        super()._check_fit(gb)
 
     def _check_state_shapes(self, state: dict[Any, Any], groups: list[dict[str, Any]]) -> None:
         # the state being loaded follows the slice_p of the groups it comes with

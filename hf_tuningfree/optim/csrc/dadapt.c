@@ -545,3 +545,97 @@ DA_KERNELS(NAME, 1)
 
 DA_GRAD_SQ(dadapt_grad_sq_f32, float)
 DA_GRAD_SQ(dadapt_grad_sq_f64, double)
+
+/* ---- slice_p: fused kernels whose s (and Prodigy's x0) hold every STRIDE-th element only --------
+   STRIDE = flags >> 8 (>= 2; the Python side checks the sliced streams' sizes against the same
+   number). Per block: first the statistics and the new s on the kept elements i = 0, k, 2k, ...
+   of the tensor that fall in the block (s index i / k), reading the state before the step; then
+   the block's full update by the update kernel's loop with s left out (has_s = 0; the block is
+   still in cache). Sums: as the fused kernels, over the kept elements. */
+#define DA_STRIDE ((int64_t)(flags >> 8))
+#define DA_KEPT_FROM(lo, kk) ((((lo) + (kk) - 1) / (kk)) * (kk))
+/* DAdaptAdam, sliced; streams x, g, m (may be NULL), v, s (sliced); dadapt_adam_update's
+   coefficients. sums: <g', s / (sqrt(v) + eps)>, ||s_{k+1}||_1 over the kept elements */
+#define DA_ADAM_FUSED_SLICED(NAME, UPDATE, T, SQRT, ABS)                                        \
+DA_INLINE void NAME##_body(DA_STATS_ARGS) {                                                     \
+    const T* restrict x = DA_STREAM(T, 0); const T* restrict g = DA_STREAM(T, 1);               \
+    const T* restrict v = DA_STREAM(T, 3); T* restrict s = DA_STREAM(T, 4);                     \
+    const T dlr = (T)sc[0], cwd = (T)sc[1], cs = (T)sc[5], eps = (T)sc[7];                      \
+    const int64_t kk = DA_STRIDE;                                                               \
+    double a1 = 0.0, a2 = 0.0;                                                                  \
+    for (int64_t i = DA_KEPT_FROM(lo, kk); i < hi; i += kk) {                                   \
+        const T xi = x[i];                                                                      \
+        DA_GRAD(T, gi, g[i], xi)                                                                \
+        const int64_t j = i / kk;                                                               \
+        const T sj = s[j];                                                                      \
+        a1 += (double)(gi * sj / (SQRT(v[i]) + eps));                                           \
+        const T sn = sj + cs * (dlr * gi - sj);                                                 \
+        a2 += (double)ABS(sn);                                                                  \
+        s[j] = sn;                                                                              \
+    }                                                                                           \
+    if (DA_HAS(2)) UPDATE##_loop(p, nt, k, lo, hi, sc, flags, maximize, coupled, 1, 0);         \
+    else UPDATE##_loop(p, nt, k, lo, hi, sc, flags, maximize, coupled, 0, 0);                   \
+    acc[0] = a1; acc[1] = a2;                                                                   \
+}                                                                                               \
+DA_FUSED_KERNEL(NAME, 2)
+
+/* Prodigy, sliced; streams x, g, m (may be NULL), v, s (sliced), x0 (sliced, may be NULL);
+   prodigy_update's coefficients. sums: <g', x0 - x>, ||s_{k+1}||_1 over the kept elements */
+#define DA_PRODIGY_FUSED_SLICED(NAME, UPDATE, T, SQRT, ABS)                                     \
+DA_INLINE void NAME##_body(DA_STATS_ARGS) {                                                     \
+    const T* restrict x = DA_STREAM(T, 0); const T* restrict g = DA_STREAM(T, 1);               \
+    T* restrict s = DA_STREAM(T, 4); const T* restrict x0 = DA_STREAM(T, 5);                    \
+    const T sw = (T)sc[2], cwd = (T)sc[3], cs = (T)sc[7];                                       \
+    const int64_t kk = DA_STRIDE;                                                               \
+    const int has_x0 = DA_HAS(5);                                                               \
+    double a1 = 0.0, a2 = 0.0;                                                                  \
+    for (int64_t i = DA_KEPT_FROM(lo, kk); i < hi; i += kk) {                                   \
+        const T xi = x[i];                                                                      \
+        DA_GRAD(T, gi, g[i], xi)                                                                \
+        const int64_t j = i / kk;                                                               \
+        a1 += (double)(gi * ((has_x0 ? x0[j] : (T)0) - xi));                                    \
+        const T sj = s[j];                                                                      \
+        const T sn = sj + cs * sj + sw * gi;                                                    \
+        a2 += (double)ABS(sn);                                                                  \
+        s[j] = sn;                                                                              \
+    }                                                                                           \
+    if (DA_HAS(2)) UPDATE##_loop(p, nt, k, lo, hi, sc, flags, maximize, coupled, 1, 0);         \
+    else UPDATE##_loop(p, nt, k, lo, hi, sc, flags, maximize, coupled, 0, 0);                   \
+    acc[0] = a1; acc[1] = a2;                                                                   \
+}                                                                                               \
+DA_FUSED_KERNEL(NAME, 2)
+
+/* DAdaptSGD (with or without momentum), sliced; streams x, g, s (sliced)[, z]; the update's
+   coefficients (lam, cwd, ...). sums: <g', s>, ||s + lam g'||^2, ||g'||^2 over the kept
+   elements (scaled by the stride on the Python side) */
+#define DA_SGD_FUSED_SLICED(NAME, UPDATE, T)                                                    \
+DA_INLINE void NAME##_body(DA_STATS_ARGS) {                                                     \
+    const T* restrict x = DA_STREAM(T, 0); const T* restrict g = DA_STREAM(T, 1);               \
+    T* restrict s = DA_STREAM(T, 2);                                                            \
+    const T lam = (T)sc[0], cwd = (T)sc[1];                                                     \
+    const int64_t kk = DA_STRIDE;                                                               \
+    double a1 = 0.0, a2 = 0.0, a3 = 0.0;                                                        \
+    for (int64_t i = DA_KEPT_FROM(lo, kk); i < hi; i += kk) {                                   \
+        const T xi = x[i];                                                                      \
+        DA_GRAD(T, gi, g[i], xi)                                                                \
+        const int64_t j = i / kk;                                                               \
+        const T sj = s[j];                                                                      \
+        const T sn = sj + lam * gi;                                                             \
+        a1 += (double)(gi * sj);                                                                \
+        a2 += (double)(sn * sn);                                                                \
+        a3 += (double)(gi * gi);                                                                \
+        s[j] = sn;                                                                              \
+    }                                                                                           \
+    UPDATE##_loop(p, nt, k, lo, hi, sc, flags, maximize, coupled, 0);                           \
+    acc[0] = a1; acc[1] = a2; acc[2] = a3;                                                      \
+}                                                                                               \
+DA_FUSED_KERNEL(NAME, 3)
+
+DA_ADAM_FUSED_SLICED(dadapt_adam_fused_sliced_f32, dadapt_adam_update_f32, float, sqrtf, fabsf)
+DA_ADAM_FUSED_SLICED(dadapt_adam_fused_sliced_f64, dadapt_adam_update_f64, double, sqrt, fabs)
+DA_PRODIGY_FUSED_SLICED(prodigy_fused_sliced_f32, prodigy_update_f32, float, sqrtf, fabsf)
+DA_PRODIGY_FUSED_SLICED(prodigy_fused_sliced_f64, prodigy_update_f64, double, sqrt, fabs)
+DA_SGD_FUSED_SLICED(dadapt_sgd_fused_sliced_f32, dadapt_sgd_update_f32, float)
+DA_SGD_FUSED_SLICED(dadapt_sgd_fused_sliced_f64, dadapt_sgd_update_f64, double)
+DA_SGD_FUSED_SLICED(dadapt_sgd_momentum_fused_sliced_f32, dadapt_sgd_momentum_update_f32, float)
+DA_SGD_FUSED_SLICED(dadapt_sgd_momentum_fused_sliced_f64, dadapt_sgd_momentum_update_f64, double)
