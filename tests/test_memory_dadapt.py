@@ -778,3 +778,75 @@ def test_sliced_kernels_check_the_sliced_streams():
         )
     with pytest.raises(ValueError, match=r"stream 3 holds None \(allowed only in streams \[2\]\)"):
         _native.dadapt_kernel("dadapt_adam_fused", [[x], [g], [x], [None], [x]], coef, **args)
+
+
+@pytest.mark.parametrize("impl", ["auto", "loop"])
+@pytest.mark.parametrize("cls", [DAdaptSGD, DAdaptAdam, Prodigy, ProdigyScheduleFree])
+def test_slice_p_with_odd_parameters(cls, impl):
+    """slice_p = 3 (and beta1 = 0 where it applies): a complex parameter steps exactly as its
+    real view does (the package's contract); zero-size, 0-dim, non-contiguous and bf16
+    parameters get 1-D s of ceil(n / 3) elements and move."""
+    kw = {"slice_p": 3, "implementation": impl, "d0": 1e-3}
+    if cls in (DAdaptAdam, Prodigy):
+        kw["betas"] = (0.0, 0.99)
+    gen = torch.Generator().manual_seed(3)
+    complex_init = torch.randn(5, 3, dtype=torch.complex128, generator=gen)
+    cplx = torch.nn.Parameter(complex_init.clone())
+    real = torch.nn.Parameter(torch.view_as_real(complex_init).clone())
+    odd = [
+        torch.nn.Parameter(torch.zeros(0, 4)),
+        torch.nn.Parameter(torch.tensor(0.7)),
+        torch.nn.Parameter(torch.randn(7, 5, generator=gen).to(torch.bfloat16)),
+        torch.nn.Parameter(torch.randn(6, 10, generator=gen).t()),  # non-contiguous
+    ]
+    init = [p.detach().clone() for p in odd]
+    opts = [cls([cplx], **kw), cls([real], **kw), cls(odd, **kw)]
+    for t in range(4):
+        gen = torch.Generator().manual_seed(10 + t)
+        cplx.grad = torch.randn(cplx.shape, dtype=cplx.dtype, generator=gen)
+        real.grad = torch.view_as_real(cplx.grad).clone()
+        for p in odd:
+            p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+        for opt in opts:
+            opt.step()
+    assert torch.equal(torch.view_as_real(cplx.detach()), real.detach())
+    assert opts[0].stats()["d"] == opts[1].stats()["d"] > 1e-3
+    assert opts[0].state[cplx]["s"].shape == (10,)
+    assert [opts[2].state[p]["s"].shape for p in odd] == [(0,), (1,), (12,), (20,)]
+    assert odd[3].stride() == (1, 10)  # still the same view
+    moved = [not torch.equal(p.detach(), q) for p, q in zip(odd[1:], init[1:], strict=True)]
+    assert moved == [True, True, True]
+
+
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "two-pass"])
+@pytest.mark.parametrize(
+    ("cls", "kw"),
+    [
+        (DAdaptSGD, {"slice_p": 4, "momentum": 0.9}),
+        (DAdaptAdam, {"slice_p": 4, "betas": (0.0, 0.99)}),
+        (Prodigy, {"slice_p": 4, "betas": (0.0, 0.99)}),
+        (ProdigyScheduleFree, {"slice_p": 4}),
+    ],
+)
+def test_memory_options_read_nothing_back_to_the_host(cls, kw, fuse, monkeypatch):
+    """As tests/test_optim_common.py's trap (item, tolist, bool, float, int, index patched to
+    raise inside step()), with the memory options on; the implicit-x0 check's one read at state
+    creation goes through the copied storage and is counted separately above."""
+    from hf_tuningfree.optim.base import _NonfiniteNotice
+
+    params = _params()
+    opt = cls(params, **kw)
+    opt.FUSE = fuse and cls is not ProdigyScheduleFree
+
+    def forbidden(*_args, **_kwargs):
+        raise AssertionError("host read of a tensor inside optimizer.step()")
+
+    monkeypatch.setattr(_NonfiniteNotice, "watch", lambda self, counter: None)
+    for t in range(3):
+        for p, g in zip(params, _grads(params, t), strict=True):
+            p.grad = g
+        with monkeypatch.context() as m:
+            for attr in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
+                m.setattr(torch.Tensor, attr, forbidden)
+            opt.step()
+    assert opt.stats()["step"] == 3.0
