@@ -267,6 +267,20 @@ def _fsdp2_x0_worker(rank: int, world: int, port: int) -> None:
             again.load_state_dict(sd)
             assert [sorted(again.state[p]) for p in sharded.parameters()] == keys
 
+        # beta1 = 0 under FSDP2: no exp_avg on any rank, the same run as one process
+        for cls in (DAdaptAdam, Prodigy):
+            ref = model()
+            ref_d = train(ref, cls(ref.parameters(), d0=1e-3, betas=(0.0, 0.99)), x, y)
+            sharded = shard_fsdp2(model(), mesh)
+            opt = cls(sharded.parameters(), d0=1e-3, betas=(0.0, 0.99))
+            local = slice(rank * 16, (rank + 1) * 16)
+            d = train(sharded, opt, x[local], y[local], count=True)
+            assert all("exp_avg" not in opt.state[p] for p in sharded.parameters())
+            assert abs(d - ref_d) <= 1e-5 * ref_d, (cls.__name__, d, ref_d)
+            for p, q in zip(sharded.parameters(), ref.parameters(), strict=True):
+                diff = (p.full_tensor() - q.detach()).abs().max().item()
+                assert diff <= 1e-5 * q.detach().abs().max().item(), (cls.__name__, diff)
+
         # slice_p under FSDP2: s (and x0) on the kept elements of each rank-local shard, one
         # collective per step, the same d on both ranks, close to the unsharded run's (whose
         # kept set differs: each shard's kept elements follow its own offset)
@@ -291,7 +305,7 @@ def _fsdp2_x0_worker(rank: int, world: int, port: int) -> None:
             )
 
 
-def test_fsdp2_implicit_x0_for_the_whole_tensor_and_slice_p_per_shard():
+def test_fsdp2_implicit_x0_beta1_zero_and_slice_p():
     spawn(_fsdp2_x0_worker)
 
 
@@ -850,3 +864,18 @@ def test_memory_options_read_nothing_back_to_the_host(cls, kw, fuse, monkeypatch
                 m.setattr(torch.Tensor, attr, forbidden)
             opt.step()
     assert opt.stats()["step"] == 3.0
+
+
+@pytest.mark.parametrize("cls", [DAdaptAdam, Prodigy])
+def test_switched_on_first_moment_has_the_state_dtype(cls):
+    """A bf16 parameter is stepped as an fp32 copy; the buffer made at the switch is bf16 like
+    the rest of its state (and like the buffer a beta1 > 0 run creates)."""
+    p = torch.nn.Parameter(torch.randn(6, 4).to(torch.bfloat16))
+    opt = cls([p], betas=(0.0, 0.99))
+    for beta1 in (0.0, 0.9):
+        opt.param_groups[0]["betas"] = (beta1, 0.99)
+        p.grad = torch.randn(6, 4).to(torch.bfloat16)
+        opt.step()
+    st = opt.state[p]
+    assert st["exp_avg"].dtype == st["exp_avg_sq"].dtype == torch.bfloat16
+    assert st["exp_avg"].abs().max() > 0

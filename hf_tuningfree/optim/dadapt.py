@@ -1660,7 +1660,10 @@ class AdamFormBase(DAdaptationBase):
             if not keep:
                 st.pop("exp_avg", None)
             elif "exp_avg" not in st:
-                st["exp_avg"] = dg(p, g).to(p.dtype).contiguous()
+                # made like exp_avg_sq (the parameter's dtype, a DTensor for a DTensor)
+                m = torch.zeros_like(st["exp_avg_sq"], memory_format=torch.contiguous_format)
+                local_view(m).copy_(dg(p, g))
+                st["exp_avg"] = m
 
     def _idle_contribution(self, state: dict[str, Any]) -> dict[str, torch.Tensor]:
         return {"s_l1": local_view(state["s"]).to(compute_dtype(state["s"].dtype)).abs().sum()}
