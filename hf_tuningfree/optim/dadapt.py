@@ -1318,7 +1318,11 @@ class DAdaptSGD(DAdaptationBase):
             subsample estimates: consistent as the subsample grows, with the small-sample bias
             of a ratio estimator (of order ``1 / (number of kept elements)``); a tensor with
             ``n <= k`` contributes one element (weighted as ``k``). Saves ``(1 - 1/k)`` of ``s``
-            (4 bytes per fp32 element at ``k`` large). Model-wide (the same in every group).
+            (4 bytes per fp32 element at ``k`` large). Model-wide (the same in every group). The
+            kept set is deterministic: with ``k`` dividing a matrix's row length it is the same
+            columns in every row, and where columns differ systematically (embeddings, heads) that
+            aliasing biases ``d`` by more than sampling would: an odd ``k`` (7, 9) walks through the
+            columns.
         implementation: ``"auto"``, ``"loop"`` or ``"compiled"`` (see
             :mod:`hf_tuningfree.optim.kernels`); ``"foreach"`` runs the per-tensor loop. On CPU,
             ``"auto"`` and ``"compiled"`` run the C kernels (see the module docstring).
@@ -1769,10 +1773,14 @@ class DAdaptAdam(AdamFormBase):
             (both scale with the kept fraction), with the small-sample bias of a ratio
             estimator (of order ``1 / (number of kept elements)``); a tensor with ``n <= k``
             contributes one element, so tensors smaller than ``k`` weigh more per element than
-            larger ones (``k / n`` times). Saves ``(1 - 1/k)`` of ``s``. Model-wide (the same in
-            every group). On the C path the update runs in C without ``s`` and the statistics
-            and ``s`` on the kept elements in torch (strided views never reach the C code);
-            the fused single-sweep form is not used.
+            larger ones (``k / n`` times). Saves ``(1 - 1/k)`` of ``s``. The kept set is
+            deterministic: with ``k`` dividing a matrix's row length it is the same columns in every
+            row, and where columns differ systematically (embeddings, heads) that aliasing biases
+            ``d`` by more than sampling would: an odd ``k`` (7, 9) walks through the columns.
+            Model-wide (the same in every group). On the C path, unsharded: one fused sweep per
+            group (``*_fused_sliced``: per block the kept elements' sums and ``s``, then the
+            block's full update); sharded (two-pass): the update in C without ``s``, the
+            statistics and ``s`` on the kept elements in torch (strided views never reach C).
         implementation: ``"auto"``, ``"loop"`` or ``"compiled"``; ``"foreach"`` runs the loop.
             On CPU, ``"auto"`` and ``"compiled"`` run the C kernels (see the module docstring).
         skip_nonfinite, global_reduce, stochastic_rounding: see

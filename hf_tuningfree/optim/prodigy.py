@@ -271,12 +271,15 @@ class Prodigy(AdamFormBase):
             consistent estimate of the full ratio (both scale with the kept fraction), with the
             small-sample bias of a ratio estimator (of order ``1 / (number of kept elements)``);
             a tensor with ``n <= k`` contributes one element, so tensors smaller than ``k``
-            weigh ``k / n`` times more per element than larger ones. Saves ``(1 - 1/k)`` of
-            ``s`` and of ``x0``: with ``beta1 = 0`` as well, 4 bytes + 8/k per fp32 element
-            (``v``, and 1/k of ``s`` and ``x0``). Model-wide (the same in every group). On the C
-            path the update runs in C without ``s`` and the statistics and ``s`` on the kept
-            elements in torch (strided views never reach the C code); the fused single-sweep
-            form is not used. Under FSDP2 ``s`` and ``x0`` are plain tensors of the rank-local
+            weigh ``k / n`` times more per element than larger ones. The kept set is deterministic:
+            with ``k`` dividing a matrix's row length it is the same columns in every row, and where
+            columns differ systematically (embeddings, heads) that aliasing biases ``d`` by more
+            than sampling would: an odd ``k`` (7, 9) walks through the columns. Saves ``(1 - 1/k)``
+            of ``s`` and of ``x0``: with ``beta1 = 0`` as well, 4 bytes + 8/k per fp32 element
+            (``v``, and 1/k of ``s`` and ``x0``). Model-wide (the same in every group). The C
+            path as :class:`~hf_tuningfree.optim.dadapt.DAdaptAdam`'s (one fused
+            ``prodigy_fused_sliced`` sweep unsharded; sharded: C update, torch statistics). Under
+            FSDP2 ``s`` and ``x0`` are plain tensors of the rank-local
             shard's kept elements (the kept set follows each shard's own offsets).
         skip_nonfinite, global_reduce, stochastic_rounding: see
             :class:`~hf_tuningfree.optim.base.TuningFreeOptimizer`.
