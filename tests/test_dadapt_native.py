@@ -266,6 +266,8 @@ def test_native_nonfinite_gradient_leaves_params_and_state_bit_identical(
     opt._init_param_state(late, initial, opt.param_groups[1])
     if "z" in opt.state[late]:  # DAdaptSGD's z, created by its first update pass, starts at x
         initial["z"] = late.detach()
+    if "x0" in opt.state[late] and "x0" not in initial:  # Prodigy's x0 of a nonzero tensor,
+        initial["x0"] = late.detach()  # stored after the zero check (implicit_zero_x0)
     assert opt.state[late].keys() == initial.keys()
     assert all(torch.equal(opt.state[late][k], v) for k, v in initial.items())
     after = _snapshot(params, opt, skip_state_of=late)

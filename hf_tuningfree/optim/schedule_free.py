@@ -56,7 +56,7 @@ from .dadapt import (
     effective_grad,
 )
 from .distributed import local_view
-from .prodigy import Prodigy, prodigy_sums
+from .prodigy import Prodigy, prodigy_s, prodigy_sums
 
 __all__ = ["ProdigyScheduleFree", "prodigy_sf_tensor_update", "schedule_free_weight"]
 
@@ -69,7 +69,7 @@ def prodigy_sf_tensor_update(
     grad: torch.Tensor,
     z: torch.Tensor,
     exp_avg_sq: torch.Tensor,
-    s: torch.Tensor,
+    s: torch.Tensor | None,
     ok: torch.Tensor,
     step_size: torch.Tensor,
     y_step: torch.Tensor,
@@ -96,14 +96,36 @@ def prodigy_sf_tensor_update(
     g = torch.where(ok, g, 0.0)
     zz = z.to(g.dtype)
     v = exp_avg_sq.to(g.dtype)
-    s_new = s.to(g.dtype)
     v = v + c_v * (g * g - v)
-    s_new = s_new + c_s * s_new + s_weight * g
     u = g / (v.sqrt() + eps) + decoupled_wd * y
     param.copy_(y + average * (zz - y) - y_step * u)
     z.copy_(zz - step_size * u)
     exp_avg_sq.copy_(v)
-    s.copy_(s_new)
+    if s is not None:  # None: slice_p > 1 (prodigy_sf_sliced_s)
+        s.copy_(prodigy_s(s.to(g.dtype), g, s_weight, c_s))
+
+
+def prodigy_sf_sliced_s(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    s: torch.Tensor,
+    ok: torch.Tensor,
+    step_size: torch.Tensor,
+    y_step: torch.Tensor,
+    average: torch.Tensor,
+    s_weight: torch.Tensor,
+    coupled_wd: torch.Tensor,
+    decoupled_wd: torch.Tensor,
+    c_v: torch.Tensor,
+    c_s: torch.Tensor,
+    *_: torch.Tensor,
+    maximize: bool,
+    coupled: bool,
+    acc64: bool,
+) -> torch.Tensor:
+    """Schedule-free Prodigy's new ``s`` on the kept elements (``slice_p > 1``)."""
+    g, _ = effective_grad(grad, param, coupled_wd, maximize=maximize, coupled=coupled)
+    return prodigy_s(s.to(g.dtype), torch.where(ok, g, 0.0), s_weight, c_s)
 
 
 def prodigy_sf_statistics(
@@ -111,7 +133,7 @@ def prodigy_sf_statistics(
     grad: torch.Tensor,
     z: torch.Tensor,
     s: torch.Tensor,
-    x0: torch.Tensor,
+    x0: torch.Tensor | None,
     coupled_wd: torch.Tensor,
     s_weight: torch.Tensor,
     c_s: torch.Tensor,
@@ -131,6 +153,7 @@ _PRODIGY_SF_STATISTICS = _pass(
     "ProdigyScheduleFree statistics",
     ("z", "s", "x0"),
     ("g_sq", "dot", "s_l1"),
+    optional=("x0",),
 )
 _PRODIGY_SF_UPDATE = _pass(
     prodigy_sf_tensor_update,
@@ -138,6 +161,8 @@ _PRODIGY_SF_UPDATE = _pass(
     ("z", "exp_avg_sq", "s"),
     (),
     ("param", "z", "exp_avg_sq", "s"),
+    optional=("s",),
+    sliced=prodigy_sf_sliced_s,
 )
 
 
@@ -223,7 +248,8 @@ class ProdigyScheduleFree(ScheduleFreeModes, Prodigy):
     Args: as :class:`~hf_tuningfree.optim.prodigy.Prodigy`; ``betas[0]`` is the interpolation
     weight ``beta1`` of ``y`` between ``z`` and ``x`` (default 0.9, the authors').
 
-    State: per parameter ``z``, ``exp_avg_sq`` (v), ``s``, ``x0``; model-wide ``d``, ``d_max``,
+    State: per parameter ``z``, ``exp_avg_sq`` (v), ``s``, ``x0`` (none for a tensor that was
+    all zero at its first step: ``implicit_zero_x0``, as Prodigy); model-wide ``d``, ``d_max``,
     ``numerator``, ``s_l1``, ``step``, ``sf_lr_max`` and ``sf_weight_sum`` (the averaging).
     ``stats()`` adds ``sf_average_weight`` (the last ``c``).
     """
@@ -249,6 +275,8 @@ class ProdigyScheduleFree(ScheduleFreeModes, Prodigy):
         maximize: bool = False,
         implementation: str = "auto",
         *,
+        implicit_zero_x0: bool = True,
+        slice_p: int = 1,
         skip_nonfinite: bool = True,
         global_reduce: object = "auto",
         stochastic_rounding: bool = True,
@@ -275,6 +303,8 @@ class ProdigyScheduleFree(ScheduleFreeModes, Prodigy):
             d_groups=d_groups,
             maximize=maximize,
             implementation=implementation,
+            implicit_zero_x0=implicit_zero_x0,
+            slice_p=slice_p,
             skip_nonfinite=skip_nonfinite,
             global_reduce=global_reduce,
             stochastic_rounding=stochastic_rounding,
@@ -286,10 +316,10 @@ class ProdigyScheduleFree(ScheduleFreeModes, Prodigy):
         super().add_param_group(param_group)
 
     def _init_param_state(self, param: torch.Tensor, state: dict[str, Any], group: dict) -> None:
-        for key in ("exp_avg_sq", "s"):
-            state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        state["s"] = self._stat_zeros(param)
         state["z"] = param.detach().clone(memory_format=torch.preserve_format)
-        state["x0"] = param.detach().clone(memory_format=torch.preserve_format)
+        self._init_x0(param, state, group)
 
     def _bias_correction(self, step: torch.Tensor) -> torch.Tensor | float:
         """``sqrt(1 - beta2^(k+1))``: the second moment's correction (there is no first moment)."""

@@ -117,6 +117,38 @@ void NAME(int64_t nt, void* const* ptrs, const int64_t* ns, const double* sc, in
     da_run_update(nt, ptrs, ns, sc, flags, ok, nthreads, NAME##_block);                         \
 }
 
+/* Optional streams: a kernel whose stream j may hold NULL pointers (listed per kernel in
+   _native.DADAPT_OPTIONAL) is written as NAME##_loop(..., has_j, ...) with a constant per
+   optional stream, and NAME##_body picks the variant for tensor k: one branch per tensor, no
+   branch in the loop (the constant folds away). */
+#define DA_HAS(j) (p[(j) * nt + k] != NULL)
+#define DA_HAS1_STATS(NAME, j)                                                                  \
+DA_INLINE void NAME##_body(DA_STATS_ARGS) {                                                     \
+    if (DA_HAS(j)) NAME##_loop(p, nt, k, lo, hi, sc, flags, acc, maximize, coupled, 1);         \
+    else NAME##_loop(p, nt, k, lo, hi, sc, flags, acc, maximize, coupled, 0);                   \
+}
+#define DA_HAS2_STATS(NAME, j1, j2)                                                             \
+DA_INLINE void NAME##_body(DA_STATS_ARGS) {                                                     \
+    const int h1 = DA_HAS(j1), h2 = DA_HAS(j2);                                                 \
+    if (h1 && h2) NAME##_loop(p, nt, k, lo, hi, sc, flags, acc, maximize, coupled, 1, 1);       \
+    else if (h1) NAME##_loop(p, nt, k, lo, hi, sc, flags, acc, maximize, coupled, 1, 0);        \
+    else if (h2) NAME##_loop(p, nt, k, lo, hi, sc, flags, acc, maximize, coupled, 0, 1);        \
+    else NAME##_loop(p, nt, k, lo, hi, sc, flags, acc, maximize, coupled, 0, 0);                \
+}
+#define DA_HAS1_UPDATE(NAME, j)                                                                 \
+DA_INLINE void NAME##_body(DA_UPDATE_ARGS) {                                                    \
+    if (DA_HAS(j)) NAME##_loop(p, nt, k, lo, hi, sc, flags, maximize, coupled, 1);              \
+    else NAME##_loop(p, nt, k, lo, hi, sc, flags, maximize, coupled, 0);                        \
+}
+#define DA_HAS2(NAME, j1, j2)                                                                   \
+DA_INLINE void NAME##_body(DA_UPDATE_ARGS) {                                                    \
+    const int h1 = DA_HAS(j1), h2 = DA_HAS(j2);                                                 \
+    if (h1 && h2) NAME##_loop(p, nt, k, lo, hi, sc, flags, maximize, coupled, 1, 1);            \
+    else if (h1) NAME##_loop(p, nt, k, lo, hi, sc, flags, maximize, coupled, 1, 0);             \
+    else if (h2) NAME##_loop(p, nt, k, lo, hi, sc, flags, maximize, coupled, 0, 1);             \
+    else NAME##_loop(p, nt, k, lo, hi, sc, flags, maximize, coupled, 0, 0);                     \
+}
+
 /* DAdaptAdam statistics (dadapt_adam_statistics); streams x, g, v, s; sc: cwd, eps, dlr, c_s.
    sums: ||g||^2, <g', s / (sqrt(v) + eps)>, ||s + c_s (dlr g' - s)||_1 */
 #define DA_ADAM_STATS(NAME, T, SQRT, ABS)                                                       \
@@ -140,9 +172,11 @@ DA_INLINE void NAME##_body(DA_STATS_ARGS) {                                     
 DA_KERNELS(NAME, 3)
 
 /* DAdaptAdam update (dadapt_adam_tensor_update); streams x, g, m, v, s;
-   sc: dlr, cwd, decay, c_m, c_v, c_s, on (1 when ok; unused), eps */
+   sc: dlr, cwd, decay, c_m, c_v, c_s, on (1 when ok; unused), eps. A NULL m (beta1 = 0: no
+   first-moment buffer) makes m_{k+1} = dlr g'; a NULL s (slice_p > 1: s is updated on the
+   torch side) leaves s out. Both are per-tensor branches (DA_HAS2), not per element. */
 #define DA_ADAM_UPDATE(NAME, T, SQRT)                                                           \
-DA_INLINE void NAME##_body(DA_UPDATE_ARGS) {                                                    \
+DA_INLINE void NAME##_loop(DA_UPDATE_ARGS, const int has_m, const int has_s) {                  \
     T* restrict x = DA_STREAM(T, 0); const T* restrict g = DA_STREAM(T, 1);                     \
     T* restrict m = DA_STREAM(T, 2); T* restrict v = DA_STREAM(T, 3);                           \
     T* restrict s = DA_STREAM(T, 4);                                                            \
@@ -153,20 +187,23 @@ DA_INLINE void NAME##_body(DA_UPDATE_ARGS) {                                    
         const T xi = x[i];                                                                      \
         DA_GRAD(T, gi, g[i], xi)                                                                \
         const T dg = dlr * gi;                                                                  \
-        T mi = m[i], vi = v[i], si = s[i];                                                      \
-        mi = mi + cm * (dg - mi);                                                               \
+        T vi = v[i];                                                                            \
+        const T mi = has_m ? m[i] + cm * (dg - m[i]) : dg;                                      \
         vi = vi + cv * (gi * gi - vi);                                                          \
-        si = si + cs * (dg - si);                                                               \
+        if (has_s) s[i] = s[i] + cs * (dg - s[i]);                                              \
         x[i] = xi - decay * xi - mi / (SQRT(vi) + eps);                                         \
-        m[i] = mi; v[i] = vi; s[i] = si;                                                        \
+        if (has_m) m[i] = mi;                                                                   \
+        v[i] = vi;                                                                              \
     }                                                                                           \
 }                                                                                               \
+DA_HAS2(NAME, 2, 4)                                                                             \
 DA_UPDATE_KERNEL(NAME)
 
 /* Prodigy statistics (prodigy_statistics); streams x, g, s, x0; sc: cwd, s_weight, c_s.
-   sums: ||g||^2, <g', x0 - x>, ||s + c_s s + s_weight g'||_1 */
+   sums: ||g||^2, <g', x0 - x>, ||s + c_s s + s_weight g'||_1. A NULL x0 (a tensor that was
+   all zero at its first step: implicit_zero_x0) reads 0 - x, the same numbers as a stored zero. */
 #define DA_PRODIGY_STATS(NAME, T, ABS)                                                          \
-DA_INLINE void NAME##_body(DA_STATS_ARGS) {                                                     \
+DA_INLINE void NAME##_loop(DA_STATS_ARGS, const int has_x0) {                                   \
     const T* restrict x = DA_STREAM(T, 0); const T* restrict g = DA_STREAM(T, 1);               \
     const T* restrict s = DA_STREAM(T, 2); const T* restrict x0 = DA_STREAM(T, 3);              \
     const T cwd = (T)sc[0], sw = (T)sc[1], cs = (T)sc[2];                                       \
@@ -178,17 +215,19 @@ DA_INLINE void NAME##_body(DA_STATS_ARGS) {                                     
         const T si = s[i];                                                                      \
         const T sn = si + cs * si + sw * gi;                                                    \
         a0 += (double)(gr * gr);                                                                \
-        a1 += (double)(gi * (x0[i] - xi));                                                      \
+        a1 += (double)(gi * ((has_x0 ? x0[i] : (T)0) - xi));                                    \
         a2 += (double)ABS(sn);                                                                  \
     }                                                                                           \
     acc[0] = a0; acc[1] = a1; acc[2] = a2;                                                      \
 }                                                                                               \
+DA_HAS1_STATS(NAME, 3)                                                                          \
 DA_KERNELS(NAME, 3)
 
 /* Prodigy update (prodigy_tensor_update); streams x, g, m, v, s;
-   sc: d, dlr, s_weight, cwd, decay, c_m, c_v, c_s, d * eps */
+   sc: d, dlr, s_weight, cwd, decay, c_m, c_v, c_s, d * eps; m and s may be NULL (as for
+   DAdaptAdam: m_{k+1} = d g'; s updated elsewhere) */
 #define DA_PRODIGY_UPDATE(NAME, T, SQRT)                                                        \
-DA_INLINE void NAME##_body(DA_UPDATE_ARGS) {                                                    \
+DA_INLINE void NAME##_loop(DA_UPDATE_ARGS, const int has_m, const int has_s) {                  \
     T* restrict x = DA_STREAM(T, 0); const T* restrict g = DA_STREAM(T, 1);                     \
     T* restrict m = DA_STREAM(T, 2); T* restrict v = DA_STREAM(T, 3);                           \
     T* restrict s = DA_STREAM(T, 4);                                                            \
@@ -199,14 +238,16 @@ DA_INLINE void NAME##_body(DA_UPDATE_ARGS) {                                    
         const T xi = x[i];                                                                      \
         DA_GRAD(T, gi, g[i], xi)                                                                \
         const T dg = d * gi;                                                                    \
-        T mi = m[i], vi = v[i], si = s[i];                                                      \
-        mi = mi + cm * (dg - mi);                                                               \
+        T vi = v[i];                                                                            \
+        const T mi = has_m ? m[i] + cm * (dg - m[i]) : dg;                                      \
         vi = vi + cv * (dg * dg - vi);                                                          \
-        si = si + cs * si + sw * gi;                                                            \
+        if (has_s) s[i] = s[i] + cs * s[i] + sw * gi;                                           \
         x[i] = xi - decay * xi - dlr * (mi / (SQRT(vi) + deps));                                \
-        m[i] = mi; v[i] = vi; s[i] = si;                                                        \
+        if (has_m) m[i] = mi;                                                                   \
+        v[i] = vi;                                                                              \
     }                                                                                           \
 }                                                                                               \
+DA_HAS2(NAME, 2, 4)                                                                             \
 DA_UPDATE_KERNEL(NAME)
 
 DA_ADAM_STATS(dadapt_adam_stats_f32, float, sqrtf, fabsf)
@@ -241,9 +282,9 @@ DA_INLINE void NAME##_body(DA_STATS_ARGS) {                                     
 DA_KERNELS(NAME, 4)
 
 /* DAdaptSGD update without momentum (dadapt_sgd_tensor_update); streams x, g, s;
-   sc: lam, cwd, decay */
+   sc: lam, cwd, decay; a NULL s (slice_p > 1) leaves s out */
 #define DA_SGD_UPDATE(NAME, T)                                                                  \
-DA_INLINE void NAME##_body(DA_UPDATE_ARGS) {                                                    \
+DA_INLINE void NAME##_loop(DA_UPDATE_ARGS, const int has_s) {                                   \
     T* restrict x = DA_STREAM(T, 0); const T* restrict g = DA_STREAM(T, 1);                     \
     T* restrict s = DA_STREAM(T, 2);                                                            \
     const T lam = (T)sc[0], cwd = (T)sc[1], decay = (T)sc[2];                                   \
@@ -252,15 +293,16 @@ DA_INLINE void NAME##_body(DA_UPDATE_ARGS) {                                    
         const T xi = x[i];                                                                      \
         DA_GRAD(T, gi, g[i], xi)                                                                \
         x[i] = xi - decay * xi - lam * gi;                                                      \
-        s[i] = s[i] + lam * gi;                                                                 \
+        if (has_s) s[i] = s[i] + lam * gi;                                                      \
     }                                                                                           \
 }                                                                                               \
+DA_HAS1_UPDATE(NAME, 2)                                                                         \
 DA_UPDATE_KERNEL(NAME)
 
 /* DAdaptSGD update with momentum (dadapt_sgd_momentum_tensor_update); streams x, g, s, z;
-   sc: lam, cwd, decay, average (1 - momentum) */
+   sc: lam, cwd, decay, average (1 - momentum); a NULL s (slice_p > 1) leaves s out */
 #define DA_SGD_MOMENTUM_UPDATE(NAME, T)                                                         \
-DA_INLINE void NAME##_body(DA_UPDATE_ARGS) {                                                    \
+DA_INLINE void NAME##_loop(DA_UPDATE_ARGS, const int has_s) {                                   \
     T* restrict x = DA_STREAM(T, 0); const T* restrict g = DA_STREAM(T, 1);                     \
     T* restrict s = DA_STREAM(T, 2); T* restrict z = DA_STREAM(T, 3);                           \
     const T lam = (T)sc[0], cwd = (T)sc[1], decay = (T)sc[2], average = (T)sc[3];               \
@@ -270,10 +312,11 @@ DA_INLINE void NAME##_body(DA_UPDATE_ARGS) {                                    
         DA_GRAD(T, gi, g[i], xi)                                                                \
         const T zz = zi - decay * zi - lam * gi;                                                \
         x[i] = xi + average * (zz - xi);                                                        \
-        s[i] = s[i] + lam * gi;                                                                 \
+        if (has_s) s[i] = s[i] + lam * gi;                                                      \
         z[i] = zz;                                                                              \
     }                                                                                           \
 }                                                                                               \
+DA_HAS1_UPDATE(NAME, 2)                                                                         \
 DA_UPDATE_KERNEL(NAME)
 
 DA_SGD_STATS(dadapt_sgd_stats_f32, float)
@@ -337,9 +380,9 @@ DA_ADAGRAD_UPDATE(dadapt_adagrad_update_f32, float, sqrtf)
 DA_ADAGRAD_UPDATE(dadapt_adagrad_update_f64, double, sqrt)
 /* DAdaptAdam fused (statistics and update); streams x, g, m, v, s; the update's coefficients.
    Sums as dadapt_adam_stats but ||g||^2; its s_{k+1} is the update's (the same coefficients when
-   ok). */
+   ok). A NULL m: beta1 = 0, as in dadapt_adam_update. */
 #define DA_ADAM_FUSED(NAME, T, SQRT, ABS)                                                       \
-DA_INLINE void NAME##_body(DA_STATS_ARGS) {                                                     \
+DA_INLINE void NAME##_loop(DA_STATS_ARGS, const int has_m) {                                    \
     T* restrict x = DA_STREAM(T, 0); const T* restrict g = DA_STREAM(T, 1);                     \
     T* restrict m = DA_STREAM(T, 2); T* restrict v = DA_STREAM(T, 3);                           \
     T* restrict s = DA_STREAM(T, 4);                                                            \
@@ -351,26 +394,29 @@ DA_INLINE void NAME##_body(DA_STATS_ARGS) {                                     
         const T xi = x[i];                                                                      \
         DA_GRAD(T, gi, g[i], xi)                                                                \
         const T dg = dlr * gi;                                                                  \
-        T mi = m[i], vi = v[i], si = s[i];                                                      \
+        T vi = v[i], si = s[i];                                                                 \
         a1 += (double)(gi * si / (SQRT(vi) + eps));                                             \
-        mi = mi + cm * (dg - mi);                                                               \
+        const T mi = has_m ? m[i] + cm * (dg - m[i]) : dg;                                      \
         vi = vi + cv * (gi * gi - vi);                                                          \
         si = si + cs * (dg - si);                                                               \
         a2 += (double)ABS(si);                                                                  \
         x[i] = xi - decay * xi - mi / (SQRT(vi) + eps);                                         \
-        m[i] = mi; v[i] = vi; s[i] = si;                                                        \
+        if (has_m) m[i] = mi;                                                                   \
+        v[i] = vi; s[i] = si;                                                                   \
     }                                                                                           \
     acc[0] = a1; acc[1] = a2;                                                                   \
 }                                                                                               \
+DA_HAS1_STATS(NAME, 2)                                                                          \
 DA_FUSED_KERNEL(NAME, 2)
 
 DA_ADAM_FUSED(dadapt_adam_fused_f32, float, sqrtf, fabsf)
 DA_ADAM_FUSED(dadapt_adam_fused_f64, double, sqrt, fabs)
 /* Prodigy fused; streams x, g, m, v, s, x0; the update's coefficients. Sums as
    prodigy_stats but ||g||^2: <g', x0 - x> of the x before the step, ||s_{k+1}||_1 of the
-   update's s. */
+   update's s. A NULL m (beta1 = 0) or x0 (implicit zero) as in prodigy_update and
+   prodigy_stats. */
 #define DA_PRODIGY_FUSED(NAME, T, SQRT, ABS)                                                    \
-DA_INLINE void NAME##_body(DA_STATS_ARGS) {                                                     \
+DA_INLINE void NAME##_loop(DA_STATS_ARGS, const int has_m, const int has_x0) {                  \
     T* restrict x = DA_STREAM(T, 0); const T* restrict g = DA_STREAM(T, 1);                     \
     T* restrict m = DA_STREAM(T, 2); T* restrict v = DA_STREAM(T, 3);                           \
     T* restrict s = DA_STREAM(T, 4); const T* restrict x0 = DA_STREAM(T, 5);                    \
@@ -381,18 +427,20 @@ DA_INLINE void NAME##_body(DA_STATS_ARGS) {                                     
     for (int64_t i = lo; i < hi; ++i) {                                                         \
         const T xi = x[i];                                                                      \
         DA_GRAD(T, gi, g[i], xi)                                                                \
-        a1 += (double)(gi * (x0[i] - xi));                                                      \
+        a1 += (double)(gi * ((has_x0 ? x0[i] : (T)0) - xi));                                    \
         const T dg = d * gi;                                                                    \
-        T mi = m[i], vi = v[i], si = s[i];                                                      \
-        mi = mi + cm * (dg - mi);                                                               \
+        T vi = v[i], si = s[i];                                                                 \
+        const T mi = has_m ? m[i] + cm * (dg - m[i]) : dg;                                      \
         vi = vi + cv * (dg * dg - vi);                                                          \
         si = si + cs * si + sw * gi;                                                            \
         a2 += (double)ABS(si);                                                                  \
         x[i] = xi - decay * xi - dlr * (mi / (SQRT(vi) + deps));                                \
-        m[i] = mi; v[i] = vi; s[i] = si;                                                        \
+        if (has_m) m[i] = mi;                                                                   \
+        v[i] = vi; s[i] = si;                                                                   \
     }                                                                                           \
     acc[0] = a1; acc[1] = a2;                                                                   \
 }                                                                                               \
+DA_HAS2_STATS(NAME, 2, 5)                                                                       \
 DA_FUSED_KERNEL(NAME, 2)
 
 /* DAdaptSGD fused, without momentum; streams x, g, s; the update's coefficients (lam, cwd,
@@ -497,3 +545,97 @@ DA_KERNELS(NAME, 1)
 
 DA_GRAD_SQ(dadapt_grad_sq_f32, float)
 DA_GRAD_SQ(dadapt_grad_sq_f64, double)
+
+/* ---- slice_p: fused kernels whose s (and Prodigy's x0) hold every STRIDE-th element only --------
+   STRIDE = flags >> 8 (>= 2; the Python side checks the sliced streams' sizes against the same
+   number). Per block: first the statistics and the new s on the kept elements i = 0, k, 2k, ...
+   of the tensor that fall in the block (s index i / k), reading the state before the step; then
+   the block's full update by the update kernel's loop with s left out (has_s = 0; the block is
+   still in cache). Sums: as the fused kernels, over the kept elements. */
+#define DA_STRIDE ((int64_t)(flags >> 8))
+#define DA_KEPT_FROM(lo, kk) ((((lo) + (kk) - 1) / (kk)) * (kk))
+/* DAdaptAdam, sliced; streams x, g, m (may be NULL), v, s (sliced); dadapt_adam_update's
+   coefficients. sums: <g', s / (sqrt(v) + eps)>, ||s_{k+1}||_1 over the kept elements */
+#define DA_ADAM_FUSED_SLICED(NAME, UPDATE, T, SQRT, ABS)                                        \
+DA_INLINE void NAME##_body(DA_STATS_ARGS) {                                                     \
+    const T* restrict x = DA_STREAM(T, 0); const T* restrict g = DA_STREAM(T, 1);               \
+    const T* restrict v = DA_STREAM(T, 3); T* restrict s = DA_STREAM(T, 4);                     \
+    const T dlr = (T)sc[0], cwd = (T)sc[1], cs = (T)sc[5], eps = (T)sc[7];                      \
+    const int64_t kk = DA_STRIDE;                                                               \
+    double a1 = 0.0, a2 = 0.0;                                                                  \
+    for (int64_t i = DA_KEPT_FROM(lo, kk); i < hi; i += kk) {                                   \
+        const T xi = x[i];                                                                      \
+        DA_GRAD(T, gi, g[i], xi)                                                                \
+        const int64_t j = i / kk;                                                               \
+        const T sj = s[j];                                                                      \
+        a1 += (double)(gi * sj / (SQRT(v[i]) + eps));                                           \
+        const T sn = sj + cs * (dlr * gi - sj);                                                 \
+        a2 += (double)ABS(sn);                                                                  \
+        s[j] = sn;                                                                              \
+    }                                                                                           \
+    if (DA_HAS(2)) UPDATE##_loop(p, nt, k, lo, hi, sc, flags, maximize, coupled, 1, 0);         \
+    else UPDATE##_loop(p, nt, k, lo, hi, sc, flags, maximize, coupled, 0, 0);                   \
+    acc[0] = a1; acc[1] = a2;                                                                   \
+}                                                                                               \
+DA_FUSED_KERNEL(NAME, 2)
+
+/* Prodigy, sliced; streams x, g, m (may be NULL), v, s (sliced), x0 (sliced, may be NULL);
+   prodigy_update's coefficients. sums: <g', x0 - x>, ||s_{k+1}||_1 over the kept elements */
+#define DA_PRODIGY_FUSED_SLICED(NAME, UPDATE, T, SQRT, ABS)                                     \
+DA_INLINE void NAME##_body(DA_STATS_ARGS) {                                                     \
+    const T* restrict x = DA_STREAM(T, 0); const T* restrict g = DA_STREAM(T, 1);               \
+    T* restrict s = DA_STREAM(T, 4); const T* restrict x0 = DA_STREAM(T, 5);                    \
+    const T sw = (T)sc[2], cwd = (T)sc[3], cs = (T)sc[7];                                       \
+    const int64_t kk = DA_STRIDE;                                                               \
+    const int has_x0 = DA_HAS(5);                                                               \
+    double a1 = 0.0, a2 = 0.0;                                                                  \
+    for (int64_t i = DA_KEPT_FROM(lo, kk); i < hi; i += kk) {                                   \
+        const T xi = x[i];                                                                      \
+        DA_GRAD(T, gi, g[i], xi)                                                                \
+        const int64_t j = i / kk;                                                               \
+        a1 += (double)(gi * ((has_x0 ? x0[j] : (T)0) - xi));                                    \
+        const T sj = s[j];                                                                      \
+        const T sn = sj + cs * sj + sw * gi;                                                    \
+        a2 += (double)ABS(sn);                                                                  \
+        s[j] = sn;                                                                              \
+    }                                                                                           \
+    if (DA_HAS(2)) UPDATE##_loop(p, nt, k, lo, hi, sc, flags, maximize, coupled, 1, 0);         \
+    else UPDATE##_loop(p, nt, k, lo, hi, sc, flags, maximize, coupled, 0, 0);                   \
+    acc[0] = a1; acc[1] = a2;                                                                   \
+}                                                                                               \
+DA_FUSED_KERNEL(NAME, 2)
+
+/* DAdaptSGD (with or without momentum), sliced; streams x, g, s (sliced)[, z]; the update's
+   coefficients (lam, cwd, ...). sums: <g', s>, ||s + lam g'||^2, ||g'||^2 over the kept
+   elements (scaled by the stride on the Python side) */
+#define DA_SGD_FUSED_SLICED(NAME, UPDATE, T)                                                    \
+DA_INLINE void NAME##_body(DA_STATS_ARGS) {                                                     \
+    const T* restrict x = DA_STREAM(T, 0); const T* restrict g = DA_STREAM(T, 1);               \
+    T* restrict s = DA_STREAM(T, 2);                                                            \
+    const T lam = (T)sc[0], cwd = (T)sc[1];                                                     \
+    const int64_t kk = DA_STRIDE;                                                               \
+    double a1 = 0.0, a2 = 0.0, a3 = 0.0;                                                        \
+    for (int64_t i = DA_KEPT_FROM(lo, kk); i < hi; i += kk) {                                   \
+        const T xi = x[i];                                                                      \
+        DA_GRAD(T, gi, g[i], xi)                                                                \
+        const int64_t j = i / kk;                                                               \
+        const T sj = s[j];                                                                      \
+        const T sn = sj + lam * gi;                                                             \
+        a1 += (double)(gi * sj);                                                                \
+        a2 += (double)(sn * sn);                                                                \
+        a3 += (double)(gi * gi);                                                                \
+        s[j] = sn;                                                                              \
+    }                                                                                           \
+    UPDATE##_loop(p, nt, k, lo, hi, sc, flags, maximize, coupled, 0);                           \
+    acc[0] = a1; acc[1] = a2; acc[2] = a3;                                                      \
+}                                                                                               \
+DA_FUSED_KERNEL(NAME, 3)
+
+DA_ADAM_FUSED_SLICED(dadapt_adam_fused_sliced_f32, dadapt_adam_update_f32, float, sqrtf, fabsf)
+DA_ADAM_FUSED_SLICED(dadapt_adam_fused_sliced_f64, dadapt_adam_update_f64, double, sqrt, fabs)
+DA_PRODIGY_FUSED_SLICED(prodigy_fused_sliced_f32, prodigy_update_f32, float, sqrtf, fabsf)
+DA_PRODIGY_FUSED_SLICED(prodigy_fused_sliced_f64, prodigy_update_f64, double, sqrt, fabs)
+DA_SGD_FUSED_SLICED(dadapt_sgd_fused_sliced_f32, dadapt_sgd_update_f32, float)
+DA_SGD_FUSED_SLICED(dadapt_sgd_fused_sliced_f64, dadapt_sgd_update_f64, double)
+DA_SGD_FUSED_SLICED(dadapt_sgd_momentum_fused_sliced_f32, dadapt_sgd_momentum_update_f32, float)
+DA_SGD_FUSED_SLICED(dadapt_sgd_momentum_fused_sliced_f64, dadapt_sgd_momentum_update_f64, double)
