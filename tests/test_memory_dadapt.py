@@ -329,9 +329,11 @@ def _reference_problem():
 @pytest.mark.parametrize("name", ["dadapt_adam", "prodigy"])
 def test_beta1_zero_has_no_first_moment_and_follows_the_reference(name, impl, monkeypatch):
     """``betas[0] = 0``: no ``exp_avg`` is allocated and the run follows the fp64 per-element
-    reference of test_dadapt (its ``m = 0 m + 1 d g`` is ``d g`` exactly) at every step, on the
-    C kernels (``"compiled"`` on CPU) and the per-tensor loop."""
-    from test_dadapt import D0, STEPS, _compare, _run_ours, reference_adam, reference_prodigy
+    reference (``optim.reference.dadapt``: its ``m = 0 m + 1 d g`` is ``d g`` exactly) at every
+    step, on the C kernels (``"compiled"`` on CPU) and the per-tensor loop."""
+    from test_dadapt import D0, STEPS, _compare, _convention, _run_ours
+
+    from hf_tuningfree.optim.reference import dadapt as dadapt_reference
 
     if impl == "compiled" and not HAS_C:
         pytest.skip("no C compiler")
@@ -340,10 +342,12 @@ def test_beta1_zero_has_no_first_moment_and_follows_the_reference(name, impl, mo
     betas = (0.0, 0.99)
     model = {"d0": D0, "d0_rel": 0.0, "betas": betas}
     if name == "prodigy":
-        expected = reference_prodigy(prob, hp, D0, float("inf"), betas, True, False, 1.0)
+        expected = dadapt_reference.prodigy(
+            *_convention(prob), hp, **model, use_bias_correction=True
+        )
         cls = Prodigy
     else:
-        expected = reference_adam(prob, hp, D0, float("inf"), betas, True)
+        expected = dadapt_reference.adam(*_convention(prob), hp, **model, use_bias_correction=True)
         cls = DAdaptAdam
     params, ds, opt = _run_ours(cls, prob, hp, model, impl=impl)
     worst, worst_d = _compare(params, expected[0], ds, expected[1])
