@@ -399,6 +399,7 @@ def _kernel_table():
     """Per kernel: (per-element torch function, the state streams after x and g, coefficients in
     the order of the function's 0-dim arguments with ``ok`` left out)."""
     from hf_tuningfree.optim import dadapt, prodigy
+    from hf_tuningfree.optim.dadapt import sgd
 
     return {
         "dadapt_adam_stats": (dadapt.dadapt_adam_statistics, ["v", "s"],
@@ -410,7 +411,7 @@ def _kernel_table():
                            [1e-3, 1e-3, 2e-3, 0.1, 0.0, 0.1, 0.01, -0.05, 1e-11]),
         "dadapt_sgd_stats": (dadapt.dadapt_sgd_statistics, ["s"], [0.1, 1e-3]),
         "dadapt_sgd_update": (dadapt.dadapt_sgd_tensor_update, ["s"], [1e-3, 0.1, 0.0]),
-        "dadapt_sgd_momentum_update": (dadapt.dadapt_sgd_momentum_tensor_update, ["s", "z"],
+        "dadapt_sgd_momentum_update": (sgd.dadapt_sgd_momentum_tensor_update, ["s", "z"],
                                        [1e-3, 0.1, 1e-4, 0.1]),
         "dadapt_adagrad_stats": (dadapt.dadapt_adagrad_statistics, ["alpha", "s"],
                                  [0.1, 1e-3, 1e-6]),

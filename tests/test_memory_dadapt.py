@@ -26,9 +26,9 @@ from hf_tuningfree.optim import (
     Prodigy,
     ProdigyScheduleFree,
     _native,
-    dadapt,
 )
 from hf_tuningfree.optim import prodigy as prodigy_module
+from hf_tuningfree.optim.dadapt import passes as dadapt_passes
 
 #: shapes: one unpacked nonzero, one unpacked zero (LoRA's B), small ones packed together (a
 #: zero among nonzero ones, so that the packed x0 holds a zero block)
@@ -138,14 +138,14 @@ def test_implicit_x0_on_the_compiled_path_matches_the_loop(monkeypatch):
         out[impl] = _run(Prodigy, steps=4, params=params, implementation=impl)
     (pl, dl, _), (pc, dc, oc) = out["loop"], out["compiled"]
     assert "x0" not in oc.state[pc[1]] and "x0" in oc.state[pc[0]]
-    assert any(k[1] == (3,) for k in dadapt._VARIANTS), "the x0-less variant was not compiled"
+    assert any(k[1] == (3,) for k in dadapt_passes._VARIANTS), "no x0-less variant was compiled"
     rel = max(((a - b).abs() / (1 + a.abs())).max().item() for a, b in zip(pl, pc, strict=True))
     assert rel <= 1e-6 and abs(dl[-1] - dc[-1]) <= 1e-6 * dl[-1], (rel, dl[-1], dc[-1])
 
 
 def test_the_zero_check_is_one_host_read_at_state_creation(monkeypatch):
     reads: list[int] = []
-    real = dadapt._host_flags
+    real = dadapt_passes._host_flags
 
     def counting(flags):
         reads.append(len(flags))

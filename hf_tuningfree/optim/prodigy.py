@@ -25,13 +25,12 @@ import torch
 from torch.optim.optimizer import ParamsT
 
 from .base import GroupBatch, StepBatch
-from .dadapt import (
-    AdamFormBase,
+from .dadapt.adam import AdamFormBase, _momentum
+from .dadapt.passes import (
     TensorPass,
     _d_update,
     _flags,
     _host_flags,
-    _momentum,
     _pass,
     _scalar,
     _sq_sum,

@@ -47,7 +47,7 @@ import torch
 from torch.optim.optimizer import ParamsT
 
 from .base import GroupBatch
-from .dadapt import (
+from .dadapt.passes import (
     TensorPass,
     _flags,
     _pass,
