@@ -452,13 +452,7 @@ class Prodigy(AdamFormBase):
         on = ok.to(d.dtype)  # every coefficient is 0 on a skipped step
         dlr = on * self._dlr(group, d, step)
         coupled_wd, _ = _weight_decay_scalars(group, dlr)
-        flags = _flags(group)
-
-        def dg(param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-            g, _ = effective_grad(grad, param, coupled_wd.to(param.dtype), **flags)
-            return d.to(g.dtype) * torch.where(ok, g, 0.0)
-
-        self._first_moment_buffers(gb, dg)
+        self._first_moment_buffers(gb, ok, d, coupled_wd)
         scalars = [
             ok,
             d,

@@ -5,7 +5,6 @@ shares, and the class.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -183,16 +182,23 @@ class AdamFormBase(DAdaptationBase):
         state["s"] = self._stat_zeros(param)  # 1/k of it with slice_p = k
 
     def _first_moment_buffers(
-        self, gb: GroupBatch, dg: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+        self, gb: GroupBatch, ok: torch.Tensor, scale: torch.Tensor, coupled_wd: torch.Tensor
     ) -> None:
         """Make the batch's ``exp_avg`` match ``beta1`` before an update: with ``beta1 = 0`` a
         buffer left from before is dropped (the update is ``d g`` itself and the buffer would
         only hold a copy of it); with ``beta1 > 0`` a parameter without one (``beta1`` was 0
-        until now) gets ``m_k = `` this step's ``d g`` (``dg(param, grad)``, 0 on a skipped
-        step), so that ``m_{k+1} = m_k + (1 - beta1)(d g - m_k)`` is exactly ``d g``: the first
-        step after switching on moves as the step before it would have, and the momentum builds
-        up from there (rather than from 0, which would shrink that step by ``1 - beta1``)."""
+        until now) gets ``m_k = `` this step's ``d g`` (``scale`` times the effective gradient:
+        DAdaptAdam's ``dlr``, Prodigy's ``d``; 0 on a skipped step), so that ``m_{k+1} = m_k +
+        (1 - beta1)(d g - m_k)`` is exactly ``d g``: the first step after switching on moves as
+        the step before it would have, and the momentum builds up from there (rather than from
+        0, which would shrink that step by ``1 - beta1``)."""
         keep = gb.group["betas"][0] > 0
+        flags = _flags(gb.group)
+
+        def dg(param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+            g, _ = effective_grad(grad, param, coupled_wd.to(param.dtype), **flags)
+            return scale.to(g.dtype) * torch.where(ok, g, 0.0)
+
         for p, g, st in zip(gb.params, gb.grads, gb.states, strict=True):
             if not keep:
                 st.pop("exp_avg", None)
@@ -396,13 +402,7 @@ class DAdaptAdam(AdamFormBase):
         on = ok.to(d.dtype)  # every coefficient is 0 on a skipped step
         dlr = on * self._dlr(group, d, step)
         coupled_wd, _ = _weight_decay_scalars(group, dlr)
-        flags = _flags(group)
-
-        def dg(param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-            g, _ = effective_grad(grad, param, coupled_wd.to(param.dtype), **flags)
-            return dlr.to(g.dtype) * torch.where(ok, g, 0.0)
-
-        self._first_moment_buffers(gb, dg)
+        self._first_moment_buffers(gb, ok, dlr, coupled_wd)
         scalars = [
             ok,
             dlr,
