@@ -49,7 +49,12 @@ from typing import Any
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from hf_tuningfree.optim import available_optimizers, create_optimizer, state_bytes
+from hf_tuningfree.optim import (
+    available_optimizers,
+    create_optimizer,
+    get_optimizer_spec,
+    state_bytes,
+)
 
 BASELINE = "AdamW fused"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -104,6 +109,9 @@ def contenders(names: list[str], implementation: str) -> dict[str, Factory]:
     """The baseline first, then each registry optimizer at its defaults."""
     out: dict[str, Factory] = {BASELINE: lambda p: torch.optim.AdamW(p, lr=1e-3, fused=True)}
     for name in names:
+        if implementation not in ("auto", *get_optimizer_spec(name).implementations):
+            print(f"{name}: no {implementation!r} form, left out", file=sys.stderr)
+            continue
         out[name] = lambda p, n=name: create_optimizer(n, p, implementation=implementation)
     return out
 

@@ -8,9 +8,9 @@ an implementation, to theirs.
 
     python benchmarks/step_time.py                      # everything in the registry + baselines
     python benchmarks/step_time.py --only adopt,dog     # a subset
-    python benchmarks/step_time.py --impls compiled     # only one of our code paths
+    python benchmarks/step_time.py --impls native       # only one of our code paths
     python benchmarks/step_time.py --only dog,ldog --weight-decay 0.01 --p10
-    python benchmarks/step_time.py --only hyper_sgd,hyper_adam --impls auto,compiled \
+    python benchmarks/step_time.py --only hyper_sgd,hyper_adam --impls auto,native \
         --extra-contenders --threads 1 --cpu-time       # hypergradient variants, on a busy machine
 
 The authors' packages are optional (``pip install -c constraints.txt -e ".[bench]"``); missing
@@ -20,14 +20,15 @@ reported separately from the steady state.
 On a machine shared with other jobs the wall clock mostly measures the wait for a core:
 ``--cpu-time`` times CPU time instead (of this thread with ``--threads 1``, of the process
 otherwise; with 2 threads also set ``OMP_WAIT_POLICY=PASSIVE`` so that waiting threads do not
-spin), which in a one-thread run still measures the work (memory-bandwidth contention remains),
-and ``--p10`` adds the 10th percentile of the step times, the better estimate of the uncontended
-time. ``--weight-decay`` passes a weight decay to our optimizers and the authors' (the baselines
-keep theirs). ``--extra-contenders`` adds torch's SGD with momentum on its foreach (default) and
+spin), which in a one-thread run still measures the work (memory-bandwidth contention remains), and
+``--p10`` adds the 10th percentile of the step times, the better estimate of the uncontended time.
+``--weight-decay`` passes a weight decay to our optimizers and the authors' (the baselines keep
+theirs). ``--extra-contenders`` adds torch's SGD with momentum on its foreach (default) and
 for-loop paths and the configurations in :data:`VARIANTS` (for the hypergradient optimizers: our
 plain SGD/Adam through the same base with ``height=0``, other tower heights, learned momentum and
-betas), each for every ``--impls``. Goals on CPU for the hypergradient optimizers: ``hyper_sgd``
-<= 1.3x SGD with momentum, ``hyper_adam`` <= 1.8x fused AdamW.
+betas), each for every ``--impls`` the optimizer has (its registry entry's ``implementations``).
+Goals on CPU for the hypergradient optimizers: ``hyper_sgd`` <= 1.3x SGD with momentum,
+``hyper_adam`` <= 1.8x fused AdamW.
 
 glibc hands freed memory back to the OS eagerly, so foreach temporaries page-fault on every step
 and timings swing several-fold; the script re-executes itself with ``MALLOC_MMAP_THRESHOLD_`` and
@@ -51,7 +52,11 @@ if __name__ == "__main__" and any(k not in os.environ for k in _MALLOC):
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from hf_tuningfree.optim import available_optimizers, create_optimizer  # noqa: E402
+from hf_tuningfree.optim import (  # noqa: E402
+    available_optimizers,
+    create_optimizer,
+    get_optimizer_spec,
+)
 
 Factory = Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
 
@@ -183,13 +188,15 @@ def build_contenders(
     wd = {} if weight_decay is None else {"weight_decay": weight_decay}
     authors = _authors(**wd)
     for name in names:
-        for impl in impls:
+        offered = ("auto", *get_optimizer_spec(name).implementations)
+        name_impls = [i for i in impls if i in offered]  # the forms this optimizer has
+        for impl in name_impls:
             contenders.append(
                 Contender(f"{name} [{impl}]", _ours(name, impl, **wd), ours=name, impl=impl)
             )
         variants = VARIANTS.get(name, {}) if extra else {}
         for variant, kw in variants.items():
-            for impl in impls:
+            for impl in name_impls:
                 label = f"{name} {variant} [{impl}]"
                 contenders.append(Contender(label, _ours(name, impl, **wd, **kw), impl=impl))
         if name in authors:
@@ -278,7 +285,7 @@ def report(contenders: list[Contender], p10: bool = False) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", default="", help="comma-separated registry names")
-    parser.add_argument("--impls", default="loop,foreach,compiled")
+    parser.add_argument("--impls", default="loop,foreach,native,compiled")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=5)

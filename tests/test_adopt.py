@@ -44,14 +44,12 @@ def _make_problem(seed=0):
 
 def _use_impl(impl: str, monkeypatch) -> str:
     """``impl`` as a test id -> the ``implementation`` argument. ``"native"``: the fused C loop
-    (``"compiled"`` on CPU; skipped without a C compiler); ``"compiled_torch"``: the
-    ``torch.compile`` kernel, with the C library made unavailable (the fallback)."""
+    (skipped without a C compiler); ``"compiled_torch"``: the ``torch.compile`` kernel."""
     if impl == "native":
         if _native.load() is None:
             pytest.skip("no C compiler")
-        return "compiled"
+        return "native"
     if impl == "compiled_torch":
-        monkeypatch.setattr(_native, "load", lambda: None)
         return "compiled"
     return impl
 
@@ -253,7 +251,7 @@ def test_toy_counterexample_adam_fails_adopt_moves_to_optimum():
 
 
 # --------------------------------------------------------------------------- the fused C path
-# ``implementation="compiled"`` (and ``"auto"``) on CPU runs ``_native.adopt_update``: one C call
+# ``implementation="native"`` (and ``"auto"``) on CPU runs ``_native.adopt_update``: one C call
 # per bucket. These tests hold it to the per-tensor loop path step by step, and check the guard,
 # checkpoints, thread counts and the fallback when the C library is unavailable.
 
@@ -333,7 +331,7 @@ def test_native_path_tracks_the_loop_path_step_by_step(dtype, clipped, decoupled
     hp = _native_hp(clipped, decoupled)
     init, grads = initial_weights(dtype), scaled_gradients(dtype, steps=NATIVE_STEPS)
     ref_params, ref = _make(init, hp, "loop")
-    params, opt = _make(init, hp, "compiled")
+    params, opt = _make(init, hp, "native")
     tol = 1e-6 if dtype == torch.float32 else 1e-13
     worst = dict.fromkeys(("param", "exp_avg", "exp_avg_sq"), 0.0)
     for t, step_grads in enumerate(grads):
@@ -421,8 +419,8 @@ def test_native_nonfinite_gradient_leaves_params_and_state_bit_identical(bad, na
     hp = _native_hp(True, True)
     dtype = torch.float32
     init, grads = initial_weights(dtype), scaled_gradients(dtype, steps=8)
-    params, opt = _make(init, hp, "compiled")
-    clean_params, clean = _make(init, hp, "compiled")
+    params, opt = _make(init, hp, "native")
+    clean_params, clean = _make(init, hp, "native")
     for step_grads in grads[:5]:
         for ps, o in ((params, opt), (clean_params, clean)):
             feed(ps, step_grads)
@@ -459,12 +457,12 @@ def test_native_state_dict_round_trip_continues_bit_exactly(tmp_path, native_cal
     hp = _native_hp(True, False)
     dtype = torch.float32
     init, grads = initial_weights(dtype), scaled_gradients(dtype, steps=16)
-    params, opt = _make(init, hp, "compiled")
+    params, opt = _make(init, hp, "native")
     for step_grads in grads[:8]:
         feed(params, step_grads)
         opt.step()
     torch.save(opt.state_dict(), tmp_path / "optimizer.pt")
-    resumed_params, resumed = _make([[p.detach() for p in ps] for ps in params], hp, "compiled")
+    resumed_params, resumed = _make([[p.detach() for p in ps] for ps in params], hp, "native")
     resumed.load_state_dict(torch.load(tmp_path / "optimizer.pt", weights_only=True))
     assert all(
         torch.equal(a, b)
@@ -488,7 +486,7 @@ def test_native_path_is_independent_of_the_thread_count(native_calls):
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            params, opt = _make(init, hp, "compiled")
+            params, opt = _make(init, hp, "native")
             for step_grads in grads:
                 feed(params, step_grads)
                 opt.step()
@@ -505,7 +503,7 @@ def test_native_reads_a_tensor_learning_rate_without_host_reads(monkeypatch, nat
     dtype = torch.float64
     hp = _native_hp(True, True)
     init, grads = initial_weights(dtype), scaled_gradients(dtype, steps=10)
-    params, opt = _make(init, hp, "compiled")
+    params, opt = _make(init, hp, "native")
     ref_params, ref = _make(init, hp, "loop")
     lr = torch.tensor(0.05, dtype=torch.float64)
     opt.param_groups[0]["lr"] = lr

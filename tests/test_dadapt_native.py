@@ -1,6 +1,6 @@
 """The C path of the D-Adaptation family and Prodigy (:mod:`hf_tuningfree.optim._native`).
 
-On CPU, ``implementation="auto"`` and ``"compiled"`` run each pass (statistics, update) as one C
+On CPU, ``implementation="auto"`` and ``"native"`` run each pass (statistics, update) as one C
 call per bucket. These tests hold it to the per-tensor loop path step by step (fp32 and fp64, two
 groups, both weight-decay modes, maximize, a gradient that is sometimes None, a tensor whose first
 gradient comes late, tensors above the threaded size), and check the non-finite guard,
@@ -188,7 +188,7 @@ def test_native_path_tracks_the_loop_path_step_by_step(
     _use_form(form, monkeypatch)
     init, grads = initial_weights(dtype), _grads(dtype)
     ref_params, ref = _make(name, init, "loop", decoupled)
-    params, opt = _make(name, init, "compiled", decoupled)
+    params, opt = _make(name, init, "native", decoupled)
     tol = 1e-6 if dtype == torch.float32 else 1e-12
     worst: dict[str, float] = {}
     for t, step_grads in enumerate(grads):
@@ -221,7 +221,7 @@ def test_fused_and_two_pass_forms_agree(name, dtype, native_calls, monkeypatch):
     runs = []
     for form in FORMS:
         _use_form(form, monkeypatch)
-        params, opt = _make(name, init, "compiled", decoupled=False)
+        params, opt = _make(name, init, "native", decoupled=False)
         for step_grads in grads:
             feed(params, step_grads)
             opt.step()
@@ -247,8 +247,8 @@ def test_native_nonfinite_gradient_leaves_params_and_state_bit_identical(
     _use_form(form, monkeypatch)
     dtype = torch.float32
     init, grads = initial_weights(dtype), _grads(dtype, steps=9)
-    params, opt = _make(name, init, "compiled")
-    clean_params, clean = _make(name, init, "compiled")
+    params, opt = _make(name, init, "native")
+    clean_params, clean = _make(name, init, "native")
     for step_grads in grads[:5]:
         for ps, o in ((params, opt), (clean_params, clean)):
             feed(ps, step_grads)
@@ -290,13 +290,13 @@ def test_native_state_dict_round_trip_continues_bit_exactly(name, tmp_path, nati
     the uninterrupted run."""
     dtype = torch.float32
     init, grads = initial_weights(dtype), _grads(dtype, steps=14)
-    params, opt = _make(name, init, "compiled")
+    params, opt = _make(name, init, "native")
     for step_grads in grads[:7]:
         feed(params, step_grads)
         opt.step()
     torch.save(opt.state_dict(), tmp_path / "optimizer.pt")
     copied = [[p.detach() for p in ps] for ps in params]
-    resumed_params, resumed = _make(name, copied, "compiled")
+    resumed_params, resumed = _make(name, copied, "native")
     resumed.load_state_dict(torch.load(tmp_path / "optimizer.pt", weights_only=True))
     assert all(
         torch.equal(a, b)
@@ -323,7 +323,7 @@ def test_native_path_is_independent_of_the_thread_count(name, form, native_calls
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            params, opt = _make(name, init, "compiled")
+            params, opt = _make(name, init, "native")
             for step_grads in grads:
                 feed(params, step_grads)
                 opt.step()
@@ -358,7 +358,7 @@ def test_native_step_makes_no_host_reads(name, monkeypatch, native_calls):
 def test_without_the_c_library_auto_is_the_loop_path(name, monkeypatch):
     """``_native.load()`` returning None (no compiler): ``"auto"`` on these small groups runs the
     per-tensor loop, bit-identical to ``implementation="loop"``; the C kernels are never called.
-    (The ``torch.compile`` fallback of ``"compiled"`` is tested in tests/test_dadapt.py.)"""
+    (``"compiled"``, torch.compile, is held to the loop in tests/test_dadapt.py.)"""
     monkeypatch.setattr(_native, "load", lambda: None)
     calls = []
     monkeypatch.setattr(_native, "dadapt_kernel", lambda *a, **k: calls.append(a[0]))

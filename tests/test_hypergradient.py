@@ -692,7 +692,7 @@ def test_taller_towers_are_less_sensitive_to_the_initial_step_size(kind):
 
 
 # ---------------------------------------------------------------------- 9. the C path
-# On CPU, ``implementation="auto"`` (and ``"compiled"``) runs both passes of a step, the dots and
+# On CPU, ``implementation="auto"`` (and ``"native"``) runs both passes of a step, the dots and
 # the update, as C loops of ``hf_tuningfree.optim._native``, one call per bucket. The oracle and
 # tower tests above run it against autograd; these hold it to the per-tensor loop step by step
 # and check the kernels themselves, the NaN/Inf skip, checkpoints, thread counts, host reads and
@@ -827,10 +827,10 @@ def test_native_path_tracks_the_loop_path_step_by_step(config, dtype, native_cal
     the two paths' ``rho`` differ by one ulp (the hypergradients differ by rounding), ``1 - rho``
     differs by ``1 / (1 - rho)`` ulps, and a first step's direction ``g / sqrt((1 - rho) g^2)``
     with it (measured: 1e-5 for ``d_decay``, 3e-6 for the direction, 2e-7 for the parameters).
-    (``"compiled"`` takes the same C path as ``"auto"``: the AdaGrad case runs it.)"""
+    (``"native"`` takes the same C path as ``"auto"``: the AdaGrad case runs it.)"""
     init, grads = initial_weights(dtype), scaled_gradients(dtype, steps=NATIVE_STEPS)
     ref_params, ref = _native_make(config, init, "loop")
-    impl = "compiled" if config == "adagrad" else "auto"
+    impl = "native" if config == "adagrad" else "auto"
     params, opt = _native_make(config, init, impl)
     tol = 1e-6 if dtype == torch.float32 else 1e-12
     worst = collections.defaultdict(float)
@@ -1131,8 +1131,9 @@ def test_native_step_makes_no_host_reads(monkeypatch, native_calls):
 @pytest.mark.parametrize("config", ["sgd", "adam", "adagrad", "rmsprop"])
 def test_without_the_c_library_the_torch_paths_give_the_same_numbers(config, monkeypatch):
     """``_native.load()`` returning None (no C compiler): ``"auto"`` runs the torch paths,
-    bit-identical to ``implementation="foreach"``, and within rounding of the C path (relative
-    1e-6 in fp32, as against the loop path); no C kernel is called."""
+    bit-identical to ``implementation="foreach"`` (HyperSGD, HyperAdam: torch's fused kernels)
+    or ``"loop"`` (HyperAdaGrad, HyperRMSProp have no foreach form), and within rounding of the
+    C path (relative 1e-6 in fp32, as against the loop path); no C kernel is called."""
     dtype = torch.float32
     init, grads = initial_weights(dtype), scaled_gradients(dtype, steps=12)
     native = None
@@ -1142,8 +1143,9 @@ def test_without_the_c_library_the_torch_paths_give_the_same_numbers(config, mon
     for name in NATIVE_KERNELS:
         monkeypatch.setattr(_native, name, lambda *a, **k: pytest.fail("C kernel called"))
     fallback = _run_native_config(config, init, grads, "auto")
-    foreach = _run_native_config(config, init, grads, "foreach")
-    assert _bit_identical(_everything(*fallback), _everything(*foreach))
+    torch_form = "foreach" if config in ("sgd", "adam") else "loop"
+    torch_run = _run_native_config(config, init, grads, torch_form)
+    assert _bit_identical(_everything(*fallback), _everything(*torch_run))
     if native is not None:
         got = _by_kind(*fallback)
         assert got.keys() == native.keys()

@@ -325,17 +325,17 @@ def _reference_problem():
     return _make_problem(), _adam_groups(False)
 
 
-@pytest.mark.parametrize("impl", ["compiled", "loop"], ids=["C", "loop"])
+@pytest.mark.parametrize("impl", ["native", "loop"], ids=["C", "loop"])
 @pytest.mark.parametrize("name", ["dadapt_adam", "prodigy"])
 def test_beta1_zero_has_no_first_moment_and_follows_the_reference(name, impl, monkeypatch):
     """``betas[0] = 0``: no ``exp_avg`` is allocated and the run follows the fp64 per-element
     reference (``optim.reference.dadapt``: its ``m = 0 m + 1 d g`` is ``d g`` exactly) at every
-    step, on the C kernels (``"compiled"`` on CPU) and the per-tensor loop."""
+    step, on the C kernels (``"native"``) and the per-tensor loop."""
     from test_dadapt import D0, STEPS, _compare, _convention, _run_ours
 
     from hf_tuningfree.optim.reference import dadapt as dadapt_reference
 
-    if impl == "compiled" and not HAS_C:
+    if impl == "native" and not HAS_C:
         pytest.skip("no C compiler")
     calls = _spy_kernels(monkeypatch)
     prob, hp = _reference_problem()
@@ -355,7 +355,7 @@ def test_beta1_zero_has_no_first_moment_and_follows_the_reference(name, impl, mo
     assert worst <= 1e-12 and worst_d <= 1e-12, (worst, worst_d)
     assert ds[-1] > 10 * D0
     assert all("exp_avg" not in st for st in opt.state.values()) and len(opt.state) == 5
-    if impl == "compiled":  # the C kernels ran, fused (one process)
+    if impl == "native":  # the C kernels ran, fused (one process)
         assert {c.rsplit("_", 1)[1] for c in calls} == {"sq", "fused"}, set(calls)
         assert len(calls) == 4 * STEPS  # 2 groups x (guard + fused update)
 
@@ -612,7 +612,7 @@ SLICED = [
 
 @pytest.mark.parametrize(
     ("impl", "fuse"),
-    [("compiled", True), ("compiled", False), ("loop", False)],
+    [("native", True), ("native", False), ("loop", False)],
     ids=["C-fused", "C-two-pass", "loop"],
 )
 @pytest.mark.parametrize(("cls", "kw", "reference"), SLICED)
@@ -622,7 +622,7 @@ def test_slice_p_follows_the_per_element_reference(cls, kw, reference, impl, fus
     one ``*_fused_sliced`` sweep per group (the kept elements' sums and s, then the full update
     of the block); two-pass (the sharded form): the full update in C with s left out (a NULL
     stream) and the 1/k statistics and s in torch."""
-    if impl == "compiled" and not HAS_C:
+    if impl == "native" and not HAS_C:
         pytest.skip("no C compiler")
     calls = _spy_kernels(monkeypatch)
     monkeypatch.setattr(cls, "FUSE", fuse)
@@ -649,7 +649,7 @@ def test_slice_p_follows_the_per_element_reference(cls, kw, reference, impl, fus
         ]
     kinds = set(calls)
     last = "_fused_sliced" if fuse else "_update"
-    if impl == "compiled":  # the full ||g||^2 (guard) and the update in C
+    if impl == "native":  # the full ||g||^2 (guard) and the update in C
         assert kinds == {"dadapt_grad_sq", _kernel_prefix(cls, kw) + last}, kinds
     else:
         assert not kinds

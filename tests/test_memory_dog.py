@@ -17,15 +17,15 @@ from hf_tuningfree.optim import DoG, LDoG, TDoG, _native
 from hf_tuningfree.optim.dog import core as dog_module
 
 CLASSES = {"dog": DoG, "ldog": LDoG, "tdog": TDoG}
-#: "compiled" is the C loop on CPU; "torch" is "compiled" with the C library switched off (torch's
-#: fused SGD and foreach norms: DoG has no torch.compile kernel).
-IMPLS = ["loop", "foreach", "compiled", "torch"]
+#: "native" is the C loop on CPU; "native_off" is "native" with the C library switched off (the
+#: loop runs); "foreach" is torch's fused SGD and foreach norms (DoG has no torch.compile kernel).
+IMPLS = ["loop", "foreach", "native", "native_off"]
 
 
 def _impl(name: str, monkeypatch) -> str:
-    if name == "torch":
+    if name == "native_off":
         monkeypatch.setenv("HF_TUNINGFREE_NATIVE", "0")
-        return "compiled"
+        return "native"
     return name
 
 
@@ -95,7 +95,7 @@ def test_implicit_zero_x0_gives_the_stored_copy_run_bit_for_bit(mode, impl, monk
     assert saved == 8 * (5 + 6)  # the two zero tensors' fp64 copies
 
 
-@pytest.mark.parametrize("impl", ["loop", "compiled"])
+@pytest.mark.parametrize("impl", ["loop", "native"])
 @pytest.mark.parametrize("zero_init_scale", [True, False])
 def test_implicit_zero_x0_matches_the_per_element_reference(zero_init_scale, impl):
     """fp64 against test_dog's per-element reference (which stores every x0): L-DoG with the
@@ -164,7 +164,7 @@ def test_tiny_nonzero_and_empty_tensors():
 
 
 @pytest.mark.parametrize("mode", ["dog", "ldog"])
-@pytest.mark.parametrize("impl", ["compiled", "loop"])
+@pytest.mark.parametrize("impl", ["native", "loop"])
 def test_resume_without_x0_continues_bit_exactly(mode, impl):
     """A weights_only round trip after 5 steps (the late tensor not yet fresh) continues exactly
     as the uninterrupted run; the saved state holds no x0 for the zero tensors, and an optimizer
@@ -364,9 +364,8 @@ def _adopt_impl(name: str, monkeypatch) -> str:
     if name == "native":
         if _native.load() is None:
             pytest.skip("no C compiler")
-        return "compiled"
-    if name == "compiled_torch":  # the torch.compile kernel, the C library made unavailable
-        monkeypatch.setattr(_native, "load", lambda: None)
+        return "native"
+    if name == "compiled_torch":  # the torch.compile kernel
         return "compiled"
     return name
 
@@ -687,7 +686,7 @@ def test_slice_p_matches_the_per_element_statement(mode, k, impl, monkeypatch):
     assert etas[-1] != pytest.approx(exact_etas[-1], rel=1e-6)
 
 
-@pytest.mark.parametrize("impl", ["loop", "compiled"])
+@pytest.mark.parametrize("impl", ["loop", "native"])
 def test_slice_p_with_stored_zero_copies_and_zero_init_scale(impl):
     """implicit_zero_x0=False: zero tensors keep a 1/k copy too and their distance is estimated
     (the reference with no implicit tensors: every tensor subsampled); L-DoG's zero_init_scale
@@ -710,7 +709,7 @@ def test_slice_p_with_stored_zero_copies_and_zero_init_scale(impl):
 
 
 @pytest.mark.parametrize("mode", ["dog", "ldog"])
-@pytest.mark.parametrize("impl", ["compiled", "loop"])
+@pytest.mark.parametrize("impl", ["native", "loop"])
 def test_slice_p_resume_is_bit_exact_and_a_changed_slice_p_is_an_error(mode, impl):
     init, grads = _zero_problem(seed=6)
     full, _, full_etas = _run(init, grads, mode, impl, slice_p=4)

@@ -1,10 +1,10 @@
 """What every registered optimizer promises around its maths, on every code path (issue 14).
 
 The promises are those ``torch.optim`` makes for its own optimizers, written down here for ours
-and checked for each registry name on each way a step can run on a CPU: ``auto`` (the default),
-``loop``, ``foreach``, ``compiled`` (the C loops where a C compiler exists) and the
-``torch.compile`` kernels that GPUs run (``compiled`` with the C library switched off by
-``HF_TUNINGFREE_NATIVE=0``, so it runs here too):
+and checked for each registry name on each way a step can run on a CPU that the optimizer has
+(its registry entry's ``implementations``): ``auto`` (the default), ``loop``, ``foreach``,
+``native`` (the C loops where a C compiler exists) and ``compiled`` (the ``torch.compile``
+kernels that GPUs run, here through inductor's C++):
 
 * a parameter that is a strided view (every other column of a buffer, a transpose) is updated
   exactly as the same values held contiguously would be, and memory next to it is not written;
@@ -42,18 +42,22 @@ from hf_tuningfree.optim.kernels import IMPL_ENV_VAR, StateShapeError, fast_path
 
 NAMES = available_optimizers()
 
-#: id -> (implementation, C library on). "c" is the C loops where a compiler exists (else the
-#: torch.compile kernels); "torch_compile" forces the kernels GPUs use.
-PATHS = {
-    "auto": ("auto", True),
-    "loop": ("loop", True),
-    "foreach": ("foreach", True),
-    "c": ("compiled", True),
-    "torch_compile": ("compiled", False),
-}
+#: Every value of ``implementation``; a name is run on those its registry entry offers.
+PATHS = ("auto", "loop", "foreach", "native", "compiled")
 #: The paths without torch.compile, for the tests whose subject is not a kernel (compiling every
 #: optimizer's kernels costs ~2 s each; the kernel-facing tests run them).
-EAGER_PATHS = [p for p in PATHS if p != "torch_compile"]
+EAGER_PATHS = [p for p in PATHS if p != "compiled"]
+
+
+def _pairs(paths):
+    """(name, path) for every registry name and each of ``paths`` it has."""
+    out = []
+    for name in NAMES:
+        offered = ("auto", *get_optimizer_spec(name).implementations)
+        out += [(name, p) for p in paths if p in offered]
+    return out
+
+
 STEPS = 3
 
 
@@ -68,22 +72,25 @@ def _make(name, params, **kwargs):
 
 @pytest.fixture
 def implementation(request, monkeypatch) -> str:
-    """The ``implementation`` value of the path ``request.param``, the environment set for it."""
-    impl, native = PATHS[request.param]
+    """The ``implementation`` value ``request.param``, with the C library on and no
+    ``HF_TUNINGFREE_IMPL`` override."""
     monkeypatch.delenv(IMPL_ENV_VAR, raising=False)
-    if native:
-        monkeypatch.delenv(_native.NATIVE_ENV_VAR, raising=False)
-    else:
-        monkeypatch.setenv(_native.NATIVE_ENV_VAR, "0")
-    return impl
+    monkeypatch.delenv(_native.NATIVE_ENV_VAR, raising=False)
+    return request.param
 
 
 def all_paths(fn):
-    return pytest.mark.parametrize("implementation", list(PATHS), indirect=True)(fn)
+    pairs = _pairs(PATHS)
+    return pytest.mark.parametrize(("name", "implementation"), pairs, indirect=["implementation"])(
+        fn
+    )
 
 
 def eager_paths(fn):
-    return pytest.mark.parametrize("implementation", EAGER_PATHS, indirect=True)(fn)
+    pairs = _pairs(EAGER_PATHS)
+    return pytest.mark.parametrize(("name", "implementation"), pairs, indirect=["implementation"])(
+        fn
+    )
 
 
 by_name = pytest.mark.parametrize("name", NAMES)
@@ -139,7 +146,6 @@ def _assert_equal(got, expected, what):
 
 
 # ---------------------------------------------------------------------- strided parameters
-@by_name
 @all_paths
 def test_strided_parameters_step_like_contiguous_ones_and_leave_their_neighbours(
     name, implementation
@@ -177,7 +183,6 @@ def test_strided_parameters_step_like_contiguous_ones_and_leave_their_neighbours
     assert all(not torch.equal(a, b) for a, b in zip(_values(contiguous), start, strict=True))
 
 
-@by_name
 @eager_paths
 def test_zero_size_and_zero_dim_parameters(name, implementation):
     """A parameter with no elements and a 0-dim one, beside an ordinary one: the step runs, the
@@ -205,7 +210,6 @@ def _stepped(name, implementation, shapes, steps=1):
     return params, opt
 
 
-@by_name
 @eager_paths
 def test_a_state_dict_for_other_shapes_is_refused_naming_parameter_and_key(name, implementation):
     """The state of a 10-element parameter loaded for a 1000-element one: ``ValueError`` naming
@@ -223,7 +227,6 @@ def test_a_state_dict_for_other_shapes_is_refused_naming_parameter_and_key(name,
     assert all(torch.isfinite(p).all() for p in params)
 
 
-@by_name
 @all_paths
 def test_state_changed_by_hand_is_an_error_not_a_crash(name, implementation):
     """A state tensor replaced by a shorter one after the first step: the next step raises a
@@ -310,7 +313,6 @@ def test_mismatched_state_under_python_O_is_refused_not_a_segfault():
 
 
 # ---------------------------------------------------------------------- autograd
-@by_name
 @all_paths
 def test_step_bumps_version_counters_so_autograd_sees_the_write(name, implementation):
     """After a step every parameter's ``_version`` has moved; a step between a forward and its
@@ -329,7 +331,6 @@ def test_step_bumps_version_counters_so_autograd_sees_the_write(name, implementa
 
 
 # ---------------------------------------------------------------------- copies
-@by_name
 @all_paths
 def test_deepcopy_continues_exactly_like_the_original(name, implementation):
     """``copy.deepcopy`` after 2 steps: 2 more steps of the copy and the original with the same
@@ -347,7 +348,6 @@ def test_deepcopy_continues_exactly_like_the_original(name, implementation):
     assert twin.stats() == opt.stats()
 
 
-@by_name
 @eager_paths
 def test_pickle_round_trip_continues_exactly_like_the_original(name, implementation):
     """``pickle.loads(pickle.dumps(opt))`` after 2 steps keeps ``global_state`` and the
@@ -366,7 +366,6 @@ def test_pickle_round_trip_continues_exactly_like_the_original(name, implementat
 
 
 # ---------------------------------------------------------------------- tensor lr
-@by_name
 @eager_paths
 @pytest.mark.parametrize("shape", [(), (1,), (1, 1)], ids=["0-dim", "[1]", "[1,1]"])
 def test_a_one_element_tensor_lr_is_the_number_it_holds(name, implementation, shape):
@@ -402,7 +401,6 @@ def test_a_tensor_lr_of_several_elements_is_refused(name):
 
 
 # ---------------------------------------------------------------------- complex parameters
-@by_name
 @eager_paths
 def test_complex_parameters_equal_their_real_view(name, implementation):
     """Complex parameters with complex gradients give exactly the parameters that the same
@@ -422,7 +420,6 @@ def test_complex_parameters_equal_their_real_view(name, implementation):
 
 
 # ---------------------------------------------------------------------- old state dicts
-@by_name
 @eager_paths
 def test_a_state_dict_without_newer_group_keys_loads_with_the_constructor_values(
     name, implementation

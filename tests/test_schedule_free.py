@@ -16,7 +16,7 @@ import pytest
 import torch
 from test_dadapt import D0, SHAPES, _convention, _make_problem, _run_ours
 
-from hf_tuningfree.optim import ProdigyScheduleFree, _native, create_optimizer
+from hf_tuningfree.optim import ProdigyScheduleFree, create_optimizer
 from hf_tuningfree.optim.reference.schedule_free import prodigy_sf_sequences
 
 TOL = 1e-12
@@ -54,24 +54,22 @@ def _worst(params, expected):
 def test_matches_the_three_sequence_reference(d0_rel, bias_correction, safeguard, coef,
                                               decoupled, growth_rate):  # fmt: skip
     """The parameters follow y, after eval() x, and d follows the reference's at every step
-    (fp64; d to 1e-12 relative, the iterates to TOL_ITERATES), on the per-tensor loop and on
-    the C statistics path."""
+    (fp64; d to 1e-12 relative, the iterates to TOL_ITERATES), on the per-tensor loop."""
     prob = _make_problem()
     hp = _groups(decoupled)
     model = {"d0": D0, "d0_rel": d0_rel, "growth_rate": growth_rate, "betas": BETAS}
     model["d_coef"] = coef
     model |= {"use_bias_correction": bias_correction, "safeguard_warmup": safeguard}
     x_ref, y_ref, ds_ref = prodigy_sf_sequences(*_convention(prob), hp, **model)
-    impls = ["loop"] + (["compiled"] if _native.load() is not None else [])
-    for impl in impls:
-        params, ds, opt = _run_ours(ProdigyScheduleFree, prob, hp, model, impl=impl)
-        worst_y = _worst(params, y_ref)
-        worst_d = max(abs(a - b) / b for a, b in zip(ds, ds_ref, strict=True))
-        opt.eval()
-        worst_x = _worst(params, x_ref)
-        print(f"{impl}: y {worst_y:.1e} x {worst_x:.1e} d {worst_d:.1e} d_30 {ds[-1]:.3g}")
-        assert worst_y <= TOL_ITERATES and worst_x <= TOL_ITERATES and worst_d <= TOL
-        assert ds[-1] > 3 * D0, "d did not grow: the test would not exercise it"
+    impl = "loop"  # prodigy_sf has no C kernels: "auto" on CPU is this loop
+    params, ds, opt = _run_ours(ProdigyScheduleFree, prob, hp, model, impl=impl)
+    worst_y = _worst(params, y_ref)
+    worst_d = max(abs(a - b) / b for a, b in zip(ds, ds_ref, strict=True))
+    opt.eval()
+    worst_x = _worst(params, x_ref)
+    print(f"{impl}: y {worst_y:.1e} x {worst_x:.1e} d {worst_d:.1e} d_30 {ds[-1]:.3g}")
+    assert worst_y <= TOL_ITERATES and worst_x <= TOL_ITERATES and worst_d <= TOL
+    assert ds[-1] > 3 * D0, "d did not grow: the test would not exercise it"
 
 
 def _quadratic_run(steps, *, checkpoint_at=None, eval_at=(), tmp_path=None, **kwargs):

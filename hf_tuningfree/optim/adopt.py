@@ -25,7 +25,7 @@ ADOPT (``clip_exponent=None``) is the algorithm of the first arXiv version.
 Code paths. The update is elementwise: it reads ``x, g, m, v`` and writes ``x, m, v``, the
 memory traffic of fused AdamW; before it, the non-finite guard reads every gradient once (a
 NaN/Inf anywhere must cancel the step before the first write). On CPU (``"auto"`` and
-``"compiled"``, fp32/fp64) both passes are C loops of :mod:`hf_tuningfree.optim._native`, one
+``"native"``, fp32/fp64) both passes are C loops of :mod:`hf_tuningfree.optim._native`, one
 call per device/dtype bucket for all its tensors: the ``torch.compile``d kernel made one call
 per tensor and measured 1.9x fused AdamW on the benchmark's 147 tensors, the C path ~1.2x
 (``benchmarks/step_time.py``). The C code reads the step counters (a parameter's first step,
@@ -39,7 +39,7 @@ groups of at least ``CPU_COMPILE_MIN_NUMEL`` elements) or the per-tensor loop.
 
 from __future__ import annotations
 
-import os
+from functools import partial
 from typing import Any
 
 import torch
@@ -55,17 +55,10 @@ from .base import (
     scalar_state,
 )
 from .distributed import local_view
-from .kernels import (
-    IMPL_ENV_VAR,
-    IMPLEMENTATIONS,
-    CompiledKernel,
-    order_for_compile,
-    resolve_implementation,
-)
+from .kernels import CompiledKernel, order_for_compile
 from .validation import (
     check_betas,
     check_bool,
-    check_choice,
     check_nonnegative,
     check_positive,
 )
@@ -206,17 +199,6 @@ _compiled_adopt = CompiledKernel(_adopt_step_one, "ADOPT")
 _compiled_adopt_without_m = CompiledKernel(_adopt_step_one_without_m, "ADOPT (beta1 = 0)")
 
 
-def _wants_native(requested: str, device: torch.device, numel: int) -> bool:
-    """Whether a bucket should try the fused C loop of :mod:`._native`: on CPU for
-    ``"compiled"``, and for ``"auto"`` at every size (it costs a one-off ~1 s build per machine,
-    not a compilation per process) unless ``HF_TUNINGFREE_IMPL`` overrides ``"auto"``."""
-    if device.type != "cpu":
-        return False
-    if requested == "auto" and not os.environ.get(IMPL_ENV_VAR, "").strip():
-        return True
-    return resolve_implementation(requested, device, numel) == "compiled"
-
-
 _STREAMS = ("param", "grad", "exp_avg", "exp_avg_sq")
 
 
@@ -292,11 +274,12 @@ class ADOPT(TuningFreeOptimizer):
             authors' clipped ADOPT); ``None`` turns clipping off (the original algorithm). Stored
             in ``param_groups`` so checkpoints keep it.
         maximize: maximize the objective instead of minimising it.
-        implementation: ``"auto"``, ``"foreach"``, ``"loop"`` or ``"compiled"``. On CPU
-            (fp32/fp64) ``"auto"`` and ``"compiled"`` run the fused C loop of
-            :mod:`hf_tuningfree.optim._native` (built once per machine with the system C
-            compiler), at every model size; without it, and elsewhere, as described in
-            :mod:`hf_tuningfree.optim.kernels`. ``HF_TUNINGFREE_IMPL`` overrides ``"auto"``.
+        implementation: ``"auto"`` (default), ``"native"``, ``"compiled"``, ``"foreach"`` or
+            ``"loop"`` (:mod:`hf_tuningfree.optim.kernels`). ``"auto"`` runs the C loops of
+            :mod:`hf_tuningfree.optim._native` on CPU (fp32/fp64, every model size; built once
+            per machine with the system C compiler), else the compiled kernel (Triton on CUDA;
+            on CPU for groups of at least ``CPU_COMPILE_MIN_NUMEL`` elements), else foreach
+            (non-CPU) or the loop. ``HF_TUNINGFREE_IMPL`` overrides ``"auto"``.
         skip_nonfinite, global_reduce, stochastic_rounding: see
             :class:`~hf_tuningfree.optim.base.TuningFreeOptimizer`.
 
@@ -312,6 +295,8 @@ class ADOPT(TuningFreeOptimizer):
     correction, so the first updates after that are ``(1 - beta1)`` times the normalised
     gradient, as at a run's first steps).
     """
+
+    PATHS = ("native", "compiled", "foreach", "loop")
 
     def __init__(
         self,
@@ -339,7 +324,7 @@ class ADOPT(TuningFreeOptimizer):
             if clip_exponent is None
             else check_nonnegative("clip_exponent", clip_exponent),
             "maximize": check_bool("maximize", maximize),
-            "implementation": check_choice("implementation", implementation, IMPLEMENTATIONS),
+            "implementation": implementation,
         }
         super().__init__(
             params,
@@ -382,11 +367,13 @@ class ADOPT(TuningFreeOptimizer):
         for gb in batch.groups:
             if not gb.params:
                 continue
-            requested = gb.group["implementation"]
             buckets = bucket_by_device_and_dtype([gb.params, gb.grads])
             for (device, _), ([ps, gs], _) in buckets.items():
                 numel = sum(p.numel() for p in ps)
-                if _wants_native(requested, device, numel) and _native.available(gs):
+                if (
+                    self._path(gb.group, device, numel, native=partial(_native.available, gs))
+                    == "native"
+                ):
                     total = torch.empty((), dtype=torch.float64)
                     _native.sum_sq(gs, total)
                     parts.append(total)
@@ -420,9 +407,9 @@ class ADOPT(TuningFreeOptimizer):
                 bucket_steps = [steps[i] for i in idx]
                 ok_d = ok.to(device)
                 numel = sum(p.numel() for p in bucket[0])
-                if _wants_native(group["implementation"], device, numel) and _native_ready(
-                    bucket, bucket_steps, group["lr"]
-                ):
+                ready = partial(_native_ready, bucket, bucket_steps, group["lr"])
+                impl = self._path(group, device, numel, native=ready)
+                if impl == "native":
                     # one C call for the bucket; it also advances the step counters
                     _native.adopt_update(
                         *bucket,
@@ -438,7 +425,6 @@ class ADOPT(TuningFreeOptimizer):
                         maximize=group["maximize"],
                     )
                     continue
-                impl = resolve_implementation(group["implementation"], device, numel)
                 if impl == "compiled":
                     self._compiled(bucket, bucket_steps, ok_d, group, hyper, static)
                 else:

@@ -75,10 +75,10 @@ from .distributed import (
     plan_reduction,
     validate_global_reduce,
 )
-from .kernels import IMPLEMENTATIONS, StateShapeError
+from .kernels import AutoOrder, StateShapeError, check_implementation, choose_path
 from .memory import StateBytes, state_bytes
 from .rounding import LOW_PRECISION, RoundingStream, stochastic_round
-from .validation import check_bool, check_choice, scalar_value
+from .validation import check_bool, scalar_value
 
 GLOBAL_STATE_KEY = "global_state"
 #: Where ``state_dict()`` keeps the stochastic-rounding stream's seed and call count.
@@ -267,8 +267,15 @@ class TuningFreeOptimizer(torch.optim.Optimizer):
     * ``_PICKLED_ATTRIBUTES``: attributes set by the constructor that ``copy.deepcopy`` and
       pickling must keep (``global_state`` and the constructor-only options);
     * ``_CONSTRUCTOR_ONLY``: constructor arguments that are not per-group settings (a param
-      group naming one is an error rather than silently ignored).
+      group naming one is an error rather than silently ignored);
+    * ``PATHS``: the forms of ``implementation=`` the optimizer has (``"native"``,
+      ``"compiled"``, ``"foreach"``, ``"loop"``; see :mod:`~hf_tuningfree.optim.kernels`), checked
+      in the constructor and in ``add_param_group``; ``AUTO_ORDER``: what ``"auto"`` tries, per
+      device kind. Both go to :func:`~hf_tuningfree.optim.kernels.choose_path`.
     """
+
+    PATHS: tuple[str, ...] = ("loop",)
+    AUTO_ORDER: AutoOrder = AutoOrder()
 
     SCALAR_STATE_KEYS: frozenset[str] = frozenset({"step"})
     _PICKLED_ATTRIBUTES: tuple[str, ...] = (
@@ -289,7 +296,9 @@ class TuningFreeOptimizer(torch.optim.Optimizer):
         global_reduce: object = "auto",
         stochastic_rounding: bool = True,
     ) -> None:
-        check_choice("implementation", defaults.get("implementation", "auto"), IMPLEMENTATIONS)
+        check_implementation(
+            type(self).__name__, defaults.get("implementation", "auto"), self.PATHS
+        )
         self.skip_nonfinite = check_bool("skip_nonfinite", skip_nonfinite)
         self.global_reduce = validate_global_reduce(global_reduce)
         self.stochastic_rounding = check_bool("stochastic_rounding", stochastic_rounding)
@@ -322,6 +331,8 @@ class TuningFreeOptimizer(torch.optim.Optimizer):
                 )
         if "lr" in param_group:
             param_group["lr"] = scalar_value("lr", param_group["lr"])
+        if "implementation" in param_group:
+            check_implementation(type(self).__name__, param_group["implementation"], self.PATHS)
         super().add_param_group(param_group)
 
     # ------------------------------------------------------------------ copies and loading
@@ -395,6 +406,29 @@ class TuningFreeOptimizer(torch.optim.Optimizer):
         return None
 
     # ------------------------------------------------------------------ subclass hooks
+    def _path(
+        self,
+        group: dict[str, Any],
+        device: torch.device,
+        numel: int,
+        *,
+        native: Callable[[], bool] | None = None,
+        foreach: Callable[[], bool] | None = None,
+        offered: Sequence[str] | None = None,
+    ) -> str:
+        """The form that runs a bucket of ``group`` on ``device`` (``numel`` elements):
+        :func:`~hf_tuningfree.optim.kernels.choose_path` with this class's ``PATHS`` (or
+        ``offered``, for a piece of the step with fewer forms) and ``AUTO_ORDER``."""
+        return choose_path(
+            group["implementation"],
+            device,
+            numel,
+            offered=self.PATHS if offered is None else offered,
+            order=self.AUTO_ORDER,
+            native=native,
+            foreach=foreach,
+        )
+
     def _before_step(self) -> None:
         """Checks a subclass makes before anything of a step runs (the closure included).
         Subclasses extend this rather than ``step()``: torch wraps every class's ``step`` with

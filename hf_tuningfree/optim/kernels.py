@@ -1,26 +1,33 @@
-"""Which code path runs an optimizer's elementwise update, and the compiled per-tensor kernel.
+"""Which code path runs an optimizer's elementwise update (:func:`choose_path`, the one dispatch
+rule of every optimizer here), and the compiled per-tensor kernel.
 
 Every optimizer here writes its elementwise update once, as a function of ONE parameter tensor and
-its state (plus 0-dim tensors for the per-step coefficients). That function runs in three ways:
+its state (plus 0-dim tensors for the per-step coefficients). ``implementation=`` names the form
+that runs it; each value means one thing on every device:
 
-``"loop"``
-    eagerly, tensor by tensor (the readable reference path);
-``"foreach"``
-    a multi-tensor version written with ``torch._foreach_*`` (one launch per op for the whole
-    list on GPUs; on CPUs torch loops internally, so it is no faster than ``"loop"`` there);
+``"native"``
+    the C loops of :mod:`hf_tuningfree.optim._native`: every tensor of a bucket in one call,
+    built once per machine with the system C compiler. CPU only, fp32/fp64, contiguous tensors of
+    their parameters' shapes; a bucket they cannot take (another device or dtype, a strided
+    tensor, no compiler) runs ``"loop"``.
 ``"compiled"``
     the per-tensor function compiled once with ``torch.compile(dynamic=True)`` and called on
     flattened views, so one compiled kernel serves every shape. Inductor emits one fused loop (C++
     with OpenMP on CPU, Triton on GPU) that reads and writes each tensor once, like the fused AdamW.
+    Compilation that fails (no C++ compiler, no Triton, an unsupported torch) warns once and runs
+    ``"loop"``: training never stops for it.
+``"foreach"``
+    a multi-tensor form: ``torch._foreach_*`` ops or torch's fused multi-tensor kernels
+    (``torch._fused_sgd_``, ``torch._fused_adam_``), O(1) launches per bucket on GPUs. Only the
+    optimizers that have one offer it (their ``PATHS``); asking one without it is a ValueError when
+    the optimizer is built. A bucket the fused kernels cannot take runs ``"loop"``.
+``"loop"``
+    eagerly, tensor by tensor: the readable path, the one every other is tested against.
 
-On CPU, DoG, ADOPT, the D-Adaptation family and Prodigy replace the compiled kernel with C loops
-over every tensor of a group in one call (:mod:`hf_tuningfree.optim._native`), for
-``"compiled"`` and for ``"auto"`` at every size; this module's rules apply to them where those
-loops are unavailable.
-
-``"auto"`` picks the fastest measured path for the device (see ``resolve_implementation`` and the
-benchmark in ``benchmarks/step_time.py``). Compilation that fails (no C++ compiler, no Triton, an
-unsupported torch) warns once and falls back to ``"loop"``: training never stops for it.
+``"auto"`` walks the optimizer's measured order of preference for the device (``AUTO_ORDER``; see
+:func:`choose_path` and ``benchmarks/step_time.py``) and takes the first form the bucket can run.
+The environment variable ``HF_TUNINGFREE_IMPL`` replaces ``"auto"`` by one form (for quick tests);
+an optimizer that does not offer that form keeps its own ``"auto"``.
 
 Which tensors a path that takes raw memory may see is decided in one place,
 :func:`fast_path_accepts`: torch's fused multi-tensor kernels (``torch._fused_sgd_``,
@@ -38,11 +45,15 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-IMPLEMENTATIONS = ("auto", "foreach", "loop", "compiled")
+#: Every value of ``implementation=``: ``"auto"`` and the four forms (see the module docstring).
+IMPLEMENTATIONS = ("auto", "native", "compiled", "foreach", "loop")
+#: The forms, without ``"auto"``.
+PATHS = IMPLEMENTATIONS[1:]
 
 #: Environment variable that overrides what ``"auto"`` resolves to (e.g. ``loop`` in quick tests).
 IMPL_ENV_VAR = "HF_TUNINGFREE_IMPL"
@@ -149,30 +160,89 @@ def compile_available(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-def resolve_implementation(requested: str, device: torch.device, numel: int) -> str:
-    """Turn a group's ``implementation`` setting into the path to run on ``device``.
+@dataclass(frozen=True)
+class AutoOrder:
+    """What ``"auto"`` tries, in order, per device kind (measured in benchmarks/step_time.py).
 
-    ``"auto"``: the environment variable ``HF_TUNINGFREE_IMPL`` if set; on CUDA the compiled kernel
-    (Triton) when available, else foreach; on CPU the compiled kernel for groups of at least
-    ``CPU_COMPILE_MIN_NUMEL`` elements, else the per-tensor loop (faster than foreach on CPU);
-    other devices foreach.
-    """
-    if requested != "auto":
-        return requested
+    ``"compiled"`` in the CPU order is taken only for buckets of at least
+    ``CPU_COMPILE_MIN_NUMEL`` elements (below it the one-off compile costs more than it saves)."""
+
+    cpu: tuple[str, ...] = ("native", "compiled", "loop")
+    cuda: tuple[str, ...] = ("compiled", "foreach", "loop")
+    other: tuple[str, ...] = ("foreach", "loop")
+
+    def for_device(self, device: torch.device) -> tuple[str, ...]:
+        return {"cpu": self.cpu, "cuda": self.cuda}.get(device.type, self.other)
+
+
+def check_implementation(owner: str, value: object, offered: Sequence[str]) -> str:
+    """``value`` must be ``"auto"`` or one of the forms ``owner`` offers (``offered``); a form it
+    lacks is named as such, so that ``"foreach"`` on an optimizer without one says so."""
+    allowed = ["auto", *offered]
+    if value in allowed:
+        return value  # type: ignore[return-value]
+    if value in PATHS:
+        raise ValueError(
+            f"Invalid implementation for {owner}: {value!r} (it has no {value} form); allowed: "
+            f"one of {allowed}"
+        )
+    raise ValueError(f"Invalid implementation: {value!r}; allowed: one of {allowed}")
+
+
+def _env_path() -> str | None:
     env = os.environ.get(IMPL_ENV_VAR, "").strip()
-    if env:
-        if env not in IMPLEMENTATIONS or env == "auto":
-            raise ValueError(
-                f"Invalid {IMPL_ENV_VAR}={env!r}; allowed: one of {list(IMPLEMENTATIONS[1:])}"
-            )
-        return env
-    if device.type == "cuda":
-        return "compiled" if compile_available(device) else "foreach"
-    if device.type == "cpu":
-        if numel >= CPU_COMPILE_MIN_NUMEL and compile_available(device):
-            return "compiled"
-        return "loop"
-    return "foreach"
+    if not env:
+        return None
+    if env not in PATHS:
+        raise ValueError(f"Invalid {IMPL_ENV_VAR}={env!r}; allowed: one of {list(PATHS)}")
+    return env
+
+
+def choose_path(
+    requested: str,
+    device: torch.device,
+    numel: int,
+    *,
+    offered: Sequence[str],
+    order: AutoOrder,
+    native: Callable[[], bool] | None = None,
+    foreach: Callable[[], bool] | None = None,
+) -> str:
+    """The form that runs one bucket (one device, one dtype) of ``numel`` elements: one of
+    ``"native"``, ``"compiled"``, ``"foreach"``, ``"loop"``. Every optimizer here dispatches
+    through this function.
+
+    ``offered``: the forms the optimizer (or the piece of its step) has; ``order``: what ``"auto"``
+    tries. ``native`` / ``foreach``: whether the C loops / the fused multi-tensor kernels take this
+    bucket (called only when that form is considered; None: never). A requested form the bucket
+    cannot take runs ``"loop"``; ``"auto"`` moves on to its next choice. ``HF_TUNINGFREE_IMPL``
+    replaces ``"auto"`` by the form it names where ``offered`` holds it."""
+
+    def runs(path: str, explicit: bool) -> bool:
+        if path not in offered:
+            return False
+        if path == "native":
+            return device.type == "cpu" and native is not None and native()
+        if path == "compiled":
+            if explicit:
+                return True  # a failed compile warns and runs the loop (CompiledKernel)
+            if device.type == "cpu":
+                return numel >= CPU_COMPILE_MIN_NUMEL and compile_available(device)
+            return compile_available(device)
+        if path == "foreach":
+            return foreach is None or foreach()
+        return True
+
+    if requested == "auto":
+        env = _env_path()
+        if env is not None and env in offered:
+            requested = env
+    if requested != "auto":
+        return requested if runs(requested, explicit=True) else "loop"
+    for path in order.for_device(device):
+        if runs(path, explicit=False):
+            return path
+    return "loop"
 
 
 class CompiledKernel:

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch.optim.optimizer import ParamsT
 
+from .kernels import check_implementation
+
 __all__ = [
     "RECOMMENDED",
     "OptimizerSpec",
@@ -114,7 +116,17 @@ class OptimizerSpec:
                     f"{sorted(hp)}"
                 )
             folded[key] = _check_type(self.name, key, value, hints[key])
+        if "implementation" in folded and self.implementations:
+            # now, not when the optimizer is built after the model has loaded
+            check_implementation(self.cls.__name__, folded["implementation"], self.implementations)
         return folded
+
+    @property
+    def implementations(self) -> tuple[str, ...]:
+        """The forms ``implementation=`` may name besides ``"auto"`` (the class's ``PATHS``: some
+        of ``"native"``, ``"compiled"``, ``"foreach"``, ``"loop"``; see
+        :mod:`hf_tuningfree.optim.kernels`); empty for an optimizer without the argument."""
+        return tuple(getattr(self.cls, "PATHS", ()))
 
     def build(self, params: ParamsT, **overrides: Any) -> torch.optim.Optimizer:
         """Instantiate with registry defaults updated by ``overrides`` (validated)."""

@@ -255,6 +255,8 @@ class ProdigyScheduleFree(ScheduleFreeModes, Prodigy):
     """
 
     FUSE = False  # no fused C kernel for this update yet: the torch passes run
+    #: no C kernels (neither pass): the compiled kernels and the loop
+    PATHS = ("compiled", "loop")
 
     def __init__(
         self,

@@ -62,19 +62,19 @@ Prodigy 16, 12, 4 + 8/k (LoRA's zero B: 4 less each, 4 + 4/k); DAdaptSGD 4 (8 wi
 4/k (4 + 4/k).
 
 Code paths. Each pass is one function of one tensor and its state, run eagerly (``"loop"``, the
-reference) or compiled (``"compiled"`` on GPU: one fused Triton loop per tensor, see
-:mod:`hf_tuningfree.optim.kernels`). Every per-step coefficient enters those functions as a 0-dim
-tensor computed outside them, so one compiled kernel serves every hyperparameter value and
+reference) or compiled (``"compiled"``: one fused loop per tensor, Triton on GPU, inductor's C++ on
+CPU; see :mod:`hf_tuningfree.optim.kernels`). Every per-step coefficient enters those functions as
+a 0-dim tensor computed outside them, so one compiled kernel serves every hyperparameter value and
 schedule; only booleans (``maximize``, coupled weight decay, momentum on/off) select variants. On
-CPU (fp32/fp64 contiguous tensors), ``"auto"`` and ``"compiled"`` run each pass (or the fused
-update) as C loops of :mod:`hf_tuningfree.optim._native`, ONE call per group for all its tensors:
-the ``torch.compile``d kernel made one call per tensor (147 for the benchmark's model), each
-paying dynamo's guards, and two passes over memory, and measured 1.7-2.7x fused AdamW; the C path
-measures 1.0-1.9x (README "Step time"). The C code reads the coefficients and ``ok`` from tensor
-memory (no host read) and follows the per-element functions operation by operation: results
-match the loop path to rounding (its sqrt is correctly rounded, torch's vectorised CPU sqrt not
-always: ~1e-7 relative in fp32, ~1e-16 in fp64; DAdaptSGD, without a sqrt, bit-identical in the
-tests). Without a C compiler (one warning), for 16-bit parameters and on GPUs the torch paths run.
+CPU (fp32/fp64 contiguous tensors), ``"auto"`` and ``"native"`` run each pass (or the fused update)
+as C loops of :mod:`hf_tuningfree.optim._native`, ONE call per group for all its tensors: the
+``torch.compile``d kernel made one call per tensor (147 for the benchmark's model), each paying
+dynamo's guards, and two passes over memory, and measured 1.7-2.7x fused AdamW; the C path measures
+1.0-1.9x (README "Step time"). The C code reads the coefficients and ``ok`` from tensor memory (no
+host read) and follows the per-element functions operation by operation: results match the loop
+path to rounding (its sqrt is correctly rounded, torch's vectorised CPU sqrt not always: ~1e-7
+relative in fp32, ~1e-16 in fp64; DAdaptSGD, without a sqrt, bit-identical in the tests). Without a
+C compiler (one warning), for 16-bit parameters and on GPUs the torch paths run.
 
 Hyperparameters that define the model-wide estimate (``d0``, ``growth_rate``, ``betas`` of the
 Adam variants' ``s``, ...) must be equal in every param group (checked); ``lr``, weight decay,

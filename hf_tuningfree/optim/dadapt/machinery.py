@@ -6,6 +6,7 @@ See :mod:`hf_tuningfree.optim.dadapt` for how a step runs.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -22,12 +23,7 @@ from ..base import (
     real_dtype,
 )
 from ..distributed import is_dtensor, local_view, plan_reduction
-from ..kernels import (
-    IMPLEMENTATIONS,
-    CompiledKernel,
-    order_for_compile,
-    resolve_implementation,
-)
+from ..kernels import CompiledKernel, check_implementation, order_for_compile
 from ..validation import (
     check_bool,
     check_choice,
@@ -49,8 +45,19 @@ from .passes import (
     _scoped,
     _sq_sum,
     _state_streams,
-    _wants_native,
 )
+
+
+def _fusable(gb: GroupBatch, withheld: frozenset[str]) -> bool:
+    """Whether the fused C kernels take every stream of ``gb`` (``withheld``: state kept at
+    ``1/k`` size under ``slice_p``, checked by the kernels themselves)."""
+    for streams, names in _state_streams(gb):
+        kept = [i for i, n in enumerate(names) if n not in withheld]
+        if len(kept) > 1 and not _native.accepts(
+            [streams[i] for i in kept], [names[i] for i in kept]
+        ):
+            return False
+    return True
 
 
 class DAdaptationBase(TuningFreeOptimizer):
@@ -79,6 +86,9 @@ class DAdaptationBase(TuningFreeOptimizer):
     PACK_BELOW = 1 << 14
     #: Whether a step may run in the fused form (see ``_fuses``); tests switch it off to compare.
     FUSE = True
+    #: the C kernels, the compiled passes and the loop; no foreach form (packing already makes
+    #: one call of the small tensors)
+    PATHS = ("native", "compiled", "loop")
     _fused_step = False
     #: The estimate being worked on: "" (the model's, or the unnamed groups' with
     #: ``d_groups="group"``) or "@<name>"; it suffixes every ``global_state`` key (``_global``).
@@ -106,7 +116,7 @@ class DAdaptationBase(TuningFreeOptimizer):
         check_nonnegative("lr", group["lr"])
         check_nonnegative("weight_decay", group["weight_decay"])
         check_bool("maximize", group["maximize"])
-        check_choice("implementation", group["implementation"], IMPLEMENTATIONS)
+        check_implementation(type(self).__name__, group["implementation"], self.PATHS)
         check_choice("d_groups", group.get("d_groups", "model"), D_GROUPS)
         check_nonnegative("d0_rel", group.get("d0_rel", 0.0))
         name = group.get("name")
@@ -216,14 +226,9 @@ class DAdaptationBase(TuningFreeOptimizer):
             if not gb.params:
                 continue
             numel = sum(p.numel() for p in gb.params)
-            if not _wants_native(gb.group["implementation"], batch.device, numel):
+            takes = functools.partial(_fusable, gb, withheld)
+            if self._path(gb.group, batch.device, numel, native=takes) != "native":
                 return False
-            for streams, names in _state_streams(gb):
-                kept = [i for i, n in enumerate(names) if n not in withheld]
-                if len(kept) > 1 and not _native.accepts(
-                    [streams[i] for i in kept], [names[i] for i in kept]
-                ):
-                    return False
         return True
 
     def _settle_fresh_state(self, batch: StepBatch) -> dict[str, torch.Tensor]:
@@ -476,24 +481,22 @@ class DAdaptationBase(TuningFreeOptimizer):
                 written += [k in tensor_pass.writes for k in keys]
                 for (dev, dt), bucket in _buckets(lists):
                     numel = sum(p.numel() for p in bucket[0])
-                    requested = gb.group["implementation"]
-                    if (
-                        tensor_pass.native is not None
-                        and _wants_native(requested, dev, numel)
-                        and _native_accepts(bucket, ["param", "grad", *keys])
-                    ):
+                    takes = None
+                    if tensor_pass.native is not None:
+                        takes = functools.partial(_native_accepts, bucket, ["param", "grad", *keys])
+                    impl = self._path(gb.group, dev, numel, native=takes)
+                    if impl == "native":
                         # one C call for the whole bucket, no packing needed
                         sums = len(tensor_pass.sums)
                         out = _run_native(tensor_pass.native, sums, bucket, scalars, static)
                         outputs = [] if out is None else [out]
                     else:
-                        impl = resolve_implementation(requested, dev, numel)
                         cdt = compute_dtype(dt)
                         args = [
                             a.to(dev) if a.dtype == torch.bool else a.to(dev, cdt) for a in scalars
                         ]
-                        # "foreach" runs the per-tensor loop: these passes have no foreach form
-                        # (packing already makes one call of the small tensors).
+                        # no foreach form (PATHS): packing already makes one call of the small
+                        # tensors
                         kernel = tensor_pass.compiled if impl == "compiled" else tensor_pass.fn
                         flags = {**static, "acc64": dev.type == "cpu"}
                         outputs = self._run_bucket(bucket, written, kernel, args, flags)
@@ -607,9 +610,8 @@ class DAdaptationBase(TuningFreeOptimizer):
             numel = sum(p.numel() for p in params)
             acc64 = dev.type == "cpu"
             flags = {"maximize": False, "coupled": False}
-            if _wants_native(gb.group["implementation"], dev, numel) and _native.accepts(
-                [grads], ["grad"]
-            ):
+            takes = functools.partial(_native.accepts, [grads], ["grad"])
+            if self._path(gb.group, dev, numel, native=takes) == "native":
                 g_sq = _run_native("dadapt_grad_sq", 1, [grads], [], flags)[0]  # type: ignore[index]
             else:
                 g_sq = torch.stack([_sq_sum(g, acc64) for g in grads]).sum()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import operator
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,9 +20,7 @@ from ..base import (
 )
 from ..distributed import is_dtensor, local_view
 from ..kernels import (
-    IMPL_ENV_VAR,
     CompiledKernel,
-    resolve_implementation,
 )
 from ..validation import (
     check_positive,
@@ -211,17 +208,6 @@ def _buckets(
     if all(t.dtype == dtype and t.device == device for t in lists[0]):
         return [((device, dtype), lists)]
     return [(key, bucket) for key, (bucket, _) in bucket_by_device_and_dtype(lists).items()]
-
-
-def _wants_native(requested: str, device: torch.device, numel: int) -> bool:
-    """Whether a bucket should try the C kernels of :mod:`._native`: on CPU for ``"compiled"``,
-    and for ``"auto"`` at every size (a one-off ~1 s build per machine, not a compilation per
-    process) unless ``HF_TUNINGFREE_IMPL`` overrides ``"auto"`` (as for ADOPT)."""
-    if device.type != "cpu":
-        return False
-    if requested == "auto" and not os.environ.get(IMPL_ENV_VAR, "").strip():
-        return True
-    return resolve_implementation(requested, device, numel) == "compiled"
 
 
 def _run_native(

@@ -221,9 +221,9 @@ class DAdaptSGD(DAdaptationBase):
             columns in every row, and where columns differ systematically (embeddings, heads) that
             aliasing biases ``d`` by more than sampling would: an odd ``k`` walks through the
             columns instead (not a measured improvement on the demo task).
-        implementation: ``"auto"``, ``"loop"`` or ``"compiled"`` (see
-            :mod:`hf_tuningfree.optim.kernels`); ``"foreach"`` runs the per-tensor loop. On CPU,
-            ``"auto"`` and ``"compiled"`` run the C kernels (see the module docstring).
+        implementation: ``"auto"``, ``"native"``, ``"compiled"`` or ``"loop"`` (see
+            :mod:`hf_tuningfree.optim.kernels`; no foreach form). On CPU, ``"auto"`` and
+            ``"native"`` run the C kernels (see the module docstring).
         skip_nonfinite, global_reduce, stochastic_rounding: see
             :class:`~hf_tuningfree.optim.base.TuningFreeOptimizer`.
 

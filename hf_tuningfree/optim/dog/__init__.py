@@ -50,7 +50,7 @@ How a step runs, without reading device memory on the host, in as few passes as 
   ``(x_t - x_0)^2`` per tensor into ``state["dist_sq"]``. The step therefore reads one scalar
   per tensor, and the update is ONE pass that reads ``x, g, x_0`` and writes ``x``. On CPU both
   passes are fused C loops over every tensor of a group in one call each (:mod:`._native`,
-  ``implementation="compiled"``, the CPU default): four streams read and one written per step,
+  ``implementation="native"``, the CPU default): four streams read and one written per step,
   against fused AdamW's four read and three written. ``torch.compile`` cannot do this: inductor
   splits "store x and sum (x - x0)^2" into two loops. Elsewhere (CUDA, 16-bit parameters, no C
   compiler) torch's fused SGD kernel or per-tensor ops update ``x`` and foreach ops measure the

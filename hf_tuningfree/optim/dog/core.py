@@ -5,6 +5,7 @@ See :mod:`hf_tuningfree.optim.dog` for the algorithm and the code paths.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -22,13 +23,9 @@ from ..base import (
     working_view,
 )
 from ..distributed import is_dtensor, local_view
-from ..kernels import (
-    IMPLEMENTATIONS,
-    StateShapeError,
-)
+from ..kernels import AutoOrder, StateShapeError
 from ..validation import (
     check_bool,
-    check_choice,
     check_nonnegative,
     check_positive,
 )
@@ -42,7 +39,6 @@ from .kernels import (
     _make_x0,
     _missing,
     _read_flags,
-    _resolve,
     _safe_div,
     _sgd_step_,
     _slice_geometry,
@@ -80,12 +76,12 @@ class DoG(TuningFreeOptimizer):
         weight_decay: coupled weight decay (added to the gradient, also in ``G``), per group.
         eps: added to ``G`` for numerical safety (default 1e-8, as the authors); must be the same
             in every param group.
-        implementation: ``"auto"`` (CPU: ``"compiled"``; elsewhere ``"foreach"``),
-            ``"compiled"`` (on CPU, fp32/fp64: the fused C loops of
-            :mod:`hf_tuningfree.optim._native`, built once per machine with the system C
-            compiler; otherwise as ``"foreach"``), ``"foreach"`` (torch's fused SGD kernel and
-            multi-tensor norms) or ``"loop"`` (tensor by tensor, the reference). The environment
-            variable ``HF_TUNINGFREE_IMPL`` overrides ``"auto"``.
+        implementation: ``"auto"`` (CPU: ``"native"``, else ``"foreach"``), ``"native"`` (on
+            CPU, fp32/fp64: the fused C loops of :mod:`hf_tuningfree.optim._native`, built once
+            per machine with the system C compiler), ``"foreach"`` (torch's fused SGD kernel and
+            multi-tensor norms) or ``"loop"`` (tensor by tensor, the reference); there is no
+            compiled form. A bucket a form cannot take runs ``"loop"``. The environment variable
+            ``HF_TUNINGFREE_IMPL`` overrides ``"auto"``.
         implicit_zero_x0: True (default): no stored ``x0`` for a tensor that is all zero at its
             first step (its distance is ``||x||``; the same ``rbar`` and ``eta``, bit for bit,
             as with a stored copy); one batched host read at the step that creates state (see
@@ -106,6 +102,10 @@ class DoG(TuningFreeOptimizer):
     (steps applied).
     ``stats()`` reports ``eta`` (without the ``lr`` multiplier), ``rbar``, ``G`` and ``step``.
     """
+
+    PATHS = ("native", "foreach", "loop")
+    #: the C loops, then torch's fused SGD kernel (fp32/fp64 on CPU), then the loop
+    AUTO_ORDER = AutoOrder(cpu=("native", "foreach", "loop"), cuda=("foreach", "loop"))
 
     _layerwise = False
     SCALAR_STATE_KEYS = TuningFreeOptimizer.SCALAR_STATE_KEYS | frozenset(_SCALAR_STATE_KEYS)
@@ -134,7 +134,7 @@ class DoG(TuningFreeOptimizer):
             "reps_rel": check_positive("reps_rel", reps_rel),
             "weight_decay": check_nonnegative("weight_decay", weight_decay),
             "eps": check_nonnegative("eps", eps),
-            "implementation": check_choice("implementation", implementation, IMPLEMENTATIONS),
+            "implementation": implementation,
         }
         super().__init__(
             params,
@@ -313,8 +313,9 @@ class DoG(TuningFreeOptimizer):
             eff = torch.empty(n, dtype=sdt, device=batch.device)
             buckets = bucket_by_device_and_dtype([gb.params, gb.grads])
             for (device, _), ([ps, gs], idx) in buckets.items():
-                impl = _resolve(gb.group["implementation"], device, sum(p.numel() for p in ps))
-                if impl == "compiled" and _native.accepts([ps, gs], ("param", "grad")):
+                takes = partial(_native.accepts, [ps, gs], ("param", "grad"))
+                numel = sum(p.numel() for p in ps)
+                if self._path(gb.group, device, numel, native=takes) == "native":
                     both = torch.empty(len(ps), 2, dtype=torch.float64)
                     _native.grad_sq(ps, gs, wd, both)
                     r, e = both[:, 0].to(sdt), both[:, 1].to(sdt)
@@ -418,10 +419,10 @@ class DoG(TuningFreeOptimizer):
         """``x -= step_size * (g + wd x)`` for every tensor of a group (``shared``: one step size
         for the group), then ``dist_sq = ||x - x0||^2`` for each.
 
-        ``"compiled"`` on CPU (fp32/fp64): the fused C loop, one call for the bucket.
-        ``"loop"`` and 16-bit parameters: ``dog_tensor_update`` tensor by tensor. Otherwise
-        (``"foreach"``, CUDA): torch's fused multi-tensor SGD kernel, then foreach ops for the
-        distances.
+        ``"native"`` (CPU, fp32/fp64): the fused C loop, one call for the bucket. ``"foreach"``:
+        torch's fused multi-tensor SGD kernel, then foreach ops for the distances. ``"loop"``
+        (and buckets neither takes, e.g. 16-bit parameters on CPU): ``dog_tensor_update`` tensor
+        by tensor.
         """
         group = gb.group
         wd = group["weight_decay"]
@@ -434,8 +435,14 @@ class DoG(TuningFreeOptimizer):
             sizes = [step_sizes[i].to(device, cdt) for i in idx]
             params, grads, x0s, dists = bucket
             layouts = [layout_list[i] for i in idx]
-            impl = _resolve(group["implementation"], device, sum(p.numel() for p in params))
-            if impl == "compiled" and _c_takes(params, grads, x0s):
+            impl = self._path(
+                group,
+                device,
+                sum(p.numel() for p in params),
+                native=partial(_c_takes, params, grads, x0s),
+                foreach=partial(_fused_sgd_available, params, grads),
+            )
+            if impl == "native":
                 steps = sizes[0] if shared else torch.stack(sizes)
                 new = torch.stack(dists).to(torch.float64)  # kept as is on a skipped step
                 _native.dog_update(
@@ -453,7 +460,7 @@ class DoG(TuningFreeOptimizer):
                     scales = torch.tensor([lay[2] for lay in layouts], dtype=torch.float64)
                     new = torch.where(ok_d, new * scales, new)
                 torch._foreach_copy_(dists, list(new.to(dists[0].dtype).unbind(0)))
-            elif impl == "loop" or not _fused_sgd_available(params, grads):
+            elif impl == "loop":
                 for j, (p, g, x0, d) in enumerate(zip(*bucket, strict=True)):
                     dog_tensor_update(
                         p, g, x0, d, ok_d, sizes[j], weight_decay=wd, layout=layouts[j]

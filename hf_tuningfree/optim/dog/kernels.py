@@ -7,7 +7,6 @@ reference of the C kernels in ``csrc/dog_adopt.c``), with T-DoG's taming factor.
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 import torch
@@ -16,9 +15,7 @@ from .. import _native
 from ..distributed import is_dtensor, local_view
 from ..kernels import (
     FUSED_SGD_CPU_DTYPES,
-    IMPL_ENV_VAR,
     fast_path_accepts,
-    resolve_implementation,
 )
 
 #: Per-parameter 0-dim statistics kept in their own (fp32/fp64) dtype across ``load_state_dict``
@@ -163,16 +160,6 @@ def _read_flags(flags: torch.Tensor) -> list[bool]:
     if flags.device.type == "cpu":
         return [bool(v) for v in flags.numpy().tolist()]
     return [bool(v) for v in flags.tolist()]
-
-
-def _resolve(requested: str, device: torch.device, numel: int) -> str:
-    """The code path for a bucket. ``"auto"``: on CPU the fused C loop (``"compiled"``): it
-    costs a one-off ~1 s build per machine, not a compilation per process, so it pays for every
-    model size; elsewhere foreach ops (torch's fused SGD + multi-tensor norms). The environment
-    override of :func:`~hf_tuningfree.optim.kernels.resolve_implementation` applies."""
-    if requested == "auto" and not os.environ.get(IMPL_ENV_VAR, "").strip():
-        return "compiled" if device.type == "cpu" else "foreach"
-    return resolve_implementation(requested, device, numel)
 
 
 # --------------------------------------------------------------------------- T-DoG

@@ -11,12 +11,8 @@ from .. import _native
 from ..base import (
     bucket_by_device_and_dtype,
 )
-from ..kernels import (
-    IMPLEMENTATIONS,
-)
 from ..validation import (
     check_bool,
-    check_choice,
     check_nonnegative,
     check_positive,
 )
@@ -84,7 +80,7 @@ class HyperAdaGrad(HypergradientOptimizer):
             ),
             "weight_decay": check_nonnegative("weight_decay", weight_decay),
             "maximize": check_bool("maximize", maximize),
-            "implementation": check_choice("implementation", implementation, IMPLEMENTATIONS),
+            "implementation": implementation,
         }
         super().__init__(
             params,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any, ClassVar
 
 import torch
@@ -15,12 +16,9 @@ from ..base import (
     scalar_state,
 )
 from ..distributed import local_view
-from ..kernels import (
-    IMPLEMENTATIONS,
-)
+from ..kernels import AutoOrder
 from ..validation import (
     check_bool,
-    check_choice,
     check_in_range,
     check_nonnegative,
     check_positive,
@@ -74,6 +72,11 @@ class HyperAdam(HypergradientOptimizer):
     size costs no memory beyond Adam's: the last direction is recomputed from the moments.
     """
 
+    PATHS = ("native", "compiled", "foreach", "loop")
+    #: C, then torch's fused kernel for the update (fp32/fp64 on CPU), then compiled, the loop
+    AUTO_ORDER = AutoOrder(
+        cpu=("native", "foreach", "compiled", "loop"), cuda=("foreach", "compiled", "loop")
+    )
     LEARNABLE = ("lr", "beta1", "beta2")
     LEARN_ALIASES: ClassVar[Mapping[str, tuple[str, ...]]] = {"betas": ("beta1", "beta2")}
     SQUASHED = frozenset({"beta1", "beta2"})
@@ -110,7 +113,7 @@ class HyperAdam(HypergradientOptimizer):
             "weight_decay": check_nonnegative("weight_decay", weight_decay),
             "decoupled_weight_decay": check_bool("decoupled_weight_decay", decoupled_weight_decay),
             "maximize": check_bool("maximize", maximize),
-            "implementation": check_choice("implementation", implementation, IMPLEMENTATIONS),
+            "implementation": implementation,
         }
         super().__init__(
             params,
@@ -284,7 +287,8 @@ class HyperAdam(HypergradientOptimizer):
             ok_d = ok.to(device)
             lr_d = lr.to(device)
             bucket_steps = [steps[i] for i in idx]
-            if not learned_betas and _fused_ok(group, bucket, _ADAM_STREAMS):
+            fused = partial(_fused_ok, bucket, _ADAM_STREAMS)
+            if not learned_betas and self._fused_form(group, bucket, fused):
                 torch._foreach_add_(bucket_steps, ok_d.to(torch.float32))
                 beta1, beta2 = group["betas"]
                 fused = (

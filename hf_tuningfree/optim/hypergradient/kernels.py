@@ -8,7 +8,6 @@ constants and helpers that pick a path for a bucket of tensors.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,11 +17,9 @@ from ..base import (
     compute_dtype,
 )
 from ..kernels import (
-    IMPL_ENV_VAR,
     CompiledKernel,
     fast_path_accepts,
     order_for_compile,
-    resolve_implementation,
 )
 
 #: Hyperoptimizers a tower level can use.
@@ -357,21 +354,19 @@ def _tensor_order(impl: str, fn: Any, sizes: Sequence[int]) -> list[int]:
 
 
 def _fused_ok(
-    group: dict[str, Any],
     bucket: list[list[torch.Tensor]],
     names: Sequence[str],
     cpu_dtypes: Sequence[torch.dtype] = _FUSED_DTYPES,
 ) -> bool:
-    """Whether torch's fused multi-tensor kernel may run a bucket of ``group`` (the caller adds
-    the optimizer's own condition: fixed momentum / betas): ``fast_path_accepts`` (contiguous
+    """Whether torch's fused multi-tensor kernel (the ``"foreach"`` form of the update) may run
+    ``bucket`` (the caller adds the optimizer's own condition: fixed momentum / betas, and asks
+    ``choose_path`` whether the form runs at all): ``fast_path_accepts`` (contiguous
     tensors of their parameters' shapes: the kernel treats every tensor as contiguous memory),
     of ``cpu_dtypes`` on CPU."""
     device = bucket[0][0].device.type
     dtypes = cpu_dtypes if device == "cpu" else _FUSED_DTYPES
-    return (
-        group["implementation"] in ("auto", "foreach")
-        and device in _FUSED_DEVICES
-        and fast_path_accepts(bucket, names, dtypes=dtypes, cpu_only=False)
+    return device in _FUSED_DEVICES and fast_path_accepts(
+        bucket, names, dtypes=dtypes, cpu_only=False
     )
 
 
@@ -416,14 +411,3 @@ def _update_each(
     same 0-dim tensors ``args`` and flags ``static``."""
     for i in _tensor_order(impl, fn, [p.numel() for p in bucket[0]]):
         _run(fn, impl, [t[i] for t in bucket], *args, **static)
-
-
-def _wants_native(requested: str, device: torch.device, numel: int) -> bool:
-    """Whether a group should try the C loops of :mod:`._native`: on CPU for ``"compiled"``, and
-    for ``"auto"`` at every size (a one-off ~1 s build per machine, no compilation per process)
-    unless ``HF_TUNINGFREE_IMPL`` overrides ``"auto"``; never for ``"loop"`` / ``"foreach"``."""
-    if device.type != "cpu":
-        return False
-    if requested == "auto" and not os.environ.get(IMPL_ENV_VAR, "").strip():
-        return True
-    return resolve_implementation(requested, device, numel) == "compiled"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -13,11 +14,10 @@ from ..base import (
 )
 from ..kernels import (
     FUSED_SGD_CPU_DTYPES,
-    IMPLEMENTATIONS,
+    AutoOrder,
 )
 from ..validation import (
     check_bool,
-    check_choice,
     check_in_range,
     check_nonnegative,
 )
@@ -69,12 +69,13 @@ class HyperSGD(HypergradientOptimizer):
             docstring.
         per_group: learn one set of hyperparameters per param group (default: one set for the
             whole model, whatever the groups).
-        implementation: ``"auto"``, ``"foreach"``, ``"loop"`` or ``"compiled"``. On CPU,
-            ``"auto"`` and ``"compiled"`` run both passes of the step as C loops over all tensors
-            (:mod:`hf_tuningfree.optim._native`, built once per machine with the system C
-            compiler; fp32/fp64). ``"foreach"`` (and ``"auto"`` elsewhere) use torch's fused
-            multi-tensor SGD kernel for the update when the momentum is fixed and non-zero;
-            otherwise as in :mod:`hf_tuningfree.optim.kernels`.
+        implementation: ``"auto"``, ``"native"``, ``"compiled"``, ``"foreach"`` or ``"loop"``
+            (:mod:`hf_tuningfree.optim.kernels`). ``"native"`` (and ``"auto"`` on CPU) runs both
+            passes of the step as C loops over all tensors (:mod:`hf_tuningfree.optim._native`,
+            built once per machine with the system C compiler; fp32/fp64). ``"foreach"`` (and
+            ``"auto"`` where the C loops do not run) uses torch's fused multi-tensor SGD kernel
+            for the update when the momentum is fixed and non-zero; the hypergradient's dot
+            products have no foreach form and run per tensor.
         skip_nonfinite, global_reduce, stochastic_rounding: see
             :class:`~hf_tuningfree.optim.base.TuningFreeOptimizer`.
 
@@ -82,6 +83,11 @@ class HyperSGD(HypergradientOptimizer):
     the last update direction), plus ``momentum_buffer_prev`` when the momentum is learned.
     """
 
+    PATHS = ("native", "compiled", "foreach", "loop")
+    #: C, then torch's fused kernel for the update (fp32/fp64 on CPU), then compiled, the loop
+    AUTO_ORDER = AutoOrder(
+        cpu=("native", "foreach", "compiled", "loop"), cuda=("foreach", "compiled", "loop")
+    )
     LEARNABLE = ("lr", "momentum")
     SQUASHED = frozenset({"momentum"})
     STORED_DERIVATIVES = (("lr", "momentum_buffer"), ("momentum", "momentum_buffer_prev"))
@@ -112,7 +118,7 @@ class HyperSGD(HypergradientOptimizer):
             "momentum": check_in_range("momentum", momentum, 0.0, 1.0),
             "weight_decay": check_nonnegative("weight_decay", weight_decay),
             "maximize": check_bool("maximize", maximize),
-            "implementation": check_choice("implementation", implementation, IMPLEMENTATIONS),
+            "implementation": implementation,
         }
         super().__init__(
             params,
@@ -193,12 +199,13 @@ class HyperSGD(HypergradientOptimizer):
         for (device, dtype), (bucket, _) in bucket_by_device_and_dtype(lists).items():
             ok_d = ok.to(device)
             lr_d = lr.to(device)
+            fused = partial(
+                _fused_ok, bucket, ("param", "grad", "momentum_buffer"), FUSED_SGD_CPU_DTYPES
+            )
             if (
                 not learn_momentum
                 and group["momentum"] > 0.0
-                and _fused_ok(
-                    group, bucket, ("param", "grad", "momentum_buffer"), FUSED_SGD_CPU_DTYPES
-                )
+                and self._fused_form(group, bucket, fused)
             ):
                 torch._fused_sgd_(
                     bucket[0],

@@ -20,9 +20,6 @@ from ..base import (
     foreach_norms,
     real_dtype,
 )
-from ..kernels import (
-    resolve_implementation,
-)
 from ..validation import (
     check_bool,
     check_choice,
@@ -41,7 +38,6 @@ from .kernels import (
     _raw_from_value,
     _stored_dots,
     _value,
-    _wants_native,
 )
 
 
@@ -72,6 +68,10 @@ def _names(value: str | Sequence[str], what: str) -> tuple[str, ...]:
     if not all(isinstance(v, str) for v in parts):
         raise TypeError(f"{what} must be a string or a sequence of strings, got {value!r}")
     return tuple(p.strip().lower() for p in parts)
+
+
+def _native_loaded() -> bool:
+    return _native.load() is not None
 
 
 class HypergradientOptimizer(TuningFreeOptimizer):
@@ -166,6 +166,10 @@ class HypergradientOptimizer(TuningFreeOptimizer):
             global_reduce=global_reduce,
             stochastic_rounding=stochastic_rounding,
         )
+
+    #: The C loops, the compiled kernels and the loop; HyperSGD and HyperAdam add ``"foreach"``
+    #: (torch's fused multi-tensor kernel for their update).
+    PATHS = ("native", "compiled", "loop")
 
     #: What ``copy.deepcopy`` and pickling keep besides the base's: the tower's configuration.
     _PICKLED_ATTRIBUTES = (
@@ -420,7 +424,9 @@ class HypergradientOptimizer(TuningFreeOptimizer):
         group = gb.group
         if not gb.params or not self._native_covers(group):
             return None
-        if not _wants_native(group["implementation"], gb.params[0].device, gb.numel):
+        device = gb.params[0].device
+        # whether the C form is the one to run; the buckets it takes are worked out below
+        if self._path(group, device, gb.numel, native=_native_loaded) != "native":
             return None
         lists = [gb.params, gb.grads, *(gb.state_list(k) for k in self._native_state_keys(group))]
         whole = self._native_addresses(gb, lists, list(range(len(gb.params))))
@@ -583,10 +589,23 @@ class HypergradientOptimizer(TuningFreeOptimizer):
                 parts.extend(foreach_norms(gb.grads))
         return batch.sum_on_device(parts)
 
+    def _fused_form(
+        self, group: dict[str, Any], bucket: list[list[torch.Tensor]], fused: Any
+    ) -> bool:
+        """Whether the update of ``bucket`` runs as its ``"foreach"`` form, torch's fused
+        multi-tensor kernel (``fused()``: whether the kernel takes the bucket), where the group
+        does not take the C loops."""
+        offered = tuple(p for p in self.PATHS if p != "native")
+        numel = sum(p.numel() for p in bucket[0])
+        device = bucket[0][0].device
+        return self._path(group, device, numel, offered=offered, foreach=fused) == "foreach"
+
     def _impl(self, gb: Any, device: torch.device, *, update: bool) -> str:
-        requested = gb.group["implementation"]
-        impl = resolve_implementation(requested, device, gb.numel)
-        return "loop" if impl == "foreach" else impl
+        """The form of the per-tensor pieces (the dots, an update the fused kernels do not run)
+        where the group does not take the C loops: compiled or the loop (they have no foreach
+        form; a requested ``"native"`` / ``"foreach"`` runs the loop here)."""
+        offered = tuple(p for p in self.PATHS if p in ("compiled", "loop"))
+        return self._path(gb.group, device, gb.numel, offered=offered)
 
     def _update(self, batch: StepBatch, stats: dict[str, torch.Tensor], ok: torch.Tensor) -> None:
         device = batch.device
