@@ -533,7 +533,7 @@ def test_without_the_c_library_the_torch_paths_give_the_same_numbers(impl, monke
     """``_native.load()`` returning None (no compiler): ``"auto"`` on these small groups runs the
     loop path (bit-identical to ``implementation="loop"``), ``"compiled"`` the torch.compile
     kernel (within fp32 rounding of it); the C kernel is never called."""
-    monkeypatch.setattr(_native, "load", lambda: None)
+    monkeypatch.setenv(_native.NATIVE_ENV_VAR, "0")
     calls = []
     monkeypatch.setattr(_native, "adopt_update", lambda *a, **k: calls.append(1))
     hp = _native_hp(True, False)
@@ -558,8 +558,8 @@ def test_without_the_c_library_the_torch_paths_give_the_same_numbers(impl, monke
 def test_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path):
     """A compiler that cannot run: one RuntimeWarning at the first step, then the torch paths,
     with the loop path's numbers exactly (``"auto"`` on small groups)."""
-    monkeypatch.setattr(_native, "_lib", None)
-    monkeypatch.setattr(_native, "_failed", False)
+    monkeypatch.setattr(_native.loader, "_lib", None)
+    monkeypatch.setattr(_native.loader, "_failed", False)
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("HF_TUNINGFREE_CACHE", str(tmp_path / "cache"))
     hp = _native_hp(False, True)

@@ -359,7 +359,7 @@ def test_without_the_c_library_auto_is_the_loop_path(name, monkeypatch):
     """``_native.load()`` returning None (no compiler): ``"auto"`` on these small groups runs the
     per-tensor loop, bit-identical to ``implementation="loop"``; the C kernels are never called.
     (``"compiled"``, torch.compile, is held to the loop in tests/test_dadapt.py.)"""
-    monkeypatch.setattr(_native, "load", lambda: None)
+    monkeypatch.setenv(_native.NATIVE_ENV_VAR, "0")
     calls = []
     monkeypatch.setattr(_native, "dadapt_kernel", lambda *a, **k: calls.append(a[0]))
     dtype = torch.float32

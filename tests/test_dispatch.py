@@ -188,15 +188,16 @@ def test_which_optimizers_have_which_forms():
 
 @pytest.fixture
 def c_calls(monkeypatch):
-    """Counts the calls into the C library (every kernel goes through ``_native._library``)."""
+    """Counts the calls into the C library (every kernel goes through
+    ``_native.loader._library``)."""
     calls = []
-    real = _native._library
+    real = _native.loader._library
 
     def counted():
         calls.append(1)
         return real()
 
-    monkeypatch.setattr(_native, "_library", counted)
+    monkeypatch.setattr(_native.loader, "_library", counted)
     return calls
 
 

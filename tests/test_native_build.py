@@ -9,8 +9,10 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from hf_tuningfree.optim import _native
+from hf_tuningfree.optim._native import dadapt, dog_adopt, hypergradient, loader
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,8 +46,8 @@ def test_a_change_in_any_source_builds_a_library_of_another_name(monkeypatch, tm
         sources = dict(original)
         if changed is not None:
             sources[changed] += "\n/* changed */\n"
-        monkeypatch.setattr(_native, "c_sources", lambda s=sources: s)
-        lib = _native._build()
+        monkeypatch.setattr(loader, "c_sources", lambda s=sources: s)
+        lib = loader._build()
         names.add(os.path.basename(lib._name))
     assert len(names) == 3
     assert all(n.startswith(f"{_native.LIBRARY_NAME}_") and n.endswith(".so") for n in names)
@@ -54,9 +56,37 @@ def test_a_change_in_any_source_builds_a_library_of_another_name(monkeypatch, tm
 def test_the_cache_directory_order(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_TUNINGFREE_CACHE", str(tmp_path / "own"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert _native._cache_dir() == str(tmp_path / "own")
+    assert loader._cache_dir() == str(tmp_path / "own")
     monkeypatch.delenv("HF_TUNINGFREE_CACHE")
-    assert _native._cache_dir() == str(tmp_path / "xdg" / "hf_tuningfree")
+    assert loader._cache_dir() == str(tmp_path / "xdg" / "hf_tuningfree")
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert _native._cache_dir() == str(tmp_path / "home" / ".cache" / "hf_tuningfree")
+    assert loader._cache_dir() == str(tmp_path / "home" / ".cache" / "hf_tuningfree")
+
+
+def test_every_signature_names_a_function_of_the_library(monkeypatch):
+    """Each family's one table (``SIGNATURES``) names functions the library has in both dtypes;
+    the names callers use on ``_native`` are the family modules' own objects; a dtype without a
+    C variant is refused before any pointer is taken; ``HF_TUNINGFREE_NATIVE=0`` (the switch
+    the tests use) makes ``accepts`` refuse every bucket."""
+    lib = _native.load()
+    if lib is None:
+        pytest.skip("no C compiler on this machine: the torch paths run instead")
+    families = (dog_adopt, dadapt, hypergradient)
+    for family in families:
+        for name, argtypes in family.SIGNATURES.items():
+            for suffix in ("_f32", "_f64"):
+                assert hasattr(lib, name + suffix), name + suffix
+            assert all(t in (loader.I64, loader.PTR, loader.DBL, loader.INT) for t in argtypes)
+        for name in family.__all__:
+            if name != "SIGNATURES":
+                assert getattr(_native, name) is getattr(family, name), name
+    assert set(dadapt.SIGNATURES) == set(dadapt.DADAPT_KERNELS)
+    fn = loader.function(lib, dog_adopt.SIGNATURES, "sum_sq", torch.float64)
+    assert fn.argtypes == dog_adopt.SIGNATURES["sum_sq"] and fn.restype is None
+    with pytest.raises(ValueError, match="sum_sq takes fp32 or fp64 tensors"):
+        loader.function(lib, dog_adopt.SIGNATURES, "sum_sq", torch.float16)
+    x = torch.ones(3)
+    assert _native.accepts([[x], [x]], ["param", "grad"])
+    monkeypatch.setenv(_native.NATIVE_ENV_VAR, "0")
+    assert _native.load() is None and not _native.accepts([[x], [x]], ["param", "grad"])

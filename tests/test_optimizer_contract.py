@@ -527,9 +527,9 @@ def test_c_library_cache_follows_the_package_convention_and_can_be_switched_off(
     torch paths run)."""
     monkeypatch.delenv("HF_TUNINGFREE_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert _native._cache_dir() == str(tmp_path / "xdg" / "hf_tuningfree")
+    assert _native.loader._cache_dir() == str(tmp_path / "xdg" / "hf_tuningfree")
     monkeypatch.setenv("HF_TUNINGFREE_CACHE", str(tmp_path / "own"))
-    assert _native._cache_dir() == str(tmp_path / "own")
+    assert _native.loader._cache_dir() == str(tmp_path / "own")
     assert _native.LIBRARY_NAME == "hf_tuningfree_cpu_kernels"
     for off in ("0", "false", "off"):
         monkeypatch.setenv(_native.NATIVE_ENV_VAR, off)

@@ -366,15 +366,16 @@ def _scalars(trace: list) -> list[float]:
 
 @pytest.fixture
 def library_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts the entries into the C library (every kernel wrapper of ``_native`` fetches it)."""
+    """Counts the entries into the C library (every kernel wrapper of ``_native`` fetches it with
+    ``_native.loader._library()``)."""
     calls: list[int] = []
-    real = _native._library
+    real = _native.loader._library
 
     def counted() -> Any:
         calls.append(1)
         return real()
 
-    monkeypatch.setattr(_native, "_library", counted)
+    monkeypatch.setattr(_native.loader, "_library", counted)
     return calls
 
 
