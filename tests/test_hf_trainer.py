@@ -16,19 +16,6 @@ from hf_tuningfree.optim import ADOPT, available_optimizers, get_optimizer_spec
 
 NAMES = available_optimizers()
 
-#: Steps and extra arguments for the "trains a tiny GPT-2" test. DoG starts from a step of
-#: ~1e-5 (r_eps = 1e-6 (1 + ||x0||)) and needs ~100 steps to grow into its working range
-#: (measured: 3.90 -> 3.87 after 60 steps, -> 0.58 after 200); T-DoG's step is DoG's divided by
-#: its taming factor (~1e6), which the registry's ``visible_lr`` gives back.
-#: D-Adapted SGD and AdaGrad grow d too slowly for 60 steps under the stock linear decay on this
-#: task (loss ratio 0.94 and 1.00; the authors' dadaptation 3.2 gives identical losses and d); with
-#: a constant schedule they reach 0.81 (60 steps) and 0.74 (150 steps).
-TRAINING_STEPS = {"dog": 200, "ldog": 200, "tdog": 200, "dadapt_adagrad": 150}
-TRAINING_ARGS = {
-    "dadapt_sgd": {"lr_scheduler_type": "constant"},
-    "dadapt_adagrad": {"lr_scheduler_type": "constant"},
-}
-
 
 def _args(path, **kw):
     base = dict(
@@ -47,11 +34,13 @@ def _trainer(args, **kw):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_every_registry_optimizer_trains_tiny_gpt2(name, tmp_path):
-    steps = TRAINING_STEPS.get(name, 60)
-    extra = dict(TRAINING_ARGS.get(name, {}))
-    if get_optimizer_spec(name).visible_lr is not None:  # T-DoG: the taming factor given back
-        extra["learning_rate"] = get_optimizer_spec(name).visible_lr
-    trainer = _trainer(_args(tmp_path, optim=name, logging_steps=1, max_steps=steps, **extra))
+    """60 steps for every optimizer, with the knobs its registry entry declares
+    (``smoke_training_args``; ``visible_lr``: T-DoG's taming factor given back)."""
+    spec = get_optimizer_spec(name)
+    extra = dict(spec.smoke_training_args)
+    if spec.visible_lr is not None:
+        extra["learning_rate"] = spec.visible_lr
+    trainer = _trainer(_args(tmp_path, optim=name, logging_steps=1, max_steps=60, **extra))
     trainer.train()
     losses = train_losses(trainer)
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
