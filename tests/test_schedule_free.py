@@ -72,6 +72,72 @@ def test_matches_the_three_sequence_reference(d0_rel, bias_correction, safeguard
     assert ds[-1] > 3 * D0, "d did not grow: the test would not exercise it"
 
 
+@pytest.mark.parametrize(
+    "warmup_steps, r", [(4, 0.0), (0, 1.0), (6, 2.0)], ids=["warmup4", "r1", "warmup6_r2"]
+)
+def test_warmup_and_polynomial_weighting_match_the_reference(warmup_steps, r):
+    """``warmup_steps`` scales the step (and the numerator's and s's weights) by
+    ``min(1, (k+1)/warmup_steps)``; ``r`` weighs z_k by ``(k+1)^r lr_max^2`` in x (fp64)."""
+    prob = _make_problem()
+    hp = _groups(True)
+    model = {"d0": D0, "d0_rel": 1e-3, "betas": BETAS, "use_bias_correction": True}
+    extra = {"warmup_steps": warmup_steps, "r": r}
+    x_ref, y_ref, ds_ref = prodigy_sf_sequences(*_convention(prob), hp, **model, **extra)
+    _, _, ds_plain = prodigy_sf_sequences(*_convention(prob), hp, **model)
+    params, ds, opt = _run_ours(ProdigyScheduleFree, prob, hp, {**model, **extra}, impl="loop")
+    worst_y = _worst(params, y_ref)
+    worst_d = max(abs(a - b) / b for a, b in zip(ds, ds_ref, strict=True))
+    opt.eval()
+    worst_x = _worst(params, x_ref)
+    print(f"y {worst_y:.1e} x {worst_x:.1e} d {worst_d:.1e}")
+    assert worst_y <= TOL_ITERATES and worst_x <= TOL_ITERATES and worst_d <= TOL
+    # the options change the run (else this test would not exercise them)
+    assert max(abs(a - b) / b for a, b in zip(ds_ref, ds_plain, strict=True)) > 1e-3
+
+
+def test_averaging_weight_with_r_and_warmup():
+    """At a constant d, c_k = (k+1)^r / sum_{i<=k} (i+1)^r; during a linear warm-up the weight is
+    the squared step, so c_k = (k+1)^2 / sum (i+1)^2 while k < warmup_steps."""
+    torch.manual_seed(0)
+    for kwargs, expected in [
+        ({"r": 1.0}, [(k + 1) / sum(range(1, k + 2)) for k in range(8)]),
+        (
+            {"warmup_steps": 100},
+            [(k + 1) ** 2 / sum(i * i for i in range(1, k + 2)) for k in range(8)],
+        ),
+    ]:
+        p = torch.nn.Parameter(torch.randn(50, dtype=torch.float64))
+        opt = ProdigyScheduleFree(
+            [p], d0=1e-6, d0_rel=0.0, growth_rate=1.0, use_bias_correction=False, **kwargs
+        )
+        cs = []
+        for _ in range(8):
+            p.grad = p.detach().clone()
+            opt.step()
+            cs.append(opt.stats()["sf_average_weight"])
+        assert cs == pytest.approx(expected, rel=1e-12, abs=0), kwargs
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"warmup_steps": 2.5}, r"Invalid warmup_steps: 2.5; allowed: an integer >= 0"),
+        ({"warmup_steps": -1}, r"Invalid warmup_steps: -1; allowed: an integer >= 0"),
+        ({"r": -0.5}, r"Invalid r: -0.5; allowed: a finite number >= 0"),
+    ],
+)
+def test_warmup_and_r_are_checked_when_built(kwargs, message):
+    p = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match=message):
+        ProdigyScheduleFree([p], **kwargs)
+
+
+def test_warmup_and_r_are_model_wide():
+    a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match=r"r=2.0 in a param group differs from 0.0"):
+        ProdigyScheduleFree([{"params": [a]}, {"params": [b], "r": 2.0}])
+
+
 def _quadratic_run(steps, *, checkpoint_at=None, eval_at=(), tmp_path=None, **kwargs):
     """A small fp32 problem: ``steps`` steps with eval()/train() around the steps in
     ``eval_at``; with ``checkpoint_at``, the state is saved there in eval mode (as the Trainer

@@ -57,6 +57,7 @@ from .dadapt.passes import (
 )
 from .distributed import local_view
 from .prodigy import Prodigy, prodigy_s, prodigy_sums
+from .validation import check_nonnegative, check_nonnegative_int
 
 __all__ = ["ProdigyScheduleFree", "prodigy_sf_tensor_update", "schedule_free_weight"]
 
@@ -167,13 +168,20 @@ _PRODIGY_SF_UPDATE = _pass(
 
 
 def schedule_free_weight(
-    step_size: torch.Tensor, lr_max: torch.Tensor, weight_sum: torch.Tensor
+    step_size: torch.Tensor,
+    lr_max: torch.Tensor,
+    weight_sum: torch.Tensor,
+    step: torch.Tensor | None = None,
+    r: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(new lr_max, new weight_sum, c)``: the averaging weight of this step's ``z`` in ``x``,
-    ``c = w / (weight_sum + w)`` with ``w = max(lr_max, step_size)^2`` (0 while no step was
-    taken: a warm-up from ``lr = 0`` leaves ``x`` at ``x_0``)."""
+    ``c = w / (weight_sum + w)`` with ``w = (k + 1)^r max(lr_max, step_size)^2`` (``k = step``,
+    the steps taken before this one; the paper's polynomial weighting, ``r = 0``: none), 0 while
+    no step was taken: a warm-up from ``lr = 0`` leaves ``x`` at ``x_0``."""
     new_max = torch.maximum(lr_max, step_size)
     w = new_max * new_max
+    if r != 0.0:
+        w = w * torch.pow(step + 1.0, r)
     new_sum = weight_sum + w
     c = torch.where(new_sum > 0, w / torch.where(new_sum > 0, new_sum, 1.0), 0.0)
     return new_max, new_sum, c
@@ -255,6 +263,7 @@ class ProdigyScheduleFree(ScheduleFreeModes, Prodigy):
     """
 
     FUSE = False  # no fused C kernel for this update yet: the torch passes run
+    _MODEL_WIDE = (*Prodigy._MODEL_WIDE, "warmup_steps", "r")
     #: no C kernels (neither pass): the compiled kernels and the loop
     PATHS = ("compiled", "loop")
 
@@ -282,7 +291,14 @@ class ProdigyScheduleFree(ScheduleFreeModes, Prodigy):
         skip_nonfinite: bool = True,
         global_reduce: object = "auto",
         stochastic_rounding: bool = True,
+        warmup_steps: int = 0,
+        r: float = 0.0,
     ) -> None:
+        # set before the base constructor adds the groups (add_param_group fills them in)
+        self._sf_defaults = {
+            "warmup_steps": check_nonnegative_int("warmup_steps", warmup_steps),
+            "r": check_nonnegative("r", r),
+        }
         if not 0.0 < betas[0] < 1.0:
             raise ValueError(
                 f"Invalid betas[0]: {betas[0]!r}; allowed: 0 < beta1 < 1 (the schedule-free "
@@ -315,7 +331,14 @@ class ProdigyScheduleFree(ScheduleFreeModes, Prodigy):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         # a group added in eval mode starts in eval mode: its parameters are x = y = z at first
         param_group.setdefault(TRAIN_MODE, self.training if self.param_groups else True)
+        for key, value in self._sf_defaults.items():
+            param_group.setdefault(key, value)
         super().add_param_group(param_group)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        super()._validate_group(group)
+        check_nonnegative_int("warmup_steps", group.get("warmup_steps", 0))
+        check_nonnegative("r", group.get("r", 0.0))
 
     def _init_param_state(self, param: torch.Tensor, state: dict[str, Any], group: dict) -> None:
         state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
@@ -324,11 +347,18 @@ class ProdigyScheduleFree(ScheduleFreeModes, Prodigy):
         self._init_x0(param, state, group)
 
     def _bias_correction(self, step: torch.Tensor) -> torch.Tensor | float:
-        """``sqrt(1 - beta2^(k+1))``: the second moment's correction (there is no first moment)."""
+        """The factor of ``d lr`` in step ``k``: ``sqrt(1 - beta2^(k+1))``, the second moment's
+        correction (there is no first moment), times the linear warm-up
+        ``min(1, (k+1) / warmup_steps)`` with ``warmup_steps > 0`` (the authors' optimizer
+        keyword; it scales the numerator's and ``s``'s weights as a scheduler's ``lr`` would)."""
         group = self.param_groups[0]
-        if not group["use_bias_correction"]:
-            return 1.0
-        return torch.sqrt(1.0 - torch.pow(group["betas"][1], step + 1.0))
+        factor: torch.Tensor | float = 1.0
+        if group["use_bias_correction"]:
+            factor = torch.sqrt(1.0 - torch.pow(group["betas"][1], step + 1.0))
+        warmup = group.get("warmup_steps", 0)
+        if warmup:
+            factor = factor * torch.clamp((step + 1.0) / warmup, max=1.0)
+        return factor
 
     def _reference_step(self, d: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
         """The step that sets the averaging weight: ``d lr bc`` with the largest ``lr`` of the
@@ -342,7 +372,8 @@ class ProdigyScheduleFree(ScheduleFreeModes, Prodigy):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         lr_max = self._global("sf_lr_max", d.device)
         weight_sum = self._global("sf_weight_sum", d.device)
-        return schedule_free_weight(self._reference_step(d, step), lr_max, weight_sum)
+        r = self.param_groups[0].get("r", 0.0)
+        return schedule_free_weight(self._reference_step(d, step), lr_max, weight_sum, step, r)
 
     def _statistics_pass(
         self, gb: GroupBatch, d: torch.Tensor, step: torch.Tensor

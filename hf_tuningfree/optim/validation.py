@@ -97,3 +97,10 @@ def check_bool(name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
     return value
+
+
+def check_nonnegative_int(name: str, value: object) -> int:
+    """``value`` must be an integer >= 0 (not a bool, not a float such as 100.0)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"Invalid {name}: {value!r}; allowed: an integer >= 0")
+    return value

@@ -30,21 +30,24 @@ def prodigy_sf_sequences(
     safeguard_warmup: bool = False,
     d_coef: float = 1.0,
     d0_rel: float = 0.0,
+    warmup_steps: int = 0,
+    r: float = 0.0,
 ) -> tuple[Layout, Layout, list[float]]:
     """Returns ``(x, y, ds)``: the average, the point where gradients are taken, ``d`` per step.
 
     Per group: ``lr``, ``eps``, ``weight_decay``, ``decoupled_weight_decay``. Per element, with
-    ``bc = sqrt(1 - b2^(k+1))`` (1 without bias correction), ``b3 = sqrt(b2)``::
+    ``bc = sqrt(1 - b2^(k+1))`` (1 without bias correction) times the linear warm-up
+    ``min(1, (k+1) / warmup_steps)`` (when ``warmup_steps > 0``), ``b3 = sqrt(b2)``::
 
         gamma = d lr bc;  g at y (+ wd y, coupled)
         v = b2 v + (1 - b2) g^2;   u = g / (sqrt(v) + eps) (+ wd y, decoupled)
-        r = b3 r + (d / d0) gamma <g, x0 - z>;  s = b3 s + (d / d0) gamma g
+        num = b3 num + (d / d0) gamma <g, x0 - z>;  s = b3 s + (d / d0) gamma g
                                                   (safeguard_warmup: (d / d0) d g, lr > 0 groups)
         z -= gamma u
-        c = lr_max^2 / sum_k lr_max_k^2  (lr_max: the largest d lr_1 bc so far, lr_1 the
-                                          largest group lr);  x = (1 - c) x + c z
+        c = w_k / sum_{i <= k} w_i,  w_k = (k+1)^r lr_max^2  (lr_max: the largest d lr_1 bc
+                               so far, lr_1 the largest group lr);  x = (1 - c) x + c z
         y = (1 - b1) z + b1 x
-        d_max = max(d_max, d_coef r / ||s||_1),  d = max(d, min(d_max, growth_rate d))
+        d_max = max(d_max, d_coef num / ||s||_1),  d = max(d, min(d_max, growth_rate d))
 
     A tensor without a gradient keeps ``x``, ``y`` and ``z``. Fast start as in
     :mod:`.dadapt` (RMS of the initial weights)."""
@@ -53,14 +56,17 @@ def prodigy_sf_sequences(
     x0, x, y, z = (copy_layout(init) for _ in range(4))
     v, s = _zeros(init), _zeros(init)
     seen = _unseen(init)
-    d, d_max, r, lr_max, weight_sum, ds = d0, d0, 0.0, 0.0, 0.0, []
+    d, d_max, num, lr_max, weight_sum, ds = d0, d0, 0.0, 0.0, 0.0, []
     lr_ref = max(hp["lr"] for hp in groups)
     for k in range(steps):
         grads = gradient(k, y)
         bc = math.sqrt(1 - b2 ** (k + 1)) if use_bias_correction else 1.0
+        if warmup_steps:
+            bc *= min(1.0, (k + 1) / warmup_steps)
         lr_max = max(lr_max, d * lr_ref * bc)
-        weight_sum += lr_max * lr_max
-        c = lr_max * lr_max / weight_sum
+        w = (k + 1) ** r * lr_max * lr_max
+        weight_sum += w
+        c = w / weight_sum
         acc = 0.0
         for gi, hp in enumerate(groups):
             gamma = d * hp["lr"] * bc
@@ -83,10 +89,10 @@ def prodigy_sf_sequences(
                     z[gi][pi][e] -= gamma * u
                     x[gi][pi][e] = (1 - c) * x[gi][pi][e] + c * z[gi][pi][e]
                     y[gi][pi][e] = (1 - b1) * z[gi][pi][e] + b1 * x[gi][pi][e]
-        r = b3 * r + acc
+        num = b3 * num + acc
         l1 = _sum_over_seen(s, seen, abs)
         if l1 > 0:
-            d_max = max(d_max, d_coef * r / l1)
+            d_max = max(d_max, d_coef * num / l1)
             d = max(d, min(d_max, growth_rate * d))
         if k == 0:
             start = fast_start(init, grads, groups, d0_rel, "rms")
