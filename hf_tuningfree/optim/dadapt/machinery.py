@@ -1,14 +1,17 @@
-"""``DAdaptationBase``: what the D-Adaptation family and Prodigy share (the model-wide ``d``, the
-statistics and update passes, the fused C form, the fast start, ``d_groups``).
+"""``DAdaptationBase``: what the D-Adaptation family and Prodigy share: the model-wide ``d`` (one
+estimate, or one per named group with ``d_groups``), the order of a step (statistics, reduction,
+update, ``d``; the fused form where no collective is made), the fast start, the ``slice_p`` state
+layout and the logged values.
 
-See :mod:`hf_tuningfree.optim.dadapt` for how a step runs.
+How each described pass runs over the tensors (paths, packing, the sliced and fused forms) is
+:mod:`.runner`'s; the pass descriptions and their helpers are :mod:`.passes`'. See
+:mod:`hf_tuningfree.optim.dadapt` for how a step runs.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -19,11 +22,10 @@ from ..base import (
     StepBatch,
     TuningFreeOptimizer,
     _state_shapes,
-    compute_dtype,
     real_dtype,
 )
-from ..distributed import is_dtensor, local_view, plan_reduction
-from ..kernels import CompiledKernel, check_implementation, order_for_compile
+from ..distributed import local_view, plan_reduction
+from ..kernels import check_implementation
 from ..validation import (
     check_bool,
     check_choice,
@@ -32,35 +34,15 @@ from ..validation import (
 from .passes import (
     D_GROUPS,
     TensorPass,
-    _buckets,
-    _cat,
-    _column,
-    _compiled_without,
     _kept,
     _kept_count,
-    _native_accepts,
-    _pack,
-    _run_native,
-    _scalar,
     _scoped,
     _sq_sum,
-    _state_streams,
 )
+from .runner import PassRunner, _fusable
 
 
-def _fusable(gb: GroupBatch, withheld: frozenset[str]) -> bool:
-    """Whether the fused C kernels take every stream of ``gb`` (``withheld``: state kept at
-    ``1/k`` size under ``slice_p``, checked by the kernels themselves)."""
-    for streams, names in _state_streams(gb):
-        kept = [i for i, n in enumerate(names) if n not in withheld]
-        if len(kept) > 1 and not _native.accepts(
-            [streams[i] for i in kept], [names[i] for i in kept]
-        ):
-            return False
-    return True
-
-
-class DAdaptationBase(TuningFreeOptimizer):
+class DAdaptationBase(PassRunner, TuningFreeOptimizer):
     """What the D-Adaptation family (and Prodigy) share: the model-wide ``d`` and step counter in
     ``global_state``, the statistics and update passes over (packed) tensors, and the checks that
     model-wide hyperparameters agree across groups.
@@ -75,15 +57,11 @@ class DAdaptationBase(TuningFreeOptimizer):
       every write must be a no-op where ``ok`` is False;
     * ``_finish(stats, ok, d, step)``: the new ``d`` and global scalars from the reduced sums.
 
-    Tensors of fewer than ``PACK_BELOW`` elements (biases, norms) are packed: each of their lists
-    is concatenated into one flat tensor, the pass runs once on the packed tensors and what it
-    wrote is copied back. A call costs ~50-100 us of Python and dispatch whatever the size, so one
-    call instead of one per bias is most of the step time of a small model, and of the packed part
-    of a large one; the copies are a few hundred kB.
+    The passes run through :class:`~.runner.PassRunner` (``PACK_BELOW``: tensors smaller than it
+    are packed into one call).
     """
 
     _MODEL_WIDE: tuple[str, ...] = ("d0", "growth_rate")
-    PACK_BELOW = 1 << 14
     #: Whether a step may run in the fused form (see ``_fuses``); tests switch it off to compare.
     FUSE = True
     #: the C kernels, the compiled passes and the loop; no foreach form (packing already makes
@@ -172,7 +150,7 @@ class DAdaptationBase(TuningFreeOptimizer):
         per-group ``||g||^2`` alone (DAdaptSGD's ``||g_0||``); none by default."""
         return {}
 
-    # ------------------------------------------------------------------ machinery
+    # ------------------------------------------------------------------ the step
     def _scalar_dtype(self) -> torch.dtype:
         """fp64 if any parameter is fp64, else fp32: the dtype of ``d`` and of every model-wide
         sum. Derived from all parameters, not from this rank's gradients, so that every rank
@@ -340,14 +318,6 @@ class DAdaptationBase(TuningFreeOptimizer):
             value = d if key == "d" else self._global(key, d.device)
             value.copy_(torch.where(first, torch.maximum(value, start), value))
 
-    @staticmethod
-    def _grad_sq(gb: GroupBatch) -> torch.Tensor:
-        """``||g||^2`` over a group's gradients (fp64, 0-dim), one C call (fused steps only)."""
-        if not gb.params:
-            return torch.zeros((), dtype=torch.float64)
-        flags = {"maximize": False, "coupled": False}
-        return _run_native("dadapt_grad_sq", 1, [gb.grads], [], flags)[0]  # type: ignore[index]
-
     def _with_idle_sums(
         self, batch: StepBatch, local: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
@@ -359,41 +329,15 @@ class DAdaptationBase(TuningFreeOptimizer):
     def _fused_update(
         self, batch: StepBatch, d: torch.Tensor, step: torch.Tensor, ok: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        """The update of a fused step, one C kernel per group; returns this step's sums as the
-        two-pass form's statistics would have them (the fused kernels write zero sums and nothing
-        else when ``ok`` is False)."""
+        """The update of a fused step, one C kernel per group (``_run_fused``); returns this
+        step's sums as the two-pass form's statistics would have them (the fused kernels write
+        zero sums and nothing else when ``ok`` is False)."""
         guard = self._guard_by_scope[self._scope]
         before = self._guard_statistics(batch, guard)
-        stride = self._slice_p()
-        scale = float(stride) if stride > 1 and self._SCALE_SLICED_SUMS else 1.0
         per_group = []
         for gb, g_sq in zip(batch.groups, guard, strict=True):
             tensor_pass, scalars, static = self._update_pass(gb, d, step, before, ok)
-            assert tensor_pass.fused is not None
-            names = tensor_pass.fused_sums
-            sums = {"g_sq": g_sq}
-            if gb.params:
-                keys = (*tensor_pass.keys, *tensor_pass.fused_keys)
-                optional = tensor_pass.optional
-                if any(map(is_dtensor, gb.originals)):
-                    states = [_column(gb, k, optional) for k in keys]
-                elif optional:
-                    states = [
-                        [st.get(k) for st in gb.states] if k in optional else
-                        [st[k] for st in gb.states]
-                        for k in keys
-                    ]  # fmt: skip
-                else:  # plain tensors: no need to unwrap each (~0.3 us apiece)
-                    states = [[st[k] for st in gb.states] for k in keys]
-                lists = [gb.params, gb.grads, *states]
-                kernel = tensor_pass.fused if stride == 1 else tensor_pass.fused + "_sliced"
-                out = _run_native(kernel, len(names), lists, scalars, static, stride=stride)
-                if scale != 1.0:
-                    out = out * scale  # type: ignore[operator]
-                sums.update(zip(names, out, strict=True))  # type: ignore[arg-type]
-            else:
-                sums.update({n: torch.zeros((), dtype=torch.float64) for n in names})
-            per_group.append(sums)
+            per_group.append({"g_sq": g_sq, **self._run_fused(gb, tensor_pass, scalars, static)})
         return self._with_idle_sums(batch, self._combine_statistics(batch, per_group, d, step))
 
     def _finiteness_statistic(self, batch: StepBatch) -> torch.Tensor:
@@ -447,67 +391,6 @@ class DAdaptationBase(TuningFreeOptimizer):
                 for name, value in self._idle_contribution(self.state[p]).items():
                     out.setdefault(name, []).append(value)
         return out
-
-    def _run_pass(
-        self,
-        batch: StepBatch,
-        describe: Callable[[GroupBatch], tuple[TensorPass, list[torch.Tensor], dict[str, Any]]],
-    ) -> list[dict[str, torch.Tensor]]:
-        """Run a pass over every group; per group, its sums added over the group's tensors (0 for
-        a group without gradients, so that every rank stacks the same names). Sums stay in the
-        dtype they were accumulated in (fp64 on CPU)."""
-        d0 = torch.zeros((), dtype=self._scalar_dtype(), device=batch.device)
-        k = self._slice_p()
-        withheld = self.SLICED_KEYS if k > 1 else frozenset()
-        results = []
-        for gb in batch.groups:
-            tensor_pass, scalars, static = describe(gb)
-            if k > 1 and gb.params:
-                if tensor_pass.sums:  # the statistics, on the kept elements (torch)
-                    results.append(self._sliced_sums(batch, gb, tensor_pass, scalars, static))
-                    continue
-                # the update: s on the kept elements first (it reads x before the update),
-                # then the full update without s
-                self._sliced_state_update(gb, tensor_pass, scalars, static)
-            partial: dict[str, list[torch.Tensor]] = {n: [] for n in tensor_pass.sums}
-            if gb.params:
-                keys = tensor_pass.keys
-                optional = tensor_pass.optional
-                lists = [gb.params, gb.grads]
-                for key in keys:
-                    none = [None] * len(gb.params)
-                    lists.append(none if key in withheld else _column(gb, key, optional))
-                written = ["param" in tensor_pass.writes, False]
-                written += [k in tensor_pass.writes for k in keys]
-                for (dev, dt), bucket in _buckets(lists):
-                    numel = sum(p.numel() for p in bucket[0])
-                    takes = None
-                    if tensor_pass.native is not None:
-                        takes = functools.partial(_native_accepts, bucket, ["param", "grad", *keys])
-                    impl = self._path(gb.group, dev, numel, native=takes)
-                    if impl == "native":
-                        # one C call for the whole bucket, no packing needed
-                        sums = len(tensor_pass.sums)
-                        out = _run_native(tensor_pass.native, sums, bucket, scalars, static)
-                        outputs = [] if out is None else [out]
-                    else:
-                        cdt = compute_dtype(dt)
-                        args = [
-                            a.to(dev) if a.dtype == torch.bool else a.to(dev, cdt) for a in scalars
-                        ]
-                        # no foreach form (PATHS): packing already makes one call of the small
-                        # tensors
-                        kernel = tensor_pass.compiled if impl == "compiled" else tensor_pass.fn
-                        flags = {**static, "acc64": dev.type == "cpu"}
-                        outputs = self._run_bucket(bucket, written, kernel, args, flags)
-                    if tensor_pass.sums:
-                        for out in outputs:
-                            for name, value in zip(tensor_pass.sums, out, strict=True):
-                                partial[name].append(value)
-            results.append(
-                {n: batch.sum_on_device(v) if v else _scalar(0.0, d0) for n, v in partial.items()}
-            )
-        return results
 
     # ------------------------------------------------------------------ slice_p
     #: State keys stored on every ``slice_p``-th element only (``slice_p > 1``): the ones that
@@ -587,132 +470,6 @@ class DAdaptationBase(TuningFreeOptimizer):
             super()._check_state_shapes(state, groups)
         finally:
             self._loading_slice_p = None
-
-    def _sliced_sums(
-        self,
-        batch: StepBatch,
-        gb: GroupBatch,
-        tensor_pass: TensorPass,
-        scalars: list[torch.Tensor],
-        static: dict[str, Any],
-    ) -> dict[str, torch.Tensor]:
-        """A statistics pass with ``slice_p = k > 1``: ``g_sq`` (the guard's and the gradient
-        bound's ``||g||^2``) over every element, the other sums over the kept elements (the
-        per-element function run once per bucket on their concatenation; torch, 1/k of the
-        memory traffic). The C kernels take only the full ``||g||^2`` (contiguous memory)."""
-        k = self._slice_p()
-        keys = tensor_pass.keys
-        lists = [gb.params, gb.grads, *(_column(gb, key, tensor_pass.optional) for key in keys)]
-        partial: dict[str, list[torch.Tensor]] = {n: [] for n in tensor_pass.sums}
-        scale = float(k) if self._SCALE_SLICED_SUMS else 1.0
-        for (dev, dt), bucket in _buckets(lists):
-            params, grads = bucket[0], bucket[1]
-            numel = sum(p.numel() for p in params)
-            acc64 = dev.type == "cpu"
-            flags = {"maximize": False, "coupled": False}
-            takes = functools.partial(_native.accepts, [grads], ["grad"])
-            if self._path(gb.group, dev, numel, native=takes) == "native":
-                g_sq = _run_native("dadapt_grad_sq", 1, [grads], [], flags)[0]  # type: ignore[index]
-            else:
-                g_sq = torch.stack([_sq_sum(g, acc64) for g in grads]).sum()
-            packed: list[torch.Tensor | None] = [
-                _cat([_kept(p, k) for p in params]),
-                _cat([_kept(g, k) for g in grads]),
-            ]
-            for key, stream in zip(keys, bucket[2:], strict=True):
-                if key in self.SLICED_KEYS:
-                    sizes = [_kept_count(p.numel(), k) for p in params]
-                    if all(t is None for t in stream):
-                        packed.append(None)
-                    else:
-                        pieces = [
-                            p.new_zeros(n) if t is None else t.reshape(-1)
-                            for t, p, n in zip(stream, params, sizes, strict=True)
-                        ]
-                        packed.append(_cat(pieces))
-                else:
-                    packed.append(_cat([_kept(t, k) for t in stream]))
-            cdt = compute_dtype(dt)
-            args = [a.to(dev) if a.dtype == torch.bool else a.to(dev, cdt) for a in scalars]
-            out = tensor_pass.fn(*packed, *args, **static, acc64=acc64)
-            partial[tensor_pass.sums[0]].append(g_sq)
-            for name, value in zip(tensor_pass.sums[1:], out[1:], strict=True):
-                partial[name].append(value * scale if scale != 1.0 else value)
-        return {n: batch.sum_on_device(v) for n, v in partial.items()}
-
-    def _sliced_state_update(
-        self,
-        gb: GroupBatch,
-        tensor_pass: TensorPass,
-        scalars: list[torch.Tensor],
-        static: dict[str, Any],
-    ) -> None:
-        """``s`` of an update with ``slice_p = k > 1``, on the kept elements (torch, once per
-        bucket on their concatenation), by the pass's ``sliced`` rule."""
-        rule = tensor_pass.sliced
-        assert rule is not None, "an update pass with slice_p > 1 needs its sliced rule"
-        k = self._slice_p()
-        for (dev, dt), bucket in _buckets([gb.params, gb.grads, gb.state_list("s")]):
-            params, grads, ss = bucket
-            cdt = compute_dtype(dt)
-            args = [a.to(dev) if a.dtype == torch.bool else a.to(dev, cdt) for a in scalars]
-            new = rule(
-                _cat([_kept(p, k) for p in params]),
-                _cat([_kept(g, k) for g in grads]),
-                _cat([s.reshape(-1) for s in ss]),
-                *args,
-                **static,
-                acc64=dev.type == "cpu",
-            )
-            if len(ss) == 1:
-                ss[0].copy_(new)
-            else:
-                torch._foreach_copy_(ss, list(new.split([s.numel() for s in ss])))
-
-    def _run_bucket(
-        self,
-        bucket: list[list[torch.Tensor]],
-        written: list[bool],
-        kernel: Callable[..., Any] | CompiledKernel,
-        args: list[torch.Tensor],
-        static: dict[str, Any],
-    ) -> list[Any]:
-        """Run ``kernel`` over a device/dtype bucket: small tensors packed into one call (see the
-        class docstring), the others one call each (largest first while compiling)."""
-
-        def run(tensors: list[Any]) -> Any:
-            if isinstance(kernel, CompiledKernel):
-                missing = tuple(i for i, t in enumerate(tensors) if t is None)
-                if missing:  # an optional state tensor the parameter does not have
-                    variant = _compiled_without(kernel, missing, len(tensors))
-                    present = [t for t in tensors if t is not None]
-                    return variant(present, *args, **static)
-                return kernel(tensors, *args, **static)
-            return kernel(*tensors, *args, **static)
-
-        sizes = [p.numel() for p in bucket[0]]
-        small = [i for i, n in enumerate(sizes) if n < self.PACK_BELOW]
-        if len(small) < 2:
-            small = []
-        packed_set = set(small)
-        order = (
-            order_for_compile(kernel, sizes)
-            if isinstance(kernel, CompiledKernel)
-            else range(len(sizes))
-        )
-        outputs = [run([t[i] for t in bucket]) for i in order if i not in packed_set]
-        if small:
-            packed = [_pack([t[i] for i in small], [bucket[0][i] for i in small]) for t in bucket]
-            outputs.append(run(packed))
-            lengths = [sizes[i] for i in small]
-            for flat, tensors, is_written in zip(packed, bucket, written, strict=True):
-                if is_written and flat is not None:
-                    pieces = flat.split(lengths)
-                    pairs = [(tensors[i], x) for i, x in zip(small, pieces, strict=True)]
-                    targets = [t for t, _ in pairs if t is not None]
-                    sources = [x.view(t.shape) for t, x in pairs if t is not None]
-                    torch._foreach_copy_(targets, sources)
-        return outputs
 
     # ------------------------------------------------------------------ logging
     def _global_float(self, name: str, default: float = 0.0) -> float:

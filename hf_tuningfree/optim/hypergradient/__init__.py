@@ -80,7 +80,8 @@ chosen, the tower's known limitation on AdaGrad and RMSProp, and how a step runs
 costs against torch's fused SGD and AdamW, with the measurements: ``docs/hypergradient.md``.
 
 Files: :mod:`.kernels` (the per-element functions and path choices), :mod:`.tower` (the tower,
-:class:`HypergradientOptimizer`), then one file per base optimizer (:mod:`.sgd`, :mod:`.adam`,
+:class:`HypergradientOptimizer`), :mod:`.passes` (the base optimizer's passes over the parameters
+and the path each runs on), then one file per base optimizer (:mod:`.sgd`, :mod:`.adam`,
 :mod:`.adagrad`, :mod:`.rmsprop`).
 
 State and the schedule
