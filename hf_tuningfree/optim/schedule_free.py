@@ -254,7 +254,15 @@ class ProdigyScheduleFree(ScheduleFreeModes, Prodigy):
     Call :meth:`eval` before evaluating or saving and :meth:`train` after.
 
     Args: as :class:`~hf_tuningfree.optim.prodigy.Prodigy`; ``betas[0]`` is the interpolation
-    weight ``beta1`` of ``y`` between ``z`` and ``x`` (default 0.9, the authors').
+    weight ``beta1`` of ``y`` between ``z`` and ``x`` (default 0.9, the authors'), and two options
+    of the authors' ``schedulefree`` optimizers (model-wide; 0 is off, the default):
+
+    - ``warmup_steps``: ``gamma_k`` times ``min(1, (k+1) / warmup_steps)`` (the weights of the
+      numerator and of ``s`` too, as a scheduler's ``lr`` would scale them);
+    - ``r``: the averaging weight ``w_k = (k+1)^r (max_i gamma_i)^2`` (the paper's polynomial
+      weighting, ``r`` in the authors' code): later iterates weigh more. On a from-scratch
+      run whose ``d`` settles early the uniform average (``r = 0``) keeps the early iterates
+      in ``x``; the README's suite section has the measurements.
 
     State: per parameter ``z``, ``exp_avg_sq`` (v), ``s``, ``x0`` (none for a tensor that was
     all zero at its first step: ``implicit_zero_x0``, as Prodigy); model-wide ``d``, ``d_max``,
