@@ -99,7 +99,7 @@ def test_implicit_zero_x0_gives_the_stored_copy_run_bit_for_bit(mode, impl, monk
 @pytest.mark.parametrize("impl", ["loop", "native"])
 @pytest.mark.parametrize("zero_init_scale", [True, False])
 def test_implicit_zero_x0_matches_the_per_element_reference(zero_init_scale, impl):
-    """fp64 against test_dog's per-element reference (which stores every x0): L-DoG with the
+    """fp64 against optim.reference.dog (its implicit x0 is the same number): L-DoG with the
     zero tensors' r_eps from zero_init_scale, and DoG; step sizes within 1e-12 relative."""
     init, grads = _zero_problem(seed=2)
     for mode in ("ldog", "dog"):
