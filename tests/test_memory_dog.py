@@ -237,7 +237,8 @@ def test_c_kernel_reads_a_null_x0_as_zero():
     if _native.load() is None:
         pytest.skip("no C compiler")
     gen = torch.Generator().manual_seed(0)
-    for dtype in (torch.float32, torch.float64):
+    # the C sum of squares (fp64 accumulator) against torch's; fp32: measured 4.9e-8, fp64 3.3e-16
+    for dtype, rel in ((torch.float32, 1e-6), (torch.float64, 1e-14)):
         xs = [torch.randn(n, generator=gen, dtype=dtype) for n in (7, 40000, 3)]
         gs = [torch.randn_like(x) for x in xs]
         x0s = [torch.randn_like(xs[0]), None, None]
@@ -252,7 +253,7 @@ def test_c_kernel_reads_a_null_x0_as_zero():
         _native.dog_update(b, gs, zeros, steps, 0.01, ok, out_b)
         assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
         assert torch.equal(out_a, out_b)
-        assert out_a[1] == pytest.approx(float(a[1].double().square().sum()), rel=1e-6)
+        assert out_a[1] == pytest.approx(float(a[1].double().square().sum()), rel=rel)
 
 
 # --------------------------------------------------------------------------- FSDP2
@@ -339,9 +340,10 @@ def test_fsdp2_implicit_x0_is_consistent_and_equals_one_process():
         ref = _fsdp_train(model, opt, name, x, y)
         ours = sharded[tag]
         for t, (a, b) in enumerate(zip(ours["etas"], ref, strict=True)):
-            assert a == pytest.approx(b, rel=1e-9), f"{tag} step {t}"
+            # fp64; measured: eta 4.4e-16 relative, parameters 5.4e-19 absolute
+            assert a == pytest.approx(b, rel=1e-14), f"{tag} step {t}"
         for a, p in zip(ours["params"], model.parameters(), strict=True):
-            assert torch.allclose(a, p.detach(), rtol=1e-9, atol=1e-12), tag
+            assert torch.allclose(a, p.detach(), rtol=1e-14, atol=1e-16), tag
         (keys0, dcp0), (keys1, dcp1) = ours["keys"]
         assert keys0 == keys1 and dcp0 == dcp1, tag
         assert "x0" not in keys0[2] and "x0" in keys0[0], tag  # [2]: the zeroed weight
