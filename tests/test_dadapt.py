@@ -250,7 +250,7 @@ def test_compiled_kernels_match_the_loop_fp32(monkeypatch):
         )
         worst[name] = (diff, abs(dl - dc) / dl)
     print({k: f"{v[0]:.1e}/{v[1]:.1e}" for k, v in worst.items()})
-    for name, (diff, ddiff) in worst.items():
+    for name, (diff, ddiff) in worst.items():  # fp32: measured 2.5e-6 (Adam), d 0
         assert diff <= 1e-5, f"{name}: compiled differs from loop by {diff:.2e}"
         assert ddiff <= 1e-5, f"{name}: d differs by {ddiff:.2e} (relative)"
 

@@ -140,7 +140,8 @@ def test_implicit_x0_on_the_compiled_path_matches_the_loop(monkeypatch):
     assert "x0" not in oc.state[pc[1]] and "x0" in oc.state[pc[0]]
     assert any(k[1] == (3,) for k in dadapt_passes._VARIANTS), "no x0-less variant was compiled"
     rel = max(((a - b).abs() / (1 + a.abs())).max().item() for a, b in zip(pl, pc, strict=True))
-    assert rel <= 1e-6 and abs(dl[-1] - dc[-1]) <= 1e-6 * dl[-1], (rel, dl[-1], dc[-1])
+    # fp32 compiled against the loop: measured 3.6e-9, d 0
+    assert rel <= 1e-7 and abs(dl[-1] - dc[-1]) <= 1e-7 * dl[-1], (rel, dl[-1], dc[-1])
 
 
 def test_the_zero_check_is_one_host_read_at_state_creation(monkeypatch):
@@ -257,6 +258,7 @@ def _fsdp2_x0_worker(rank: int, world: int, port: int) -> None:
             gathered = [None] * world
             torch.distributed.all_gather_object(gathered, keys)
             assert gathered[0] == gathered[1], f"{cls.__name__}: state keys differ by rank"
+            # fp32: measured d 1.2e-7, parameters 3.9e-7 (relative)
             assert abs(d - ref_d) <= 1e-5 * ref_d, (cls.__name__, d, ref_d)
             for p, q in zip(sharded.parameters(), ref.parameters(), strict=True):
                 diff = (p.full_tensor() - q.detach()).abs().max().item()
@@ -276,6 +278,7 @@ def _fsdp2_x0_worker(rank: int, world: int, port: int) -> None:
             local = slice(rank * 16, (rank + 1) * 16)
             d = train(sharded, opt, x[local], y[local], count=True)
             assert all("exp_avg" not in opt.state[p] for p in sharded.parameters())
+            # fp32: measured d 1.2e-7, parameters 3.9e-7 (relative)
             assert abs(d - ref_d) <= 1e-5 * ref_d, (cls.__name__, d, ref_d)
             for p, q in zip(sharded.parameters(), ref.parameters(), strict=True):
                 diff = (p.full_tensor() - q.detach()).abs().max().item()
@@ -445,7 +448,8 @@ def test_beta1_zero_on_the_compiled_path_matches_the_loop(cls, monkeypatch):
     (pl, dl, _), (pc, dc, oc) = out["loop"], out["compiled"]
     assert all("exp_avg" not in st for st in oc.state.values())
     rel = max(((a - b).abs() / (1 + a.abs())).max().item() for a, b in zip(pl, pc, strict=True))
-    assert rel <= 1e-6 and abs(dl[-1] - dc[-1]) <= 1e-6 * dl[-1], (rel, dl[-1], dc[-1])
+    # fp32 compiled against the loop: measured 3.6e-9, d 0
+    assert rel <= 1e-7 and abs(dl[-1] - dc[-1]) <= 1e-7 * dl[-1], (rel, dl[-1], dc[-1])
     assert dl[-1] > 2 * dl[0]
 
 
