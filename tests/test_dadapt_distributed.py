@@ -28,6 +28,7 @@ NAMES = ["dadapt_sgd", "dadapt_adam", "dadapt_adagrad", "prodigy"]
 #: the optimizers whose CPU "auto" path runs the C kernels of hf_tuningfree.optim._native
 NATIVE_NAMES = set(NAMES)
 STEPS = 10
+#: fp32 models, sharded against one process: measured d 2.6e-7, parameters 6.2e-7 (relative)
 REL = 1e-5
 D0 = 1e-3
 

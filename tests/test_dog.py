@@ -96,8 +96,8 @@ def _as_lists(init, grads):
 @pytest.mark.parametrize("mode", ["dog", "ldog", "tdog"])
 def test_matches_per_element_reference(mode, impl):
     """fp64, three groups (different lr and weight decay), gradients missing on some steps and a
-    tensor whose first gradient comes at step 2: parameters within 1e-6 of the reference after
-    30 steps, and the step size of every step (every tensor's, for L-DoG) within 1e-9 relative."""
+    tensor whose first gradient comes at step 2: parameters within 1e-12 of the reference after
+    30 steps, and the step size of every step (every tensor's, for L-DoG) within 1e-12 relative."""
     init, grads = _make_problem()
     hp = _groups_hp(mode)
     expected, expected_etas = REFERENCES[mode](*_as_lists(init, grads), hp)
@@ -146,6 +146,7 @@ def test_paths_agree_in_fp32(mode):
         diff = max(
             (a - b).abs().max().item() for a, b in zip(finals["loop"], finals[impl], strict=True)
         )
+        # fp32: measured 2.9e-6 (L-DoG), 2.4e-7 (DoG)
         assert diff <= 1e-5, f"{impl} differs from loop by {diff:.2e}"
 
 
@@ -255,7 +256,7 @@ def test_fused_cpu_kernel_matches_the_per_tensor_path(dtype):
         dog_module_update(ref_x[k], gs[k], x0s[k], ref_d[k], ok, steps[k], weight_decay=0.05)
     out = torch.zeros(3, dtype=torch.float64)
     _native.dog_update(xs, gs, x0s, steps, 0.05, ok, out)
-    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    tol = 1e-12 if dtype == torch.float64 else 1e-5  # fp32: measured 2.4e-7 (x), 4.2e-8 (d)
     for a, b in zip(xs, ref_x, strict=True):
         assert torch.allclose(a, b, rtol=0, atol=tol)
     assert torch.allclose(out, torch.stack(ref_d), rtol=tol)
@@ -515,12 +516,12 @@ def test_ldog_zero_initialised_tensors_take_the_models_scale(zero_init_scale, im
         for ps, es in zip(params, expected, strict=True)
         for p, e in zip(ps, es, strict=True)
     )
-    assert worst <= 1e-9
+    assert worst <= 1e-13  # measured 1.8e-15
     first_b = expected_etas[0][(0, 1)] * math.sqrt(grads[0][0][1].square().sum().item() + 1e-8)
     if zero_init_scale:  # rbar_0 of the zero tensor: reps_rel (1 + 2.2) here
         assert first_b > 3 * hp[0]["reps_rel"]
     else:
-        assert first_b == pytest.approx(hp[0]["reps_rel"], rel=1e-9)
+        assert first_b == pytest.approx(hp[0]["reps_rel"], rel=1e-14)  # measured 0
 
 
 def test_dog_family_defaults_start_at_a_thousandth_of_the_weights():
@@ -532,4 +533,5 @@ def test_dog_family_defaults_start_at_a_thousandth_of_the_weights():
         p.grad = torch.ones(100)
         opt.step()
         rbar = opt.global_state["rbar"] if cls is not LDoG else opt.state[p]["rbar"]
+        # fp32 weights: measured 7.9e-8
         assert float(rbar) == pytest.approx(1e-3 * (1 + 10.0), rel=1e-6)

@@ -270,7 +270,7 @@ def paper_tower(kind, names, init, height, hopts, hyper_lrs, lr_param, model, gr
 )
 def test_tower_matches_the_papers_autograd_algorithm(kind, hopts, lr_param, learn, impl, request):
     """A tower of 1-3 levels (every level's values, every step) against ``paper_tower``: fp64,
-    20 steps, two groups with weight decay in one, relative difference <= 1e-9; on the
+    20 steps, two groups with weight decay in one, relative difference <= 1e-12; on the
     per-tensor loop and on the C path."""
     x_all, y_all = _data()
     batches = _batches(x_all, y_all, 20)
@@ -575,16 +575,17 @@ def _run_impl(kind, impl, dtype, wd, steps=15, **kwargs):
 )
 def test_code_paths_agree_with_the_per_tensor_loop(kind, impl, kwargs):
     """fp64, 15 steps of a 2-level tower: parameters and every level's values agree with the
-    eager per-tensor reference path to 1e-9 (the paths differ only in rounding)."""
+    eager per-tensor reference path to 1e-13 (the paths differ only in rounding; measured:
+    parameters 3.9e-15 relative, 2.2e-16 absolute, every level's values equal)."""
     # (no weight decay with the compiled path: each decay value compiles a kernel of its own)
     wd = 0.0 if impl == "compiled" else 0.01
     ref_p, ref_s = _run_impl(kind, "loop", torch.float64, wd, **kwargs)
     got_p, got_s = _run_impl(kind, impl, torch.float64, wd, **kwargs)
     for a, b in zip(ref_p, got_p, strict=True):
-        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(b, a, rtol=1e-13, atol=1e-14)
     assert ref_s.keys() == got_s.keys()
     for k in ref_s:
-        assert got_s[k] == pytest.approx(ref_s[k], rel=1e-9), k
+        assert got_s[k] == pytest.approx(ref_s[k], rel=1e-13), k
 
 
 def test_groups_share_one_set_of_hyperparameters_by_default():
@@ -881,6 +882,8 @@ def test_native_path_with_fp32_and_fp64_tensors_in_one_group(cls, native_calls):
             opt.step()
         runs.append((params, opt.stats()))
     (ref, ref_stats), (got, stats) = runs
+    # fp32 in the group: measured 1e-7 (fp32 tensors), 3.5e-9 (fp64 tensors, through the tower's
+    # fp32-rounded dots), the stats 7.2e-8
     for a, b in zip(ref, got, strict=True):
         assert b.dtype == a.dtype
         assert _rel(a.detach(), b.detach()) <= 1e-6

@@ -24,7 +24,10 @@ from dist_helpers import CountCollectives, process_group, shard_fsdp2, spawn
 from hf_tuningfree.optim import create_optimizer
 
 STEPS = 8
-REL = 1e-9
+#: fp64, sharded or split against one process; measured: the hyperparameters equal (0.0 over
+#: 672 values), the parameters 6.7e-15 relative, 1.1e-16 absolute
+REL = 1e-12
+P_RTOL, P_ATOL = 1e-13, 1e-14
 CONFIGS = [
     ("hyper_sgd", {"learn": "lr+momentum", "height": 3, "hyper_optimizer": "adam/sgd/adam",
                    "hyper_lr": (0.05, 1.0, 0.02), "weight_decay": 0.01}),
@@ -124,7 +127,7 @@ def _worker_sharded(rank: int, world: int, port: int) -> None:
             _follow(model, opt, x, y, half, ref_hist, 1, f"FSDP2 {name}")
             for n, p in model.named_parameters():
                 full = p.full_tensor().detach()
-                torch.testing.assert_close(full, ref_params[n], rtol=1e-9, atol=1e-12)
+                torch.testing.assert_close(full, ref_params[n], rtol=P_RTOL, atol=P_ATOL)
 
             # --- parameters split between ranks by hand, global_reduce="world"; rank 1 owns
             # only "4.*" and has no gradient at all on steps 2 and 5
@@ -149,7 +152,7 @@ def _worker_sharded(rank: int, world: int, port: int) -> None:
                     dist.broadcast(p.data, src=1 if n.startswith("4.") else 0)
                 _close(_hyper(opt.stats()), ref_hist[t], f"world {name} step {t} rank {rank}")
             for n, p in named:
-                torch.testing.assert_close(p.detach(), ref_params[n], rtol=1e-9, atol=1e-12)
+                torch.testing.assert_close(p.detach(), ref_params[n], rtol=P_RTOL, atol=P_ATOL)
 
 
 def test_fsdp2_and_world_reduction_follow_one_process():
@@ -170,7 +173,7 @@ def _worker_ddp(rank: int, world: int, port: int) -> None:
             # DDP gradients are already averaged: no optimizer collective
             _follow(model, opt, x, y, half, ref_hist, 0, f"DDP {name}")
             for n, p in model.module.named_parameters():
-                torch.testing.assert_close(p.detach(), ref_params[n], rtol=1e-9, atol=1e-12)
+                torch.testing.assert_close(p.detach(), ref_params[n], rtol=P_RTOL, atol=P_ATOL)
 
 
 def test_ddp_follows_one_process():

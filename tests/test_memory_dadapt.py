@@ -14,7 +14,6 @@ State bytes are counted here from the state tensors' ``nbytes``.
 from __future__ import annotations
 
 import io
-import math
 
 import pytest
 import torch
@@ -29,6 +28,7 @@ from hf_tuningfree.optim import (
 )
 from hf_tuningfree.optim import prodigy as prodigy_module
 from hf_tuningfree.optim.dadapt import passes as dadapt_passes
+from hf_tuningfree.optim.reference import dadapt as dadapt_reference
 
 #: shapes: one unpacked nonzero, one unpacked zero (LoRA's B), small ones packed together (a
 #: zero among nonzero ones, so that the packed x0 holds a zero block)
@@ -140,7 +140,8 @@ def test_implicit_x0_on_the_compiled_path_matches_the_loop(monkeypatch):
     assert "x0" not in oc.state[pc[1]] and "x0" in oc.state[pc[0]]
     assert any(k[1] == (3,) for k in dadapt_passes._VARIANTS), "no x0-less variant was compiled"
     rel = max(((a - b).abs() / (1 + a.abs())).max().item() for a, b in zip(pl, pc, strict=True))
-    assert rel <= 1e-6 and abs(dl[-1] - dc[-1]) <= 1e-6 * dl[-1], (rel, dl[-1], dc[-1])
+    # fp32 compiled against the loop: measured 3.6e-9, d 0
+    assert rel <= 1e-7 and abs(dl[-1] - dc[-1]) <= 1e-7 * dl[-1], (rel, dl[-1], dc[-1])
 
 
 def test_the_zero_check_is_one_host_read_at_state_creation(monkeypatch):
@@ -257,6 +258,7 @@ def _fsdp2_x0_worker(rank: int, world: int, port: int) -> None:
             gathered = [None] * world
             torch.distributed.all_gather_object(gathered, keys)
             assert gathered[0] == gathered[1], f"{cls.__name__}: state keys differ by rank"
+            # fp32: measured d 1.2e-7, parameters 3.9e-7 (relative)
             assert abs(d - ref_d) <= 1e-5 * ref_d, (cls.__name__, d, ref_d)
             for p, q in zip(sharded.parameters(), ref.parameters(), strict=True):
                 diff = (p.full_tensor() - q.detach()).abs().max().item()
@@ -276,6 +278,7 @@ def _fsdp2_x0_worker(rank: int, world: int, port: int) -> None:
             local = slice(rank * 16, (rank + 1) * 16)
             d = train(sharded, opt, x[local], y[local], count=True)
             assert all("exp_avg" not in opt.state[p] for p in sharded.parameters())
+            # fp32: measured d 1.2e-7, parameters 3.9e-7 (relative)
             assert abs(d - ref_d) <= 1e-5 * ref_d, (cls.__name__, d, ref_d)
             for p, q in zip(sharded.parameters(), ref.parameters(), strict=True):
                 diff = (p.full_tensor() - q.detach()).abs().max().item()
@@ -332,8 +335,6 @@ def test_beta1_zero_has_no_first_moment_and_follows_the_reference(name, impl, mo
     reference (``optim.reference.dadapt``: its ``m = 0 m + 1 d g`` is ``d g`` exactly) at every
     step, on the C kernels (``"native"``) and the per-tensor loop."""
     from test_dadapt import D0, STEPS, _compare, _convention, _run_ours
-
-    from hf_tuningfree.optim.reference import dadapt as dadapt_reference
 
     if impl == "native" and not HAS_C:
         pytest.skip("no C compiler")
@@ -447,7 +448,8 @@ def test_beta1_zero_on_the_compiled_path_matches_the_loop(cls, monkeypatch):
     (pl, dl, _), (pc, dc, oc) = out["loop"], out["compiled"]
     assert all("exp_avg" not in st for st in oc.state.values())
     rel = max(((a - b).abs() / (1 + a.abs())).max().item() for a, b in zip(pl, pc, strict=True))
-    assert rel <= 1e-6 and abs(dl[-1] - dc[-1]) <= 1e-6 * dl[-1], (rel, dl[-1], dc[-1])
+    # fp32 compiled against the loop: measured 3.6e-9, d 0
+    assert rel <= 1e-7 and abs(dl[-1] - dc[-1]) <= 1e-7 * dl[-1], (rel, dl[-1], dc[-1])
     assert dl[-1] > 2 * dl[0]
 
 
@@ -483,128 +485,51 @@ def _slice_run(cls, impl, k=K, **kw):
     return params, ds, opt
 
 
-def _lists(ts):
-    return [t.flatten().tolist() for t in ts]
-
-
-def _kept_indices(n, k):
-    return range(0, n, k)  # 0, k, 2k, ... (one element when n <= k)
-
-
-def ref_sliced_sgd(k, momentum, d0=1e-4):
-    """D-Adapted SGD with slice_p = k, per element: G = max ||g|| (every element); N += lam k
-    <g', s> and s += lam g' on the kept elements only; ||s||^2 = k sum of the kept s^2; x (z)
-    updated everywhere. Coupled weight decay WD."""
+def _slice_reference(reference, group, **model_wide):
+    """``reference`` (a ``*_with_s`` of ``optim.reference.dadapt``) on the slice problem: one
+    group with ``lr = 1`` and coupled weight decay WD, ``d0 = 1e-4``, ``slice_p = K``; returns
+    ``(x, ds, s)`` of that group's tensors."""
     init, grads = _slice_problem()
-    x, z = _lists(init), _lists(init)
-    s = [[0.0] * len(_kept_indices(len(xi), k)) for xi in x]
-    d, num, bound_sq, ds = d0, 0.0, 0.0, []
-    for gs in grads:
-        g = _lists(gs)
-        bound_sq = max(bound_sq, sum(v * v for gi in g for v in gi))
-        lam = d / math.sqrt(bound_sq)
-        for ti in range(len(x)):
-            for e in range(len(x[ti])):
-                ge = g[ti][e] + WD * x[ti][e]
-                if e % k == 0:
-                    j = e // k
-                    num += lam * k * ge * s[ti][j]
-                    s[ti][j] += lam * ge
-                if momentum == 0.0:
-                    x[ti][e] = x[ti][e] - lam * ge
-                else:
-                    z[ti][e] = z[ti][e] - lam * ge
-                    x[ti][e] = momentum * x[ti][e] + (1 - momentum) * z[ti][e]
-        s_sq = k * sum(u * u for si in s for u in si)
-        d = max(d, 2 * num / math.sqrt(s_sq))
-        ds.append(d)
-    return x, ds, s
+    stream = [[[g.flatten().tolist() for g in gs]] for gs in grads]
+    hp = {"lr": 1.0, "weight_decay": WD, "decoupled_weight_decay": False, **group}
+    x, ds, s = reference(
+        [[t.flatten().tolist() for t in init]],
+        lambda t, _x: stream[t],
+        SLICE_STEPS,
+        [hp],
+        d0=1e-4,
+        slice_p=K,
+        **model_wide,
+    )
+    return x[0], ds, s[0]
 
 
-def ref_sliced_adam(k, betas=(0.9, 0.99), eps=1e-8, d0=1e-4):
-    """D-Adapted Adam with slice_p = k (bias correction on, coupled weight decay WD): the
-    numerator term dlr <g', s / (sqrt(v) + eps)> (v before the step) and s on the kept elements,
-    ||s||_1 over them; m, v, x everywhere."""
-    b1, b2 = betas
-    b3 = math.sqrt(b2)
-    init, grads = _slice_problem()
-    x = _lists(init)
-    m = [[0.0] * len(xi) for xi in x]
-    v = [[0.0] * len(xi) for xi in x]
-    s = [[0.0] * len(_kept_indices(len(xi), k)) for xi in x]
-    d, r, ds = d0, 0.0, []
-    for t, gs in enumerate(grads):
-        g = _lists(gs)
-        dlr = d * math.sqrt(1 - b2 ** (t + 1)) / (1 - b1 ** (t + 1))
-        acc = 0.0
-        for ti in range(len(x)):
-            for e in range(len(x[ti])):
-                ge = g[ti][e] + WD * x[ti][e]
-                if e % k == 0:
-                    j = e // k
-                    acc += dlr * ge * s[ti][j] / (math.sqrt(v[ti][e]) + eps)
-                    s[ti][j] = b3 * s[ti][j] + (1 - b3) * dlr * ge
-                m[ti][e] = b1 * m[ti][e] + (1 - b1) * dlr * ge
-                v[ti][e] = b2 * v[ti][e] + (1 - b2) * ge * ge
-                x[ti][e] = x[ti][e] - m[ti][e] / (math.sqrt(v[ti][e]) + eps)
-        r = b3 * r + (1 - b3) * acc
-        l1 = sum(abs(u) for si in s for u in si)
-        d = max(d, r / ((1 - b3) * l1))
-        ds.append(d)
-    return x, ds, s
-
-
-def ref_sliced_prodigy(k, betas=(0.9, 0.99), eps=1e-8, d0=1e-4):
-    """Prodigy with slice_p = k (bias correction on, coupled weight decay WD): r's term
-    (d/d0) dlr <g', x0 - x> and s on the kept elements (x0 stored there only), ||s||_1 over
-    them; m, v, x everywhere."""
-    b1, b2 = betas
-    b3 = math.sqrt(b2)
-    init, grads = _slice_problem()
-    x, x0 = _lists(init), _lists(init)
-    m = [[0.0] * len(xi) for xi in x]
-    v = [[0.0] * len(xi) for xi in x]
-    s = [[0.0] * len(_kept_indices(len(xi), k)) for xi in x]
-    d, d_max, r, ds = d0, d0, 0.0, []
-    for t, gs in enumerate(grads):
-        g = _lists(gs)
-        dlr = d * math.sqrt(1 - b2 ** (t + 1)) / (1 - b1 ** (t + 1))
-        acc = 0.0
-        for ti in range(len(x)):
-            for e in range(len(x[ti])):
-                ge = g[ti][e] + WD * x[ti][e]
-                if e % k == 0:
-                    acc += (d / d0) * dlr * ge * (x0[ti][e] - x[ti][e])
-                    s[ti][e // k] = b3 * s[ti][e // k] + (d / d0) * dlr * ge
-                m[ti][e] = b1 * m[ti][e] + (1 - b1) * d * ge
-                v[ti][e] = b2 * v[ti][e] + (1 - b2) * d * d * ge * ge
-                x[ti][e] = x[ti][e] - dlr * m[ti][e] / (math.sqrt(v[ti][e]) + d * eps)
-        r = b3 * r + acc
-        l1 = sum(abs(u) for si in s for u in si)
-        d_max = max(d_max, r / l1)
-        d = max(d, d_max)
-        ds.append(d)
-    return x, ds, s
-
+#: the Adam forms: bias correction on (the optimizers' default), beta2 = 0.99
+ADAM_SLICE = {"betas": (0.9, 0.99), "use_bias_correction": True}
 
 SLICED = [
-    pytest.param(DAdaptSGD, {"weight_decay": WD}, lambda: ref_sliced_sgd(K, 0.0), id="sgd"),
+    pytest.param(
+        DAdaptSGD,
+        {"weight_decay": WD},
+        lambda: _slice_reference(dadapt_reference.sgd_with_s, {"momentum": 0.0}),
+        id="sgd",
+    ),
     pytest.param(
         DAdaptSGD,
         {"weight_decay": WD, "momentum": 0.9},
-        lambda: ref_sliced_sgd(K, 0.9),
+        lambda: _slice_reference(dadapt_reference.sgd_with_s, {"momentum": 0.9}),
         id="sgd_momentum",
     ),
     pytest.param(
         DAdaptAdam,
         {"weight_decay": WD, "decoupled_weight_decay": False, "betas": (0.9, 0.99)},
-        lambda: ref_sliced_adam(K),
+        lambda: _slice_reference(dadapt_reference.adam_with_s, {"eps": 1e-8}, **ADAM_SLICE),
         id="adam",
     ),
     pytest.param(
         Prodigy,
         {"weight_decay": WD, "decoupled_weight_decay": False, "betas": (0.9, 0.99)},
-        lambda: ref_sliced_prodigy(K),
+        lambda: _slice_reference(dadapt_reference.prodigy_with_s, {"eps": 1e-8}, **ADAM_SLICE),
         id="prodigy",
     ),
 ]

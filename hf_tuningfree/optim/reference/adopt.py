@@ -17,7 +17,12 @@ from .problems import Gradient, Layout, copy_layout
 
 
 def adopt(
-    init: Layout, gradient: Gradient, steps: int, groups: Sequence[dict[str, Any]]
+    init: Layout,
+    gradient: Gradient,
+    steps: int,
+    groups: Sequence[dict[str, Any]],
+    *,
+    beta1_switch: tuple[int, float] | None = None,
 ) -> tuple[Layout, list[None]]:
     """ADOPT. Per group: ``lr``, ``betas``, ``eps``, ``weight_decay``,
     ``decoupled_weight_decay``, ``clip_exponent`` (None: unclipped), ``maximize``.
@@ -33,13 +38,24 @@ def adopt(
 
     ``g`` is negated with ``maximize``; coupled weight decay adds ``wd x`` to ``g`` (every step),
     decoupled multiplies ``x`` by ``1 - lr wd`` before the step (steps k >= 1). No adapted scalar:
-    the trace is None per step."""
+    the trace is None per step.
+
+    ``beta1_switch = (t, b1)``: from step ``t`` on every group's ``b1`` is ``b1``. A group whose
+    ``b1`` was 0 has kept no ``m`` (this project's memory option: ``m = u`` then, never read), so
+    its ``m`` starts again at 0 at the switch."""
     params = copy_layout(init)
     state = [[[{"step": 0, "m": 0.0, "v": 0.0} for _ in p] for p in grp] for grp in init]
+    beta1 = [hp["betas"][0] for hp in groups]
     for t in range(steps):
+        if beta1_switch is not None and t == beta1_switch[0]:
+            for gi, b1 in enumerate(beta1):
+                if b1 == 0:
+                    for st in (st for p in state[gi] for st in p):
+                        st["m"] = 0.0
+            beta1 = [beta1_switch[1]] * len(groups)
         step_grads = gradient(t, params)
         for gi, hp in enumerate(groups):
-            b1, b2 = hp["betas"]
+            b1, b2 = beta1[gi], hp["betas"][1]
             for pi, g_list in enumerate(step_grads[gi]):
                 if g_list is None:
                     continue

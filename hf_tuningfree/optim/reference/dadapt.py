@@ -18,11 +18,20 @@ Common to all four (the estimates are model-wide: every sum runs over every grou
   ``d_max``) is raised to ``d0_rel`` times the weights' scale: the RMS of the initial weights
   of the tensors with a gradient at step 0 in the groups with ``lr > 0`` (all groups when every
   ``lr`` is 0); SGD, whose ``d`` is an L2 distance, uses their L2 norm instead.
+* ``slice_p = k`` (this project's memory option after prodigy PR #22; SGD, Adam, Prodigy; 1:
+  every element): what serves only the estimate of ``d`` (``s`` and the sums ``N`` of SGD,
+  ``r`` of Adam and Prodigy, Prodigy's ``x0``) runs over the elements ``0, k, 2k, ...`` of each
+  flattened tensor, ``s`` holding ``ceil(n / k)`` of them; ``x`` (``z``, ``m``, ``v``) and SGD's
+  gradient bound run over every element. SGD scales both its sums by ``k`` (estimates of the
+  full sums: ``2 N / ||s||_2`` mixes degrees); the Adam forms' ``r / ||s||_1`` is unchanged by a
+  common scale and takes the plain sums.
 
 Model-wide arguments take the optimizers' names (``d0``, ``d0_rel``, ``growth_rate``,
-``gradient_bound``, ``betas``, ``use_bias_correction``, ``safeguard_warmup``, ``d_coef``);
-per-group ones come in ``groups``. Each function returns ``(params, ds)``, ``ds`` the ``d`` after
-every step.
+``gradient_bound``, ``betas``, ``use_bias_correction``, ``safeguard_warmup``, ``d_coef``,
+``slice_p``); per-group ones come in ``groups``. Each function returns ``(params, ds)``, ``ds``
+the ``d`` after every step; ``sgd_with_s``, ``adam_with_s`` and ``prodigy_with_s`` return
+``(params, ds, s)``, ``s`` after the last step in ``init``'s layout (the kept elements of each
+tensor with ``slice_p``): the state ``s`` of the optimizer.
 """
 
 from __future__ import annotations
@@ -34,8 +43,9 @@ from typing import Any
 from .problems import Gradient, Grads, Layout, copy_layout
 
 
-def _zeros(init: Layout) -> Layout:
-    return [[[0.0] * len(p) for p in grp] for grp in init]
+def _zeros(init: Layout, slice_p: int = 1) -> Layout:
+    """Zeros in ``init``'s layout; with ``slice_p = k``, ``ceil(n / k)`` per tensor."""
+    return [[[0.0] * -(-len(p) // slice_p) for p in grp] for grp in init]
 
 
 def _unseen(init: Layout) -> list[list[bool]]:
@@ -84,7 +94,7 @@ def _adam_bias_correction(k: int, betas: tuple[float, float], on: bool) -> float
     return math.sqrt(1 - b2 ** (k + 1)) / (1 - b1 ** (k + 1)) if on else 1.0
 
 
-def sgd(
+def sgd_with_s(
     init: Layout,
     gradient: Gradient,
     steps: int,
@@ -94,7 +104,8 @@ def sgd(
     growth_rate: float = math.inf,
     gradient_bound: str = "max",
     d0_rel: float = 0.0,
-) -> tuple[Layout, list[float]]:
+    slice_p: int = 1,
+) -> tuple[Layout, list[float], Layout]:
     """D-Adapted SGD (Defazio & Mishchenko 2023, "SGD with D-Adaptation"; the bound ``G_k`` as
     in the authors' code). Per group: ``lr``, ``momentum``, ``weight_decay``,
     ``decoupled_weight_decay``. Per step k::
@@ -106,10 +117,14 @@ def sgd(
         z       = z - lambda g (- lambda wd z, decoupled)
         x       = beta x + (1 - beta) z         (momentum beta; beta = 0: x = z)
         d_hat   = 2 N / ||s||_2
+
+    With ``slice_p``: ``N += slice_p lambda <g, s>`` and ``s += lambda g`` on the kept
+    elements, ``||s||_2^2 = slice_p`` times the sum of the kept ``s^2``.
     """
+    k = slice_p
     x = copy_layout(init)
     z = copy_layout(init)
-    s = _zeros(init)
+    s = _zeros(init, k)
     seen = _unseen(init)
     d, numerator, bound_sq, ds = d0, 0.0, 0.0, []
     for t in range(steps):
@@ -131,8 +146,9 @@ def sgd(
                 xe = x[gi][pi][e]
                 if not hp["decoupled_weight_decay"]:
                     g = g + wd * xe
-                numerator += lam * g * s[gi][pi][e]
-                s[gi][pi][e] += lam * g
+                if e % k == 0:
+                    numerator += k * lam * g * s[gi][pi][e // k]
+                    s[gi][pi][e // k] += lam * g
                 dwd = wd if hp["decoupled_weight_decay"] else 0.0
                 if mom == 0.0:
                     x[gi][pi][e] = xe - lam * dwd * xe - lam * g
@@ -140,17 +156,29 @@ def sgd(
                     ze = z[gi][pi][e]
                     z[gi][pi][e] = ze - lam * dwd * ze - lam * g
                     x[gi][pi][e] = mom * xe + (1 - mom) * z[gi][pi][e]
-        s_sq = _sum_over_seen(s, seen, lambda u: u * u)
+        s_sq = k * _sum_over_seen(s, seen, lambda u: u * u)
         if s_sq > 0:
             d_hat = 2 * numerator / math.sqrt(s_sq)
             d = max(d, min(d_hat, growth_rate * d))
         if t == 0:
             d = max(d, fast_start(init, grads, groups, d0_rel, "norm"))
         ds.append(d)
+    return x, ds, s
+
+
+def sgd(
+    init: Layout,
+    gradient: Gradient,
+    steps: int,
+    groups: Sequence[dict[str, Any]],
+    **model_wide: Any,
+) -> tuple[Layout, list[float]]:
+    """:func:`sgd_with_s` in the common convention: ``(params, ds)``."""
+    x, ds, _ = sgd_with_s(init, gradient, steps, groups, **model_wide)
     return x, ds
 
 
-def adam(
+def adam_with_s(
     init: Layout,
     gradient: Gradient,
     steps: int,
@@ -161,7 +189,8 @@ def adam(
     betas: tuple[float, float] = (0.9, 0.999),
     use_bias_correction: bool = False,
     d0_rel: float = 0.0,
-) -> tuple[Layout, list[float]]:
+    slice_p: int = 1,
+) -> tuple[Layout, list[float], Layout]:
     """D-Adapted Adam in its published form (Defazio & Mishchenko 2023, "Adam with
     D-Adaptation"). Per group:
     ``lr``, ``eps``, ``weight_decay``, ``decoupled_weight_decay``. With ``b3 = sqrt(b2)`` and
@@ -173,16 +202,19 @@ def adam(
         s     = b3 s + (1 - b3) dlr g
         x     = x (- dlr wd x, decoupled) - m / (sqrt(v) + eps)
         d_hat = r / ((1 - b3) ||s||_1)
+
+    With ``slice_p``: r's term and ``s`` on the kept elements, ``||s||_1`` over them.
     """
     b1, b2 = betas
     b3 = math.sqrt(b2)
+    k = slice_p
     x = copy_layout(init)
-    m, v, s = (_zeros(init) for _ in range(3))
+    m, v, s = _zeros(init), _zeros(init), _zeros(init, k)
     seen = _unseen(init)
     d, r, ds = d0, 0.0, []
-    for k in range(steps):
-        grads = gradient(k, x)
-        bc = _adam_bias_correction(k, betas, use_bias_correction)
+    for t in range(steps):
+        grads = gradient(t, x)
+        bc = _adam_bias_correction(t, betas, use_bias_correction)
         acc = 0.0
         for gi, hp in enumerate(groups):
             dlr = d * hp["lr"] * bc
@@ -191,10 +223,12 @@ def adam(
                 xe = x[gi][pi][e]
                 if not hp["decoupled_weight_decay"]:
                     g = g + wd * xe
-                acc += dlr * g * s[gi][pi][e] / (math.sqrt(v[gi][pi][e]) + eps)
+                if e % k == 0:
+                    j = e // k
+                    acc += dlr * g * s[gi][pi][j] / (math.sqrt(v[gi][pi][e]) + eps)
+                    s[gi][pi][j] = b3 * s[gi][pi][j] + (1 - b3) * dlr * g
                 m[gi][pi][e] = b1 * m[gi][pi][e] + (1 - b1) * dlr * g
                 v[gi][pi][e] = b2 * v[gi][pi][e] + (1 - b2) * g * g
-                s[gi][pi][e] = b3 * s[gi][pi][e] + (1 - b3) * dlr * g
                 if hp["decoupled_weight_decay"]:
                     xe = xe - dlr * wd * xe
                 x[gi][pi][e] = xe - m[gi][pi][e] / (math.sqrt(v[gi][pi][e]) + eps)
@@ -202,9 +236,21 @@ def adam(
         l1 = _sum_over_seen(s, seen, abs)
         if l1 > 0:
             d = max(d, min(r / ((1 - b3) * l1), growth_rate * d))
-        if k == 0:
+        if t == 0:
             d = max(d, fast_start(init, grads, groups, d0_rel, "rms"))
         ds.append(d)
+    return x, ds, s
+
+
+def adam(
+    init: Layout,
+    gradient: Gradient,
+    steps: int,
+    groups: Sequence[dict[str, Any]],
+    **model_wide: Any,
+) -> tuple[Layout, list[float]]:
+    """:func:`adam_with_s` in the common convention: ``(params, ds)``."""
+    x, ds, _ = adam_with_s(init, gradient, steps, groups, **model_wide)
     return x, ds
 
 
@@ -266,7 +312,7 @@ def adagrad(
     return x, ds
 
 
-def prodigy(
+def prodigy_with_s(
     init: Layout,
     gradient: Gradient,
     steps: int,
@@ -279,7 +325,8 @@ def prodigy(
     safeguard_warmup: bool = False,
     d_coef: float = 1.0,
     d0_rel: float = 0.0,
-) -> tuple[Layout, list[float]]:
+    slice_p: int = 1,
+) -> tuple[Layout, list[float], Layout]:
     """Prodigy, Adam form (Mishchenko & Defazio 2024, the Adam-like algorithm). Per group:
     ``lr``, ``eps``, ``weight_decay``, ``decoupled_weight_decay``. With ``b3 = sqrt(b2)``,
     ``bc`` as in :func:`adam` and ``dlr = d lr bc``::
@@ -289,17 +336,21 @@ def prodigy(
         s     = b3 s + (d / d0) dlr g            (safeguard_warmup: (d / d0) d g, lr > 0 groups)
         x     = x (- dlr wd x, decoupled) - dlr m / (sqrt(v) + d eps)
         d_max = max(d_max, d_coef r / ||s||_1),   d = max(d, min(d_max, growth_rate d))
+
+    With ``slice_p``: r's term and ``s`` on the kept elements (``x0`` is read there only),
+    ``||s||_1`` over them.
     """
     b1, b2 = betas
     b3 = math.sqrt(b2)
+    k = slice_p
     x0 = copy_layout(init)
     x = copy_layout(init)
-    m, v, s = (_zeros(init) for _ in range(3))
+    m, v, s = _zeros(init), _zeros(init), _zeros(init, k)
     seen = _unseen(init)
     d, d_max, r, ds = d0, d0, 0.0, []
-    for k in range(steps):
-        grads = gradient(k, x)
-        bc = _adam_bias_correction(k, betas, use_bias_correction)
+    for t in range(steps):
+        grads = gradient(t, x)
+        bc = _adam_bias_correction(t, betas, use_bias_correction)
         acc = 0.0
         for gi, hp in enumerate(groups):
             dlr = d * hp["lr"] * bc
@@ -309,10 +360,12 @@ def prodigy(
                 xe = x[gi][pi][e]
                 if not hp["decoupled_weight_decay"]:
                     g = g + wd * xe
-                acc += (d / d0) * dlr * g * (x0[gi][pi][e] - xe)
+                if e % k == 0:
+                    j = e // k
+                    acc += (d / d0) * dlr * g * (x0[gi][pi][e] - xe)
+                    s[gi][pi][j] = b3 * s[gi][pi][j] + s_w * g
                 m[gi][pi][e] = b1 * m[gi][pi][e] + (1 - b1) * d * g
                 v[gi][pi][e] = b2 * v[gi][pi][e] + (1 - b2) * d * d * g * g
-                s[gi][pi][e] = b3 * s[gi][pi][e] + s_w * g
                 if hp["decoupled_weight_decay"]:
                     xe = xe - dlr * wd * xe
                 x[gi][pi][e] = xe - dlr * m[gi][pi][e] / (math.sqrt(v[gi][pi][e]) + d * eps)
@@ -321,8 +374,20 @@ def prodigy(
         if l1 > 0:
             d_max = max(d_max, d_coef * r / l1)
             d = max(d, min(d_max, growth_rate * d))
-        if k == 0:
+        if t == 0:
             start = fast_start(init, grads, groups, d0_rel, "rms")
             d, d_max = max(d, start), max(d_max, start)
         ds.append(d)
+    return x, ds, s
+
+
+def prodigy(
+    init: Layout,
+    gradient: Gradient,
+    steps: int,
+    groups: Sequence[dict[str, Any]],
+    **model_wide: Any,
+) -> tuple[Layout, list[float]]:
+    """:func:`prodigy_with_s` in the common convention: ``(params, ds)``."""
+    x, ds, _ = prodigy_with_s(init, gradient, steps, groups, **model_wide)
     return x, ds
