@@ -335,6 +335,7 @@ class ProdigyScheduleFree(ScheduleFreeModes, Prodigy):
             global_reduce=global_reduce,
             stochastic_rounding=stochastic_rounding,
         )
+        self.defaults.update(self._sf_defaults)  # a state dict without them loads with these
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         # a group added in eval mode starts in eval mode: its parameters are x = y = z at first
