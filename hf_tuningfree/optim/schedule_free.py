@@ -302,11 +302,9 @@ class ProdigyScheduleFree(ScheduleFreeModes, Prodigy):
         warmup_steps: int = 0,
         r: float = 0.0,
     ) -> None:
-        # set before the base constructor adds the groups (add_param_group fills them in)
-        self._sf_defaults = {
-            "warmup_steps": check_nonnegative_int("warmup_steps", warmup_steps),
-            "r": check_nonnegative("r", r),
-        }
+        # set before the base constructor adds the groups: add_param_group fills them in and
+        # _validate_group checks them there
+        self._sf_defaults = {"warmup_steps": warmup_steps, "r": r}
         if not 0.0 < betas[0] < 1.0:
             raise ValueError(
                 f"Invalid betas[0]: {betas[0]!r}; allowed: 0 < beta1 < 1 (the schedule-free "
