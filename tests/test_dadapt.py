@@ -368,7 +368,9 @@ def test_trainer_group_split_does_not_change_d(name):
 
     one, two = run(False), run(True)
     rel = ((one - two).abs() / one).max().item()
-    assert rel <= 1e-12, f"{name}: d sequences differ by {rel:.2e} (relative)"
+    # measured up to 1.5e-12 (D-Adapt AdaGrad; the C kernels are built with -march=native, so
+    # the last bits of a sum depend on the CPU that runs them)
+    assert rel <= 1e-11, f"{name}: d sequences differ by {rel:.2e} (relative)"
     # the first d is the fast start's (d0_rel times the weights' scale); measured 48-86x growth
     assert one[-1] > 20 * one[0], f"{name}: d did not grow ({one[0]:.2g} -> {one[-1]:.2g})"
 

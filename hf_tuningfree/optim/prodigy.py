@@ -243,9 +243,10 @@ class Prodigy(AdamFormBase):
             one ``d`` per param-group ``name`` (groups without a name share one), e.g. for LoRA
             A/B or two networks; every estimate is the model-wide algorithm run on its groups.
         maximize: maximize the objective.
-        implementation: ``"auto"``, ``"native"``, ``"compiled"`` or ``"loop"`` (no foreach
-            form). On CPU, ``"auto"`` and ``"native"`` run the C kernels of
-            :mod:`hf_tuningfree.optim._native` (see :mod:`hf_tuningfree.optim.dadapt`).
+        implementation: ``"auto"``, ``"native"``, ``"compiled"``, ``"foreach"`` or ``"loop"``.
+            On CPU, ``"auto"`` and ``"native"`` run the C kernels of
+            :mod:`hf_tuningfree.optim._native` (see :mod:`hf_tuningfree.optim.dadapt`); on CUDA
+            ``"auto"`` runs ``"foreach"`` (the passes as multi-tensor ops).
         implicit_zero_x0: True (default): a parameter whose every element is 0 when its state
             is created (LoRA's B matrices) stores no ``x0``: its ``x_0`` is 0, so its numerator
             term ``<g, x_0 - x>`` is ``<g, 0 - x>``, and ``d`` and every step are the same

@@ -272,8 +272,8 @@ class ProdigyScheduleFree(ScheduleFreeModes, Prodigy):
 
     FUSE = False  # no fused C kernel for this update yet: the torch passes run
     _MODEL_WIDE = (*Prodigy._MODEL_WIDE, "warmup_steps", "r")
-    #: no C kernels (neither pass): the compiled kernels and the loop
-    PATHS = ("compiled", "loop")
+    #: no C kernels (neither pass): the compiled kernels, foreach ops and the loop
+    PATHS = ("compiled", "foreach", "loop")
 
     def __init__(
         self,

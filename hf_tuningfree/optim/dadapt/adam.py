@@ -321,9 +321,9 @@ class DAdaptAdam(AdamFormBase):
             group (``*_fused_sliced``: per block the kept elements' sums and ``s``, then the
             block's full update); sharded (two-pass): the update in C without ``s``, the
             statistics and ``s`` on the kept elements in torch (strided views never reach C).
-        implementation: ``"auto"``, ``"native"``, ``"compiled"`` or ``"loop"`` (no foreach
-            form). On CPU, ``"auto"`` and ``"native"`` run the C kernels (see the module
-            docstring).
+        implementation: ``"auto"``, ``"native"``, ``"compiled"``, ``"foreach"`` or ``"loop"``.
+            On CPU, ``"auto"`` and ``"native"`` run the C kernels (see the module docstring);
+            on CUDA ``"auto"`` runs ``"foreach"`` (the passes as multi-tensor ops).
         skip_nonfinite, global_reduce, stochastic_rounding: see
             :class:`~hf_tuningfree.optim.base.TuningFreeOptimizer`.
 

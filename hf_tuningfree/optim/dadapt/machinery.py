@@ -25,7 +25,7 @@ from ..base import (
     real_dtype,
 )
 from ..distributed import local_view, plan_reduction
-from ..kernels import check_implementation
+from ..kernels import AutoOrder, check_implementation
 from ..validation import (
     check_bool,
     check_choice,
@@ -64,9 +64,13 @@ class DAdaptationBase(PassRunner, TuningFreeOptimizer):
     _MODEL_WIDE: tuple[str, ...] = ("d0", "growth_rate")
     #: Whether a step may run in the fused form (see ``_fuses``); tests switch it off to compare.
     FUSE = True
-    #: the C kernels, the compiled passes and the loop; no foreach form (packing already makes
-    #: one call of the small tensors)
-    PATHS = ("native", "compiled", "loop")
+    #: the C kernels, the compiled passes, the passes as foreach ops over a bucket
+    #: (:mod:`~hf_tuningfree.optim.multitensor`) and the loop
+    PATHS = ("native", "compiled", "foreach", "loop")
+    #: CUDA: the multi-tensor form first (O(1) launches per op whatever the number of tensors;
+    #: the compiled form launches one kernel per tensor). Not yet measured on a GPU:
+    #: benchmarks/gpu_step_time.py compares the two when one is lent.
+    AUTO_ORDER = AutoOrder(cuda=("foreach", "compiled", "loop"))
     _fused_step = False
     #: The estimate being worked on: "" (the model's, or the unnamed groups' with
     #: ``d_groups="group"``) or "@<name>"; it suffixes every ``global_state`` key (``_global``).

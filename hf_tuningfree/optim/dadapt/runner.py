@@ -3,11 +3,12 @@
 :class:`~hf_tuningfree.optim.dadapt.passes.TensorPass` with its scalars and runs it.
 
 Per device/dtype bucket it picks the path (the C kernels of :mod:`hf_tuningfree.optim._native`
-in one call for the bucket, else the compiled function or the loop) and packs the small tensors
-into one call; with ``slice_p > 1`` it runs the statistics and the update of ``s`` on the kept
-elements; in a fused step it makes the one C call per group that updates the state and returns
-the sums. What a step computes, and when, is the base class's
-(:mod:`~hf_tuningfree.optim.dadapt.machinery`).
+in one call for the bucket; the pass's function over the whole bucket as foreach ops
+(:func:`~hf_tuningfree.optim.multitensor.run_multi`); else the compiled function or the loop,
+which pack the small tensors into one call); with ``slice_p > 1`` it runs the statistics and
+the update of ``s`` on the kept elements; in a fused step it makes the one C call per group
+that updates the state and returns the sums. What a step computes, and when, is the base
+class's (:mod:`~hf_tuningfree.optim.dadapt.machinery`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from .. import _native
 from ..base import GroupBatch, StepBatch, compute_dtype
 from ..distributed import is_dtensor
 from ..kernels import CompiledKernel, order_for_compile
+from ..multitensor import run_multi
 from .passes import (
     TensorPass,
     _buckets,
@@ -112,11 +114,12 @@ class PassRunner:
                         args = [
                             a.to(dev) if a.dtype == torch.bool else a.to(dev, cdt) for a in scalars
                         ]
-                        # no foreach form (PATHS): packing already makes one call of the small
-                        # tensors
-                        kernel = tensor_pass.compiled if impl == "compiled" else tensor_pass.fn
                         flags = {**static, "acc64": dev.type == "cpu"}
-                        outputs = self._run_bucket(bucket, written, kernel, args, flags)
+                        if impl == "foreach":  # the same function over the whole bucket
+                            outputs = run_multi(tensor_pass.fn, bucket, args, flags)
+                        else:
+                            kernel = tensor_pass.compiled if impl == "compiled" else tensor_pass.fn
+                            outputs = self._run_bucket(bucket, written, kernel, args, flags)
                     if tensor_pass.sums:
                         for out in outputs:
                             for name, value in zip(tensor_pass.sums, out, strict=True):

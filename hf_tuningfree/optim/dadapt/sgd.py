@@ -221,9 +221,10 @@ class DAdaptSGD(DAdaptationBase):
             columns in every row, and where columns differ systematically (embeddings, heads) that
             aliasing biases ``d`` by more than sampling would: an odd ``k`` walks through the
             columns instead (not a measured improvement on the demo task).
-        implementation: ``"auto"``, ``"native"``, ``"compiled"`` or ``"loop"`` (see
-            :mod:`hf_tuningfree.optim.kernels`; no foreach form). On CPU, ``"auto"`` and
-            ``"native"`` run the C kernels (see the module docstring).
+        implementation: ``"auto"``, ``"native"``, ``"compiled"``, ``"foreach"`` or ``"loop"``
+            (see :mod:`hf_tuningfree.optim.kernels`). On CPU, ``"auto"`` and ``"native"`` run
+            the C kernels (see the module docstring); on CUDA ``"auto"`` runs ``"foreach"``
+            (the passes as multi-tensor ops).
         skip_nonfinite, global_reduce, stochastic_rounding: see
             :class:`~hf_tuningfree.optim.base.TuningFreeOptimizer`.
 
