@@ -179,9 +179,7 @@ def test_which_optimizers_have_which_forms():
     """What the issue trackers of fast optimizers get asked first: which path runs. Written
     down so that a form added or dropped is a visible change."""
     forms = {n: get_optimizer_spec(n).implementations for n in NAMES}
-    assert {n for n, f in forms.items() if "foreach" not in f} == {
-        "hyper_adagrad", "hyper_rmsprop",
-    }  # fmt: skip
+    assert {n for n, f in forms.items() if "foreach" not in f} == set()
     assert {n for n, f in forms.items() if "compiled" not in f} == {"dog", "ldog", "tdog"}
     assert {n for n, f in forms.items() if "native" not in f} == {"prodigy_sf"}
 

@@ -1135,7 +1135,8 @@ def test_native_step_makes_no_host_reads(monkeypatch, native_calls):
 def test_without_the_c_library_the_torch_paths_give_the_same_numbers(config, monkeypatch):
     """``_native.load()`` returning None (no C compiler): ``"auto"`` runs the torch paths,
     bit-identical to ``implementation="foreach"`` (HyperSGD, HyperAdam: torch's fused kernels)
-    or ``"loop"`` (HyperAdaGrad, HyperRMSProp have no foreach form), and within rounding of the
+    or ``"loop"`` (HyperAdaGrad, HyperRMSProp: foreach is not in their CPU order), and within
+    rounding of the
     C path (relative 1e-6 in fp32, as against the loop path); no C kernel is called."""
     dtype = torch.float32
     init, grads = initial_weights(dtype), scaled_gradients(dtype, steps=12)

@@ -21,6 +21,8 @@ from hf_tuningfree.optim import (
     DAdaptAdaGrad,
     DAdaptAdam,
     DAdaptSGD,
+    HyperAdaGrad,
+    HyperRMSProp,
     Prodigy,
     ProdigyScheduleFree,
     kernels,
@@ -332,3 +334,42 @@ def test_auto_takes_foreach_on_cuda_and_not_on_cpu(name, monkeypatch):
     expected_cpu = "native" if "native" in cls.PATHS else "compiled"
     assert choose_path("auto", torch.device("cpu"), 1 << 24, **args) == expected_cpu
     assert choose_path("auto", torch.device("cpu"), 1 << 10, **args) in ("native", "loop")
+
+
+# ---------------------------------------------------------------------- HyperAdaGrad, HyperRMSProp
+HYPER = {
+    "adagrad": (HyperAdaGrad, {}),
+    "adagrad-wd": (HyperAdaGrad, {"weight_decay": 0.1}),
+    "rmsprop": (HyperRMSProp, {}),
+    "rmsprop-learn-decay": (HyperRMSProp, {"learn": ("lr", "decay")}),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16],
+                         ids=["fp64", "fp32", "bf16"])  # fmt: skip
+@pytest.mark.parametrize("config", list(HYPER))
+def test_the_hypergradient_foreach_update_is_the_loop_bit_for_bit(config, dtype):
+    """The base update as foreach ops (the dots are the loop's per-tensor ones): the same
+    numbers as the loop, the learned step size included, with a skipped step."""
+    cls, kw = HYPER[config]
+    ref, ref_opt = _run(cls, "loop", dtype, lr=1e-2, **kw)
+    got, opt = _run(cls, "foreach", dtype, lr=1e-2, **kw)
+    assert all(torch.equal(a, b) for a, b in zip(got, ref, strict=True))
+    learned, start = opt.stats()["hyper/level0/lr"], 1e-2
+    assert learned == ref_opt.stats()["hyper/level0/lr"] and learned != start
+    assert opt.stats()["skipped_steps"] == 1
+
+
+@pytest.mark.parametrize("cls", [HyperAdaGrad, HyperRMSProp], ids=["adagrad", "rmsprop"])
+def test_the_hypergradient_foreach_update_ops_do_not_grow_with_the_tensors(cls, monkeypatch):
+    """Nothing learned (``height=0``: no dots), a step is the guard and the update: the same op
+    count for 4 tensors or 40 on the foreach form."""
+    counts = {}
+    for n in (4, 40):
+        params, opt = _run(cls, "foreach", torch.float32, steps=2, n=n, nan_at=-1, height=0)
+        for p in params:
+            p.grad = torch.ones_like(p)
+        with _ComputeOps() as mode:
+            opt.step()
+        counts[n] = mode.count
+    assert counts[4] == counts[40], counts

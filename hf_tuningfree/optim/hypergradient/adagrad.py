@@ -11,6 +11,7 @@ from .. import _native
 from ..base import (
     bucket_by_device_and_dtype,
 )
+from ..kernels import AutoOrder
 from ..validation import (
     check_bool,
     check_nonnegative,
@@ -47,6 +48,12 @@ class HyperAdaGrad(HypergradientOptimizer):
     Per-parameter state: ``sum`` (G) and ``direction`` (the last ``g / (sqrt(G) + eps)``).
     """
 
+    #: the C loops, the compiled kernels, the update as foreach ops over a bucket
+    #: (:mod:`~hf_tuningfree.optim.multitensor`; the dots stay per tensor) and the loop
+    PATHS = ("native", "compiled", "foreach", "loop")
+    #: CUDA: foreach first (O(1) launches per op for the update); not yet timed on a GPU
+    AUTO_ORDER = AutoOrder(cuda=("foreach", "compiled", "loop"))
+    FOREACH_UPDATE = True
     LEARNABLE = ("lr",)
     STORED_DERIVATIVES = (("lr", "direction"),)
 

@@ -21,6 +21,7 @@ from ..kernels import (
     fast_path_accepts,
     order_for_compile,
 )
+from ..multitensor import run_multi
 
 #: Hyperoptimizers a tower level can use.
 HYPER_OPTIMIZERS = ("adam", "sgd")
@@ -408,6 +409,10 @@ def _update_each(
     fn: Any, impl: str, bucket: list[list[torch.Tensor]], *args: Any, **static: Any
 ) -> None:
     """``fn`` on every tensor of a device/dtype ``bucket`` (lists, the parameters first) with the
-    same 0-dim tensors ``args`` and flags ``static``."""
+    same 0-dim tensors ``args`` and flags ``static``; ``impl == "foreach"``: once, on the whole
+    bucket as foreach ops (:func:`~hf_tuningfree.optim.multitensor.run_multi`)."""
+    if impl == "foreach":
+        run_multi(fn, bucket, list(args), static)
+        return
     for i in _tensor_order(impl, fn, [p.numel() for p in bucket[0]]):
         _run(fn, impl, [t[i] for t in bucket], *args, **static)

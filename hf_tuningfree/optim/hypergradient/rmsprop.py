@@ -11,6 +11,7 @@ from .. import _native
 from ..base import (
     bucket_by_device_and_dtype,
 )
+from ..kernels import AutoOrder
 from ..validation import (
     check_bool,
     check_in_range,
@@ -50,6 +51,12 @@ class HyperRMSProp(HypergradientOptimizer):
     when the step size is learned and ``d_decay`` when the decay is.
     """
 
+    #: the C loops, the compiled kernels, the update as foreach ops over a bucket
+    #: (:mod:`~hf_tuningfree.optim.multitensor`; the dots stay per tensor) and the loop
+    PATHS = ("native", "compiled", "foreach", "loop")
+    #: CUDA: foreach first (O(1) launches per op for the update); not yet timed on a GPU
+    AUTO_ORDER = AutoOrder(cuda=("foreach", "compiled", "loop"))
+    FOREACH_UPDATE = True
     LEARNABLE = ("lr", "decay")
     SQUASHED = frozenset({"decay"})
     STORED_DERIVATIVES = (("lr", "direction"), ("decay", "d_decay"))
