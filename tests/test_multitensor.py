@@ -28,7 +28,7 @@ from hf_tuningfree.optim import (
     kernels,
 )
 from hf_tuningfree.optim.kernels import choose_path
-from hf_tuningfree.optim.multitensor import TensorList, run_multi
+from hf_tuningfree.optim.multitensor import TensorList, run_multi, segment_dots
 
 CLASSES = [DAdaptSGD, DAdaptAdam, DAdaptAdaGrad, Prodigy, ProdigyScheduleFree]
 IDS = [c.__name__ for c in CLASSES]
@@ -345,31 +345,48 @@ HYPER = {
 }
 
 
+#: foreach vs loop, relative: the dots are segmented sums here, per-tensor sums there (another
+#: order of addition); measured 0 in fp64 and bf16, up to 8.9e-8 in fp32
+HYPER_TOL = {torch.float64: 1e-13, torch.float32: 1e-6, torch.bfloat16: 1e-6}
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16],
                          ids=["fp64", "fp32", "bf16"])  # fmt: skip
 @pytest.mark.parametrize("config", list(HYPER))
-def test_the_hypergradient_foreach_update_is_the_loop_bit_for_bit(config, dtype):
-    """The base update as foreach ops (the dots are the loop's per-tensor ones): the same
-    numbers as the loop, the learned step size included, with a skipped step."""
+def test_the_hypergradient_foreach_form_follows_the_loop(config, dtype):
+    """Both passes as foreach ops (the update on TensorLists, the dots as segmented sums):
+    the loop's numbers to rounding, the learned step size included, with a skipped step."""
     cls, kw = HYPER[config]
     ref, ref_opt = _run(cls, "loop", dtype, lr=1e-2, **kw)
     got, opt = _run(cls, "foreach", dtype, lr=1e-2, **kw)
-    assert all(torch.equal(a, b) for a, b in zip(got, ref, strict=True))
-    learned, start = opt.stats()["hyper/level0/lr"], 1e-2
-    assert learned == ref_opt.stats()["hyper/level0/lr"] and learned != start
+    assert _rel(got, ref) <= HYPER_TOL[dtype], _rel(got, ref)
+    learned, expected = opt.stats()["hyper/level0/lr"], ref_opt.stats()["hyper/level0/lr"]
+    assert abs(learned / expected - 1) <= HYPER_TOL[dtype] and learned != 1e-2
     assert opt.stats()["skipped_steps"] == 1
 
 
+@pytest.mark.parametrize("height", [0, 2])
 @pytest.mark.parametrize("cls", [HyperAdaGrad, HyperRMSProp], ids=["adagrad", "rmsprop"])
-def test_the_hypergradient_foreach_update_ops_do_not_grow_with_the_tensors(cls, monkeypatch):
-    """Nothing learned (``height=0``: no dots), a step is the guard and the update: the same op
+def test_the_hypergradient_foreach_ops_do_not_grow_with_the_tensors(cls, height):
+    """The guard (nothing learned, ``height=0``), or the dots, and the update: the same op
     count for 4 tensors or 40 on the foreach form."""
     counts = {}
     for n in (4, 40):
-        params, opt = _run(cls, "foreach", torch.float32, steps=2, n=n, nan_at=-1, height=0)
+        params, opt = _run(cls, "foreach", torch.float32, steps=2, n=n, nan_at=-1, height=height)
         for p in params:
             p.grad = torch.ones_like(p)
         with _ComputeOps() as mode:
             opt.step()
         counts[n] = mode.count
     assert counts[4] == counts[40], counts
+
+
+def test_segment_dots_are_the_per_tensor_dot_products():
+    g = torch.Generator().manual_seed(3)
+    a = [torch.randn(n, generator=g) for n in (5, 300, 1, 64)]
+    bs = [[torch.randn(t.shape, generator=g) for t in a] for _ in range(2)]
+    got = segment_dots(a, bs, torch.float64)
+    rows = [[float(x.double() @ b[i].double()) for b in bs] for i, x in enumerate(a)]
+    want = torch.tensor(rows, dtype=torch.float64)
+    assert got.shape == (4, 2) and got.dtype == torch.float64
+    assert float((got - want).abs().max()) <= 1e-13

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["TensorList", "run_multi"]
+__all__ = ["TensorList", "run_multi", "segment_dots"]
 
 _Operand = Any  # TensorList | torch.Tensor (0-dim) | float | int
 
@@ -269,3 +269,35 @@ def run_multi(
         ]
         outputs.append(fn(*args, *scalars, **static))
     return outputs
+
+
+_LENGTHS: dict[tuple[torch.device, tuple[int, ...]], torch.Tensor] = {}
+
+
+def _lengths(device: torch.device, sizes: tuple[int, ...]) -> torch.Tensor:
+    """The segment lengths ``sizes`` as a tensor on ``device``, made once per (device, sizes):
+    a host-to-device copy every step would make the step wait for the device."""
+    key = (device, sizes)
+    out = _LENGTHS.get(key)
+    if out is None:
+        if len(_LENGTHS) > 256:
+            _LENGTHS.clear()
+        out = _LENGTHS[key] = torch.tensor(sizes, dtype=torch.int64, device=device)
+    return out
+
+
+def segment_dots(
+    a: Sequence[torch.Tensor], bs: Sequence[Sequence[torch.Tensor]], dtype: torch.dtype
+) -> torch.Tensor:
+    """``(n, len(bs))``: row ``i`` holds ``<a[i], b[i]>`` for each list ``b`` of ``bs``, in
+    ``dtype``; per ``b`` one foreach multiply, one ``cat`` and one ``segment_reduce`` whatever
+    ``n`` (the per-tensor dot products a hypergradient needs). Tensors of one device and dtype;
+    ``a`` and each ``b`` are cast to ``dtype`` first, as the per-tensor form does."""
+    left = TensorList(a).to(dtype)
+    sizes = tuple(t.numel() for t in a)
+    lengths = _lengths(a[0].device, sizes)
+    cols = []
+    for b in bs:
+        prods = (left * TensorList(b).to(dtype)).items
+        cols.append(torch.segment_reduce(_flat(prods), "sum", lengths=lengths))
+    return torch.stack(cols, dim=1)

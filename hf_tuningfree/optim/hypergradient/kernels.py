@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ..base import (
+    bucket_by_device_and_dtype,
     compute_dtype,
 )
 from ..kernels import (
@@ -21,7 +22,7 @@ from ..kernels import (
     fast_path_accepts,
     order_for_compile,
 )
-from ..multitensor import run_multi
+from ..multitensor import run_multi, segment_dots
 
 #: Hyperoptimizers a tower level can use.
 HYPER_OPTIMIZERS = ("adam", "sgd")
@@ -388,6 +389,13 @@ def _stored_dots(
     (lists of per-parameter derivatives of the last update). ``torch_dot``: a single stored
     derivative against an fp32/fp64 contiguous gradient goes through ``torch.dot`` instead."""
     out: list[torch.Tensor | None] = [None] * len(gb.params)
+    if impl == "foreach":  # per bucket: one multiply, cat and segmented sum per stored list
+        buckets = bucket_by_device_and_dtype([gb.grads, *stored])
+        for (_, dtype), (bucket, idx) in buckets.items():
+            rows = segment_dots(bucket[0], bucket[1:], compute_dtype(dtype)).unbind(0)
+            for i, row in zip(idx, rows, strict=True):
+                out[i] = row
+        return out  # type: ignore[return-value]
     for i in _tensor_order(impl, _direction_dots, [p.numel() for p in gb.params]):
         g = gb.grads[i]
         ts = [s[i] for s in stored]

@@ -192,20 +192,17 @@ class ParameterPasses:
         device = bucket[0][0].device
         return self._path(group, device, numel, offered=offered, foreach=fused) == "foreach"
 
-    #: Whether ``"foreach"`` means the base update's per-tensor function run on the whole bucket
-    #: as foreach ops (HyperAdaGrad, HyperRMSProp: :func:`._update_each`); HyperSGD's and
-    #: HyperAdam's ``"foreach"`` is torch's fused kernel instead (``_fused_form``).
+    #: Whether ``"foreach"`` means both passes as foreach ops over a bucket (HyperAdaGrad,
+    #: HyperRMSProp: the update's per-tensor function on TensorLists, :func:`._update_each`, and
+    #: the dots as segmented sums, :func:`._stored_dots`); HyperSGD's and HyperAdam's
+    #: ``"foreach"`` is torch's fused kernel for the update instead (``_fused_form``).
     FOREACH_UPDATE = False
 
     def _impl(self, gb: Any, device: torch.device, *, update: bool) -> str:
         """The form of the per-tensor pieces (the dots, an update the fused kernels do not run)
-        where the group does not take the C loops: compiled or the loop, and for the update of a
-        ``FOREACH_UPDATE`` optimizer foreach (the dots have no foreach form: a requested
-        ``"native"`` / ``"foreach"`` runs them on the loop)."""
-        forms = (
-            ("compiled", "foreach", "loop")
-            if update and self.FOREACH_UPDATE
-            else ("compiled", "loop")
-        )
+        where the group does not take the C loops: compiled or the loop, and foreach for a
+        ``FOREACH_UPDATE`` optimizer (elsewhere a requested ``"native"`` / ``"foreach"`` runs
+        these pieces on the loop)."""
+        forms = ("compiled", "foreach", "loop") if self.FOREACH_UPDATE else ("compiled", "loop")
         offered = tuple(p for p in self.PATHS if p in forms)
         return self._path(gb.group, device, gb.numel, offered=offered)
