@@ -93,6 +93,18 @@ def test_warmup_and_polynomial_weighting_match_the_reference(warmup_steps, r):
     assert max(abs(a - b) / b for a, b in zip(ds_ref, ds_plain, strict=True)) > 1e-3
 
 
+@pytest.mark.parametrize("slice_p", [2, 3])
+def test_slice_p_matches_the_reference(slice_p):
+    """``slice_p = k``: the numerator and ``s`` on every k-th element of each tensor (``s`` at
+    1/k size), ``||s||_1`` over them; the update of y, z, x on every element (fp64)."""
+    prob = _make_problem()
+    hp = _groups(True)
+    model = {"d0": D0, "d0_rel": 1e-3, "betas": BETAS, "use_bias_correction": True}
+    ds_ref = _assert_matches_reference(prob, hp, {**model, "slice_p": slice_p})
+    _, _, ds_plain = prodigy_sf_sequences(*_convention(prob), hp, **model)
+    assert max(abs(a - b) / b for a, b in zip(ds_ref, ds_plain, strict=True)) > 1e-3
+
+
 def test_averaging_weight_with_r_and_warmup():
     """At a constant d, c_k = (k+1)^r / sum_{i<=k} (i+1)^r; during a linear warm-up the weight is
     the squared step, so c_k = (k+1)^2 / sum (i+1)^2 while k < warmup_steps."""

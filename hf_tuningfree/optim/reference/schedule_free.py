@@ -32,6 +32,7 @@ def prodigy_sf_sequences(
     d0_rel: float = 0.0,
     warmup_steps: int = 0,
     r: float = 0.0,
+    slice_p: int = 1,
 ) -> tuple[Layout, Layout, list[float]]:
     """Returns ``(x, y, ds)``: the average, the point where gradients are taken, ``d`` per step.
 
@@ -50,11 +51,14 @@ def prodigy_sf_sequences(
         d_max = max(d_max, d_coef num / ||s||_1),  d = max(d, min(d_max, growth_rate d))
 
     A tensor without a gradient keeps ``x``, ``y`` and ``z``. Fast start as in
-    :mod:`.dadapt` (RMS of the initial weights)."""
+    :mod:`.dadapt` (RMS of the initial weights). With ``slice_p = k``: the numerator's term and
+    ``s`` on the kept elements (every ``k``-th of each tensor, ``x0`` read there only),
+    ``||s||_1`` over them, as :func:`.dadapt.prodigy_with_s`."""
     b1, b2 = betas
     b3 = math.sqrt(b2)
     x0, x, y, z = (copy_layout(init) for _ in range(4))
-    v, s = _zeros(init), _zeros(init)
+    k_slice = slice_p
+    v, s = _zeros(init), _zeros(init, k_slice)
     seen = _unseen(init)
     d, d_max, num, lr_max, weight_sum, ds = d0, d0, 0.0, 0.0, 0.0, []
     lr_ref = max(hp["lr"] for hp in groups)
@@ -80,9 +84,11 @@ def prodigy_sf_sequences(
                     ye = y[gi][pi][e]
                     if not hp["decoupled_weight_decay"]:
                         g = g + wd * ye
-                    acc += (d / d0) * gamma * g * (x0[gi][pi][e] - z[gi][pi][e])
+                    if e % k_slice == 0:
+                        j = e // k_slice
+                        acc += (d / d0) * gamma * g * (x0[gi][pi][e] - z[gi][pi][e])
+                        s[gi][pi][j] = b3 * s[gi][pi][j] + s_w * g
                     v[gi][pi][e] = b2 * v[gi][pi][e] + (1 - b2) * g * g
-                    s[gi][pi][e] = b3 * s[gi][pi][e] + s_w * g
                     u = g / (math.sqrt(v[gi][pi][e]) + eps)
                     if hp["decoupled_weight_decay"]:
                         u += wd * ye
