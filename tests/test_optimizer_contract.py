@@ -551,3 +551,34 @@ def test_skipped_step_warning_repeats_when_the_count_doubles():
         counts.append(sum("NaN or Inf" in str(w.message) for w in caught))
     assert counts == [1, 1, 0, 1, 0, 0, 0, 1, 0]
     assert opt.stats()["skipped_steps"] == 9.0
+
+
+# ---------------------------------------------------------------------- per-group values
+BAD_GROUP_VALUES = {
+    "lr": (-1.0, r"Invalid lr: -1.0; allowed"),
+    "weight_decay": (-0.1, r"Invalid weight_decay: -0.1; allowed"),
+    "eps": (0.0, r"Invalid eps: 0.0; allowed"),
+    "betas": ((0.9, 1.5), r"Invalid betas"),
+    "maximize": ("yes", r"maximize must be True or False, got str 'yes'"),
+    "decoupled_weight_decay": (1, r"decoupled_weight_decay must be True or False, got int 1"),
+}
+
+
+@pytest.mark.parametrize("name", available_optimizers(aliases=False))
+def test_a_bad_per_group_value_is_refused_when_the_group_is_added(name):
+    """A group's own ``lr``, ``weight_decay``, ``eps``, ``betas``, ``maximize`` or
+    ``decoupled_weight_decay`` (those the optimizer has) gets the constructor's one-line error,
+    from a group of the constructor's list and from ``add_param_group``, and nothing is added."""
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = create_optimizer(name, [p])
+    keys = [k for k in BAD_GROUP_VALUES if k in opt.defaults]
+    assert {"lr", "weight_decay"} <= set(keys), keys
+    for key in keys:
+        bad, message = BAD_GROUP_VALUES[key]
+        group = {"params": [torch.nn.Parameter(torch.zeros(2))], key: bad}
+        with pytest.raises((ValueError, TypeError), match=message):
+            opt.add_param_group(group)
+        assert len(opt.param_groups) == 1, key
+        listed = [{"params": [torch.nn.Parameter(torch.zeros(2))], key: bad}]
+        with pytest.raises((ValueError, TypeError), match=message):
+            create_optimizer(name, listed)

@@ -61,7 +61,7 @@ from __future__ import annotations
 import operator
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch.optim.optimizer import ParamsT
@@ -88,7 +88,7 @@ from .distributed import (
 from .kernels import AutoOrder, StateShapeError, check_implementation, choose_path
 from .memory import StateBytes, state_bytes
 from .rounding import LOW_PRECISION, RoundingStream, stochastic_round
-from .validation import check_bool, scalar_value
+from .validation import check_betas, check_bool, check_nonnegative, check_positive, scalar_value
 
 #: The names of this module other modules import; the batching and dtype helpers live in
 #: :mod:`.batching` and are re-exported here, so ``from .base import GroupBatch`` keeps working.
@@ -211,6 +211,17 @@ class TuningFreeOptimizer(torch.optim.Optimizer):
         "_rounding",
     )
     _CONSTRUCTOR_ONLY: tuple[str, ...] = ("skip_nonfinite", "global_reduce", "stochastic_rounding")
+    #: Per-group hyperparameters every optimizer that has them checks in ``add_param_group``
+    #: (a group of the constructor's list or one added later), with the constructor's one-line
+    #: errors: a group's ``weight_decay=-1`` must not wait for a step to go wrong.
+    _GROUP_CHECKS: ClassVar[dict[str, Callable[[str, Any], Any]]] = {
+        "lr": check_nonnegative,
+        "weight_decay": check_nonnegative,
+        "eps": check_positive,
+        "maximize": check_bool,
+        "decoupled_weight_decay": check_bool,
+        "betas": check_betas,
+    }
 
     def __init__(
         self,
@@ -256,6 +267,9 @@ class TuningFreeOptimizer(torch.optim.Optimizer):
                 )
         if "lr" in param_group:
             param_group["lr"] = scalar_value("lr", param_group["lr"])
+        for key, check in self._GROUP_CHECKS.items():
+            if key in param_group and key in self.defaults:
+                check(key, param_group[key])
         if "implementation" in param_group:
             check_implementation(type(self).__name__, param_group["implementation"], self.PATHS)
         super().add_param_group(param_group)
