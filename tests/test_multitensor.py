@@ -26,6 +26,7 @@ from hf_tuningfree.optim import (
     Prodigy,
     ProdigyScheduleFree,
     kernels,
+    multitensor,
 )
 from hf_tuningfree.optim.kernels import choose_path
 from hf_tuningfree.optim.multitensor import TensorList, run_multi, segment_dots
@@ -151,6 +152,22 @@ def test_run_multi_calls_once_per_pattern_of_missing_optional_arguments():
     outs = run_multi(fn, [p, x0], [torch.tensor(2.0)], {"flag": True})
     assert sorted(seen) == [(2, True, True), (3, False, True)]
     assert sum(float(o) for o in outs) == 2.0 * 2 * (0 + 1 + 2 + 3 + 4) + 3 * 2
+
+
+def test_run_multi_cuts_a_large_bucket_into_chunks(monkeypatch):
+    """At most ``CHUNK_ELEMENTS`` per call (a larger tensor alone): the flat temporaries of
+    ``where`` and ``sum`` stay bounded; the sums over the calls are the bucket's."""
+    monkeypatch.setattr(multitensor, "CHUNK_ELEMENTS", 100)
+    p = [torch.ones(n) for n in (60, 30, 20, 250, 5, 95)]
+    calls = []
+
+    def fn(param, scale):
+        calls.append([t.numel() for t in param.items])
+        return (param * scale).sum(dtype=torch.float64)
+
+    outs = run_multi(fn, [p], [torch.tensor(2.0)], {})
+    assert calls == [[60, 30], [20], [250], [5, 95]]
+    assert float(sum(outs)) == 2.0 * 460
 
 
 def test_operands_of_different_lengths_are_an_error():
@@ -381,7 +398,9 @@ def test_the_hypergradient_foreach_ops_do_not_grow_with_the_tensors(cls, height)
     assert counts[4] == counts[40], counts
 
 
-def test_segment_dots_are_the_per_tensor_dot_products():
+@pytest.mark.parametrize("chunk", [1 << 26, 100], ids=["one-call", "chunked"])
+def test_segment_dots_are_the_per_tensor_dot_products(chunk, monkeypatch):
+    monkeypatch.setattr(multitensor, "CHUNK_ELEMENTS", chunk)
     g = torch.Generator().manual_seed(3)
     a = [torch.randn(n, generator=g) for n in (5, 300, 1, 64)]
     bs = [[torch.randn(t.shape, generator=g) for t in a] for _ in range(2)]

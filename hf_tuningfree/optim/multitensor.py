@@ -21,7 +21,8 @@ What maps to what (anything else runs per tensor, correct but one launch per ten
   ``Tensor.to``); ``.copy_(src)``: ``_foreach_copy_`` (it casts, as ``Tensor.copy_``);
 * ``torch.where(cond, a, b)`` with a 0-dim ``cond`` (the non-finite guard's ``ok``): there is no
   foreach select and multiplying by 0 keeps a NaN, so the lists are concatenated (one ``cat``),
-  selected once and split back into views: O(1) launches, bit-exact, one flat temporary;
+  selected once and split back into views: O(1) launches, bit-exact, one flat temporary
+  (:func:`run_multi` calls ``fn`` on chunks of at most ``CHUNK_ELEMENTS``, which bounds it);
 * ``.sum(dtype=...)``: the total over every tensor of the list (the pass's partial sum for the
   bucket), one ``cat`` and one reduction; the order of the additions differs from the loop's
   per-tensor sums added up, so sums agree to rounding (fp64 accumulation: ~1e-16 relative).
@@ -252,23 +253,44 @@ def run_multi(
     scalars: Sequence[torch.Tensor],
     static: dict[str, Any],
 ) -> list[Any]:
-    """``fn`` over every tensor of a device/dtype bucket as one multi-tensor call: ``streams[j]``
+    """``fn`` over every tensor of a device/dtype bucket as multi-tensor calls: ``streams[j]``
     is the ``j``-th tensor argument of every tensor (``None`` where an optional state is
     missing). Tensors whose streams lack the same optional arguments are called together (one
-    call per pattern of missing arguments; usually one). Returns what each call returned."""
+    call per pattern of missing arguments; usually one), in chunks of at most ``CHUNK_ELEMENTS``
+    elements (a tensor larger than that alone), so that the flat temporaries of ``where`` and
+    ``sum`` stay bounded on a large model. Returns what each call returned."""
     n = len(streams[0])
     patterns: dict[tuple[bool, ...], list[int]] = {}
     for i in range(n):
         key = tuple(s[i] is None for s in streams)
         patterns.setdefault(key, []).append(i)
+    sizes = [t.numel() for t in streams[0]]  # type: ignore[union-attr]
     outputs = []
     for missing, idx in patterns.items():
-        args = [
-            None if absent else TensorList([s[i] for i in idx])  # type: ignore[misc]
-            for s, absent in zip(streams, missing, strict=True)
-        ]
-        outputs.append(fn(*args, *scalars, **static))
+        for chunk in _chunks(idx, sizes):
+            args = [
+                None if absent else TensorList([s[i] for i in chunk])  # type: ignore[misc]
+                for s, absent in zip(streams, missing, strict=True)
+            ]
+            outputs.append(fn(*args, *scalars, **static))
     return outputs
+
+
+#: The most elements one multi-tensor call takes (64M: 256 MB per fp32 temporary).
+CHUNK_ELEMENTS = 1 << 26
+
+
+def _chunks(idx: list[int], sizes: Sequence[int]) -> list[list[int]]:
+    """``idx`` cut, in order, into runs of at most ``CHUNK_ELEMENTS`` elements."""
+    out: list[list[int]] = [[]]
+    total = 0
+    for i in idx:
+        if out[-1] and total + sizes[i] > CHUNK_ELEMENTS:
+            out.append([])
+            total = 0
+        out[-1].append(i)
+        total += sizes[i]
+    return out
 
 
 _LENGTHS: dict[tuple[torch.device, tuple[int, ...]], torch.Tensor] = {}
@@ -293,11 +315,14 @@ def segment_dots(
     ``dtype``; per ``b`` one foreach multiply, one ``cat`` and one ``segment_reduce`` whatever
     ``n`` (the per-tensor dot products a hypergradient needs). Tensors of one device and dtype;
     ``a`` and each ``b`` are cast to ``dtype`` first, as the per-tensor form does."""
-    left = TensorList(a).to(dtype)
-    sizes = tuple(t.numel() for t in a)
-    lengths = _lengths(a[0].device, sizes)
-    cols = []
-    for b in bs:
-        prods = (left * TensorList(b).to(dtype)).items
-        cols.append(torch.segment_reduce(_flat(prods), "sum", lengths=lengths))
-    return torch.stack(cols, dim=1)
+    sizes = [t.numel() for t in a]
+    rows = []
+    for chunk in _chunks(list(range(len(a))), sizes):  # bounded temporaries, as run_multi
+        left = TensorList([a[i] for i in chunk]).to(dtype)
+        lengths = _lengths(a[0].device, tuple(sizes[i] for i in chunk))
+        cols = []
+        for b in bs:
+            prods = (left * TensorList([b[i] for i in chunk]).to(dtype)).items
+            cols.append(torch.segment_reduce(_flat(prods), "sum", lengths=lengths))
+        rows.append(torch.stack(cols, dim=1))
+    return rows[0] if len(rows) == 1 else torch.cat(rows)
