@@ -106,15 +106,20 @@ def test_slice_p_matches_the_reference(slice_p):
 
 
 def test_averaging_weight_with_r_and_warmup():
-    """At a constant d, c_k = (k+1)^r / sum_{i<=k} (i+1)^r; during a linear warm-up the weight is
-    the squared step, so c_k = (k+1)^2 / sum (i+1)^2 while k < warmup_steps."""
+    """At a constant d, c_k = (k+1)^r / sum_{i<=k} (i+1)^r (the default r = 2 included, r = 0:
+    1 / (k+1), the uniform average); during a linear warm-up the weight is the squared step
+    times (k+1)^r, so c_k = (k+1)^(2+r) / sum (i+1)^(2+r) while k < warmup_steps."""
     torch.manual_seed(0)
+
+    def poly(power):
+        return [(k + 1) ** power / sum((i + 1) ** power for i in range(k + 1)) for k in range(8)]
+
     for kwargs, expected in [
-        ({"r": 1.0}, [(k + 1) / sum(range(1, k + 2)) for k in range(8)]),
-        (
-            {"warmup_steps": 100},
-            [(k + 1) ** 2 / sum(i * i for i in range(1, k + 2)) for k in range(8)],
-        ),
+        ({"r": 1.0}, poly(1)),
+        ({}, poly(2)),
+        ({"r": 0.0}, poly(0)),
+        ({"warmup_steps": 100, "r": 0.0}, poly(2)),
+        ({"warmup_steps": 100}, poly(4)),
     ]:
         p = torch.nn.Parameter(torch.randn(50, dtype=torch.float64))
         opt = ProdigyScheduleFree(
@@ -144,8 +149,8 @@ def test_warmup_and_r_are_checked_when_built(kwargs, message):
 
 def test_warmup_and_r_are_model_wide():
     a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))
-    with pytest.raises(ValueError, match=r"r=2.0 in a param group differs from 0.0"):
-        ProdigyScheduleFree([{"params": [a]}, {"params": [b], "r": 2.0}])
+    with pytest.raises(ValueError, match=r"r=1.0 in a param group differs from 2.0"):
+        ProdigyScheduleFree([{"params": [a]}, {"params": [b], "r": 1.0}])
 
 
 def _quadratic_run(steps, *, checkpoint_at=None, eval_at=(), tmp_path=None, **kwargs):
@@ -230,10 +235,12 @@ def test_skipped_step_leaves_parameters_and_state_bit_identical():
 
 def test_first_steps_weigh_almost_nothing_in_the_average():
     """The averaging weight is the squared step: while d grows from d0, c stays small and x
-    moves little; with a constant step it is 1/(k+1) (the uniform average)."""
+    moves little; with a constant step and r = 0 it is 1/(k+1) (the uniform average)."""
     torch.manual_seed(0)
     p = torch.nn.Parameter(torch.randn(50))
-    opt = ProdigyScheduleFree([p], d0=1e-6, d0_rel=0.0, growth_rate=1.0, use_bias_correction=False)
+    opt = ProdigyScheduleFree(
+        [p], d0=1e-6, d0_rel=0.0, growth_rate=1.0, use_bias_correction=False, r=0.0
+    )
     cs = []
     for _ in range(8):
         p.grad = p.detach().clone()

@@ -31,10 +31,11 @@ def prodigy_sf_sequences(
     d_coef: float = 1.0,
     d0_rel: float = 0.0,
     warmup_steps: int = 0,
-    r: float = 0.0,
+    r: float = 2.0,
     slice_p: int = 1,
 ) -> tuple[Layout, Layout, list[float]]:
     """Returns ``(x, y, ds)``: the average, the point where gradients are taken, ``d`` per step.
+    Defaults as the optimizer's (``r = 2``; the authors' is 0).
 
     Per group: ``lr``, ``eps``, ``weight_decay``, ``decoupled_weight_decay``. Per element, with
     ``bc = sqrt(1 - b2^(k+1))`` (1 without bias correction) times the linear warm-up
