@@ -9,7 +9,9 @@ path compiles it. :func:`run_multi` calls the *same* function once per device/dt
 every tensor argument a :class:`TensorList`: each elementwise operation on a ``TensorList`` is one
 ``torch._foreach_*`` call over the bucket's tensors (on CUDA a handful of kernel launches whatever
 the number of tensors; the point of the form, after torch's own ``_multi_tensor_adam``), so the
-multi-tensor form is the per-element statement, op for op, and cannot drift from it.
+multi-tensor form is the per-element statement, op for op, and cannot drift from it. The
+hypergradient family's HyperAdaGrad and HyperRMSProp run their base update the same way, and
+their per-tensor dot products through :func:`segment_dots`.
 
 What maps to what (anything else runs per tensor, correct but one launch per tensor):
 

@@ -48,10 +48,11 @@ class HyperAdaGrad(HypergradientOptimizer):
     Per-parameter state: ``sum`` (G) and ``direction`` (the last ``g / (sqrt(G) + eps)``).
     """
 
-    #: the C loops, the compiled kernels, the update as foreach ops over a bucket
-    #: (:mod:`~hf_tuningfree.optim.multitensor`; the dots stay per tensor) and the loop
+    #: the C loops, the compiled kernels, both passes as foreach ops over a bucket (the update
+    #: on TensorLists, the dots as segmented sums: :mod:`~hf_tuningfree.optim.multitensor`)
+    #: and the loop
     PATHS = ("native", "compiled", "foreach", "loop")
-    #: CUDA: foreach first (O(1) launches per op for the update); not yet timed on a GPU
+    #: CUDA: foreach first (O(1) launches per step); not yet timed on a GPU
     AUTO_ORDER = AutoOrder(cuda=("foreach", "compiled", "loop"))
     FOREACH_UPDATE = True
     LEARNABLE = ("lr",)
