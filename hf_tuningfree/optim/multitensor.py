@@ -68,10 +68,6 @@ class TensorList:
     def dtype(self) -> torch.dtype:
         return self.items[0].dtype
 
-    @property
-    def device(self) -> torch.device:
-        return self.items[0].device
-
     # ------------------------------------------------------------------ arithmetic
     def __add__(self, other: _Operand) -> TensorList:
         return _binary("add", self, other)

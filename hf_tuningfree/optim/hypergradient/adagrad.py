@@ -54,7 +54,7 @@ class HyperAdaGrad(HypergradientOptimizer):
     PATHS = ("native", "compiled", "foreach", "loop")
     #: CUDA: foreach first (O(1) launches per step); not yet timed on a GPU
     AUTO_ORDER = AutoOrder(cuda=("foreach", "compiled", "loop"))
-    FOREACH_UPDATE = True
+    FOREACH_PASSES = True
     LEARNABLE = ("lr",)
     STORED_DERIVATIVES = (("lr", "direction"),)
 

@@ -196,13 +196,13 @@ class ParameterPasses:
     #: HyperRMSProp: the update's per-tensor function on TensorLists, :func:`._update_each`, and
     #: the dots as segmented sums, :func:`._stored_dots`); HyperSGD's and HyperAdam's
     #: ``"foreach"`` is torch's fused kernel for the update instead (``_fused_form``).
-    FOREACH_UPDATE = False
+    FOREACH_PASSES = False
 
     def _impl(self, gb: Any, device: torch.device, *, update: bool) -> str:
         """The form of the per-tensor pieces (the dots, an update the fused kernels do not run)
         where the group does not take the C loops: compiled or the loop, and foreach for a
-        ``FOREACH_UPDATE`` optimizer (elsewhere a requested ``"native"`` / ``"foreach"`` runs
+        ``FOREACH_PASSES`` optimizer (elsewhere a requested ``"native"`` / ``"foreach"`` runs
         these pieces on the loop)."""
-        forms = ("compiled", "foreach", "loop") if self.FOREACH_UPDATE else ("compiled", "loop")
+        forms = ("compiled", "foreach", "loop") if self.FOREACH_PASSES else ("compiled", "loop")
         offered = tuple(p for p in self.PATHS if p in forms)
         return self._path(gb.group, device, gb.numel, offered=offered)

@@ -57,7 +57,7 @@ class HyperRMSProp(HypergradientOptimizer):
     PATHS = ("native", "compiled", "foreach", "loop")
     #: CUDA: foreach first (O(1) launches per step); not yet timed on a GPU
     AUTO_ORDER = AutoOrder(cuda=("foreach", "compiled", "loop"))
-    FOREACH_UPDATE = True
+    FOREACH_PASSES = True
     LEARNABLE = ("lr", "decay")
     SQUASHED = frozenset({"decay"})
     STORED_DERIVATIVES = (("lr", "direction"), ("decay", "d_decay"))
