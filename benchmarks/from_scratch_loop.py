@@ -78,6 +78,7 @@ def main() -> None:
             {
                 "optimizer": args.optimizer,
                 "kw": args.kw,
+                "lr": opt.param_groups[0]["lr"],
                 "eval_loss": curve,
                 "final_over_best": round(curve[STEPS] / best, 4),
                 "wall_seconds": round(time.perf_counter() - start),

@@ -1,6 +1,7 @@
-/* Shared by the C kernels of hf_tuningfree.optim (see _native.py): the includes, the block size
-   and the block bookkeeping of a bucket (a list of tensors split into BLOCK-element blocks that
-   the threads share). Every kernel file includes it; the helpers are static, one copy per file. */
+/* Shared by the C kernels of hf_tuningfree.optim (see the _native package): the includes, the
+   block size and the block bookkeeping of a bucket (a list of tensors split into BLOCK-element
+   blocks that the threads share). Every kernel file includes it; the helpers are static, one copy
+   per file. */
 #ifndef HF_TUNINGFREE_BLOCKS_H
 #define HF_TUNINGFREE_BLOCKS_H
 #include <math.h>
