@@ -212,6 +212,59 @@ def test_weight_decay_does_not_touch_grad():
                 assert torch.equal(p.grad, g)
 
 
+@pytest.mark.parametrize("impl", ["loop", "foreach", "native"])
+@pytest.mark.parametrize("cls", [DoG, LDoG, TDoG])
+def test_maximize_is_minimizing_the_negated_gradient_bit_for_bit(cls, impl):
+    """Two groups, weight decay, the second maximizing: 6 steps equal, bit for bit, those of an
+    optimizer that minimizes with that group's gradients negated (parameters and the step-size
+    statistics), and after each step the caller's gradients are exactly what they were."""
+    torch.manual_seed(0)
+    init = [torch.randn(5, 3, dtype=torch.float64), torch.randn(7, dtype=torch.float64)]
+    a = [torch.nn.Parameter(t.clone()) for t in init]
+    b = [torch.nn.Parameter(t.clone()) for t in init]
+    hp = [{"weight_decay": 0.1}, {"weight_decay": 0.05, "maximize": True}]
+    opt_a = cls([{"params": [a[0]], **hp[0]}, {"params": [a[1]], **hp[1]}], implementation=impl)
+    opt_b = cls(
+        [{"params": [b[0]], **hp[0]}, {"params": [b[1]], "weight_decay": 0.05}],
+        implementation=impl,
+    )
+    assert opt_a.param_groups[1]["maximize"] is True and opt_b.defaults["maximize"] is False
+    for _ in range(6):
+        g = [torch.randn_like(t) for t in init]
+        a[0].grad, a[1].grad = g[0].clone(), g[1].clone()
+        b[0].grad, b[1].grad = g[0].clone(), -g[1]
+        opt_a.step()
+        opt_b.step()
+        assert torch.equal(a[0].grad, g[0]) and torch.equal(a[1].grad, g[1])
+        for pa, pb in zip(a, b, strict=True):
+            assert torch.equal(pa, pb)
+        assert opt_a.stats() == opt_b.stats()
+    moved = (a[1] - init[1]).abs().max().item()
+    assert moved > (1e-9 if cls is TDoG else 1e-3)  # it moved (T-DoG's steps are tiny)
+
+
+def test_maximize_gradients_are_restored_when_a_step_raises():
+    """A step that fails inside its passes (a state changed by hand to the wrong shape) leaves
+    the maximizing group's gradient as the caller set it."""
+    p = torch.nn.Parameter(torch.randn(4, dtype=torch.float64))
+    opt = DoG([p], maximize=True)
+    p.grad = torch.ones(4, dtype=torch.float64)
+    opt.step()
+    opt.state[p]["x0"] = torch.zeros(3, dtype=torch.float64)  # no longer fits the parameter
+    g = torch.randn(4, dtype=torch.float64)
+    p.grad = g.clone()
+    before = p.detach().clone()
+    with pytest.raises(RuntimeError, match="x0"):
+        opt.step()
+    assert torch.equal(p.grad, g)
+    assert torch.equal(p.detach(), before)
+
+
+def test_maximize_must_be_a_bool():
+    with pytest.raises(TypeError, match="maximize must be True or False, got int 1"):
+        LDoG([torch.nn.Parameter(torch.zeros(2))], maximize=1)
+
+
 def test_refresh_distances_after_editing_parameters():
     """Distances are measured by the pass that writes the parameters; after an edit outside
     step(), refresh_distances() measures them anew and the next step sees the edit."""

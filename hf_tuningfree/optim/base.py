@@ -211,6 +211,12 @@ class TuningFreeOptimizer(torch.optim.Optimizer):
         "_rounding",
     )
     _CONSTRUCTOR_ONLY: tuple[str, ...] = ("skip_nonfinite", "global_reduce", "stochastic_rounding")
+    #: True for an optimizer whose passes take no ``maximize`` flag (the DoG family): for the
+    #: groups with ``maximize=True`` the step negates their gradients in place before its
+    #: passes and negates them back afterwards (also when a pass raises). Negation is exact in
+    #: floating point, so the step is the one on ``-grad`` bit for bit on every path, and the
+    #: gradients the caller holds are unchanged after the step.
+    MAXIMIZE_BY_NEGATION: ClassVar[bool] = False
     #: Per-group hyperparameters every optimizer that has them checks in ``add_param_group``
     #: (a group of the constructor's list or one added later), with the constructor's one-line
     #: errors: a group's ``weight_decay=-1`` must not wait for a step to go wrong.
@@ -464,6 +470,16 @@ class TuningFreeOptimizer(torch.optim.Optimizer):
             device = local_view(first).device if first is not None else torch.device("cpu")
         return StepBatch(groups, device)
 
+    def _negate_for_maximize(self, batch: StepBatch) -> list[torch.Tensor]:
+        """With ``MAXIMIZE_BY_NEGATION``: negate, in place, the gradients of the groups that
+        maximize, and return them (the step negates them back); else nothing."""
+        if not self.MAXIMIZE_BY_NEGATION:
+            return []
+        grads = [g for gb in batch.groups if gb.group.get("maximize", False) for g in gb.grads]
+        if grads:
+            torch._foreach_neg_(grads)
+        return grads
+
     def _check_fit(self, gb: GroupBatch) -> None:
         """``RuntimeError`` naming the parameter and the key if a state of the group does not fit
         its parameter (:meth:`_misfit`). This runs for every tensor at every step, so the common
@@ -573,6 +589,7 @@ class TuningFreeOptimizer(torch.optim.Optimizer):
         )
         if batch.num_tensors == 0 and not plan.is_sharded:
             return loss
+        negated = self._negate_for_maximize(batch)
         try:
             local = dict(self._local_statistics(batch))
             if self.skip_nonfinite:
@@ -587,6 +604,8 @@ class TuningFreeOptimizer(torch.optim.Optimizer):
             raise self._located(batch, exc) from exc
         finally:
             write_back, self._write_back = self._write_back, []
+            if negated:
+                torch._foreach_neg_(negated)  # the caller's gradients as they were
         for view, work, rounded in write_back:  # the stepped copies (see _collect)
             if rounded:
                 work = stochastic_round(work, view.dtype, self._rounding.generator(work.device))

@@ -82,6 +82,9 @@ class DoG(TuningFreeOptimizer):
             multi-tensor norms) or ``"loop"`` (tensor by tensor, the reference); there is no
             compiled form. A bucket a form cannot take runs ``"loop"``. The environment variable
             ``HF_TUNINGFREE_IMPL`` overrides ``"auto"``.
+        maximize: maximize the objective (per group): the step is the one on ``-grad``, bit
+            for bit on every path (the gradients are negated in place for the step's passes
+            and restored after it); ``G``, ``rbar`` and the step size are those of ``-grad``.
         implicit_zero_x0: True (default): no stored ``x0`` for a tensor that is all zero at its
             first step (its distance is ``||x||``; the same ``rbar`` and ``eta``, bit for bit,
             as with a stored copy); one batched host read at the step that creates state (see
@@ -104,6 +107,7 @@ class DoG(TuningFreeOptimizer):
     """
 
     PATHS = ("native", "foreach", "loop")
+    MAXIMIZE_BY_NEGATION = True  # the passes take -grad for a group with maximize=True
     #: the C loops, then torch's fused SGD kernel (fp32/fp64 on CPU), then the loop
     AUTO_ORDER = AutoOrder(cpu=("native", "foreach", "loop"), cuda=("foreach", "loop"))
 
@@ -121,6 +125,7 @@ class DoG(TuningFreeOptimizer):
         eps: float = 1e-8,
         implementation: str = "auto",
         *,
+        maximize: bool = False,
         implicit_zero_x0: bool = True,
         slice_p: int = 1,
         skip_nonfinite: bool = True,
@@ -129,6 +134,7 @@ class DoG(TuningFreeOptimizer):
     ) -> None:
         self._implicit_zero_x0 = check_bool("implicit_zero_x0", implicit_zero_x0)
         defaults = {
+            "maximize": check_bool("maximize", maximize),
             "slice_p": _check_slice_p(slice_p),
             "lr": check_nonnegative("lr", lr),
             "reps_rel": check_positive("reps_rel", reps_rel),
