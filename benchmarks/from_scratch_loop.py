@@ -1,7 +1,8 @@
 """Issue 13's from-scratch setting in a plain PyTorch loop (no Trainer, no scheduler): a GPT-2 of
 1.33M parameters (4 layers, width 128) on Shakespeare with the project's 4096-token BPE, 400 steps
-of 16 x 128 tokens drawn with seed 0, a constant step size (multiplier 1 for the tuning-free
-optimizers); the eval loss on 64 validation blocks every 50 steps, then one JSON line.
+of 16 x 128 tokens drawn with seed 0 (``--seed``: initialisation and batch order), a constant
+step size (multiplier 1 for the tuning-free optimizers); the eval loss on 64 validation blocks
+every 50 steps, then one JSON line.
 
     python benchmarks/from_scratch_loop.py dog
     python benchmarks/from_scratch_loop.py adamw --lr 1e-3
@@ -30,6 +31,7 @@ def main() -> None:
     parser.add_argument("optimizer", help="a registry name, or adamw")
     parser.add_argument("--lr", type=float, default=None, help="default: the registry's")
     parser.add_argument("--kw", nargs="*", default=[], help="KEY=VALUE hyperparameters")
+    parser.add_argument("--seed", type=int, default=0, help="initialisation and batch order")
     args = parser.parse_args()
     torch.set_num_threads(1)
     tok = load_corpus_tokenizer("shakespeare", 4096)
@@ -39,7 +41,7 @@ def main() -> None:
         return torch.tensor([ids[i : i + BLOCK] for i in range(0, len(ids) - BLOCK + 1, BLOCK)])
 
     train, val = blocks("train"), blocks("validation")[:EVAL_BLOCKS]
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     config = GPT2Config(vocab_size=4096, n_positions=BLOCK, n_embd=128, n_layer=4, n_head=4)
     model = GPT2LMHeadModel(config)
     if args.optimizer == "adamw":
@@ -50,7 +52,7 @@ def main() -> None:
         if args.lr is not None:
             kw["lr"] = args.lr
         opt = create_optimizer(args.optimizer, model.parameters(), **kw)
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(args.seed)
 
     def evaluate() -> float:
         model.eval()
@@ -78,6 +80,7 @@ def main() -> None:
             {
                 "optimizer": args.optimizer,
                 "kw": args.kw,
+                "seed": args.seed,
                 "lr": opt.param_groups[0]["lr"],
                 "eval_loss": curve,
                 "final_over_best": round(curve[STEPS] / best, 4),
