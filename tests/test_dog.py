@@ -244,18 +244,25 @@ def test_maximize_is_minimizing_the_negated_gradient_bit_for_bit(cls, impl):
 
 
 def test_maximize_gradients_are_restored_when_a_step_raises():
-    """A step that fails inside its passes (a state changed by hand to the wrong shape) leaves
-    the maximizing group's gradient as the caller set it."""
+    """A step that fails inside its passes (after the gradients were negated for them) leaves
+    the maximizing group's gradient as the caller set it, and the weights untouched."""
     p = torch.nn.Parameter(torch.randn(4, dtype=torch.float64))
     opt = DoG([p], maximize=True)
     p.grad = torch.ones(4, dtype=torch.float64)
     opt.step()
-    opt.state[p]["x0"] = torch.zeros(3, dtype=torch.float64)  # no longer fits the parameter
+    seen = []
+
+    def failing_pass(batch):
+        seen.append(batch.groups[0].grads[0].clone())
+        raise RuntimeError("a pass failed")
+
+    opt._local_statistics = failing_pass  # the first pass of the step
     g = torch.randn(4, dtype=torch.float64)
     p.grad = g.clone()
     before = p.detach().clone()
-    with pytest.raises(RuntimeError, match="x0"):
+    with pytest.raises(RuntimeError, match="a pass failed"):
         opt.step()
+    assert torch.equal(seen[0], -g)  # the pass saw the negated gradient
     assert torch.equal(p.grad, g)
     assert torch.equal(p.detach(), before)
 
