@@ -26,7 +26,7 @@ from hf_tuningfree.hf.script_args import (
     ModelArguments,
     field_names,
 )
-from hf_tuningfree.optim import available_optimizers
+from hf_tuningfree.optim import available_optimizers, get_optimizer_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = ROOT / "configs" / "accelerate"
@@ -240,3 +240,23 @@ def test_experiment_yaml_parses_into_the_scripts_arguments(path: Path):
         assert model_args.dtype == "bfloat16" and data["bf16"] is True
         assert (lora_args.lora_r, lora_args.lora_alpha) == (16, 32)
         assert lora_args.lora_target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def test_experiment_multiplier_is_the_registry_default():
+    """Where ``learning_rate`` is a multiplier of an estimated step (D-Adaptation, Prodigy, DoG),
+    an experiment file runs the registry's measured default: a file that kept an older default
+    (dadapt_adam's paper value 1.0 after the suite chose 0.5) would run a setting the README's
+    tables no longer describe."""
+    checked, wrong = [], []
+    for path in EXPERIMENT_FILES:
+        data = _experiment(path)
+        if data["optim"] not in available_optimizers():
+            continue
+        spec = get_optimizer_spec(data["optim"])
+        if spec.lr_is_multiplier:
+            checked.append(path.name)
+            if float(data["learning_rate"]) != spec.lr:
+                wrong.append((path.name, data["learning_rate"], spec.lr))
+    assert wrong == []
+    expected = {"gpt2_wikitext2_dadapt_adam.yaml", "offline_gpt2_small_shakespeare.yaml"}
+    assert expected <= set(checked)
