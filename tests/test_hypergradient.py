@@ -447,6 +447,84 @@ def test_resume_mid_tower_is_bit_exact(per_group):
     assert opt_a.stats()[keys[0]] != 1e-3
 
 
+@pytest.mark.parametrize("impl", ["loop", "native", "foreach"])
+def test_per_tensor_resume_is_bit_exact(impl):
+    """``per_tensor=True`` (a 2-level tower per tensor, two groups, weight decay): a checkpoint
+    taken mid-run continues exactly like the run itself, on every path."""
+    x_all, y_all = _data()
+    batches = _batches(x_all, y_all, 16)
+    kwargs = dict(height=2, per_tensor=True, implementation=impl)
+    model_a = _mlp()
+    opt_a = HyperAdam(_groups(model_a, 0.01), **kwargs)
+    _train_steps(model_a, opt_a, batches[:8], x_all, y_all)
+    buf = io.BytesIO()
+    torch.save({"model": model_a.state_dict(), "opt": opt_a.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    model_b = _mlp(seed=1)
+    model_b.load_state_dict(ckpt["model"])
+    opt_b = HyperAdam(_groups(model_b, 0.01), **kwargs)
+    opt_b.load_state_dict(ckpt["opt"])
+    _train_steps(model_a, opt_a, batches[8:], x_all, y_all)
+    _train_steps(model_b, opt_b, batches[8:], x_all, y_all)
+    for pa, pb in zip(model_a.parameters(), model_b.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+    steps_a = opt_a.global_state["hyper/level0/lr"]
+    assert torch.equal(steps_a, opt_b.global_state["hyper/level0/lr"])
+    assert torch.equal(opt_a.global_state["hyper/level1/lr"], opt_b.global_state["hyper/level1/lr"])
+    # four tensors, four different step sizes; stats() gives their median, min and max
+    assert steps_a.shape == (4,) and len(set(steps_a.tolist())) == 4
+    stats = opt_a.stats()
+    assert stats["hyper/level0/lr_min"] == float(steps_a.min())
+    assert stats["hyper/level0/lr_max"] == float(steps_a.max())
+    assert stats["hyper/level0/lr"] == float(steps_a.median())
+    assert stats["hyper/level2/lr"] == pytest.approx(0.02)  # the fixed top: one number
+
+
+def test_per_tensor_entries_start_at_their_group_lr_and_groups_added_later_get_theirs():
+    a, b, c = (torch.nn.Parameter(torch.ones(3, dtype=torch.float64)) for _ in range(3))
+    opt = HyperAdam([{"params": [a, b]}], lr=1e-3, height=1, per_tensor=True)
+    for _ in range(3):
+        a.grad, b.grad = torch.full_like(a, 0.5), torch.full_like(b, -2.0)
+        opt.step()
+    before = opt.global_state["hyper/level0/lr"].clone()
+    assert before.shape == (2,) and torch.all(before != 1e-3)
+    opt.add_param_group({"params": [c], "lr": 4e-3})
+    a.grad, b.grad, c.grad = torch.full_like(a, 0.5), torch.full_like(b, -2.0), torch.ones_like(c)
+    hyper = opt.hypergradients()["hyper/level0/lr"]
+    opt.step()
+    after = opt.global_state["hyper/level0/lr"]
+    assert after.shape == (3,)
+    # the new tensor's tower starts at its group's lr and has not stepped yet (its first step
+    # had no earlier update to differentiate), the others went on from where they were
+    assert after[2].item() == pytest.approx(4e-3, rel=1e-12)
+    assert torch.all(after[:2] != before)
+    assert len(hyper) == 2
+
+
+def test_model_wide_checkpoint_resumes_per_tensor_and_not_the_other_way():
+    """A checkpoint of one model-wide step size resumes with that value for every tensor; a
+    per-tensor checkpoint loaded into a model-wide optimizer is refused, naming the fix."""
+    model = _mlp()
+    x_all, y_all = _data()
+    batches = _batches(x_all, y_all, 4)
+    wide = HyperAdam(model.parameters(), height=1)
+    _train_steps(model, wide, batches, x_all, y_all)
+    learned = float(wide.global_state["hyper/level0/lr"])
+    per = HyperAdam(model.parameters(), height=1, per_tensor=True)
+    per.load_state_dict(wide.state_dict())
+    _train_steps(model, per, batches[:1], x_all, y_all)
+    steps = per.global_state["hyper/level0/lr"]
+    assert steps.shape == (4,) and learned != 1e-3
+    # one step on from the shared value: each tensor moved by at most a factor exp(0.05)
+    ratio = steps / learned
+    assert torch.all(ratio < math.exp(0.0501)) and torch.all(ratio > math.exp(-0.0501))
+    back = HyperAdam(model.parameters(), height=1)
+    back.load_state_dict(per.state_dict())
+    with pytest.raises(ValueError, match=r"\(saved with per_tensor=True\); allowed: resume"):
+        _train_steps(model, back, batches[:1], x_all, y_all)
+
+
 # ---------------------------------------------------------------------- 7. bad input
 @pytest.mark.parametrize(
     "cls, kwargs, match",
@@ -472,6 +550,9 @@ def test_resume_mid_tower_is_bit_exact(per_group):
         (HyperAdam, {"hyper_betas": (0.9, 1.5)}, r"Invalid hyper_betas\[1\]"),
         (HyperAdam, {"eps": 0.0}, "Invalid eps"),
         (HyperSGD, {"weight_decay": -1.0}, "Invalid weight_decay"),
+        (HyperAdam, {"per_group": True, "per_tensor": True}, "are exclusive; allowed: one"),
+        (HyperAdam, {"learn": "lr+beta1", "per_tensor": True}, "per_tensor=True learns the step"),
+        (HyperSGD, {"learn": "momentum", "per_tensor": True}, r"learn='momentum', allowed"),
     ],
 )
 def test_bad_input_is_rejected_naming_the_problem(cls, kwargs, match):

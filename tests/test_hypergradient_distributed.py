@@ -31,8 +31,11 @@ P_RTOL, P_ATOL = 1e-13, 1e-14
 CONFIGS = [
     ("hyper_sgd", {"learn": "lr+momentum", "height": 3, "hyper_optimizer": "adam/sgd/adam",
                    "hyper_lr": (0.05, 1.0, 0.02), "weight_decay": 0.01}),
-    ("hyper_adam", {"learn": "lr+beta1+beta2", "height": 2, "weight_decay": 0.01}),
+    ("hyper_adam", {"learn": "lr+beta1+beta2", "height": 2, "weight_decay": 0.01,
+                    "per_tensor": False}),
     ("hyper_rmsprop", {"learn": "lr+decay", "height": 2}),  # (AdaGrad's dots are the same kind)
+    # one tower per tensor: each tensor's dot summed over the shards, entry by entry
+    ("hyper_adam", {"per_tensor": True, "height": 2, "weight_decay": 0.01}),
 ]  # fmt: skip
 
 
@@ -70,8 +73,14 @@ def _build(name, kwargs, named, **extra):
     return create_optimizer(name, _groups(named, wd), implementation="loop", **kwargs, **extra)
 
 
-def _hyper(stats):
-    return {k: v for k, v in stats.items() if k.startswith("hyper/")}
+def _hyper(stats, opt=None):
+    """The tower's values; with ``per_tensor`` every tensor's (``key/i``) besides the median."""
+    out = {k: v for k, v in stats.items() if k.startswith("hyper/")}
+    if opt is not None and opt.per_tensor:
+        for key, value in opt.global_state.items():
+            if key.startswith("hyper/level") and value.dim() == 1 and key.count("/") == 2:
+                out.update({f"{key}/{i}": v for i, v in enumerate(value.tolist())})
+    return out
 
 
 def _reference(name, kwargs, skip=lambda t, n: False):
@@ -87,7 +96,7 @@ def _reference(name, kwargs, skip=lambda t, n: False):
             if skip(t, n):
                 p.grad = None
         opt.step()
-        history.append(_hyper(opt.stats()))
+        history.append(_hyper(opt.stats(), opt))
     lr0 = kwargs.get("lr", None)
     assert history[-1]["hyper/level0/lr"] != lr0
     return history, {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -108,7 +117,7 @@ def _follow(model, opt, x, y, half, ref_hist, collectives: int, what: str) -> No
         with CountCollectives() as c:
             opt.step()
         assert c.count == collectives, f"{what}: {c.count} collectives in one step"
-        _close(_hyper(opt.stats()), ref_hist[t], f"{what} step {t}")
+        _close(_hyper(opt.stats(), opt), ref_hist[t], f"{what} step {t}")
 
 
 # ---------------------------------------------------------------------- FSDP2 and ZeRO-like
@@ -133,6 +142,22 @@ def _worker_sharded(rank: int, world: int, port: int) -> None:
             # only "4.*" and has no gradient at all on steps 2 and 5
             def skip(t, n):
                 return n.startswith("4.") and t in (2, 5)
+
+            if kwargs.get("per_tensor"):  # 4 tensors here, 2 there: refused on every rank
+                model = _model()
+                named = list(model.named_parameters())
+                mine = [(n, p) for n, p in named if n.startswith("4.") == (rank == 1)]
+                opt = _build(name, kwargs, mine, global_reduce="world")
+                _loss(model, x[0], y[0]).backward()
+                try:
+                    opt.step()
+                except ValueError as exc:
+                    assert "the ranks hold 2 to 4 tensors; allowed: the same tensors" in str(exc)
+                else:
+                    raise AssertionError("per_tensor over unequal hand-split tensors was taken")
+                untouched = zip(model.parameters(), _model().parameters(), strict=True)
+                assert all(torch.equal(p, q) for p, q in untouched)
+                continue
 
             ref_hist, ref_params = _reference(name, kwargs, skip)
             model = _model()

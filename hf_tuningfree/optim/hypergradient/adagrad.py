@@ -42,6 +42,7 @@ class HyperAdaGrad(HypergradientOptimizer):
         maximize: maximize the objective.
         learn: ``"lr"`` (the only learnable hyperparameter).
         height, hyper_optimizer, hyper_lr, hyper_betas, hyper_eps, lr_parametrization, per_group,
+            per_tensor,
         implementation, skip_nonfinite, global_reduce, stochastic_rounding: as in
             :class:`HyperSGD`.
 
@@ -75,6 +76,7 @@ class HyperAdaGrad(HypergradientOptimizer):
         hyper_eps: float = 1e-16,
         lr_parametrization: str = "log",
         per_group: bool = False,
+        per_tensor: bool = False,
         implementation: str = "auto",
         skip_nonfinite: bool = True,
         global_reduce: object = "auto",
@@ -101,6 +103,7 @@ class HyperAdaGrad(HypergradientOptimizer):
             hyper_eps=hyper_eps,
             lr_parametrization=lr_parametrization,
             per_group=per_group,
+            per_tensor=per_tensor,
             skip_nonfinite=skip_nonfinite,
             global_reduce=global_reduce,
             stochastic_rounding=stochastic_rounding,

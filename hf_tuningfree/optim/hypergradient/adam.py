@@ -59,8 +59,8 @@ class HyperAdam(HypergradientOptimizer):
         decoupled_weight_decay: see ``weight_decay``.
         maximize: maximize the objective.
         learn: any of ``"lr"`` (default), ``"beta1"``, ``"beta2"``.
-        height, hyper_optimizer, hyper_lr, hyper_betas, hyper_eps, lr_parametrization, per_group:
-            as in :class:`HyperSGD`.
+        height, hyper_optimizer, hyper_lr, hyper_betas, hyper_eps, lr_parametrization, per_group,
+            per_tensor: as in :class:`HyperSGD`.
         implementation: as in :class:`HyperSGD`: the C loops on CPU (fixed betas; learned ones
             keep the torch paths), else ``"foreach"``/``"auto"`` run the update through torch's
             fused Adam(W) kernel when the betas are fixed.
@@ -99,6 +99,7 @@ class HyperAdam(HypergradientOptimizer):
         hyper_eps: float = 1e-16,
         lr_parametrization: str = "log",
         per_group: bool = False,
+        per_tensor: bool = False,
         implementation: str = "auto",
         skip_nonfinite: bool = True,
         global_reduce: object = "auto",
@@ -126,6 +127,7 @@ class HyperAdam(HypergradientOptimizer):
             hyper_eps=hyper_eps,
             lr_parametrization=lr_parametrization,
             per_group=per_group,
+            per_tensor=per_tensor,
             skip_nonfinite=skip_nonfinite,
             global_reduce=global_reduce,
             stochastic_rounding=stochastic_rounding,

@@ -69,6 +69,11 @@ class HyperSGD(HypergradientOptimizer):
             docstring.
         per_group: learn one set of hyperparameters per param group (default: one set for the
             whole model, whatever the groups).
+        per_tensor: learn one step size per parameter tensor (its own tower: each tensor's
+            hypergradient is its own dot ``<g, du/dh>``), starting at its group's ``lr``; the
+            step size only (``learn="lr"``), and not with ``per_group``. Each tensor's update is
+            then its own kernel call. Under DeepSpeed ZeRO the optimizer sees one flat tensor
+            per group, so it is one step size per group there.
         implementation: ``"auto"``, ``"native"``, ``"compiled"``, ``"foreach"`` or ``"loop"``
             (:mod:`hf_tuningfree.optim.kernels`). ``"native"`` (and ``"auto"`` on CPU) runs both
             passes of the step as C loops over all tensors (:mod:`hf_tuningfree.optim._native`,
@@ -108,6 +113,7 @@ class HyperSGD(HypergradientOptimizer):
         hyper_eps: float = 1e-16,
         lr_parametrization: str = "log",
         per_group: bool = False,
+        per_tensor: bool = False,
         implementation: str = "auto",
         skip_nonfinite: bool = True,
         global_reduce: object = "auto",
@@ -131,6 +137,7 @@ class HyperSGD(HypergradientOptimizer):
             hyper_eps=hyper_eps,
             lr_parametrization=lr_parametrization,
             per_group=per_group,
+            per_tensor=per_tensor,
             skip_nonfinite=skip_nonfinite,
             global_reduce=global_reduce,
             stochastic_rounding=stochastic_rounding,

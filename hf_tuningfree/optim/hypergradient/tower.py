@@ -15,9 +15,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
+import torch.distributed as dist
 from torch.optim.optimizer import ParamsT
 
 from ..base import (
+    GroupBatch,
+    ReducePlan,
     StepBatch,
     TuningFreeOptimizer,
     real_dtype,
@@ -108,6 +111,7 @@ class HypergradientOptimizer(ParameterPasses, TuningFreeOptimizer):
         skip_nonfinite: bool,
         global_reduce: object,
         stochastic_rounding: bool = True,
+        per_tensor: bool = False,
     ) -> None:
         name = type(self).__name__
         if isinstance(height, bool) or not isinstance(height, int) or height < 0:
@@ -154,6 +158,18 @@ class HypergradientOptimizer(ParameterPasses, TuningFreeOptimizer):
             check_choice("lr_parametrization", lr_parametrization, STEP_PARAMETRIZATIONS)
         )
         self.per_group = check_bool("per_group", per_group)
+        self.per_tensor = check_bool("per_tensor", per_tensor)
+        if self.per_tensor and self.per_group:
+            raise ValueError(
+                "per_group=True and per_tensor=True are exclusive; allowed: one of them "
+                "(per_tensor already gives every tensor of every group its own step size)"
+            )
+        if self.per_tensor and self.learn not in ((), ("lr",)):
+            raise ValueError(
+                f"{name}: per_tensor=True learns the step size only; got learn="
+                f"{'+'.join(self.learn)!r}, allowed with per_tensor: learn='lr' (or pass "
+                "per_tensor=False)"
+            )
         for level, value in enumerate(self.hyper_lr[: self.height - 1], start=1):
             # the step sizes of levels 1..height-1 are learned like the base step size
             self._check_step_range(f"hyper_lr[{level - 1}]", value)
@@ -181,6 +197,7 @@ class HypergradientOptimizer(ParameterPasses, TuningFreeOptimizer):
         "hyper_eps",
         "lr_parametrization",
         "per_group",
+        "per_tensor",
     )
     #: One tower for the whole optimizer (``per_group=True`` gives each group its own values,
     #: not its own configuration): a param group naming one of these is an error.
@@ -194,6 +211,7 @@ class HypergradientOptimizer(ParameterPasses, TuningFreeOptimizer):
         "hyper_eps",
         "lr_parametrization",
         "per_group",
+        "per_tensor",
     )
 
     def _reset_transient(self) -> None:
@@ -201,19 +219,34 @@ class HypergradientOptimizer(ParameterPasses, TuningFreeOptimizer):
         self._finite_term: torch.Tensor | None = None
         self._index_cache: dict[tuple[int, ...], torch.Tensor] = {}
         self._step_cache: dict[str, Any] = {}
+        self._layout_checked = False
 
     # ------------------------------------------------------------------ configuration helpers
+    @property
+    def _own_start(self) -> bool:
+        """Whether each param group's learned step size starts at its own ``lr`` (per group or
+        per tensor) rather than at the constructor's (one model-wide value)."""
+        return self.per_group or self.per_tensor
+
+    def _group_offsets(self) -> list[int]:
+        """Index of each param group's first tensor in the per-tensor vectors (group order)."""
+        offsets, n = [], 0
+        for group in self.param_groups:
+            offsets.append(n)
+            n += len(group["params"])
+        return offsets
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         # The learned step size starts at lr_ref; group["lr"] / lr_ref is the schedule multiplier.
-        group.setdefault("lr_ref", group["lr"] if self.per_group else self.defaults["lr"])
-        sharing = None if self.per_group else list(range(len(self.param_groups)))
+        group.setdefault("lr_ref", group["lr"] if self._own_start else self.defaults["lr"])
+        sharing = None if self._own_start else list(range(len(self.param_groups)))
         self._check_initial_values(group, sharing)
 
     def _fill_group(self, group: dict[str, Any]) -> None:
         super()._fill_group(group)
-        group.setdefault("lr_ref", group["lr"] if self.per_group else self.defaults["lr"])
+        group.setdefault("lr_ref", group["lr"] if self._own_start else self.defaults["lr"])
         group["lr_ref"] = scalar_value("lr_ref", group["lr_ref"])
 
     def _check_step_range(self, name: str, value: float) -> None:
@@ -333,6 +366,9 @@ class HypergradientOptimizer(ParameterPasses, TuningFreeOptimizer):
             self.global_state["hyper/last_update"] = torch.cat([last, pad])
         for gi in range(len(self.param_groups)):
             self.global_tensor(f"hyper/group{gi}/prev_scale", device, const(0.0))
+        if self.per_tensor:
+            self._ensure_tensor_towers(device, dtype, n_params)
+            return
         for prefix, members in self._sets():
             first = self.param_groups[members[0]]
             for level, name, key in self._tower_keys(prefix):
@@ -351,9 +387,52 @@ class HypergradientOptimizer(ParameterPasses, TuningFreeOptimizer):
                         _raw_from_value(kind, float(value)), dtype=dtype, device=device
                     )
                 raw = self.global_tensor(key + "/raw", device, const(0.0))
+                if raw.dim() != 0:
+                    raise ValueError(
+                        f"{type(self).__name__}: the loaded state holds one {key} per tensor "
+                        "(saved with per_tensor=True); allowed: resume it with per_tensor=True"
+                    )
                 self.global_tensor(key, device, lambda d, r=raw, k=kind: _value(k, r.to(d)))
                 for suffix in ("grad", "dir", "exp_avg", "exp_avg_sq"):
                     self.global_tensor(f"{key}/{suffix}", device, const(0.0))
+
+    def _ensure_tensor_towers(self, device: torch.device, dtype: torch.dtype, n: int) -> None:
+        """``per_tensor``: every value of the tower below its fixed top is a vector with one
+        entry per tensor (group order). Entries for tensors of a group added since are
+        appended at their starting values; a state saved with one model-wide tower (0-dim
+        values) resumes with that value for every tensor."""
+        gs = self.global_state
+        starts = [g["lr_ref"] for g in self.param_groups for _ in g["params"]]
+        for level, name, key in self._tower_keys("hyper/"):
+            if level == self.height:  # the fixed top step size
+                top = self.hyper_lr[level - 1]
+                self.global_tensor(
+                    key, device, lambda d, v=top: torch.tensor(v, dtype=dtype, device=d)
+                )
+                continue
+            kind = self._kind(level, name)
+            firsts = starts if level == 0 else [self.hyper_lr[level - 1]] * n
+            first_raw = torch.tensor(
+                [_raw_from_value(kind, float(v)) for v in firsts], dtype=dtype, device=device
+            )
+            entries = {key + "/raw": first_raw}
+            for suffix in ("grad", "dir", "exp_avg", "exp_avg_sq"):
+                entries[f"{key}/{suffix}"] = torch.zeros(n, dtype=dtype, device=device)
+            for k, first in entries.items():
+                t = gs.get(k)
+                if t is None:
+                    t = first
+                t = t.to(device)
+                if t.dim() == 0:  # saved by a model-wide tower
+                    t = t.expand(n).to(first.dtype).clone()
+                if t.numel() < n:  # a param group was added
+                    t = torch.cat([t, first[t.numel() :].to(t.dtype)])
+                gs[k] = t
+            value = gs.get(key)
+            if value is None or value.dim() == 0 or value.numel() != n:
+                gs[key] = _value(kind, gs[key + "/raw"])
+            else:
+                gs[key] = value.to(device)
 
     # ------------------------------------------------------------------ subclass hook
     def _lr_dot(
@@ -372,7 +451,10 @@ class HypergradientOptimizer(ParameterPasses, TuningFreeOptimizer):
         dtype = self._hyper_dtype()
         out: dict[str, torch.Tensor] = {}
         for name in self.LEARNABLE:
-            if name in self.learn:
+            if name in self.learn and self.per_tensor:  # the step size: this group's entries
+                start = self._group_offsets()[gi]
+                out[name] = self._g(f"{prefix}level0/{name}")[start : start + len(group["params"])]
+            elif name in self.learn:
                 out[name] = self._g(f"{prefix}level0/{name}")
             elif name != "lr":
                 out[name] = torch.tensor(
@@ -420,16 +502,28 @@ class HypergradientOptimizer(ParameterPasses, TuningFreeOptimizer):
         out: dict[str, torch.Tensor] = {}
         pos = 0
         finite = []
+        offsets = self._group_offsets()
         for gi, gb in enumerate(batch.groups):
             names = self._dot_names(gb.group)
             n = len(gb.params)
+            if self.per_tensor:
+                # one dot per tensor of the group (0 for those without a gradient): every rank
+                # holds the same vectors, summed over the shards by the reduction
+                full = torch.zeros(len(gb.group["params"]), len(names), dtype=dtype, device=device)
+                if n:
+                    dots = self._batch_dots(gb, gi, device, dtype)
+                    here = idx[pos : pos + n] - offsets[gi]
+                    dots = dots * valid[pos : pos + n].unsqueeze(1)
+                    full = full.index_put((here,), dots.to(dtype))
+                    if gb.group["maximize"]:  # the loss is -objective
+                        full = -full
+                    finite.append(full.sum())
+                pos += n
+                for k, name in enumerate(names):
+                    out[f"dot/{gi}/{name}"] = full[:, k]
+                continue
             if n:
-                values = self._values(gi, device)
-                if self._native_ok(gb):
-                    dots = self._native_dots(gb, values)  # fp64: summed in fp64, then cast
-                else:
-                    impl = self._impl(gb, device, update=False)
-                    dots = torch.stack(self._group_dots(gb, values, impl)).to(device, dtype)
+                dots = self._batch_dots(gb, gi, device, dtype)
                 summed = (dots * valid[pos : pos + n].unsqueeze(1)).sum(0).to(dtype)
                 if gb.group["maximize"]:  # the loss is -objective
                     summed = -summed
@@ -444,12 +538,54 @@ class HypergradientOptimizer(ParameterPasses, TuningFreeOptimizer):
         )
         return out
 
+    def _reduce(
+        self, local: dict[str, torch.Tensor], plan: ReducePlan, device: torch.device
+    ) -> dict[str, torch.Tensor]:
+        if self.per_tensor and plan.kind == "explicit" and not self._layout_checked:
+            self._check_same_tensors_everywhere(plan, device)
+        return super()._reduce(local, plan, device)
+
+    def _check_same_tensors_everywhere(self, plan: ReducePlan, device: torch.device) -> None:
+        """``per_tensor`` sums each tensor's dot over the ranks entry by entry, which is right
+        where every rank holds a part of the same tensors in the same order (FSDP; DeepSpeed
+        ZeRO's flat partitions, one per group on every rank). With ``global_reduce`` given
+        explicitly that cannot be seen from the tensors: the first step compares the counts
+        (one collective and one host read, once)."""
+        n = float(sum(len(g["params"]) for g in self.param_groups))
+        counts = torch.tensor([n, -n], dtype=torch.float64, device=device)
+        for group in plan.groups:
+            dist.all_reduce(counts, op=dist.ReduceOp.MAX, group=group)
+        most, fewest = float(counts[0]), -float(counts[1])
+        if most != fewest:
+            raise ValueError(
+                f"{type(self).__name__}: per_tensor=True with global_reduce="
+                f"{self.global_reduce!r}, but the ranks hold {fewest:g} to {most:g} tensors; "
+                "allowed: the same tensors in the same order on every rank (FSDP, DeepSpeed "
+                "ZeRO); for parameters split between ranks by hand use per_tensor=False"
+            )
+        self._layout_checked = True
+
+    def _batch_dots(
+        self, gb: Any, gi: int, device: torch.device, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """``(tensors of gb, dot names)``: each tensor's dots, on ``device``."""
+        values = self._values(gi, device)
+        if self._native_ok(gb):
+            return self._native_dots(gb, values).to(device)  # fp64 on the CPU
+        impl = self._impl(gb, device, update=False)
+        return torch.stack(self._group_dots(gb, values, impl)).to(device, dtype)
+
     def _update(self, batch: StepBatch, stats: dict[str, torch.Tensor], ok: torch.Tensor) -> None:
         device = batch.device
         dtype = self._hyper_dtype()
         if self.learning:
             for prefix, members in self._sets():
                 self._hyper_step(prefix, members, stats, ok, device)
+        offsets = self._group_offsets()
+        pos = 0
+        # per_tensor: the single-tensor batches stay alive for the whole update, so that no
+        # two of them share an id() (the key of the C path's per-step plan cache)
+        singles: list[GroupBatch] = []
         for gi, gb in enumerate(batch.groups):
             group = gb.group
             scale = self._scale(group)
@@ -465,15 +601,27 @@ class HypergradientOptimizer(ParameterPasses, TuningFreeOptimizer):
                 )
             else:
                 lr = torch.as_tensor(group["lr"], dtype=dtype, device=device)
-            if not gb.params:
+            n = len(gb.params)
+            if not n:
                 continue
-            plan = self._native_plan(gb)
-            if plan is not None:
-                for addrs, _ in plan:
-                    self._native_update(gb, addrs, values, lr.to(device), ok)
+            if self.per_tensor and self.learning:
+                # each tensor by its own step size: the group's passes, one tensor at a time
+                here = self._step_cache["idx"][pos : pos + n] - offsets[gi]
+                lrs = lr.to(device)[here]
+                for i in range(n):
+                    single = GroupBatch(
+                        group=gb.group,
+                        params=gb.params[i : i + 1],
+                        grads=gb.grads[i : i + 1],
+                        states=gb.states[i : i + 1],
+                        originals=gb.originals[i : i + 1],
+                        fresh=gb.fresh[i : i + 1],
+                    )
+                    singles.append(single)
+                    self._run_update(single, values, lrs[i], ok, device)
             else:
-                impl = self._impl(gb, device, update=True)
-                self._group_update(gb, values, lr.to(device), ok, impl)
+                self._run_update(gb, values, lr.to(device), ok, device)
+            pos += n
         if self.learning:
             idx = self._step_cache["idx"]
             step = self._g("hyper/step")
@@ -482,6 +630,23 @@ class HypergradientOptimizer(ParameterPasses, TuningFreeOptimizer):
             self.global_state["hyper/last_update"] = last.index_put((idx,), new_last)
             self.global_state["hyper/step"] = step + ok.to(step.dtype)
         self._step_cache = {}
+
+    def _run_update(
+        self,
+        gb: GroupBatch,
+        values: dict[str, torch.Tensor],
+        lr: torch.Tensor,
+        ok: torch.Tensor,
+        device: torch.device,
+    ) -> None:
+        """The base update of ``gb`` with effective step size ``lr``, on its path."""
+        plan = self._native_plan(gb)
+        if plan is not None:
+            for addrs, _ in plan:
+                self._native_update(gb, addrs, values, lr, ok)
+        else:
+            impl = self._impl(gb, device, update=True)
+            self._group_update(gb, values, lr, ok, impl)
 
     def _hyper_step(
         self,
@@ -500,27 +665,36 @@ class HypergradientOptimizer(ParameterPasses, TuningFreeOptimizer):
         raw_lr = gs[f"{prefix}level0/lr/raw"] if "lr" in names0 else None
         alpha = gs[f"{prefix}level0/lr"] if "lr" in names0 else None
         terms: dict[str, list[torch.Tensor]] = {n: [] for n in names0}
+        offsets = self._group_offsets()
         for gi in members:
             group = self.param_groups[gi]
             names = self._dot_names(group)
             dots = {n: stats[f"dot/{gi}/{n}"] for n in names}
             prev_scale = gs[f"hyper/group{gi}/prev_scale"]
-            prev_lr = prev_scale * alpha if alpha is not None else prev_scale
+            a, r = alpha, raw_lr
+            if self.per_tensor:  # this group's entries (learn is "lr" alone)
+                here = slice(offsets[gi], offsets[gi] + len(group["params"]))
+                a, r = alpha[here], raw_lr[here]
+            prev_lr = prev_scale * a if a is not None else prev_scale
             for name in names0:
                 if name == "lr":
                     d = self._lr_dot(group, dots, prev_lr)
-                    terms[name].append(prev_scale * _derivative(self._kind(0, name), raw_lr) * d)
+                    terms[name].append(prev_scale * _derivative(self._kind(0, name), r) * d)
                 else:
                     raw = gs[f"{prefix}level0/{name}/raw"]
                     terms[name].append(prev_lr * _derivative("squash", raw) * dots[name])
-        h = [-torch.stack([torch.stack(terms[n]).sum() for n in names0])]
+        if self.per_tensor:  # one hypergradient per tensor: (1, tensors)
+            h = [-torch.cat(terms["lr"]).unsqueeze(0)]
+        else:
+            h = [-torch.stack([torch.stack(terms[n]).sum() for n in names0])]
         # ---- levels 1..H-1: chain rule through the last hyper-update, d theta_{j-1}/d theta_j
         for j in range(1, H):
             below = self._level_names(j - 1)
             direction = torch.stack([gs[f"{prefix}level{j - 1}/{n}/dir"] for n in below])
             raw_j = gs[f"{prefix}level{j}/lr/raw"]
             pj = _derivative(self.lr_parametrization, raw_j)
-            h.append((-(pj * (h[j - 1] * direction).sum())).reshape(1))
+            # summed over the names of the level below (per tensor: each tensor's own)
+            h.append((-(pj * (h[j - 1] * direction).sum(0))).unsqueeze(0))
         for j in range(H):
             for n, v in zip(self._level_names(j), h[j].unbind(0), strict=True):
                 key = f"{prefix}level{j}/{n}/grad"
@@ -561,21 +735,32 @@ class HypergradientOptimizer(ParameterPasses, TuningFreeOptimizer):
     def stats(self) -> dict[str, float]:
         """``hyper/level{l}/{name}``: every level's current value (level 0: the base optimizer's
         learned hyperparameters; level ``l >= 1``: the step size of hyperoptimizer ``l``, the top
-        one fixed); ``hyper/group{i}/...`` with ``per_group=True``. Reads device memory."""
+        one fixed); ``hyper/group{i}/...`` with ``per_group=True``; with ``per_tensor=True`` the
+        median over the tensors (torch's: the lower of the two middle values) under that key and
+        ``{key}_min``, ``{key}_max`` beside it (every tensor's value: ``global_state[key]``, in
+        group order). Reads device memory."""
         out = super().stats()
         if not self.learning:
             return out
         for prefix, _ in self._sets():
             for _, _, key in self._tower_keys(prefix):
-                if key in self.global_state:
-                    out[key] = float(self.global_state[key])
+                value = self.global_state.get(key)
+                if value is None or value.numel() == 0:
+                    continue
+                if value.dim() == 0:
+                    out[key] = float(value)
+                else:
+                    out[key] = float(value.median())
+                    out[f"{key}_min"] = float(value.min())
+                    out[f"{key}_max"] = float(value.max())
         return out
 
-    def hypergradients(self) -> dict[str, float]:
+    def hypergradients(self) -> dict[str, float | list[float]]:
         """The hypergradients used by the last successful step, ``dL/d(learned variable)`` in
-        the parametrised coordinates (e.g. ``d L / d log(alpha)``). For tests and debugging."""
+        the parametrised coordinates (e.g. ``d L / d log(alpha)``); with ``per_tensor=True`` a
+        list, one per tensor. For tests and debugging."""
         return {
-            k[: -len("/grad")]: float(v)
+            k[: -len("/grad")]: float(v) if v.dim() == 0 else v.tolist()
             for k, v in self.global_state.items()
             if k.endswith("/grad")
         }

@@ -142,7 +142,8 @@ def tower(
     hyper_eps: float = 1e-16,
     lr_parametrization: str = "log",
     schedule: Any = None,
-) -> tuple[Layout, list[dict[str, float]]]:
+    per_tensor: bool = False,
+) -> tuple[Layout, list[dict[str, Any]]]:
     """The base optimizer ``kind`` with a tower of ``height`` hyperoptimizers (level ``j`` SGD
     or Adam, ``hyper_optimizer[j-1]``, step size ``hyper_lr[j-1]``: fixed at the top, learned by
     the level above below it), learning the hyperparameters ``learn`` from their ``initial``
@@ -157,8 +158,14 @@ def tower(
     ``initial_accumulator_value`` as :func:`update` reads them. A tensor without a gradient at
     step ``t`` is not updated and has no term in that step's hypergradient.
 
+    With ``per_tensor`` every parameter tensor has a tower of its own (its own learned values
+    at every level below the top, its own hyperoptimizer moments): tensor ``(i, k)``'s
+    hypergradients are ``<g_t, dx_t/d theta>`` over that tensor's elements only, its step size
+    starts at ``groups[i]["lr"]`` and only ``schedule`` multiplies it.
+
     Returns the parameters and, per step, ``{"level{j}/{name}": natural value}`` after the step
-    (``level{height}/lr``: the top's fixed step size).
+    (``level{height}/lr``: the top's fixed step size); with ``per_tensor`` each learned entry is
+    the list of the tensors' values, in group order.
     """
     names = _names(learn)
     hopts = _per_level(hyper_optimizer, height)
@@ -170,18 +177,33 @@ def tower(
     start = dict(initial)
     if "betas" in initial:  # Adam's two betas, learnable one by one
         start["beta1"], start["beta2"] = initial["betas"]
-    thetas = [{n: torch.tensor(raw(n, start[n], lr_parametrization), dtype=F64) for n in names}]
-    for j in range(1, height):
-        top = raw("lr", hyper_lrs[j - 1], lr_parametrization)
-        thetas.append({"lr": torch.tensor(top, dtype=F64)})
-    hstate = [{n: (0.0, 0.0) for n in th} for th in thetas]  # Adam moments per level and entry
+    # the towers: one for the model, or one per tensor ("owner" of the learned values)
+    owners: list[Any] = list(keys) if per_tensor else [None]
+
+    def owner_of(key: tuple[int, int]) -> Any:
+        return key if per_tensor else None
+
+    def first_values(owner: Any) -> list[dict[str, torch.Tensor]]:
+        begin = dict(start)
+        if owner is not None:
+            begin["lr"] = groups[owner[0]]["lr"]
+        levels = [{n: torch.tensor(raw(n, begin[n], lr_parametrization), dtype=F64) for n in names}]
+        for j in range(1, height):
+            top = raw("lr", hyper_lrs[j - 1], lr_parametrization)
+            levels.append({"lr": torch.tensor(top, dtype=F64)})
+        return levels
+
+    thetas = {o: first_values(o) for o in owners}
+    # Adam moments per owner, level and entry
+    hstate = {o: [{n: (0.0, 0.0) for n in th} for th in thetas[o]] for o in owners}
     fixed = {k: start[k] for k in ("momentum", "decay", "beta1", "beta2") if k in start}
     history = []
     for t in range(steps):
         if t == 0:
-            for th in thetas:
-                for n in th:
-                    th[n].requires_grad_(True)
+            for o in owners:
+                for th in thetas[o]:
+                    for n in th:
+                        th[n].requires_grad_(True)
         grads = gradient(t, _layout(params, init))
         g = {
             (gi, pi): torch.tensor(v, dtype=F64)
@@ -191,58 +213,65 @@ def tower(
         }
         # dL_t/d theta = <g_t, dx_t/d theta>: differentiate <g_t, x_t> with g_t a constant
         linear = sum(((g[key] * params[key]).sum() for key in g), torch.zeros((), dtype=F64))
-        inputs = [th[n] for th in thetas for n in th]
+        inputs = [th[n] for o in owners for th in thetas[o] for n in th]
         if linear.requires_grad:
             hgrads = torch.autograd.grad(linear, inputs, allow_unused=True)
         else:
             hgrads = (None,) * len(inputs)
         hgrads = [torch.zeros((), dtype=F64) if h is None else h.detach() for h in hgrads]
         flat = iter(hgrads)
-        h = [{n: next(flat) for n in th} for th in thetas]
-        new: list = [None] * (height + 1)
-        new[height] = None
-        for j in range(height, 0, -1):  # top-down
-            kappa = (
-                hyper_lrs[j - 1] if j == height else natural("lr", new[j]["lr"], lr_parametrization)
-            )
-            new[j - 1] = {}
-            for n, value in thetas[j - 1].items():
-                if t >= j:  # level j has a hypergradient from step j + 1 on
-                    if hopts[j - 1] == "adam":
-                        m, v = hstate[j - 1][n]
-                        m = b1 * m + (1 - b1) * h[j - 1][n]
-                        v = b2 * v + (1 - b2) * h[j - 1][n] ** 2
-                        hstate[j - 1][n] = (m, v)
-                        k = t - j + 1
-                        d = (m / (1 - b1**k)) / (torch.sqrt(v / (1 - b2**k)) + hyper_eps)
+        hyper = {o: [{n: next(flat) for n in th} for th in thetas[o]] for o in owners}
+        for o in owners:
+            h = hyper[o]
+            new: list = [None] * (height + 1)
+            for j in range(height, 0, -1):  # top-down
+                kappa = (
+                    hyper_lrs[j - 1]
+                    if j == height
+                    else natural("lr", new[j]["lr"], lr_parametrization)
+                )
+                new[j - 1] = {}
+                for n, value in thetas[o][j - 1].items():
+                    if t >= j:  # level j has a hypergradient from step j + 1 on
+                        if hopts[j - 1] == "adam":
+                            m, v = hstate[o][j - 1][n]
+                            m = b1 * m + (1 - b1) * h[j - 1][n]
+                            v = b2 * v + (1 - b2) * h[j - 1][n] ** 2
+                            hstate[o][j - 1][n] = (m, v)
+                            k = t - j + 1
+                            d = (m / (1 - b1**k)) / (torch.sqrt(v / (1 - b2**k)) + hyper_eps)
+                        else:
+                            d = h[j - 1][n]
                     else:
-                        d = h[j - 1][n]
-                else:
-                    d = torch.zeros((), dtype=F64)
-                new[j - 1][n] = value.detach() - kappa * d
-                if not new[j - 1][n].requires_grad:  # the top level: kappa_H is a constant
-                    new[j - 1][n].requires_grad_(True)
-        if height > 0:
-            thetas = new[:height]
-        hp = dict(fixed)
-        hp.update({n: natural(n, thetas[0][n], lr_parametrization) for n in names})
-        if "lr" not in names:
-            hp["lr"] = initial["lr"]
+                        d = torch.zeros((), dtype=F64)
+                    new[j - 1][n] = value.detach() - kappa * d
+                    if not new[j - 1][n].requires_grad:  # the top level: kappa_H is a constant
+                        new[j - 1][n].requires_grad_(True)
+            if height > 0:
+                thetas[o] = new[:height]
         multiplier = 1.0 if schedule is None else schedule(t)
         for key in params:
             if key not in g:
                 params[key] = params[key].detach()
                 continue
             group = groups[key[0]]
-            hp_key = {**hp, "lr": hp["lr"] * (group["lr"] / initial["lr"] * multiplier)}
+            hp = dict(fixed)
+            level0 = thetas[owner_of(key)][0]
+            hp.update({n: natural(n, level0[n], lr_parametrization) for n in names})
+            if "lr" not in names:
+                hp["lr"] = initial["lr"]
+            share = 1.0 if per_tensor else group["lr"] / initial["lr"]
+            hp_key = {**hp, "lr": hp["lr"] * (share * multiplier)}
             params[key], state[key] = update(
                 kind, params[key].detach(), g[key], state[key], hp_key, group
             )
-        values = {
-            f"level{j}/{n}": natural(n, r.detach(), lr_parametrization).item()
-            for j, th in enumerate(thetas)
-            for n, r in th.items()
-        }
+        values: dict[str, Any] = {}
+        for j in range(height if height > 0 else 1):
+            for n in thetas[owners[0]][j]:
+                entries = [
+                    natural(n, thetas[o][j][n].detach(), lr_parametrization).item() for o in owners
+                ]
+                values[f"level{j}/{n}"] = entries if per_tensor else entries[0]
         if height > 0:  # the top hyperoptimizer's step size, fixed
             values[f"level{height}/lr"] = float(hyper_lrs[height - 1])
         history.append(values)
