@@ -89,8 +89,9 @@ VARIANTS: dict[str, dict[str, dict]] = {
     },
     "hyper_adam": {
         "height 0 (plain Adam)": {"height": 0},
-        "height 3": {"height": 3, "hyper_lr": 0.01},
-        "lr+betas": {"learn": "lr+beta1+beta2"},
+        "one step size for the model": {"per_tensor": False},
+        "height 3": {"height": 3, "hyper_lr": 0.01, "per_tensor": False},
+        "lr+betas": {"learn": "lr+beta1+beta2", "per_tensor": False},
     },
 }
 

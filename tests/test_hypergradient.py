@@ -481,6 +481,29 @@ def test_per_tensor_resume_is_bit_exact(impl):
     assert stats["hyper/level2/lr"] == pytest.approx(0.02)  # the fixed top: one number
 
 
+def test_per_tensor_on_the_c_loops_with_two_dtype_buckets_follows_the_loop():
+    """A group holding fp32 and fp64 tensors takes the C loops as two buckets, each with the
+    step sizes of its own tensors; the loop path is the reference (fp32 rounding apart)."""
+    runs = {}
+    for impl in ("native", "loop"):
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(5, dtype=dt)) for dt in (torch.float32,
+              torch.float64, torch.float32, torch.float64)]  # fmt: skip
+        opt = HyperAdam(ps, height=1, per_tensor=True, implementation=impl)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(12):
+            for k, p in enumerate(ps):
+                p.grad = (torch.randn(5, generator=gen, dtype=torch.float64) * (k + 1)).to(p.dtype)
+            opt.step()
+        runs[impl] = ([p.detach().double().clone() for p in ps], opt.global_state)
+    (xn, gn), (xl, gl) = runs["native"], runs["loop"]
+    steps = gn["hyper/level0/lr"]
+    assert len(set(steps.tolist())) == 4  # four towers, four step sizes
+    torch.testing.assert_close(steps, gl["hyper/level0/lr"], rtol=1e-6, atol=0)
+    for a, b in zip(xn, xl, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
 def test_per_tensor_entries_start_at_their_group_lr_and_groups_added_later_get_theirs():
     a, b, c = (torch.nn.Parameter(torch.ones(3, dtype=torch.float64)) for _ in range(3))
     opt = HyperAdam([{"params": [a, b]}], lr=1e-3, height=1, per_tensor=True)

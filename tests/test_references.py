@@ -421,7 +421,9 @@ def _read_per_tensor(opt: Any, params: Any, grads: Any) -> dict:
 
 
 @pytest.mark.parametrize(("name", "impl"), PER_TENSOR_PAIRS)
-def test_per_tensor_step_sizes_agree_with_the_reference(name: str, impl: str) -> None:
+def test_per_tensor_step_sizes_agree_with_the_reference(
+    name: str, impl: str, library_calls
+) -> None:
     """``per_tensor=True``: every tensor's own tower (every level below the fixed top learned
     per tensor, each tensor's hypergradient its own dot) against the reference's
     ``per_tensor`` tower (one autograd tower per tensor), at fp64, on the case of ``name`` with
@@ -448,6 +450,10 @@ def test_per_tensor_step_sizes_agree_with_the_reference(name: str, impl: str) ->
     )
     print(f"{name} {impl} per_tensor: params {err_x:.1e}, step sizes {err_trace:.1e}")
     assert err_x <= case.tol and err_trace <= case.tol
+    if impl in ("auto", "native") and _native.load() is not None:  # one step size per tensor
+        assert library_calls, f"{name}: {impl!r} on CPU did not run the C kernels"
+    elif impl not in ("auto", "native"):
+        assert not library_calls, f"{name}: {impl!r} entered the C library"
     # the tensors learned different step sizes (else the test could not tell per tensor apart)
     last = expected_trace[-1]["level0/lr"]
     assert len(last) == 5 and max(last) > 1.05 * min(last)

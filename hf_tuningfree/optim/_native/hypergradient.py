@@ -157,6 +157,24 @@ def _hyper_scalar(t: torch.Tensor) -> int:
     return t.data_ptr()
 
 
+#: ``flags`` bit of the update kernels: ``lr`` holds one step size per tensor (``per_tensor``).
+LR_PER_TENSOR = 4
+
+
+def _step_sizes(lr: torch.Tensor, n: int) -> tuple[int, int]:
+    """Address of the step size(s) of an update and the flag bit saying which: a 0-dim fp32/fp64
+    CPU tensor (one for every tensor of the bucket) or a contiguous vector of ``n`` (one each,
+    in the bucket's order)."""
+    if lr.dim() == 0 or lr.numel() == 1:
+        return _hyper_scalar(lr), 0
+    _require(
+        lr.is_cpu and lr.dim() == 1 and lr.numel() == n and lr.is_contiguous()
+        and lr.dtype in (torch.float32, torch.float64),
+        "per-tensor step sizes must be a contiguous fp32/fp64 CPU vector, one per tensor",
+    )  # fmt: skip
+    return lr.data_ptr(), LR_PER_TENSOR
+
+
 def _counters(steps: Tensors, n: int) -> ctypes.Array:
     """The addresses of ``n`` fp32 CPU step counters (checked unless taken by
     ``hyper_addresses``)."""
@@ -242,15 +260,17 @@ def hyper_sgd_update(
     """HyperSGD's update (``_sgd_update``) of every tensor of a bucket where the 0-dim bool
     ``ok`` is True: ``buf <- momentum buf + (g + wd x)``, ``x <- x - lr buf`` (and ``prev <-``
     the old ``buf`` when ``prevs`` is given: learned momentum). ``lr``, ``momentum``: 0-dim CPU
-    tensors of one dtype, read from memory by the C code. Check ``accepts(...)`` first."""
+    tensors of one dtype, read from memory by the C code (``lr`` may instead hold one step size
+    per tensor, :func:`_step_sizes`). Check ``accepts(...)`` first."""
     n = len(params)
     if n == 0:
         return
     _require(lr.dtype == momentum.dtype, "lr and momentum must have one dtype")
     arrays, numels = _bucket_arrays(params, grads, bufs, prevs)
+    lr_ptr, per_tensor = _step_sizes(lr, n)
     function(loader._library(), SIGNATURES, "hg_sgd_update", _dtype(params))(
-        n, *arrays, numels, _hyper_scalar(lr), _hyper_scalar(momentum),
-        int(lr.dtype == torch.float64), float(weight_decay), int(bool(maximize)),
+        n, *arrays, numels, lr_ptr, _hyper_scalar(momentum),
+        int(lr.dtype == torch.float64), float(weight_decay), int(bool(maximize)) | per_tensor,
         _ok_flag(ok).data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
 
@@ -274,15 +294,17 @@ def hyper_adam_update(
     """HyperAdam's update with fixed betas (``_adam_update``) of every tensor of a bucket where
     the 0-dim bool ``ok`` is True; the fp32 step counters ``steps`` are read and then advanced by
     the C code. ``lr``: 0-dim CPU tensor (the learned step size times the schedule multiplier),
-    read from memory; ``1 - beta`` and ``lr * weight_decay`` are rounded in its dtype, as the
-    torch path rounds them. Check ``accepts(...)`` first."""
+    or one per tensor (:func:`_step_sizes`), read from memory; ``1 - beta`` and
+    ``lr * weight_decay`` are rounded in its dtype, as the torch path rounds them. Check
+    ``accepts(...)`` first."""
     n = len(params)
     if n == 0:
         return
-    flags = int(bool(maximize)) | (int(bool(decoupled)) << 1)
+    lr_ptr, per_tensor = _step_sizes(lr, n)
+    flags = int(bool(maximize)) | (int(bool(decoupled)) << 1) | per_tensor
     arrays, numels = _bucket_arrays(params, grads, exp_avgs, exp_avg_sqs)
     function(loader._library(), SIGNATURES, "hg_adam_update", _dtype(params))(
-        n, *arrays, numels, _counters(steps, n), _hyper_scalar(lr),
+        n, *arrays, numels, _counters(steps, n), lr_ptr,
         int(lr.dtype == torch.float64), float(beta1), float(beta2), float(eps),
         float(weight_decay), flags, _ok_flag(ok).data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
@@ -302,14 +324,16 @@ def hyper_adagrad_update(
 ) -> None:
     """HyperAdaGrad's update (``_adagrad_update``) of every tensor of a bucket where ``ok``:
     ``G += g^2``, ``x -= lr g / (sqrt(G) + eps)``, the direction kept when ``directions`` is
-    given. ``lr``: 0-dim CPU tensor read from memory. Check ``accepts(...)`` first."""
+    given. ``lr``: 0-dim CPU tensor read from memory (or one per tensor: :func:`_step_sizes`).
+    Check ``accepts(...)`` first."""
     n = len(params)
     if n == 0:
         return
     arrays, numels = _bucket_arrays(params, grads, sums, directions)
+    lr_ptr, per_tensor = _step_sizes(lr, n)
     function(loader._library(), SIGNATURES, "hg_adagrad_update", _dtype(params))(
-        n, *arrays, numels, _hyper_scalar(lr), int(lr.dtype == torch.float64), float(eps),
-        float(weight_decay), int(bool(maximize)), _ok_flag(ok).data_ptr(),
+        n, *arrays, numels, lr_ptr, int(lr.dtype == torch.float64), float(eps),
+        float(weight_decay), int(bool(maximize)) | per_tensor, _ok_flag(ok).data_ptr(),
         torch.get_num_threads(),
     )  # fmt: skip
 
@@ -331,14 +355,16 @@ def hyper_rmsprop_update(
     """HyperRMSProp's update (``_rmsprop_update``) of every tensor of a bucket where ``ok``:
     ``v = rho v + (1 - rho) g^2``, ``x -= lr g / (sqrt(v) + eps)``, the direction and
     ``d direction / d rho`` kept when given. ``lr``, ``decay``: 0-dim CPU tensors of one dtype,
-    read from memory. Check ``accepts(...)`` first."""
+    read from memory (``lr`` may hold one per tensor: :func:`_step_sizes`). Check
+    ``accepts(...)`` first."""
     n = len(params)
     if n == 0:
         return
     _require(lr.dtype == decay.dtype, "lr and decay must have one dtype")
     arrays, numels = _bucket_arrays(params, grads, square_avgs, directions, d_decays)
+    lr_ptr, per_tensor = _step_sizes(lr, n)
     function(loader._library(), SIGNATURES, "hg_rmsprop_update", _dtype(params))(
-        n, *arrays, numels, _hyper_scalar(lr), _hyper_scalar(decay),
-        int(lr.dtype == torch.float64), float(eps), float(weight_decay), int(bool(maximize)),
+        n, *arrays, numels, lr_ptr, _hyper_scalar(decay), int(lr.dtype == torch.float64),
+        float(eps), float(weight_decay), int(bool(maximize)) | per_tensor,
         _ok_flag(ok).data_ptr(), torch.get_num_threads(),
     )  # fmt: skip

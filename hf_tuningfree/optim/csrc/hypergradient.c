@@ -7,6 +7,12 @@
 static inline double hg_read(const void* p, int f64) {
     return f64 ? *(const double*)p : (double)*(const float*)p;
 }
+/* Entry k of a vector of H values (a step size per tensor: flags & HG_LR_PER_TENSOR). */
+static inline double hg_read_at(const void* p, int f64, int64_t k) {
+    return f64 ? ((const double*)p)[k] : (double)((const float*)p)[k];
+}
+/* flags bit: lr_ptr holds one step size per tensor (nt values of H), else one for all */
+#define HG_LR_PER_TENSOR 4
 static inline double hg_sub(double a, double b, int f64) {
     return f64 ? a - b : (double)((float)a - (float)b);
 }
@@ -151,8 +157,8 @@ HG_ADAM_DOTS(hg_adam_dots_f64, double, sqrt, pow)
    roundings: scalars that the torch path forms from 0-dim tensors of the hyper dtype H
    (lr, momentum, decay, 1 - beta, lr * wd) are formed in H, then cast to T; Python floats
    (weight decay, eps) are cast to T. No fma contraction (-std=c99: -ffp-contract=off).
-   flags: 1 maximize (g <- -g), 2 decoupled weight decay (Adam). The coupled L2 term is
-   g <- g + wd * x. */
+   flags: 1 maximize (g <- -g), 2 decoupled weight decay (Adam), 4 (HG_LR_PER_TENSOR) lr_ptr
+   holds one step size per tensor (per_tensor=True). The coupled L2 term is g <- g + wd * x. */
 
 /* SGD (torch's, dampening 0): buf_new = mu * buf + g;  x <- x - lr * buf_new;
    prev <- buf (learned momentum: d buf / d mu) when prevs != NULL. lr, mu: 0-dim H tensors. */
@@ -162,7 +168,8 @@ void NAME(int64_t nt, T** xs, T** gs, T** bufs, T** prevs, const int64_t* ns,   
           const uint8_t* ok, int nthreads) {                                                   \
     if (!*ok || nt <= 0) return;                                                               \
     const int maximize = flags & 1;                                                            \
-    const T lr = (T)hg_read(lr_ptr, f64), mu = (T)hg_read(mu_ptr, f64), w = (T)wd;             \
+    const int per = flags & HG_LR_PER_TENSOR;                                                  \
+    const T mu = (T)hg_read(mu_ptr, f64), w = (T)wd;                                           \
     int64_t total;                                                                             \
     int64_t* first = block_starts(nt, ns, &total);                                             \
     if (!first) return;                                                                        \
@@ -172,6 +179,7 @@ void NAME(int64_t nt, T** xs, T** gs, T** bufs, T** prevs, const int64_t* ns,   
         const int64_t k = block_owner(first, nt, b);                                           \
         const int64_t lo = (b - first[k]) * BLOCK;                                             \
         const int64_t hi = lo + BLOCK < ns[k] ? lo + BLOCK : ns[k];                            \
+        const T lr = (T)hg_read_at(lr_ptr, f64, per ? k : 0);                                  \
         T* restrict x = xs[k]; const T* restrict g = gs[k]; T* restrict buf = bufs[k];         \
         if (prevs) {                                                                           \
             T* restrict prev = prevs[k];                                                       \
@@ -214,8 +222,7 @@ void NAME(int64_t nt, T** xs, T** gs, T** ms, T** vs, const int64_t* ns, float**
           int flags, const uint8_t* ok, int nthreads) {                                        \
     if (!*ok || nt <= 0) return;                                                               \
     const int maximize = flags & 1, decoupled = flags & 2;                                     \
-    const double lr_h = hg_read(lr_ptr, f64);                                                  \
-    const T lr = (T)lr_h, lr_wd = (T)hg_mul(lr_h, wd, f64);                                    \
+    const int per = flags & HG_LR_PER_TENSOR;                                                  \
     const T w1 = (T)hg_sub(1.0, beta1, f64), w2 = (T)hg_sub(1.0, beta2, f64);                  \
     const T b2 = (T)beta2, e = (T)eps, cwd = (T)wd;                                            \
     const int coupled = !decoupled && wd != 0.0, decay = decoupled && wd != 0.0;               \
@@ -237,6 +244,8 @@ void NAME(int64_t nt, T** xs, T** gs, T** ms, T** vs, const int64_t* ns, float**
         T* restrict x = xs[k]; const T* restrict g = gs[k];                                    \
         T* restrict m = ms[k]; T* restrict v = vs[k];                                          \
         const T c1 = bc[2 * k], c2 = bc[2 * k + 1];                                            \
+        const double lr_h = hg_read_at(lr_ptr, f64, per ? k : 0);                              \
+        const T lr = (T)lr_h, lr_wd = (T)hg_mul(lr_h, wd, f64);                                \
         _Pragma("omp simd")                                                                    \
         for (int64_t i = lo; i < hi; ++i) {                                                    \
             T xi = x[i];                                                                       \
@@ -269,7 +278,8 @@ void NAME(int64_t nt, T** xs, T** gs, T** sums, T** dirs, const int64_t* ns,    
           int nthreads) {                                                                      \
     if (!*ok || nt <= 0) return;                                                               \
     const int maximize = flags & 1;                                                            \
-    const T lr = (T)hg_read(lr_ptr, f64), e = (T)eps, w = (T)wd;                               \
+    const int per = flags & HG_LR_PER_TENSOR;                                                  \
+    const T e = (T)eps, w = (T)wd;                                                             \
     int64_t total;                                                                             \
     int64_t* first = block_starts(nt, ns, &total);                                             \
     if (!first) return;                                                                        \
@@ -279,6 +289,7 @@ void NAME(int64_t nt, T** xs, T** gs, T** sums, T** dirs, const int64_t* ns,    
         const int64_t k = block_owner(first, nt, b);                                           \
         const int64_t lo = (b - first[k]) * BLOCK;                                             \
         const int64_t hi = lo + BLOCK < ns[k] ? lo + BLOCK : ns[k];                            \
+        const T lr = (T)hg_read_at(lr_ptr, f64, per ? k : 0);                                  \
         T* restrict x = xs[k]; const T* restrict g = gs[k]; T* restrict a = sums[k];           \
         T* restrict dir = dirs ? dirs[k] : NULL;                                               \
         _Pragma("omp simd")                                                                    \
@@ -310,7 +321,8 @@ void NAME(int64_t nt, T** xs, T** gs, T** sqs, T** dirs, T** dds, const int64_t*
     if (!*ok || nt <= 0) return;                                                               \
     const int maximize = flags & 1;                                                            \
     const double rho_h = hg_read(rho_ptr, f64);                                                \
-    const T lr = (T)hg_read(lr_ptr, f64), rho = (T)rho_h, w_v = (T)hg_sub(1.0, rho_h, f64);    \
+    const int per = flags & HG_LR_PER_TENSOR;                                                  \
+    const T rho = (T)rho_h, w_v = (T)hg_sub(1.0, rho_h, f64);                                  \
     const T e = (T)eps, w = (T)wd;                                                             \
     int64_t total;                                                                             \
     int64_t* first = block_starts(nt, ns, &total);                                             \
@@ -321,6 +333,7 @@ void NAME(int64_t nt, T** xs, T** gs, T** sqs, T** dirs, T** dds, const int64_t*
         const int64_t k = block_owner(first, nt, b);                                           \
         const int64_t lo = (b - first[k]) * BLOCK;                                             \
         const int64_t hi = lo + BLOCK < ns[k] ? lo + BLOCK : ns[k];                            \
+        const T lr = (T)hg_read_at(lr_ptr, f64, per ? k : 0);                                  \
         T* restrict x = xs[k]; const T* restrict g = gs[k]; T* restrict sq = sqs[k];           \
         T* restrict dir = dirs ? dirs[k] : NULL;                                               \
         T* restrict dd = dds ? dds[k] : NULL;                                                  \

@@ -73,6 +73,8 @@ class HyperAdam(HypergradientOptimizer):
     """
 
     PATHS = ("native", "compiled", "foreach", "loop")
+    #: ``_group_update`` takes one step size per tensor (``per_tensor``) in one call
+    TENSOR_STEP_SIZES = True
     #: C, then torch's fused kernel for the update (fp32/fp64 on CPU), then compiled, the loop
     AUTO_ORDER = AutoOrder(
         cpu=("native", "foreach", "compiled", "loop"), cuda=("foreach", "compiled", "loop")
@@ -285,9 +287,12 @@ class HyperAdam(HypergradientOptimizer):
             *(gb.state_list(f"d_{n}") for n in learned_betas),
         ]
         steps = [s["step"] for s in gb.states]
+        per_tensor = lr.dim() == 1  # one step size per tensor of gb (per_tensor=True)
         for (device, dtype), (bucket, idx) in bucket_by_device_and_dtype(lists).items():
             ok_d = ok.to(device)
             lr_d = lr.to(device)
+            if per_tensor and len(idx) != lr_d.numel():  # this bucket's entries, in its order
+                lr_d = lr_d[torch.tensor(idx, device=device)]
             bucket_steps = [steps[i] for i in idx]
             fused = partial(_fused_ok, bucket, _ADAM_STREAMS)
             if not learned_betas and self._fused_form(group, bucket, fused):
@@ -296,24 +301,28 @@ class HyperAdam(HypergradientOptimizer):
                 fused = (
                     torch._fused_adamw_ if group["decoupled_weight_decay"] else torch._fused_adam_
                 )
-                fused(
-                    bucket[0],
-                    bucket[1],
-                    bucket[2],
-                    bucket[3],
-                    [],
-                    bucket_steps,
-                    beta1=beta1,
-                    beta2=beta2,
-                    weight_decay=group["weight_decay"],
-                    eps=group["eps"],
-                    amsgrad=False,
-                    maximize=group["maximize"],
-                    **_fused_step_args(lr_d, ok_d, dtype),
-                )
+                options = {
+                    "beta1": beta1,
+                    "beta2": beta2,
+                    "weight_decay": group["weight_decay"],
+                    "eps": group["eps"],
+                    "amsgrad": False,
+                    "maximize": group["maximize"],
+                }
+                if not per_tensor:
+                    fused(*bucket[:4], [], bucket_steps, **options,
+                          **_fused_step_args(lr_d, ok_d, dtype))  # fmt: skip
+                    continue
+                # the kernel takes one step size per call: one call per tensor
+                step_args = _fused_step_args(lr_d, ok_d, dtype)
+                lrs = step_args.pop("lr").unbind(0)
+                for i, lr_i in enumerate(lrs):
+                    fused(*([t[i]] for t in bucket[:4]), [], [bucket_steps[i]], **options,
+                          lr=lr_i, **step_args)  # fmt: skip
                 continue
             b1, b2 = values["beta1"].to(device), values["beta2"].to(device)
             lr_ok = torch.where(ok_d, lr_d, 0.0)
+            lr_each = lr_ok.unbind(0) if per_tensor else None
             scalars = _adam_scalars(bucket_steps, b1, b2, compute_dtype(dtype), for_update=True)
             for i in _tensor_order(impl, _adam_update, [p.numel() for p in bucket[0]]):
                 _run(
@@ -321,7 +330,7 @@ class HyperAdam(HypergradientOptimizer):
                     impl,
                     [t[i] for t in bucket],
                     ok_d,
-                    lr_ok,
+                    lr_ok if lr_each is None else lr_each[i],
                     b1,
                     b2,
                     *(t.to(device) for t in scalars[i]),

@@ -182,6 +182,10 @@ class HypergradientOptimizer(ParameterPasses, TuningFreeOptimizer):
             stochastic_rounding=stochastic_rounding,
         )
 
+    #: Whether ``_group_update`` takes ``lr`` as one step size per tensor of the batch (a
+    #: vector, ``per_tensor``); else the tower runs it one tensor at a time.
+    TENSOR_STEP_SIZES = False
+
     #: The C loops, the compiled kernels and the loop; HyperSGD and HyperAdam add ``"foreach"``
     #: (torch's fused multi-tensor kernel for their update).
     PATHS = ("native", "compiled", "loop")
@@ -605,9 +609,22 @@ class HypergradientOptimizer(ParameterPasses, TuningFreeOptimizer):
             if not n:
                 continue
             if self.per_tensor and self.learning:
-                # each tensor by its own step size: the group's passes, one tensor at a time
+                # each tensor by its own step size: the C loops take one per tensor in one call
+                # per bucket; the torch paths run the group's update one tensor at a time
                 here = self._step_cache["idx"][pos : pos + n] - offsets[gi]
                 lrs = lr.to(device)[here]
+                plan = self._native_plan(gb)
+                if plan is not None:
+                    for addrs, bucket in plan:
+                        part = lrs if len(plan) == 1 else lrs[torch.tensor(bucket)]
+                        self._native_update(gb, addrs, values, part.contiguous(), ok)
+                    pos += n
+                    continue
+                if self.TENSOR_STEP_SIZES:  # the torch paths take the vector themselves
+                    impl = self._impl(gb, device, update=True)
+                    self._group_update(gb, values, lrs, ok, impl)
+                    pos += n
+                    continue
                 for i in range(n):
                     single = GroupBatch(
                         group=gb.group,
