@@ -416,15 +416,12 @@ class _no_warning:
 
 
 # ---------------------------------------------------------------------- 6. resume
-@pytest.mark.parametrize("per_group", [False, True])
-def test_resume_mid_tower_is_bit_exact(per_group):
-    """A checkpoint (``torch.save`` / ``torch.load(weights_only=True)``) taken mid-run, with a
-    3-level mixed tower, learned betas and two groups, continues exactly like the run itself."""
+def _run_and_resume(kwargs):
+    """16 steps of HyperAdam(**kwargs) on two groups, and the same run checkpointed after 8
+    (``torch.save`` / ``torch.load(weights_only=True)``) into a fresh model and optimizer that
+    do the last 8; the parameters must end equal. Returns both optimizers."""
     x_all, y_all = _data()
     batches = _batches(x_all, y_all, 16)
-    kwargs = dict(learn="lr+beta1+beta2", height=3, hyper_optimizer="adam/sgd/adam",
-                  hyper_lr=(0.02, 0.5, 0.01), per_group=per_group,
-                  implementation="loop")  # fmt: skip
     model_a = _mlp()
     opt_a = HyperAdam(_groups(model_a, 0.01), **kwargs)
     _train_steps(model_a, opt_a, batches[:8], x_all, y_all)
@@ -440,6 +437,17 @@ def test_resume_mid_tower_is_bit_exact(per_group):
     _train_steps(model_b, opt_b, batches[8:], x_all, y_all)
     for pa, pb in zip(model_a.parameters(), model_b.parameters(), strict=True):
         assert torch.equal(pa, pb)
+    return opt_a, opt_b
+
+
+@pytest.mark.parametrize("per_group", [False, True])
+def test_resume_mid_tower_is_bit_exact(per_group):
+    """A checkpoint (``torch.save`` / ``torch.load(weights_only=True)``) taken mid-run, with a
+    3-level mixed tower, learned betas and two groups, continues exactly like the run itself."""
+    kwargs = dict(learn="lr+beta1+beta2", height=3, hyper_optimizer="adam/sgd/adam",
+                  hyper_lr=(0.02, 0.5, 0.01), per_group=per_group,
+                  implementation="loop")  # fmt: skip
+    opt_a, opt_b = _run_and_resume(kwargs)
     assert opt_a.stats() == opt_b.stats()
     keys = [k for k in opt_a.stats() if k.startswith("hyper/")]
     expected_levels = 4 * (2 if per_group else 1)  # levels 0..3, per set
@@ -451,24 +459,7 @@ def test_resume_mid_tower_is_bit_exact(per_group):
 def test_per_tensor_resume_is_bit_exact(impl):
     """``per_tensor=True`` (a 2-level tower per tensor, two groups, weight decay): a checkpoint
     taken mid-run continues exactly like the run itself, on every path."""
-    x_all, y_all = _data()
-    batches = _batches(x_all, y_all, 16)
-    kwargs = dict(height=2, per_tensor=True, implementation=impl)
-    model_a = _mlp()
-    opt_a = HyperAdam(_groups(model_a, 0.01), **kwargs)
-    _train_steps(model_a, opt_a, batches[:8], x_all, y_all)
-    buf = io.BytesIO()
-    torch.save({"model": model_a.state_dict(), "opt": opt_a.state_dict()}, buf)
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
-    model_b = _mlp(seed=1)
-    model_b.load_state_dict(ckpt["model"])
-    opt_b = HyperAdam(_groups(model_b, 0.01), **kwargs)
-    opt_b.load_state_dict(ckpt["opt"])
-    _train_steps(model_a, opt_a, batches[8:], x_all, y_all)
-    _train_steps(model_b, opt_b, batches[8:], x_all, y_all)
-    for pa, pb in zip(model_a.parameters(), model_b.parameters(), strict=True):
-        assert torch.equal(pa, pb)
+    opt_a, opt_b = _run_and_resume(dict(height=2, per_tensor=True, implementation=impl))
     steps_a = opt_a.global_state["hyper/level0/lr"]
     assert torch.equal(steps_a, opt_b.global_state["hyper/level0/lr"])
     assert torch.equal(opt_a.global_state["hyper/level1/lr"], opt_b.global_state["hyper/level1/lr"])
