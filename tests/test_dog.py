@@ -243,6 +243,32 @@ def test_maximize_is_minimizing_the_negated_gradient_bit_for_bit(cls, impl):
     assert moved > (1e-9 if cls is TDoG else 1e-3)  # it moved (T-DoG's steps are tiny)
 
 
+@pytest.mark.parametrize("impl", ["loop", "foreach", "native"])
+def test_maximize_with_one_gradient_shared_by_two_parameters(impl):
+    """Two parameters holding the same gradient tensor (one object, and two views of one
+    buffer): the step is the one on -grad for both, as with two separate negated copies; a
+    double negation would hand the passes +grad. The shared gradients are unchanged after."""
+    torch.manual_seed(3)
+    init = [torch.randn(6, dtype=torch.float64) for _ in range(4)]
+    a = [torch.nn.Parameter(t.clone()) for t in init]
+    b = [torch.nn.Parameter(t.clone()) for t in init]
+    opt_a = LDoG(a, maximize=True, implementation=impl)
+    opt_b = LDoG(b, implementation=impl)
+    for _ in range(4):
+        g = torch.randn(6, dtype=torch.float64)
+        buf = torch.randn(6, dtype=torch.float64)
+        a[0].grad = a[1].grad = g.clone()  # one tensor object for both
+        a[2].grad, a[3].grad = buf.view(6), buf.view(2, 3).view(6)  # two views, one memory
+        shared, buffer = a[0].grad, buf.clone()
+        b[0].grad, b[1].grad, b[2].grad, b[3].grad = -g, -g, -buffer, -buffer
+        opt_a.step()
+        opt_b.step()
+        assert torch.equal(shared, g) and torch.equal(buf, buffer)
+        for pa, pb in zip(a, b, strict=True):
+            assert torch.equal(pa, pb)
+    assert (a[0] - init[0]).abs().max().item() > 1e-3
+
+
 def test_maximize_gradients_are_restored_when_a_step_raises():
     """A step that fails inside its passes (after the gradients were negated for them) leaves
     the maximizing group's gradient as the caller set it, and the weights untouched."""

@@ -475,7 +475,18 @@ class TuningFreeOptimizer(torch.optim.Optimizer):
         maximize, and return them (the step negates them back); else nothing."""
         if not self.MAXIMIZE_BY_NEGATION:
             return []
-        grads = [g for gb in batch.groups if gb.group.get("maximize", False) for g in gb.grads]
+        grads: list[torch.Tensor] = []
+        seen: set[tuple[int, int, tuple[int, ...], tuple[int, ...]]] = set()
+        for gb in batch.groups:
+            if not gb.group.get("maximize", False):
+                continue
+            for g in gb.grads:
+                # one gradient tensor shared by two parameters (or two views of the same
+                # memory) is negated once: twice would hand the passes +grad
+                where = (g.untyped_storage().data_ptr(), g.storage_offset(), g.shape, g.stride())
+                if where not in seen:
+                    seen.add(where)
+                    grads.append(g)
         if grads:
             torch._foreach_neg_(grads)
         return grads
