@@ -251,7 +251,11 @@ def test_first_steps_weigh_almost_nothing_in_the_average():
 
 def test_registry_builds_it_and_rejects_beta1_zero():
     p = torch.nn.Parameter(torch.zeros(3))
-    assert isinstance(create_optimizer("prodigy_sf", [p]), ProdigyScheduleFree)
+    opt = create_optimizer("prodigy_sf", [p])
+    assert isinstance(opt, ProdigyScheduleFree)
+    # the suite's defaults (README): d_coef 0.5 and r 2, where Prodigy keeps the authors' d_coef 1
+    assert (opt.param_groups[0]["d_coef"], opt.param_groups[0]["r"]) == (0.5, 2.0)
+    assert create_optimizer("prodigy", [p]).param_groups[0]["d_coef"] == 1.0
     with pytest.raises(ValueError, match=r"betas\[0\].*0 < beta1 < 1"):
         ProdigyScheduleFree([p], betas=(0.0, 0.999))
 

@@ -28,14 +28,14 @@ def prodigy_sf_sequences(
     betas: tuple[float, float] = (0.9, 0.999),
     use_bias_correction: bool = False,
     safeguard_warmup: bool = False,
-    d_coef: float = 1.0,
+    d_coef: float = 0.5,
     d0_rel: float = 0.0,
     warmup_steps: int = 0,
     r: float = 2.0,
     slice_p: int = 1,
 ) -> tuple[Layout, Layout, list[float]]:
     """Returns ``(x, y, ds)``: the average, the point where gradients are taken, ``d`` per step.
-    Defaults as the optimizer's (``r = 2``; the authors' is 0).
+    Defaults as the optimizer's (``r = 2``, ``d_coef = 0.5``; the authors' are 0 and 1).
 
     Per group: ``lr``, ``eps``, ``weight_decay``, ``decoupled_weight_decay``. Per element, with
     ``bc = sqrt(1 - b2^(k+1))`` (1 without bias correction) times the linear warm-up
