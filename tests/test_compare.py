@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import struct
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +15,8 @@ from hf_tuningfree.compare import runner as runner_module
 from hf_tuningfree.compare.report import aggregate, verdict, write_outputs
 from hf_tuningfree.compare.runner import run_comparison
 from hf_tuningfree.compare.spec import STOCK_LR, RunSpec, TaskSpec
+
+ADAMW_1E3 = ("adamw_torch", 1e-3, 0, "adamw-grid")
 
 
 def tiny_task(steps: int = 6) -> TaskSpec:
@@ -151,6 +154,45 @@ def test_a_failing_run_is_recorded_not_fatal(tmp_path):
     assert results[0]["status"] == "error"
     assert "Unknown task kind 'no-such-task'" in results[0]["error"]
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
+
+
+def test_a_run_whose_optimizer_source_changed_is_an_error_and_not_cached(tmp_path, monkeypatch):
+    """A worker keeps the optimizer code it loaded first: a tuning-free run handed to it after
+    hf_tuningfree/optim/ was edited, or edited while it trained, would store the old code's
+    result under the edited code's key. Such a run is an error naming the cause (in its log too),
+    nothing is cached, and AdamW runs (not keyed by the source) are unaffected."""
+    from hf_tuningfree.compare import spec as spec_module
+    from hf_tuningfree.compare import train as train_module
+    from hf_tuningfree.compare.runner import OPTIM_SOURCE_CHANGED, cache_path
+
+    task = tiny_task(steps=2)
+    tuning_free, adamw = RunSpec("adopt", None, 0, "tuning-free"), RunSpec(*ADAMW_1E3)
+
+    # edited after this process loaded the package
+    monkeypatch.setattr(runner_module, "_loaded_optim_source", "the-source-loaded-first")
+    out = tmp_path / "after"
+    results = run_comparison(task, [tuning_free, adamw], out, workers=0)
+    assert [r["status"] for r in results] == ["error", "ok"]
+    assert results[0]["error"] == f"RuntimeError: {OPTIM_SOURCE_CHANGED}"
+    assert OPTIM_SOURCE_CHANGED in Path(results[0]["log"]).read_text()
+    assert not cache_path(out, task, tuning_free).exists()
+    assert cache_path(out, task, adamw).exists()
+
+    # edited while the run trained
+    monkeypatch.setattr(runner_module, "_loaded_optim_source", spec_module.optim_source_hash())
+    real = train_module.train_and_score
+
+    def train_then_edit(*args, **kwargs):
+        result = real(*args, **kwargs)
+        monkeypatch.setattr(spec_module, "optim_source_hash", lambda: "edited-during-the-run")
+        return result
+
+    monkeypatch.setattr(train_module, "train_and_score", train_then_edit)
+    out = tmp_path / "during"
+    (result,) = run_comparison(task, [tuning_free], out, workers=0)
+    assert (result["status"], result["error"]) == ("error", OPTIM_SOURCE_CHANGED)
+    assert result["final_eval_loss"] > 0  # it did train
+    assert not (out / "runs").exists() or not any((out / "runs").iterdir())
 
 
 def test_effective_step_size_is_the_key_the_registry_declares():

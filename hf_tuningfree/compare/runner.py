@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from hf_tuningfree.compare import spec as spec_module
 from hf_tuningfree.compare.spec import RunSpec, TaskSpec
 
 CACHE_DIR = "runs"
@@ -146,16 +147,46 @@ def output_to(path: Path) -> Iterator[None]:
                 os.close(fd)
 
 
+#: The digest of ``hf_tuningfree/optim/`` (:func:`~hf_tuningfree.compare.spec.optim_source_hash`)
+#: this process runs: taken just before its first run imports the package (in a worker, before
+#: anything else loads it; in-process, where the CLI has loaded it already, at the first run).
+_loaded_optim_source: str | None = None
+
+OPTIM_SOURCE_CHANGED = (
+    "hf_tuningfree/optim/ was edited during this comparison: this process still runs the source "
+    "it loaded first, so the run is not cached under the edited source's key; run the command "
+    "again"
+)
+
+
+def _optim_source_is_loaded_one() -> bool:
+    """True when the optimizer source on disk is the one this process loaded (tuning-free runs
+    are cached under its digest: a long-lived worker that loaded one version and is handed a run
+    after an edit would otherwise store the old code's result under the new code's key)."""
+    global _loaded_optim_source
+    now = spec_module.optim_source_hash()
+    if _loaded_optim_source is None:
+        _loaded_optim_source = now
+        import hf_tuningfree.optim  # noqa: F401  (loaded now, as just hashed)
+    return now == _loaded_optim_source
+
+
 def execute_run(task_dict: dict[str, Any], run_dict: dict[str, Any], output_dir: str) -> dict:
     """Worker entry point: train and evaluate one run, write its result, return it. What the run
-    prints goes to its log file (:func:`log_path`)."""
+    prints goes to its log file (:func:`log_path`). A tuning-free run whose optimizer source was
+    edited after this process loaded it, or while it trained, is an error and is not cached
+    (:data:`OPTIM_SOURCE_CHANGED`)."""
     task, run = TaskSpec.from_dict(task_dict), RunSpec.from_dict(run_dict)
     _reset_peak_rss()
     started = time.perf_counter()
     log = log_path(Path(output_dir), task, run)
     base = {"run": run.to_dict(), "label": run.label, "key": run.key(task), "log": str(log)}
+    keyed_by_source = run.role == "tuning-free"
     with output_to(log):
         try:
+            loaded_is_on_disk = _optim_source_is_loaded_one()  # every run: the first one loads
+            if keyed_by_source and not loaded_is_on_disk:
+                raise RuntimeError(OPTIM_SOURCE_CHANGED)
             from hf_tuningfree.compare.train import train_and_score
             from hf_tuningfree.hf.callback import NonFiniteGradientsError
 
@@ -173,6 +204,8 @@ def execute_run(task_dict: dict[str, Any], run_dict: dict[str, Any], output_dir:
             print(result["traceback"], file=sys.stderr)
     result["wall_seconds"] = time.perf_counter() - started
     result["peak_rss_mb"] = _peak_rss_mb()
+    if keyed_by_source and run.key(task) != base["key"]:  # edited while it trained
+        result.update(status="error", error=OPTIM_SOURCE_CHANGED)
     if result.get("status") in FINAL_STATUSES:
         _write_atomic(cache_path(Path(output_dir), task, run), result)
     return result
